@@ -1,0 +1,189 @@
+//! The API's one error type and its mapping to HTTP.
+//!
+//! Every error leaves as `{"error": {"code", "message"}}` with a status that tells the client
+//! whose fault it was. Unexpected errors are logged with their detail and answered with a
+//! generic 500; database outages become 503 so that clients retry instead of giving up.
+
+use axum::Json;
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400: the request could not be read (malformed JSON, a bad query string).
+    #[error("{message}")]
+    BadRequest { code: &'static str, message: String },
+    /// 422: well-formed, but breaks a rule; `code` names the rule.
+    #[error("{message}")]
+    Invalid { code: &'static str, message: String },
+    /// 401: no valid credentials. The message never says which part was wrong.
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    /// 403: authenticated, but not allowed.
+    #[error("this action requires the admin role")]
+    Forbidden,
+    /// 404: no such resource (or not one the caller may see).
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    /// 409: conflicts with the current state.
+    #[error("{message}")]
+    Conflict { code: &'static str, message: String },
+    /// 413
+    #[error("request body is larger than the limit")]
+    PayloadTooLarge,
+    /// 415
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// 503: a dependency (database, broker) is unavailable; retry later.
+    #[error("service temporarily unavailable, retry later")]
+    Unavailable,
+    /// 503: the request took longer than the configured limit.
+    #[error("the request took too long; retry later")]
+    Timeout,
+    #[error("database error")]
+    Database(#[from] sqlx::Error),
+    #[error("internal error")]
+    Internal(#[from] anyhow::Error),
+}
+
+/// The body of every error response.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable, machine-readable code, e.g. `email_taken`, `validation_failed`.
+    #[schema(example = "email_taken")]
+    pub code: String,
+    /// Human-readable explanation; may change between versions.
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn invalid(code: &'static str, message: impl Into<String>) -> Self {
+        Self::Invalid { code, message: message.into() }
+    }
+
+    pub fn conflict(code: &'static str, message: impl Into<String>) -> Self {
+        Self::Conflict { code, message: message.into() }
+    }
+
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            Self::BadRequest { code, .. } => (StatusCode::BAD_REQUEST, code),
+            Self::Invalid { code, .. } => (StatusCode::UNPROCESSABLE_ENTITY, code),
+            Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            Self::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
+            Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            Self::Conflict { code, .. } => (StatusCode::CONFLICT, code),
+            Self::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            Self::UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
+            Self::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            Self::Timeout => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
+            Self::Database(sqlx::Error::RowNotFound) => (StatusCode::NOT_FOUND, "not_found"),
+            Self::Database(err) if common::db::is_unavailable(err) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+            }
+            Self::Database(_) | Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        let message = match &self {
+            Self::Database(sqlx::Error::RowNotFound) => "resource not found".to_owned(),
+            Self::Database(err) if common::db::is_unavailable(err) => {
+                tracing::warn!(error = %err, "database unavailable");
+                Self::Unavailable.to_string()
+            }
+            Self::Database(err) => {
+                tracing::error!(error = %err, "database error");
+                self.to_string()
+            }
+            Self::Internal(err) => {
+                tracing::error!(error = ?err, "internal error");
+                self.to_string()
+            }
+            other => other.to_string(),
+        };
+        let body = ErrorBody { error: ErrorDetail { code: code.to_owned(), message } };
+        let mut response = (status, Json(body)).into_response();
+        match status {
+            StatusCode::UNAUTHORIZED => {
+                response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            StatusCode::SERVICE_UNAVAILABLE => {
+                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        match rejection {
+            JsonRejection::JsonDataError(err) => Self::invalid("invalid_body", err.body_text()),
+            JsonRejection::JsonSyntaxError(err) => {
+                Self::BadRequest { code: "malformed_json", message: err.body_text() }
+            }
+            JsonRejection::MissingJsonContentType(_) => {
+                Self::UnsupportedMediaType("expected a request with `Content-Type: application/json`".into())
+            }
+            other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => Self::PayloadTooLarge,
+            other => Self::BadRequest { code: "bad_request", message: other.body_text() },
+        }
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        Self::BadRequest { code: "invalid_query", message: rejection.body_text() }
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    /// A path segment that cannot name a resource (e.g. an id that is not a UUID) names
+    /// nothing that exists: 404.
+    fn from(_: PathRejection) -> Self {
+        Self::NotFound("resource")
+    }
+}
+
+/// Turns a named constraint violation into a client error; other errors pass through.
+pub trait ResultExt<T> {
+    fn on_constraint(self, name: &str, map: impl FnOnce() -> ApiError) -> Result<T, ApiError>;
+}
+
+impl<T, E: Into<ApiError>> ResultExt<T> for Result<T, E> {
+    fn on_constraint(self, name: &str, map: impl FnOnce() -> ApiError) -> Result<T, ApiError> {
+        self.map_err(|err| match err.into() {
+            ApiError::Database(sqlx::Error::Database(db)) if db.constraint() == Some(name) => map(),
+            other => other,
+        })
+    }
+}
+
+/// Fallback for unknown routes.
+pub async fn not_found() -> ApiError {
+    ApiError::NotFound("route")
+}
+
+/// Fallback for a known route called with the wrong method.
+pub async fn method_not_allowed() -> Response {
+    let body = ErrorBody {
+        error: ErrorDetail {
+            code: "method_not_allowed".into(),
+            message: "this route does not accept that method".into(),
+        },
+    };
+    (StatusCode::METHOD_NOT_ALLOWED, Json(body)).into_response()
+}

@@ -1,0 +1,157 @@
+//! `api`: Turnstile's HTTP server, plus the operator's subcommands (`migrate`,
+//! `create-admin`).
+
+mod auth;
+mod error;
+mod extract;
+mod openapi;
+mod routes;
+mod state;
+
+use std::io::IsTerminal;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use common::config::{ApiConfig, DatabaseConfig};
+use common::domain::Role;
+
+use crate::auth::Tokens;
+use crate::state::AppState;
+
+#[derive(Parser)]
+#[command(name = "api", version, about = "Turnstile HTTP API. Configuration comes from flags or the environment \
+                                          (a .env file in the working directory is read too).")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the HTTP API (the default when no subcommand is given).
+    Serve(ServeArgs),
+    /// Apply pending database migrations, then exit.
+    Migrate(MigrateArgs),
+    /// Create an admin account, or give the admin role to an existing one.
+    CreateAdmin(CreateAdminArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    config: ApiConfig,
+}
+
+/// For `api` with no subcommand: the same flags as `api serve`.
+#[derive(Parser)]
+#[command(name = "api")]
+struct ServeCli {
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Args)]
+struct MigrateArgs {
+    #[command(flatten)]
+    database: DatabaseConfig,
+}
+
+#[derive(Args)]
+struct CreateAdminArgs {
+    #[command(flatten)]
+    database: DatabaseConfig,
+    #[arg(long)]
+    email: String,
+    /// Display name (defaults to the part of the email before '@').
+    #[arg(long)]
+    name: Option<String>,
+    /// Password (8 to 128 characters). Without it, read from ADMIN_PASSWORD or one line of
+    /// standard input, which keeps it out of shell history.
+    #[arg(long, env = "ADMIN_PASSWORD", hide_env_values = true)]
+    password: Option<String>,
+}
+
+fn main() -> std::process::ExitCode {
+    let _ = dotenvy::dotenv();
+    let cli = Cli::parse();
+    common::telemetry::init("api");
+    common::run_main(run(cli))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Some(Command::Serve(args)) => serve(args.config).await,
+        None => serve(ServeCli::parse_from(std::env::args().take(1)).serve.config).await,
+        Some(Command::Migrate(args)) => migrate(args).await,
+        Some(Command::CreateAdmin(args)) => create_admin(args).await,
+    }
+}
+
+async fn serve(config: ApiConfig) -> anyhow::Result<()> {
+    config.validate()?;
+    let db = common::db::connect(&config.database).await.context("connecting to PostgreSQL")?;
+    common::db::migrate(&db).await.context("applying migrations")?;
+    let amqp = common::amqp::pool(&config.broker).context("creating the AMQP pool")?;
+    let tokens = Tokens::new(config.jwt_secret.expose().as_bytes(), &config.jwt_issuer, config.jwt_ttl());
+    let listener = tokio::net::TcpListener::bind(config.bind_addr)
+        .await
+        .with_context(|| format!("binding {}", config.bind_addr))?;
+    let addr = listener.local_addr()?;
+    let state = AppState { db: db.clone(), amqp: amqp.clone(), tokens: Arc::new(tokens), config: Arc::new(config) };
+    let shutdown = common::shutdown::on_signal();
+    tracing::info!(%addr, docs = %format!("http://{addr}/docs"), "listening");
+    axum::serve(listener, routes::app(state))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+        .context("serving HTTP")?;
+    amqp.close();
+    db.close().await;
+    tracing::info!("api stopped");
+    Ok(())
+}
+
+async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
+    let db = common::db::connect(&args.database).await.context("connecting to PostgreSQL")?;
+    common::db::migrate(&db).await.context("applying migrations")?;
+    println!("migrations applied");
+    Ok(())
+}
+
+async fn create_admin(args: CreateAdminArgs) -> anyhow::Result<()> {
+    let email = routes::auth::parse_email(&args.email).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let default_name = email.as_str().split('@').next().unwrap_or_default().to_owned();
+    let name = routes::auth::parse_name(args.name.as_deref().unwrap_or(&default_name)).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let db = common::db::connect(&args.database).await.context("connecting to PostgreSQL")?;
+    common::db::migrate(&db).await.context("applying migrations")?;
+
+    let promoted: Option<uuid::Uuid> =
+        sqlx::query_scalar("UPDATE users SET role = 'admin', updated_at = now() WHERE email = $1 RETURNING id")
+            .bind(email.as_str())
+            .fetch_optional(&db)
+            .await?;
+    if let Some(id) = promoted {
+        println!("existing user {email} ({id}) now has the admin role; password unchanged");
+        return Ok(());
+    }
+    let password = match args.password {
+        Some(password) => password,
+        None => read_password()?,
+    };
+    routes::auth::check_password(&password).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let hash = auth::hash_password(password).await?;
+    let user = routes::auth::insert_user(&db, &name, &email, &hash, Role::Admin)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    println!("admin created: {} ({})", user.email, user.id);
+    Ok(())
+}
+
+fn read_password() -> anyhow::Result<String> {
+    if std::io::stdin().is_terminal() {
+        eprint!("password for the new admin: ");
+    }
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).context("reading the password from standard input")?;
+    Ok(line.trim_end_matches(['\r', '\n']).to_owned())
+}

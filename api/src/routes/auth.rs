@@ -1,0 +1,195 @@
+//! Accounts: sign up and log in.
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::post;
+use chrono::{DateTime, Utc};
+use common::domain::{Email, Role};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::auth::{hash_password, verify_password};
+use crate::error::{ApiError, ErrorBody, ResultExt};
+use crate::extract::Json;
+use crate::state::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/signup", post(signup)).route("/login", post(login))
+}
+
+/// Passwords shorter than this are refused (OWASP's minimum with no other composition rule).
+pub const MIN_PASSWORD_CHARS: usize = 8;
+/// Longer passwords are refused so that hashing cost stays bounded.
+pub const MAX_PASSWORD_CHARS: usize = 128;
+
+#[derive(Deserialize, ToSchema)]
+pub struct SignupRequest {
+    #[schema(example = "Ada Lovelace")]
+    pub name: String,
+    /// Trimmed and compared case-insensitively.
+    #[schema(example = "ada@example.com")]
+    pub email: String,
+    /// 8 to 128 characters.
+    #[schema(example = "correct horse battery staple")]
+    pub password: String,
+}
+
+#[derive(Serialize, ToSchema, sqlx::FromRow)]
+pub struct UserResponse {
+    pub id: Uuid,
+    pub name: String,
+    pub email: String,
+    pub role: Role,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Deserialize, ToSchema)]
+pub struct LoginRequest {
+    #[schema(example = "ada@example.com")]
+    pub email: String,
+    pub password: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct TokenResponse {
+    pub access_token: String,
+    #[schema(example = "Bearer")]
+    pub token_type: &'static str,
+    /// Seconds until the token expires.
+    pub expires_in: u64,
+}
+
+/// A display name: trimmed, 1 to 200 characters.
+pub fn parse_name(name: &str) -> Result<String, ApiError> {
+    let name = name.trim();
+    match name.chars().count() {
+        0 => Err(ApiError::invalid("invalid_name", "name must not be empty")),
+        1..=200 => Ok(name.to_owned()),
+        _ => Err(ApiError::invalid("invalid_name", "name must be at most 200 characters")),
+    }
+}
+
+pub fn parse_email(email: &str) -> Result<Email, ApiError> {
+    Email::parse(email).map_err(|message| ApiError::invalid("invalid_email", message))
+}
+
+pub fn check_password(password: &str) -> Result<(), ApiError> {
+    let chars = password.chars().count();
+    if chars < MIN_PASSWORD_CHARS {
+        return Err(ApiError::invalid(
+            "password_too_short",
+            format!("password must be at least {MIN_PASSWORD_CHARS} characters"),
+        ));
+    }
+    if chars > MAX_PASSWORD_CHARS {
+        return Err(ApiError::invalid(
+            "password_too_long",
+            format!("password must be at most {MAX_PASSWORD_CHARS} characters"),
+        ));
+    }
+    Ok(())
+}
+
+/// Inserts a user; 409 `email_taken` when the address is registered already.
+pub async fn insert_user(
+    db: &sqlx::PgPool,
+    name: &str,
+    email: &Email,
+    password_hash: &str,
+    role: Role,
+) -> Result<UserResponse, ApiError> {
+    sqlx::query_as::<_, UserResponse>(
+        "INSERT INTO users (id, name, email, password_hash, role) VALUES ($1, $2, $3, $4, $5)
+         RETURNING id, name, email, role, created_at",
+    )
+    .bind(Uuid::now_v7())
+    .bind(name)
+    .bind(email.as_str())
+    .bind(password_hash)
+    .bind(role)
+    .fetch_one(db)
+    .await
+    .on_constraint("users_email_key", || {
+        ApiError::conflict("email_taken", "an account with this email already exists")
+    })
+}
+
+/// Create an account (role `user`).
+#[utoipa::path(post, path = "/api/v1/signup", tag = "accounts", request_body = SignupRequest,
+    responses(
+        (status = 201, description = "Account created", body = UserResponse),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 409, description = "Email already registered (`email_taken`)", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Not JSON", body = ErrorBody),
+        (status = 422, description = "Invalid name, email or password", body = ErrorBody),
+    ))]
+pub async fn signup(
+    State(state): State<AppState>,
+    Json(req): Json<SignupRequest>,
+) -> Result<(StatusCode, Json<UserResponse>), ApiError> {
+    let name = parse_name(&req.name)?;
+    let email = parse_email(&req.email)?;
+    check_password(&req.password)?;
+    let hash = hash_password(req.password).await?;
+    let user = insert_user(&state.db, &name, &email, &hash, Role::User).await?;
+    tracing::info!(user_id = %user.id, "user signed up");
+    Ok((StatusCode::CREATED, Json(user)))
+}
+
+/// Exchange email and password for an access token.
+#[utoipa::path(post, path = "/api/v1/login", tag = "accounts", request_body = LoginRequest,
+    responses(
+        (status = 200, description = "Logged in", body = TokenResponse),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 401, description = "Wrong email or password (which one is not said)", body = ErrorBody),
+        (status = 422, description = "Missing fields", body = ErrorBody),
+    ))]
+pub async fn login(
+    State(state): State<AppState>,
+    Json(req): Json<LoginRequest>,
+) -> Result<Json<TokenResponse>, ApiError> {
+    const WRONG: ApiError = ApiError::Unauthorized("invalid email or password");
+    // A malformed address cannot belong to an account; it gets the same answer (and the
+    // same hashing work) as an unknown one.
+    let email = Email::parse(&req.email).ok();
+    let account: Option<(Uuid, Role, String)> = match &email {
+        Some(email) => {
+            sqlx::query_as("SELECT id, role, password_hash FROM users WHERE email = $1")
+                .bind(email.as_str())
+                .fetch_optional(&state.db)
+                .await?
+        }
+        None => None,
+    };
+    let stored = account.as_ref().map(|(_, _, hash)| hash.clone());
+    if !verify_password(req.password, stored).await? {
+        return Err(WRONG);
+    }
+    let (id, role, _) = account.ok_or(WRONG)?;
+    let access_token = state.tokens.issue(id, role)?;
+    Ok(Json(TokenResponse { access_token, token_type: "Bearer", expires_in: state.tokens.ttl().as_secs() }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_trimmed_and_bounded() {
+        assert_eq!(parse_name("  Ada ").unwrap(), "Ada");
+        assert!(parse_name("   ").is_err());
+        assert!(parse_name(&"x".repeat(201)).is_err());
+        assert!(parse_name(&"é".repeat(200)).is_ok());
+    }
+
+    #[test]
+    fn password_length_is_counted_in_characters() {
+        assert!(check_password("1234567").is_err());
+        assert!(check_password("12345678").is_ok());
+        assert!(check_password(&"ü".repeat(128)).is_ok());
+        assert!(check_password(&"ü".repeat(129)).is_err());
+    }
+}

@@ -1,0 +1,70 @@
+//! Liveness and readiness probes for orchestrators and load balancers.
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::extract::Json;
+use crate::state::AppState;
+
+const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/health/live", get(live)).route("/health/ready", get(ready))
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Health {
+    /// `ok` (live), `ready` or `unavailable`.
+    pub status: &'static str,
+    /// Per dependency: `ok` or `unavailable` (readiness only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checks: Option<Checks>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Checks {
+    pub database: &'static str,
+    pub broker: &'static str,
+}
+
+/// The process is up and serving HTTP.
+#[utoipa::path(get, path = "/health/live", tag = "operations",
+    responses((status = 200, description = "Alive", body = Health)))]
+pub async fn live() -> Json<Health> {
+    Json(Health { status: "ok", checks: None })
+}
+
+/// The process can do its work: PostgreSQL and RabbitMQ both answer.
+#[utoipa::path(get, path = "/health/ready", tag = "operations",
+    responses(
+        (status = 200, description = "Ready", body = Health),
+        (status = 503, description = "A dependency is unavailable", body = Health),
+    ))]
+pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
+    let (database, broker) = tokio::join!(database_ok(&state), broker_ok(&state));
+    let word = |ok: bool| if ok { "ok" } else { "unavailable" };
+    let status = if database && broker { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let health = Health {
+        status: if status == StatusCode::OK { "ready" } else { "unavailable" },
+        checks: Some(Checks { database: word(database), broker: word(broker) }),
+    };
+    (status, Json(health))
+}
+
+async fn database_ok(state: &AppState) -> bool {
+    let check = sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&state.db);
+    matches!(tokio::time::timeout(CHECK_TIMEOUT, check).await, Ok(Ok(1)))
+}
+
+async fn broker_ok(state: &AppState) -> bool {
+    match tokio::time::timeout(CHECK_TIMEOUT, state.amqp.get()).await {
+        Ok(Ok(connection)) => connection.status().connected(),
+        _ => false,
+    }
+}

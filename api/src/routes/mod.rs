@@ -1,0 +1,69 @@
+//! The HTTP surface: one module per resource, assembled here with the middleware every
+//! request goes through.
+
+pub mod auth;
+pub mod events;
+pub mod health;
+pub mod me;
+
+use axum::Router;
+use axum::body::Body;
+use axum::error_handling::HandleErrorLayer;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderName, Request, header};
+use axum::response::IntoResponse;
+use tower::ServiceBuilder;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use tracing::Level;
+use utoipa_swagger_ui::SwaggerUi;
+
+use crate::error::{self, ApiError};
+use crate::openapi;
+use crate::state::AppState;
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Builds the whole application: routes, docs, fallbacks and middleware.
+pub fn app(state: AppState) -> Router {
+    let body_limit = usize::try_from(state.config.body_limit_bytes).unwrap_or(usize::MAX);
+    let timeout = state.config.request_timeout();
+    let api = Router::new().merge(auth::router()).merge(me::router()).merge(events::router());
+    Router::new()
+        .nest("/api/v1", api)
+        .merge(health::router())
+        .merge(SwaggerUi::new("/docs").url("/api/v1/openapi.json", openapi::document()))
+        .fallback(error::not_found)
+        .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(DefaultBodyLimit::max(body_limit))
+        // Outermost first: panics become JSON 500s; every request gets an `x-request-id`
+        // (kept if the client sent one) that is logged on its span and echoed back; the
+        // Authorization header never reaches the logs; a request past the time limit gets
+        // a JSON 503.
+        .layer(
+            ServiceBuilder::new()
+                .layer(CatchPanicLayer::custom(|_| {
+                    tracing::error!("handler panicked");
+                    ApiError::Internal(anyhow::anyhow!("panic")).into_response()
+                }))
+                .layer(SetSensitiveRequestHeadersLayer::new([header::AUTHORIZATION, header::COOKIE]))
+                .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+                .layer(
+                    TraceLayer::new_for_http()
+                        .make_span_with(request_span)
+                        .on_response(DefaultOnResponse::new().level(Level::INFO)),
+                )
+                .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+                .layer(HandleErrorLayer::new(|_: tower::BoxError| async { ApiError::Timeout }))
+                .layer(tower::timeout::TimeoutLayer::new(timeout)),
+        )
+        .with_state(state)
+}
+
+fn request_span(request: &Request<Body>) -> tracing::Span {
+    let request_id = request.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("-");
+    tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), request_id)
+}
+

@@ -1,0 +1,224 @@
+//! Typed configuration, read from the environment (or the matching command-line flags) and
+//! validated once at start-up, so a process either starts with a coherent configuration or
+//! refuses to start with a message that says what to fix.
+//!
+//! Secrets have no defaults: `JWT_SECRET` and `WEBHOOK_SECRET` must be set and at least
+//! [`MIN_SECRET_BYTES`] long.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+use base64::Engine as _;
+
+/// The shortest secret accepted for HMAC keys (JWT signing, payment webhooks).
+pub const MIN_SECRET_BYTES: usize = 32;
+
+/// A configuration value that must never be printed: its `Debug` output is redacted.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret's text, for the one place that needs it (a key, a connection).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
+/// A start-up configuration problem, worded for the operator.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(String);
+
+/// Connection to PostgreSQL.
+#[derive(Clone, Debug, clap::Args)]
+pub struct DatabaseConfig {
+    /// PostgreSQL URL, e.g. postgres://user:password@127.0.0.1:5432/turnstile
+    #[arg(id = "database_url", long = "database-url", value_name = "URL", env = "DATABASE_URL", hide_env_values = true)]
+    pub url: Secret,
+    /// Largest number of pooled database connections.
+    #[arg(id = "database_max_connections", long = "database-max-connections", value_name = "N", env = "DATABASE_MAX_CONNECTIONS", default_value_t = 20,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub max_connections: u32,
+}
+
+/// Connection to RabbitMQ and the shape of the purchase topology.
+#[derive(Clone, Debug, clap::Args)]
+pub struct BrokerConfig {
+    /// AMQP URL, e.g. amqp://guest:guest@127.0.0.1:5672/%2f
+    #[arg(id = "amqp_url", long = "amqp-url", value_name = "URL", env = "AMQP_URL", hide_env_values = true)]
+    pub url: Secret,
+    /// Number of purchase partitions (queues `orders.purchase.{k}`). Every process of one
+    /// deployment must use the same value.
+    #[arg(long = "partitions", env = "PARTITIONS", default_value_t = 8,
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub partitions: u16,
+}
+
+/// Everything the `api` process needs to serve HTTP.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ApiConfig {
+    #[command(flatten)]
+    pub database: DatabaseConfig,
+    #[command(flatten)]
+    pub broker: BrokerConfig,
+    /// Address the HTTP server binds to (port 0 picks a free port).
+    #[arg(long = "bind-addr", env = "BIND_ADDR", default_value = "127.0.0.1:8080")]
+    pub bind_addr: SocketAddr,
+    /// HMAC key for access tokens (HS256), at least 32 bytes.
+    #[arg(long = "jwt-secret", env = "JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Secret,
+    /// Key that payment providers sign webhooks with: at least 32 bytes, raw or in the
+    /// Standard Webhooks `whsec_<base64>` form.
+    #[arg(long = "webhook-secret", env = "WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Secret,
+    /// Issuer (`iss`) written into and required from access tokens.
+    #[arg(long = "jwt-issuer", env = "JWT_ISSUER", default_value = "turnstile")]
+    pub jwt_issuer: String,
+    /// Lifetime of an access token, in seconds.
+    #[arg(long = "jwt-ttl-secs", env = "JWT_TTL_SECS", default_value_t = 3600,
+          value_parser = clap::value_parser!(u64).range(60..=604_800))]
+    pub jwt_ttl_secs: u64,
+    /// Largest accepted request body, in bytes (larger bodies get 413).
+    #[arg(long = "body-limit-bytes", env = "BODY_LIMIT_BYTES", default_value_t = 65_536,
+          value_parser = clap::value_parser!(u64).range(1024..=10_485_760))]
+    pub body_limit_bytes: u64,
+    /// Time limit for one request, in seconds (503 past it).
+    #[arg(long = "request-timeout-secs", env = "REQUEST_TIMEOUT_SECS", default_value_t = 35,
+          value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub request_timeout_secs: u64,
+}
+
+impl ApiConfig {
+    /// Checks what the flag parser cannot: secret lengths. Call once at start-up.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_secret("JWT_SECRET", self.jwt_secret.expose().as_bytes())?;
+        webhook_key(&self.webhook_secret).map(|_| ())
+    }
+
+    pub fn jwt_ttl(&self) -> Duration {
+        Duration::from_secs(self.jwt_ttl_secs)
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_secs)
+    }
+}
+
+/// Everything the `worker` process needs.
+#[derive(Clone, Debug, clap::Args)]
+pub struct WorkerConfig {
+    #[command(flatten)]
+    pub database: DatabaseConfig,
+    #[command(flatten)]
+    pub broker: BrokerConfig,
+}
+
+/// The HMAC key bytes of a webhook secret: `whsec_<base64>` (Standard Webhooks) is decoded,
+/// anything else is taken as raw bytes.
+pub fn webhook_key(secret: &Secret) -> Result<Vec<u8>, ConfigError> {
+    let raw = secret.expose();
+    let key = match raw.strip_prefix("whsec_") {
+        Some(encoded) => base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .map_err(|_| ConfigError("WEBHOOK_SECRET starts with whsec_ but the rest is not valid base64".into()))?,
+        None => raw.as_bytes().to_vec(),
+    };
+    check_secret("WEBHOOK_SECRET", &key)?;
+    Ok(key)
+}
+
+fn check_secret(name: &str, bytes: &[u8]) -> Result<(), ConfigError> {
+    if bytes.len() < MIN_SECRET_BYTES {
+        return Err(ConfigError(format!(
+            "{name} must be at least {MIN_SECRET_BYTES} bytes (it has {}); generate one with \
+             `openssl rand -base64 48`",
+            bytes.len()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        api: ApiConfig,
+    }
+
+    const GOOD: &str = "0123456789abcdef0123456789abcdef";
+
+    fn parse(extra: &[&str]) -> Result<ApiConfig, clap::Error> {
+        let mut args = vec![
+            "api",
+            "--database-url",
+            "postgres://localhost/x",
+            "--amqp-url",
+            "amqp://localhost",
+        ];
+        args.extend_from_slice(extra);
+        Cli::try_parse_from(args).map(|c| c.api)
+    }
+
+    #[test]
+    fn secrets_are_required() {
+        let err = parse(&["--jwt-secret", GOOD]).expect_err("missing webhook secret");
+        assert!(err.to_string().contains("--webhook-secret"), "{err}");
+        let err = parse(&["--webhook-secret", GOOD]).expect_err("missing jwt secret");
+        assert!(err.to_string().contains("--jwt-secret"), "{err}");
+    }
+
+    #[test]
+    fn short_secrets_are_refused_without_echoing_them() {
+        let cfg = parse(&["--jwt-secret", "short-secret", "--webhook-secret", GOOD]).unwrap();
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("JWT_SECRET must be at least 32 bytes"), "{err}");
+        assert!(!err.contains("short-secret"), "error leaks the secret: {err}");
+    }
+
+    #[test]
+    fn whsec_secrets_are_decoded() {
+        let encoded = base64::engine::general_purpose::STANDARD.encode([7u8; 32]);
+        let secret = Secret::new(format!("whsec_{encoded}"));
+        assert_eq!(webhook_key(&secret).unwrap(), vec![7u8; 32]);
+        let short = base64::engine::general_purpose::STANDARD.encode([7u8; 16]);
+        assert!(webhook_key(&Secret::new(format!("whsec_{short}"))).is_err());
+        assert!(webhook_key(&Secret::new("whsec_not base64!")).is_err());
+    }
+
+    #[test]
+    fn valid_config_passes_and_debug_redacts() {
+        let cfg = parse(&["--jwt-secret", GOOD, "--webhook-secret", GOOD]).unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.broker.partitions, 8);
+        assert!(!format!("{cfg:?}").contains(GOOD));
+    }
+
+    #[test]
+    fn partitions_must_be_in_range() {
+        assert!(parse(&["--jwt-secret", GOOD, "--webhook-secret", GOOD, "--partitions", "0"]).is_err());
+    }
+}

@@ -1,0 +1,54 @@
+//! The PostgreSQL pool and the embedded migrations.
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+use sqlx::migrate::Migrator;
+use sqlx::postgres::PgPoolOptions;
+
+use crate::config::DatabaseConfig;
+
+/// The SQL files in `migrations/`, compiled into every binary that applies them.
+pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
+
+/// How long start-up keeps retrying a database that is not reachable yet (e.g. a container
+/// that is still booting) before giving up.
+const CONNECT_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Connects the pool, retrying for a while so that a process started together with its
+/// database does not fail on the first attempt.
+pub async fn connect(config: &DatabaseConfig) -> Result<PgPool, sqlx::Error> {
+    let options = PgPoolOptions::new()
+        .max_connections(config.max_connections)
+        .acquire_timeout(Duration::from_secs(5));
+    let deadline = tokio::time::Instant::now() + CONNECT_PATIENCE;
+    loop {
+        match options.clone().connect(config.url.expose()).await {
+            Ok(pool) => return Ok(pool),
+            Err(err) if tokio::time::Instant::now() < deadline && is_transient(&err) => {
+                tracing::warn!(error = %err, "database not reachable yet; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(err) => return Err(err),
+        }
+    }
+}
+
+fn is_transient(err: &sqlx::Error) -> bool {
+    matches!(err, sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut)
+}
+
+/// Applies pending migrations. Safe to run from several processes at once: sqlx holds an
+/// advisory lock while migrating.
+pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    MIGRATOR.run(pool).await
+}
+
+/// Whether the error means the database is unreachable or overloaded (as opposed to a bug
+/// or a constraint): callers answer 503 for these.
+pub fn is_unavailable(err: &sqlx::Error) -> bool {
+    matches!(
+        err,
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed
+    )
+}

@@ -1,0 +1,8 @@
+//! Domain types that carry their rules: a value of one of these types is valid by
+//! construction, so handlers parse input into them at the edge and never re-check.
+
+mod email;
+mod role;
+
+pub use email::Email;
+pub use role::Role;

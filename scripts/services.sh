@@ -1,0 +1,230 @@
+#!/usr/bin/env bash
+# Local PostgreSQL 15 + RabbitMQ for development and tests, without Docker or systemd.
+#
+#   scripts/services.sh start    install (apt, as root) if missing, start both, wait until ready,
+#                                write the connection URLs to $STATE/env (sourceable)
+#   scripts/services.sh stop     stop exactly the processes this script started
+#   scripts/services.sh status   say what is running
+#   scripts/services.sh env      print the path of the env file
+#
+# Both run as plain background processes under a project-local state directory
+# (default: .local/ in the repository) on non-default ports, so they never clash with
+# a system PostgreSQL/RabbitMQ. Ports and the directory can be overridden:
+#   TURNSTILE_STATE_DIR, TURNSTILE_PG_PORT (55432), TURNSTILE_AMQP_PORT (56720),
+#   TURNSTILE_RABBIT_MGMT_PORT (15680), TURNSTILE_RABBIT_DIST_PORT (25680),
+#   TURNSTILE_EPMD_PORT (4380)
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PG_PORT="${TURNSTILE_PG_PORT:-55432}"
+AMQP_PORT="${TURNSTILE_AMQP_PORT:-56720}"
+MGMT_PORT="${TURNSTILE_RABBIT_MGMT_PORT:-15680}"
+DIST_PORT="${TURNSTILE_RABBIT_DIST_PORT:-25680}"
+EPMD_PORT="${TURNSTILE_EPMD_PORT:-4380}"
+PG_BIN="${TURNSTILE_PG_BIN:-/usr/lib/postgresql/15/bin}"
+RABBIT_BIN="/usr/lib/rabbitmq/bin"
+APP_USER=turnstile
+APP_PASSWORD=turnstile
+APP_DB=turnstile
+RABBIT_NODE="turnstile@localhost"
+
+log() { printf '[services] %s\n' "$*" >&2; }
+die() { printf '[services] error: %s\n' "$*" >&2; exit 1; }
+is_root() { [ "$(id -u)" = 0 ]; }
+
+# PostgreSQL refuses to run as root, so as root it runs as the `postgres` user, which must be
+# able to reach the data directory. A checkout under a private home falls back to /tmp.
+state_dir() {
+  if [ -n "${TURNSTILE_STATE_DIR:-}" ]; then echo "$TURNSTILE_STATE_DIR"; return; fi
+  local dir="$REPO/.local"
+  if is_root && id postgres >/dev/null 2>&1 && ! runuser -u postgres -- test -x "$REPO"; then
+    dir="/tmp/turnstile-$(printf '%s' "$REPO" | cksum | cut -d' ' -f1)"
+  fi
+  echo "$dir"
+}
+STATE="$(state_dir)"
+PG_DIR="$STATE/postgres"
+RABBIT_DIR="$STATE/rabbitmq"
+ENV_FILE="$STATE/env"
+
+as_pg() { if is_root; then runuser -u postgres -- "$@"; else "$@"; fi; }
+
+# --- installation -------------------------------------------------------------------------
+
+install_packages() {
+  local missing=()
+  [ -x "$PG_BIN/initdb" ] || missing+=(postgresql-15 postgresql-client-15)
+  [ -x "$RABBIT_BIN/rabbitmq-server" ] || missing+=(rabbitmq-server)
+  [ ${#missing[@]} -eq 0 ] && return 0
+  is_root || die "missing packages (${missing[*]}); run as root or install them: apt-get install ${missing[*]}"
+  log "installing ${missing[*]} from Debian packages (once)"
+  # Keep the packages' post-install scripts from starting their default system services.
+  local policy=/usr/sbin/policy-rc.d backup=""
+  if [ -e "$policy" ]; then backup="$(mktemp)"; cp -p "$policy" "$backup"; fi
+  printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod 755 "$policy"
+  local rc=0
+  {
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  } >"$STATE/apt.log" 2>&1 || rc=$?
+  if [ -n "$backup" ]; then mv "$backup" "$policy"; else rm -f "$policy"; fi
+  [ $rc -eq 0 ] || { tail -20 "$STATE/apt.log" >&2; die "apt-get failed (see $STATE/apt.log)"; }
+}
+
+# --- PostgreSQL ---------------------------------------------------------------------------
+
+pg_running() { [ -f "$PG_DIR/data/postmaster.pid" ] && as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR/data" status >/dev/null 2>&1; }
+
+start_postgres() {
+  mkdir -p "$PG_DIR/socket"
+  is_root && chown postgres:postgres "$PG_DIR" "$PG_DIR/socket"
+  if [ ! -f "$PG_DIR/data/PG_VERSION" ]; then
+    log "initialising PostgreSQL cluster in $PG_DIR/data"
+    as_pg "$PG_BIN/initdb" -D "$PG_DIR/data" -U postgres --auth=trust -E UTF8 --locale=C.UTF-8 >"$PG_DIR/initdb.log" 2>&1 ||
+      { cat "$PG_DIR/initdb.log" >&2; die "initdb failed"; }
+  fi
+  if pg_running; then
+    log "PostgreSQL already running on port $PG_PORT"
+  else
+    log "starting PostgreSQL on 127.0.0.1:$PG_PORT"
+    # fsync off: this cluster holds development and test data only (docker-compose and
+    # production use the server defaults).
+    as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/postgres.log" -w -t 60 \
+      -o "-p $PG_PORT -k $PG_DIR/socket -c listen_addresses=127.0.0.1 -c max_connections=400 -c fsync=off -c synchronous_commit=off -c full_page_writes=off" \
+      start >/dev/null || { tail -20 "$PG_DIR/postgres.log" >&2; die "PostgreSQL did not start"; }
+  fi
+  for _ in $(seq 1 60); do
+    "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT" && break
+    sleep 0.5
+  done
+  "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT" || die "PostgreSQL is not ready"
+  # The app role may create databases so that every test gets a fresh one.
+  psql -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -v ON_ERROR_STOP=1 <<SQL >/dev/null
+DO \$\$ BEGIN
+  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$APP_USER') THEN
+    CREATE ROLE $APP_USER LOGIN CREATEDB PASSWORD '$APP_PASSWORD';
+  END IF;
+END \$\$;
+SQL
+  if ! psql -tA -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -c "SELECT 1 FROM pg_database WHERE datname = '$APP_DB'" | grep -q 1; then
+    psql -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -c "CREATE DATABASE $APP_DB OWNER $APP_USER" >/dev/null
+  fi
+  log "PostgreSQL ready"
+}
+
+stop_postgres() {
+  if pg_running; then
+    log "stopping PostgreSQL"
+    as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -m fast -w stop >/dev/null
+  fi
+}
+
+# --- RabbitMQ -----------------------------------------------------------------------------
+
+rabbit_env() {
+  export HOME="$RABBIT_DIR/home"
+  export RABBITMQ_NODENAME="$RABBIT_NODE"
+  export RABBITMQ_CONFIG_FILE="$RABBIT_DIR/rabbitmq"   # .conf is appended by RabbitMQ
+  export RABBITMQ_ENABLED_PLUGINS_FILE="$RABBIT_DIR/enabled_plugins"
+  export RABBITMQ_MNESIA_BASE="$RABBIT_DIR/mnesia"
+  export RABBITMQ_LOG_BASE="$RABBIT_DIR/log"
+  export RABBITMQ_PID_FILE="$RABBIT_DIR/rabbitmq.pid"
+  export RABBITMQ_CONF_ENV_FILE="$RABBIT_DIR/rabbitmq-env.conf"
+  export RABBITMQ_DIST_PORT="$DIST_PORT"
+  export ERL_EPMD_PORT="$EPMD_PORT"
+}
+
+rabbitmqctl_() { (rabbit_env; "$RABBIT_BIN/rabbitmqctl" "$@"); }
+
+rabbit_running() { [ -f "$RABBIT_DIR/rabbitmq.pid" ] && kill -0 "$(cat "$RABBIT_DIR/rabbitmq.pid")" 2>/dev/null; }
+
+start_rabbitmq() {
+  mkdir -p "$RABBIT_DIR/home" "$RABBIT_DIR/mnesia" "$RABBIT_DIR/log"
+  if [ ! -f "$RABBIT_DIR/home/.erlang.cookie" ]; then
+    head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$RABBIT_DIR/home/.erlang.cookie"
+    chmod 400 "$RABBIT_DIR/home/.erlang.cookie"
+  fi
+  : > "$RABBIT_DIR/rabbitmq-env.conf"
+  cat > "$RABBIT_DIR/rabbitmq.conf" <<CONF
+listeners.tcp.default = 127.0.0.1:$AMQP_PORT
+loopback_users = none
+disk_free_limit.absolute = 50MB
+vm_memory_high_watermark.relative = 0.6
+management.tcp.ip = 127.0.0.1
+management.tcp.port = $MGMT_PORT
+CONF
+  echo '[rabbitmq_management].' > "$RABBIT_DIR/enabled_plugins"
+  if rabbit_running; then
+    log "RabbitMQ already running on port $AMQP_PORT"
+  else
+    log "starting RabbitMQ on 127.0.0.1:$AMQP_PORT (management on $MGMT_PORT)"
+    (rabbit_env; setsid "$RABBIT_BIN/rabbitmq-server" >"$RABBIT_DIR/log/console.log" 2>&1 < /dev/null &)
+  fi
+  local i
+  for i in $(seq 1 120); do
+    if rabbitmqctl_ -q await_startup --timeout 2 >/dev/null 2>&1; then break; fi
+    # The pid file appears a moment after launch; a node that is gone after that has failed.
+    if [ "$i" -gt 10 ] && ! rabbit_running; then
+      tail -30 "$RABBIT_DIR/log/console.log" >&2; die "RabbitMQ exited during start"
+    fi
+    sleep 0.5
+  done
+  rabbitmqctl_ -q await_startup --timeout 5 >/dev/null 2>&1 || { tail -30 "$RABBIT_DIR/log/console.log" >&2; die "RabbitMQ is not ready"; }
+  # Wait for the AMQP listener itself, not only the node.
+  for _ in $(seq 1 40); do (exec 3<>"/dev/tcp/127.0.0.1/$AMQP_PORT") 2>/dev/null && break; sleep 0.25; done
+  log "RabbitMQ ready"
+}
+
+stop_rabbitmq() {
+  if rabbit_running; then
+    log "stopping RabbitMQ"
+    rabbitmqctl_ -q shutdown >/dev/null 2>&1 || kill "$(cat "$RABBIT_DIR/rabbitmq.pid")" 2>/dev/null || true
+  fi
+  # The private epmd (own port) was started by the node; stop it too.
+  if command -v epmd >/dev/null 2>&1; then
+    epmd -port "$EPMD_PORT" -kill >/dev/null 2>&1 || true
+  fi
+}
+
+# --- commands -----------------------------------------------------------------------------
+
+write_env() {
+  cat > "$ENV_FILE" <<ENV
+# Written by scripts/services.sh: connection URLs of the local services.
+export DATABASE_URL=postgres://$APP_USER:$APP_PASSWORD@127.0.0.1:$PG_PORT/$APP_DB
+export AMQP_URL=amqp://guest:guest@127.0.0.1:$AMQP_PORT/%2f
+export RABBITMQ_MANAGEMENT_URL=http://guest:guest@127.0.0.1:$MGMT_PORT
+ENV
+}
+
+cmd_start() {
+  mkdir -p "$STATE"
+  install_packages
+  local pg_log="$STATE/start-postgres.log"
+  start_postgres 2>"$pg_log" &
+  local pg_pid=$!
+  start_rabbitmq
+  if ! wait $pg_pid; then cat "$pg_log" >&2; die "PostgreSQL failed to start"; fi
+  cat "$pg_log" >&2
+  write_env
+  log "services ready; connection URLs in $ENV_FILE"
+}
+
+cmd_stop() {
+  stop_rabbitmq
+  stop_postgres
+  log "stopped"
+}
+
+cmd_status() {
+  if pg_running; then echo "postgres: running on 127.0.0.1:$PG_PORT"; else echo "postgres: stopped"; fi
+  if rabbit_running; then echo "rabbitmq: running on 127.0.0.1:$AMQP_PORT (management $MGMT_PORT)"; else echo "rabbitmq: stopped"; fi
+}
+
+case "${1:-}" in
+  start) cmd_start ;;
+  stop) cmd_stop ;;
+  status) cmd_status ;;
+  env) echo "$ENV_FILE" ;;
+  *) echo "usage: $0 start|stop|status|env" >&2; exit 2 ;;
+esac
