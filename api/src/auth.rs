@@ -104,12 +104,12 @@ impl Tokens {
     }
 
     pub fn verify(&self, token: &str) -> Result<Claims, ApiError> {
-        jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
-            .map(|data| data.claims)
-            .map_err(|err| match err.kind() {
+        jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).map(|data| data.claims).map_err(|err| {
+            match err.kind() {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => ApiError::Unauthorized("access token expired"),
                 _ => ApiError::Unauthorized("invalid access token"),
-            })
+            }
+        })
     }
 }
 
@@ -130,10 +130,7 @@ impl FromRequestParts<AppState> for AuthUser {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let header = parts
-            .headers
-            .get(AUTHORIZATION)
-            .ok_or(ApiError::Unauthorized("missing bearer token"))?;
+        let header = parts.headers.get(AUTHORIZATION).ok_or(ApiError::Unauthorized("missing bearer token"))?;
         let token = header
             .to_str()
             .ok()
@@ -158,7 +155,6 @@ impl FromRequestParts<AppState> for AdminUser {
         if user.is_admin() { Ok(AdminUser(user)) } else { Err(ApiError::Forbidden) }
     }
 }
-
 
 #[cfg(test)]
 mod tests {

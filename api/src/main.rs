@@ -20,8 +20,12 @@ use crate::auth::Tokens;
 use crate::state::AppState;
 
 #[derive(Parser)]
-#[command(name = "api", version, about = "Turnstile HTTP API. Configuration comes from flags or the environment \
-                                          (a .env file in the working directory is read too).")]
+#[command(
+    name = "api",
+    version,
+    about = "Turnstile HTTP API. Configuration comes from flags or the environment \
+                                          (a .env file in the working directory is read too)."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -121,7 +125,8 @@ async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
 async fn create_admin(args: CreateAdminArgs) -> anyhow::Result<()> {
     let email = routes::auth::parse_email(&args.email).map_err(|e| anyhow::anyhow!("{e}"))?;
     let default_name = email.as_str().split('@').next().unwrap_or_default().to_owned();
-    let name = routes::auth::parse_name(args.name.as_deref().unwrap_or(&default_name)).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let name =
+        routes::auth::parse_name(args.name.as_deref().unwrap_or(&default_name)).map_err(|e| anyhow::anyhow!("{e}"))?;
     let db = common::db::connect(&args.database).await.context("connecting to PostgreSQL")?;
     common::db::migrate(&db).await.context("applying migrations")?;
 
@@ -140,9 +145,8 @@ async fn create_admin(args: CreateAdminArgs) -> anyhow::Result<()> {
     };
     routes::auth::check_password(&password).map_err(|e| anyhow::anyhow!("{e}"))?;
     let hash = auth::hash_password(password).await?;
-    let user = routes::auth::insert_user(&db, &name, &email, &hash, Role::Admin)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let user =
+        routes::auth::insert_user(&db, &name, &email, &hash, Role::Admin).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     println!("admin created: {} ({})", user.email, user.id);
     Ok(())
 }

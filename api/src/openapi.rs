@@ -51,8 +51,16 @@ mod tests {
     #[test]
     fn document_lists_every_route() {
         let doc = super::document();
-        for path in ["/api/v1/signup", "/api/v1/login", "/api/v1/me", "/api/v1/me/events", "/api/v1/events",
-                     "/api/v1/events/{id}", "/health/live", "/health/ready"] {
+        for path in [
+            "/api/v1/signup",
+            "/api/v1/login",
+            "/api/v1/me",
+            "/api/v1/me/events",
+            "/api/v1/events",
+            "/api/v1/events/{id}",
+            "/health/live",
+            "/health/ready",
+        ] {
             assert!(doc.paths.paths.contains_key(path), "missing {path}");
         }
     }

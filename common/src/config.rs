@@ -53,7 +53,13 @@ pub struct ConfigError(String);
 #[derive(Clone, Debug, clap::Args)]
 pub struct DatabaseConfig {
     /// PostgreSQL URL, e.g. postgres://user:password@127.0.0.1:5432/turnstile
-    #[arg(id = "database_url", long = "database-url", value_name = "URL", env = "DATABASE_URL", hide_env_values = true)]
+    #[arg(
+        id = "database_url",
+        long = "database-url",
+        value_name = "URL",
+        env = "DATABASE_URL",
+        hide_env_values = true
+    )]
     pub url: Secret,
     /// Largest number of pooled database connections.
     #[arg(id = "database_max_connections", long = "database-max-connections", value_name = "N", env = "DATABASE_MAX_CONNECTIONS", default_value_t = 20,
@@ -172,13 +178,7 @@ mod tests {
     const GOOD: &str = "0123456789abcdef0123456789abcdef";
 
     fn parse(extra: &[&str]) -> Result<ApiConfig, clap::Error> {
-        let mut args = vec![
-            "api",
-            "--database-url",
-            "postgres://localhost/x",
-            "--amqp-url",
-            "amqp://localhost",
-        ];
+        let mut args = vec!["api", "--database-url", "postgres://localhost/x", "--amqp-url", "amqp://localhost"];
         args.extend_from_slice(extra);
         Cli::try_parse_from(args).map(|c| c.api)
     }

@@ -18,9 +18,7 @@ const CONNECT_PATIENCE: Duration = Duration::from_secs(30);
 /// Connects the pool, retrying for a while so that a process started together with its
 /// database does not fail on the first attempt.
 pub async fn connect(config: &DatabaseConfig) -> Result<PgPool, sqlx::Error> {
-    let options = PgPoolOptions::new()
-        .max_connections(config.max_connections)
-        .acquire_timeout(Duration::from_secs(5));
+    let options = PgPoolOptions::new().max_connections(config.max_connections).acquire_timeout(Duration::from_secs(5));
     let deadline = tokio::time::Instant::now() + CONNECT_PATIENCE;
     loop {
         match options.clone().connect(config.url.expose()).await {
@@ -47,8 +45,5 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
 /// Whether the error means the database is unreachable or overloaded (as opposed to a bug
 /// or a constraint): callers answer 503 for these.
 pub fn is_unavailable(err: &sqlx::Error) -> bool {
-    matches!(
-        err,
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed
-    )
+    matches!(err, sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed)
 }

@@ -111,9 +111,7 @@ pub async fn insert_user(
     .bind(role)
     .fetch_one(db)
     .await
-    .on_constraint("users_email_key", || {
-        ApiError::conflict("email_taken", "an account with this email already exists")
-    })
+    .on_constraint("users_email_key", || ApiError::conflict("email_taken", "an account with this email already exists"))
 }
 
 /// Create an account (role `user`).

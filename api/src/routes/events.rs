@@ -16,9 +16,7 @@ use crate::extract::{Json, Path, Query};
 use crate::state::AppState;
 
 pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/events", get(list_events).post(create_event))
-        .route("/events/{id}", get(get_event))
+    Router::new().route("/events", get(list_events).post(create_event)).route("/events/{id}", get(get_event))
 }
 
 /// The columns of [`Event`], for every query that returns events.
@@ -55,6 +53,7 @@ pub struct Event {
     pub tickets_available: i32,
     /// Price of one ticket, a decimal string with at most 2 decimal places.
     #[schema(value_type = String, example = "49.90")]
+    #[serde(serialize_with = "common::domain::money::serialize")]
     pub price: Decimal,
     /// Most tickets one order may buy.
     pub max_per_order: i32,

@@ -53,8 +53,19 @@ mod tests {
 
     #[test]
     fn rejects_malformed_addresses() {
-        for bad in ["", "   ", "ada", "ada@", "@example.com", "ada@example", "ada@@example.com",
-                    "a da@example.com", "ada@.example.com", "ada@example.com.", "ada@exa..mple.com"] {
+        for bad in [
+            "",
+            "   ",
+            "ada",
+            "ada@",
+            "@example.com",
+            "ada@example",
+            "ada@@example.com",
+            "a da@example.com",
+            "ada@.example.com",
+            "ada@example.com.",
+            "ada@exa..mple.com",
+        ] {
             assert!(Email::parse(bad).is_err(), "accepted {bad:?}");
         }
         let long = format!("{}@example.com", "a".repeat(65));

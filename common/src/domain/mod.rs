@@ -2,6 +2,7 @@
 //! construction, so handlers parse input into them at the edge and never re-check.
 
 mod email;
+pub mod money;
 mod role;
 
 pub use email::Email;

@@ -1,0 +1,34 @@
+# Turnstile: the two commands of the quick start are `make run` and `make test`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+.PHONY: help run test services stop status admin fmt lint
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+run: ## start PostgreSQL + RabbitMQ, migrate, run api + worker on http://127.0.0.1:8080 (Ctrl-C stops)
+	@bash scripts/run.sh
+
+test: ## the whole suite: fmt, clippy, unit and end-to-end tests against real services
+	@bash scripts/test.sh
+
+services: ## start only PostgreSQL + RabbitMQ (installed from Debian packages if missing)
+	@bash scripts/services.sh start
+
+stop: ## stop the services that `make services`/`make run`/`make test` started
+	@bash scripts/services.sh stop
+
+status: ## are the local services running?
+	@bash scripts/services.sh status
+
+admin: ## create an admin: make admin EMAIL=you@example.com (asks for the password)
+	@test -n "$(EMAIL)" || { echo "usage: make admin EMAIL=you@example.com" >&2; exit 2; }
+	@source "$$(bash scripts/services.sh env)" && cargo run --quiet --release --bin api -- create-admin --email "$(EMAIL)"
+
+fmt: ## format the code
+	cargo fmt
+
+lint: ## formatting and clippy, as the test suite checks them
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# `make test`: style checks, then every test (unit and end-to-end) against a real
+# PostgreSQL and RabbitMQ started by scripts/services.sh. Ends with nextest's summary.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== cargo fmt --check"
+cargo fmt --check
+
+echo "== services"
+bash scripts/services.sh start
+# shellcheck disable=SC1090
+source "$(bash scripts/services.sh env)"
+
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "== build the binaries the end-to-end tests start"
+cargo build --workspace --bins --locked
+
+echo "== tests"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --locked --no-fail-fast "$@"
+else
+  cargo test --workspace --locked --no-fail-fast "$@"
+fi

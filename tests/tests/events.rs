@@ -1,0 +1,141 @@
+//! The event catalogue: admin-only creation with validation, public listing and lookup.
+
+use serde_json::json;
+use tests::TestApp;
+
+#[tokio::test]
+async fn admin_creates_an_event_and_anyone_can_read_it() {
+    let app = TestApp::spawn().await;
+    let admin = app.admin().await;
+    let date = "2031-05-01T19:30:00+02:00";
+    let res = app
+        .create_event(&admin, json!({"date": date, "price": 12.5, "image_url": "https://img.example.com/a.png"}))
+        .await;
+    assert_eq!(res.status, 201, "{}", res.body);
+    let id = res.json["id"].as_str().unwrap().to_owned();
+    assert_eq!(res.header("location"), Some(format!("/api/v1/events/{id}").as_str()));
+    assert_eq!(res.json["date"], "2031-05-01T17:30:00Z", "stored and shown in UTC");
+    assert_eq!(res.json["price"], "12.50", "money is a decimal string");
+    assert_eq!(res.json["capacity"], 100);
+    assert_eq!(res.json["tickets_available"], 100);
+    assert_eq!(res.json["max_per_order"], 4);
+    assert_eq!(res.json["rating"], "all-ages");
+
+    let fetched = app.get(&format!("/api/v1/events/{id}"), None).await;
+    assert_eq!(fetched.status, 200);
+    assert_eq!(fetched.json, res.json);
+
+    // Free events are allowed; max_per_order defaults to 10.
+    let free = app.create_event(&admin, json!({"price": "0", "max_per_order": null})).await;
+    assert_eq!(free.status, 201, "{}", free.body);
+    assert_eq!((free.json["price"].as_str(), free.json["max_per_order"].as_i64()), (Some("0.00"), Some(10)));
+}
+
+#[tokio::test]
+async fn only_admins_create_events() {
+    let app = TestApp::spawn().await;
+    let (_, user) = app.user("Ada").await;
+    app.create_event(&user, json!({})).await.assert_error(403, "forbidden");
+    let res = app.post("/api/v1/events", &json!({"name": "x"}), None).await;
+    res.assert_error(401, "unauthorized");
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(&app.db.pool).await.unwrap();
+    assert_eq!(count, 0);
+}
+
+#[tokio::test]
+async fn event_input_is_validated() {
+    let app = TestApp::spawn().await;
+    let admin = app.admin().await;
+    let past = (chrono::Utc::now() - chrono::Duration::minutes(1)).to_rfc3339();
+    let cases = [
+        (json!({"date": past}), "date must be in the future"),
+        (json!({"price": "-1"}), "price must not be negative"),
+        (json!({"price": -0.5}), "price must not be negative"),
+        (json!({"price": "1.999"}), "at most 2 decimal places"),
+        (json!({"capacity": 0}), "capacity must be between 1"),
+        (json!({"capacity": -10}), "capacity must be between 1"),
+        (json!({"max_per_order": 0}), "max_per_order must be between 1"),
+        (json!({"name": "  "}), "name must not be empty"),
+        (json!({"location": ""}), "location must not be empty"),
+        (json!({"rating": "r".repeat(33)}), "rating must be at most 32"),
+        (json!({"image_url": "javascript:alert(1)"}), "image_url must be an absolute http(s) URL"),
+    ];
+    for (overrides, message) in cases {
+        let res = app.create_event(&admin, overrides.clone()).await;
+        res.assert_error(422, "validation_failed");
+        assert!(res.json["error"]["message"].as_str().unwrap().contains(message), "{overrides}: {}", res.body);
+    }
+    for (overrides, what) in [
+        (json!({"date": "tomorrow"}), "unparseable date"),
+        (json!({"price": "free"}), "unparseable price"),
+        (json!({"capacity": "many"}), "capacity of the wrong type"),
+    ] {
+        let res = app.create_event(&admin, overrides).await;
+        res.assert_error(422, "invalid_body");
+        assert!(!res.body.contains("sqlx"), "{what}: {}", res.body);
+    }
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(&app.db.pool).await.unwrap();
+    assert_eq!(count, 0, "nothing invalid was stored");
+}
+
+#[tokio::test]
+async fn events_are_listed_newest_first_page_by_page() {
+    let app = TestApp::spawn().await;
+    let admin = app.admin().await;
+    let mut created = Vec::new();
+    for i in 0..5 {
+        let res = app.create_event(&admin, json!({"name": format!("Event {i}"), "capacity": 10 + i})).await;
+        assert_eq!(res.status, 201, "{}", res.body);
+        created.push(res.json["id"].as_str().unwrap().to_owned());
+    }
+    // Some tickets sold on one of them (as the pipeline would).
+    sqlx::query("UPDATE events SET sold = 3 WHERE id = $1::uuid")
+        .bind(&created[4])
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+
+    let mut seen = Vec::new();
+    let mut path = "/api/v1/events?limit=2".to_owned();
+    loop {
+        let page = app.get(&path, None).await;
+        assert_eq!(page.status, 200, "{}", page.body);
+        let items = page.json.as_array().unwrap();
+        assert!(items.len() <= 2);
+        seen.extend(items.iter().map(|e| e["id"].as_str().unwrap().to_owned()));
+        if items.first().is_some_and(|e| e["id"] == created[4].as_str()) {
+            assert_eq!(items[0]["tickets_available"], 14 - 3);
+        }
+        match page.header("x-next-cursor") {
+            Some(cursor) => {
+                let link = page.header("link").unwrap();
+                assert!(link.contains(&format!("cursor={cursor}")) && link.ends_with("rel=\"next\""), "{link}");
+                path = format!("/api/v1/events?limit=2&cursor={cursor}");
+            }
+            None => break,
+        }
+    }
+    let newest_first: Vec<String> = created.iter().rev().cloned().collect();
+    assert_eq!(seen, newest_first);
+
+    // Soft-deleted events are hidden from the list and from lookup.
+    sqlx::query("UPDATE events SET deleted_at = now() WHERE id = $1::uuid")
+        .bind(&created[0])
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    let all = app.get("/api/v1/events?limit=100", None).await;
+    assert_eq!(all.json.as_array().unwrap().len(), 4);
+    app.get(&format!("/api/v1/events/{}", created[0]), None).await.assert_error(404, "not_found");
+
+    for bad in ["limit=0", "limit=101", "limit=abc", "cursor=not-a-uuid"] {
+        app.get(&format!("/api/v1/events?{bad}"), None).await.assert_error(400, "invalid_query");
+    }
+}
+
+#[tokio::test]
+async fn unknown_events_are_404() {
+    let app = TestApp::spawn().await;
+    app.get(&format!("/api/v1/events/{}", uuid::Uuid::now_v7()), None).await.assert_error(404, "not_found");
+    app.get("/api/v1/events/not-a-uuid", None).await.assert_error(404, "not_found");
+}
