@@ -5,6 +5,7 @@ mod auth;
 mod error;
 mod extract;
 mod openapi;
+mod pipeline;
 mod routes;
 mod state;
 
@@ -13,10 +14,12 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use common::amqp::Publisher;
 use common::config::{ApiConfig, DatabaseConfig};
 use common::domain::Role;
 
 use crate::auth::Tokens;
+use crate::pipeline::OrderWatch;
 use crate::state::AppState;
 
 #[derive(Parser)]
@@ -96,14 +99,24 @@ async fn serve(config: ApiConfig) -> anyhow::Result<()> {
     config.validate()?;
     let db = common::db::connect(&config.database).await.context("connecting to PostgreSQL")?;
     common::db::migrate(&db).await.context("applying migrations")?;
-    let amqp = common::amqp::pool(&config.broker).context("creating the AMQP pool")?;
+    let amqp = common::amqp::pool(&config.broker, 4).context("creating the AMQP pool")?;
     let tokens = Tokens::new(config.jwt_secret.expose().as_bytes(), &config.jwt_issuer, config.jwt_ttl());
     let listener = tokio::net::TcpListener::bind(config.bind_addr)
         .await
         .with_context(|| format!("binding {}", config.bind_addr))?;
     let addr = listener.local_addr()?;
-    let state = AppState { db: db.clone(), amqp: amqp.clone(), tokens: Arc::new(tokens), config: Arc::new(config) };
     let shutdown = common::shutdown::on_signal();
+    let order_watch = Arc::new(OrderWatch::default());
+    tokio::spawn(order_watch.clone().listen(db.clone(), shutdown.clone()));
+    let state = AppState {
+        db: db.clone(),
+        amqp: amqp.clone(),
+        publisher: Arc::new(Publisher::new(amqp.clone(), config.broker.partitions)),
+        published: pipeline::spawn_publish_marker(db.clone()),
+        order_watch,
+        tokens: Arc::new(tokens),
+        config: Arc::new(config),
+    };
     tracing::info!(%addr, docs = %format!("http://{addr}/docs"), "listening");
     axum::serve(listener, routes::app(state))
         .with_graceful_shutdown(shutdown.cancelled_owned())

@@ -5,7 +5,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::error::{ErrorBody, ErrorDetail};
-use crate::routes::{auth, events, health, me};
+use crate::routes::{auth, events, health, me, orders};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -18,6 +18,7 @@ use crate::routes::{auth, events, health, me};
         auth::signup, auth::login,
         me::me, me::my_events,
         events::list_events, events::create_event, events::get_event,
+        orders::create_order, orders::list_orders, orders::get_order,
         health::live, health::ready,
     ),
     components(schemas(ErrorBody, ErrorDetail)),
@@ -25,6 +26,7 @@ use crate::routes::{auth, events, health, me};
     tags(
         (name = "accounts", description = "Sign-up, log-in and the caller's own account"),
         (name = "events", description = "The event catalogue"),
+        (name = "orders", description = "Buying tickets and following an order to its outcome"),
         (name = "operations", description = "Health probes"),
     )
 )]
@@ -58,6 +60,8 @@ mod tests {
             "/api/v1/me/events",
             "/api/v1/events",
             "/api/v1/events/{id}",
+            "/api/v1/orders",
+            "/api/v1/orders/{id}",
             "/health/live",
             "/health/ready",
         ] {

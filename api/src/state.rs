@@ -2,15 +2,23 @@
 
 use std::sync::Arc;
 
+use common::amqp::Publisher;
 use common::config::ApiConfig;
 use sqlx::PgPool;
+use tokio::sync::mpsc;
+use uuid::Uuid;
 
 use crate::auth::Tokens;
+use crate::pipeline::OrderWatch;
 
 #[derive(Clone)]
 pub struct AppState {
     pub db: PgPool,
     pub amqp: deadpool_lapin::Pool,
+    pub publisher: Arc<Publisher>,
+    /// Orders whose purchase message the broker confirmed (see `pipeline`).
+    pub published: mpsc::Sender<Uuid>,
+    pub order_watch: Arc<OrderWatch>,
     pub tokens: Arc<Tokens>,
     pub config: Arc<ApiConfig>,
 }

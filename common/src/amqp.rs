@@ -1,13 +1,273 @@
-//! The RabbitMQ connection pool shared by api and worker.
+//! RabbitMQ: the connection pool, the purchase topology (declared by one function that api
+//! and worker both call), the partition hash, the purchase message and a publisher that
+//! waits for the broker's confirm.
+//!
+//! Topology:
+//! ```text
+//! exchange orders.purchase (direct) --"k"--> quorum queue orders.purchase.{k}, k in 0..N
+//!                                              x-single-active-consumer: true
+//!                                              dead letters -> exchange orders.purchase.dlx (fanout)
+//!                                                              -> queue orders.purchase.dead
+//! ```
+//! An order's message goes to partition `partition_of(event_id, N)`, so all orders of one
+//! event sit in one queue and are allocated in arrival order by its single active consumer.
 
-use deadpool_lapin::{Config, Pool, Runtime};
-use lapin::ConnectionProperties;
+use std::time::Duration;
+
+use deadpool_lapin::{Config, Pool, PoolConfig, Runtime, Timeouts};
+use lapin::Confirmation;
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, ConnectionProperties, ExchangeKind};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
 
 use crate::config::BrokerConfig;
 
-/// A lazily connecting pool: creating it never touches the network, so a process starts
-/// (and reports itself not ready) while the broker is down, and reconnects when it returns.
-pub fn pool(config: &BrokerConfig) -> anyhow::Result<Pool> {
-    let cfg = Config { url: Some(config.url.expose().to_owned()), ..Config::default() };
+pub const PURCHASE_EXCHANGE: &str = "orders.purchase";
+pub const PURCHASE_DEAD_LETTER_EXCHANGE: &str = "orders.purchase.dlx";
+pub const PURCHASE_DEAD_LETTER_QUEUE: &str = "orders.purchase.dead";
+
+/// How long a publisher waits for the broker's confirm before it treats the publish as
+/// failed (the order then stays with the re-publisher).
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A lazily connecting pool of up to `connections` connections: creating it never touches
+/// the network, so a process starts (and reports itself not ready) while the broker is
+/// down, and reconnects when it returns. A pooled connection is lent exclusively, so a
+/// holder of a long-lived connection (a partition consumer) counts against `connections`.
+pub fn pool(config: &BrokerConfig, connections: usize) -> anyhow::Result<Pool> {
+    let timeouts = Timeouts {
+        wait: Some(Duration::from_secs(5)),
+        create: Some(Duration::from_secs(10)),
+        recycle: Some(Duration::from_secs(5)),
+    };
+    let cfg = Config {
+        url: Some(config.url.expose().to_owned()),
+        pool: Some(PoolConfig { max_size: connections, timeouts, ..PoolConfig::default() }),
+    };
     Ok(cfg.create_pool(ConnectionProperties::default, Runtime::Tokio1)?)
+}
+
+/// The name of partition `k`'s queue.
+pub fn purchase_queue(partition: u16) -> String {
+    format!("{PURCHASE_EXCHANGE}.{partition}")
+}
+
+/// The partition of an event: FNV-1a (64 bit) of the id's 16 bytes, modulo `partitions`.
+///
+/// This must never change between versions: api and worker processes of different builds
+/// share the queues, and all orders of one event must meet in one partition. The tests pin
+/// its values.
+pub fn partition_of(event_id: Uuid, partitions: u16) -> u16 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let hash = event_id.as_bytes().iter().fold(OFFSET, |hash, byte| (hash ^ u64::from(*byte)).wrapping_mul(PRIME));
+    // `partitions` is at least 1 (configuration enforces it); the remainder fits in u16.
+    (hash % u64::from(partitions.max(1))) as u16
+}
+
+/// Declares the purchase topology. Idempotent: every process calls it on each channel it
+/// opens, with the same arguments (RabbitMQ refuses a re-declaration that differs).
+pub async fn declare_topology(channel: &Channel, partitions: u16) -> lapin::Result<()> {
+    let durable = ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() };
+    channel.exchange_declare(PURCHASE_EXCHANGE.into(), ExchangeKind::Direct, durable, FieldTable::default()).await?;
+    channel
+        .exchange_declare(PURCHASE_DEAD_LETTER_EXCHANGE.into(), ExchangeKind::Fanout, durable, FieldTable::default())
+        .await?;
+    let queue_options = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
+    let mut dead_args = FieldTable::default();
+    dead_args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    channel.queue_declare(PURCHASE_DEAD_LETTER_QUEUE.into(), queue_options, dead_args).await?;
+    channel
+        .queue_bind(
+            PURCHASE_DEAD_LETTER_QUEUE.into(),
+            PURCHASE_DEAD_LETTER_EXCHANGE.into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    for partition in 0..partitions {
+        let queue: ShortString = purchase_queue(partition).into();
+        channel.queue_declare(queue.clone(), queue_options, partition_queue_arguments()).await?;
+        channel
+            .queue_bind(
+                queue,
+                PURCHASE_EXCHANGE.into(),
+                partition.to_string().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+fn partition_queue_arguments() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    // One consumer at a time per partition: orders of one event are allocated in the order
+    // they arrived, and a standby consumer takes over when the active one goes away.
+    args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+    // Messages the worker cannot decode are rejected to here instead of blocking the queue.
+    args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(PURCHASE_DEAD_LETTER_EXCHANGE.into()));
+    args
+}
+
+/// The body of a purchase message. The order row is the source of truth; the message only
+/// says which order to look at, and which event (to group a batch without a query).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PurchaseMessage {
+    pub order_id: Uuid,
+    pub event_id: Uuid,
+}
+
+/// Why a publish did not end in a broker confirm.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+    #[error("broker did not confirm within {0:?}")]
+    Timeout(Duration),
+    #[error("broker refused the message")]
+    Nacked,
+    #[error("no queue is bound for partition {0}")]
+    Unroutable(u16),
+}
+
+/// Publishes purchase messages on one shared confirm-mode channel, re-opened (and the
+/// topology re-declared) after a failure. Many requests publish concurrently on the channel
+/// and each awaits its own confirm, which is what makes confirms cheap (the round trip, not
+/// the broker, limits a serial publisher).
+pub struct Publisher {
+    pool: Pool,
+    partitions: u16,
+    channel: tokio::sync::Mutex<Option<Channel>>,
+}
+
+impl Publisher {
+    pub fn new(pool: Pool, partitions: u16) -> Self {
+        Self { pool, partitions, channel: tokio::sync::Mutex::new(None) }
+    }
+
+    pub fn partitions(&self) -> u16 {
+        self.partitions
+    }
+
+    /// Publishes a persistent purchase message to its event's partition and waits for the
+    /// broker to confirm it (or for [`CONFIRM_TIMEOUT`]).
+    pub async fn publish_purchase(&self, message: &PurchaseMessage) -> Result<(), PublishError> {
+        let partition = partition_of(message.event_id, self.partitions);
+        let body = serde_json::to_vec(message).expect("a purchase message serialises");
+        let properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+            .with_message_id(message.order_id.to_string().into());
+        let result = tokio::time::timeout(CONFIRM_TIMEOUT, async {
+            let channel = self.channel().await?;
+            let confirm = channel
+                .basic_publish(
+                    PURCHASE_EXCHANGE.into(),
+                    partition.to_string().into(),
+                    BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
+                    &body,
+                    properties,
+                )
+                .await
+                .map_err(|e| PublishError::Unavailable(e.to_string()))?
+                .await
+                .map_err(|e| PublishError::Unavailable(e.to_string()))?;
+            match confirm {
+                // A returned message was acked but reached no queue.
+                Confirmation::Ack(Some(_)) => Err(PublishError::Unroutable(partition)),
+                Confirmation::Ack(None) => Ok(()),
+                Confirmation::Nack(_) => Err(PublishError::Nacked),
+                Confirmation::NotRequested => Err(PublishError::Unavailable("channel is not in confirm mode".into())),
+            }
+        })
+        .await
+        .unwrap_or(Err(PublishError::Timeout(CONFIRM_TIMEOUT)));
+        if result.is_err() {
+            self.reset().await;
+        }
+        result
+    }
+
+    /// The shared channel, opened on first use or after the previous one broke.
+    async fn channel(&self) -> Result<Channel, PublishError> {
+        let mut slot = self.channel.lock().await;
+        if let Some(channel) = slot.as_ref()
+            && channel.status().connected()
+        {
+            return Ok(channel.clone());
+        }
+        let unavailable = |e: &dyn std::fmt::Display| PublishError::Unavailable(e.to_string());
+        let connection = self.pool.get().await.map_err(|e| unavailable(&e))?;
+        let channel = connection.create_channel().await.map_err(|e| unavailable(&e))?;
+        declare_topology(&channel, self.partitions).await.map_err(|e| unavailable(&e))?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(|e| unavailable(&e))?;
+        *slot = Some(channel.clone());
+        Ok(channel)
+    }
+
+    async fn reset(&self) {
+        if let Some(channel) = self.channel.lock().await.take() {
+            let _ = channel.close(200, "reset after a failed publish".into()).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pinned values: if this test fails, the hash changed and a rolling upgrade would split
+    /// events across partitions. Do not update the numbers; restore the function.
+    #[test]
+    fn partition_hash_is_stable() {
+        let cases = [
+            ("00000000-0000-0000-0000-000000000000", 8, 5),
+            ("01936d6e-5c2a-7c3e-9a41-2f0b3c4d5e6f", 8, 5),
+            ("01936d6e-5c2a-7c3e-9a41-2f0b3c4d5e6f", 16, 13),
+            ("01a20c86-f247-7730-b23d-6f1e5d19db67", 8, 0),
+            ("01a20c86-f247-7730-b23d-6f1e5d19db67", 16, 8),
+            ("7f3e2b10-4c5d-4e6f-8a9b-0c1d2e3f4a5b", 8, 3),
+            ("7f3e2b10-4c5d-4e6f-8a9b-0c1d2e3f4a5b", 1000, 979),
+            ("ffffffff-ffff-ffff-ffff-ffffffffffff", 1000, 133),
+        ];
+        let got: Vec<u16> = cases.iter().map(|(id, n, _)| partition_of(Uuid::parse_str(id).unwrap(), *n)).collect();
+        let want: Vec<u16> = cases.iter().map(|(_, _, k)| *k).collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn fnv1a_matches_the_reference_vectors() {
+        // FNV-1a 64 of the empty input is the offset basis; modulo u16::MAX + 1 exposes the
+        // low bits of the full hash.
+        let fnv = |bytes: &[u8]| {
+            bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3))
+        };
+        assert_eq!(fnv(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv(b"foobar"), 0x8594_4171_f739_67e8);
+        let id = Uuid::parse_str("01936d6e-5c2a-7c3e-9a41-2f0b3c4d5e6f").unwrap();
+        assert_eq!(u64::from(partition_of(id, 1024)), fnv(id.as_bytes()) % 1024);
+    }
+
+    #[test]
+    fn partitions_spread_events() {
+        let mut counts = [0u32; 8];
+        for _ in 0..8000 {
+            counts[usize::from(partition_of(Uuid::now_v7(), 8))] += 1;
+        }
+        assert!(counts.iter().all(|&c| (800..1200).contains(&c)), "uneven spread: {counts:?}");
+    }
+
+    #[test]
+    fn single_partition_takes_everything() {
+        assert_eq!(partition_of(Uuid::now_v7(), 1), 0);
+    }
 }

@@ -112,6 +112,11 @@ pub struct ApiConfig {
     #[arg(long = "request-timeout-secs", env = "REQUEST_TIMEOUT_SECS", default_value_t = 35,
           value_parser = clap::value_parser!(u64).range(1..=300))]
     pub request_timeout_secs: u64,
+    /// Answer `409 sold_out` at once when the event has fewer tickets left than asked for
+    /// (read from the database on each request; the worker stays the authority).
+    #[arg(long = "sold-out-fast-path", env = "SOLD_OUT_FAST_PATH", default_value_t = true,
+          action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub sold_out_fast_path: bool,
 }
 
 impl ApiConfig {
@@ -137,6 +142,51 @@ pub struct WorkerConfig {
     pub database: DatabaseConfig,
     #[command(flatten)]
     pub broker: BrokerConfig,
+    /// Most purchase messages allocated in one batch (one transaction per event in it).
+    #[arg(long = "batch-size", env = "BATCH_SIZE", default_value_t = 256,
+          value_parser = clap::value_parser!(u16).range(1..=5000))]
+    pub batch_size: u16,
+    /// How long a batch waits for more messages after its first one, in milliseconds.
+    #[arg(long = "batch-wait-ms", env = "BATCH_WAIT_MS", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    pub batch_wait_ms: u64,
+    /// How long allocated tickets are held for payment before the order expires, in seconds.
+    #[arg(long = "hold-ttl-secs", env = "HOLD_TTL_SECS", default_value_t = 600,
+          value_parser = clap::value_parser!(u64).range(1..=604_800))]
+    pub hold_ttl_secs: u64,
+    /// A `QUEUED` order whose message the broker never confirmed is published again after
+    /// this many seconds.
+    #[arg(long = "republish-after-secs", env = "REPUBLISH_AFTER_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub republish_after_secs: u64,
+    /// A `QUEUED` order whose message was confirmed is published again after this many
+    /// seconds (the message may have been purged or lost with the broker's disk).
+    #[arg(long = "republish-stale-secs", env = "REPUBLISH_STALE_SECS", default_value_t = 900,
+          value_parser = clap::value_parser!(u64).range(1..=604_800))]
+    pub republish_stale_secs: u64,
+    /// How often the re-publisher looks for orders to publish again, in milliseconds.
+    #[arg(long = "republish-interval-ms", env = "REPUBLISH_INTERVAL_MS", default_value_t = 5_000,
+          value_parser = clap::value_parser!(u64).range(10..=3_600_000))]
+    pub republish_interval_ms: u64,
+    /// How often a worker refreshes its heartbeat and recomputes which partitions it
+    /// prefers, in milliseconds. A worker unheard of for 5 heartbeats counts as gone.
+    #[arg(long = "heartbeat-ms", env = "HEARTBEAT_MS", default_value_t = 2_000,
+          value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    pub heartbeat_ms: u64,
+}
+
+impl WorkerConfig {
+    pub fn batch_wait(&self) -> Duration {
+        Duration::from_millis(self.batch_wait_ms)
+    }
+
+    pub fn hold_ttl(&self) -> Duration {
+        Duration::from_secs(self.hold_ttl_secs)
+    }
+
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_ms)
+    }
 }
 
 /// The HMAC key bytes of a webhook secret: `whsec_<base64>` (Standard Webhooks) is decoded,

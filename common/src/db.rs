@@ -47,3 +47,33 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
 pub fn is_unavailable(err: &sqlx::Error) -> bool {
     matches!(err, sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed)
 }
+
+/// The PostgreSQL `NOTIFY` channel on which order ids are announced after their status
+/// changed; the api's long-poll (`GET /orders/{id}?wait=N`) listens to it.
+pub const ORDER_CHANGES_CHANNEL: &str = "order_changes";
+
+/// Announces, on commit of the surrounding transaction, that these orders changed. The ids
+/// travel comma-separated in as few notifications as the 8000-byte payload limit allows.
+pub async fn notify_order_changes(conn: &mut sqlx::PgConnection, ids: &[uuid::Uuid]) -> Result<(), sqlx::Error> {
+    // 36 characters and a comma per id.
+    for chunk in ids.chunks(200) {
+        let payload = chunk.iter().map(uuid::Uuid::to_string).collect::<Vec<_>>().join(",");
+        sqlx::query("SELECT pg_notify($1, $2)").bind(ORDER_CHANGES_CHANNEL).bind(payload).execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Records that the broker confirmed these orders' purchase messages, so the re-publisher
+/// leaves them alone. Rows another transaction holds (the worker allocating them) are
+/// skipped rather than waited for: they are leaving `QUEUED` anyway, and skipping means this
+/// never waits on, or deadlocks with, the allocator.
+pub async fn mark_published(pool: &PgPool, ids: &[uuid::Uuid]) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE orders SET published_at = now()
+         WHERE id IN (SELECT id FROM orders WHERE id = ANY($1) AND status = 'QUEUED' FOR UPDATE SKIP LOCKED)",
+    )
+    .bind(ids)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}

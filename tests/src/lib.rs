@@ -8,7 +8,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -24,6 +24,7 @@ pub const PASSWORD: &str = "correct horse battery";
 pub struct Services {
     pub database_url: String,
     pub amqp_url: String,
+    pub management_url: String,
 }
 
 impl Services {
@@ -37,7 +38,11 @@ impl Services {
                     panic!("{name} is not set: start the services with `make services` (or run `make test`)")
                 })
         };
-        Services { database_url: get("DATABASE_URL"), amqp_url: get("AMQP_URL") }
+        Services {
+            database_url: get("DATABASE_URL"),
+            amqp_url: get("AMQP_URL"),
+            management_url: get("RABBITMQ_MANAGEMENT_URL"),
+        }
     }
 }
 
@@ -105,9 +110,103 @@ impl Drop for TestDb {
     }
 }
 
+/// A fresh RabbitMQ virtual host (so each test has its own queues), deleted when dropped.
+pub struct TestBroker {
+    /// AMQP URL of the virtual host.
+    pub url: String,
+    vhost: String,
+    management: Management,
+}
+
+/// The RabbitMQ management HTTP API (credentials taken from its URL).
+#[derive(Clone)]
+struct Management {
+    base: String,
+    user: String,
+    password: String,
+}
+
+impl Management {
+    fn from_url(url: &str) -> Self {
+        let parsed = reqwest::Url::parse(url).expect("RABBITMQ_MANAGEMENT_URL is a URL");
+        let base = format!(
+            "{}://{}:{}",
+            parsed.scheme(),
+            parsed.host_str().expect("management host"),
+            parsed.port_or_known_default().expect("management port")
+        );
+        let user = if parsed.username().is_empty() { "guest".to_owned() } else { parsed.username().to_owned() };
+        Management { base, password: parsed.password().unwrap_or("guest").to_owned(), user }
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> reqwest::Response {
+        let mut request = reqwest::Client::new()
+            .request(method, format!("{}{path}", self.base))
+            .basic_auth(&self.user, Some(&self.password));
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("RabbitMQ management API reachable");
+        assert!(response.status().is_success(), "management API {path}: {}", response.status());
+        response
+    }
+}
+
+impl TestBroker {
+    pub async fn create(services: &Services) -> Self {
+        let management = Management::from_url(&services.management_url);
+        let vhost = format!("t_{}", Uuid::new_v4().simple());
+        management.call(reqwest::Method::PUT, &format!("/api/vhosts/{vhost}"), None).await;
+        let permissions = json!({"configure": ".*", "write": ".*", "read": ".*"});
+        let path = format!("/api/permissions/{vhost}/{}", management.user);
+        management.call(reqwest::Method::PUT, &path, Some(permissions)).await;
+        let (base, _) = services.amqp_url.rsplit_once('/').expect("AMQP_URL ends with a vhost");
+        TestBroker { url: format!("{base}/{vhost}"), vhost, management }
+    }
+
+    /// Number of messages ready in a queue of this virtual host (asked over AMQP, which is
+    /// exact at once, unlike the management API's sampled statistics).
+    pub async fn queue_depth(&self, queue: &str) -> u32 {
+        let connection = self.connect().await;
+        let channel = connection.create_channel().await.expect("channel");
+        let options = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+        let depth = channel
+            .queue_declare(queue.into(), options, lapin::types::FieldTable::default())
+            .await
+            .map(|q| q.message_count())
+            .unwrap_or(0);
+        let _ = connection.close(200, "done".into()).await;
+        depth
+    }
+
+    /// A connection to this virtual host, for tests that publish or consume themselves.
+    pub async fn connect(&self) -> lapin::Connection {
+        lapin::Connection::connect(&self.url, lapin::ConnectionProperties::default()).await.expect("AMQP connection")
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        let (management, vhost) = (self.management.clone(), self.vhost.clone());
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            runtime.block_on(async move {
+                reqwest::Client::new()
+                    .delete(format!("{}/api/vhosts/{vhost}", management.base))
+                    .basic_auth(&management.user, Some(&management.password))
+                    .send()
+                    .await
+                    .ok()
+            })
+        })
+        .join();
+    }
+}
+
 /// A running process whose JSON log lines are forwarded to the test's output.
 pub struct Process {
     child: Child,
+    logs: Arc<Mutex<Vec<Value>>>,
 }
 
 impl Process {
@@ -136,14 +235,18 @@ impl Process {
         let wanted = ready_message.map(str::to_owned);
         let stdout = child.stdout.take().expect("piped stdout");
         let label = name.to_owned();
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let captured = logs.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 eprintln!("[{label}] {line}");
-                if let (Some(wanted), Ok(value)) = (&wanted, serde_json::from_str::<Value>(&line))
+                let Ok(value) = serde_json::from_str::<Value>(&line) else { continue };
+                if let Some(wanted) = &wanted
                     && value["message"] == wanted.as_str()
                 {
-                    let _ = tx.send(value);
+                    let _ = tx.send(value.clone());
                 }
+                captured.lock().unwrap_or_else(|e| e.into_inner()).push(value);
             }
         });
         let stderr = child.stderr.take().expect("piped stderr");
@@ -153,7 +256,7 @@ impl Process {
                 eprintln!("[{label} stderr] {line}");
             }
         });
-        let mut process = Process { child };
+        let mut process = Process { child, logs };
         let ready = ready_message.map(|message| {
             rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
                 let status = process.child.try_wait().ok().flatten();
@@ -176,9 +279,28 @@ impl Process {
         None
     }
 
+    /// SIGKILL: no clean-up, no goodbye (a crash).
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// The JSON log lines printed so far whose `message` is `message`.
+    pub fn logs(&self, message: &str) -> Vec<Value> {
+        let logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());
+        logs.iter().filter(|line| line["message"] == message).cloned().collect()
+    }
+
+    /// Waits (up to `timeout`) for a log line with `message` that satisfies `check`.
+    pub async fn wait_for_log(&self, message: &str, timeout: Duration, check: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(line) = self.logs(message).into_iter().find(|line| check(line)) {
+                return line;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no {message:?} log line as expected within {timeout:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }
 
@@ -220,6 +342,7 @@ pub struct TestApp {
     pub base: String,
     pub client: reqwest::Client,
     pub db: TestDb,
+    pub broker: TestBroker,
     pub services: Services,
     api: Process,
 }
@@ -233,9 +356,10 @@ impl TestApp {
     pub async fn spawn_with(extra_env: &[(&str, String)]) -> Self {
         let services = Services::from_env();
         let db = TestDb::create(&services).await;
+        let broker = TestBroker::create(&services).await;
         let mut envs = vec![
             ("DATABASE_URL", db.url.clone()),
-            ("AMQP_URL", services.amqp_url.clone()),
+            ("AMQP_URL", broker.url.clone()),
             ("JWT_SECRET", JWT_SECRET.to_owned()),
             ("WEBHOOK_SECRET", WEBHOOK_SECRET.to_owned()),
             ("BIND_ADDR", "127.0.0.1:0".to_owned()),
@@ -245,7 +369,75 @@ impl TestApp {
         let (api, ready) = Process::spawn("api", &["serve"], &envs, Some("listening"));
         let addr = ready.and_then(|v| v["addr"].as_str().map(str::to_owned)).expect("listening line has addr");
         let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().expect("http client");
-        TestApp { base: format!("http://{addr}"), client, db, services, api }
+        TestApp { base: format!("http://{addr}"), client, db, broker, services, api }
+    }
+
+    /// Starts a worker on this test's database and virtual host, with short intervals, and
+    /// waits until it is subscribed to every partition. `extra_env` overrides settings.
+    pub fn spawn_worker(&self, extra_env: &[(&str, String)]) -> Process {
+        let mut envs = vec![
+            ("DATABASE_URL", self.db.url.clone()),
+            ("AMQP_URL", self.broker.url.clone()),
+            ("DATABASE_MAX_CONNECTIONS", "10".to_owned()),
+            ("HEARTBEAT_MS", "200".to_owned()),
+            ("REPUBLISH_INTERVAL_MS", "200".to_owned()),
+            ("REPUBLISH_AFTER_SECS", "1".to_owned()),
+        ];
+        envs.extend(extra_env.iter().cloned());
+        Process::spawn("worker", &[], &envs, Some("worker ready")).0
+    }
+
+    /// `n` users inserted straight into the database (skipping argon2, which is not what
+    /// these tests are about) with tokens signed by the api's key: (id, token).
+    pub async fn buyers(&self, n: usize) -> Vec<(Uuid, String)> {
+        let ids: Vec<Uuid> = (0..n).map(|_| Uuid::now_v7()).collect();
+        let emails: Vec<String> = ids.iter().map(|id| format!("buyer-{}@example.com", id.simple())).collect();
+        sqlx::query(
+            "INSERT INTO users (id, email, name, password_hash)
+             SELECT id, email, 'Buyer', 'not-a-password-hash' FROM UNNEST($1::uuid[], $2::text[]) AS u(id, email)",
+        )
+        .bind(&ids)
+        .bind(&emails)
+        .execute(&self.db.pool)
+        .await
+        .expect("insert buyers");
+        ids.into_iter().map(|id| (id, mint_token(id, "user"))).collect()
+    }
+
+    /// Waits until no order of this test's database is `QUEUED` (panics after `timeout`).
+    pub async fn wait_until_final(&self, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE status = 'QUEUED'")
+                .fetch_one(&self.db.pool)
+                .await
+                .expect("count queued orders");
+            if queued == 0 {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{queued} orders still QUEUED after {timeout:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// `POST /api/v1/orders` with an optional Idempotency-Key.
+    pub async fn order(&self, token: &str, event_id: Uuid, quantity: i64, key: Option<&str>) -> Response {
+        let mut request = self
+            .client
+            .post(self.url("/api/v1/orders"))
+            .bearer_auth(token)
+            .json(&json!({"event_id": event_id, "quantity": quantity}));
+        if let Some(key) = key {
+            request = request.header("idempotency-key", key);
+        }
+        Response::from(request.send().await.expect("request sent")).await
+    }
+
+    /// Creates an event with `capacity` and `max_per_order` and returns its id.
+    pub async fn event_with(&self, admin_token: &str, capacity: i64, max_per_order: i64) -> Uuid {
+        let res = self.create_event(admin_token, json!({"capacity": capacity, "max_per_order": max_per_order})).await;
+        assert_eq!(res.status, 201, "{}", res.body);
+        res.json["id"].as_str().expect("event id").parse().expect("uuid")
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -330,6 +522,18 @@ impl TestApp {
         }
         self.post("/api/v1/events", &body, Some(admin_token)).await
     }
+}
+
+/// An access token signed with the test api's key, as `api` itself would issue it.
+pub fn mint_token(user: Uuid, role: &str) -> String {
+    let now = chrono::Utc::now().timestamp();
+    let claims = json!({"sub": user, "role": role, "iss": "turnstile", "iat": now, "exp": now + 3600});
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .expect("sign token")
 }
 
 /// A response read whole: status, headers, raw body and the body as JSON (Null if not JSON).

@@ -1,9 +1,25 @@
-//! `worker`: Turnstile's background process. It connects to PostgreSQL and RabbitMQ and
-//! runs its loops until SIGTERM/Ctrl-C; the purchase consumers arrive with the pipeline.
+//! `worker`: Turnstile's background process. It consumes the purchase partitions and
+//! allocates tickets ([`allocate`]), shares the partitions with other workers
+//! ([`membership`]) and re-publishes orders whose message may be missing ([`republish`]),
+//! all under one shutdown signal: on SIGTERM/Ctrl-C it stops consuming, lets the batch in
+//! hand finish (or leaves it unacked for redelivery) and exits.
+
+mod allocate;
+mod membership;
+mod republish;
+mod retry;
+
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
 use common::config::WorkerConfig;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+use uuid::Uuid;
+
+use crate::allocate::Allocator;
+use crate::membership::Assignment;
 
 #[derive(Parser)]
 #[command(name = "worker", version, about = "Turnstile worker. Configuration comes from flags or the environment.")]
@@ -22,12 +38,76 @@ fn main() -> std::process::ExitCode {
 async fn run(config: WorkerConfig) -> anyhow::Result<()> {
     let db = common::db::connect(&config.database).await.context("connecting to PostgreSQL")?;
     common::db::migrate(&db).await.context("applying migrations")?;
-    let amqp = common::amqp::pool(&config.broker).context("creating the AMQP pool")?;
+    // Each partition consumer holds a connection of its own (one broken connection costs
+    // one partition a reconnect); the re-publisher borrows one more.
+    let amqp = common::amqp::pool(&config.broker, usize::from(config.broker.partitions) + 2)
+        .context("creating the AMQP pool")?;
     let shutdown = common::shutdown::on_signal();
-    tracing::info!(partitions = config.broker.partitions, "worker started");
+    let config = Arc::new(config);
+    let partitions = config.broker.partitions;
+    let worker_id = Uuid::now_v7();
+
+    declare_topology(&amqp, partitions, &shutdown).await;
+
+    let mut tasks = JoinSet::new();
+    let (assignment_tx, assignment) = watch::channel(Assignment::ALONE);
+    tasks.spawn(membership::run(
+        db.clone(),
+        worker_id,
+        config.heartbeat(),
+        partitions,
+        assignment_tx,
+        shutdown.clone(),
+    ));
+
+    let allocator =
+        Arc::new(Allocator { db: db.clone(), amqp: amqp.clone(), config: config.clone(), worker_id, assignment });
+    let subscribed = Arc::new(Semaphore::new(0));
+    for partition in 0..partitions {
+        tasks.spawn(allocator.clone().run_partition(partition, subscribed.clone(), shutdown.clone()));
+    }
+    let publisher = common::amqp::Publisher::new(amqp.clone(), partitions);
+    tasks.spawn(republish::run(db.clone(), publisher, config.clone(), shutdown.clone()));
+
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        permits = subscribed.acquire_many(u32::from(partitions)) => {
+            drop(permits);
+            tracing::info!(%worker_id, partitions, "worker ready");
+        }
+    }
     shutdown.cancelled().await;
+    tracing::info!("shutting down: finishing the batches in hand");
+    while tasks.join_next().await.is_some() {}
     amqp.close();
     db.close().await;
     tracing::info!("worker stopped");
     Ok(())
+}
+
+/// Declares the queues once, before the consumers subscribe to them, retrying until the
+/// broker answers (or shutdown).
+async fn declare_topology(
+    amqp: &deadpool_lapin::Pool,
+    partitions: u16,
+    shutdown: &tokio_util::sync::CancellationToken,
+) {
+    let mut backoff = retry::Backoff::default();
+    loop {
+        let result = async {
+            let connection = amqp.get().await?;
+            let channel = connection.create_channel().await?;
+            common::amqp::declare_topology(&channel, partitions).await?;
+            let _ = channel.close(200, "topology declared".into()).await;
+            anyhow::Ok(())
+        }
+        .await;
+        match result {
+            Ok(()) => return,
+            Err(err) => tracing::warn!(error = format!("{err:#}"), "cannot declare the queues yet; retrying"),
+        }
+        if !backoff.wait(shutdown).await {
+            return;
+        }
+    }
 }

@@ -7,9 +7,10 @@ use axum::routing::get;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
-use utoipa::{IntoParams, ToSchema};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
+use super::page::PageQuery;
 use crate::auth::AdminUser;
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::{Json, Path, Query};
@@ -220,21 +221,11 @@ pub async fn create_event(
     Ok((StatusCode::CREATED, headers, Json(event)))
 }
 
-#[derive(Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
-pub struct ListEventsQuery {
-    /// Page size, 1 to 100 (default 20).
-    #[param(minimum = 1, maximum = 100)]
-    pub limit: Option<i64>,
-    /// Opaque cursor from the previous page's `Link: rel="next"` header (`X-Next-Cursor`).
-    pub cursor: Option<Uuid>,
-}
-
 /// List events, newest first, soft-deleted ones hidden.
 ///
 /// Paginated: when more events follow, the response carries `Link: <…>; rel="next"` and
 /// `X-Next-Cursor`; pass that cursor back as `cursor`.
-#[utoipa::path(get, path = "/api/v1/events", tag = "events", params(ListEventsQuery),
+#[utoipa::path(get, path = "/api/v1/events", tag = "events", params(PageQuery),
     responses(
         (status = 200, description = "One page of events", body = [Event],
             headers(("Link" = String, description = "`<url>; rel=\"next\"` when more follow"),
@@ -243,12 +234,9 @@ pub struct ListEventsQuery {
     ))]
 pub async fn list_events(
     State(state): State<AppState>,
-    Query(query): Query<ListEventsQuery>,
+    Query(query): Query<PageQuery>,
 ) -> Result<(HeaderMap, Json<Vec<Event>>), ApiError> {
-    let limit = query.limit.unwrap_or(20);
-    if !(1..=100).contains(&limit) {
-        return Err(ApiError::BadRequest { code: "invalid_query", message: "limit must be between 1 and 100".into() });
-    }
+    let limit = query.limit()?;
     // One row more than asked tells whether another page follows.
     let mut events = sqlx::query_as::<_, Event>(concat!(
         "SELECT ",
@@ -262,15 +250,7 @@ pub async fn list_events(
     .bind(limit + 1)
     .fetch_all(&state.db)
     .await?;
-    let mut headers = HeaderMap::new();
-    if events.len() as i64 > limit {
-        events.truncate(limit as usize);
-        if let Some(last) = events.last() {
-            let link = format!("</api/v1/events?limit={limit}&cursor={}>; rel=\"next\"", last.id);
-            headers.insert(header::LINK, HeaderValue::from_str(&link).map_err(anyhow::Error::from)?);
-            headers.insert("x-next-cursor", HeaderValue::from_str(&last.id.to_string()).map_err(anyhow::Error::from)?);
-        }
-    }
+    let headers = query.finish("/api/v1/events", &mut events, |event| event.id);
     Ok((headers, Json(events)))
 }
 

@@ -5,6 +5,8 @@ pub mod auth;
 pub mod events;
 pub mod health;
 pub mod me;
+pub mod orders;
+mod page;
 
 use axum::Router;
 use axum::body::Body;
@@ -30,7 +32,7 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub fn app(state: AppState) -> Router {
     let body_limit = usize::try_from(state.config.body_limit_bytes).unwrap_or(usize::MAX);
     let timeout = state.config.request_timeout();
-    let api = Router::new().merge(auth::router()).merge(me::router()).merge(events::router());
+    let api = Router::new().merge(auth::router()).merge(me::router()).merge(events::router()).merge(orders::router());
     Router::new()
         .nest("/api/v1", api)
         .merge(health::router())

@@ -3,7 +3,9 @@
 
 mod email;
 pub mod money;
+mod order;
 mod role;
 
 pub use email::Email;
+pub use order::{OrderStatus, reason};
 pub use role::Role;

@@ -1,0 +1,407 @@
+//! Orders: the purchase request (accepted at once, allocated later by the worker) and the
+//! buyer's view of how it turned out.
+//!
+//! `POST /orders` answers 202 as soon as the order is stored `QUEUED` and its message is
+//! handed to the broker. The database write is the commitment: if the broker does not
+//! confirm, the client still gets 202 and the worker's re-publisher sends the message later;
+//! if the database write fails, the client gets 503 and nothing was bought.
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::routing::{get, post};
+use chrono::{DateTime, Utc};
+use common::amqp::PurchaseMessage;
+use common::domain::OrderStatus;
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use super::page::PageQuery;
+use crate::auth::AuthUser;
+use crate::error::{ApiError, ErrorBody, ResultExt};
+use crate::extract::{Json, Path, Query};
+use crate::state::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/orders", post(create_order).get(list_orders)).route("/orders/{id}", get(get_order))
+}
+
+const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+const MAX_WAIT_SECS: u64 = 30;
+
+/// The columns of [`Order`]: the order joined with its event's name and date.
+macro_rules! order_columns {
+    () => {
+        "o.id, o.event_id, e.name AS event_name, e.starts_at AS event_date, o.quantity, o.unit_price, \
+         o.total, o.status, o.reason, o.created_at, o.updated_at, o.expires_at"
+    };
+}
+
+#[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
+pub struct Order {
+    pub id: Uuid,
+    pub event_id: Uuid,
+    pub event_name: String,
+    /// When the event starts.
+    pub event_date: DateTime<Utc>,
+    pub quantity: i32,
+    /// Price of one ticket when the order was placed.
+    #[schema(value_type = String, example = "49.90")]
+    #[serde(serialize_with = "common::domain::money::serialize")]
+    pub unit_price: Decimal,
+    #[schema(value_type = String, example = "99.80")]
+    #[serde(serialize_with = "common::domain::money::serialize")]
+    pub total: Decimal,
+    /// `QUEUED` → `PENDING` (tickets held until `expires_at`) → `PAID`; or `REJECTED`,
+    /// `EXPIRED`, `CANCELLED`.
+    pub status: OrderStatus,
+    /// Why the order was rejected: `SOLD_OUT`, `EVENT_UNAVAILABLE`, or the payment
+    /// provider's reason.
+    pub reason: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    /// Until when `PENDING` tickets are held for payment.
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
+pub struct Ticket {
+    pub id: Uuid,
+    /// `ACTIVE`, or `CANCELLED` once the order stopped holding it.
+    pub status: String,
+}
+
+/// An order with its tickets.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct OrderDetail {
+    #[serde(flatten)]
+    pub order: Order,
+    pub tickets: Vec<Ticket>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateOrderRequest {
+    pub event_id: Uuid,
+    /// Number of tickets, 1 to the event's `max_per_order`.
+    #[schema(minimum = 1, example = 2)]
+    pub quantity: i64,
+}
+
+/// The part of an event a purchase needs.
+#[derive(sqlx::FromRow)]
+struct EventForSale {
+    name: String,
+    starts_at: DateTime<Utc>,
+    price: Decimal,
+    max_per_order: i32,
+    available: i32,
+    on_sale: bool,
+}
+
+/// Buy tickets: the order is accepted at once and allocated in the background.
+///
+/// Answers **202** with the order `QUEUED` and `Location: /api/v1/orders/{id}`; poll that
+/// URL (with `?wait=N` to long-poll) or register a webhook endpoint to learn the outcome:
+/// `PENDING` (tickets held until `expires_at`, awaiting payment) or `REJECTED`
+/// (`SOLD_OUT`, `EVENT_UNAVAILABLE`).
+///
+/// With an `Idempotency-Key` header, a retry with the same key and body returns the same
+/// order (its current state, with `Idempotent-Replayed: true`) and buys nothing more; the
+/// same key with a different body is refused with 422. Keys are scoped to the caller.
+#[utoipa::path(post, path = "/api/v1/orders", tag = "orders", request_body = CreateOrderRequest,
+    security(("bearer" = [])),
+    params(("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters")),
+    responses(
+        (status = 202, description = "Order accepted (`QUEUED`), or replayed", body = Order,
+            headers(("Location" = String, description = "URL of the order"),
+                    ("Idempotent-Replayed" = String, description = "`true` when an earlier order was returned"))),
+        (status = 400, description = "Malformed JSON or Idempotency-Key", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 404, description = "No such event", body = ErrorBody),
+        (status = 409, description = "The event has fewer tickets left than asked for (`sold_out`)", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 422, description = "Quantity out of range (`invalid_quantity`), event over \
+            (`event_unavailable`), or Idempotency-Key reused with another body (`idempotency_key_reused`)", body = ErrorBody),
+        (status = 503, description = "The order could not be stored; nothing was bought, retry", body = ErrorBody),
+    ))]
+pub async fn create_order(
+    State(state): State<AppState>,
+    user: AuthUser,
+    headers: HeaderMap,
+    Json(req): Json<CreateOrderRequest>,
+) -> Result<(StatusCode, HeaderMap, Json<Order>), ApiError> {
+    let key = idempotency_key(&headers)?;
+    if req.quantity < 1 {
+        return Err(ApiError::invalid("invalid_quantity", "quantity must be at least 1"));
+    }
+    if let Some(key) = &key
+        && let Some(existing) = find_by_key(&state, user.id, key).await?
+    {
+        return replay(existing, &req);
+    }
+
+    let event = sqlx::query_as::<_, EventForSale>(
+        "SELECT name, starts_at, price, max_per_order, capacity - sold AS available, starts_at > now() AS on_sale
+         FROM events WHERE id = $1 AND deleted_at IS NULL",
+    )
+    .bind(req.event_id)
+    .fetch_optional(&state.db)
+    .await?
+    .ok_or(ApiError::NotFound("event"))?;
+    if !event.on_sale {
+        return Err(ApiError::invalid("event_unavailable", "the event has started; tickets are no longer sold"));
+    }
+    if req.quantity > i64::from(event.max_per_order) {
+        return Err(ApiError::invalid(
+            "invalid_quantity",
+            format!("quantity must be between 1 and {} for this event", event.max_per_order),
+        ));
+    }
+    // In range: checked against max_per_order (an i32) above.
+    let quantity = req.quantity as i32;
+    if state.config.sold_out_fast_path && event.available < quantity {
+        let message = match event.available {
+            0 => "the event is sold out".to_owned(),
+            left => format!("only {left} tickets are left"),
+        };
+        return Err(ApiError::conflict("sold_out", message));
+    }
+
+    let order_id = Uuid::now_v7();
+    let total = event.price * Decimal::from(quantity);
+    let inserted = sqlx::query_as::<_, (DateTime<Utc>, DateTime<Utc>)>(
+        "INSERT INTO orders (id, user_id, event_id, quantity, unit_price, total, idempotency_key)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)
+         RETURNING created_at, updated_at",
+    )
+    .bind(order_id)
+    .bind(user.id)
+    .bind(req.event_id)
+    .bind(quantity)
+    .bind(event.price)
+    .bind(total)
+    .bind(&key)
+    .fetch_one(&state.db)
+    .await
+    .on_constraint("orders_user_idempotency_key", || ApiError::conflict("idempotency_race", ""));
+    let (created_at, updated_at) = match inserted {
+        Ok(times) => times,
+        // The same key raced in from a concurrent request: answer like a replay.
+        Err(ApiError::Conflict { code: "idempotency_race", .. }) => {
+            let key = key.as_deref().unwrap_or_default();
+            let existing = find_by_key(&state, user.id, key).await?.ok_or(ApiError::Unavailable)?;
+            return replay(existing, &req);
+        }
+        Err(err) => return Err(err),
+    };
+
+    let message = PurchaseMessage { order_id, event_id: req.event_id };
+    match state.publisher.publish_purchase(&message).await {
+        Ok(()) => {
+            // A full marker queue only means one more (harmless) publish later.
+            let _ = state.published.try_send(order_id);
+        }
+        Err(err) => {
+            tracing::warn!(%order_id, error = %err, "purchase message not confirmed; the re-publisher will send it")
+        }
+    }
+    let order = Order {
+        id: order_id,
+        event_id: req.event_id,
+        event_name: event.name,
+        event_date: event.starts_at,
+        quantity,
+        unit_price: event.price,
+        total,
+        status: OrderStatus::Queued,
+        reason: None,
+        created_at,
+        updated_at,
+        expires_at: None,
+    };
+    Ok((StatusCode::ACCEPTED, location(order_id), Json(order)))
+}
+
+fn location(order_id: Uuid) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    if let Ok(value) = HeaderValue::from_str(&format!("/api/v1/orders/{order_id}")) {
+        headers.insert(header::LOCATION, value);
+    }
+    headers
+}
+
+/// The `Idempotency-Key` header, if sent: 1 to 255 visible ASCII characters.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get(IDEMPOTENCY_KEY) else { return Ok(None) };
+    let bad = || ApiError::BadRequest {
+        code: "invalid_idempotency_key",
+        message: "Idempotency-Key must be 1 to 255 visible ASCII characters".into(),
+    };
+    let key = value.to_str().map_err(|_| bad())?;
+    if key.is_empty() || key.len() > 255 || !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(bad());
+    }
+    Ok(Some(key.to_owned()))
+}
+
+async fn find_by_key(state: &AppState, user_id: Uuid, key: &str) -> Result<Option<Order>, ApiError> {
+    Ok(sqlx::query_as::<_, Order>(concat!(
+        "SELECT ",
+        order_columns!(),
+        " FROM orders o JOIN events e ON e.id = o.event_id WHERE o.user_id = $1 AND o.idempotency_key = $2"
+    ))
+    .bind(user_id)
+    .bind(key)
+    .fetch_optional(&state.db)
+    .await?)
+}
+
+fn replay(existing: Order, req: &CreateOrderRequest) -> Result<(StatusCode, HeaderMap, Json<Order>), ApiError> {
+    if existing.event_id != req.event_id || i64::from(existing.quantity) != req.quantity {
+        return Err(ApiError::invalid(
+            "idempotency_key_reused",
+            "this Idempotency-Key was used for a different request; use a new key for a new purchase",
+        ));
+    }
+    let mut headers = location(existing.id);
+    headers.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    Ok((StatusCode::ACCEPTED, headers, Json(existing)))
+}
+
+/// The caller's orders, newest first.
+#[utoipa::path(get, path = "/api/v1/orders", tag = "orders", params(PageQuery), security(("bearer" = [])),
+    responses(
+        (status = 200, description = "One page of the caller's orders", body = [Order],
+            headers(("Link" = String, description = "`<url>; rel=\"next\"` when more follow"),
+                    ("X-Next-Cursor" = String, description = "Cursor of the next page, when more follow"))),
+        (status = 400, description = "Bad query string (`invalid_query`)", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+    ))]
+pub async fn list_orders(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Query(query): Query<PageQuery>,
+) -> Result<(HeaderMap, Json<Vec<Order>>), ApiError> {
+    let limit = query.limit()?;
+    let mut orders = sqlx::query_as::<_, Order>(concat!(
+        "SELECT ",
+        order_columns!(),
+        " FROM orders o JOIN events e ON e.id = o.event_id
+          WHERE o.user_id = $1 AND ($2::uuid IS NULL OR o.id < $2)
+          ORDER BY o.id DESC
+          LIMIT $3"
+    ))
+    .bind(user.id)
+    .bind(query.cursor)
+    .bind(limit + 1)
+    .fetch_all(&state.db)
+    .await?;
+    let headers = query.finish("/api/v1/orders", &mut orders, |order| order.id);
+    Ok((headers, Json(orders)))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct WaitQuery {
+    /// Long-poll: wait up to this many seconds (0 to 30) for the status to change from what
+    /// it is when the request arrives. Returns at once if the order is final.
+    #[param(minimum = 0, maximum = 30)]
+    pub wait: Option<u64>,
+}
+
+/// One order with its tickets (its owner, or an admin; anyone else gets 404).
+#[utoipa::path(get, path = "/api/v1/orders/{id}", tag = "orders", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "Order id"), WaitQuery),
+    responses(
+        (status = 200, description = "The order", body = OrderDetail),
+        (status = 400, description = "Bad query string (`invalid_query`)", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 404, description = "No such order, or not the caller's", body = ErrorBody),
+    ))]
+pub async fn get_order(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Path(id): Path<Uuid>,
+    Query(query): Query<WaitQuery>,
+) -> Result<Json<OrderDetail>, ApiError> {
+    let wait = query.wait.unwrap_or(0);
+    if wait > MAX_WAIT_SECS {
+        return Err(ApiError::BadRequest {
+            code: "invalid_query",
+            message: format!("wait must be between 0 and {MAX_WAIT_SECS} seconds"),
+        });
+    }
+    let order = load_visible(&state, user, id).await?;
+    let order = if wait > 0 && !order.status.is_final() {
+        wait_for_change(&state, user, order, Duration::from_secs(wait)).await?
+    } else {
+        order
+    };
+    let tickets = sqlx::query_as::<_, Ticket>("SELECT id, status FROM tickets WHERE order_id = $1 ORDER BY id")
+        .bind(id)
+        .fetch_all(&state.db)
+        .await?;
+    Ok(Json(OrderDetail { order, tickets }))
+}
+
+async fn load_visible(state: &AppState, user: AuthUser, id: Uuid) -> Result<Order, ApiError> {
+    sqlx::query_as::<_, Order>(concat!(
+        "SELECT ",
+        order_columns!(),
+        " FROM orders o JOIN events e ON e.id = o.event_id WHERE o.id = $1 AND (o.user_id = $2 OR $3)"
+    ))
+    .bind(id)
+    .bind(user.id)
+    .bind(user.is_admin())
+    .fetch_optional(&state.db)
+    .await?
+    .ok_or(ApiError::NotFound("order"))
+}
+
+/// Waits until the order's status differs from `initial`'s, or `wait` passes. Woken by the
+/// worker's `NOTIFY`; re-reads at least every second in case a notification was missed.
+async fn wait_for_change(state: &AppState, user: AuthUser, initial: Order, wait: Duration) -> Result<Order, ApiError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let waiter = state.order_watch.watch(initial.id);
+    loop {
+        // Armed before the read, so a change committed after the read still wakes us.
+        let notified = waiter.notify().notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let current = load_visible(state, user, initial.id).await?;
+        let now = tokio::time::Instant::now();
+        if current.status != initial.status || now >= deadline {
+            return Ok(current);
+        }
+        tokio::select! {
+            _ = notified => {}
+            _ = tokio::time::sleep((deadline - now).min(Duration::from_secs(1))) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(key: &[u8]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(IDEMPOTENCY_KEY, HeaderValue::from_bytes(key).unwrap());
+        headers
+    }
+
+    #[test]
+    fn idempotency_keys_are_checked() {
+        assert_eq!(idempotency_key(&HeaderMap::new()).unwrap(), None);
+        assert_eq!(idempotency_key(&headers(b"order-42")).unwrap().as_deref(), Some("order-42"));
+        assert!(idempotency_key(&headers(b"has space")).is_err());
+        assert!(idempotency_key(&headers(&[b'k'; 256])).is_err());
+        assert!(idempotency_key(&headers(b"caf\xc3\xa9")).is_err());
+    }
+}

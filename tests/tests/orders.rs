@@ -1,0 +1,490 @@
+//! The purchase pipeline end to end: api → RabbitMQ partition queues → worker → PostgreSQL,
+//! observed over HTTP and checked in SQL with exact counts.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Connection};
+use serde_json::{Value, json};
+use tests::{Response, TestApp};
+use uuid::Uuid;
+
+const SETTLE: Duration = Duration::from_secs(60);
+
+/// Fires one purchase per buyer, all at once, and returns the responses in buyer order.
+async fn stampede(
+    app: &TestApp,
+    buyers: &[(Uuid, String)],
+    event: Uuid,
+    quantity: impl Fn(usize) -> i64,
+) -> Vec<Response> {
+    join_all(buyers.iter().enumerate().map(|(i, (_, token))| app.order(token, event, quantity(i), None))).await
+}
+
+/// Per status: (orders, tickets wanted).
+async fn status_counts(app: &TestApp, event: Uuid) -> HashMap<(String, Option<String>), (i64, i64)> {
+    let rows: Vec<(String, Option<String>, i64, i64)> = sqlx::query_as(
+        "SELECT status, reason, count(*), sum(quantity)::bigint FROM orders WHERE event_id = $1 GROUP BY status, reason",
+    )
+    .bind(event)
+    .fetch_all(&app.db.pool)
+    .await
+    .unwrap();
+    rows.into_iter().map(|(status, reason, n, q)| ((status, reason), (n, q))).collect()
+}
+
+/// The invariants that must hold for every event whatever happened: `sold` equals the live
+/// tickets and stays within capacity, every PENDING order holds exactly its quantity of
+/// tickets, no other order holds any, and no ticket id repeats. Returns (capacity, sold).
+async fn assert_consistent(app: &TestApp, event: Uuid) -> (i64, i64) {
+    let (capacity, sold): (i32, i32) = sqlx::query_as("SELECT capacity, sold FROM events WHERE id = $1")
+        .bind(event)
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    let (tickets, distinct): (i64, i64) =
+        sqlx::query_as("SELECT count(*), count(DISTINCT id) FROM tickets WHERE event_id = $1 AND status = 'ACTIVE'")
+            .bind(event)
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(tickets, distinct, "duplicate ticket ids");
+    assert_eq!(i64::from(sold), tickets, "sold counter differs from live tickets");
+    assert!(sold <= capacity, "oversold: {sold} > {capacity}");
+    let mismatched: Vec<(Uuid, String, i32, i64)> = sqlx::query_as(
+        "SELECT o.id, o.status, o.quantity, count(t.id) FROM orders o LEFT JOIN tickets t ON t.order_id = o.id
+         WHERE o.event_id = $1 GROUP BY o.id
+         HAVING count(t.id) <> CASE WHEN o.status = 'PENDING' THEN o.quantity ELSE 0 END",
+    )
+    .bind(event)
+    .fetch_all(&app.db.pool)
+    .await
+    .unwrap();
+    assert!(mismatched.is_empty(), "orders whose tickets do not match their status: {mismatched:?}");
+    (i64::from(capacity), i64::from(sold))
+}
+
+fn key(status: &str, reason: Option<&str>) -> (String, Option<String>) {
+    (status.to_owned(), reason.map(str::to_owned))
+}
+
+#[tokio::test]
+async fn two_hundred_buyers_race_for_a_hundred_tickets() {
+    // The fast path is off so that every buyer gets an order and the counts are exact.
+    let app = TestApp::spawn_with(&[("SOLD_OUT_FAST_PATH", "false".to_owned())]).await;
+    let _worker = app.spawn_worker(&[]);
+    let admin = app.admin().await;
+    let event = app.event_with(&admin, 100, 4).await;
+    let buyers = app.buyers(200).await;
+
+    let responses = stampede(&app, &buyers, event, |_| 1).await;
+    for res in &responses {
+        assert_eq!(res.status, 202, "{}", res.body);
+        assert_eq!(res.json["status"], "QUEUED");
+        assert_eq!(
+            res.header("location"),
+            Some(format!("/api/v1/orders/{}", res.json["id"].as_str().unwrap()).as_str())
+        );
+    }
+    app.wait_until_final(SETTLE).await;
+
+    let counts = status_counts(&app, event).await;
+    assert_eq!(counts.get(&key("PENDING", None)), Some(&(100, 100)), "{counts:?}");
+    assert_eq!(counts.get(&key("REJECTED", Some("SOLD_OUT"))), Some(&(100, 100)), "{counts:?}");
+    assert_eq!(counts.len(), 2, "{counts:?}");
+    assert_eq!(assert_consistent(&app, event).await, (100, 100));
+    let event_json = app.get(&format!("/api/v1/events/{event}"), None).await;
+    assert_eq!(event_json.json["tickets_available"], 0);
+}
+
+#[tokio::test]
+async fn random_quantities_sell_out_exactly() {
+    let app = TestApp::spawn_with(&[("SOLD_OUT_FAST_PATH", "false".to_owned())]).await;
+    let _worker = app.spawn_worker(&[("BATCH_SIZE", "16".to_owned())]);
+    let admin = app.admin().await;
+    let event = app.event_with(&admin, 150, 4).await;
+    let buyers = app.buyers(150).await;
+    // A fixed, varied sequence of 1..=4 (no RNG needed to vary the sizes).
+    let quantity = |i: usize| ((i * 7 + i / 3) % 4 + 1) as i64;
+
+    let responses = stampede(&app, &buyers, event, quantity).await;
+    assert!(responses.iter().all(|r| r.status == 202), "not all accepted");
+    app.wait_until_final(SETTLE).await;
+
+    let (capacity, sold) = assert_consistent(&app, event).await;
+    let left = capacity - sold;
+    let rejected: Vec<i32> =
+        sqlx::query_scalar("SELECT quantity FROM orders WHERE event_id = $1 AND status = 'REJECTED'")
+            .bind(event)
+            .fetch_all(&app.db.pool)
+            .await
+            .unwrap();
+    assert!(!rejected.is_empty(), "demand exceeded capacity, someone must be turned down");
+    assert!(
+        sold == capacity || rejected.iter().all(|q| i64::from(*q) > left),
+        "{left} tickets left although an order for fewer was rejected: {rejected:?}"
+    );
+    let counts = status_counts(&app, event).await;
+    assert_eq!(counts.get(&key("PENDING", None)).map(|c| c.1), Some(sold), "{counts:?}");
+}
+
+#[tokio::test]
+async fn an_accepted_order_can_be_followed_to_its_outcome() {
+    let app = TestApp::spawn().await;
+    let _worker = app.spawn_worker(&[]);
+    let admin = app.admin().await;
+    let event = app.event_with(&admin, 10, 4).await;
+    let (_, buyer) = app.user("Buyer").await;
+    let (_, stranger) = app.user("Stranger").await;
+
+    let res = app.order(&buyer, event, 3, None).await;
+    assert_eq!(res.status, 202, "{}", res.body);
+    assert_eq!(res.json["total"], "149.70", "3 × 49.90");
+    assert_eq!(res.json["unit_price"], "49.90");
+    assert_eq!(res.json["event_name"], "Turnstile Live");
+    let id = res.json["id"].as_str().unwrap().to_owned();
+
+    let polled = app.get(&format!("/api/v1/orders/{id}?wait=20"), Some(&buyer)).await;
+    assert_eq!(polled.status, 200, "{}", polled.body);
+    assert_eq!(polled.json["status"], "PENDING", "{}", polled.body);
+    assert!(polled.json["expires_at"].is_string(), "a held order says until when: {}", polled.body);
+    let tickets = polled.json["tickets"].as_array().unwrap();
+    assert_eq!(tickets.len(), 3);
+    assert!(tickets.iter().all(|t| t["status"] == "ACTIVE"));
+
+    // Only the owner (and admins) see an order; for anyone else it does not exist.
+    app.get(&format!("/api/v1/orders/{id}"), Some(&stranger)).await.assert_error(404, "not_found");
+    assert_eq!(app.get(&format!("/api/v1/orders/{id}"), Some(&admin)).await.status, 200);
+    app.get(&format!("/api/v1/orders/{id}"), None).await.assert_error(401, "unauthorized");
+    app.get("/api/v1/orders/not-a-uuid", Some(&buyer)).await.assert_error(404, "not_found");
+    app.get(&format!("/api/v1/orders/{id}?wait=31"), Some(&buyer)).await.assert_error(400, "invalid_query");
+
+    // The caller's list, newest first.
+    let second = app.order(&buyer, event, 1, None).await;
+    let list = app.get("/api/v1/orders", Some(&buyer)).await;
+    let ids: Vec<&str> = list.json.as_array().unwrap().iter().map(|o| o["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, [second.json["id"].as_str().unwrap(), id.as_str()]);
+    assert_eq!(list.json[1]["event_name"], "Turnstile Live");
+    assert!(list.json[1]["event_date"].is_string());
+    assert_eq!(app.get("/api/v1/orders", Some(&stranger)).await.json, json!([]));
+    let page = app.get("/api/v1/orders?limit=1", Some(&buyer)).await;
+    assert_eq!(page.json.as_array().unwrap().len(), 1);
+    assert!(page.header("link").is_some_and(|l| l.contains("rel=\"next\"")));
+}
+
+#[tokio::test]
+async fn long_poll_returns_when_the_worker_decides() {
+    let app = TestApp::spawn().await;
+    let admin = app.admin().await;
+    let event = app.event_with(&admin, 10, 4).await;
+    let (_, buyer) = app.user("Buyer").await;
+    let id = app.order(&buyer, event, 1, None).await.json["id"].as_str().unwrap().to_owned();
+
+    // No worker yet: the wait runs out and the order is still QUEUED.
+    let started = std::time::Instant::now();
+    let res = app.get(&format!("/api/v1/orders/{id}?wait=1"), Some(&buyer)).await;
+    assert_eq!(res.json["status"], "QUEUED");
+    assert!(started.elapsed() >= Duration::from_millis(900), "returned before the wait ran out");
+
+    // A worker starts while the client waits; the answer comes as soon as it decided.
+    let path = format!("/api/v1/orders/{id}?wait=30");
+    let poll = app.get(&path, Some(&buyer));
+    let worker = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        app.spawn_worker(&[])
+    };
+    let started = std::time::Instant::now();
+    let (res, _worker) = tokio::join!(poll, worker);
+    assert_eq!(res.json["status"], "PENDING", "{}", res.body);
+    assert!(started.elapsed() < Duration::from_secs(25), "long poll was not woken: {:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn purchase_input_is_validated() {
+    let app = TestApp::spawn().await;
+    let admin = app.admin().await;
+    let event = app.event_with(&admin, 10, 4).await;
+    let (_, buyer) = app.user("Buyer").await;
+
+    app.order(&buyer, Uuid::now_v7(), 1, None).await.assert_error(404, "not_found");
+    app.order(&buyer, event, 0, None).await.assert_error(422, "invalid_quantity");
+    app.order(&buyer, event, -1, None).await.assert_error(422, "invalid_quantity");
+    app.order(&buyer, event, 5, None).await.assert_error(422, "invalid_quantity");
+    app.post("/api/v1/orders", &json!({"event_id": "nope", "quantity": 1}), Some(&buyer))
+        .await
+        .assert_error(422, "invalid_body");
+    app.post("/api/v1/orders", &json!({"event_id": event}), Some(&buyer)).await.assert_error(422, "invalid_body");
+    app.post("/api/v1/orders", &json!({"event_id": event, "quantity": 1}), None)
+        .await
+        .assert_error(401, "unauthorized");
+    let bad_key = app
+        .client
+        .post(app.url("/api/v1/orders"))
+        .bearer_auth(&buyer)
+        .header("idempotency-key", "has spaces")
+        .json(&json!({"event_id": event, "quantity": 1}))
+        .send()
+        .await
+        .unwrap();
+    tests::Response::from(bad_key).await.assert_error(400, "invalid_idempotency_key");
+
+    let started = app.event_with(&admin, 10, 4).await;
+    sqlx::query("UPDATE events SET starts_at = now() - interval '1 minute' WHERE id = $1")
+        .bind(started)
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    app.order(&buyer, started, 1, None).await.assert_error(422, "event_unavailable");
+    let deleted = app.event_with(&admin, 10, 4).await;
+    sqlx::query("UPDATE events SET deleted_at = now() WHERE id = $1")
+        .bind(deleted)
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    app.order(&buyer, deleted, 1, None).await.assert_error(404, "not_found");
+
+    let orders: i64 = sqlx::query_scalar("SELECT count(*) FROM orders").fetch_one(&app.db.pool).await.unwrap();
+    assert_eq!(orders, 0, "refused requests must not leave orders behind");
+}
+
+#[tokio::test]
+async fn a_known_sold_out_event_is_refused_at_once() {
+    let app = TestApp::spawn().await;
+    let _worker = app.spawn_worker(&[]);
+    let admin = app.admin().await;
+    let event = app.event_with(&admin, 2, 4).await;
+    let (_, buyer) = app.user("Buyer").await;
+    app.order(&buyer, event, 3, None).await.assert_error(409, "sold_out");
+    let id = app.order(&buyer, event, 2, None).await.json["id"].as_str().unwrap().to_owned();
+    let res = app.get(&format!("/api/v1/orders/{id}?wait=20"), Some(&buyer)).await;
+    assert_eq!(res.json["status"], "PENDING");
+    let refused = app.order(&buyer, event, 1, None).await;
+    refused.assert_error(409, "sold_out");
+    assert!(refused.json["error"]["message"].as_str().unwrap().contains("sold out"));
+}
+
+#[tokio::test]
+async fn idempotency_key_replays_the_same_order() {
+    let app = TestApp::spawn().await;
+    let _worker = app.spawn_worker(&[]);
+    let admin = app.admin().await;
+    let event = app.event_with(&admin, 10, 4).await;
+    let (_, buyer) = app.user("Buyer").await;
+    let (_, other) = app.user("Other").await;
+
+    let first = app.order(&buyer, event, 2, Some("checkout-1")).await;
+    assert_eq!(first.status, 202, "{}", first.body);
+    assert!(first.header("idempotent-replayed").is_none());
+    let again = app.order(&buyer, event, 2, Some("checkout-1")).await;
+    assert_eq!(again.status, 202, "{}", again.body);
+    assert_eq!(again.json["id"], first.json["id"]);
+    assert_eq!(again.header("location"), first.header("location"));
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    app.order(&buyer, event, 3, Some("checkout-1")).await.assert_error(422, "idempotency_key_reused");
+
+    // Keys belong to their user: someone else's identical key is a new purchase.
+    let others = app.order(&other, event, 2, Some("checkout-1")).await;
+    assert_eq!(others.status, 202);
+    assert_ne!(others.json["id"], first.json["id"]);
+
+    // Concurrent retries with one key: one order.
+    let racing = join_all((0..10).map(|_| app.order(&buyer, event, 1, Some("checkout-2")))).await;
+    let ids: HashSet<&Value> = racing.iter().map(|r| &r.json["id"]).collect();
+    assert!(racing.iter().all(|r| r.status == 202), "{racing:?}");
+    assert_eq!(ids.len(), 1, "one key, one order");
+
+    app.wait_until_final(SETTLE).await;
+    let orders: i64 = sqlx::query_scalar("SELECT count(*) FROM orders").fetch_one(&app.db.pool).await.unwrap();
+    assert_eq!(orders, 3);
+    assert_consistent(&app, event).await;
+    assert_eq!(assert_consistent(&app, event).await.1, 5);
+}
+
+/// Publishes a purchase message straight to the event's partition, as the api would.
+async fn publish_raw(connection: &Connection, app: &TestApp, body: &[u8], routing_key: &str) {
+    let channel = connection.create_channel().await.unwrap();
+    channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    let confirm = channel
+        .basic_publish(
+            "orders.purchase".into(),
+            routing_key.into(),
+            BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
+            body,
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(confirm.is_ack() && confirm.take_message().is_none(), "message not routed in {}", app.broker.url);
+}
+
+#[tokio::test]
+async fn a_redelivered_message_issues_tickets_once() {
+    let app = TestApp::spawn().await;
+    let admin = app.admin().await;
+    let event = app.event_with(&admin, 10, 4).await;
+    let (_, buyer) = app.user("Buyer").await;
+    // The api publishes the order's message; with the worker not yet running, a copy of it
+    // is added, as a redelivery after a crash would.
+    let order = app.order(&buyer, event, 2, None).await;
+    let order_id: Uuid = order.json["id"].as_str().unwrap().parse().unwrap();
+    let connection = app.broker.connect().await;
+    let partition = common::amqp::partition_of(event, 8);
+    let body = serde_json::to_vec(&json!({"order_id": order_id, "event_id": event})).unwrap();
+    publish_raw(&connection, &app, &body, &partition.to_string()).await;
+    assert_eq!(app.broker.queue_depth(&format!("orders.purchase.{partition}")).await, 2);
+
+    let worker = app.spawn_worker(&[("BATCH_SIZE", "1".to_owned())]);
+    app.wait_until_final(SETTLE).await;
+    let processed = |worker: &tests::Process, field: &str| -> u64 {
+        worker.logs("batch committed").iter().map(|l| l[field].as_u64().unwrap_or(0)).sum()
+    };
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    while processed(&worker, "messages") < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "the copy was never delivered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(processed(&worker, "skipped"), 1, "the copy is recognised and skipped");
+    assert_eq!(processed(&worker, "accepted"), 1);
+    assert_eq!(assert_consistent(&app, event).await, (10, 2));
+    let tickets: i64 = sqlx::query_scalar("SELECT count(*) FROM tickets WHERE order_id = $1")
+        .bind(order_id)
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(tickets, 2);
+    assert_eq!(app.broker.queue_depth(&format!("orders.purchase.{partition}")).await, 0, "both copies acked");
+}
+
+#[tokio::test]
+async fn orders_accepted_while_the_worker_is_down_complete_when_it_returns() {
+    let app = TestApp::spawn_with(&[("SOLD_OUT_FAST_PATH", "false".to_owned())]).await;
+    let admin = app.admin().await;
+    let events = [app.event_with(&admin, 30, 4).await, app.event_with(&admin, 30, 4).await];
+    let buyers = app.buyers(40).await;
+    let responses =
+        join_all(buyers.iter().enumerate().map(|(i, (_, token))| app.order(token, events[i % 2], 1, None))).await;
+    assert!(responses.iter().all(|r| r.status == 202));
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE status = 'QUEUED'")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(queued, 40, "nothing is decided without a worker");
+
+    let _worker = app.spawn_worker(&[]);
+    app.wait_until_final(SETTLE).await;
+    for event in events {
+        assert_eq!(assert_consistent(&app, event).await, (30, 20));
+    }
+}
+
+#[tokio::test]
+async fn orders_whose_message_never_reached_the_broker_are_republished() {
+    // The api's broker URL points nowhere: it stores the order, cannot publish, and still
+    // answers 202. The worker's re-publisher sends the message.
+    let app = TestApp::spawn_with(&[("AMQP_URL", "amqp://guest:guest@127.0.0.1:9/%2f".to_owned())]).await;
+    let admin = app.admin().await;
+    let event = app.event_with(&admin, 10, 4).await;
+    let (_, buyer) = app.user("Buyer").await;
+    let res = app.order(&buyer, event, 1, None).await;
+    assert_eq!(res.status, 202, "{}", res.body);
+    let id = res.json["id"].as_str().unwrap().to_owned();
+    let published: Option<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("SELECT published_at FROM orders WHERE id = $1::uuid")
+            .bind(&id)
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    assert!(published.is_none(), "an unconfirmed order is not marked published");
+
+    let worker = app.spawn_worker(&[]);
+    app.wait_until_final(SETTLE).await;
+    let res = app.get(&format!("/api/v1/orders/{id}"), Some(&buyer)).await;
+    assert_eq!(res.json["status"], "PENDING");
+    assert!(!worker.logs("re-published queued orders").is_empty());
+}
+
+#[tokio::test]
+async fn undecodable_messages_are_dead_lettered_without_blocking_the_partition() {
+    let app = TestApp::spawn().await;
+    let _worker = app.spawn_worker(&[]);
+    let admin = app.admin().await;
+    let event = app.event_with(&admin, 10, 4).await;
+    let (_, buyer) = app.user("Buyer").await;
+    let partition = common::amqp::partition_of(event, 8).to_string();
+    let connection = app.broker.connect().await;
+    publish_raw(&connection, &app, b"{not json", &partition).await;
+    publish_raw(&connection, &app, br#"{"order_id": 42}"#, &partition).await;
+
+    let id = app.order(&buyer, event, 1, None).await.json["id"].as_str().unwrap().to_owned();
+    let res = app.get(&format!("/api/v1/orders/{id}?wait=20"), Some(&buyer)).await;
+    assert_eq!(res.json["status"], "PENDING");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while app.broker.queue_depth("orders.purchase.dead").await < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "poison messages did not reach the dead-letter queue");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn two_workers_share_the_partitions_and_survive_one_dying() {
+    let app = TestApp::spawn_with(&[("SOLD_OUT_FAST_PATH", "false".to_owned())]).await;
+    let mut first = app.spawn_worker(&[]);
+    let second = app.spawn_worker(&[]);
+    for worker in [&first, &second] {
+        worker.wait_for_log("partition assignment", SETTLE, |line| line["members"] == 2).await;
+    }
+    // Let the stepping back settle (a few heartbeats).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let admin = app.admin().await;
+    let mut events = Vec::new();
+    for _ in 0..12 {
+        events.push(app.event_with(&admin, 20, 4).await);
+    }
+    let buyers = app.buyers(360).await;
+    let responses =
+        join_all(buyers.iter().enumerate().map(|(i, (_, token))| app.order(token, events[i % events.len()], 1, None)))
+            .await;
+    assert!(responses.iter().all(|r| r.status == 202));
+    app.wait_until_final(SETTLE).await;
+    for event in &events {
+        assert_eq!(assert_consistent(&app, *event).await, (20, 20));
+    }
+
+    // Each partition was processed by one worker, and both workers had some.
+    let partitions = |worker: &tests::Process| -> HashSet<u64> {
+        worker.logs("batch committed").iter().filter_map(|l| l["partition"].as_u64()).collect()
+    };
+    let (a, b) = (partitions(&first), partitions(&second));
+    assert!(!a.is_empty() && !b.is_empty(), "partitions not spread: {a:?} / {b:?}");
+    assert!(a.is_disjoint(&b), "a partition was processed by both workers: {a:?} / {b:?}");
+
+    // One worker dies without warning; the other takes over its partitions.
+    first.kill();
+    let more = app.buyers(120).await;
+    let responses =
+        join_all(more.iter().enumerate().map(|(i, (_, token))| app.order(token, events[i % events.len()], 1, None)))
+            .await;
+    assert!(responses.iter().all(|r| r.status == 202));
+    let fresh = app.event_with(&admin, 1000, 4).await;
+    let late = app.buyers(80).await;
+    let responses = stampede(&app, &late, fresh, |_| 1).await;
+    assert!(responses.iter().all(|r| r.status == 202));
+    app.wait_until_final(SETTLE).await;
+    for event in &events {
+        assert_eq!(assert_consistent(&app, *event).await, (20, 20));
+    }
+    assert_eq!(assert_consistent(&app, fresh).await, (1000, 80));
+    let rejected: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM orders WHERE status = 'REJECTED' AND reason = 'SOLD_OUT'")
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(rejected, 120 + 360 - 12 * 20);
+}

@@ -1,0 +1,426 @@
+//! The partition consumers and the batch allocator: the only code that issues tickets.
+//!
+//! One task per partition queue consumes with a bounded prefetch, takes a batch (up to
+//! `BATCH_SIZE` messages, or what arrived within `BATCH_WAIT_MS` of the first), groups it by
+//! event and runs one transaction per event: lock the event row, lock its still-`QUEUED`
+//! orders, allocate in arrival order against `capacity - sold`, write the outcome, insert
+//! the tickets with one statement, bump `sold`, commit. Only then is the batch acked, so a
+//! crash at any point leads to redelivery, and redelivery is harmless because an order
+//! that is no longer `QUEUED` is skipped.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use common::amqp::{PurchaseMessage, declare_topology, purchase_queue};
+use common::config::WorkerConfig;
+use common::domain::{OrderStatus, reason};
+use futures_util::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Consumer, message::Delivery};
+use sqlx::PgPool;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::membership::Assignment;
+use crate::retry::Backoff;
+
+/// What one partition consumer needs; shared by all of them.
+pub struct Allocator {
+    pub db: PgPool,
+    pub amqp: deadpool_lapin::Pool,
+    pub config: Arc<WorkerConfig>,
+    pub worker_id: Uuid,
+    pub assignment: watch::Receiver<Assignment>,
+}
+
+/// How a consumer session ended, when it ended well.
+enum Ended {
+    Shutdown,
+    /// Stepped back from a partition another worker prefers.
+    SteppedBack,
+}
+
+impl Allocator {
+    /// Consumes one partition until shutdown, re-subscribing after broker failures (with
+    /// back-off) and after stepping back. `subscribed` is notified after the first
+    /// subscription, so the process can say when it is ready.
+    pub async fn run_partition(
+        self: Arc<Self>,
+        partition: u16,
+        subscribed: Arc<tokio::sync::Semaphore>,
+        shutdown: CancellationToken,
+    ) {
+        let mut backoff = Backoff::default();
+        let mut first = Some(subscribed);
+        let mut failed = false;
+        while !shutdown.is_cancelled() {
+            match self.consume(partition, &mut first, failed, &shutdown).await {
+                Ok(Ended::Shutdown) => break,
+                Ok(Ended::SteppedBack) => {
+                    failed = false;
+                    backoff.reset();
+                }
+                Err(err) => {
+                    failed = true;
+                    tracing::warn!(partition, error = format!("{err:#}"), "partition consumer failed; reconnecting");
+                    if !backoff.wait(&shutdown).await {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn consume(
+        &self,
+        partition: u16,
+        first: &mut Option<Arc<tokio::sync::Semaphore>>,
+        after_failure: bool,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Ended> {
+        let connection = self.amqp.get().await.context("connecting to RabbitMQ")?;
+        let channel = connection.create_channel().await.context("opening a channel")?;
+        if after_failure {
+            // The queue may have been deleted meanwhile.
+            declare_topology(&channel, self.config.broker.partitions).await.context("declaring the topology")?;
+        }
+        let prefetch = self.config.batch_size.saturating_mul(2);
+        channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
+        let tag = format!("worker-{}-p{partition}", self.worker_id);
+        let mut consumer = channel
+            .basic_consume(
+                purchase_queue(partition).into(),
+                tag.into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .context("subscribing")?;
+        if let Some(subscribed) = first.take() {
+            subscribed.add_permits(1);
+        }
+        let ended = self.consume_batches(partition, &channel, &mut consumer, shutdown).await;
+        // Closing the channel hands unacknowledged messages back to the queue, which gives
+        // them to the next subscriber in line.
+        let _ = channel.close(200, "consumer done".into()).await;
+        ended
+    }
+
+    async fn consume_batches(
+        &self,
+        partition: u16,
+        channel: &Channel,
+        consumer: &mut Consumer,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Ended> {
+        let mut rebalance = tokio::time::interval(self.config.heartbeat());
+        rebalance.tick().await;
+        loop {
+            let first = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(Ended::Shutdown),
+                _ = rebalance.tick() => {
+                    if self.assignment.borrow().prefers(partition) {
+                        continue;
+                    }
+                    return Ok(Ended::SteppedBack);
+                }
+                delivery = consumer.next() => delivery,
+            };
+            let mut batch = vec![next_delivery(first)?];
+            let deadline = tokio::time::Instant::now() + self.config.batch_wait();
+            while batch.len() < usize::from(self.config.batch_size) {
+                match tokio::time::timeout_at(deadline, consumer.next()).await {
+                    Ok(delivery) => batch.push(next_delivery(delivery)?),
+                    Err(_) => break,
+                }
+            }
+            if !self.process(partition, channel, batch, shutdown).await? {
+                return Ok(Ended::Shutdown);
+            }
+        }
+    }
+
+    /// Allocates one batch and acks it. `Ok(false)`: shutdown began while the database was
+    /// failing; the batch is left unacked (the channel's closing requeues it).
+    async fn process(
+        &self,
+        partition: u16,
+        channel: &Channel,
+        batch: Vec<Delivery>,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<bool> {
+        let started = Instant::now();
+        let received = batch.len();
+        let mut messages = Vec::with_capacity(batch.len());
+        let mut last_tag = None;
+        for delivery in batch {
+            match serde_json::from_slice::<PurchaseMessage>(&delivery.data) {
+                Ok(message) => {
+                    messages.push(message);
+                    last_tag = Some(delivery.delivery_tag);
+                }
+                Err(err) => {
+                    tracing::error!(
+                        partition,
+                        error = %err,
+                        bytes = delivery.data.len(),
+                        "undecodable purchase message; sending it to the dead-letter queue"
+                    );
+                    delivery.acker.reject(BasicRejectOptions { requeue: false }).await?;
+                }
+            }
+        }
+        let mut totals = Outcome::default();
+        for (event_id, orders) in group_by_event(&messages) {
+            let mut backoff = Backoff::default();
+            let outcome = loop {
+                match allocate_event(&self.db, event_id, &orders, self.config.hold_ttl()).await {
+                    Ok(outcome) => break outcome,
+                    Err(err) => {
+                        tracing::warn!(partition, %event_id, error = %err, "allocation failed; retrying");
+                        if !backoff.wait(shutdown).await {
+                            return Ok(false);
+                        }
+                    }
+                }
+            };
+            totals.add(&outcome);
+        }
+        if let Some(tag) = last_tag {
+            channel.basic_ack(tag, BasicAckOptions { multiple: true }).await?;
+        }
+        tracing::info!(
+            partition,
+            worker_id = %self.worker_id,
+            messages = received,
+            accepted = totals.accepted,
+            rejected = totals.rejected,
+            skipped = totals.skipped,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "batch committed"
+        );
+        Ok(true)
+    }
+}
+
+fn next_delivery(delivery: Option<lapin::Result<Delivery>>) -> anyhow::Result<Delivery> {
+    match delivery {
+        Some(Ok(delivery)) => Ok(delivery),
+        Some(Err(err)) => Err(err).context("receiving from the partition queue"),
+        None => anyhow::bail!("the broker cancelled the subscription"),
+    }
+}
+
+/// The batch's orders by event, events in order of first appearance, orders in arrival
+/// order, each order once (a redelivered duplicate inside one batch is dropped here).
+fn group_by_event(messages: &[PurchaseMessage]) -> Vec<(Uuid, Vec<Uuid>)> {
+    let mut groups: Vec<(Uuid, Vec<Uuid>)> = Vec::new();
+    let mut seen = HashSet::new();
+    for message in messages {
+        if !seen.insert(message.order_id) {
+            continue;
+        }
+        match groups.iter_mut().find(|(event, _)| *event == message.event_id) {
+            Some((_, orders)) => orders.push(message.order_id),
+            None => groups.push((message.event_id, vec![message.order_id])),
+        }
+    }
+    groups
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Outcome {
+    accepted: usize,
+    rejected: usize,
+    /// Messages whose order was not `QUEUED` any more (redeliveries) or does not exist.
+    skipped: usize,
+}
+
+impl Outcome {
+    fn add(&mut self, other: &Outcome) {
+        self.accepted += other.accepted;
+        self.rejected += other.rejected;
+        self.skipped += other.skipped;
+    }
+}
+
+/// What the allocator decided for one order.
+#[derive(Debug, PartialEq, Eq)]
+struct Decision {
+    order_id: Uuid,
+    status: OrderStatus,
+    reason: Option<&'static str>,
+}
+
+/// Allocation in arrival order: an order gets its tickets if that many are left, otherwise
+/// it is rejected and later (smaller) orders may still fit. Every rejected order therefore
+/// asked for more than what is left at the end. Pure, so the rule is unit-tested.
+fn allocate(available: i64, event_open: bool, orders: &[(Uuid, i32)]) -> (Vec<Decision>, i64) {
+    let mut left = available.max(0);
+    let decisions = orders
+        .iter()
+        .map(|&(order_id, quantity)| {
+            let quantity = i64::from(quantity);
+            let (status, reason) = if !event_open {
+                (OrderStatus::Rejected, Some(reason::EVENT_UNAVAILABLE))
+            } else if quantity <= left {
+                left -= quantity;
+                (OrderStatus::Pending, None)
+            } else {
+                (OrderStatus::Rejected, Some(reason::SOLD_OUT))
+            };
+            Decision { order_id, status, reason }
+        })
+        .collect();
+    (decisions, available.max(0) - left)
+}
+
+/// One event's share of a batch, in one transaction. Locks the event row first, then the
+/// orders (the same order every writer of both uses), so it cannot deadlock with payments
+/// or expiry.
+async fn allocate_event(db: &PgPool, event_id: Uuid, order_ids: &[Uuid], hold_ttl: Duration) -> sqlx::Result<Outcome> {
+    let mut tx = db.begin().await?;
+    let event: Option<(i32, i32, bool)> = sqlx::query_as(
+        "SELECT capacity, sold, deleted_at IS NULL AND starts_at > now() FROM events WHERE id = $1 FOR UPDATE",
+    )
+    .bind(event_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((capacity, sold, open)) = event else {
+        tracing::warn!(%event_id, orders = order_ids.len(), "purchase messages for an unknown event; skipping");
+        return Ok(Outcome { skipped: order_ids.len(), ..Outcome::default() });
+    };
+    let rows: Vec<(Uuid, i32)> = sqlx::query_as(
+        "SELECT id, quantity FROM orders
+         WHERE id = ANY($1) AND event_id = $2 AND status = 'QUEUED'
+         ORDER BY id FOR UPDATE",
+    )
+    .bind(order_ids)
+    .bind(event_id)
+    .fetch_all(&mut *tx)
+    .await?;
+    let quantities: HashMap<Uuid, i32> = rows.into_iter().collect();
+    let queued: Vec<(Uuid, i32)> =
+        order_ids.iter().filter_map(|id| quantities.get(id).map(|quantity| (*id, *quantity))).collect();
+    let skipped = order_ids.len() - queued.len();
+    if queued.is_empty() {
+        tx.commit().await?;
+        return Ok(Outcome { skipped, ..Outcome::default() });
+    }
+
+    let (decisions, issued) = allocate(i64::from(capacity - sold), open, &queued);
+    let ids: Vec<Uuid> = decisions.iter().map(|d| d.order_id).collect();
+    let statuses: Vec<&str> = decisions.iter().map(|d| d.status.as_str()).collect();
+    let reasons: Vec<Option<&str>> = decisions.iter().map(|d| d.reason).collect();
+    sqlx::query(
+        "UPDATE orders o
+         SET status = d.status, reason = d.reason, updated_at = now(),
+             expires_at = CASE WHEN d.status = 'PENDING' THEN now() + make_interval(secs => $4) END
+         FROM UNNEST($1::uuid[], $2::text[], $3::text[]) AS d(id, status, reason)
+         WHERE o.id = d.id",
+    )
+    .bind(&ids)
+    .bind(&statuses)
+    .bind(&reasons)
+    .bind(hold_ttl.as_secs_f64())
+    .execute(&mut *tx)
+    .await?;
+
+    let mut ticket_ids = Vec::with_capacity(usize::try_from(issued).unwrap_or(0));
+    let mut ticket_orders = Vec::with_capacity(ticket_ids.capacity());
+    for decision in decisions.iter().filter(|d| d.status == OrderStatus::Pending) {
+        for _ in 0..quantities[&decision.order_id] {
+            ticket_ids.push(Uuid::now_v7());
+            ticket_orders.push(decision.order_id);
+        }
+    }
+    if issued > 0 {
+        sqlx::query("INSERT INTO tickets (id, order_id, event_id) SELECT t.id, t.order_id, $3 FROM UNNEST($1::uuid[], $2::uuid[]) AS t(id, order_id)")
+            .bind(&ticket_ids)
+            .bind(&ticket_orders)
+            .bind(event_id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("UPDATE events SET sold = sold + $2 WHERE id = $1")
+            .bind(event_id)
+            .bind(issued)
+            .execute(&mut *tx)
+            .await?;
+    }
+    common::db::notify_order_changes(&mut tx, &ids).await?;
+    tx.commit().await?;
+    let accepted = decisions.iter().filter(|d| d.status == OrderStatus::Pending).count();
+    Ok(Outcome { accepted, rejected: decisions.len() - accepted, skipped })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(n: u128) -> Vec<Uuid> {
+        (1..=n).map(Uuid::from_u128).collect()
+    }
+
+    #[test]
+    fn allocates_in_arrival_order_and_lets_smaller_orders_fit() {
+        let id = ids(4);
+        let orders = [(id[0], 3), (id[1], 4), (id[2], 2), (id[3], 1)];
+        let (decisions, issued) = allocate(5, true, &orders);
+        let statuses: Vec<_> = decisions.iter().map(|d| (d.status, d.reason)).collect();
+        assert_eq!(
+            statuses,
+            [
+                (OrderStatus::Pending, None),
+                (OrderStatus::Rejected, Some(reason::SOLD_OUT)),
+                (OrderStatus::Pending, None),
+                (OrderStatus::Rejected, Some(reason::SOLD_OUT)),
+            ]
+        );
+        assert_eq!(issued, 5);
+    }
+
+    #[test]
+    fn closed_events_reject_everything() {
+        let id = ids(2);
+        let (decisions, issued) = allocate(100, false, &[(id[0], 1), (id[1], 1)]);
+        assert!(decisions.iter().all(|d| d.reason == Some(reason::EVENT_UNAVAILABLE)));
+        assert_eq!(issued, 0);
+    }
+
+    #[test]
+    fn never_issues_more_than_available() {
+        // Every split of 1..=4 tickets over random-ish inputs: issued <= available, and every
+        // rejected order asked for more than what is left.
+        for available in 0..20i64 {
+            let orders: Vec<(Uuid, i32)> =
+                (0..15u128).map(|i| (Uuid::from_u128(i), ((i * 7 + available as u128) % 4 + 1) as i32)).collect();
+            let (decisions, issued) = allocate(available, true, &orders);
+            assert!(issued <= available);
+            let left = available - issued;
+            for (decision, (_, quantity)) in decisions.iter().zip(&orders) {
+                if decision.status == OrderStatus::Rejected {
+                    assert!(i64::from(*quantity) > left, "a rejected order would have fit");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn groups_by_event_and_drops_duplicates() {
+        let (e1, e2) = (Uuid::from_u128(100), Uuid::from_u128(200));
+        let o = ids(4);
+        let message = |order_id, event_id| PurchaseMessage { order_id, event_id };
+        let groups = group_by_event(&[
+            message(o[0], e1),
+            message(o[1], e2),
+            message(o[0], e1),
+            message(o[2], e1),
+            message(o[3], e2),
+        ]);
+        assert_eq!(groups, [(e1, vec![o[0], o[2]]), (e2, vec![o[1], o[3]])]);
+    }
+}
