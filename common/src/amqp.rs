@@ -142,15 +142,23 @@ pub enum PublishError {
 /// topology re-declared) after a failure. Many requests publish concurrently on the channel
 /// and each awaits its own confirm, which is what makes confirms cheap (the round trip, not
 /// the broker, limits a serial publisher).
+///
+/// After a failure the publisher stays "open-circuit" for [`RETRY_AFTER_FAILURE`]: publishes
+/// fail at once instead of each waiting out a timeout, so a broker outage does not slow the
+/// api's answers (the orders wait for the re-publisher instead).
 pub struct Publisher {
     pool: Pool,
     partitions: u16,
     channel: tokio::sync::Mutex<Option<Channel>>,
+    failed_at: std::sync::Mutex<Option<tokio::time::Instant>>,
 }
+
+/// How long after a failed publish the next one is attempted for real.
+pub const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
 
 impl Publisher {
     pub fn new(pool: Pool, partitions: u16) -> Self {
-        Self { pool, partitions, channel: tokio::sync::Mutex::new(None) }
+        Self { pool, partitions, channel: tokio::sync::Mutex::new(None), failed_at: std::sync::Mutex::new(None) }
     }
 
     pub fn partitions(&self) -> u16 {
@@ -160,6 +168,10 @@ impl Publisher {
     /// Publishes a persistent purchase message to its event's partition and waits for the
     /// broker to confirm it (or for [`CONFIRM_TIMEOUT`]).
     pub async fn publish_purchase(&self, message: &PurchaseMessage) -> Result<(), PublishError> {
+        if self.failed_at.lock().unwrap_or_else(|e| e.into_inner()).is_some_and(|at| at.elapsed() < RETRY_AFTER_FAILURE)
+        {
+            return Err(PublishError::Unavailable("a recent publish failed; waiting before the next attempt".into()));
+        }
         let partition = partition_of(message.event_id, self.partitions);
         let body = serde_json::to_vec(message).expect("a purchase message serialises");
         let properties = BasicProperties::default()
@@ -191,6 +203,7 @@ impl Publisher {
         .await
         .unwrap_or(Err(PublishError::Timeout(CONFIRM_TIMEOUT)));
         if result.is_err() {
+            *self.failed_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(tokio::time::Instant::now());
             self.reset().await;
         }
         result

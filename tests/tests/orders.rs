@@ -488,3 +488,25 @@ async fn two_workers_share_the_partitions_and_survive_one_dying() {
             .unwrap();
     assert_eq!(rejected, 120 + 360 - 12 * 20);
 }
+
+#[tokio::test]
+async fn a_worker_stopped_with_sigterm_under_load_loses_nothing() {
+    let app = TestApp::spawn_with(&[("SOLD_OUT_FAST_PATH", "false".to_owned())]).await;
+    let admin = app.admin().await;
+    let event = app.event_with(&admin, 300, 4).await;
+    let buyers = app.buyers(400).await;
+    // Small batches with a pause make the worker busy for a while.
+    let mut worker = app.spawn_worker(&[("BATCH_SIZE", "5".to_owned()), ("BATCH_WAIT_MS", "20".to_owned())]);
+    let responses = stampede(&app, &buyers, event, |_| 1).await;
+    assert!(responses.iter().all(|r| r.status == 202));
+    let status = worker.terminate().expect("worker exits within 30 s of SIGTERM");
+    assert!(status.success(), "worker exit status {status:?}");
+    assert!(!worker.logs("worker stopped").is_empty());
+
+    let _successor = app.spawn_worker(&[]);
+    app.wait_until_final(SETTLE).await;
+    assert_eq!(assert_consistent(&app, event).await, (300, 300));
+    let counts = status_counts(&app, event).await;
+    assert_eq!(counts.get(&key("PENDING", None)), Some(&(300, 300)), "{counts:?}");
+    assert_eq!(counts.get(&key("REJECTED", Some("SOLD_OUT"))), Some(&(100, 100)), "{counts:?}");
+}
