@@ -7,5 +7,5 @@ mod order;
 mod role;
 
 pub use email::Email;
-pub use order::{OrderStatus, reason};
+pub use order::{OrderEvent, OrderStatus, Transition, reason};
 pub use role::Role;

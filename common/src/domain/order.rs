@@ -37,6 +37,84 @@ impl OrderStatus {
     }
 }
 
+/// What can happen to an order. Every status change in the system goes through
+/// [`OrderStatus::apply`], so the rules live in one place.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum OrderEvent {
+    /// The worker found tickets for it.
+    Allocated,
+    /// The worker could not (sold out, event unavailable).
+    AllocationRejected,
+    /// The payment provider confirmed payment.
+    PaymentSucceeded,
+    /// The payment provider declined payment.
+    PaymentFailed,
+    /// The hold ran out before payment.
+    HoldExpired,
+    /// Its owner cancelled it.
+    CancelledByOwner,
+}
+
+impl OrderEvent {
+    pub const ALL: [OrderEvent; 6] = [
+        Self::Allocated,
+        Self::AllocationRejected,
+        Self::PaymentSucceeded,
+        Self::PaymentFailed,
+        Self::HoldExpired,
+        Self::CancelledByOwner,
+    ];
+
+    /// The status this event leads to.
+    pub fn target(self) -> OrderStatus {
+        match self {
+            Self::Allocated => OrderStatus::Pending,
+            Self::AllocationRejected | Self::PaymentFailed => OrderStatus::Rejected,
+            Self::PaymentSucceeded => OrderStatus::Paid,
+            Self::HoldExpired => OrderStatus::Expired,
+            Self::CancelledByOwner => OrderStatus::Cancelled,
+        }
+    }
+}
+
+/// The outcome of applying an [`OrderEvent`] to an order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transition {
+    /// The order moves to this status. `releases_tickets`: it leaves `PENDING` for
+    /// something other than `PAID`, so its tickets are cancelled and `sold` goes down in the
+    /// same transaction.
+    Moves { to: OrderStatus, releases_tickets: bool },
+    /// The order is already where the event leads (a retried webhook): nothing to do.
+    AlreadyThere,
+    /// Not allowed from the current status (e.g. paying an expired order).
+    Impossible,
+}
+
+impl OrderStatus {
+    pub const ALL: [OrderStatus; 6] =
+        [Self::Queued, Self::Pending, Self::Paid, Self::Rejected, Self::Expired, Self::Cancelled];
+
+    /// The state machine: `QUEUED → PENDING → PAID`; `QUEUED → REJECTED`;
+    /// `PENDING → REJECTED | EXPIRED | CANCELLED`; final states never change.
+    pub fn apply(self, event: OrderEvent) -> Transition {
+        use OrderEvent as E;
+        use OrderStatus as S;
+        let allowed = matches!(
+            (self, event),
+            (S::Queued, E::Allocated | E::AllocationRejected)
+                | (S::Pending, E::PaymentSucceeded | E::PaymentFailed | E::HoldExpired | E::CancelledByOwner)
+        );
+        if allowed {
+            let to = event.target();
+            Transition::Moves { to, releases_tickets: self == S::Pending && to != S::Paid }
+        } else if self == event.target() {
+            Transition::AlreadyThere
+        } else {
+            Transition::Impossible
+        }
+    }
+}
+
 /// Why the worker turned an order down (`reason` of a `REJECTED` order).
 pub mod reason {
     /// Fewer tickets were left than the order asked for.
@@ -47,18 +125,45 @@ pub mod reason {
 
 #[cfg(test)]
 mod tests {
-    use super::OrderStatus;
+    use super::{OrderEvent, OrderStatus, Transition};
+
+    /// Every (status, event) pair, spelled out: the table is the specification.
+    #[test]
+    fn every_transition() {
+        use OrderStatus as S;
+        let moves = |to, releases_tickets| Transition::Moves { to, releases_tickets };
+        let same = Transition::AlreadyThere;
+        let no = Transition::Impossible;
+        #[rustfmt::skip]
+        let table = [
+            // event:            Allocated              AllocationRejected      PaymentSucceeded   PaymentFailed            HoldExpired              CancelledByOwner
+            (S::Queued,    [moves(S::Pending, false), moves(S::Rejected, false), no,                no,                      no,                      no]),
+            (S::Pending,   [same,                     no,                        moves(S::Paid, false), moves(S::Rejected, true), moves(S::Expired, true), moves(S::Cancelled, true)]),
+            (S::Paid,      [no,                       no,                        same,              no,                      no,                      no]),
+            (S::Rejected,  [no,                       same,                      no,                same,                    no,                      no]),
+            (S::Expired,   [no,                       no,                        no,                no,                      same,                    no]),
+            (S::Cancelled, [no,                       no,                        no,                no,                      no,                      same]),
+        ];
+        assert_eq!(table.len(), OrderStatus::ALL.len());
+        for (status, outcomes) in table {
+            for (event, expected) in OrderEvent::ALL.into_iter().zip(outcomes) {
+                assert_eq!(status.apply(event), expected, "{status:?} + {event:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn final_states_never_move() {
+        for status in OrderStatus::ALL.into_iter().filter(|s| s.is_final()) {
+            for event in OrderEvent::ALL {
+                assert!(!matches!(status.apply(event), Transition::Moves { .. }), "{status:?} moved on {event:?}");
+            }
+        }
+    }
 
     #[test]
     fn serialises_as_stored() {
-        for status in [
-            OrderStatus::Queued,
-            OrderStatus::Pending,
-            OrderStatus::Paid,
-            OrderStatus::Rejected,
-            OrderStatus::Expired,
-            OrderStatus::Cancelled,
-        ] {
+        for status in OrderStatus::ALL {
             assert_eq!(serde_json::to_string(&status).unwrap(), format!("\"{}\"", status.as_str()));
         }
         assert!(OrderStatus::Paid.is_final() && !OrderStatus::Pending.is_final() && !OrderStatus::Queued.is_final());
