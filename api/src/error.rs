@@ -69,6 +69,11 @@ impl ApiError {
         Self::Invalid { code, message: message.into() }
     }
 
+    /// 400 `invalid_query`: the query string is malformed or out of range.
+    pub fn invalid_query(message: impl Into<String>) -> Self {
+        Self::BadRequest { code: "invalid_query", message: message.into() }
+    }
+
     pub fn conflict(code: &'static str, message: impl Into<String>) -> Self {
         Self::Conflict { code, message: message.into() }
     }
@@ -144,7 +149,7 @@ impl From<JsonRejection> for ApiError {
 
 impl From<QueryRejection> for ApiError {
     fn from(rejection: QueryRejection) -> Self {
-        Self::BadRequest { code: "invalid_query", message: rejection.body_text() }
+        Self::invalid_query(rejection.body_text())
     }
 }
 

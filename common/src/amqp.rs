@@ -161,10 +161,6 @@ impl Publisher {
         Self { pool, partitions, channel: tokio::sync::Mutex::new(None), failed_at: std::sync::Mutex::new(None) }
     }
 
-    pub fn partitions(&self) -> u16 {
-        self.partitions
-    }
-
     /// Publishes a persistent purchase message to its event's partition and waits for the
     /// broker to confirm it (or for [`CONFIRM_TIMEOUT`]).
     pub async fn publish_purchase(&self, message: &PurchaseMessage) -> Result<(), PublishError> {

@@ -98,16 +98,21 @@ impl TestDb {
 impl Drop for TestDb {
     fn drop(&mut self) {
         let (name, admin_url) = (self.name.clone(), self.admin_url.clone());
-        // Drop runs outside any runtime guarantee: do the clean-up on a thread of its own.
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
-            runtime.block_on(async move {
-                let mut admin = sqlx::PgConnection::connect(&admin_url).await.ok()?;
-                admin.execute(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))).await.ok()
-            })
-        })
-        .join();
+        clean_up(async move {
+            let mut admin = sqlx::PgConnection::connect(&admin_url).await.ok()?;
+            admin.execute(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))).await.ok()
+        });
     }
+}
+
+/// Runs a clean-up from `Drop`, which may run outside any runtime (or inside one that must
+/// not be blocked): on a thread of its own with a runtime of its own, waited for.
+fn clean_up<T>(work: impl std::future::Future<Output = Option<T>> + Send + 'static) {
+    let _ = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+        runtime.block_on(work).map(|_| ())
+    })
+    .join();
 }
 
 /// A fresh RabbitMQ virtual host (so each test has its own queues), deleted when dropped.
@@ -139,10 +144,14 @@ impl Management {
         Management { base, password: parsed.password().unwrap_or("guest").to_owned(), user }
     }
 
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> reqwest::Response {
-        let mut request = reqwest::Client::new()
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        reqwest::Client::new()
             .request(method, format!("{}{path}", self.base))
-            .basic_auth(&self.user, Some(&self.password));
+            .basic_auth(&self.user, Some(&self.password))
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> reqwest::Response {
+        let mut request = self.request(method, path);
         if let Some(body) = body {
             request = request.json(&body);
         }
@@ -188,18 +197,9 @@ impl TestBroker {
 impl Drop for TestBroker {
     fn drop(&mut self) {
         let (management, vhost) = (self.management.clone(), self.vhost.clone());
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
-            runtime.block_on(async move {
-                reqwest::Client::new()
-                    .delete(format!("{}/api/vhosts/{vhost}", management.base))
-                    .basic_auth(&management.user, Some(&management.password))
-                    .send()
-                    .await
-                    .ok()
-            })
-        })
-        .join();
+        clean_up(async move {
+            management.request(reqwest::Method::DELETE, &format!("/api/vhosts/{vhost}")).send().await.ok()
+        });
     }
 }
 

@@ -2,7 +2,7 @@
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::routing::get;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -214,11 +214,7 @@ pub async fn create_event(
     .fetch_one(&state.db)
     .await?;
     tracing::info!(event_id = %event.id, capacity = event.capacity, "event created");
-    let mut headers = HeaderMap::new();
-    if let Ok(location) = HeaderValue::from_str(&format!("/api/v1/events/{}", event.id)) {
-        headers.insert(header::LOCATION, location);
-    }
-    Ok((StatusCode::CREATED, headers, Json(event)))
+    Ok((StatusCode::CREATED, super::location(&format!("/api/v1/events/{}", event.id)), Json(event)))
 }
 
 /// List events, newest first, soft-deleted ones hidden.

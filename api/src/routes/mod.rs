@@ -12,7 +12,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::error_handling::HandleErrorLayer;
 use axum::extract::DefaultBodyLimit;
-use axum::http::{HeaderName, Request, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Request, header};
 use axum::response::IntoResponse;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -62,6 +62,15 @@ pub fn app(state: AppState) -> Router {
                 .layer(tower::timeout::TimeoutLayer::new(timeout)),
         )
         .with_state(state)
+}
+
+/// A `Location` header pointing at `path` (a created or accepted resource).
+pub(crate) fn location(path: &str) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    if let Ok(value) = HeaderValue::from_str(path) {
+        headers.insert(header::LOCATION, value);
+    }
+    headers
 }
 
 fn request_span(request: &Request<Body>) -> tracing::Span {

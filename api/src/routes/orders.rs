@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
 use common::amqp::PurchaseMessage;
@@ -229,11 +229,7 @@ pub async fn create_order(
 }
 
 fn location(order_id: Uuid) -> HeaderMap {
-    let mut headers = HeaderMap::new();
-    if let Ok(value) = HeaderValue::from_str(&format!("/api/v1/orders/{order_id}")) {
-        headers.insert(header::LOCATION, value);
-    }
-    headers
+    super::location(&format!("/api/v1/orders/{order_id}"))
 }
 
 /// The `Idempotency-Key` header, if sent: 1 to 255 visible ASCII characters.
@@ -332,10 +328,7 @@ pub async fn get_order(
 ) -> Result<Json<OrderDetail>, ApiError> {
     let wait = query.wait.unwrap_or(0);
     if wait > MAX_WAIT_SECS {
-        return Err(ApiError::BadRequest {
-            code: "invalid_query",
-            message: format!("wait must be between 0 and {MAX_WAIT_SECS} seconds"),
-        });
+        return Err(ApiError::invalid_query(format!("wait must be between 0 and {MAX_WAIT_SECS} seconds")));
     }
     let order = load_visible(&state, user, id).await?;
     let order = if wait > 0 && !order.status.is_final() {

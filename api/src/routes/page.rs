@@ -27,10 +27,7 @@ impl PageQuery {
     pub fn limit(&self) -> Result<i64, ApiError> {
         let limit = self.limit.unwrap_or(DEFAULT_LIMIT);
         if !(1..=MAX_LIMIT).contains(&limit) {
-            return Err(ApiError::BadRequest {
-                code: "invalid_query",
-                message: format!("limit must be between 1 and {MAX_LIMIT}"),
-            });
+            return Err(ApiError::invalid_query(format!("limit must be between 1 and {MAX_LIMIT}")));
         }
         Ok(limit)
     }
