@@ -8,6 +8,7 @@ use axum::Json;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use common::domain::OrderStatus;
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -31,6 +32,10 @@ pub enum ApiError {
     /// 409: conflicts with the current state.
     #[error("{message}")]
     Conflict { code: &'static str, message: String },
+    /// 409 `invalid_transition`: the order's status does not allow this change; the body
+    /// names the status it is in.
+    #[error("the order is {} and cannot become {target}", current.as_str())]
+    InvalidTransition { current: OrderStatus, target: &'static str },
     /// 413
     #[error("request body is larger than the limit")]
     PayloadTooLarge,
@@ -62,6 +67,9 @@ pub struct ErrorDetail {
     pub code: String,
     /// Human-readable explanation; may change between versions.
     pub message: String,
+    /// With `invalid_transition`: the status the order is in.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub current_status: Option<OrderStatus>,
 }
 
 impl ApiError {
@@ -86,6 +94,7 @@ impl ApiError {
             Self::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Self::Conflict { code, .. } => (StatusCode::CONFLICT, code),
+            Self::InvalidTransition { .. } => (StatusCode::CONFLICT, "invalid_transition"),
             Self::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Self::UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
             Self::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
@@ -97,10 +106,12 @@ impl ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
+impl ApiError {
+    /// The status and JSON body this error is answered with. Logs what must not reach the
+    /// client (database and internal details).
+    pub fn to_body(&self) -> (StatusCode, ErrorBody) {
         let (status, code) = self.status_and_code();
-        let message = match &self {
+        let message = match self {
             Self::Database(sqlx::Error::RowNotFound) => "resource not found".to_owned(),
             Self::Database(err) if common::db::is_unavailable(err) => {
                 tracing::warn!(error = %err, "database unavailable");
@@ -116,7 +127,17 @@ impl IntoResponse for ApiError {
             }
             other => other.to_string(),
         };
-        let body = ErrorBody { error: ErrorDetail { code: code.to_owned(), message } };
+        let current_status = match self {
+            Self::InvalidTransition { current, .. } => Some(*current),
+            _ => None,
+        };
+        (status, ErrorBody { error: ErrorDetail { code: code.to_owned(), message, current_status } })
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, body) = self.to_body();
         let mut response = (status, Json(body)).into_response();
         match status {
             StatusCode::UNAUTHORIZED => {
@@ -186,6 +207,7 @@ pub async fn method_not_allowed() -> Response {
         error: ErrorDetail {
             code: "method_not_allowed".into(),
             message: "this route does not accept that method".into(),
+            current_status: None,
         },
     };
     (StatusCode::METHOD_NOT_ALLOWED, Json(body)).into_response()

@@ -1,5 +1,5 @@
 //! `api`: Turnstile's HTTP server, plus the operator's subcommands (`migrate`,
-//! `create-admin`).
+//! `create-admin`, `sign-webhook`).
 
 mod auth;
 mod error;
@@ -15,8 +15,9 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use common::amqp::Publisher;
-use common::config::{ApiConfig, DatabaseConfig};
+use common::config::{ApiConfig, DatabaseConfig, Secret};
 use common::domain::Role;
+use common::standard_webhooks::SigningKey;
 
 use crate::auth::Tokens;
 use crate::pipeline::OrderWatch;
@@ -42,6 +43,9 @@ enum Command {
     Migrate(MigrateArgs),
     /// Create an admin account, or give the admin role to an existing one.
     CreateAdmin(CreateAdminArgs),
+    /// Print the Standard Webhooks headers that sign a payment webhook body, as the payment
+    /// provider would send them (for testing by hand: `curl -H @file`).
+    SignWebhook(SignWebhookArgs),
 }
 
 #[derive(Args)]
@@ -79,6 +83,22 @@ struct CreateAdminArgs {
     password: Option<String>,
 }
 
+#[derive(Args)]
+struct SignWebhookArgs {
+    /// The key to sign with, as the api's WEBHOOK_SECRET (raw, or `whsec_<base64>`).
+    #[arg(long = "webhook-secret", env = "WEBHOOK_SECRET", hide_env_values = true)]
+    webhook_secret: Secret,
+    /// The exact request body to sign, e.g. '{"status":"PAID","order_id":"…"}'.
+    #[arg(long)]
+    body: String,
+    /// The message id (`webhook-id`); a new random one by default.
+    #[arg(long)]
+    id: Option<String>,
+    /// Unix seconds (`webhook-timestamp`); now by default.
+    #[arg(long)]
+    timestamp: Option<i64>,
+}
+
 fn main() -> std::process::ExitCode {
     let _ = dotenvy::dotenv();
     let cli = Cli::parse();
@@ -92,11 +112,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         None => serve(ServeCli::parse_from(std::env::args().take(1)).serve.config).await,
         Some(Command::Migrate(args)) => migrate(args).await,
         Some(Command::CreateAdmin(args)) => create_admin(args).await,
+        Some(Command::SignWebhook(args)) => sign_webhook(args),
     }
 }
 
 async fn serve(config: ApiConfig) -> anyhow::Result<()> {
     config.validate()?;
+    let webhook_key = SigningKey::new(common::config::webhook_key(&config.webhook_secret)?);
     let db = common::db::connect(&config.database).await.context("connecting to PostgreSQL")?;
     common::db::migrate(&db).await.context("applying migrations")?;
     let amqp = common::amqp::pool(&config.broker, 4).context("creating the AMQP pool")?;
@@ -115,6 +137,7 @@ async fn serve(config: ApiConfig) -> anyhow::Result<()> {
         published: pipeline::spawn_publish_marker(db.clone()),
         order_watch,
         tokens: Arc::new(tokens),
+        webhook_key: Arc::new(webhook_key),
         config: Arc::new(config),
     };
     tracing::info!(%addr, docs = %format!("http://{addr}/docs"), "listening");
@@ -161,6 +184,17 @@ async fn create_admin(args: CreateAdminArgs) -> anyhow::Result<()> {
     let user =
         routes::auth::insert_user(&db, &name, &email, &hash, Role::Admin).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     println!("admin created: {} ({})", user.email, user.id);
+    Ok(())
+}
+
+fn sign_webhook(args: SignWebhookArgs) -> anyhow::Result<()> {
+    let key = SigningKey::new(common::config::webhook_key(&args.webhook_secret)?);
+    let id = args.id.unwrap_or_else(|| format!("msg_{}", uuid::Uuid::new_v4().simple()));
+    let timestamp = args.timestamp.unwrap_or_else(|| chrono::Utc::now().timestamp());
+    let signature = key.sign(&id, timestamp, args.body.as_bytes());
+    println!("webhook-id: {id}");
+    println!("webhook-timestamp: {timestamp}");
+    println!("webhook-signature: {signature}");
     Ok(())
 }
 

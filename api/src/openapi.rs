@@ -5,7 +5,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::error::{ErrorBody, ErrorDetail};
-use crate::routes::{auth, events, health, me, orders};
+use crate::routes::{auth, events, health, me, orders, payments};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -18,7 +18,8 @@ use crate::routes::{auth, events, health, me, orders};
         auth::signup, auth::login,
         me::me, me::my_events,
         events::list_events, events::create_event, events::get_event,
-        orders::create_order, orders::list_orders, orders::get_order,
+        orders::create_order, orders::list_orders, orders::get_order, orders::cancel_order,
+        payments::payment_webhook, payments::list_late_payments, payments::mark_refunded,
         health::live, health::ready,
     ),
     components(schemas(ErrorBody, ErrorDetail)),
@@ -27,6 +28,7 @@ use crate::routes::{auth, events, health, me, orders};
         (name = "accounts", description = "Sign-up, log-in and the caller's own account"),
         (name = "events", description = "The event catalogue"),
         (name = "orders", description = "Buying tickets and following an order to its outcome"),
+        (name = "payments", description = "The payment provider's signed webhook, and late payments to refund"),
         (name = "operations", description = "Health probes"),
     )
 )]
@@ -62,6 +64,10 @@ mod tests {
             "/api/v1/events/{id}",
             "/api/v1/orders",
             "/api/v1/orders/{id}",
+            "/api/v1/orders/{id}/cancel",
+            "/api/v1/orders/{id}/status",
+            "/api/v1/late-payments",
+            "/api/v1/late-payments/{id}/refund",
             "/health/live",
             "/health/ready",
         ] {

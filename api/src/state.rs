@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use common::amqp::Publisher;
 use common::config::ApiConfig;
+use common::standard_webhooks::SigningKey;
 use sqlx::PgPool;
 use tokio::sync::mpsc;
 use uuid::Uuid;
@@ -20,5 +21,7 @@ pub struct AppState {
     pub published: mpsc::Sender<Uuid>,
     pub order_watch: Arc<OrderWatch>,
     pub tokens: Arc<Tokens>,
+    /// The key payment webhooks are signed with (`WEBHOOK_SECRET`).
+    pub webhook_key: Arc<SigningKey>,
     pub config: Arc<ApiConfig>,
 }

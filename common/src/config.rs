@@ -168,6 +168,10 @@ pub struct WorkerConfig {
     #[arg(long = "republish-interval-ms", env = "REPUBLISH_INTERVAL_MS", default_value_t = 5_000,
           value_parser = clap::value_parser!(u64).range(10..=3_600_000))]
     pub republish_interval_ms: u64,
+    /// How often unpaid holds past `expires_at` are looked for and expired, in milliseconds.
+    #[arg(long = "expiry-interval-ms", env = "EXPIRY_INTERVAL_MS", default_value_t = 1_000,
+          value_parser = clap::value_parser!(u64).range(10..=3_600_000))]
+    pub expiry_interval_ms: u64,
     /// How often a worker refreshes its heartbeat and recomputes which partitions it
     /// prefers, in milliseconds. A worker unheard of for 5 heartbeats counts as gone.
     #[arg(long = "heartbeat-ms", env = "HEARTBEAT_MS", default_value_t = 2_000,
@@ -182,6 +186,10 @@ impl WorkerConfig {
 
     pub fn hold_ttl(&self) -> Duration {
         Duration::from_secs(self.hold_ttl_secs)
+    }
+
+    pub fn expiry_interval(&self) -> Duration {
+        Duration::from_millis(self.expiry_interval_ms)
     }
 
     pub fn heartbeat(&self) -> Duration {

@@ -5,7 +5,9 @@ pub mod amqp;
 pub mod config;
 pub mod db;
 pub mod domain;
+pub mod order_changes;
 pub mod shutdown;
+pub mod standard_webhooks;
 pub mod telemetry;
 
 /// Runs a binary's async main on a multi-threaded runtime and turns its error into one

@@ -420,6 +420,84 @@ impl TestApp {
         }
     }
 
+    /// The invariants that must hold for every event whatever happened: `sold` equals the
+    /// live tickets and stays within capacity, every `PENDING` or `PAID` order holds exactly
+    /// its quantity of live tickets, no other order holds any, and no ticket id repeats.
+    /// Returns (capacity, sold).
+    pub async fn assert_consistent(&self, event: Uuid) -> (i64, i64) {
+        let (capacity, sold): (i32, i32) = sqlx::query_as("SELECT capacity, sold FROM events WHERE id = $1")
+            .bind(event)
+            .fetch_one(&self.db.pool)
+            .await
+            .expect("read event");
+        let (tickets, distinct): (i64, i64) = sqlx::query_as(
+            "SELECT count(*), count(DISTINCT id) FROM tickets WHERE event_id = $1 AND status = 'ACTIVE'",
+        )
+        .bind(event)
+        .fetch_one(&self.db.pool)
+        .await
+        .expect("count tickets");
+        assert_eq!(tickets, distinct, "duplicate ticket ids");
+        assert_eq!(i64::from(sold), tickets, "sold counter differs from live tickets");
+        assert!(sold <= capacity, "oversold: {sold} > {capacity}");
+        let mismatched: Vec<(Uuid, String, i32, i64)> = sqlx::query_as(
+            "SELECT o.id, o.status, o.quantity, count(t.id) FILTER (WHERE t.status = 'ACTIVE')
+             FROM orders o LEFT JOIN tickets t ON t.order_id = o.id
+             WHERE o.event_id = $1 GROUP BY o.id
+             HAVING count(t.id) FILTER (WHERE t.status = 'ACTIVE')
+                    <> CASE WHEN o.status IN ('PENDING', 'PAID') THEN o.quantity ELSE 0 END",
+        )
+        .bind(event)
+        .fetch_all(&self.db.pool)
+        .await
+        .expect("compare tickets with orders");
+        assert!(mismatched.is_empty(), "orders whose live tickets do not match their status: {mismatched:?}");
+        (i64::from(capacity), i64::from(sold))
+    }
+
+    /// Buys `quantity` tickets and waits until the order is `PENDING` (a worker must run).
+    pub async fn pending_order(&self, token: &str, event_id: Uuid, quantity: i64) -> Uuid {
+        let res = self.order(token, event_id, quantity, None).await;
+        assert_eq!(res.status, 202, "{}", res.body);
+        let id: Uuid = res.json["id"].as_str().expect("order id").parse().expect("uuid");
+        let res = self.get(&format!("/api/v1/orders/{id}?wait=30"), Some(token)).await;
+        assert_eq!(res.json["status"], "PENDING", "{}", res.body);
+        id
+    }
+
+    /// The payment provider's webhook for `order_id`, signed with the api's key under a new
+    /// webhook id, now.
+    pub async fn payment(&self, order_id: Uuid, body: &Value) -> Response {
+        let body = body.to_string();
+        let id = format!("msg_{}", Uuid::new_v4().simple());
+        let timestamp = chrono::Utc::now().timestamp();
+        let signature = sign_webhook(WEBHOOK_SECRET.as_bytes(), &id, timestamp, &body);
+        self.raw_payment(
+            order_id,
+            &body,
+            &[("webhook-id", id), ("webhook-timestamp", timestamp.to_string()), ("webhook-signature", signature)],
+        )
+        .await
+    }
+
+    /// `POST /api/v1/orders/{id}/status` with exactly this body and these headers.
+    pub async fn raw_payment(
+        &self,
+        order_id: impl std::fmt::Display,
+        body: &str,
+        headers: &[(&str, String)],
+    ) -> Response {
+        let mut request = self
+            .client
+            .post(self.url(&format!("/api/v1/orders/{order_id}/status")))
+            .header("content-type", "application/json")
+            .body(body.to_owned());
+        for (name, value) in headers {
+            request = request.header(*name, value);
+        }
+        Response::from(request.send().await.expect("request sent")).await
+    }
+
     /// `POST /api/v1/orders` with an optional Idempotency-Key.
     pub async fn order(&self, token: &str, event_id: Uuid, quantity: i64, key: Option<&str>) -> Response {
         let mut request = self
@@ -522,6 +600,16 @@ impl TestApp {
         }
         self.post("/api/v1/events", &body, Some(admin_token)).await
     }
+}
+
+/// A Standard Webhooks signature, computed here independently of the api's code:
+/// `v1,` + base64(HMAC-SHA256(key, "{id}.{timestamp}.{body}")).
+pub fn sign_webhook(key: &[u8], id: &str, timestamp: i64, body: &str) -> String {
+    use base64::Engine as _;
+    use hmac::{KeyInit, Mac};
+    let mut mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(key).expect("any key length");
+    mac.update(format!("{id}.{timestamp}.{body}").as_bytes());
+    format!("v1,{}", base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes()))
 }
 
 /// An access token signed with the test api's key, as `api` itself would issue it.

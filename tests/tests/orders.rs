@@ -35,37 +35,6 @@ async fn status_counts(app: &TestApp, event: Uuid) -> HashMap<(String, Option<St
     rows.into_iter().map(|(status, reason, n, q)| ((status, reason), (n, q))).collect()
 }
 
-/// The invariants that must hold for every event whatever happened: `sold` equals the live
-/// tickets and stays within capacity, every PENDING order holds exactly its quantity of
-/// tickets, no other order holds any, and no ticket id repeats. Returns (capacity, sold).
-async fn assert_consistent(app: &TestApp, event: Uuid) -> (i64, i64) {
-    let (capacity, sold): (i32, i32) = sqlx::query_as("SELECT capacity, sold FROM events WHERE id = $1")
-        .bind(event)
-        .fetch_one(&app.db.pool)
-        .await
-        .unwrap();
-    let (tickets, distinct): (i64, i64) =
-        sqlx::query_as("SELECT count(*), count(DISTINCT id) FROM tickets WHERE event_id = $1 AND status = 'ACTIVE'")
-            .bind(event)
-            .fetch_one(&app.db.pool)
-            .await
-            .unwrap();
-    assert_eq!(tickets, distinct, "duplicate ticket ids");
-    assert_eq!(i64::from(sold), tickets, "sold counter differs from live tickets");
-    assert!(sold <= capacity, "oversold: {sold} > {capacity}");
-    let mismatched: Vec<(Uuid, String, i32, i64)> = sqlx::query_as(
-        "SELECT o.id, o.status, o.quantity, count(t.id) FROM orders o LEFT JOIN tickets t ON t.order_id = o.id
-         WHERE o.event_id = $1 GROUP BY o.id
-         HAVING count(t.id) <> CASE WHEN o.status = 'PENDING' THEN o.quantity ELSE 0 END",
-    )
-    .bind(event)
-    .fetch_all(&app.db.pool)
-    .await
-    .unwrap();
-    assert!(mismatched.is_empty(), "orders whose tickets do not match their status: {mismatched:?}");
-    (i64::from(capacity), i64::from(sold))
-}
-
 fn key(status: &str, reason: Option<&str>) -> (String, Option<String>) {
     (status.to_owned(), reason.map(str::to_owned))
 }
@@ -94,7 +63,7 @@ async fn two_hundred_buyers_race_for_a_hundred_tickets() {
     assert_eq!(counts.get(&key("PENDING", None)), Some(&(100, 100)), "{counts:?}");
     assert_eq!(counts.get(&key("REJECTED", Some("SOLD_OUT"))), Some(&(100, 100)), "{counts:?}");
     assert_eq!(counts.len(), 2, "{counts:?}");
-    assert_eq!(assert_consistent(&app, event).await, (100, 100));
+    assert_eq!(app.assert_consistent(event).await, (100, 100));
     let event_json = app.get(&format!("/api/v1/events/{event}"), None).await;
     assert_eq!(event_json.json["tickets_available"], 0);
 }
@@ -113,7 +82,7 @@ async fn random_quantities_sell_out_exactly() {
     assert!(responses.iter().all(|r| r.status == 202), "not all accepted");
     app.wait_until_final(SETTLE).await;
 
-    let (capacity, sold) = assert_consistent(&app, event).await;
+    let (capacity, sold) = app.assert_consistent(event).await;
     let left = capacity - sold;
     let rejected: Vec<i32> =
         sqlx::query_scalar("SELECT quantity FROM orders WHERE event_id = $1 AND status = 'REJECTED'")
@@ -298,8 +267,8 @@ async fn idempotency_key_replays_the_same_order() {
     app.wait_until_final(SETTLE).await;
     let orders: i64 = sqlx::query_scalar("SELECT count(*) FROM orders").fetch_one(&app.db.pool).await.unwrap();
     assert_eq!(orders, 3);
-    assert_consistent(&app, event).await;
-    assert_eq!(assert_consistent(&app, event).await.1, 5);
+    app.assert_consistent(event).await;
+    assert_eq!(app.assert_consistent(event).await.1, 5);
 }
 
 /// Publishes a purchase message straight to the event's partition, as the api would.
@@ -349,7 +318,7 @@ async fn a_redelivered_message_issues_tickets_once() {
     }
     assert_eq!(processed(&worker, "skipped"), 1, "the copy is recognised and skipped");
     assert_eq!(processed(&worker, "accepted"), 1);
-    assert_eq!(assert_consistent(&app, event).await, (10, 2));
+    assert_eq!(app.assert_consistent(event).await, (10, 2));
     let tickets: i64 = sqlx::query_scalar("SELECT count(*) FROM tickets WHERE order_id = $1")
         .bind(order_id)
         .fetch_one(&app.db.pool)
@@ -379,7 +348,7 @@ async fn orders_accepted_while_the_worker_is_down_complete_when_it_returns() {
     let _worker = app.spawn_worker(&[]);
     app.wait_until_final(SETTLE).await;
     for event in events {
-        assert_eq!(assert_consistent(&app, event).await, (30, 20));
+        assert_eq!(app.assert_consistent(event).await, (30, 20));
     }
 }
 
@@ -454,7 +423,7 @@ async fn two_workers_share_the_partitions_and_survive_one_dying() {
     assert!(responses.iter().all(|r| r.status == 202));
     app.wait_until_final(SETTLE).await;
     for event in &events {
-        assert_eq!(assert_consistent(&app, *event).await, (20, 20));
+        assert_eq!(app.assert_consistent(*event).await, (20, 20));
     }
 
     // Each partition was processed by one worker, and both workers had some.
@@ -478,9 +447,9 @@ async fn two_workers_share_the_partitions_and_survive_one_dying() {
     assert!(responses.iter().all(|r| r.status == 202));
     app.wait_until_final(SETTLE).await;
     for event in &events {
-        assert_eq!(assert_consistent(&app, *event).await, (20, 20));
+        assert_eq!(app.assert_consistent(*event).await, (20, 20));
     }
-    assert_eq!(assert_consistent(&app, fresh).await, (1000, 80));
+    assert_eq!(app.assert_consistent(fresh).await, (1000, 80));
     let rejected: i64 =
         sqlx::query_scalar("SELECT count(*) FROM orders WHERE status = 'REJECTED' AND reason = 'SOLD_OUT'")
             .fetch_one(&app.db.pool)
@@ -505,7 +474,7 @@ async fn a_worker_stopped_with_sigterm_under_load_loses_nothing() {
 
     let _successor = app.spawn_worker(&[]);
     app.wait_until_final(SETTLE).await;
-    assert_eq!(assert_consistent(&app, event).await, (300, 300));
+    assert_eq!(app.assert_consistent(event).await, (300, 300));
     let counts = status_counts(&app, event).await;
     assert_eq!(counts.get(&key("PENDING", None)), Some(&(300, 300)), "{counts:?}");
     assert_eq!(counts.get(&key("REJECTED", Some("SOLD_OUT"))), Some(&(100, 100)), "{counts:?}");

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use common::amqp::{PurchaseMessage, declare_topology, purchase_queue};
 use common::config::WorkerConfig;
-use common::domain::{OrderStatus, reason};
+use common::domain::{OrderEvent, OrderStatus, reason};
 use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions};
 use lapin::types::FieldTable;
@@ -248,7 +248,8 @@ impl Outcome {
     }
 }
 
-/// What the allocator decided for one order.
+/// What the allocator decided for one order: the status an [`OrderEvent`] leads to from
+/// `QUEUED`, the only status it reads (a test checks this against the state machine).
 #[derive(Debug, PartialEq, Eq)]
 struct Decision {
     order_id: Uuid,
@@ -265,15 +266,15 @@ fn allocate(available: i64, event_open: bool, orders: &[(Uuid, i32)]) -> (Vec<De
         .iter()
         .map(|&(order_id, quantity)| {
             let quantity = i64::from(quantity);
-            let (status, reason) = if !event_open {
-                (OrderStatus::Rejected, Some(reason::EVENT_UNAVAILABLE))
+            let (event, reason) = if !event_open {
+                (OrderEvent::AllocationRejected, Some(reason::EVENT_UNAVAILABLE))
             } else if quantity <= left {
                 left -= quantity;
-                (OrderStatus::Pending, None)
+                (OrderEvent::Allocated, None)
             } else {
-                (OrderStatus::Rejected, Some(reason::SOLD_OUT))
+                (OrderEvent::AllocationRejected, Some(reason::SOLD_OUT))
             };
-            Decision { order_id, status, reason }
+            Decision { order_id, status: event.target(), reason }
         })
         .collect();
     (decisions, available.max(0) - left)
@@ -381,6 +382,25 @@ mod tests {
             ]
         );
         assert_eq!(issued, 5);
+    }
+
+    #[test]
+    fn decisions_are_moves_of_the_state_machine() {
+        use common::domain::Transition;
+        let id = ids(3);
+        let (open, _) = allocate(1, true, &[(id[0], 1), (id[1], 1)]);
+        let (closed, _) = allocate(1, false, &[(id[2], 1)]);
+        for decision in open.iter().chain(&closed) {
+            let event = match decision.status {
+                OrderStatus::Pending => OrderEvent::Allocated,
+                _ => OrderEvent::AllocationRejected,
+            };
+            assert_eq!(
+                OrderStatus::Queued.apply(event),
+                Transition::Moves { to: decision.status, releases_tickets: false },
+                "{decision:?}"
+            );
+        }
     }
 
     #[test]

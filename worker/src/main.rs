@@ -1,10 +1,12 @@
 //! `worker`: Turnstile's background process. It consumes the purchase partitions and
 //! allocates tickets ([`allocate`]), shares the partitions with other workers
-//! ([`membership`]) and re-publishes orders whose message may be missing ([`republish`]),
-//! all under one shutdown signal: on SIGTERM/Ctrl-C it stops consuming, lets the batch in
-//! hand finish (or leaves it unacked for redelivery) and exits.
+//! ([`membership`]), re-publishes orders whose message may be missing ([`republish`]) and
+//! expires unpaid holds ([`expiry`]), all under one shutdown signal: on SIGTERM/Ctrl-C it
+//! stops consuming, lets the batch in hand finish (or leaves it unacked for redelivery) and
+//! exits.
 
 mod allocate;
+mod expiry;
 mod membership;
 mod republish;
 mod retry;
@@ -68,6 +70,7 @@ async fn run(config: WorkerConfig) -> anyhow::Result<()> {
     }
     let publisher = common::amqp::Publisher::new(amqp.clone(), partitions);
     tasks.spawn(republish::run(db.clone(), publisher, config.clone(), shutdown.clone()));
+    tasks.spawn(expiry::run(db.clone(), config.expiry_interval(), shutdown.clone()));
 
     tokio::select! {
         _ = shutdown.cancelled() => {}

@@ -7,6 +7,7 @@ pub mod health;
 pub mod me;
 pub mod orders;
 mod page;
+pub mod payments;
 
 use axum::Router;
 use axum::body::Body;
@@ -32,7 +33,12 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub fn app(state: AppState) -> Router {
     let body_limit = usize::try_from(state.config.body_limit_bytes).unwrap_or(usize::MAX);
     let timeout = state.config.request_timeout();
-    let api = Router::new().merge(auth::router()).merge(me::router()).merge(events::router()).merge(orders::router());
+    let api = Router::new()
+        .merge(auth::router())
+        .merge(me::router())
+        .merge(events::router())
+        .merge(orders::router())
+        .merge(payments::router());
     Router::new()
         .nest("/api/v1", api)
         .merge(health::router())

@@ -14,7 +14,8 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
 use common::amqp::PurchaseMessage;
-use common::domain::OrderStatus;
+use common::domain::{OrderEvent, OrderStatus, Transition};
+use common::order_changes;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -27,7 +28,10 @@ use crate::extract::{Json, Path, Query};
 use crate::state::AppState;
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/orders", post(create_order).get(list_orders)).route("/orders/{id}", get(get_order))
+    Router::new()
+        .route("/orders", post(create_order).get(list_orders))
+        .route("/orders/{id}", get(get_order))
+        .route("/orders/{id}/cancel", post(cancel_order))
 }
 
 const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
@@ -76,12 +80,23 @@ pub struct Ticket {
     pub status: String,
 }
 
-/// An order with its tickets.
+/// One status an order has had.
+#[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
+pub struct StatusChange {
+    pub status: OrderStatus,
+    pub reason: Option<String>,
+    /// When the order took this status.
+    pub at: DateTime<Utc>,
+}
+
+/// An order with its tickets and its history.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct OrderDetail {
     #[serde(flatten)]
     pub order: Order,
     pub tickets: Vec<Ticket>,
+    /// Every status the order has had, oldest first.
+    pub history: Vec<StatusChange>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -311,7 +326,7 @@ pub struct WaitQuery {
     pub wait: Option<u64>,
 }
 
-/// One order with its tickets (its owner, or an admin; anyone else gets 404).
+/// One order with its tickets and history (its owner, or an admin; anyone else gets 404).
 #[utoipa::path(get, path = "/api/v1/orders/{id}", tag = "orders", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "Order id"), WaitQuery),
     responses(
@@ -336,11 +351,50 @@ pub async fn get_order(
     } else {
         order
     };
+    Ok(Json(detail(&state, order).await?))
+}
+
+async fn detail(state: &AppState, order: Order) -> Result<OrderDetail, ApiError> {
     let tickets = sqlx::query_as::<_, Ticket>("SELECT id, status FROM tickets WHERE order_id = $1 ORDER BY id")
-        .bind(id)
+        .bind(order.id)
         .fetch_all(&state.db)
         .await?;
-    Ok(Json(OrderDetail { order, tickets }))
+    let history = sqlx::query_as::<_, StatusChange>(
+        "SELECT status, reason, at FROM order_history WHERE order_id = $1 ORDER BY id",
+    )
+    .bind(order.id)
+    .fetch_all(&state.db)
+    .await?;
+    Ok(OrderDetail { order, tickets, history })
+}
+
+/// Cancel a `PENDING` order (its owner only): its tickets are released at once for other
+/// buyers. Cancelling a cancelled order again answers 200 as well.
+#[utoipa::path(post, path = "/api/v1/orders/{id}/cancel", tag = "orders", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "Order id")),
+    responses(
+        (status = 200, description = "The order, `CANCELLED`", body = OrderDetail),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 404, description = "No such order, or not the caller's", body = ErrorBody),
+        (status = 409, description = "Not `PENDING`: still `QUEUED`, or already final (`invalid_transition`, \
+            with `current_status`)", body = ErrorBody),
+        (status = 503, description = "Database unavailable; nothing changed, retry", body = ErrorBody),
+    ))]
+pub async fn cancel_order(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Path(id): Path<Uuid>,
+) -> Result<Json<OrderDetail>, ApiError> {
+    let mut tx = state.db.begin().await?;
+    let mut order = order_changes::lock(&mut tx, id, Some(user.id)).await?.ok_or(ApiError::NotFound("order"))?;
+    let transition = order_changes::apply(&mut tx, &mut order, OrderEvent::CancelledByOwner, None).await?;
+    // Committed whatever the outcome: a hold found over was expired on the way.
+    tx.commit().await?;
+    if transition == Transition::Impossible {
+        return Err(ApiError::InvalidTransition { current: order.status, target: "CANCELLED" });
+    }
+    let order = load_visible(&state, user, id).await?;
+    Ok(Json(detail(&state, order).await?))
 }
 
 async fn load_visible(state: &AppState, user: AuthUser, id: Uuid) -> Result<Order, ApiError> {

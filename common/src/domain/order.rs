@@ -121,6 +121,8 @@ pub mod reason {
     pub const SOLD_OUT: &str = "SOLD_OUT";
     /// The event was deleted or had started by the time the order was processed.
     pub const EVENT_UNAVAILABLE: &str = "EVENT_UNAVAILABLE";
+    /// The payment provider declined payment and gave no reason of its own.
+    pub const PAYMENT_DECLINED: &str = "PAYMENT_DECLINED";
 }
 
 #[cfg(test)]

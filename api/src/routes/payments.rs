@@ -1,0 +1,321 @@
+//! The payment provider's side: its signed webhook that settles an order (`PAID` or
+//! `REJECTED`), and the operators' list of late payments to refund.
+//!
+//! The webhook is verified per Standard Webhooks before anything else is looked at, and is
+//! processed effectively once: its `webhook-id` is claimed in the same transaction that
+//! applies it, so a retried or concurrent duplicate waits for the first, changes nothing,
+//! and gets the answer the first one got.
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use chrono::{DateTime, Utc};
+use common::domain::{OrderEvent, OrderStatus, Transition, reason};
+use common::order_changes::{self, LockedOrder};
+use common::standard_webhooks::{self, Headers, VerifyError};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use sqlx::PgConnection;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use super::page::PageQuery;
+use crate::auth::AdminUser;
+use crate::error::{ApiError, ErrorBody};
+use crate::extract::{Json, Path, Query};
+use crate::state::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/orders/{id}/status", post(payment_webhook))
+        .route("/late-payments", get(list_late_payments))
+        .route("/late-payments/{id}/refund", post(mark_refunded))
+}
+
+/// The longest `reason` a provider may give for a declined payment.
+const MAX_REASON_CHARS: usize = 200;
+
+/// What the payment provider reports.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct PaymentStatusRequest {
+    pub status: PaymentOutcome,
+    /// Why the payment was declined (with `REJECTED`; at most 200 characters). Defaults to
+    /// `PAYMENT_DECLINED`.
+    pub reason: Option<String>,
+    /// The order this payment is for. The signature covers the body but not the URL, so a
+    /// provider that includes it here binds the signature to the order; when present it
+    /// must match the path.
+    pub order_id: Option<Uuid>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, ToSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum PaymentOutcome {
+    Paid,
+    Rejected,
+}
+
+impl PaymentOutcome {
+    fn event(self) -> OrderEvent {
+        match self {
+            Self::Paid => OrderEvent::PaymentSucceeded,
+            Self::Rejected => OrderEvent::PaymentFailed,
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Paid => "PAID",
+            Self::Rejected => "REJECTED",
+        }
+    }
+}
+
+/// Payment result from the payment provider, signed per Standard Webhooks.
+///
+/// Headers: `webhook-id` (unique per message, kept across the provider's retries),
+/// `webhook-timestamp` (Unix seconds, within 5 minutes of the server's clock) and
+/// `webhook-signature`: space-separated `v1,<base64>` signatures, where each is the
+/// HMAC-SHA256 of `{webhook-id}.{webhook-timestamp}.{raw body}` under the key of
+/// `WEBHOOK_SECRET`; one valid signature is enough (key rotation).
+///
+/// `PAID` moves a `PENDING` order to `PAID`; `REJECTED` moves it to `REJECTED` and releases
+/// its tickets. The same change again answers 204. A change the order's status does not
+/// allow answers 409 with `current_status`; a payment for an order that no longer holds
+/// tickets (hold expired, cancelled, rejected) is also recorded as a late payment for
+/// refund. A `webhook-id` already processed gets the first answer again and changes nothing.
+#[utoipa::path(post, path = "/api/v1/orders/{id}/status", tag = "payments", request_body = PaymentStatusRequest,
+    params(
+        ("id" = Uuid, Path, description = "Order id"),
+        ("webhook-id" = String, Header, description = "Message id, 1 to 255 characters"),
+        ("webhook-timestamp" = i64, Header, description = "Unix seconds"),
+        ("webhook-signature" = String, Header, description = "`v1,<base64>`, space-separated"),
+    ),
+    responses(
+        (status = 204, description = "Applied, or the order already had that status"),
+        (status = 400, description = "Malformed JSON (`malformed_json`)", body = ErrorBody),
+        (status = 401, description = "Missing, stale or invalid signature", body = ErrorBody),
+        (status = 404, description = "No such order", body = ErrorBody),
+        (status = 409, description = "The order's status does not allow it (`invalid_transition`, with `current_status`)", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 422, description = "Unknown status or bad reason (`invalid_body`), `order_id` not the path's \
+            (`order_mismatch`), or `webhook-id` already used for another order (`webhook_id_reused`)", body = ErrorBody),
+        (status = 503, description = "Database unavailable; nothing was applied, retry", body = ErrorBody),
+    ))]
+pub async fn payment_webhook(
+    State(state): State<AppState>,
+    Path(path_id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|rejection| match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,
+        _ => ApiError::BadRequest { code: "bad_request", message: rejection.body_text() },
+    })?;
+    let verified = state
+        .webhook_key
+        .verify(webhook_headers(&headers), &body, Utc::now().timestamp())
+        .map_err(|err| ApiError::Unauthorized(unauthorized_message(err)))?;
+    let order_id: Uuid = path_id.parse().map_err(|_| ApiError::NotFound("order"))?;
+    let request = parse_request(&body, order_id)?;
+
+    let mut tx = state.db.begin().await?;
+    if !claim(&mut tx, verified.id, order_id).await? {
+        drop(tx);
+        return replay(&state, verified.id, order_id).await;
+    }
+    let mut order = order_changes::lock(&mut tx, order_id, None).await?.ok_or(ApiError::NotFound("order"))?;
+    let event = request.status.event();
+    let reason = match request.status {
+        PaymentOutcome::Paid => None,
+        PaymentOutcome::Rejected => Some(request.reason.as_deref().unwrap_or(reason::PAYMENT_DECLINED)),
+    };
+    let transition = order_changes::apply(&mut tx, &mut order, event, reason).await?;
+    let (status, response) = match transition {
+        Transition::Moves { .. } | Transition::AlreadyThere => (StatusCode::NO_CONTENT, None),
+        Transition::Impossible => {
+            if event == OrderEvent::PaymentSucceeded && order.status.is_final() {
+                record_late_payment(&mut tx, &order, verified.id).await?;
+            }
+            let (status, body) =
+                ApiError::InvalidTransition { current: order.status, target: request.status.as_str() }.to_body();
+            (status, Some(serde_json::to_value(body).map_err(anyhow::Error::from)?))
+        }
+    };
+    sqlx::query("UPDATE payment_webhooks SET status_code = $2, response = $3 WHERE webhook_id = $1")
+        .bind(verified.id)
+        .bind(i16::try_from(status.as_u16()).unwrap_or(i16::MAX))
+        .bind(&response)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    tracing::info!(%order_id, webhook_id = verified.id, requested = request.status.as_str(),
+        status = order.status.as_str(), code = status.as_u16(), "payment webhook applied");
+    Ok(respond(status, response))
+}
+
+fn webhook_headers(headers: &HeaderMap) -> Headers<'_> {
+    let text = |name| headers.get(name).and_then(|value| value.to_str().ok());
+    Headers {
+        id: text(standard_webhooks::HEADER_ID),
+        timestamp: text(standard_webhooks::HEADER_TIMESTAMP),
+        signature: text(standard_webhooks::HEADER_SIGNATURE),
+    }
+}
+
+fn unauthorized_message(err: VerifyError) -> &'static str {
+    match err {
+        VerifyError::Missing(standard_webhooks::HEADER_ID) => "missing webhook-id header",
+        VerifyError::Missing(standard_webhooks::HEADER_TIMESTAMP) => "missing webhook-timestamp header",
+        VerifyError::Missing(_) => "missing webhook-signature header",
+        VerifyError::BadId => "webhook-id must be 1 to 255 characters",
+        VerifyError::BadTimestamp => "webhook-timestamp must be Unix seconds",
+        VerifyError::OutsideTolerance => "webhook-timestamp is more than 5 minutes away from the server's clock",
+        VerifyError::NoValidSignature => "no valid signature in webhook-signature",
+    }
+}
+
+/// The body, checked: 400 when it is not JSON, 422 when it breaks a rule.
+fn parse_request(body: &[u8], order_id: Uuid) -> Result<PaymentStatusRequest, ApiError> {
+    let request: PaymentStatusRequest = serde_json::from_slice(body).map_err(|err| match err.classify() {
+        serde_json::error::Category::Data => ApiError::invalid("invalid_body", err.to_string()),
+        _ => ApiError::BadRequest { code: "malformed_json", message: err.to_string() },
+    })?;
+    if request.order_id.is_some_and(|id| id != order_id) {
+        return Err(ApiError::invalid("order_mismatch", "order_id in the body is not the order of the URL"));
+    }
+    if let Some(reason) = &request.reason
+        && (reason.trim().is_empty() || reason.chars().count() > MAX_REASON_CHARS)
+    {
+        return Err(ApiError::invalid("invalid_body", format!("reason must be 1 to {MAX_REASON_CHARS} characters")));
+    }
+    Ok(request)
+}
+
+/// Claims the webhook id for this transaction. A concurrent duplicate blocks here until the
+/// first commits (then finds the id taken) or rolls back (then claims it itself).
+async fn claim(tx: &mut PgConnection, webhook_id: &str, order_id: Uuid) -> Result<bool, ApiError> {
+    let claimed = sqlx::query(
+        "INSERT INTO payment_webhooks (webhook_id, order_id, status_code) VALUES ($1, $2, 0)
+         ON CONFLICT (webhook_id) DO NOTHING",
+    )
+    .bind(webhook_id)
+    .bind(order_id)
+    .execute(&mut *tx)
+    .await?;
+    Ok(claimed.rows_affected() == 1)
+}
+
+/// The answer given to the first delivery of this webhook id.
+async fn replay(state: &AppState, webhook_id: &str, order_id: Uuid) -> Result<Response, ApiError> {
+    let (first_order, status, response): (Uuid, i16, Option<serde_json::Value>) =
+        sqlx::query_as("SELECT order_id, status_code, response FROM payment_webhooks WHERE webhook_id = $1")
+            .bind(webhook_id)
+            .fetch_one(&state.db)
+            .await?;
+    if first_order != order_id {
+        return Err(ApiError::invalid("webhook_id_reused", "this webhook-id was already used for another order"));
+    }
+    let status =
+        u16::try_from(status).ok().and_then(|s| StatusCode::from_u16(s).ok()).unwrap_or(StatusCode::NO_CONTENT);
+    tracing::info!(%order_id, webhook_id, code = status.as_u16(), "payment webhook replayed");
+    Ok(respond(status, response))
+}
+
+fn respond(status: StatusCode, body: Option<serde_json::Value>) -> Response {
+    match body {
+        Some(body) => (status, axum::Json(body)).into_response(),
+        None => status.into_response(),
+    }
+}
+
+async fn record_late_payment(tx: &mut PgConnection, order: &LockedOrder, webhook_id: &str) -> Result<(), ApiError> {
+    sqlx::query(
+        "INSERT INTO late_payments (id, order_id, webhook_id, order_status, amount) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(Uuid::now_v7())
+    .bind(order.id)
+    .bind(webhook_id)
+    .bind(order.status)
+    .bind(order.total)
+    .execute(&mut *tx)
+    .await?;
+    tracing::warn!(order_id = %order.id, webhook_id, status = order.status.as_str(), amount = %order.total,
+        "payment for an order without a hold: recorded for refund");
+    Ok(())
+}
+
+/// A payment confirmed for an order that no longer held tickets: to be refunded.
+#[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
+pub struct LatePayment {
+    pub id: Uuid,
+    pub order_id: Uuid,
+    /// The payment provider's `webhook-id`, to find the payment on its side.
+    pub webhook_id: String,
+    /// The order's status when the payment arrived: `EXPIRED`, `CANCELLED` or `REJECTED`.
+    pub order_status: OrderStatus,
+    #[schema(value_type = String, example = "99.80")]
+    #[serde(serialize_with = "common::domain::money::serialize")]
+    pub amount: Decimal,
+    pub received_at: DateTime<Utc>,
+    /// When an operator marked it refunded; `null` while the money is still owed.
+    pub refunded_at: Option<DateTime<Utc>>,
+}
+
+/// Late payments, newest first (admin): payments for orders that no longer held tickets.
+#[utoipa::path(get, path = "/api/v1/late-payments", tag = "payments", params(PageQuery), security(("bearer" = [])),
+    responses(
+        (status = 200, description = "One page of late payments", body = [LatePayment],
+            headers(("Link" = String, description = "`<url>; rel=\"next\"` when more follow"),
+                    ("X-Next-Cursor" = String, description = "Cursor of the next page, when more follow"))),
+        (status = 400, description = "Bad query string (`invalid_query`)", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 403, description = "Not an admin", body = ErrorBody),
+    ))]
+pub async fn list_late_payments(
+    State(state): State<AppState>,
+    _admin: AdminUser,
+    Query(query): Query<PageQuery>,
+) -> Result<(HeaderMap, Json<Vec<LatePayment>>), ApiError> {
+    let limit = query.limit()?;
+    let mut rows = sqlx::query_as::<_, LatePayment>(
+        "SELECT id, order_id, webhook_id, order_status, amount, received_at, refunded_at FROM late_payments
+         WHERE ($1::uuid IS NULL OR id < $1) ORDER BY id DESC LIMIT $2",
+    )
+    .bind(query.cursor)
+    .bind(limit + 1)
+    .fetch_all(&state.db)
+    .await?;
+    let headers = query.finish("/api/v1/late-payments", &mut rows, |row| row.id);
+    Ok((headers, Json(rows)))
+}
+
+/// Marks a late payment refunded (admin). Refunding happens at the payment provider; this
+/// records that it was done. Repeating it keeps the first time.
+#[utoipa::path(post, path = "/api/v1/late-payments/{id}/refund", tag = "payments", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "Late payment id")),
+    responses(
+        (status = 200, description = "The late payment, with `refunded_at`", body = LatePayment),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 403, description = "Not an admin", body = ErrorBody),
+        (status = 404, description = "No such late payment", body = ErrorBody),
+    ))]
+pub async fn mark_refunded(
+    State(state): State<AppState>,
+    _admin: AdminUser,
+    Path(id): Path<Uuid>,
+) -> Result<Json<LatePayment>, ApiError> {
+    let row = sqlx::query_as::<_, LatePayment>(
+        "UPDATE late_payments SET refunded_at = coalesce(refunded_at, now()) WHERE id = $1
+         RETURNING id, order_id, webhook_id, order_status, amount, received_at, refunded_at",
+    )
+    .bind(id)
+    .fetch_optional(&state.db)
+    .await?
+    .ok_or(ApiError::NotFound("late payment"))?;
+    Ok(Json(row))
+}

@@ -1,0 +1,61 @@
+//! Hold expiry: `PENDING` orders past `expires_at` become `EXPIRED` and give their tickets
+//! back, so the next buyers can have them. Every worker process runs this loop; the shared
+//! code in `common::order_changes` takes the event's lock and re-checks under it, so two
+//! workers never expire the same hold twice.
+
+use std::time::Duration;
+
+use common::order_changes;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// Most holds expired per event and per transaction, and most due holds read per scan.
+const BATCH: i64 = 1_000;
+
+pub async fn run(db: PgPool, interval: Duration, shutdown: CancellationToken) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        if let Err(err) = expire_due(&db, &shutdown).await {
+            tracing::warn!(error = %err, "expiring holds failed; retrying next tick");
+        }
+    }
+}
+
+/// Expires every hold that is due, one transaction per event, until none is left.
+async fn expire_due(db: &PgPool, shutdown: &CancellationToken) -> sqlx::Result<()> {
+    while !shutdown.is_cancelled() {
+        let events: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT DISTINCT event_id FROM (
+                 SELECT event_id FROM orders WHERE status = 'PENDING' AND expires_at <= now()
+                 ORDER BY expires_at LIMIT $1
+             ) due",
+        )
+        .bind(BATCH)
+        .fetch_all(db)
+        .await?;
+        if events.is_empty() {
+            break;
+        }
+        let mut expired = 0;
+        for event_id in events {
+            let mut tx = db.begin().await?;
+            let ids = order_changes::expire_event(&mut tx, event_id, BATCH).await?;
+            tx.commit().await?;
+            if !ids.is_empty() {
+                tracing::info!(%event_id, expired = ids.len(), "holds expired; tickets released");
+            }
+            expired += ids.len();
+        }
+        if expired == 0 {
+            // Due holds exist but another worker is expiring them: leave them to it.
+            break;
+        }
+    }
+    Ok(())
+}
