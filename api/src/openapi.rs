@@ -5,7 +5,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::error::{ErrorBody, ErrorDetail};
-use crate::routes::{auth, events, health, me, orders, payments};
+use crate::routes::{auth, events, health, me, orders, payments, webhook_endpoints};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -20,15 +20,19 @@ use crate::routes::{auth, events, health, me, orders, payments};
         events::list_events, events::create_event, events::get_event,
         orders::create_order, orders::list_orders, orders::get_order, orders::cancel_order,
         payments::payment_webhook, payments::list_late_payments, payments::mark_refunded,
+        webhook_endpoints::create_endpoint, webhook_endpoints::list_endpoints, webhook_endpoints::delete_endpoint,
+        webhook_endpoints::list_deliveries,
         health::live, health::ready,
     ),
-    components(schemas(ErrorBody, ErrorDetail)),
+    components(schemas(ErrorBody, ErrorDetail, common::notifications::OrderNotification)),
     modifiers(&BearerAuth),
     tags(
         (name = "accounts", description = "Sign-up, log-in and the caller's own account"),
         (name = "events", description = "The event catalogue"),
         (name = "orders", description = "Buying tickets and following an order to its outcome"),
         (name = "payments", description = "The payment provider's signed webhook, and late payments to refund"),
+        (name = "webhooks", description = "The caller's webhook endpoints for order events, and their deliveries \
+            (the delivered body is the `OrderNotification` schema)"),
         (name = "operations", description = "Health probes"),
     )
 )]
@@ -68,6 +72,9 @@ mod tests {
             "/api/v1/orders/{id}/status",
             "/api/v1/late-payments",
             "/api/v1/late-payments/{id}/refund",
+            "/api/v1/webhook-endpoints",
+            "/api/v1/webhook-endpoints/{id}",
+            "/api/v1/webhook-endpoints/{id}/deliveries",
             "/health/live",
             "/health/ready",
         ] {

@@ -8,6 +8,7 @@
 //!                                              x-single-active-consumer: true
 //!                                              dead letters -> exchange orders.purchase.dlx (fanout)
 //!                                                              -> queue orders.purchase.dead
+//! exchange orders.events (topic) --"order.<status>"--> queues of the consumers' own
 //! ```
 //! An order's message goes to partition `partition_of(event_id, N)`, so all orders of one
 //! event sit in one queue and are allocated in arrival order by its single active consumer.
@@ -29,6 +30,8 @@ use crate::config::BrokerConfig;
 pub const PURCHASE_EXCHANGE: &str = "orders.purchase";
 pub const PURCHASE_DEAD_LETTER_EXCHANGE: &str = "orders.purchase.dlx";
 pub const PURCHASE_DEAD_LETTER_QUEUE: &str = "orders.purchase.dead";
+/// Topic exchange of order status changes (`order.<status>`, see `common::notifications`).
+pub const ORDER_EVENTS_EXCHANGE: &str = "orders.events";
 
 /// How long a publisher waits for the broker's confirm before it treats the publish as
 /// failed (the order then stays with the re-publisher).
@@ -69,7 +72,7 @@ pub fn partition_of(event_id: Uuid, partitions: u16) -> u16 {
     (hash % u64::from(partitions.max(1))) as u16
 }
 
-/// Declares the purchase topology. Idempotent: every process calls it on each channel it
+/// Declares the topology (purchase partitions, dead letters, order events). Idempotent: every process calls it on each channel it
 /// opens, with the same arguments (RabbitMQ refuses a re-declaration that differs).
 pub async fn declare_topology(channel: &Channel, partitions: u16) -> lapin::Result<()> {
     let durable = ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() };
@@ -77,6 +80,7 @@ pub async fn declare_topology(channel: &Channel, partitions: u16) -> lapin::Resu
     channel
         .exchange_declare(PURCHASE_DEAD_LETTER_EXCHANGE.into(), ExchangeKind::Fanout, durable, FieldTable::default())
         .await?;
+    channel.exchange_declare(ORDER_EVENTS_EXCHANGE.into(), ExchangeKind::Topic, durable, FieldTable::default()).await?;
     let queue_options = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
     let mut dead_args = FieldTable::default();
     dead_args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));

@@ -80,6 +80,21 @@ pub struct BrokerConfig {
     pub partitions: u16,
 }
 
+/// Where webhook endpoints may point. Private, loopback, link-local and other non-public
+/// addresses are refused (server-side request forgery), unless listed here.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct WebhookTargetConfig {
+    /// Non-public networks webhook endpoints may still point at, as comma-separated CIDRs
+    /// (e.g. `127.0.0.1/32` to test against a local receiver). Empty by default.
+    #[arg(
+        long = "webhook-allow-networks",
+        env = "WEBHOOK_ALLOW_NETWORKS",
+        value_delimiter = ',',
+        value_name = "CIDR,..."
+    )]
+    pub allow_networks: Vec<ipnet::IpNet>,
+}
+
 /// Everything the `api` process needs to serve HTTP.
 #[derive(Clone, Debug, clap::Args)]
 pub struct ApiConfig {
@@ -87,6 +102,8 @@ pub struct ApiConfig {
     pub database: DatabaseConfig,
     #[command(flatten)]
     pub broker: BrokerConfig,
+    #[command(flatten)]
+    pub webhook_targets: WebhookTargetConfig,
     /// Address the HTTP server binds to (port 0 picks a free port).
     #[arg(long = "bind-addr", env = "BIND_ADDR", default_value = "127.0.0.1:8080")]
     pub bind_addr: SocketAddr,
@@ -172,6 +189,27 @@ pub struct WorkerConfig {
     #[arg(long = "expiry-interval-ms", env = "EXPIRY_INTERVAL_MS", default_value_t = 1_000,
           value_parser = clap::value_parser!(u64).range(10..=3_600_000))]
     pub expiry_interval_ms: u64,
+    /// How often status changes are relayed to the `orders.events` exchange and turned into
+    /// webhook deliveries, in milliseconds (a full batch is followed by the next at once).
+    #[arg(long = "events-relay-interval-ms", env = "EVENTS_RELAY_INTERVAL_MS", default_value_t = 200,
+          value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    pub events_relay_interval_ms: u64,
+    #[command(flatten)]
+    pub webhook_targets: WebhookTargetConfig,
+    /// Waits between webhook delivery attempts: after the first failure the first wait, and
+    /// so on; when the list runs out the delivery is given up (`FAILED`). Each wait gets up
+    /// to 20% random jitter.
+    #[arg(long = "webhook-retry-schedule", env = "WEBHOOK_RETRY_SCHEDULE", value_delimiter = ',',
+          default_value = "5s,5m,30m,2h,5h,10h,10h", value_parser = humantime::parse_duration, value_name = "DURATIONS")]
+    pub webhook_retry_schedule: Vec<Duration>,
+    /// How long a webhook endpoint has to answer, in seconds (longer counts as a failure).
+    #[arg(long = "webhook-timeout-secs", env = "WEBHOOK_TIMEOUT_SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub webhook_timeout_secs: u64,
+    /// How often due webhook deliveries are looked for, in milliseconds.
+    #[arg(long = "webhook-poll-interval-ms", env = "WEBHOOK_POLL_INTERVAL_MS", default_value_t = 250,
+          value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    pub webhook_poll_interval_ms: u64,
     /// How often a worker refreshes its heartbeat and recomputes which partitions it
     /// prefers, in milliseconds. A worker unheard of for 5 heartbeats counts as gone.
     #[arg(long = "heartbeat-ms", env = "HEARTBEAT_MS", default_value_t = 2_000,
@@ -190,6 +228,14 @@ impl WorkerConfig {
 
     pub fn expiry_interval(&self) -> Duration {
         Duration::from_millis(self.expiry_interval_ms)
+    }
+
+    pub fn events_relay_interval(&self) -> Duration {
+        Duration::from_millis(self.events_relay_interval_ms)
+    }
+
+    pub fn webhook_poll_interval(&self) -> Duration {
+        Duration::from_millis(self.webhook_poll_interval_ms)
     }
 
     pub fn heartbeat(&self) -> Duration {

@@ -5,10 +5,12 @@ pub mod amqp;
 pub mod config;
 pub mod db;
 pub mod domain;
+pub mod notifications;
 pub mod order_changes;
 pub mod shutdown;
 pub mod standard_webhooks;
 pub mod telemetry;
+pub mod webhook_targets;
 
 /// Runs a binary's async main on a multi-threaded runtime and turns its error into one
 /// readable line on stderr and exit status 1 (rather than a debug dump).

@@ -364,6 +364,8 @@ impl TestApp {
             ("WEBHOOK_SECRET", WEBHOOK_SECRET.to_owned()),
             ("BIND_ADDR", "127.0.0.1:0".to_owned()),
             ("DATABASE_MAX_CONNECTIONS", "10".to_owned()),
+            // Webhook receivers in tests listen on loopback.
+            ("WEBHOOK_ALLOW_NETWORKS", "127.0.0.1/32".to_owned()),
         ];
         envs.extend(extra_env.iter().cloned());
         let (api, ready) = Process::spawn("api", &["serve"], &envs, Some("listening"));
@@ -382,6 +384,10 @@ impl TestApp {
             ("HEARTBEAT_MS", "200".to_owned()),
             ("REPUBLISH_INTERVAL_MS", "200".to_owned()),
             ("REPUBLISH_AFTER_SECS", "1".to_owned()),
+            ("EVENTS_RELAY_INTERVAL_MS", "50".to_owned()),
+            ("WEBHOOK_POLL_INTERVAL_MS", "50".to_owned()),
+            ("WEBHOOK_RETRY_SCHEDULE", "300ms,300ms,300ms".to_owned()),
+            ("WEBHOOK_ALLOW_NETWORKS", "127.0.0.1/32".to_owned()),
         ];
         envs.extend(extra_env.iter().cloned());
         Process::spawn("worker", &[], &envs, Some("worker ready")).0

@@ -1,11 +1,14 @@
 //! `worker`: Turnstile's background process. It consumes the purchase partitions and
 //! allocates tickets ([`allocate`]), shares the partitions with other workers
 //! ([`membership`]), re-publishes orders whose message may be missing ([`republish`]) and
-//! expires unpaid holds ([`expiry`]), all under one shutdown signal: on SIGTERM/Ctrl-C it
+//! expires unpaid holds ([`expiry`]), relays order events to the exchange and to webhook
+//! deliveries ([`events`]) and sends those ([`deliveries`]), all under one shutdown signal: on SIGTERM/Ctrl-C it
 //! stops consuming, lets the batch in hand finish (or leaves it unacked for redelivery) and
 //! exits.
 
 mod allocate;
+mod deliveries;
+mod events;
 mod expiry;
 mod membership;
 mod republish;
@@ -41,8 +44,8 @@ async fn run(config: WorkerConfig) -> anyhow::Result<()> {
     let db = common::db::connect(&config.database).await.context("connecting to PostgreSQL")?;
     common::db::migrate(&db).await.context("applying migrations")?;
     // Each partition consumer holds a connection of its own (one broken connection costs
-    // one partition a reconnect); the re-publisher borrows one more.
-    let amqp = common::amqp::pool(&config.broker, usize::from(config.broker.partitions) + 2)
+    // one partition a reconnect); the re-publisher and the events relay borrow one more each.
+    let amqp = common::amqp::pool(&config.broker, usize::from(config.broker.partitions) + 3)
         .context("creating the AMQP pool")?;
     let shutdown = common::shutdown::on_signal();
     let config = Arc::new(config);
@@ -71,6 +74,9 @@ async fn run(config: WorkerConfig) -> anyhow::Result<()> {
     let publisher = common::amqp::Publisher::new(amqp.clone(), partitions);
     tasks.spawn(republish::run(db.clone(), publisher, config.clone(), shutdown.clone()));
     tasks.spawn(expiry::run(db.clone(), config.expiry_interval(), shutdown.clone()));
+    tasks.spawn(events::run(db.clone(), amqp.clone(), config.events_relay_interval(), shutdown.clone()));
+    let deliverer = Arc::new(deliveries::Deliverer::new(db.clone(), &config).context("building the webhook client")?);
+    tasks.spawn(deliverer.run(config.webhook_poll_interval(), shutdown.clone()));
 
     tokio::select! {
         _ = shutdown.cancelled() => {}

@@ -8,6 +8,7 @@ pub mod me;
 pub mod orders;
 mod page;
 pub mod payments;
+pub mod webhook_endpoints;
 
 use axum::Router;
 use axum::body::Body;
@@ -38,7 +39,8 @@ pub fn app(state: AppState) -> Router {
         .merge(me::router())
         .merge(events::router())
         .merge(orders::router())
-        .merge(payments::router());
+        .merge(payments::router())
+        .merge(webhook_endpoints::router());
     Router::new()
         .nest("/api/v1", api)
         .merge(health::router())

@@ -1,0 +1,82 @@
+//! The order event other systems consume, in one JSON shape whether it comes from the
+//! `orders.events` exchange (routing key `order.<status>`) or a webhook delivery:
+//!
+//! ```json
+//! {"type": "order.paid", "version": 1, "id": "evt_1234", "timestamp": "…",
+//!  "data": {"id": "…", "user_id": "…", "event_id": "…", "quantity": 2, "unit_price": "49.90",
+//!           "total": "99.80", "status": "PAID", "reason": null, "created_at": "…",
+//!           "expires_at": "…"}}
+//! ```
+//!
+//! `id` is unique per status change (the same on a re-publish, so consumers can drop
+//! duplicates); `timestamp` is when the order took the status. Fields may be added within a
+//! version; a change that breaks consumers bumps `version`.
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::domain::OrderStatus;
+
+/// The version of the event's shape.
+pub const VERSION: u32 = 1;
+
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+pub struct OrderNotification {
+    /// `order.queued`, `order.pending`, `order.paid`, `order.rejected`, `order.expired` or
+    /// `order.cancelled`; also the routing key on `orders.events`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub version: u32,
+    /// `evt_<n>`: unique per status change.
+    pub id: String,
+    /// When the order took this status.
+    pub timestamp: DateTime<Utc>,
+    pub data: OrderSnapshot,
+}
+
+/// The order as of the status change.
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema, sqlx::FromRow)]
+pub struct OrderSnapshot {
+    pub id: Uuid,
+    pub user_id: Uuid,
+    pub event_id: Uuid,
+    pub quantity: i32,
+    #[schema(value_type = String, example = "49.90")]
+    #[serde(serialize_with = "crate::domain::money::serialize")]
+    pub unit_price: Decimal,
+    #[schema(value_type = String, example = "99.80")]
+    #[serde(serialize_with = "crate::domain::money::serialize")]
+    pub total: Decimal,
+    pub status: OrderStatus,
+    pub reason: Option<String>,
+    pub created_at: DateTime<Utc>,
+    /// Until when `PENDING` tickets are held.
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// The event type (and routing key) of a status: `order.<status in lower case>`.
+pub fn event_type(status: OrderStatus) -> String {
+    format!("order.{}", status.as_str().to_ascii_lowercase())
+}
+
+impl OrderNotification {
+    pub fn new(history_id: i64, timestamp: DateTime<Utc>, data: OrderSnapshot) -> Self {
+        Self { kind: event_type(data.status), version: VERSION, id: format!("evt_{history_id}"), timestamp, data }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn types_are_lower_case_statuses() {
+        let types: Vec<String> = OrderStatus::ALL.into_iter().map(event_type).collect();
+        assert_eq!(
+            types,
+            ["order.queued", "order.pending", "order.paid", "order.rejected", "order.expired", "order.cancelled"]
+        );
+    }
+}

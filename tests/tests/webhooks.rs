@@ -1,0 +1,393 @@
+//! Order results without polling: webhook endpoints receiving signed, durable, retried
+//! deliveries (checked by a real HTTP receiver that verifies signatures with this crate's
+//! own implementation of the spec), and queue consumers bound to `orders.events`.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::http::{HeaderMap, StatusCode};
+use base64::Engine as _;
+use futures_util::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use serde_json::{Value, json};
+use tests::{TestApp, sign_webhook};
+use uuid::Uuid;
+
+/// What the receiver got: one entry per request.
+#[derive(Clone, Debug)]
+struct Received {
+    id: String,
+    timestamp: String,
+    signature: String,
+    body: String,
+}
+
+/// An HTTP server on a random loopback port that records every request and answers with
+/// the scripted statuses in turn (then `default`).
+struct Receiver {
+    url: String,
+    requests: Arc<Mutex<Vec<Received>>>,
+}
+
+impl Receiver {
+    async fn start(script: Vec<u16>, default: u16) -> Self {
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let script = Arc::new(Mutex::new(VecDeque::from(script)));
+        let recorded = requests.clone();
+        let handler = move |headers: HeaderMap, body: Bytes| {
+            let recorded = recorded.clone();
+            let script = script.clone();
+            async move {
+                let header =
+                    |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+                recorded.lock().unwrap().push(Received {
+                    id: header("webhook-id"),
+                    timestamp: header("webhook-timestamp"),
+                    signature: header("webhook-signature"),
+                    body: String::from_utf8_lossy(&body).into_owned(),
+                });
+                let status = script.lock().unwrap().pop_front().unwrap_or(default);
+                StatusCode::from_u16(status).unwrap()
+            }
+        };
+        let app = axum::Router::new().route("/hooks", axum::routing::post(handler));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hooks", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Receiver { url, requests }
+    }
+
+    fn requests(&self) -> Vec<Received> {
+        self.requests.lock().unwrap().clone()
+    }
+
+    /// Waits until `check` holds for the requests received so far.
+    async fn wait_for(&self, what: &str, check: impl Fn(&[Received]) -> bool) -> Vec<Received> {
+        for _ in 0..300 {
+            let requests = self.requests();
+            if check(&requests) {
+                return requests;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("receiver never saw {what}; got {:?}", self.requests());
+    }
+}
+
+/// Checks a request's signature with the secret shown at registration (`whsec_<base64>`),
+/// independently of the api's code, and that its timestamp is recent.
+fn assert_signed(request: &Received, secret: &str) {
+    let key = base64::engine::general_purpose::STANDARD.decode(secret.strip_prefix("whsec_").unwrap()).unwrap();
+    let timestamp: i64 = request.timestamp.parse().expect("numeric webhook-timestamp");
+    assert!((chrono::Utc::now().timestamp() - timestamp).abs() < 300, "stale timestamp {timestamp}");
+    let expected = sign_webhook(&key, &request.id, timestamp, &request.body);
+    assert!(request.signature.split(' ').any(|s| s == expected), "bad signature on {request:?}");
+}
+
+async fn register(app: &TestApp, token: &str, url: &str) -> (Uuid, String) {
+    let res =
+        app.post("/api/v1/webhook-endpoints", &json!({"url": url, "description": "test receiver"}), Some(token)).await;
+    assert_eq!(res.status, 201, "{}", res.body);
+    let secret = res.json["secret"].as_str().expect("secret shown at registration").to_owned();
+    assert!(secret.starts_with("whsec_"), "{secret}");
+    (res.json["id"].as_str().unwrap().parse().unwrap(), secret)
+}
+
+fn types_for(requests: &[Received], order: Uuid) -> Vec<String> {
+    let mut types: Vec<String> = requests
+        .iter()
+        .filter_map(|r| serde_json::from_str::<Value>(&r.body).ok())
+        .filter(|body| body["data"]["id"] == order.to_string())
+        .map(|body| body["type"].as_str().unwrap().to_owned())
+        .collect();
+    types.sort();
+    types.dedup();
+    types
+}
+
+async fn deliveries(app: &TestApp, token: &str, endpoint: Uuid) -> Vec<Value> {
+    let res = app.get(&format!("/api/v1/webhook-endpoints/{endpoint}/deliveries"), Some(token)).await;
+    assert_eq!(res.status, 200, "{}", res.body);
+    res.json.as_array().unwrap().clone()
+}
+
+#[tokio::test]
+async fn status_changes_reach_webhooks_and_queue_consumers() {
+    let app = TestApp::spawn().await;
+    let _worker = app.spawn_worker(&[]);
+    let admin = app.admin().await;
+    let event = app.event_with(&admin, 10, 4).await;
+    let buyers = app.buyers(2).await;
+    let (buyer, stranger) = (buyers[0].1.as_str(), buyers[1].1.as_str());
+    let receiver = Receiver::start(vec![], 200).await;
+    let (endpoint, secret) = register(&app, buyer, &receiver.url).await;
+
+    // A queue consumer of its own, bound to every order event.
+    let connection = app.broker.connect().await;
+    let channel = connection.create_channel().await.unwrap();
+    let queue = channel
+        .queue_declare("".into(), QueueDeclareOptions { exclusive: true, ..Default::default() }, FieldTable::default())
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            queue.name().clone(),
+            "orders.events".into(),
+            "order.#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut consumer = channel
+        .basic_consume(queue.name().clone(), "test".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+
+    let order = app.pending_order(buyer, event, 2).await;
+    assert_eq!(app.payment(order, &json!({"status": "PAID"})).await.status, 204);
+
+    // The queue consumer sees every transition of the order, in order.
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let delivery = tokio::time::timeout(Duration::from_secs(30), consumer.next())
+            .await
+            .expect("an order event within 30 s")
+            .unwrap()
+            .unwrap();
+        let body: Value = serde_json::from_slice(&delivery.data).unwrap();
+        assert_eq!(delivery.routing_key.as_str(), body["type"].as_str().unwrap());
+        assert_eq!(body["version"], 1);
+        assert!(body["id"].as_str().unwrap().starts_with("evt_"), "{body}");
+        assert_eq!(body["data"]["quantity"], 2);
+        assert_eq!(body["data"]["total"], "99.80");
+        delivery.ack(BasicAckOptions::default()).await.unwrap();
+        if body["data"]["id"] == order.to_string() {
+            seen.push((body["type"].as_str().unwrap().to_owned(), body["data"]["status"].as_str().unwrap().to_owned()));
+        }
+    }
+    assert_eq!(
+        seen,
+        [("order.queued", "QUEUED"), ("order.pending", "PENDING"), ("order.paid", "PAID")]
+            .map(|(t, s)| (t.to_owned(), s.to_owned()))
+    );
+
+    // The webhook endpoint gets the same three, each signed, each under its own webhook-id.
+    let requests = receiver.wait_for("three events", |r| types_for(r, order).len() == 3).await;
+    assert_eq!(types_for(&requests, order), ["order.paid", "order.pending", "order.queued"]);
+    for request in &requests {
+        assert_signed(request, &secret);
+    }
+    let ids: std::collections::HashSet<&str> = requests.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(ids.len(), requests.len(), "one request per delivery, each with its own webhook-id");
+
+    // The delivery log: one successful attempt each.
+    let log = deliveries(&app, buyer, endpoint).await;
+    assert_eq!(log.len(), 3, "{log:?}");
+    for delivery in &log {
+        assert_eq!(delivery["status"], "SUCCEEDED", "{delivery}");
+        assert_eq!(delivery["attempts"].as_array().unwrap().len(), 1, "{delivery}");
+        assert_eq!(delivery["attempts"][0]["status_code"], 200);
+        assert!(delivery["next_attempt_at"].is_null());
+    }
+
+    // The secret is never shown again, and nobody else sees or deletes the endpoint.
+    let list = app.get("/api/v1/webhook-endpoints", Some(buyer)).await;
+    assert_eq!(list.json.as_array().unwrap().len(), 1);
+    assert!(list.json[0].get("secret").is_none(), "{}", list.body);
+    assert_eq!(app.get("/api/v1/webhook-endpoints", Some(stranger)).await.json, json!([]));
+    let path = format!("/api/v1/webhook-endpoints/{endpoint}");
+    app.get(&format!("{path}/deliveries"), Some(stranger)).await.assert_error(404, "not_found");
+    let res = app.client.delete(app.url(&path)).bearer_auth(stranger).send().await.unwrap();
+    assert_eq!(res.status(), 404);
+    let res = app.client.delete(app.url(&path)).bearer_auth(buyer).send().await.unwrap();
+    assert_eq!(res.status(), 204);
+    assert_eq!(app.get("/api/v1/webhook-endpoints", Some(buyer)).await.json, json!([]));
+}
+
+#[tokio::test]
+async fn failed_deliveries_are_retried_under_the_same_id() {
+    let app = TestApp::spawn().await;
+    let _worker = app.spawn_worker(&[]);
+    let admin = app.admin().await;
+    let event = app.event_with(&admin, 10, 4).await;
+    let buyers = app.buyers(1).await;
+    let buyer = buyers[0].1.as_str();
+    // The first three requests fail (two errors and a hang past nothing: just statuses).
+    let receiver = Receiver::start(vec![500, 503, 429], 200).await;
+    let (endpoint, secret) = register(&app, buyer, &receiver.url).await;
+
+    let order = app.pending_order(buyer, event, 1).await;
+    receiver.wait_for("both events acknowledged", |r| r.len() >= 5).await;
+    let log = receiver.wait_for("both events", |r| types_for(r, order).len() == 2).await;
+    for request in &log {
+        assert_signed(request, &secret);
+    }
+    // Wait for the delivery log to settle, then compare it with what the receiver saw.
+    let mut settled = Vec::new();
+    for _ in 0..100 {
+        settled = deliveries(&app, buyer, endpoint).await;
+        if settled.len() == 2 && settled.iter().all(|d| d["status"] == "SUCCEEDED") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(settled.iter().all(|d| d["status"] == "SUCCEEDED"), "{settled:?}");
+    let mut per_id: HashMap<String, usize> = HashMap::new();
+    for request in receiver.requests() {
+        *per_id.entry(request.id).or_default() += 1;
+    }
+    let mut codes = Vec::new();
+    for delivery in &settled {
+        let attempts = delivery["attempts"].as_array().unwrap();
+        assert_eq!(per_id[delivery["id"].as_str().unwrap()], attempts.len(), "every attempt reused the webhook-id");
+        assert_eq!(attempts.last().unwrap()["status_code"], 200);
+        codes.extend(attempts.iter().map(|a| a["status_code"].as_i64().unwrap()));
+    }
+    codes.sort();
+    assert_eq!(codes, [200, 200, 429, 500, 503], "three failures, then both delivered");
+}
+
+#[tokio::test]
+async fn an_endpoint_answering_410_is_disabled() {
+    let app = TestApp::spawn().await;
+    let _worker = app.spawn_worker(&[]);
+    let admin = app.admin().await;
+    let event = app.event_with(&admin, 10, 4).await;
+    let buyers = app.buyers(1).await;
+    let buyer = buyers[0].1.as_str();
+    let receiver = Receiver::start(vec![], 410).await;
+    let (endpoint, _) = register(&app, buyer, &receiver.url).await;
+
+    let order = app.pending_order(buyer, event, 1).await;
+    receiver.wait_for("a request", |r| !r.is_empty()).await;
+    let mut list = Value::Null;
+    for _ in 0..100 {
+        list = app.get("/api/v1/webhook-endpoints", Some(buyer)).await.json;
+        if list[0]["enabled"] == false {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(list[0]["enabled"], false, "{list}");
+    assert!(list[0]["disabled_reason"].as_str().unwrap().contains("410"), "{list}");
+
+    // Nothing more is sent: not the pending event's, not the payment's.
+    assert_eq!(app.payment(order, &json!({"status": "PAID"})).await.status, 204);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let sent = receiver.requests().len();
+    assert!(sent <= 2, "at most the two events already in flight were sent, got {sent}");
+    let log = deliveries(&app, buyer, endpoint).await;
+    assert!(log.iter().all(|d| d["status"] == "ABANDONED"), "{log:?}");
+    assert!(log.iter().all(|d| d["event_type"] != "order.paid"), "no delivery is created for a disabled endpoint");
+}
+
+#[tokio::test]
+async fn a_delivery_survives_the_worker_being_killed_between_attempts() {
+    let app = TestApp::spawn().await;
+    let slow_retries = [("WEBHOOK_RETRY_SCHEDULE", "3s".to_owned())];
+    let mut worker = app.spawn_worker(&slow_retries);
+    let admin = app.admin().await;
+    let event = app.event_with(&admin, 10, 4).await;
+    let buyers = app.buyers(1).await;
+    let buyer = buyers[0].1.as_str();
+    let receiver = Receiver::start(vec![500, 500], 200).await;
+    let (endpoint, secret) = register(&app, buyer, &receiver.url).await;
+
+    let order = app.pending_order(buyer, event, 1).await;
+    let first = receiver.wait_for("the failing first attempts", |r| r.len() >= 2).await;
+    // Kill the worker once both failures are recorded, while their retries are scheduled.
+    for _ in 0..100 {
+        let log = deliveries(&app, buyer, endpoint).await;
+        if log.len() == 2 && log.iter().all(|d| d["attempts"].as_array().unwrap().len() == 1) {
+            assert!(log.iter().all(|d| d["status"] == "PENDING" && d["next_attempt_at"].is_string()), "{log:?}");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    worker.kill();
+    let _successor = app.spawn_worker(&slow_retries);
+    let requests = receiver.wait_for("both events again", |r| r.len() >= 4).await;
+    assert_eq!(types_for(&requests, order), ["order.pending", "order.queued"]);
+    for request in &requests {
+        assert_signed(request, &secret);
+    }
+    // The retries went out under the ids of the failed attempts.
+    let retried: std::collections::HashSet<&str> = requests[2..].iter().map(|r| r.id.as_str()).collect();
+    let failed: std::collections::HashSet<&str> = first.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(retried, failed);
+}
+
+#[tokio::test]
+async fn endpoints_must_be_public_http_urls() {
+    // Only a documentation network is allowed: loopback is refused like any private target.
+    let app = TestApp::spawn_with(&[("WEBHOOK_ALLOW_NETWORKS", "192.0.2.0/24".to_owned())]).await;
+    let buyers = app.buyers(1).await;
+    let buyer = buyers[0].1.as_str();
+    let create = |url: &str| {
+        let body = json!({ "url": url });
+        let app = &app;
+        async move { app.post("/api/v1/webhook-endpoints", &body, Some(buyer)).await }
+    };
+
+    for refused in [
+        "http://127.0.0.1:8080/hooks",
+        "http://169.254.169.254/latest/meta-data",
+        "http://10.0.0.7/",
+        "http://[::1]/",
+        "http://localhost/",
+    ] {
+        create(refused).await.assert_error(422, "url_not_allowed");
+    }
+    for invalid in ["ftp://example.com/", "not a url", "https://user:pw@example.com/", "http://"] {
+        create(invalid).await.assert_error(422, "invalid_url");
+    }
+    let allowed = create("http://192.0.2.10/hooks").await;
+    assert_eq!(allowed.status, 201, "{}", allowed.body);
+    app.post("/api/v1/webhook-endpoints", &json!({"description": "no url"}), Some(buyer))
+        .await
+        .assert_error(422, "invalid_body");
+    let long = "d".repeat(501);
+    let res = app
+        .post("/api/v1/webhook-endpoints", &json!({"url": "http://192.0.2.10/", "description": long}), Some(buyer))
+        .await;
+    res.assert_error(422, "invalid_description");
+    app.post("/api/v1/webhook-endpoints", &json!({"url": "http://192.0.2.10/"}), None)
+        .await
+        .assert_error(401, "unauthorized");
+    for _ in 1..10 {
+        assert_eq!(create("http://192.0.2.10/hooks").await.status, 201);
+    }
+    create("http://192.0.2.10/hooks").await.assert_error(422, "too_many_endpoints");
+}
+
+#[tokio::test]
+async fn two_workers_send_each_delivery_once() {
+    let app = TestApp::spawn().await;
+    let _first = app.spawn_worker(&[]);
+    let _second = app.spawn_worker(&[]);
+    let admin = app.admin().await;
+    let event = app.event_with(&admin, 100, 4).await;
+    let buyers = app.buyers(1).await;
+    let buyer = buyers[0].1.as_str();
+    let receiver = Receiver::start(vec![], 200).await;
+    let (_, secret) = register(&app, buyer, &receiver.url).await;
+
+    let orders = futures_util::future::join_all((0..15).map(|_| app.order(buyer, event, 1, None))).await;
+    assert!(orders.iter().all(|r| r.status == 202));
+    app.wait_until_final(Duration::from_secs(30)).await;
+    // 15 orders, each QUEUED then PENDING: 30 deliveries.
+    let requests = receiver.wait_for("30 deliveries", |r| r.len() >= 30).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let requests = if receiver.requests().len() > requests.len() { receiver.requests() } else { requests };
+    let mut per_id: HashMap<&str, usize> = HashMap::new();
+    for request in &requests {
+        assert_signed(request, &secret);
+        *per_id.entry(request.id.as_str()).or_default() += 1;
+    }
+    assert_eq!(per_id.len(), 30, "30 distinct deliveries");
+    assert!(per_id.values().all(|n| *n == 1), "a delivery was sent twice: {per_id:?}");
+}

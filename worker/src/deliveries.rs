@@ -1,0 +1,300 @@
+//! Webhook deliveries: sends each due delivery to its endpoint, signed per Standard Webhooks
+//! with the endpoint's secret, and records every attempt. A 2xx answer is success; a 410
+//! disables the endpoint; anything else (other statuses, timeouts, refused connections) is
+//! retried on `WEBHOOK_RETRY_SCHEDULE` with jitter, then given up (`FAILED`).
+//!
+//! Deliveries are rows, so a restart loses none. A worker takes a delivery by stamping a
+//! lease on it (`FOR UPDATE SKIP LOCKED`, lease longer than the request timeout), so two
+//! workers never send the same attempt at once; a worker that dies mid-attempt leaves a
+//! lease that runs out, and the delivery is sent again (receivers de-duplicate by
+//! `webhook-id`, which stays the same).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use common::config::WorkerConfig;
+use common::standard_webhooks::{self, SigningKey};
+use common::webhook_targets::TargetPolicy;
+use futures_util::future::join_all;
+use reqwest::dns::{Addrs, Name, Resolve, Resolving};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// Deliveries taken per round, sent concurrently.
+const ROUND: i64 = 32;
+/// Kept of an error message in the attempt log.
+const MAX_ERROR_CHARS: usize = 500;
+
+pub struct Deliverer {
+    db: PgPool,
+    client: reqwest::Client,
+    policy: Arc<TargetPolicy>,
+    schedule: Vec<Duration>,
+    lease: Duration,
+}
+
+#[derive(sqlx::FromRow)]
+struct Due {
+    id: Uuid,
+    endpoint_id: Uuid,
+    attempts: i32,
+    payload: String,
+    url: String,
+    secret: String,
+    enabled: bool,
+}
+
+/// What one attempt came to.
+enum Outcome {
+    Delivered(u16),
+    Gone,
+    Failed { status: Option<u16>, error: Option<String> },
+}
+
+impl Deliverer {
+    pub fn new(db: PgPool, config: &WorkerConfig) -> anyhow::Result<Self> {
+        let policy = Arc::new(TargetPolicy::new(config.webhook_targets.allow_networks.clone()));
+        let timeout = Duration::from_secs(config.webhook_timeout_secs);
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            // A redirect could lead anywhere, including where the resolver would not go.
+            .redirect(reqwest::redirect::Policy::none())
+            .dns_resolver(Arc::new(GuardedResolver(policy.clone())))
+            .user_agent(concat!("Turnstile-Webhooks/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Self {
+            db,
+            client,
+            policy,
+            schedule: config.webhook_retry_schedule.clone(),
+            lease: timeout + Duration::from_secs(30),
+        })
+    }
+
+    pub async fn run(self: Arc<Self>, interval: Duration, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+            // Keep going while full rounds come back.
+            loop {
+                match self.claim().await {
+                    Ok(due) => {
+                        let full = due.len() == ROUND as usize;
+                        join_all(due.into_iter().map(|delivery| self.deliver(delivery))).await;
+                        if !full || shutdown.is_cancelled() {
+                            break;
+                        }
+                    }
+                    Err(err) => {
+                        tracing::warn!(error = %err, "claiming webhook deliveries failed");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes a round of due deliveries under a fresh lease.
+    async fn claim(&self) -> sqlx::Result<Vec<(Uuid, Due)>> {
+        let lease_id = Uuid::new_v4();
+        let due: Vec<Due> = sqlx::query_as(
+            "UPDATE webhook_deliveries d
+             SET lease_id = $1, leased_until = now() + make_interval(secs => $2)
+             FROM webhook_endpoints e
+             WHERE e.id = d.endpoint_id AND d.id IN (
+                 SELECT id FROM webhook_deliveries
+                 WHERE status = 'PENDING' AND next_attempt_at <= now()
+                   AND (leased_until IS NULL OR leased_until < now())
+                 ORDER BY next_attempt_at LIMIT $3
+                 FOR UPDATE SKIP LOCKED)
+             RETURNING d.id, d.endpoint_id, d.attempts, d.payload, e.url, e.secret, e.enabled",
+        )
+        .bind(lease_id)
+        .bind(self.lease.as_secs_f64())
+        .bind(ROUND)
+        .fetch_all(&self.db)
+        .await?;
+        Ok(due.into_iter().map(|delivery| (lease_id, delivery)).collect())
+    }
+
+    async fn deliver(&self, (lease_id, delivery): (Uuid, Due)) {
+        if !delivery.enabled {
+            let result = sqlx::query(
+                "UPDATE webhook_deliveries SET status = 'ABANDONED', next_attempt_at = NULL, lease_id = NULL,
+                        updated_at = now()
+                 WHERE id = $1 AND lease_id = $2",
+            )
+            .bind(delivery.id)
+            .bind(lease_id)
+            .execute(&self.db)
+            .await;
+            if let Err(err) = result {
+                tracing::warn!(error = %err, delivery_id = %delivery.id, "cannot abandon a delivery");
+            }
+            return;
+        }
+        let started = Instant::now();
+        let outcome = self.send(&delivery).await;
+        let latency = i32::try_from(started.elapsed().as_millis()).unwrap_or(i32::MAX);
+        if let Err(err) = self.record(lease_id, &delivery, &outcome, latency).await {
+            tracing::warn!(error = %err, delivery_id = %delivery.id, "cannot record a webhook attempt; it will be retried");
+        }
+    }
+
+    async fn send(&self, delivery: &Due) -> Outcome {
+        let url = match self.policy.parse(&delivery.url) {
+            Ok(url) => url,
+            Err(err) => return Outcome::Failed { status: None, error: Some(err.to_string()) },
+        };
+        // Literal addresses never reach the resolver: check them here.
+        let literal = match url.host() {
+            Some(url::Host::Ipv4(ip)) => Some(std::net::IpAddr::V4(ip)),
+            Some(url::Host::Ipv6(ip)) => Some(std::net::IpAddr::V6(ip)),
+            _ => None,
+        };
+        if let Some(ip) = literal.filter(|ip| !self.policy.permits(*ip)) {
+            return Outcome::Failed { status: None, error: Some(format!("address {ip} is not allowed")) };
+        }
+        let key =
+            match delivery.secret.strip_prefix("whsec_").map(|s| base64::engine::general_purpose::STANDARD.decode(s)) {
+                Some(Ok(key)) => SigningKey::new(key),
+                _ => {
+                    return Outcome::Failed { status: None, error: Some("the endpoint's secret is unreadable".into()) };
+                }
+            };
+        let webhook_id = delivery.id.to_string();
+        let timestamp = chrono::Utc::now().timestamp();
+        let signature = key.sign(&webhook_id, timestamp, delivery.payload.as_bytes());
+        let response = self
+            .client
+            .post(url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(standard_webhooks::HEADER_ID, &webhook_id)
+            .header(standard_webhooks::HEADER_TIMESTAMP, timestamp.to_string())
+            .header(standard_webhooks::HEADER_SIGNATURE, signature)
+            .body(delivery.payload.clone())
+            .send()
+            .await;
+        match response {
+            Ok(response) if response.status().is_success() => Outcome::Delivered(response.status().as_u16()),
+            Ok(response) if response.status() == reqwest::StatusCode::GONE => Outcome::Gone,
+            Ok(response) => Outcome::Failed { status: Some(response.status().as_u16()), error: None },
+            Err(err) => Outcome::Failed { status: None, error: Some(describe(&err)) },
+        }
+    }
+
+    /// Writes the attempt and what follows from it, if this worker still holds the lease.
+    async fn record(&self, lease_id: Uuid, delivery: &Due, outcome: &Outcome, latency_ms: i32) -> sqlx::Result<()> {
+        let (status_code, error) = match outcome {
+            Outcome::Delivered(status) => (Some(*status), None),
+            Outcome::Gone => (Some(410), None),
+            Outcome::Failed { status, error } => (*status, error.clone()),
+        };
+        let mut tx = self.db.begin().await?;
+        sqlx::query(
+            "INSERT INTO webhook_attempts (delivery_id, status_code, latency_ms, error) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(delivery.id)
+        .bind(status_code.map(|s| s as i16))
+        .bind(latency_ms)
+        .bind(error.map(|e| e.chars().take(MAX_ERROR_CHARS).collect::<String>()))
+        .execute(&mut *tx)
+        .await?;
+        let attempts = delivery.attempts + 1;
+        let (status, retry_in) = match outcome {
+            Outcome::Delivered(_) => ("SUCCEEDED", None),
+            Outcome::Gone => ("ABANDONED", None),
+            Outcome::Failed { .. } => match self.schedule.get(usize::try_from(delivery.attempts).unwrap_or(usize::MAX))
+            {
+                Some(wait) => ("PENDING", Some(with_jitter(*wait))),
+                None => ("FAILED", None),
+            },
+        };
+        sqlx::query(
+            "UPDATE webhook_deliveries
+             SET status = $3, attempts = $4, lease_id = NULL, leased_until = NULL, updated_at = now(),
+                 next_attempt_at = CASE WHEN $3 = 'PENDING' THEN now() + make_interval(secs => $5) END
+             WHERE id = $1 AND lease_id = $2",
+        )
+        .bind(delivery.id)
+        .bind(lease_id)
+        .bind(status)
+        .bind(attempts)
+        .bind(retry_in.unwrap_or_default().as_secs_f64())
+        .execute(&mut *tx)
+        .await?;
+        if matches!(outcome, Outcome::Gone) {
+            // The receiver says the endpoint is gone for good: stop sending to it.
+            sqlx::query(
+                "UPDATE webhook_endpoints SET enabled = false, disabled_reason = 'the endpoint answered 410 Gone',
+                        updated_at = now()
+                 WHERE id = $1",
+            )
+            .bind(delivery.endpoint_id)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "UPDATE webhook_deliveries SET status = 'ABANDONED', next_attempt_at = NULL, updated_at = now()
+                 WHERE endpoint_id = $1 AND status = 'PENDING' AND lease_id IS NULL",
+            )
+            .bind(delivery.endpoint_id)
+            .execute(&mut *tx)
+            .await?;
+            tracing::info!(endpoint_id = %delivery.endpoint_id, "webhook endpoint answered 410; disabled");
+        }
+        tx.commit().await?;
+        tracing::info!(delivery_id = %delivery.id, attempts, status, code = status_code, latency_ms, "webhook attempt");
+        Ok(())
+    }
+}
+
+/// `wait` plus up to 20% more, so that retries after an outage do not arrive all at once.
+fn with_jitter(wait: Duration) -> Duration {
+    wait.mul_f64(1.0 + rand::random_range(0.0..0.2))
+}
+
+/// A short, safe description of a failed request: what kind of failure, and the cause.
+fn describe(err: &reqwest::Error) -> String {
+    let kind = if err.is_timeout() {
+        "timed out"
+    } else if err.is_connect() {
+        "could not connect"
+    } else if err.is_redirect() {
+        "redirects are not followed"
+    } else {
+        "request failed"
+    };
+    let mut cause = String::new();
+    let mut source = std::error::Error::source(err);
+    while let Some(inner) = source {
+        cause = inner.to_string();
+        source = inner.source();
+    }
+    if cause.is_empty() { kind.to_owned() } else { format!("{kind}: {cause}") }
+}
+
+/// Resolves names with the system resolver and drops every address the policy refuses, so a
+/// name that resolves somewhere private is never connected to.
+struct GuardedResolver(Arc<TargetPolicy>);
+
+impl Resolve for GuardedResolver {
+    fn resolve(&self, name: Name) -> Resolving {
+        let policy = self.0.clone();
+        Box::pin(async move {
+            let host = name.as_str().to_owned();
+            let resolved: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let permitted: Vec<SocketAddr> =
+                resolved.into_iter().filter(|address| policy.permits(address.ip())).collect();
+            if permitted.is_empty() {
+                return Err(format!("{host} resolves only to addresses that are not allowed").into());
+            }
+            Ok(Box::new(permitted.into_iter()) as Addrs)
+        })
+    }
+}

@@ -1,0 +1,198 @@
+//! The order events relay: `order_history` is the outbox of status changes. Each change is
+//! published to the `orders.events` topic exchange (persistent, with publisher confirms)
+//! and turned into one webhook delivery per enabled endpoint of the order's owner, and only
+//! then marked relayed, all in one transaction. A broker blip after a status change
+//! therefore delays its event but never loses it; a crash between publish and commit
+//! publishes it again (consumers drop duplicates by `id`).
+//!
+//! One relay runs at a time across all workers (a transaction-scoped advisory lock), which
+//! keeps each order's events in the order of its changes.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use common::amqp::{CONFIRM_TIMEOUT, ORDER_EVENTS_EXCHANGE};
+use common::notifications::{OrderNotification, OrderSnapshot};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Channel, Confirmation};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::retry::Backoff;
+
+/// Status changes relayed per transaction.
+const BATCH: i64 = 500;
+/// The advisory lock that makes the relay a singleton (an arbitrary, fixed number).
+const RELAY_LOCK: i64 = 0x7475_726e_7374_696c;
+
+#[derive(sqlx::FromRow)]
+struct Change {
+    history_id: i64,
+    at: DateTime<Utc>,
+    #[sqlx(flatten)]
+    order: OrderSnapshot,
+}
+
+pub async fn run(db: PgPool, amqp: deadpool_lapin::Pool, interval: Duration, shutdown: CancellationToken) {
+    let mut relay = Relay { db, amqp, channel: None };
+    let mut backoff = Backoff::default();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        loop {
+            match relay.batch().await {
+                Ok(relayed) => {
+                    backoff.reset();
+                    if relayed < BATCH as usize || shutdown.is_cancelled() {
+                        break;
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(error = format!("{err:#}"), "relaying order events failed; retrying");
+                    relay.channel = None;
+                    if !backoff.wait(&shutdown).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+struct Relay {
+    db: PgPool,
+    amqp: deadpool_lapin::Pool,
+    /// A confirm-mode channel, kept across batches.
+    channel: Option<(deadpool_lapin::Object, Channel)>,
+}
+
+impl Relay {
+    async fn batch(&mut self) -> anyhow::Result<usize> {
+        let mut tx = self.db.begin().await?;
+        let leader: bool =
+            sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)").bind(RELAY_LOCK).fetch_one(&mut *tx).await?;
+        if !leader {
+            return Ok(0);
+        }
+        let changes: Vec<Change> = sqlx::query_as(
+            "SELECT h.id AS history_id, h.at, o.id, o.user_id, o.event_id, o.quantity, o.unit_price, o.total,
+                    h.status, h.reason, o.created_at, o.expires_at
+             FROM order_history h JOIN orders o ON o.id = h.order_id
+             WHERE h.relayed_at IS NULL ORDER BY h.id LIMIT $1",
+        )
+        .bind(BATCH)
+        .fetch_all(&mut *tx)
+        .await?;
+        if changes.is_empty() {
+            return Ok(0);
+        }
+        let history_ids: Vec<i64> = changes.iter().map(|c| c.history_id).collect();
+        let notifications: Vec<OrderNotification> =
+            changes.into_iter().map(|c| OrderNotification::new(c.history_id, c.at, c.order)).collect();
+        let payloads: Vec<String> =
+            notifications.iter().map(serde_json::to_string).collect::<Result<_, _>>().context("serialising events")?;
+
+        self.publish(&notifications, &payloads).await?;
+        create_deliveries(&mut tx, &notifications, &payloads).await?;
+        sqlx::query("UPDATE order_history SET relayed_at = now() WHERE id = ANY($1)")
+            .bind(&history_ids)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(notifications.len())
+    }
+
+    /// Publishes every event, then waits for all the broker's confirms.
+    async fn publish(&mut self, notifications: &[OrderNotification], payloads: &[String]) -> anyhow::Result<()> {
+        let channel = self.channel().await?;
+        let mut confirms = Vec::with_capacity(payloads.len());
+        for (notification, payload) in notifications.iter().zip(payloads) {
+            let properties = BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_content_type("application/json".into())
+                .with_message_id(notification.id.as_str().into())
+                .with_type(notification.kind.as_str().into())
+                .with_timestamp(u64::try_from(notification.timestamp.timestamp()).unwrap_or_default());
+            let confirm = channel
+                .basic_publish(
+                    ORDER_EVENTS_EXCHANGE.into(),
+                    notification.kind.as_str().into(),
+                    BasicPublishOptions::default(),
+                    payload.as_bytes(),
+                    properties,
+                )
+                .await?;
+            confirms.push(confirm);
+        }
+        tokio::time::timeout(CONFIRM_TIMEOUT, async {
+            for confirm in confirms {
+                match confirm.await? {
+                    Confirmation::Nack(_) => anyhow::bail!("the broker refused an order event"),
+                    Confirmation::NotRequested => anyhow::bail!("channel is not in confirm mode"),
+                    Confirmation::Ack(_) => {}
+                }
+            }
+            Ok(())
+        })
+        .await
+        .context("waiting for the broker's confirms")?
+    }
+
+    async fn channel(&mut self) -> anyhow::Result<Channel> {
+        if let Some((_, channel)) = &self.channel
+            && channel.status().connected()
+        {
+            return Ok(channel.clone());
+        }
+        let connection = self.amqp.get().await?;
+        let channel = connection.create_channel().await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        self.channel = Some((connection, channel.clone()));
+        Ok(channel)
+    }
+}
+
+/// One delivery per (change, enabled endpoint of the order's owner), due now.
+async fn create_deliveries(
+    tx: &mut sqlx::PgConnection,
+    notifications: &[OrderNotification],
+    payloads: &[String],
+) -> sqlx::Result<()> {
+    let owners: Vec<Uuid> = notifications.iter().map(|n| n.data.user_id).collect();
+    let endpoints: Vec<(Uuid, Uuid)> =
+        sqlx::query_as("SELECT id, user_id FROM webhook_endpoints WHERE enabled AND user_id = ANY($1)")
+            .bind(&owners)
+            .fetch_all(&mut *tx)
+            .await?;
+    if endpoints.is_empty() {
+        return Ok(());
+    }
+    let (mut ids, mut endpoint_ids, mut order_ids, mut types, mut bodies) = (vec![], vec![], vec![], vec![], vec![]);
+    for (notification, payload) in notifications.iter().zip(payloads) {
+        for (endpoint, _) in endpoints.iter().filter(|(_, owner)| *owner == notification.data.user_id) {
+            ids.push(Uuid::now_v7());
+            endpoint_ids.push(*endpoint);
+            order_ids.push(notification.data.id);
+            types.push(notification.kind.as_str());
+            bodies.push(payload.as_str());
+        }
+    }
+    sqlx::query(
+        "INSERT INTO webhook_deliveries (id, endpoint_id, order_id, event_type, payload, next_attempt_at)
+         SELECT d.id, d.endpoint_id, d.order_id, d.event_type, d.payload, now()
+         FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[])
+              AS d(id, endpoint_id, order_id, event_type, payload)",
+    )
+    .bind(&ids)
+    .bind(&endpoint_ids)
+    .bind(&order_ids)
+    .bind(&types)
+    .bind(&bodies)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
