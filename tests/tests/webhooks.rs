@@ -216,7 +216,7 @@ async fn failed_deliveries_are_retried_under_the_same_id() {
     let event = app.event_with(&admin, 10, 4).await;
     let buyers = app.buyers(1).await;
     let buyer = buyers[0].1.as_str();
-    // The first three requests fail (two errors and a hang past nothing: just statuses).
+    // The first three requests fail (500, 503, 429); every later one succeeds.
     let receiver = Receiver::start(vec![500, 503, 429], 200).await;
     let (endpoint, secret) = register(&app, buyer, &receiver.url).await;
 
