@@ -8,7 +8,8 @@ RUN cargo build --release --locked --bins \
 FROM debian:bookworm-slim
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates curl \
  && rm -rf /var/lib/apt/lists/* \
- && useradd --system --uid 10001 turnstile
+ && useradd --system --uid 10001 turnstile \
+ && mkdir -p /data/images && chown turnstile /data/images
 COPY --from=build /usr/local/bin/api /usr/local/bin/worker /usr/local/bin/
 USER turnstile
 EXPOSE 8080

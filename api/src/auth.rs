@@ -143,6 +143,19 @@ impl FromRequestParts<AppState> for AuthUser {
     }
 }
 
+/// `Option<AuthUser>`: `None` without an `Authorization` header (an anonymous caller of a
+/// public route), 401 with a header that does not hold a valid token.
+impl axum::extract::OptionalFromRequestParts<AppState> for AuthUser {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Option<Self>, Self::Rejection> {
+        if !parts.headers.contains_key(AUTHORIZATION) {
+            return Ok(None);
+        }
+        <AuthUser as FromRequestParts<AppState>>::from_request_parts(parts, state).await.map(Some)
+    }
+}
+
 /// A caller with the admin role; anyone else gets 403 (or 401 without a valid token).
 #[derive(Clone, Copy, Debug)]
 pub struct AdminUser(pub AuthUser);

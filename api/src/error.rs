@@ -26,6 +26,9 @@ pub enum ApiError {
     /// 403: authenticated, but not allowed.
     #[error("this action requires the admin role")]
     Forbidden,
+    /// 403 with a reason of its own (e.g. a wrong current password).
+    #[error("{message}")]
+    Denied { code: &'static str, message: String },
     /// 404: no such resource (or not one the caller may see).
     #[error("{0} not found")]
     NotFound(&'static str),
@@ -36,6 +39,9 @@ pub enum ApiError {
     /// names the status it is in.
     #[error("the order is {} and cannot become {target}", current.as_str())]
     InvalidTransition { current: OrderStatus, target: &'static str },
+    /// 409 `already_checked_in`: the ticket was scanned before, at `at`.
+    #[error("this ticket was checked in at {}", at.to_rfc3339())]
+    AlreadyCheckedIn { at: chrono::DateTime<chrono::Utc> },
     /// 413
     #[error("request body is larger than the limit")]
     PayloadTooLarge,
@@ -70,6 +76,9 @@ pub struct ErrorDetail {
     /// With `invalid_transition`: the status the order is in.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub current_status: Option<OrderStatus>,
+    /// With `already_checked_in`: when the ticket was first scanned.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checked_in_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl ApiError {
@@ -92,9 +101,11 @@ impl ApiError {
             Self::Invalid { code, .. } => (StatusCode::UNPROCESSABLE_ENTITY, code),
             Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             Self::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
+            Self::Denied { code, .. } => (StatusCode::FORBIDDEN, code),
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Self::Conflict { code, .. } => (StatusCode::CONFLICT, code),
             Self::InvalidTransition { .. } => (StatusCode::CONFLICT, "invalid_transition"),
+            Self::AlreadyCheckedIn { .. } => (StatusCode::CONFLICT, "already_checked_in"),
             Self::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Self::UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
             Self::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
@@ -131,7 +142,11 @@ impl ApiError {
             Self::InvalidTransition { current, .. } => Some(*current),
             _ => None,
         };
-        (status, ErrorBody { error: ErrorDetail { code: code.to_owned(), message, current_status } })
+        let checked_in_at = match self {
+            Self::AlreadyCheckedIn { at } => Some(*at),
+            _ => None,
+        };
+        (status, ErrorBody { error: ErrorDetail { code: code.to_owned(), message, current_status, checked_in_at } })
     }
 }
 
@@ -208,6 +223,7 @@ pub async fn method_not_allowed() -> Response {
             code: "method_not_allowed".into(),
             message: "this route does not accept that method".into(),
             current_status: None,
+            checked_in_at: None,
         },
     };
     (StatusCode::METHOD_NOT_ALLOWED, Json(body)).into_response()

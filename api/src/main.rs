@@ -8,6 +8,7 @@ mod openapi;
 mod pipeline;
 mod routes;
 mod state;
+mod ticket_codes;
 
 use std::io::IsTerminal;
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use common::standard_webhooks::SigningKey;
 use crate::auth::Tokens;
 use crate::pipeline::OrderWatch;
 use crate::state::AppState;
+use crate::ticket_codes::TicketCodes;
 
 #[derive(Parser)]
 #[command(
@@ -138,6 +140,8 @@ async fn serve(config: ApiConfig) -> anyhow::Result<()> {
         order_watch,
         tokens: Arc::new(tokens),
         webhook_key: Arc::new(webhook_key),
+        ticket_codes: Arc::new(TicketCodes::new(config.ticket_secret.expose().as_bytes())),
+        images: image_store(&config.image_store).context("opening the image store")?,
         config: Arc::new(config),
     };
     tracing::info!(%addr, docs = %format!("http://{addr}/docs"), "listening");
@@ -149,6 +153,21 @@ async fn serve(config: ApiConfig) -> anyhow::Result<()> {
     db.close().await;
     tracing::info!("api stopped");
     Ok(())
+}
+
+/// `IMAGE_STORE`: `s3://bucket[/prefix]` (credentials and endpoint from the `AWS_*`
+/// variables), or a local directory, created if missing.
+fn image_store(location: &str) -> anyhow::Result<Arc<dyn object_store::ObjectStore>> {
+    if let Some(rest) = location.strip_prefix("s3://") {
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let s3 = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket).build()?;
+        return Ok(match prefix.trim_matches('/') {
+            "" => Arc::new(s3),
+            prefix => Arc::new(object_store::prefix::PrefixStore::new(s3, prefix)),
+        });
+    }
+    std::fs::create_dir_all(location).with_context(|| format!("creating {location}"))?;
+    Ok(Arc::new(object_store::local::LocalFileSystem::new_with_prefix(location)?))
 }
 
 async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {

@@ -5,7 +5,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::error::{ErrorBody, ErrorDetail};
-use crate::routes::{auth, events, health, me, orders, payments, webhook_endpoints};
+use crate::routes::{auth, events, health, me, orders, payments, tickets, users, webhook_endpoints};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -16,8 +16,9 @@ use crate::routes::{auth, events, health, me, orders, payments, webhook_endpoint
     ),
     paths(
         auth::signup, auth::login,
-        me::me, me::my_events,
-        events::list_events, events::create_event, events::get_event,
+        me::me, me::update_me, me::my_events, users::list_users, users::set_role,
+        events::list_events, events::create_event, events::get_event, events::update_event, events::delete_event,
+        events::upload_image, events::get_image, tickets::ticket_qr, tickets::check_in,
         orders::create_order, orders::list_orders, orders::get_order, orders::cancel_order,
         payments::payment_webhook, payments::list_late_payments, payments::mark_refunded,
         webhook_endpoints::create_endpoint, webhook_endpoints::list_endpoints, webhook_endpoints::delete_endpoint,
@@ -30,6 +31,7 @@ use crate::routes::{auth, events, health, me, orders, payments, webhook_endpoint
         (name = "accounts", description = "Sign-up, log-in and the caller's own account"),
         (name = "events", description = "The event catalogue"),
         (name = "orders", description = "Buying tickets and following an order to its outcome"),
+        (name = "tickets", description = "Ticket QR codes and check-in at the door"),
         (name = "payments", description = "The payment provider's signed webhook, and late payments to refund"),
         (name = "webhooks", description = "The caller's webhook endpoints for order events, and their deliveries \
             (the delivered body is the `OrderNotification` schema)"),
@@ -73,6 +75,11 @@ mod tests {
             "/api/v1/late-payments",
             "/api/v1/late-payments/{id}/refund",
             "/api/v1/webhook-endpoints",
+            "/api/v1/users",
+            "/api/v1/events/{id}/image",
+            "/api/v1/tickets/{id}/qr.png",
+            "/api/v1/check-ins",
+            "/api/v1/users/{id}/role",
             "/api/v1/webhook-endpoints/{id}",
             "/api/v1/webhook-endpoints/{id}/deliveries",
             "/health/live",

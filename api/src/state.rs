@@ -11,6 +11,7 @@ use uuid::Uuid;
 
 use crate::auth::Tokens;
 use crate::pipeline::OrderWatch;
+use crate::ticket_codes::TicketCodes;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -21,6 +22,10 @@ pub struct AppState {
     pub published: mpsc::Sender<Uuid>,
     pub order_watch: Arc<OrderWatch>,
     pub tokens: Arc<Tokens>,
+    /// Signs and checks ticket check-in codes (`TICKET_SECRET`).
+    pub ticket_codes: Arc<TicketCodes>,
+    /// Where event images are kept (`IMAGE_STORE`).
+    pub images: Arc<dyn object_store::ObjectStore>,
     /// The key payment webhooks are signed with (`WEBHOOK_SECRET`).
     pub webhook_key: Arc<SigningKey>,
     pub config: Arc<ApiConfig>,

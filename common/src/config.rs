@@ -2,8 +2,8 @@
 //! validated once at start-up, so a process either starts with a coherent configuration or
 //! refuses to start with a message that says what to fix.
 //!
-//! Secrets have no defaults: `JWT_SECRET` and `WEBHOOK_SECRET` must be set and at least
-//! [`MIN_SECRET_BYTES`] long.
+//! Secrets have no defaults: `JWT_SECRET`, `WEBHOOK_SECRET` and `TICKET_SECRET` must be set
+//! and at least [`MIN_SECRET_BYTES`] long.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -114,6 +114,19 @@ pub struct ApiConfig {
     /// Standard Webhooks `whsec_<base64>` form.
     #[arg(long = "webhook-secret", env = "WEBHOOK_SECRET", hide_env_values = true)]
     pub webhook_secret: Secret,
+    /// HMAC key of ticket check-in codes, at least 32 bytes. Changing it invalidates every
+    /// code already handed out.
+    #[arg(long = "ticket-secret", env = "TICKET_SECRET", hide_env_values = true)]
+    pub ticket_secret: Secret,
+    /// Where uploaded event images are kept: a local directory (created if missing), or
+    /// `s3://bucket[/prefix]` for an S3-compatible store configured by the usual `AWS_*`
+    /// variables (`AWS_ENDPOINT` for a non-AWS one).
+    #[arg(long = "image-store", env = "IMAGE_STORE", default_value = "data/images")]
+    pub image_store: String,
+    /// Largest accepted event image, in bytes (larger uploads get 413).
+    #[arg(long = "image-max-bytes", env = "IMAGE_MAX_BYTES", default_value_t = 5_242_880,
+          value_parser = clap::value_parser!(u64).range(1024..=104_857_600))]
+    pub image_max_bytes: u64,
     /// Issuer (`iss`) written into and required from access tokens.
     #[arg(long = "jwt-issuer", env = "JWT_ISSUER", default_value = "turnstile")]
     pub jwt_issuer: String,
@@ -140,6 +153,7 @@ impl ApiConfig {
     /// Checks what the flag parser cannot: secret lengths. Call once at start-up.
     pub fn validate(&self) -> Result<(), ConfigError> {
         check_secret("JWT_SECRET", self.jwt_secret.expose().as_bytes())?;
+        check_secret("TICKET_SECRET", self.ticket_secret.expose().as_bytes())?;
         webhook_key(&self.webhook_secret).map(|_| ())
     }
 
@@ -282,7 +296,15 @@ mod tests {
     const GOOD: &str = "0123456789abcdef0123456789abcdef";
 
     fn parse(extra: &[&str]) -> Result<ApiConfig, clap::Error> {
-        let mut args = vec!["api", "--database-url", "postgres://localhost/x", "--amqp-url", "amqp://localhost"];
+        let mut args = vec![
+            "api",
+            "--database-url",
+            "postgres://localhost/x",
+            "--amqp-url",
+            "amqp://localhost",
+            "--ticket-secret",
+            "ticket-secret-0123456789abcdef0123",
+        ];
         args.extend_from_slice(extra);
         Cli::try_parse_from(args).map(|c| c.api)
     }

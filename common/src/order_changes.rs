@@ -13,7 +13,7 @@
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::domain::{OrderEvent, OrderStatus, Transition};
+use crate::domain::{OrderEvent, OrderStatus, Transition, reason};
 
 /// An order locked for a status change, with what the rules need to know about it.
 #[derive(Debug, sqlx::FromRow)]
@@ -150,4 +150,26 @@ pub async fn expire_event(tx: &mut PgConnection, event_id: Uuid, limit: i64) -> 
     }
     move_orders(tx, event_id, OrderStatus::Pending, &rows, OrderEvent::HoldExpired, None).await?;
     Ok(rows.into_iter().map(|(id, _)| id).collect())
+}
+
+/// Rejects every unpaid order of an event being deleted (`QUEUED` ones before the worker
+/// gets to them, `PENDING` ones releasing their tickets), with reason `EVENT_UNAVAILABLE`.
+/// The caller holds the event's lock. Returns how many orders were rejected.
+pub async fn withdraw_event(tx: &mut PgConnection, event_id: Uuid) -> sqlx::Result<usize> {
+    let mut rejected = 0;
+    for status in [OrderStatus::Queued, OrderStatus::Pending] {
+        let rows: Vec<(Uuid, i32)> = sqlx::query_as(
+            "SELECT id, quantity FROM orders WHERE event_id = $1 AND status = $2 ORDER BY id FOR UPDATE",
+        )
+        .bind(event_id)
+        .bind(status)
+        .fetch_all(&mut *tx)
+        .await?;
+        if !rows.is_empty() {
+            move_orders(tx, event_id, status, &rows, OrderEvent::EventWithdrawn, Some(reason::EVENT_UNAVAILABLE))
+                .await?;
+            rejected += rows.len();
+        }
+    }
+    Ok(rejected)
 }

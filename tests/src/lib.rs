@@ -17,6 +17,7 @@ use uuid::Uuid;
 
 pub const JWT_SECRET: &str = "test-jwt-secret-0123456789abcdef0123456789";
 pub const WEBHOOK_SECRET: &str = "test-webhook-secret-0123456789abcdef012345";
+pub const TICKET_SECRET: &str = "test-ticket-secret-0123456789abcdef0123456";
 pub const PASSWORD: &str = "correct horse battery";
 
 /// The URLs of the local services.
@@ -319,6 +320,7 @@ pub fn run(name: &str, args: &[&str], envs: &[(&str, String)], stdin: Option<&st
         .current_dir(std::env::temp_dir())
         .env_remove("JWT_SECRET")
         .env_remove("WEBHOOK_SECRET")
+        .env_remove("TICKET_SECRET")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -345,6 +347,14 @@ pub struct TestApp {
     pub broker: TestBroker,
     pub services: Services,
     api: Process,
+    /// The api's image store (a directory of this test's own), removed at the end.
+    pub images: PathBuf,
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.images);
+    }
 }
 
 impl TestApp {
@@ -357,11 +367,14 @@ impl TestApp {
         let services = Services::from_env();
         let db = TestDb::create(&services).await;
         let broker = TestBroker::create(&services).await;
+        let images = std::env::temp_dir().join(format!("turnstile-images-{}", db.name));
         let mut envs = vec![
             ("DATABASE_URL", db.url.clone()),
             ("AMQP_URL", broker.url.clone()),
             ("JWT_SECRET", JWT_SECRET.to_owned()),
             ("WEBHOOK_SECRET", WEBHOOK_SECRET.to_owned()),
+            ("TICKET_SECRET", TICKET_SECRET.to_owned()),
+            ("IMAGE_STORE", images.display().to_string()),
             ("BIND_ADDR", "127.0.0.1:0".to_owned()),
             ("DATABASE_MAX_CONNECTIONS", "10".to_owned()),
             // Webhook receivers in tests listen on loopback.
@@ -371,7 +384,7 @@ impl TestApp {
         let (api, ready) = Process::spawn("api", &["serve"], &envs, Some("listening"));
         let addr = ready.and_then(|v| v["addr"].as_str().map(str::to_owned)).expect("listening line has addr");
         let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().expect("http client");
-        TestApp { base: format!("http://{addr}"), client, db, broker, services, api }
+        TestApp { base: format!("http://{addr}"), client, db, broker, services, api, images }
     }
 
     /// Starts a worker on this test's database and virtual host, with short intervals, and
@@ -466,7 +479,9 @@ impl TestApp {
         let res = self.order(token, event_id, quantity, None).await;
         assert_eq!(res.status, 202, "{}", res.body);
         let id: Uuid = res.json["id"].as_str().expect("order id").parse().expect("uuid");
-        let res = self.get(&format!("/api/v1/orders/{id}?wait=30"), Some(token)).await;
+        // `status=QUEUED`: answer as soon as the order is anything else, even if that
+        // happened before this request.
+        let res = self.get(&format!("/api/v1/orders/{id}?wait=30&status=QUEUED"), Some(token)).await;
         assert_eq!(res.json["status"], "PENDING", "{}", res.body);
         id
     }
@@ -535,6 +550,22 @@ impl TestApp {
 
     pub async fn post(&self, path: &str, body: &Value, token: Option<&str>) -> Response {
         let mut request = self.client.post(self.url(path)).json(body);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        Response::from(request.send().await.expect("request sent")).await
+    }
+
+    pub async fn patch(&self, path: &str, body: &Value, token: Option<&str>) -> Response {
+        let mut request = self.client.patch(self.url(path)).json(body);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        Response::from(request.send().await.expect("request sent")).await
+    }
+
+    pub async fn delete(&self, path: &str, token: Option<&str>) -> Response {
+        let mut request = self.client.delete(self.url(path));
         if let Some(token) = token {
             request = request.bearer_auth(token);
         }

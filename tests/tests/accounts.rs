@@ -255,3 +255,78 @@ async fn create_admin_promotes_an_existing_user() {
     assert!(!ok);
     assert!(stderr.contains("password must be at least 8 characters"), "{stderr}");
 }
+
+#[tokio::test]
+async fn users_edit_their_own_account() {
+    let app = TestApp::spawn().await;
+    let (_, email) = app.signup("Grace").await;
+    let (_, other_email) = app.signup("Other").await;
+    let token = app.token_for(&email).await;
+
+    let res = app.patch("/api/v1/me", &json!({"name": "  Grace Hopper "}), Some(&token)).await;
+    assert_eq!((res.status, res.json["name"].as_str()), (200, Some("Grace Hopper")), "{}", res.body);
+    app.patch("/api/v1/me", &json!({"name": ""}), Some(&token)).await.assert_error(422, "invalid_name");
+    app.patch("/api/v1/me", &json!({"role": "admin"}), Some(&token)).await.assert_error(422, "invalid_body");
+    app.patch("/api/v1/me", &json!({"name": "X"}), None).await.assert_error(401, "unauthorized");
+
+    // Email and password need the current password.
+    let new_email = format!("grace-{}@example.com", Uuid::new_v4().simple());
+    let res = app.patch("/api/v1/me", &json!({"email": new_email}), Some(&token)).await;
+    res.assert_error(422, "current_password_required");
+    let res =
+        app.patch("/api/v1/me", &json!({"email": new_email, "current_password": "wrong password"}), Some(&token)).await;
+    res.assert_error(403, "invalid_current_password");
+    let res = app.patch("/api/v1/me", &json!({"email": other_email, "current_password": PASSWORD}), Some(&token)).await;
+    res.assert_error(409, "email_taken");
+    let res = app
+        .patch("/api/v1/me", &json!({"email": new_email.to_uppercase(), "current_password": PASSWORD}), Some(&token))
+        .await;
+    assert_eq!((res.status, res.json["email"].as_str()), (200, Some(new_email.as_str())), "{}", res.body);
+    assert_eq!(app.login(&email, PASSWORD).await.status, 401, "the old email no longer logs in");
+    assert_eq!(app.login(&new_email, PASSWORD).await.status, 200);
+
+    let res = app.patch("/api/v1/me", &json!({"password": "short", "current_password": PASSWORD}), Some(&token)).await;
+    res.assert_error(422, "password_too_short");
+    let res = app
+        .patch("/api/v1/me", &json!({"password": "a brand new secret", "current_password": PASSWORD}), Some(&token))
+        .await;
+    assert_eq!(res.status, 200, "{}", res.body);
+    assert!(res.json.get("password_hash").is_none());
+    assert_eq!(app.login(&new_email, PASSWORD).await.status, 401, "the old password no longer works");
+    assert_eq!(app.login(&new_email, "a brand new secret").await.status, 200);
+}
+
+#[tokio::test]
+async fn admins_list_accounts_and_change_roles() {
+    let app = TestApp::spawn().await;
+    let admin = app.admin().await;
+    let (user_id, user_email) = app.signup("Member").await;
+    let user = app.token_for(&user_email).await;
+
+    app.get("/api/v1/users", Some(&user)).await.assert_error(403, "forbidden");
+    let page = app.get("/api/v1/users?limit=1", Some(&admin)).await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert_eq!(page.json.as_array().unwrap().len(), 1);
+    assert_eq!(page.json[0]["id"], user_id.to_string(), "newest first");
+    assert!(page.header("link").is_some(), "a second page follows");
+    assert!(page.json[0].get("password_hash").is_none());
+
+    let path = format!("/api/v1/users/{user_id}/role");
+    app.patch(&path, &json!({"role": "admin"}), Some(&user)).await.assert_error(403, "forbidden");
+    app.patch(&path, &json!({"role": "owner"}), Some(&admin)).await.assert_error(422, "invalid_body");
+    app.patch(&format!("/api/v1/users/{}/role", Uuid::now_v7()), &json!({"role": "admin"}), Some(&admin))
+        .await
+        .assert_error(404, "not_found");
+    let res = app.patch(&path, &json!({"role": "admin"}), Some(&admin)).await;
+    assert_eq!((res.status, res.json["role"].as_str()), (200, Some("admin")), "{}", res.body);
+    // The role travels in the token: it applies from the next log-in.
+    let promoted = app.token_for(&user_email).await;
+    assert_eq!(app.get("/api/v1/users", Some(&promoted)).await.status, 200);
+
+    // Two admins: one may step down, the last may not.
+    let me: Value = app.get("/api/v1/me", Some(&admin)).await.json;
+    let admin_id = me["id"].as_str().unwrap();
+    let res = app.patch(&format!("/api/v1/users/{admin_id}/role"), &json!({"role": "user"}), Some(&promoted)).await;
+    assert_eq!(res.status, 200, "{}", res.body);
+    app.patch(&path, &json!({"role": "user"}), Some(&promoted)).await.assert_error(409, "last_admin");
+}

@@ -1,7 +1,9 @@
-//! The event catalogue: admin-only creation with validation, public listing and lookup.
+//! The event catalogue: admin-only creation, editing and deletion with validation, public
+//! listing and lookup.
 
 use serde_json::json;
 use tests::TestApp;
+use uuid::Uuid;
 
 #[tokio::test]
 async fn admin_creates_an_event_and_anyone_can_read_it() {
@@ -138,4 +140,96 @@ async fn unknown_events_are_404() {
     let app = TestApp::spawn().await;
     app.get(&format!("/api/v1/events/{}", uuid::Uuid::now_v7()), None).await.assert_error(404, "not_found");
     app.get("/api/v1/events/not-a-uuid", None).await.assert_error(404, "not_found");
+}
+
+#[tokio::test]
+async fn admins_edit_events_within_the_rules() {
+    let app = TestApp::spawn().await;
+    let _worker = app.spawn_worker(&[]);
+    let admin = app.admin().await;
+    let event = app.event_with(&admin, 10, 4).await;
+    let buyers = app.buyers(2).await;
+    let path = format!("/api/v1/events/{event}");
+    let order = app.pending_order(&buyers[0].1, event, 4).await;
+
+    // A partial edit keeps the other fields; a new price applies to new orders only.
+    let res = app.patch(&path, &json!({"name": "  Renamed ", "price": "99.00", "rating": null}), Some(&admin)).await;
+    assert_eq!(res.status, 200, "{}", res.body);
+    assert_eq!((res.json["name"].as_str(), res.json["price"].as_str()), (Some("Renamed"), Some("99.00")));
+    assert!(res.json["rating"].is_null());
+    assert_eq!((res.json["location"].as_str(), res.json["capacity"].as_i64()), (Some("Main Hall"), Some(10)));
+    let held = app.get(&format!("/api/v1/orders/{order}"), Some(&buyers[0].1)).await;
+    assert_eq!(held.json["total"], "199.60", "the order keeps the price it was placed at: {}", held.body);
+
+    // Capacity never below what is sold or held; raising it puts tickets on sale.
+    let res = app.patch(&path, &json!({"capacity": 3}), Some(&admin)).await;
+    res.assert_error(409, "capacity_below_sold");
+    let res = app.patch(&path, &json!({"capacity": 4}), Some(&admin)).await;
+    assert_eq!((res.status, res.json["tickets_available"].as_i64()), (200, Some(0)), "{}", res.body);
+    let res = app.patch(&path, &json!({"capacity": 6}), Some(&admin)).await;
+    assert_eq!(res.json["tickets_available"], 2);
+    app.pending_order(&buyers[1].1, event, 2).await;
+    assert_eq!(app.assert_consistent(event).await, (6, 6));
+
+    // The same rules as creation; unknown fields and non-admins are refused.
+    let past = (chrono::Utc::now() - chrono::Duration::days(1)).to_rfc3339();
+    app.patch(&path, &json!({"date": past}), Some(&admin)).await.assert_error(422, "validation_failed");
+    app.patch(&path, &json!({"price": "-1"}), Some(&admin)).await.assert_error(422, "validation_failed");
+    app.patch(&path, &json!({"name": null}), Some(&admin)).await.assert_error(422, "invalid_body");
+    app.patch(&path, &json!({"sold": 0}), Some(&admin)).await.assert_error(422, "invalid_body");
+    app.patch(&path, &json!({"name": "Mine"}), Some(&buyers[0].1)).await.assert_error(403, "forbidden");
+    app.patch(&path, &json!({"name": "Mine"}), None).await.assert_error(401, "unauthorized");
+    let unknown = format!("/api/v1/events/{}", Uuid::now_v7());
+    app.patch(&unknown, &json!({"name": "Ghost"}), Some(&admin)).await.assert_error(404, "not_found");
+}
+
+#[tokio::test]
+async fn deleting_an_event_rejects_its_unpaid_orders_and_hides_it() {
+    let app = TestApp::spawn_with(&[("SOLD_OUT_FAST_PATH", "false".to_owned())]).await;
+    let mut worker = app.spawn_worker(&[]);
+    let admin = app.admin().await;
+    let buyers = app.buyers(3).await;
+
+    // Paid orders block the deletion.
+    let paid_event = app.event_with(&admin, 10, 4).await;
+    let paid = app.pending_order(&buyers[0].1, paid_event, 1).await;
+    assert_eq!(app.payment(paid, &json!({"status": "PAID"})).await.status, 204);
+    let res = app.delete(&format!("/api/v1/events/{paid_event}"), Some(&admin)).await;
+    res.assert_error(409, "event_has_paid_orders");
+    assert_eq!(app.get(&format!("/api/v1/events/{paid_event}"), None).await.status, 200);
+
+    // A held order and one still queued are rejected with the event; capacity comes back.
+    let event = app.event_with(&admin, 10, 4).await;
+    let held = app.pending_order(&buyers[1].1, event, 3).await;
+    worker.kill();
+    let queued = app.order(&buyers[2].1, event, 2, None).await;
+    let queued: Uuid = queued.json["id"].as_str().unwrap().parse().unwrap();
+    let path = format!("/api/v1/events/{event}");
+    app.delete(&path, Some(&buyers[0].1)).await.assert_error(403, "forbidden");
+    let res = app.delete(&path, Some(&admin)).await;
+    assert_eq!(res.status, 204, "{}", res.body);
+    for (order, token) in [(held, &buyers[1].1), (queued, &buyers[2].1)] {
+        let res = app.get(&format!("/api/v1/orders/{order}"), Some(token)).await;
+        assert_eq!(
+            (res.json["status"].as_str(), res.json["reason"].as_str()),
+            (Some("REJECTED"), Some("EVENT_UNAVAILABLE"))
+        );
+    }
+    assert_eq!(app.assert_consistent(event).await, (10, 0));
+    // The queued order's message is still in its queue: the worker skips it.
+    let _worker = app.spawn_worker(&[]);
+    app.wait_until_final(std::time::Duration::from_secs(30)).await;
+    assert_eq!(app.assert_consistent(event).await, (10, 0));
+
+    // Gone for the public and from sale; visible to admins with deleted_at.
+    app.get(&path, None).await.assert_error(404, "not_found");
+    app.get(&path, Some(&buyers[0].1)).await.assert_error(404, "not_found");
+    let seen = app.get(&path, Some(&admin)).await;
+    assert_eq!(seen.status, 200, "{}", seen.body);
+    assert!(seen.json["deleted_at"].is_string(), "{}", seen.body);
+    let listed = app.get("/api/v1/events", None).await;
+    assert!(listed.json.as_array().unwrap().iter().all(|e| e["id"] != event.to_string()));
+    app.order(&buyers[0].1, event, 1, None).await.assert_error(404, "not_found");
+    app.delete(&path, Some(&admin)).await.assert_error(404, "not_found");
+    app.patch(&path, &json!({"name": "Back"}), Some(&admin)).await.assert_error(404, "not_found");
 }

@@ -17,8 +17,13 @@ async fn api_refuses_to_start_without_valid_secrets() {
 
     let (ok, _, stderr) = tests::run("api", &["serve"], &base, None);
     assert!(!ok, "started without secrets");
-    assert!(stderr.contains("--jwt-secret") && stderr.contains("--webhook-secret"), "{stderr}");
+    assert!(
+        stderr.contains("--jwt-secret") && stderr.contains("--webhook-secret") && stderr.contains("--ticket-secret"),
+        "{stderr}"
+    );
 
+    let mut base = base;
+    base.push(("TICKET_SECRET", strong.clone()));
     let mut short = base.clone();
     short.push(("JWT_SECRET", "too-short-secret".to_owned()));
     short.push(("WEBHOOK_SECRET", strong.clone()));
@@ -33,6 +38,14 @@ async fn api_refuses_to_start_without_valid_secrets() {
     let (ok, _, stderr) = tests::run("api", &["serve"], &short_webhook, None);
     assert!(!ok);
     assert!(stderr.contains("WEBHOOK_SECRET must be at least 32 bytes"), "{stderr}");
+
+    let mut short_ticket: Vec<_> = base.iter().filter(|(name, _)| *name != "TICKET_SECRET").cloned().collect();
+    short_ticket.push(("JWT_SECRET", strong.clone()));
+    short_ticket.push(("WEBHOOK_SECRET", strong.clone()));
+    short_ticket.push(("TICKET_SECRET", "short-ticket-secret".to_owned()));
+    let (ok, _, stderr) = tests::run("api", &["serve"], &short_ticket, None);
+    assert!(!ok);
+    assert!(stderr.contains("TICKET_SECRET must be at least 32 bytes"), "{stderr}");
 }
 
 #[tokio::test]
@@ -138,6 +151,7 @@ async fn api_shuts_down_gracefully_on_sigterm() {
         ("AMQP_URL", services.amqp_url.clone()),
         ("JWT_SECRET", tests::JWT_SECRET.to_owned()),
         ("WEBHOOK_SECRET", tests::WEBHOOK_SECRET.to_owned()),
+        ("TICKET_SECRET", tests::TICKET_SECRET.to_owned()),
         ("BIND_ADDR", "127.0.0.1:0".to_owned()),
     ];
     let (mut process, _) = tests::Process::spawn("api", &["serve"], &envs, Some("listening"));

@@ -52,11 +52,13 @@ async fn late_payments(app: &TestApp, order: Uuid) -> i64 {
 
 /// Waits (long-polling) until the order has `status`.
 async fn wait_for_status(app: &TestApp, token: &str, id: Uuid, status: &str) -> Value {
+    let mut seen = app.get(&format!("/api/v1/orders/{id}"), Some(token)).await.json;
     for _ in 0..10 {
-        let res = app.get(&format!("/api/v1/orders/{id}?wait=5"), Some(token)).await;
-        if res.json["status"] == status {
-            return res.json;
+        if seen["status"] == status {
+            return seen;
         }
+        let path = format!("/api/v1/orders/{id}?wait=5&status={}", seen["status"].as_str().unwrap());
+        seen = app.get(&path, Some(token)).await.json;
     }
     panic!("order {id} never became {status}");
 }

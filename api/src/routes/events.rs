@@ -11,13 +11,16 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::page::PageQuery;
-use crate::auth::AdminUser;
+use crate::auth::{AdminUser, AuthUser};
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::{Json, Path, Query};
 use crate::state::AppState;
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/events", get(list_events).post(create_event)).route("/events/{id}", get(get_event))
+    Router::new()
+        .route("/events", get(list_events).post(create_event))
+        .route("/events/{id}", get(get_event).patch(update_event).delete(delete_event))
+        .route("/events/{id}/image", get(get_image))
 }
 
 /// The columns of [`Event`], for every query that returns events.
@@ -25,7 +28,7 @@ macro_rules! event_columns {
     () => {
         "e.id, e.name, e.description, e.location, e.organization, e.rating, e.starts_at, \
          e.capacity, e.capacity - e.sold AS tickets_available, e.price, e.max_per_order, \
-         e.image_url, e.created_at, e.updated_at"
+         e.image_url, e.created_at, e.updated_at, e.deleted_at"
     };
 }
 pub(crate) use event_columns;
@@ -61,9 +64,13 @@ pub struct Event {
     pub image_url: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// When an admin deleted it; only admins see deleted events.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deleted_at: Option<DateTime<Utc>>,
 }
 
-#[derive(Deserialize, ToSchema)]
+#[derive(Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct CreateEventRequest {
     #[schema(example = "Turnstile Live")]
     pub name: String,
@@ -129,7 +136,13 @@ fn optional_text(field: &str, value: Option<&str>, max: usize) -> Result<Option<
 
 impl CreateEventRequest {
     fn validate(self, now: DateTime<Utc>) -> Result<NewEvent, ApiError> {
-        if self.date <= now {
+        self.validate_with(Some(now))
+    }
+
+    /// The rules; the date is only checked against `now` when given (an edit that leaves
+    /// the date alone may edit an event that has started).
+    fn validate_with(self, now: Option<DateTime<Utc>>) -> Result<NewEvent, ApiError> {
+        if now.is_some_and(|now| self.date <= now) {
             return Err(invalid("date must be in the future"));
         }
         if !(1..=MAX_CAPACITY).contains(&self.capacity) {
@@ -250,24 +263,320 @@ pub async fn list_events(
     Ok((headers, Json(events)))
 }
 
-/// One event.
+/// One event. A deleted event is 404, except for admins (it then has `deleted_at`).
 #[utoipa::path(get, path = "/api/v1/events/{id}", tag = "events",
     params(("id" = Uuid, Path, description = "Event id")),
     responses(
         (status = 200, description = "The event", body = Event),
+        (status = 401, description = "A token was sent but is invalid", body = ErrorBody),
         (status = 404, description = "No such event", body = ErrorBody),
     ))]
-pub async fn get_event(State(state): State<AppState>, Path(id): Path<Uuid>) -> Result<Json<Event>, ApiError> {
+pub async fn get_event(
+    State(state): State<AppState>,
+    user: Option<AuthUser>,
+    Path(id): Path<Uuid>,
+) -> Result<Json<Event>, ApiError> {
+    let include_deleted = user.is_some_and(|user| user.is_admin());
+    load_event(&state.db, id, include_deleted).await.map(Json)
+}
+
+async fn load_event(db: &sqlx::PgPool, id: Uuid, include_deleted: bool) -> Result<Event, ApiError> {
     sqlx::query_as::<_, Event>(concat!(
         "SELECT ",
         event_columns!(),
-        " FROM events e WHERE e.id = $1 AND e.deleted_at IS NULL"
+        " FROM events e WHERE e.id = $1 AND (e.deleted_at IS NULL OR $2)"
     ))
+    .bind(id)
+    .bind(include_deleted)
+    .fetch_optional(db)
+    .await?
+    .ok_or(ApiError::NotFound("event"))
+}
+
+/// Edit an event (admin): send any subset of the fields of `POST /events`; `null` clears
+/// `rating`, `image_url` or `description`. The same rules apply; a new `date` must be in
+/// the future; `capacity` never below the tickets sold or held (409 `capacity_below_sold`).
+/// A price change applies to new orders only (orders keep the price they were placed at).
+#[utoipa::path(patch, path = "/api/v1/events/{id}", tag = "events", request_body = Object,
+    params(("id" = Uuid, Path, description = "Event id")), security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The event as edited", body = Event),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 403, description = "Caller is not an admin", body = ErrorBody),
+        (status = 404, description = "No such event (or deleted)", body = ErrorBody),
+        (status = 409, description = "Capacity below the tickets sold or held (`capacity_below_sold`)", body = ErrorBody),
+        (status = 422, description = "A field breaks a rule (`validation_failed`) or is unknown (`invalid_body`)", body = ErrorBody),
+    ))]
+pub async fn update_event(
+    State(state): State<AppState>,
+    AdminUser(admin): AdminUser,
+    Path(id): Path<Uuid>,
+    Json(patch): Json<serde_json::Map<String, serde_json::Value>>,
+) -> Result<Json<Event>, ApiError> {
+    let mut tx = state.db.begin().await?;
+    // The event row's lock orders this edit with the allocator, which reads `sold`.
+    let current = sqlx::query_as::<_, Event>(concat!(
+        "SELECT ",
+        event_columns!(),
+        " FROM events e WHERE e.id = $1 AND e.deleted_at IS NULL FOR UPDATE"
+    ))
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await?
+    .ok_or(ApiError::NotFound("event"))?;
+    let sold = current.capacity - current.tickets_available;
+    let mut merged = serde_json::to_value(CreateEventRequest::from(&current)).map_err(anyhow::Error::from)?;
+    if let Some(fields) = merged.as_object_mut() {
+        for (key, value) in patch.iter() {
+            fields.insert(key.clone(), value.clone());
+        }
+    }
+    let request: CreateEventRequest =
+        serde_json::from_value(merged).map_err(|err| ApiError::invalid("invalid_body", err.to_string()))?;
+    let date_changed = patch.contains_key("date");
+    let edited = request.validate_with(date_changed.then(Utc::now))?;
+    if edited.capacity < sold {
+        return Err(ApiError::conflict(
+            "capacity_below_sold",
+            format!("{sold} tickets are sold or held; capacity cannot go below that"),
+        ));
+    }
+    let event = sqlx::query_as::<_, Event>(concat!(
+        "UPDATE events AS e SET name = $2, description = $3, location = $4, organization = $5, rating = $6,
+                starts_at = $7, capacity = $8, price = $9, max_per_order = $10, image_url = $11, updated_at = now()
+         WHERE e.id = $1
+         RETURNING ",
+        event_columns!()
+    ))
+    .bind(id)
+    .bind(&edited.name)
+    .bind(&edited.description)
+    .bind(&edited.location)
+    .bind(&edited.organization)
+    .bind(&edited.rating)
+    .bind(edited.date)
+    .bind(edited.capacity)
+    .bind(edited.price)
+    .bind(edited.max_per_order)
+    .bind(&edited.image_url)
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    tracing::info!(event_id = %id, admin_id = %admin.id, fields = ?patch.keys().collect::<Vec<_>>(), "event edited");
+    Ok(Json(event))
+}
+
+impl From<&Event> for CreateEventRequest {
+    fn from(event: &Event) -> Self {
+        Self {
+            name: event.name.clone(),
+            description: event.description.clone(),
+            location: event.location.clone(),
+            organization: event.organization.clone(),
+            rating: event.rating.clone(),
+            date: event.date,
+            capacity: i64::from(event.capacity),
+            price: event.price,
+            max_per_order: Some(i64::from(event.max_per_order)),
+            image_url: event.image_url.clone(),
+        }
+    }
+}
+
+/// Delete an event (admin): it disappears from the catalogue and from sale.
+///
+/// Refused with 409 `event_has_paid_orders` while paid orders exist: their buyers hold
+/// tickets that must be refunded at the payment provider first (edit the event instead to
+/// postpone it). Otherwise every unpaid order is rejected with `EVENT_UNAVAILABLE`
+/// (`PENDING` holds release their tickets; `QUEUED` orders are decided at once), each
+/// change published like any other, and the event is soft-deleted (`deleted_at`).
+#[utoipa::path(delete, path = "/api/v1/events/{id}", tag = "events",
+    params(("id" = Uuid, Path, description = "Event id")), security(("bearer" = [])),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 403, description = "Caller is not an admin", body = ErrorBody),
+        (status = 404, description = "No such event (or already deleted)", body = ErrorBody),
+        (status = 409, description = "Paid orders exist (`event_has_paid_orders`)", body = ErrorBody),
+    ))]
+pub async fn delete_event(
+    State(state): State<AppState>,
+    AdminUser(admin): AdminUser,
+    Path(id): Path<Uuid>,
+) -> Result<StatusCode, ApiError> {
+    let mut tx = state.db.begin().await?;
+    let locked = sqlx::query("SELECT 1 FROM events WHERE id = $1 AND deleted_at IS NULL FOR UPDATE")
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+    if locked.is_none() {
+        return Err(ApiError::NotFound("event"));
+    }
+    let paid: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE event_id = $1 AND status = 'PAID'")
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
+    if paid > 0 {
+        return Err(ApiError::conflict(
+            "event_has_paid_orders",
+            format!("{paid} orders are paid; refund and settle them before deleting the event"),
+        ));
+    }
+    let rejected = common::order_changes::withdraw_event(&mut tx, id).await?;
+    sqlx::query("UPDATE events SET deleted_at = now(), updated_at = now() WHERE id = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    tracing::info!(event_id = %id, admin_id = %admin.id, rejected_orders = rejected, "event deleted");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The content types accepted for event images, recognised from the bytes.
+const IMAGE_TYPES: [&str; 3] = ["image/png", "image/jpeg", "image/webp"];
+
+/// The router of `PUT /events/{id}/image`, with a body limit of its own (images are larger
+/// than the JSON bodies everything else takes).
+pub fn image_upload_router(max_bytes: u64) -> Router<AppState> {
+    // Room for the multipart framing around the file.
+    let limit = usize::try_from(max_bytes).unwrap_or(usize::MAX).saturating_add(16 * 1024);
+    Router::new()
+        .route("/events/{id}/image", axum::routing::put(upload_image))
+        .layer(axum::extract::DefaultBodyLimit::max(limit))
+}
+
+/// Upload the event's image (admin): multipart form data with the file in a field named
+/// `image`. PNG, JPEG and WebP are accepted, recognised by their content (not the file name
+/// or the declared type); larger than `IMAGE_MAX_BYTES` is 413. The event's `image_url`
+/// then points at `GET /api/v1/events/{id}/image`.
+#[utoipa::path(put, path = "/api/v1/events/{id}/image", tag = "events",
+    params(("id" = Uuid, Path, description = "Event id")), security(("bearer" = [])),
+    request_body(content_type = "multipart/form-data", description = "Field `image`: the file"),
+    responses(
+        (status = 200, description = "The event with its new `image_url`", body = Event),
+        (status = 400, description = "Not multipart, or no `image` field (`invalid_upload`)", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 403, description = "Caller is not an admin", body = ErrorBody),
+        (status = 404, description = "No such event (or deleted)", body = ErrorBody),
+        (status = 413, description = "Image larger than IMAGE_MAX_BYTES", body = ErrorBody),
+        (status = 415, description = "Not a PNG, JPEG or WebP image (`unsupported_image`)", body = ErrorBody),
+        (status = 503, description = "The image store is unavailable", body = ErrorBody),
+    ))]
+pub async fn upload_image(
+    State(state): State<AppState>,
+    AdminUser(admin): AdminUser,
+    Path(id): Path<Uuid>,
+    multipart: Result<axum::extract::Multipart, axum::extract::multipart::MultipartRejection>,
+) -> Result<Json<Event>, ApiError> {
+    let bad = |message: String| ApiError::BadRequest { code: "invalid_upload", message };
+    let mut multipart = multipart.map_err(|err| bad(err.body_text()))?;
+    load_event(&state.db, id, false).await?;
+    let too_large = |err: &axum::extract::multipart::MultipartError| err.status() == StatusCode::PAYLOAD_TOO_LARGE;
+    let bytes = loop {
+        let field = multipart
+            .next_field()
+            .await
+            .map_err(|err| if too_large(&err) { ApiError::PayloadTooLarge } else { bad(err.body_text()) })?
+            .ok_or_else(|| bad("no field named `image` in the form".into()))?;
+        if field.name() == Some("image") {
+            break field
+                .bytes()
+                .await
+                .map_err(|err| if too_large(&err) { ApiError::PayloadTooLarge } else { bad(err.body_text()) })?;
+        }
+    };
+    if bytes.len() as u64 > state.config.image_max_bytes {
+        return Err(ApiError::PayloadTooLarge);
+    }
+    let content_type = infer::get(&bytes)
+        .map(|kind| kind.mime_type())
+        .filter(|mime| IMAGE_TYPES.contains(mime))
+        .ok_or_else(|| ApiError::UnsupportedMediaType("the image must be a PNG, JPEG or WebP file".into()))?;
+
+    // A new key per upload: caches of the old image never serve the new one by mistake.
+    let key = format!("events/{id}/{}", Uuid::new_v4().simple());
+    state.images.put(&object_store::path::Path::from(key.as_str()), bytes.into()).await.map_err(|err| {
+        tracing::error!(error = %err, event_id = %id, "storing an event image failed");
+        ApiError::Unavailable
+    })?;
+    let url = format!("/api/v1/events/{id}/image");
+    let previous: Option<Option<String>> = sqlx::query_scalar(
+        "WITH old AS (SELECT image_key FROM events WHERE id = $1 FOR UPDATE)
+         UPDATE events e SET image_key = $2, image_content_type = $3, image_url = $4, updated_at = now()
+         FROM old WHERE e.id = $1 AND e.deleted_at IS NULL
+         RETURNING old.image_key",
+    )
+    .bind(id)
+    .bind(&key)
+    .bind(content_type)
+    .bind(&url)
+    .fetch_optional(&state.db)
+    .await?;
+    let previous = previous.ok_or(ApiError::NotFound("event"))?;
+    if let Some(old) = previous.filter(|old| *old != key) {
+        // Best effort: an orphaned object costs storage, never correctness.
+        if let Err(err) = state.images.delete(&object_store::path::Path::from(old.as_str())).await {
+            tracing::warn!(error = %err, event_id = %id, "could not delete the previous image");
+        }
+    }
+    tracing::info!(event_id = %id, admin_id = %admin.id, content_type, "event image uploaded");
+    load_event(&state.db, id, false).await.map(Json)
+}
+
+/// The event's uploaded image, with its content type; cacheable (the URL's content changes
+/// only with a new upload, and its `ETag` says which).
+#[utoipa::path(get, path = "/api/v1/events/{id}/image", tag = "events",
+    params(("id" = Uuid, Path, description = "Event id")),
+    responses(
+        (status = 200, description = "The image (PNG, JPEG or WebP)", content_type = "image/*", body = Vec<u8>),
+        (status = 304, description = "Not modified (`If-None-Match`)"),
+        (status = 404, description = "No such event, or it has no uploaded image", body = ErrorBody),
+        (status = 503, description = "The image store is unavailable", body = ErrorBody),
+    ))]
+pub async fn get_image(
+    State(state): State<AppState>,
+    Path(id): Path<Uuid>,
+    headers: HeaderMap,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::http::{HeaderValue, header};
+    use axum::response::IntoResponse;
+    let (key, content_type): (String, String) = sqlx::query_as(
+        "SELECT image_key, image_content_type FROM events
+         WHERE id = $1 AND deleted_at IS NULL AND image_key IS NOT NULL AND image_content_type IS NOT NULL",
+    )
     .bind(id)
     .fetch_optional(&state.db)
     .await?
-    .map(Json)
-    .ok_or(ApiError::NotFound("event"))
+    .ok_or(ApiError::NotFound("image"))?;
+    let etag = format!("\"{}\"", key.rsplit('/').next().unwrap_or_default());
+    let cache = HeaderValue::from_static("public, max-age=300");
+    let etag_value = HeaderValue::from_str(&etag).map_err(anyhow::Error::from)?;
+    if headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()) == Some(etag.as_str()) {
+        return Ok(
+            (StatusCode::NOT_MODIFIED, [(header::ETAG, etag_value), (header::CACHE_CONTROL, cache)]).into_response()
+        );
+    }
+    let bytes = state
+        .images
+        .get(&object_store::path::Path::from(key.as_str()))
+        .await
+        .map_err(|err| match err {
+            object_store::Error::NotFound { .. } => ApiError::NotFound("image"),
+            err => {
+                tracing::error!(error = %err, event_id = %id, "reading an event image failed");
+                ApiError::Unavailable
+            }
+        })?
+        .bytes()
+        .await
+        .map_err(|err| {
+            tracing::error!(error = %err, event_id = %id, "reading an event image failed");
+            ApiError::Unavailable
+        })?;
+    let content_type = HeaderValue::from_str(&content_type).map_err(anyhow::Error::from)?;
+    Ok(([(header::CONTENT_TYPE, content_type), (header::ETAG, etag_value), (header::CACHE_CONTROL, cache)], bytes)
+        .into_response())
 }
 
 #[cfg(test)]

@@ -3,18 +3,18 @@
 use axum::Router;
 use axum::extract::State;
 use axum::routing::get;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::auth::UserResponse;
+use super::auth::{UserResponse, check_password, parse_email, parse_name};
 use super::events::{Event, event_columns};
-use crate::auth::AuthUser;
-use crate::error::{ApiError, ErrorBody};
+use crate::auth::{AuthUser, hash_password, verify_password};
+use crate::error::{ApiError, ErrorBody, ResultExt};
 use crate::extract::Json;
 use crate::state::AppState;
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/me", get(me)).route("/me/events", get(my_events))
+    Router::new().route("/me", get(me).patch(update_me)).route("/me/events", get(my_events))
 }
 
 /// The caller's account.
@@ -30,6 +30,84 @@ pub async fn me(State(state): State<AppState>, user: AuthUser) -> Result<Json<Us
         .await?
         .map(Json)
         .ok_or(ApiError::Unauthorized("the account of this token no longer exists"))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateMeRequest {
+    /// New display name (1 to 200 characters).
+    pub name: Option<String>,
+    /// New email; needs `current_password`.
+    pub email: Option<String>,
+    /// New password (8 to 128 characters); needs `current_password`.
+    pub password: Option<String>,
+    /// The password the account has now, to change `email` or `password`.
+    pub current_password: Option<String>,
+}
+
+/// Edit the caller's account. Changing `email` or `password` needs `current_password`
+/// (403 `invalid_current_password` when wrong). Fields left out stay as they are.
+#[utoipa::path(patch, path = "/api/v1/me", tag = "accounts", request_body = UpdateMeRequest, security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The account as edited", body = UserResponse),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 403, description = "Wrong `current_password` (`invalid_current_password`)", body = ErrorBody),
+        (status = 409, description = "Email taken by another account (`email_taken`)", body = ErrorBody),
+        (status = 422, description = "Invalid name, email or password, or `current_password` missing \
+            (`current_password_required`)", body = ErrorBody),
+    ))]
+pub async fn update_me(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Json(req): Json<UpdateMeRequest>,
+) -> Result<Json<UserResponse>, ApiError> {
+    let name = req.name.as_deref().map(parse_name).transpose()?;
+    let email = req.email.as_deref().map(parse_email).transpose()?;
+    if let Some(password) = &req.password {
+        check_password(password)?;
+    }
+    let sensitive = email.is_some() || req.password.is_some();
+    if sensitive {
+        let current = req.current_password.clone().ok_or(ApiError::invalid(
+            "current_password_required",
+            "changing email or password needs current_password",
+        ))?;
+        let stored: Option<String> = sqlx::query_scalar("SELECT password_hash FROM users WHERE id = $1")
+            .bind(user.id)
+            .fetch_optional(&state.db)
+            .await?;
+        if !verify_password(current, stored).await? {
+            return Err(ApiError::Denied {
+                code: "invalid_current_password",
+                message: "current_password is not the account's password".into(),
+            });
+        }
+    }
+    let password_hash = match req.password {
+        Some(password) => Some(hash_password(password).await?),
+        None => None,
+    };
+    let updated = sqlx::query_as::<_, UserResponse>(
+        "UPDATE users SET name = coalesce($2, name), email = coalesce($3, email),
+                password_hash = coalesce($4, password_hash), updated_at = now()
+         WHERE id = $1
+         RETURNING id, name, email, role, created_at",
+    )
+    .bind(user.id)
+    .bind(name)
+    .bind(email.as_ref().map(|email| email.as_str()))
+    .bind(password_hash)
+    .fetch_optional(&state.db)
+    .await
+    .on_constraint("users_email_key", || {
+        ApiError::conflict("email_taken", "an account with this email already exists")
+    })?
+    .ok_or(ApiError::Unauthorized("the account of this token no longer exists"))?;
+    if sensitive {
+        tracing::info!(user_id = %user.id, "account credentials changed");
+    }
+    Ok(Json(updated))
 }
 
 /// An event together with how many live tickets the caller holds for it.

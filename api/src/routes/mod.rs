@@ -8,6 +8,8 @@ pub mod me;
 pub mod orders;
 mod page;
 pub mod payments;
+pub mod tickets;
+pub mod users;
 pub mod webhook_endpoints;
 
 use axum::Router;
@@ -40,7 +42,10 @@ pub fn app(state: AppState) -> Router {
         .merge(events::router())
         .merge(orders::router())
         .merge(payments::router())
-        .merge(webhook_endpoints::router());
+        .merge(webhook_endpoints::router())
+        .merge(users::router())
+        .merge(tickets::router())
+        .merge(events::image_upload_router(state.config.image_max_bytes));
     Router::new()
         .nest("/api/v1", api)
         .merge(health::router())

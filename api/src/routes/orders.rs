@@ -78,6 +78,11 @@ pub struct Ticket {
     pub id: Uuid,
     /// `ACTIVE`, or `CANCELLED` once the order stopped holding it.
     pub status: String,
+    /// The check-in code (also as a QR image at `/api/v1/tickets/{id}/qr.png`), once the
+    /// order is `PAID`.
+    #[sqlx(skip)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
 }
 
 /// One status an order has had.
@@ -321,9 +326,14 @@ pub async fn list_orders(
 #[into_params(parameter_in = Query)]
 pub struct WaitQuery {
     /// Long-poll: wait up to this many seconds (0 to 30) for the status to change from what
-    /// it is when the request arrives. Returns at once if the order is final.
+    /// it is when the request arrives (or from `status`). Returns at once if the order is
+    /// final.
     #[param(minimum = 0, maximum = 30)]
     pub wait: Option<u64>,
+    /// With `wait`: the status the client last saw (e.g. `QUEUED`). The answer comes as
+    /// soon as the order's status is another one, at once if it already is, so a change
+    /// between two requests is never waited through.
+    pub status: Option<OrderStatus>,
 }
 
 /// One order with its tickets and history (its owner, or an admin; anyone else gets 404).
@@ -346,7 +356,8 @@ pub async fn get_order(
         return Err(ApiError::invalid_query(format!("wait must be between 0 and {MAX_WAIT_SECS} seconds")));
     }
     let order = load_visible(&state, user, id).await?;
-    let order = if wait > 0 && !order.status.is_final() {
+    let seen = query.status.unwrap_or(order.status);
+    let order = if wait > 0 && !order.status.is_final() && order.status == seen {
         wait_for_change(&state, user, order, Duration::from_secs(wait)).await?
     } else {
         order
@@ -355,10 +366,15 @@ pub async fn get_order(
 }
 
 async fn detail(state: &AppState, order: Order) -> Result<OrderDetail, ApiError> {
-    let tickets = sqlx::query_as::<_, Ticket>("SELECT id, status FROM tickets WHERE order_id = $1 ORDER BY id")
+    let mut tickets = sqlx::query_as::<_, Ticket>("SELECT id, status FROM tickets WHERE order_id = $1 ORDER BY id")
         .bind(order.id)
         .fetch_all(&state.db)
         .await?;
+    if order.status == OrderStatus::Paid {
+        for ticket in tickets.iter_mut().filter(|t| t.status == "ACTIVE") {
+            ticket.code = Some(state.ticket_codes.code(ticket.id));
+        }
+    }
     let history = sqlx::query_as::<_, StatusChange>(
         "SELECT status, reason, at FROM order_history WHERE order_id = $1 ORDER BY id",
     )

@@ -53,23 +53,26 @@ pub enum OrderEvent {
     HoldExpired,
     /// Its owner cancelled it.
     CancelledByOwner,
+    /// Its event was deleted (withdrawn from sale) before the order was paid.
+    EventWithdrawn,
 }
 
 impl OrderEvent {
-    pub const ALL: [OrderEvent; 6] = [
+    pub const ALL: [OrderEvent; 7] = [
         Self::Allocated,
         Self::AllocationRejected,
         Self::PaymentSucceeded,
         Self::PaymentFailed,
         Self::HoldExpired,
         Self::CancelledByOwner,
+        Self::EventWithdrawn,
     ];
 
     /// The status this event leads to.
     pub fn target(self) -> OrderStatus {
         match self {
             Self::Allocated => OrderStatus::Pending,
-            Self::AllocationRejected | Self::PaymentFailed => OrderStatus::Rejected,
+            Self::AllocationRejected | Self::PaymentFailed | Self::EventWithdrawn => OrderStatus::Rejected,
             Self::PaymentSucceeded => OrderStatus::Paid,
             Self::HoldExpired => OrderStatus::Expired,
             Self::CancelledByOwner => OrderStatus::Cancelled,
@@ -95,14 +98,18 @@ impl OrderStatus {
         [Self::Queued, Self::Pending, Self::Paid, Self::Rejected, Self::Expired, Self::Cancelled];
 
     /// The state machine: `QUEUED → PENDING → PAID`; `QUEUED → REJECTED`;
-    /// `PENDING → REJECTED | EXPIRED | CANCELLED`; final states never change.
+    /// `PENDING → REJECTED | EXPIRED | CANCELLED`; final states never change. An event's
+    /// deletion rejects its unpaid orders (`QUEUED` or `PENDING`).
     pub fn apply(self, event: OrderEvent) -> Transition {
         use OrderEvent as E;
         use OrderStatus as S;
         let allowed = matches!(
             (self, event),
-            (S::Queued, E::Allocated | E::AllocationRejected)
-                | (S::Pending, E::PaymentSucceeded | E::PaymentFailed | E::HoldExpired | E::CancelledByOwner)
+            (S::Queued, E::Allocated | E::AllocationRejected | E::EventWithdrawn)
+                | (
+                    S::Pending,
+                    E::PaymentSucceeded | E::PaymentFailed | E::HoldExpired | E::CancelledByOwner | E::EventWithdrawn
+                )
         );
         if allowed {
             let to = event.target();
@@ -138,13 +145,13 @@ mod tests {
         let no = Transition::Impossible;
         #[rustfmt::skip]
         let table = [
-            // event:            Allocated              AllocationRejected      PaymentSucceeded   PaymentFailed            HoldExpired              CancelledByOwner
-            (S::Queued,    [moves(S::Pending, false), moves(S::Rejected, false), no,                no,                      no,                      no]),
-            (S::Pending,   [same,                     no,                        moves(S::Paid, false), moves(S::Rejected, true), moves(S::Expired, true), moves(S::Cancelled, true)]),
-            (S::Paid,      [no,                       no,                        same,              no,                      no,                      no]),
-            (S::Rejected,  [no,                       same,                      no,                same,                    no,                      no]),
-            (S::Expired,   [no,                       no,                        no,                no,                      same,                    no]),
-            (S::Cancelled, [no,                       no,                        no,                no,                      no,                      same]),
+            // event:            Allocated              AllocationRejected      PaymentSucceeded   PaymentFailed            HoldExpired              CancelledByOwner          EventWithdrawn
+            (S::Queued,    [moves(S::Pending, false), moves(S::Rejected, false), no,                no,                      no,                      no,                       moves(S::Rejected, false)]),
+            (S::Pending,   [same,                     no,                        moves(S::Paid, false), moves(S::Rejected, true), moves(S::Expired, true), moves(S::Cancelled, true), moves(S::Rejected, true)]),
+            (S::Paid,      [no,                       no,                        same,              no,                      no,                      no,                       no]),
+            (S::Rejected,  [no,                       same,                      no,                same,                    no,                      no,                       same]),
+            (S::Expired,   [no,                       no,                        no,                no,                      same,                    no,                       no]),
+            (S::Cancelled, [no,                       no,                        no,                no,                      no,                      same,                     no]),
         ];
         assert_eq!(table.len(), OrderStatus::ALL.len());
         for (status, outcomes) in table {

@@ -1,0 +1,171 @@
+//! Tickets at the door: the holder's QR code, and the admin's check-in scan.
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::auth::{AdminUser, AuthUser};
+use crate::error::{ApiError, ErrorBody};
+use crate::extract::{Json, Path};
+use crate::state::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/tickets/{id}/qr.png", get(ticket_qr)).route("/check-ins", post(check_in))
+}
+
+/// What decides whether a ticket gets in.
+#[derive(sqlx::FromRow)]
+struct TicketState {
+    ticket_status: String,
+    order_status: String,
+    event_deleted: bool,
+}
+
+impl TicketState {
+    /// Why this ticket cannot be used, if it cannot.
+    fn refusal(&self) -> Option<ApiError> {
+        if self.ticket_status != "ACTIVE" {
+            Some(ApiError::invalid("ticket_cancelled", "this ticket was cancelled"))
+        } else if self.order_status != "PAID" {
+            Some(ApiError::invalid("not_paid", "this ticket's order is not paid"))
+        } else if self.event_deleted {
+            Some(ApiError::invalid("event_unavailable", "this ticket's event was deleted"))
+        } else {
+            None
+        }
+    }
+}
+
+/// The ticket's check-in code as a QR image (PNG), for its holder; the order must be paid.
+#[utoipa::path(get, path = "/api/v1/tickets/{id}/qr.png", tag = "tickets", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "Ticket id")),
+    responses(
+        (status = 200, description = "PNG image of the code", content_type = "image/png", body = Vec<u8>),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 404, description = "No such ticket, or not the caller's", body = ErrorBody),
+        (status = 422, description = "Not usable: order not paid (`not_paid`), ticket cancelled \
+            (`ticket_cancelled`) or event deleted (`event_unavailable`)", body = ErrorBody),
+    ))]
+pub async fn ticket_qr(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Path(id): Path<Uuid>,
+) -> Result<Response, ApiError> {
+    let ticket = sqlx::query_as::<_, TicketState>(
+        "SELECT t.status AS ticket_status, o.status AS order_status, e.deleted_at IS NOT NULL AS event_deleted
+         FROM tickets t JOIN orders o ON o.id = t.order_id JOIN events e ON e.id = t.event_id
+         WHERE t.id = $1 AND o.user_id = $2",
+    )
+    .bind(id)
+    .bind(user.id)
+    .fetch_optional(&state.db)
+    .await?
+    .ok_or(ApiError::NotFound("ticket"))?;
+    if let Some(refusal) = ticket.refusal() {
+        return Err(refusal);
+    }
+    let code = state.ticket_codes.code(id);
+    let png = tokio::task::spawn_blocking(move || qr_png(&code)).await.map_err(anyhow::Error::from)??;
+    let mut response = png.into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("image/png"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, no-store"));
+    Ok(response)
+}
+
+fn qr_png(code: &str) -> anyhow::Result<Vec<u8>> {
+    let image = qrcode::QrCode::new(code.as_bytes())?.render::<image::Luma<u8>>().min_dimensions(256, 256).build();
+    let mut png = std::io::Cursor::new(Vec::new());
+    image.write_to(&mut png, image::ImageFormat::Png)?;
+    Ok(png.into_inner())
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CheckInRequest {
+    /// The code from the ticket's QR image.
+    pub code: String,
+}
+
+#[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
+pub struct CheckIn {
+    pub ticket_id: Uuid,
+    pub order_id: Uuid,
+    pub event_id: Uuid,
+    pub event_name: String,
+    pub event_date: DateTime<Utc>,
+    pub holder_name: String,
+    pub holder_email: String,
+    pub checked_in_at: DateTime<Utc>,
+}
+
+/// Scan a ticket at the door (admin). The first scan of a valid, paid ticket answers 200
+/// and records the check-in; every later scan answers 409 `already_checked_in` with the
+/// time of the first (of concurrent scans of one code, exactly one gets 200). A forged or
+/// altered code is 404 without a database lookup.
+#[utoipa::path(post, path = "/api/v1/check-ins", tag = "tickets", request_body = CheckInRequest,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Checked in", body = CheckIn),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 403, description = "Caller is not an admin", body = ErrorBody),
+        (status = 404, description = "Unknown or forged code (`not_found`)", body = ErrorBody),
+        (status = 409, description = "Checked in before (`already_checked_in`, with `checked_in_at`)", body = ErrorBody),
+        (status = 422, description = "Order not paid (`not_paid`), ticket cancelled (`ticket_cancelled`) or event \
+            deleted (`event_unavailable`)", body = ErrorBody),
+    ))]
+pub async fn check_in(
+    State(state): State<AppState>,
+    AdminUser(admin): AdminUser,
+    Json(req): Json<CheckInRequest>,
+) -> Result<Json<CheckIn>, ApiError> {
+    let ticket_id = state.ticket_codes.verify(&req.code).ok_or(ApiError::NotFound("ticket"))?;
+    let mut tx = state.db.begin().await?;
+    let ticket = sqlx::query_as::<_, TicketState>(
+        "SELECT t.status AS ticket_status, o.status AS order_status, e.deleted_at IS NOT NULL AS event_deleted
+         FROM tickets t JOIN orders o ON o.id = t.order_id JOIN events e ON e.id = t.event_id
+         WHERE t.id = $1 FOR SHARE OF t",
+    )
+    .bind(ticket_id)
+    .fetch_optional(&mut *tx)
+    .await?
+    .ok_or(ApiError::NotFound("ticket"))?;
+    if let Some(refusal) = ticket.refusal() {
+        return Err(refusal);
+    }
+    // The primary key decides concurrent scans: one insert wins, the others see its row.
+    let first: Option<DateTime<Utc>> = sqlx::query_scalar(
+        "INSERT INTO check_ins (ticket_id, checked_in_by) VALUES ($1, $2)
+         ON CONFLICT (ticket_id) DO NOTHING RETURNING checked_in_at",
+    )
+    .bind(ticket_id)
+    .bind(admin.id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if first.is_none() {
+        let at: DateTime<Utc> = sqlx::query_scalar("SELECT checked_in_at FROM check_ins WHERE ticket_id = $1")
+            .bind(ticket_id)
+            .fetch_one(&mut *tx)
+            .await?;
+        return Err(ApiError::AlreadyCheckedIn { at });
+    }
+    let check_in = sqlx::query_as::<_, CheckIn>(
+        "SELECT t.id AS ticket_id, o.id AS order_id, e.id AS event_id, e.name AS event_name,
+                e.starts_at AS event_date, u.name AS holder_name, u.email AS holder_email, c.checked_in_at
+         FROM tickets t JOIN orders o ON o.id = t.order_id JOIN events e ON e.id = t.event_id
+              JOIN users u ON u.id = o.user_id JOIN check_ins c ON c.ticket_id = t.id
+         WHERE t.id = $1",
+    )
+    .bind(ticket_id)
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    tracing::info!(%ticket_id, admin_id = %admin.id, "ticket checked in");
+    Ok(Json(check_in))
+}
