@@ -460,7 +460,7 @@ pub fn image_upload_router(max_bytes: u64) -> Router<AppState> {
         (status = 403, description = "Caller is not an admin", body = ErrorBody),
         (status = 404, description = "No such event (or deleted)", body = ErrorBody),
         (status = 413, description = "Image larger than IMAGE_MAX_BYTES", body = ErrorBody),
-        (status = 415, description = "Not a PNG, JPEG or WebP image (`unsupported_image`)", body = ErrorBody),
+        (status = 415, description = "Not a PNG, JPEG or WebP image (`unsupported_media_type`)", body = ErrorBody),
         (status = 503, description = "The image store is unavailable", body = ErrorBody),
     ))]
 pub async fn upload_image(
