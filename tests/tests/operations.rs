@@ -146,6 +146,7 @@ async fn api_shuts_down_gracefully_on_sigterm() {
     // Covered in detail by the process helper; here: SIGTERM ends the process with success.
     let services = Services::from_env();
     let db = TestDb::create(&services).await;
+    let images = std::env::temp_dir().join(format!("turnstile-images-{}", uuid::Uuid::new_v4()));
     let envs = vec![
         ("DATABASE_URL", db.url.clone()),
         ("AMQP_URL", services.amqp_url.clone()),
@@ -153,8 +154,10 @@ async fn api_shuts_down_gracefully_on_sigterm() {
         ("WEBHOOK_SECRET", tests::WEBHOOK_SECRET.to_owned()),
         ("TICKET_SECRET", tests::TICKET_SECRET.to_owned()),
         ("BIND_ADDR", "127.0.0.1:0".to_owned()),
+        ("IMAGE_STORE", images.display().to_string()),
     ];
     let (mut process, _) = tests::Process::spawn("api", &["serve"], &envs, Some("listening"));
     let status = process.terminate();
+    let _ = std::fs::remove_dir_all(&images);
     assert!(status.is_some_and(|s| s.success()), "exit status after SIGTERM: {status:?}");
 }
