@@ -95,19 +95,37 @@ pub struct Verified<'a> {
 }
 
 /// Why a webhook was refused. The messages are safe to return to the sender.
-#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, PartialEq, Eq)]
 pub enum VerifyError {
-    #[error("missing {0} header")]
     Missing(&'static str),
-    #[error("webhook-id must be 1 to 255 characters")]
     BadId,
-    #[error("webhook-timestamp must be Unix seconds")]
     BadTimestamp,
-    #[error("webhook-timestamp is more than 5 minutes away from the server's clock")]
     OutsideTolerance,
-    #[error("no valid signature in webhook-signature")]
     NoValidSignature,
 }
+
+impl VerifyError {
+    /// The explanation for the sender, as static text (an HTTP error can carry it as is).
+    pub fn message(&self) -> &'static str {
+        match self {
+            Self::Missing(HEADER_ID) => "missing webhook-id header",
+            Self::Missing(HEADER_TIMESTAMP) => "missing webhook-timestamp header",
+            Self::Missing(_) => "missing webhook-signature header",
+            Self::BadId => "webhook-id must be 1 to 255 characters",
+            Self::BadTimestamp => "webhook-timestamp must be Unix seconds",
+            Self::OutsideTolerance => "webhook-timestamp is more than 5 minutes away from the server's clock",
+            Self::NoValidSignature => "no valid signature in webhook-signature",
+        }
+    }
+}
+
+impl std::fmt::Display for VerifyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.message())
+    }
+}
+
+impl std::error::Error for VerifyError {}
 
 #[cfg(test)]
 mod tests {

@@ -16,7 +16,7 @@ use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
 use common::domain::{OrderEvent, OrderStatus, Transition, reason};
 use common::order_changes::{self, LockedOrder};
-use common::standard_webhooks::{self, Headers, VerifyError};
+use common::standard_webhooks::{self, Headers};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use sqlx::PgConnection;
@@ -119,7 +119,7 @@ pub async fn payment_webhook(
     let verified = state
         .webhook_key
         .verify(webhook_headers(&headers), &body, Utc::now().timestamp())
-        .map_err(|err| ApiError::Unauthorized(unauthorized_message(err)))?;
+        .map_err(|err| ApiError::Unauthorized(err.message()))?;
     let order_id: Uuid = path_id.parse().map_err(|_| ApiError::NotFound("order"))?;
     let request = parse_request(&body, order_id)?;
 
@@ -164,18 +164,6 @@ fn webhook_headers(headers: &HeaderMap) -> Headers<'_> {
         id: text(standard_webhooks::HEADER_ID),
         timestamp: text(standard_webhooks::HEADER_TIMESTAMP),
         signature: text(standard_webhooks::HEADER_SIGNATURE),
-    }
-}
-
-fn unauthorized_message(err: VerifyError) -> &'static str {
-    match err {
-        VerifyError::Missing(standard_webhooks::HEADER_ID) => "missing webhook-id header",
-        VerifyError::Missing(standard_webhooks::HEADER_TIMESTAMP) => "missing webhook-timestamp header",
-        VerifyError::Missing(_) => "missing webhook-signature header",
-        VerifyError::BadId => "webhook-id must be 1 to 255 characters",
-        VerifyError::BadTimestamp => "webhook-timestamp must be Unix seconds",
-        VerifyError::OutsideTolerance => "webhook-timestamp is more than 5 minutes away from the server's clock",
-        VerifyError::NoValidSignature => "no valid signature in webhook-signature",
     }
 }
 
