@@ -88,9 +88,10 @@ start_postgres() {
   else
     log "starting PostgreSQL on 127.0.0.1:$PG_PORT"
     # fsync off: this cluster holds development and test data only (docker-compose and
-    # production use the server defaults).
+    # production use the server defaults). pg_stat_statements shows where database time goes
+    # (`CREATE EXTENSION pg_stat_statements`, then query the view).
     as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/postgres.log" -w -t 60 \
-      -o "-p $PG_PORT -k $PG_DIR/socket -c listen_addresses=127.0.0.1 -c max_connections=400 -c fsync=off -c synchronous_commit=off -c full_page_writes=off" \
+      -o "-p $PG_PORT -k $PG_DIR/socket -c listen_addresses=127.0.0.1 -c max_connections=400 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c shared_preload_libraries=pg_stat_statements" \
       start >/dev/null || { tail -20 "$PG_DIR/postgres.log" >&2; die "PostgreSQL did not start"; }
   fi
   for _ in $(seq 1 60); do

@@ -136,6 +136,7 @@ async fn serve(config: ApiConfig) -> anyhow::Result<()> {
         db: db.clone(),
         amqp: amqp.clone(),
         publisher: Arc::new(Publisher::new(amqp.clone(), config.broker.partitions)),
+        orders: pipeline::OrderInserter::spawn(db.clone()),
         published: pipeline::spawn_publish_marker(db.clone()),
         order_watch,
         tokens: Arc::new(tokens),

@@ -1,5 +1,8 @@
 //! The api's background helpers for the purchase pipeline:
 //!
+//! - [`OrderInserter`]: stores new `QUEUED` orders for concurrent purchase requests in
+//!   shared multi-row `INSERT`s, so a stampede costs the database one statement (one commit,
+//!   one history trigger) per batch instead of one per request.
 //! - [`spawn_publish_marker`]: stamps `published_at` on orders whose message the broker
 //!   confirmed, in bulk and off the request path, so the worker's re-publisher only touches
 //!   orders that may really be missing from the queue.
@@ -10,11 +13,126 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+
+/// Most orders one `INSERT` stores.
+const INSERT_BATCH: usize = 500;
+/// `INSERT`s in flight at once; requests arriving meanwhile wait for the next batch.
+const INSERTS_IN_FLIGHT: usize = 4;
+
+/// A purchase request's order, validated and priced, to be stored `QUEUED`.
+pub struct NewOrder {
+    pub id: Uuid,
+    pub user_id: Uuid,
+    pub event_id: Uuid,
+    pub quantity: i32,
+    pub unit_price: Decimal,
+    pub total: Decimal,
+    pub idempotency_key: Option<String>,
+}
+
+/// What became of one [`NewOrder`].
+pub enum Stored {
+    /// Stored; its `(created_at, updated_at)`.
+    Inserted(DateTime<Utc>, DateTime<Utc>),
+    /// Not stored: the user already has an order under this `Idempotency-Key`.
+    KeyTaken,
+}
+
+type Reply = oneshot::Sender<Result<Stored, sqlx::Error>>;
+
+/// Hands orders to a background task that stores them in batches. Each request still
+/// learns its own outcome, and nothing is answered before its row is committed.
+#[derive(Clone)]
+pub struct OrderInserter {
+    queue: mpsc::Sender<(NewOrder, Reply)>,
+}
+
+impl OrderInserter {
+    pub fn spawn(db: PgPool) -> Self {
+        let (queue, mut rx) = mpsc::channel::<(NewOrder, Reply)>(INSERT_BATCH * INSERTS_IN_FLIGHT);
+        tokio::spawn(async move {
+            let permits = Arc::new(Semaphore::new(INSERTS_IN_FLIGHT));
+            loop {
+                // Wait for a free slot first: orders arriving meanwhile make the batch bigger.
+                let Ok(permit) = permits.clone().acquire_owned().await else { return };
+                let mut batch = Vec::with_capacity(INSERT_BATCH);
+                if rx.recv_many(&mut batch, INSERT_BATCH).await == 0 {
+                    return;
+                }
+                let db = db.clone();
+                tokio::spawn(async move {
+                    store(&db, batch).await;
+                    drop(permit);
+                });
+            }
+        });
+        Self { queue }
+    }
+
+    /// Stores one order, sharing the statement with whatever else is waiting.
+    pub async fn insert(&self, order: NewOrder) -> Result<Stored, sqlx::Error> {
+        let (reply, answer) = oneshot::channel();
+        self.queue.send((order, reply)).await.map_err(|_| sqlx::Error::PoolClosed)?;
+        answer.await.map_err(|_| sqlx::Error::PoolClosed)?
+    }
+}
+
+/// One batch: a single `INSERT`. Should it fail, every order is tried on its own, so one
+/// bad row cannot fail the requests that happened to share its statement.
+async fn store(db: &PgPool, batch: Vec<(NewOrder, Reply)>) {
+    let orders: Vec<&NewOrder> = batch.iter().map(|(order, _)| order).collect();
+    match insert_orders(db, &orders).await {
+        Ok(mut stored) => {
+            for (order, reply) in batch {
+                let outcome = stored.remove(&order.id).map_or(Stored::KeyTaken, |(c, u)| Stored::Inserted(c, u));
+                let _ = reply.send(Ok(outcome));
+            }
+        }
+        Err(err) => {
+            if batch.len() > 1 {
+                tracing::warn!(error = %err, orders = batch.len(), "batched order insert failed; storing one by one");
+            }
+            for (order, reply) in batch {
+                let outcome = insert_orders(db, &[&order]).await.map(|mut stored| {
+                    stored.remove(&order.id).map_or(Stored::KeyTaken, |(c, u)| Stored::Inserted(c, u))
+                });
+                let _ = reply.send(outcome);
+            }
+        }
+    }
+}
+
+/// Inserts the orders in one statement; returns the timestamps of those stored. An order
+/// whose `Idempotency-Key` the user already used (even earlier in the same batch) is skipped.
+async fn insert_orders(
+    db: &PgPool,
+    orders: &[&NewOrder],
+) -> Result<HashMap<Uuid, (DateTime<Utc>, DateTime<Utc>)>, sqlx::Error> {
+    let column = |f: fn(&NewOrder) -> Uuid| orders.iter().map(|o| f(o)).collect::<Vec<_>>();
+    let rows: Vec<(Uuid, DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
+        "INSERT INTO orders (id, user_id, event_id, quantity, unit_price, total, idempotency_key)
+         SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::int4[], $5::numeric[], $6::numeric[], $7::text[])
+         ON CONFLICT (user_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+         RETURNING id, created_at, updated_at",
+    )
+    .bind(column(|o| o.id))
+    .bind(column(|o| o.user_id))
+    .bind(column(|o| o.event_id))
+    .bind(orders.iter().map(|o| o.quantity).collect::<Vec<_>>())
+    .bind(orders.iter().map(|o| o.unit_price).collect::<Vec<_>>())
+    .bind(orders.iter().map(|o| o.total).collect::<Vec<_>>())
+    .bind(orders.iter().map(|o| o.idempotency_key.as_deref()).collect::<Vec<_>>())
+    .fetch_all(db)
+    .await?;
+    Ok(rows.into_iter().map(|(id, created, updated)| (id, (created, updated))).collect())
+}
 
 /// Confirmed order ids waiting to be stamped. When full, ids are dropped: the order is then
 /// published once more by the re-publisher, which is harmless.

@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use crate::auth::Tokens;
-use crate::pipeline::OrderWatch;
+use crate::pipeline::{OrderInserter, OrderWatch};
 use crate::ticket_codes::TicketCodes;
 
 #[derive(Clone)]
@@ -18,6 +18,8 @@ pub struct AppState {
     pub db: PgPool,
     pub amqp: deadpool_lapin::Pool,
     pub publisher: Arc<Publisher>,
+    /// Stores new orders in shared batches (see `pipeline`).
+    pub orders: OrderInserter,
     /// Orders whose purchase message the broker confirmed (see `pipeline`).
     pub published: mpsc::Sender<Uuid>,
     pub order_watch: Arc<OrderWatch>,

@@ -43,7 +43,7 @@ pub async fn lock(tx: &mut PgConnection, order_id: Uuid, owner: Option<Uuid>) ->
     else {
         return Ok(None);
     };
-    sqlx::query("SELECT 1 FROM events WHERE id = $1 FOR UPDATE").bind(event_id).execute(&mut *tx).await?;
+    sqlx::query("SELECT 1 FROM events WHERE id = $1 FOR NO KEY UPDATE").bind(event_id).execute(&mut *tx).await?;
     sqlx::query_as::<_, LockedOrder>(
         "SELECT id, user_id, event_id, status, quantity, total,
                 status = 'PENDING' AND expires_at <= now() AS hold_over
@@ -135,7 +135,7 @@ async fn release(tx: &mut PgConnection, event_id: Uuid, ids: &[Uuid], quantity: 
 /// the ids of the orders it expired. Safe to run from several workers at once: each waits
 /// for the event's lock and then sees only the holds still `PENDING`.
 pub async fn expire_event(tx: &mut PgConnection, event_id: Uuid, limit: i64) -> sqlx::Result<Vec<Uuid>> {
-    sqlx::query("SELECT 1 FROM events WHERE id = $1 FOR UPDATE").bind(event_id).execute(&mut *tx).await?;
+    sqlx::query("SELECT 1 FROM events WHERE id = $1 FOR NO KEY UPDATE").bind(event_id).execute(&mut *tx).await?;
     let rows: Vec<(Uuid, i32)> = sqlx::query_as(
         "SELECT id, quantity FROM orders
          WHERE event_id = $1 AND status = 'PENDING' AND expires_at <= now()

@@ -8,7 +8,7 @@ use futures_util::future::join_all;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Connection};
 use serde_json::{Value, json};
-use tests::{Response, TestApp};
+use tests::{Response, TestApp, mint_token};
 use uuid::Uuid;
 
 const SETTLE: Duration = Duration::from_secs(60);
@@ -269,6 +269,31 @@ async fn idempotency_key_replays_the_same_order() {
     assert_eq!(orders, 3);
     app.assert_consistent(event).await;
     assert_eq!(app.assert_consistent(event).await.1, 5);
+}
+
+/// Orders are stored in shared multi-row inserts. One that cannot be stored (here: a
+/// validly signed token of an account that does not exist) must not take the orders that
+/// shared its statement down with it.
+#[tokio::test]
+async fn one_bad_order_does_not_fail_its_batch() {
+    let app = TestApp::spawn().await;
+    let _worker = app.spawn_worker(&[]);
+    let admin = app.admin().await;
+    let event = app.event_with(&admin, 100, 1).await;
+    let mut buyers = Vec::new();
+    for i in 0..10 {
+        buyers.push(app.user(&format!("buyer{i}")).await.1);
+    }
+    let ghost = mint_token(Uuid::now_v7(), "user");
+    for _ in 0..5 {
+        let requests = buyers.iter().chain([&ghost]).map(|token| app.order(token, event, 1, None));
+        let answers = join_all(requests).await;
+        let (good, bad) = answers.split_at(buyers.len());
+        assert!(good.iter().all(|r| r.status == 202), "{good:?}");
+        bad[0].assert_error(401, "unauthorized");
+    }
+    app.wait_until_final(SETTLE).await;
+    assert_eq!(app.assert_consistent(event).await.1, 50);
 }
 
 /// Publishes a purchase message straight to the event's partition, as the api would.

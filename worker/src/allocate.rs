@@ -282,11 +282,13 @@ fn allocate(available: i64, event_open: bool, orders: &[(Uuid, i32)]) -> (Vec<De
 
 /// One event's share of a batch, in one transaction. Locks the event row first, then the
 /// orders (the same order every writer of both uses), so it cannot deadlock with payments
-/// or expiry.
+/// or expiry. `FOR NO KEY UPDATE`, not `FOR UPDATE`: writers still exclude each other, but
+/// the api's order inserts (whose foreign key takes `FOR KEY SHARE` on the event) are not
+/// blocked behind the batch; `FOR UPDATE` made every accept on a hot event wait for it.
 async fn allocate_event(db: &PgPool, event_id: Uuid, order_ids: &[Uuid], hold_ttl: Duration) -> sqlx::Result<Outcome> {
     let mut tx = db.begin().await?;
     let event: Option<(i32, i32, bool)> = sqlx::query_as(
-        "SELECT capacity, sold, deleted_at IS NULL AND starts_at > now() FROM events WHERE id = $1 FOR UPDATE",
+        "SELECT capacity, sold, deleted_at IS NULL AND starts_at > now() FROM events WHERE id = $1 FOR NO KEY UPDATE",
     )
     .bind(event_id)
     .fetch_optional(&mut *tx)

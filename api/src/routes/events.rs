@@ -319,7 +319,7 @@ pub async fn update_event(
     let current = sqlx::query_as::<_, Event>(concat!(
         "SELECT ",
         event_columns!(),
-        " FROM events e WHERE e.id = $1 AND e.deleted_at IS NULL FOR UPDATE"
+        " FROM events e WHERE e.id = $1 AND e.deleted_at IS NULL FOR NO KEY UPDATE"
     ))
     .bind(id)
     .fetch_optional(&mut *tx)
@@ -406,7 +406,7 @@ pub async fn delete_event(
     Path(id): Path<Uuid>,
 ) -> Result<StatusCode, ApiError> {
     let mut tx = state.db.begin().await?;
-    let locked = sqlx::query("SELECT 1 FROM events WHERE id = $1 AND deleted_at IS NULL FOR UPDATE")
+    let locked = sqlx::query("SELECT 1 FROM events WHERE id = $1 AND deleted_at IS NULL FOR NO KEY UPDATE")
         .bind(id)
         .fetch_optional(&mut *tx)
         .await?;
@@ -502,7 +502,7 @@ pub async fn upload_image(
     })?;
     let url = format!("/api/v1/events/{id}/image");
     let previous: Option<Option<String>> = sqlx::query_scalar(
-        "WITH old AS (SELECT image_key FROM events WHERE id = $1 FOR UPDATE)
+        "WITH old AS (SELECT image_key FROM events WHERE id = $1 FOR NO KEY UPDATE)
          UPDATE events e SET image_key = $2, image_content_type = $3, image_url = $4, updated_at = now()
          FROM old WHERE e.id = $1 AND e.deleted_at IS NULL
          RETURNING old.image_key",

@@ -25,6 +25,7 @@ use super::page::PageQuery;
 use crate::auth::AuthUser;
 use crate::error::{ApiError, ErrorBody, ResultExt};
 use crate::extract::{Json, Path, Query};
+use crate::pipeline::{NewOrder, Stored};
 use crate::state::AppState;
 
 pub fn router() -> Router<AppState> {
@@ -195,30 +196,28 @@ pub async fn create_order(
 
     let order_id = Uuid::now_v7();
     let total = event.price * Decimal::from(quantity);
-    let inserted = sqlx::query_as::<_, (DateTime<Utc>, DateTime<Utc>)>(
-        "INSERT INTO orders (id, user_id, event_id, quantity, unit_price, total, idempotency_key)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)
-         RETURNING created_at, updated_at",
-    )
-    .bind(order_id)
-    .bind(user.id)
-    .bind(req.event_id)
-    .bind(quantity)
-    .bind(event.price)
-    .bind(total)
-    .bind(&key)
-    .fetch_one(&state.db)
-    .await
-    .on_constraint("orders_user_idempotency_key", || ApiError::conflict("idempotency_race", ""));
-    let (created_at, updated_at) = match inserted {
-        Ok(times) => times,
+    let stored = state
+        .orders
+        .insert(NewOrder {
+            id: order_id,
+            user_id: user.id,
+            event_id: req.event_id,
+            quantity,
+            unit_price: event.price,
+            total,
+            idempotency_key: key.clone(),
+        })
+        .await
+        // A validly signed token whose account is gone.
+        .on_constraint("orders_user_id_fkey", || ApiError::Unauthorized("the token's account does not exist"))?;
+    let (created_at, updated_at) = match stored {
+        Stored::Inserted(created_at, updated_at) => (created_at, updated_at),
         // The same key raced in from a concurrent request: answer like a replay.
-        Err(ApiError::Conflict { code: "idempotency_race", .. }) => {
+        Stored::KeyTaken => {
             let key = key.as_deref().unwrap_or_default();
             let existing = find_by_key(&state, user.id, key).await?.ok_or(ApiError::Unavailable)?;
             return replay(existing, &req);
         }
-        Err(err) => return Err(err),
     };
 
     let message = PurchaseMessage { order_id, event_id: req.event_id };
