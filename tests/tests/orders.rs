@@ -68,6 +68,34 @@ async fn two_hundred_buyers_race_for_a_hundred_tickets() {
     assert_eq!(event_json.json["tickets_available"], 0);
 }
 
+/// A backlog spread over many events: the worker allocates each batch, whatever the number
+/// of events in it, in one transaction, and every event must still sell out exactly.
+#[tokio::test]
+async fn batches_spanning_many_events_sell_each_out_exactly() {
+    let app = TestApp::spawn_with(&[("SOLD_OUT_FAST_PATH", "false".to_owned())]).await;
+    let admin = app.admin().await;
+    let mut events = Vec::new();
+    for i in 0..12 {
+        events.push(app.event_with(&admin, 5 + i, 4).await);
+    }
+    let buyers = app.buyers(300).await;
+    // Accepted while no worker runs, so that each batch holds orders of several events.
+    let responses =
+        join_all(buyers.iter().enumerate().map(|(i, (_, token))| app.order(token, events[i % events.len()], 1, None)))
+            .await;
+    assert!(responses.iter().all(|r| r.status == 202), "{responses:?}");
+    let _worker = app.spawn_worker(&[("BATCH_SIZE", "200".to_owned())]);
+    app.wait_until_final(SETTLE).await;
+    // Capacities differ, so a batch that mixed up its events' rows would show.
+    for (capacity, event) in (5..).zip(&events) {
+        let counts = status_counts(&app, *event).await;
+        assert_eq!(counts.get(&key("PENDING", None)), Some(&(capacity, capacity)), "{counts:?}");
+        let rejected = 25 - capacity;
+        assert_eq!(counts.get(&key("REJECTED", Some("SOLD_OUT"))), Some(&(rejected, rejected)), "{counts:?}");
+        assert_eq!(app.assert_consistent(*event).await, (capacity, capacity));
+    }
+}
+
 #[tokio::test]
 async fn random_quantities_sell_out_exactly() {
     let app = TestApp::spawn_with(&[("SOLD_OUT_FAST_PATH", "false".to_owned())]).await;

@@ -2,9 +2,9 @@
 //!
 //! One task per partition queue consumes with a bounded prefetch, takes a batch (up to
 //! `BATCH_SIZE` messages, or what arrived within `BATCH_WAIT_MS` of the first), groups it by
-//! event and runs one transaction per event: lock the event row, lock its still-`QUEUED`
-//! orders, allocate in arrival order against `capacity - sold`, write the outcome, insert
-//! the tickets with one statement, bump `sold`, commit. Only then is the batch acked, so a
+//! event and runs one transaction for the batch: lock its event rows, lock its still-`QUEUED`
+//! orders, allocate each event's orders in arrival order against `capacity - sold`, write
+//! the outcomes, insert the tickets and bump `sold` with one statement each, commit. Only then is the batch acked, so a
 //! crash at any point leads to redelivery, and redelivery is harmless because an order
 //! that is no longer `QUEUED` is skipped.
 
@@ -174,22 +174,19 @@ impl Allocator {
                 }
             }
         }
-        let mut totals = Outcome::default();
-        for (event_id, orders) in group_by_event(&messages) {
-            let mut backoff = Backoff::default();
-            let outcome = loop {
-                match allocate_event(&self.db, event_id, &orders, self.config.hold_ttl()).await {
-                    Ok(outcome) => break outcome,
-                    Err(err) => {
-                        tracing::warn!(partition, %event_id, error = %err, "allocation failed; retrying");
-                        if !backoff.wait(shutdown).await {
-                            return Ok(false);
-                        }
+        let groups = group_by_event(&messages);
+        let mut backoff = Backoff::default();
+        let totals = loop {
+            match allocate_batch(&self.db, &groups, self.config.hold_ttl()).await {
+                Ok(outcome) => break outcome,
+                Err(err) => {
+                    tracing::warn!(partition, events = groups.len(), error = %err, "allocation failed; retrying");
+                    if !backoff.wait(shutdown).await {
+                        return Ok(false);
                     }
                 }
-            };
-            totals.add(&outcome);
-        }
+            }
+        };
         if let Some(tag) = last_tag {
             channel.basic_ack(tag, BasicAckOptions { multiple: true }).await?;
         }
@@ -240,14 +237,6 @@ struct Outcome {
     skipped: usize,
 }
 
-impl Outcome {
-    fn add(&mut self, other: &Outcome) {
-        self.accepted += other.accepted;
-        self.rejected += other.rejected;
-        self.skipped += other.skipped;
-    }
-}
-
 /// What the allocator decided for one order: the status an [`OrderEvent`] leads to from
 /// `QUEUED`, the only status it reads (a test checks this against the state machine).
 #[derive(Debug, PartialEq, Eq)]
@@ -280,45 +269,78 @@ fn allocate(available: i64, event_open: bool, orders: &[(Uuid, i32)]) -> (Vec<De
     (decisions, available.max(0) - left)
 }
 
-/// One event's share of a batch, in one transaction. Locks the event row first, then the
-/// orders (the same order every writer of both uses), so it cannot deadlock with payments
-/// or expiry. `FOR NO KEY UPDATE`, not `FOR UPDATE`: writers still exclude each other, but
-/// the api's order inserts (whose foreign key takes `FOR KEY SHARE` on the event) are not
-/// blocked behind the batch; `FOR UPDATE` made every accept on a hot event wait for it.
-async fn allocate_event(db: &PgPool, event_id: Uuid, order_ids: &[Uuid], hold_ttl: Duration) -> sqlx::Result<Outcome> {
+/// The whole batch in one transaction, whatever the number of events in it. Locks the
+/// batch's event rows first, in id order, then its orders, in id order: every other writer
+/// takes one event row and then that event's orders, so this cannot deadlock with payments,
+/// expiry or another batch. `FOR NO KEY UPDATE`, not `FOR UPDATE`: writers still exclude
+/// each other, but the api's order inserts (whose foreign key takes `FOR KEY SHARE` on the
+/// event) are not blocked behind the batch; `FOR UPDATE` made every accept on a hot event
+/// wait for it. One transaction per batch rather than per event keeps a batch spread over
+/// many events (a normal day) as cheap as one on a single hot event.
+async fn allocate_batch(db: &PgPool, groups: &[(Uuid, Vec<Uuid>)], hold_ttl: Duration) -> sqlx::Result<Outcome> {
     let mut tx = db.begin().await?;
-    let event: Option<(i32, i32, bool)> = sqlx::query_as(
-        "SELECT capacity, sold, deleted_at IS NULL AND starts_at > now() FROM events WHERE id = $1 FOR NO KEY UPDATE",
+    let event_ids: Vec<Uuid> = groups.iter().map(|(event, _)| *event).collect();
+    let events: HashMap<Uuid, (i32, i32, bool)> = sqlx::query_as::<_, (Uuid, i32, i32, bool)>(
+        "SELECT id, capacity, sold, deleted_at IS NULL AND starts_at > now() FROM events
+         WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
     )
-    .bind(event_id)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Some((capacity, sold, open)) = event else {
-        tracing::warn!(%event_id, orders = order_ids.len(), "purchase messages for an unknown event; skipping");
-        return Ok(Outcome { skipped: order_ids.len(), ..Outcome::default() });
-    };
-    let rows: Vec<(Uuid, i32)> = sqlx::query_as(
-        "SELECT id, quantity FROM orders
-         WHERE id = ANY($1) AND event_id = $2 AND status = 'QUEUED'
-         ORDER BY id FOR UPDATE",
-    )
-    .bind(order_ids)
-    .bind(event_id)
+    .bind(&event_ids)
     .fetch_all(&mut *tx)
-    .await?;
-    let quantities: HashMap<Uuid, i32> = rows.into_iter().collect();
-    let queued: Vec<(Uuid, i32)> =
-        order_ids.iter().filter_map(|id| quantities.get(id).map(|quantity| (*id, *quantity))).collect();
-    let skipped = order_ids.len() - queued.len();
-    if queued.is_empty() {
+    .await?
+    .into_iter()
+    .map(|(id, capacity, sold, open)| (id, (capacity, sold, open)))
+    .collect();
+    let order_ids: Vec<Uuid> = groups.iter().flat_map(|(_, orders)| orders.iter().copied()).collect();
+    // An order is allocated only under the event its message names.
+    let queued: HashMap<Uuid, (Uuid, i32)> = sqlx::query_as::<_, (Uuid, Uuid, i32)>(
+        "SELECT id, event_id, quantity FROM orders WHERE id = ANY($1) AND status = 'QUEUED' ORDER BY id FOR UPDATE",
+    )
+    .bind(&order_ids)
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .map(|(id, event_id, quantity)| (id, (event_id, quantity)))
+    .collect();
+
+    let mut outcome = Outcome::default();
+    let mut decided: Vec<Decision> = Vec::with_capacity(order_ids.len());
+    let (mut ticket_ids, mut ticket_orders, mut ticket_events) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut sold_events, mut sold_counts) = (Vec::new(), Vec::new());
+    for (event_id, orders) in groups {
+        let Some(&(capacity, sold, open)) = events.get(event_id) else {
+            tracing::warn!(%event_id, orders = orders.len(), "purchase messages for an unknown event; skipping");
+            outcome.skipped += orders.len();
+            continue;
+        };
+        let mine: Vec<(Uuid, i32)> = orders
+            .iter()
+            .filter_map(|id| {
+                queued.get(id).filter(|(event, _)| event == event_id).map(|&(_, quantity)| (*id, quantity))
+            })
+            .collect();
+        outcome.skipped += orders.len() - mine.len();
+        let (decisions, issued) = allocate(i64::from(capacity - sold), open, &mine);
+        for decision in decisions.iter().filter(|d| d.status == OrderStatus::Pending) {
+            for _ in 0..queued[&decision.order_id].1 {
+                ticket_ids.push(Uuid::now_v7());
+                ticket_orders.push(decision.order_id);
+                ticket_events.push(*event_id);
+            }
+        }
+        if issued > 0 {
+            sold_events.push(*event_id);
+            sold_counts.push(issued);
+        }
+        decided.extend(decisions);
+    }
+    if decided.is_empty() {
         tx.commit().await?;
-        return Ok(Outcome { skipped, ..Outcome::default() });
+        return Ok(outcome);
     }
 
-    let (decisions, issued) = allocate(i64::from(capacity - sold), open, &queued);
-    let ids: Vec<Uuid> = decisions.iter().map(|d| d.order_id).collect();
-    let statuses: Vec<&str> = decisions.iter().map(|d| d.status.as_str()).collect();
-    let reasons: Vec<Option<&str>> = decisions.iter().map(|d| d.reason).collect();
+    let ids: Vec<Uuid> = decided.iter().map(|d| d.order_id).collect();
+    let statuses: Vec<&str> = decided.iter().map(|d| d.status.as_str()).collect();
+    let reasons: Vec<Option<&str>> = decided.iter().map(|d| d.reason).collect();
     sqlx::query(
         "UPDATE orders o
          SET status = d.status, reason = d.reason, updated_at = now(),
@@ -332,32 +354,30 @@ async fn allocate_event(db: &PgPool, event_id: Uuid, order_ids: &[Uuid], hold_tt
     .bind(hold_ttl.as_secs_f64())
     .execute(&mut *tx)
     .await?;
-
-    let mut ticket_ids = Vec::with_capacity(usize::try_from(issued).unwrap_or(0));
-    let mut ticket_orders = Vec::with_capacity(ticket_ids.capacity());
-    for decision in decisions.iter().filter(|d| d.status == OrderStatus::Pending) {
-        for _ in 0..quantities[&decision.order_id] {
-            ticket_ids.push(Uuid::now_v7());
-            ticket_orders.push(decision.order_id);
-        }
-    }
-    if issued > 0 {
-        sqlx::query("INSERT INTO tickets (id, order_id, event_id) SELECT t.id, t.order_id, $3 FROM UNNEST($1::uuid[], $2::uuid[]) AS t(id, order_id)")
-            .bind(&ticket_ids)
-            .bind(&ticket_orders)
-            .bind(event_id)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("UPDATE events SET sold = sold + $2 WHERE id = $1")
-            .bind(event_id)
-            .bind(issued)
-            .execute(&mut *tx)
-            .await?;
+    if !ticket_ids.is_empty() {
+        sqlx::query(
+            "INSERT INTO tickets (id, order_id, event_id)
+             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[])",
+        )
+        .bind(&ticket_ids)
+        .bind(&ticket_orders)
+        .bind(&ticket_events)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE events e SET sold = e.sold + s.issued
+             FROM UNNEST($1::uuid[], $2::int8[]) AS s(id, issued) WHERE e.id = s.id",
+        )
+        .bind(&sold_events)
+        .bind(&sold_counts)
+        .execute(&mut *tx)
+        .await?;
     }
     common::db::notify_order_changes(&mut tx, &ids).await?;
     tx.commit().await?;
-    let accepted = decisions.iter().filter(|d| d.status == OrderStatus::Pending).count();
-    Ok(Outcome { accepted, rejected: decisions.len() - accepted, skipped })
+    outcome.accepted = decided.iter().filter(|d| d.status == OrderStatus::Pending).count();
+    outcome.rejected = decided.len() - outcome.accepted;
+    Ok(outcome)
 }
 
 #[cfg(test)]
