@@ -1,0 +1,121 @@
+//! `baseline`: the seed's synchronous design, one transaction per order, straight against
+//! the same PostgreSQL at the same concurrency.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::bail;
+use chrono::Utc;
+use futures_util::StreamExt;
+use hdrhistogram::Histogram;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::http::progress;
+use crate::prepare;
+use crate::report::{Percentiles, Report};
+
+pub async fn run(args: &crate::RunArgs, db: &PgPool, events: &[Uuid]) -> anyhow::Result<Report> {
+    let orders = args.orders();
+    let users: Arc<[Uuid]> = prepare::users(db, u64::from(args.users.max(1)).min(orders)).await?.into();
+    let events_list: Arc<[Uuid]> = events.into();
+    let bar = progress(orders, "baseline");
+    let started_at = Utc::now();
+    let started = Instant::now();
+    let results: Vec<anyhow::Result<(bool, u64)>> = futures_util::stream::iter(0..orders)
+        .map(|i| {
+            let (db, bar, users, events) = (db.clone(), bar.clone(), users.clone(), events_list.clone());
+            async move {
+                let user = users[(i % users.len() as u64) as usize];
+                let event = events[(i % events.len() as u64) as usize];
+                let sent = Instant::now();
+                let sold = synchronous_purchase(&db, event, user).await?;
+                bar.inc(1);
+                Ok((sold, u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX)))
+            }
+        })
+        .buffer_unordered(args.concurrency)
+        .collect()
+        .await;
+    let elapsed = started.elapsed().as_secs_f64();
+    bar.finish();
+    let mut latency = Histogram::<u64>::new(3)?;
+    let (mut accepted, mut refused, mut errors) = (0, 0, 0);
+    for result in &results {
+        match result {
+            Ok((sold, micros)) => {
+                latency.record(*micros)?;
+                if *sold { accepted += 1 } else { refused += 1 }
+            }
+            Err(_) => errors += 1,
+        }
+    }
+    if let Some(Err(err)) = results.iter().find(|r| r.is_err()) {
+        eprintln!("baseline errors, e.g.: {err:#}");
+    }
+    let (sold, oversold) = prepare::sold_and_oversold(db, events).await?;
+    if sold != accepted as i64 {
+        bail!("baseline sold {sold} tickets but reported {accepted}");
+    }
+    Ok(Report {
+        scenario: crate::Scenario::Baseline,
+        label: args.label.clone(),
+        started_at,
+        events: args.events,
+        capacity: args.capacity,
+        orders,
+        concurrency: args.concurrency,
+        rate: None,
+        accepted,
+        refused,
+        errors,
+        answered_per_sec: orders as f64 / elapsed,
+        end_to_end_per_sec: orders as f64 / elapsed,
+        accept_ms: Percentiles::of(&latency),
+        accept_to_final_ms: Percentiles::of(&latency),
+        sold,
+        oversold,
+        lost: 0,
+        api_peak_rss_mib: None,
+        worker_peak_rss_mib: None,
+        drain: None,
+    })
+}
+
+/// BEGIN; lock the event row; count its sold tickets; insert the order and its ticket;
+/// COMMIT. Returns whether a ticket was sold.
+async fn synchronous_purchase(db: &PgPool, event: Uuid, user: Uuid) -> anyhow::Result<bool> {
+    let mut tx = db.begin().await?;
+    let capacity: i32 = sqlx::query_scalar("SELECT capacity FROM events WHERE id = $1 FOR UPDATE")
+        .bind(event)
+        .fetch_one(&mut *tx)
+        .await?;
+    let sold: i64 = sqlx::query_scalar("SELECT count(*) FROM tickets WHERE event_id = $1 AND status = 'ACTIVE'")
+        .bind(event)
+        .fetch_one(&mut *tx)
+        .await?;
+    let order = Uuid::now_v7();
+    let available = sold < i64::from(capacity);
+    let (status, reason) = if available { ("PAID", None) } else { ("REJECTED", Some("SOLD_OUT")) };
+    sqlx::query(
+        "INSERT INTO orders (id, user_id, event_id, quantity, unit_price, total, status, reason)
+         VALUES ($1, $2, $3, 1, 10, 10, $4, $5)",
+    )
+    .bind(order)
+    .bind(user)
+    .bind(event)
+    .bind(status)
+    .bind(reason)
+    .execute(&mut *tx)
+    .await?;
+    if available {
+        sqlx::query("INSERT INTO tickets (id, order_id, event_id) VALUES ($1, $2, $3)")
+            .bind(Uuid::now_v7())
+            .bind(order)
+            .bind(event)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(available)
+}

@@ -1,0 +1,214 @@
+//! The scenarios that go through the api: `hot`, `spread`, `rate` and `backlog`.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::prepare;
+use crate::report::{Drain, Percentiles, Report};
+use crate::{RunArgs, Scenario};
+
+/// How long a run waits for accepted orders to be decided before it counts them lost.
+const DECIDE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// `rate`: most requests outstanding at once (beyond that the server is hopelessly behind).
+const RATE_MAX_OUTSTANDING: usize = 16_384;
+
+pub fn progress(len: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template("{msg:>10} [{bar:40}] {pos}/{len} {per_sec} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_message(what.to_owned());
+    bar
+}
+
+/// One request's outcome.
+struct Answer {
+    status: u16,
+    /// From when it was sent (closed loop) or due (open loop) to its answer.
+    micros: u64,
+    answered_at: DateTime<Utc>,
+}
+
+pub async fn run(args: &RunArgs, db: &PgPool, events: &[Uuid]) -> anyhow::Result<Report> {
+    let orders = args.orders();
+    let users = prepare::users(db, u64::from(args.users.max(1)).min(orders)).await?;
+    let tokens: Arc<[String]> = prepare::tokens(&users, &args.jwt_secret)?.into();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.concurrency.max(256))
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let url: Arc<str> = format!("{}/api/v1/orders", args.api.trim_end_matches('/')).into();
+    let events_list: Arc<[Uuid]> = events.into();
+    let bar = progress(orders, "orders");
+    let send = move |i: u64, due: Option<Instant>| {
+        let (client, url, tokens, events, bar) =
+            (client.clone(), url.clone(), tokens.clone(), events_list.clone(), bar.clone());
+        async move {
+            if let Some(due) = due {
+                tokio::time::sleep_until(due.into()).await;
+            }
+            let sent = due.unwrap_or_else(Instant::now);
+            let token = &tokens[(i % tokens.len() as u64) as usize];
+            let event = events[(i % events.len() as u64) as usize];
+            let status = client
+                .post(&*url)
+                .bearer_auth(token)
+                .json(&serde_json::json!({"event_id": event, "quantity": 1}))
+                .send()
+                .await
+                .map_or(0, |response| response.status().as_u16());
+            bar.inc(1);
+            let micros = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX);
+            Answer { status, micros, answered_at: Utc::now() }
+        }
+    };
+
+    let started_at = Utc::now();
+    let started = Instant::now();
+    let answers: Vec<Answer> = if args.scenario == Scenario::Rate {
+        let gap = Duration::from_secs_f64(1.0 / f64::from(args.rate.max(1)));
+        futures_util::stream::iter(0..orders)
+            .map(|i| send(i, Some(started + gap.mul_f64(i as f64))))
+            .buffer_unordered(RATE_MAX_OUTSTANDING)
+            .collect()
+            .await
+    } else {
+        futures_util::stream::iter(0..orders).map(|i| send(i, None)).buffer_unordered(args.concurrency).collect().await
+    };
+    let send_elapsed = started.elapsed().as_secs_f64();
+
+    let mut latency = Histogram::<u64>::new(3)?;
+    let (mut accepted, mut refused, mut errors) = (0, 0, 0);
+    let mut last_decision = started_at;
+    for answer in &answers {
+        match answer.status {
+            202 => {
+                accepted += 1;
+                latency.record(answer.micros)?;
+            }
+            409 => {
+                refused += 1;
+                last_decision = last_decision.max(answer.answered_at);
+            }
+            _ => errors += 1,
+        }
+    }
+    if errors > 0 {
+        eprintln!("{errors} requests were answered with neither 202 nor 409 (or not at all)");
+    }
+
+    let mut worker_peak = None;
+    let drain = if args.scenario == Scenario::Backlog {
+        let worker = args.worker.as_deref().context("--scenario backlog needs --worker PATH")?;
+        let (drain, peak) = drain(worker, args.api_pid, db, events, accepted).await?;
+        worker_peak = peak;
+        Some(drain)
+    } else {
+        None
+    };
+    let lost = prepare::wait_until_decided(db, events, DECIDE_TIMEOUT).await?;
+
+    // Accept → first decision, from the order's own history.
+    let decided: Vec<(DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT o.created_at, min(h.at) FROM orders o
+         JOIN order_history h ON h.order_id = o.id AND h.status <> 'QUEUED'
+         WHERE o.event_id = ANY($1) GROUP BY o.id",
+    )
+    .bind(events)
+    .fetch_all(db)
+    .await?;
+    let mut to_final = Histogram::<u64>::new(3)?;
+    for (created, decided) in &decided {
+        to_final.record(u64::try_from((*decided - *created).num_microseconds().unwrap_or(0).max(0))?)?;
+        last_decision = last_decision.max(*decided);
+    }
+    let span = (last_decision - started_at).to_std().unwrap_or_default().as_secs_f64().max(f64::EPSILON);
+    let (sold, oversold) = prepare::sold_and_oversold(db, events).await?;
+    let peak = |pid: Option<u32>| pid.and_then(prepare::memory_mib).map(|(_, peak)| peak);
+    Ok(Report {
+        scenario: args.scenario,
+        label: args.label.clone(),
+        started_at,
+        events: args.events,
+        capacity: args.capacity,
+        orders,
+        concurrency: args.concurrency,
+        rate: (args.scenario == Scenario::Rate).then_some(args.rate),
+        accepted,
+        refused,
+        errors,
+        answered_per_sec: (accepted + refused) as f64 / send_elapsed,
+        end_to_end_per_sec: (decided.len() as u64 + refused) as f64 / span,
+        accept_ms: Percentiles::of(&latency),
+        accept_to_final_ms: Percentiles::of(&to_final),
+        sold,
+        oversold,
+        lost,
+        api_peak_rss_mib: peak(args.api_pid),
+        worker_peak_rss_mib: worker_peak.or_else(|| peak(args.worker_pid)),
+        drain,
+    })
+}
+
+/// `backlog`: starts a worker on the queued orders, samples memory every second until they
+/// are all decided, then stops the worker (SIGTERM). Returns the drain and the worker's peak
+/// memory.
+async fn drain(
+    worker: &Path,
+    api_pid: Option<u32>,
+    db: &PgPool,
+    events: &[Uuid],
+    accepted: u64,
+) -> anyhow::Result<(Drain, Option<f64>)> {
+    let mut child = tokio::process::Command::new(worker)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", worker.display()))?;
+    let pid = child.id().context("the worker exited at once")?;
+    let bar = progress(accepted, "drained");
+    let started = Instant::now();
+    let (mut api_rss, mut worker_rss) = (Vec::new(), Vec::new());
+    let mut worker_peak = None;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if let Some(rss) = api_pid.and_then(prepare::memory_mib) {
+            api_rss.push(rss.0);
+        }
+        if let Some((rss, peak)) = prepare::memory_mib(pid) {
+            worker_rss.push(rss);
+            worker_peak = Some(peak);
+        }
+        let left = u64::try_from(prepare::queued(db, events).await?).unwrap_or(0);
+        bar.set_position(accepted.saturating_sub(left));
+        if left == 0 || started.elapsed() > DECIDE_TIMEOUT {
+            break;
+        }
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!("the worker exited during the drain ({status})");
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    bar.finish();
+    let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+    if tokio::time::timeout(Duration::from_secs(15), child.wait()).await.is_err() {
+        child.kill().await?;
+    }
+    let drain = Drain {
+        orders: accepted,
+        seconds,
+        per_sec: accepted as f64 / seconds,
+        api_rss_mib: api_rss,
+        worker_rss_mib: worker_rss,
+    };
+    Ok((drain, worker_peak))
+}

@@ -1,0 +1,210 @@
+//! One run's figures (printed, and written as JSON), and the summary over many runs.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+use crate::Scenario;
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Report {
+    pub scenario: Scenario,
+    /// How the api was configured, as the caller said (`--label`).
+    #[serde(default)]
+    pub label: String,
+    pub started_at: DateTime<Utc>,
+    pub events: u32,
+    /// Tickets per event.
+    pub capacity: u32,
+    pub orders: u64,
+    pub concurrency: usize,
+    /// `rate`: the arrival rate asked for, per second.
+    pub rate: Option<u32>,
+    /// Answered 202 (baseline: sold).
+    pub accepted: u64,
+    /// Answered 409 `sold_out` at once (baseline: rejected).
+    pub refused: u64,
+    /// Anything else, or no answer.
+    pub errors: u64,
+    /// Requests answered per second while they were being sent.
+    pub answered_per_sec: f64,
+    /// Requests decided per second, from the first request to the last decision (a 409
+    /// answer, or an accepted order reaching its first state after `QUEUED`).
+    pub end_to_end_per_sec: f64,
+    pub accept_ms: Option<Percentiles>,
+    pub accept_to_final_ms: Option<Percentiles>,
+    pub sold: i64,
+    pub oversold: i64,
+    /// Accepted orders still `QUEUED` when the run gave up waiting.
+    pub lost: i64,
+    pub api_peak_rss_mib: Option<f64>,
+    pub worker_peak_rss_mib: Option<f64>,
+    pub drain: Option<Drain>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+impl Percentiles {
+    /// Of a histogram of microseconds, in milliseconds.
+    pub fn of(histogram: &Histogram<u64>) -> Option<Self> {
+        let ms = |micros: u64| micros as f64 / 1000.0;
+        (!histogram.is_empty()).then(|| Self {
+            p50: ms(histogram.value_at_quantile(0.5)),
+            p99: ms(histogram.value_at_quantile(0.99)),
+            max: ms(histogram.max()),
+        })
+    }
+}
+
+/// `backlog`: how the queued orders drained once a worker ran.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Drain {
+    pub orders: u64,
+    pub seconds: f64,
+    pub per_sec: f64,
+    /// Resident memory, sampled every second during the drain.
+    pub api_rss_mib: Vec<f64>,
+    pub worker_rss_mib: Vec<f64>,
+}
+
+fn range(samples: &[f64]) -> String {
+    match (samples.first(), samples.last()) {
+        (Some(first), Some(last)) => {
+            let max = samples.iter().copied().fold(f64::MIN, f64::max);
+            format!("first {first:.0} / max {max:.0} / last {last:.0} MiB")
+        }
+        _ => "-".to_owned(),
+    }
+}
+
+impl Report {
+    pub fn print(&self) {
+        let pct = |p: &Option<Percentiles>| match p {
+            Some(p) => format!("p50 {:.1} / p99 {:.1} / max {:.1} ms", p.p50, p.p99, p.max),
+            None => "-".to_owned(),
+        };
+        let mib = |m: Option<f64>| m.map_or("-".to_owned(), |m| format!("{m:.0} MiB"));
+        println!();
+        println!("scenario            {:?} {}", self.scenario, self.label);
+        println!("orders              {} over {} event(s) of {} tickets", self.orders, self.events, self.capacity);
+        match self.rate {
+            Some(rate) => println!("arrivals            {rate}/s (open loop)"),
+            None => println!("in flight           {}", self.concurrency),
+        }
+        println!("accepted/refused    {} / {} ({} errors)", self.accepted, self.refused, self.errors);
+        println!("answered/s          {:.0}", self.answered_per_sec);
+        println!("end-to-end orders/s {:.0}", self.end_to_end_per_sec);
+        println!("accept latency      {}", pct(&self.accept_ms));
+        println!("accept → final      {}", pct(&self.accept_to_final_ms));
+        println!("sold / capacity     {} / {}", self.sold, u64::from(self.events) * u64::from(self.capacity));
+        println!("oversold            {}", self.oversold);
+        println!("lost                {}", self.lost);
+        println!("peak RSS api/worker {} / {}", mib(self.api_peak_rss_mib), mib(self.worker_peak_rss_mib));
+        if let Some(drain) = &self.drain {
+            println!("drain               {} orders in {:.1} s = {:.0}/s", drain.orders, drain.seconds, drain.per_sec);
+            println!("  api RSS           {}", range(&drain.api_rss_mib));
+            println!("  worker RSS        {}", range(&drain.worker_rss_mib));
+        }
+    }
+}
+
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    values.retain(|v| v.is_finite());
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    Some(if values.len() % 2 == 1 { values[mid] } else { (values[mid - 1] + values[mid]) / 2.0 })
+}
+
+/// Medians per (scenario, events, label) over every `*.json` in `dir`, with the ratio of
+/// each pipeline scenario to the baseline over the same number of events.
+pub fn summary(dir: &Path, markdown: Option<&Path>) -> anyhow::Result<()> {
+    let mut groups: BTreeMap<(u32, Scenario, String), Vec<Report>> = BTreeMap::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "json") {
+            let report: Report = serde_json::from_slice(&std::fs::read(&path)?)
+                .with_context(|| format!("reading {}", path.display()))?;
+            groups.entry((report.events, report.scenario, report.label.clone())).or_default().push(report);
+        }
+    }
+    let baseline: BTreeMap<u32, f64> = groups
+        .iter()
+        .filter(|((_, scenario, _), _)| *scenario == Scenario::Baseline)
+        .filter_map(|((events, ..), runs)| {
+            Some((*events, median(runs.iter().map(|r| r.end_to_end_per_sec).collect())?))
+        })
+        .collect();
+
+    let mut table = String::from(
+        "| scenario | events | runs | end-to-end orders/s | × baseline | answered/s | accept p50 / p99 ms | accept→final p50 / p99 ms | peak RSS api / worker MiB | oversold / lost |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for ((events, scenario, label), runs) in &groups {
+        let med = |f: &dyn Fn(&Report) -> Option<f64>| median(runs.iter().filter_map(f).collect());
+        let fmt = |v: Option<f64>, digits: usize| v.map_or("-".to_owned(), |v| format!("{v:.digits$}"));
+        let end_to_end = med(&|r| Some(r.end_to_end_per_sec));
+        let ratio = match (scenario, end_to_end, baseline.get(events)) {
+            (Scenario::Baseline | Scenario::Backlog | Scenario::Rate, ..) => "-".to_owned(),
+            (_, Some(e2e), Some(base)) => format!("{:.2}", e2e / base),
+            _ => "-".to_owned(),
+        };
+        let name = if label.is_empty() { format!("{scenario:?}") } else { format!("{scenario:?} ({label})") };
+        let worst = |f: &dyn Fn(&Report) -> i64| runs.iter().map(f).max().unwrap_or(0);
+        let _ = writeln!(
+            table,
+            "| {name} | {events} | {} | {} | {ratio} | {} | {} / {} | {} / {} | {} / {} | {} / {} |",
+            runs.len(),
+            fmt(end_to_end, 0),
+            fmt(med(&|r| Some(r.answered_per_sec)), 0),
+            fmt(med(&|r| r.accept_ms.as_ref().map(|p| p.p50)), 1),
+            fmt(med(&|r| r.accept_ms.as_ref().map(|p| p.p99)), 1),
+            fmt(med(&|r| r.accept_to_final_ms.as_ref().map(|p| p.p50)), 1),
+            fmt(med(&|r| r.accept_to_final_ms.as_ref().map(|p| p.p99)), 1),
+            fmt(med(&|r| r.api_peak_rss_mib), 0),
+            fmt(med(&|r| r.worker_peak_rss_mib), 0),
+            worst(&|r| r.oversold),
+            worst(&|r| r.lost),
+        );
+        for drain in runs.iter().filter_map(|r| r.drain.as_ref()) {
+            let _ = writeln!(
+                table,
+                "|   drain | | | {:.0} orders/s ({} orders in {:.0} s) | | | | | api {}; worker {} | |",
+                drain.per_sec,
+                drain.orders,
+                drain.seconds,
+                range(&drain.api_rss_mib),
+                range(&drain.worker_rss_mib)
+            );
+        }
+    }
+    println!("{table}");
+    if let Some(path) = markdown {
+        std::fs::write(path, &table)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(vec![]), None);
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), Some(2.5));
+    }
+}

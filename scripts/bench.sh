@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# `make bench`: measure the purchase path next to the synchronous baseline.
+#
+# Starts PostgreSQL + RabbitMQ (as `make run` does), builds the release binaries, and for
+# each run of each scenario: a fresh database and RabbitMQ virtual host, a fresh api and
+# worker, one `loadgen run`. Then `loadgen summary` prints medians and ratios, also written
+# to bench-results/<time>/summary.md next to each run's JSON.
+#
+# Settings (environment or make variables):
+#   SCENARIOS     scenarios to run, in this order, RUNS times over (default "baseline hot");
+#                 hot, spread, rate, backlog, baseline (shaped like hot), baseline-spread
+#                 (shaped like spread)
+#   RUNS          runs of each scenario (default 3)
+#   LOADGEN_ARGS  extra `loadgen run` arguments, after the scenario's defaults, e.g.
+#                 "--capacity 1000 --concurrency 32"
+#   FAST_PATH     the api's SOLD_OUT_FAST_PATH (default false: every order goes through the
+#                 queue and the worker, the path being measured; true answers 409 at once
+#                 once the event is known sold out)
+#   BENCH_ADDR    where the api listens (default 127.0.0.1:8089, beside `make run`'s 8080)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scenarios="${SCENARIOS:-baseline hot}"
+runs="${RUNS:-3}"
+fast_path="${FAST_PATH:-false}"
+addr="${BENCH_ADDR:-127.0.0.1:8089}"
+read -r -a extra <<<"${LOADGEN_ARGS:-}"
+
+log() { echo "[bench] $*"; }
+
+services_were_running=false
+if bash scripts/services.sh status | grep -q 'postgres: running' &&
+   bash scripts/services.sh status | grep -q 'rabbitmq: running'; then
+  services_were_running=true
+fi
+bash scripts/services.sh start
+# shellcheck disable=SC1090
+source "$(bash scripts/services.sh env)"
+
+log "building (release)"
+cargo build --release --bins --locked
+bin=target/release
+
+# A database and a virtual host of the benchmark's own, made afresh for every run.
+server_url="${DATABASE_URL%/*}"
+export DATABASE_URL="$server_url/turnstile_bench"
+export AMQP_URL="${AMQP_URL%/*}/bench"
+# Secrets of this benchmark only.
+export JWT_SECRET="$(head -c 48 /dev/urandom | base64 -w0)"
+export WEBHOOK_SECRET="whsec_$(head -c 32 /dev/urandom | base64 -w0)"
+export TICKET_SECRET="$(head -c 48 /dev/urandom | base64 -w0)"
+export IMAGE_STORE="$PWD/.local/bench-images"
+export BIND_ADDR="$addr" SOLD_OUT_FAST_PATH="$fast_path" RUST_LOG="${RUST_LOG:-warn}"
+label="fast-path-$([ "$fast_path" = true ] && echo on || echo off)"
+
+out="bench-results/$(date -u +%Y%m%dT%H%M%SZ)"
+mkdir -p "$out"
+
+fresh_state() {
+  psql -q "$server_url/postgres" -c "DROP DATABASE IF EXISTS turnstile_bench WITH (FORCE)" \
+    -c "CREATE DATABASE turnstile_bench" >/dev/null
+  curl -fsS -o /dev/null -X DELETE "$RABBITMQ_MANAGEMENT_URL/api/vhosts/bench" 2>/dev/null || true
+  curl -fsS -o /dev/null -X PUT "$RABBITMQ_MANAGEMENT_URL/api/vhosts/bench"
+  local user="${RABBITMQ_MANAGEMENT_URL#*://}"
+  user="${user%%:*}"
+  curl -fsS -o /dev/null -X PUT -H 'content-type: application/json' \
+    -d '{"configure":".*","write":".*","read":".*"}' "$RABBITMQ_MANAGEMENT_URL/api/permissions/bench/$user"
+  "$bin/api" migrate >/dev/null
+}
+
+pids=()
+api_pid="" worker_pid=""
+start_api() {
+  "$bin/api" serve & api_pid=$!
+  pids+=("$api_pid")
+  for _ in $(seq 1 100); do
+    curl -fsS "http://$addr/health/ready" >/dev/null 2>&1 && return
+    sleep 0.2
+  done
+  echo "[bench] the api did not become ready" >&2
+  exit 1
+}
+start_worker() {
+  "$bin/worker" & worker_pid=$!
+  pids+=("$worker_pid")
+}
+stop_processes() {
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  pids=()
+}
+cleanup() {
+  stop_processes
+  if [ "$services_were_running" = false ]; then bash scripts/services.sh stop; fi
+}
+trap cleanup EXIT
+
+defaults_for() {
+  case "$1" in
+    hot | baseline) echo "--events 1 --capacity 2000 --demand 10" ;;
+    spread | baseline-spread) echo "--events 10000 --capacity 1 --demand 10" ;;
+    rate) echo "--events 1 --capacity 20000 --demand 1 --rate 1000" ;;
+    backlog) echo "--events 1 --capacity 100000 --demand 10" ;;
+    *) echo "[bench] unknown scenario $1" >&2; exit 2 ;;
+  esac
+}
+
+for run in $(seq 1 "$runs"); do
+  for scenario in $scenarios; do
+    log "run $run/$runs: $scenario"
+    read -r -a defaults <<<"$(defaults_for "$scenario")"
+    fresh_state
+    args=(run --out "$out" --label "$label" "${defaults[@]}")
+    case "$scenario" in
+      baseline | baseline-spread)
+        "$bin/loadgen" "${args[@]}" --scenario baseline --label "" "${extra[@]}" ;;
+      backlog)
+        start_api
+        "$bin/loadgen" "${args[@]}" --scenario backlog --api "http://$addr" --api-pid "$api_pid" \
+          --worker "$bin/worker" "${extra[@]}" ;;
+      *)
+        start_api
+        start_worker
+        "$bin/loadgen" "${args[@]}" --scenario "$scenario" --api "http://$addr" --api-pid "$api_pid" \
+          --worker-pid "$worker_pid" "${extra[@]}" ;;
+    esac
+    stop_processes
+  done
+done
+
+"$bin/loadgen" summary "$out" --markdown "$out/summary.md"
+log "results in $out"
