@@ -137,6 +137,7 @@ async fn serve(config: ApiConfig) -> anyhow::Result<()> {
         amqp: amqp.clone(),
         publisher: Arc::new(Publisher::new(amqp.clone(), config.broker.partitions)),
         orders: pipeline::OrderInserter::spawn(db.clone()),
+        sold_out: Arc::new(pipeline::SoldOutHints::new(config.sold_out_hint())),
         published: pipeline::spawn_publish_marker(db.clone()),
         order_watch,
         tokens: Arc::new(tokens),

@@ -3,6 +3,8 @@
 //! - [`OrderInserter`]: stores new `QUEUED` orders for concurrent purchase requests in
 //!   shared multi-row `INSERT`s, so a stampede costs the database one statement (one commit,
 //!   one history trigger) per batch instead of one per request.
+//! - [`SoldOutHints`]: how many tickets recently read events had left, so that the
+//!   sold-out fast path refuses a stampede on a sold-out event without a database read.
 //! - [`spawn_publish_marker`]: stamps `published_at` on orders whose message the broker
 //!   confirmed, in bulk and off the request path, so the worker's re-publisher only touches
 //!   orders that may really be missing from the queue.
@@ -11,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -154,6 +156,47 @@ pub fn spawn_publish_marker(db: PgPool) -> mpsc::Sender<Uuid> {
     tx
 }
 
+/// Tickets left per event as last read from the database, trusted for a short time. A
+/// hint, never the authority: it may only refuse (`409 sold_out`) what the database very
+/// recently said could not be sold; everything else is read afresh and decided by the worker.
+pub struct SoldOutHints {
+    ttl: Duration,
+    seen: Mutex<HashMap<Uuid, Hint>>,
+}
+
+#[derive(Clone, Copy)]
+pub struct Hint {
+    pub available: i32,
+    pub max_per_order: i32,
+    read_at: Instant,
+}
+
+/// Above this many remembered events, stale hints are dropped.
+const HINTS_KEPT: usize = 10_000;
+
+impl SoldOutHints {
+    pub fn new(ttl: Duration) -> Self {
+        Self { ttl, seen: Mutex::default() }
+    }
+
+    /// The event's hint, if it was read within the time to trust it.
+    pub fn get(&self, event_id: Uuid) -> Option<Hint> {
+        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.get(&event_id).copied().filter(|hint| hint.read_at.elapsed() < self.ttl)
+    }
+
+    pub fn record(&self, event_id: Uuid, available: i32, max_per_order: i32) {
+        if self.ttl.is_zero() {
+            return;
+        }
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.len() >= HINTS_KEPT {
+            seen.retain(|_, hint| hint.read_at.elapsed() < self.ttl);
+        }
+        seen.insert(event_id, Hint { available, max_per_order, read_at: Instant::now() });
+    }
+}
+
 /// Long-poll waiters by order id.
 #[derive(Default)]
 pub struct OrderWatch {
@@ -243,6 +286,20 @@ mod tests {
         watch.wake(a);
         tokio::time::timeout(Duration::from_millis(100), notified).await.expect("waiter woken");
         assert!(tokio::time::timeout(Duration::from_millis(50), unrelated).await.is_err());
+    }
+
+    #[test]
+    fn hints_are_trusted_for_their_time_only() {
+        let event = Uuid::from_u128(7);
+        let hints = SoldOutHints::new(Duration::from_millis(50));
+        assert!(hints.get(event).is_none());
+        hints.record(event, 0, 4);
+        assert_eq!(hints.get(event).map(|h| (h.available, h.max_per_order)), Some((0, 4)));
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(hints.get(event).is_none(), "stale");
+        let off = SoldOutHints::new(Duration::ZERO);
+        off.record(event, 0, 4);
+        assert!(off.get(event).is_none(), "a zero time keeps nothing");
     }
 
     #[test]

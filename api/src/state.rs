@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use crate::auth::Tokens;
-use crate::pipeline::{OrderInserter, OrderWatch};
+use crate::pipeline::{OrderInserter, OrderWatch, SoldOutHints};
 use crate::ticket_codes::TicketCodes;
 
 #[derive(Clone)]
@@ -20,6 +20,8 @@ pub struct AppState {
     pub publisher: Arc<Publisher>,
     /// Stores new orders in shared batches (see `pipeline`).
     pub orders: OrderInserter,
+    /// Tickets left per event, recently read (the sold-out fast path's hint).
+    pub sold_out: Arc<SoldOutHints>,
     /// Orders whose purchase message the broker confirmed (see `pipeline`).
     pub published: mpsc::Sender<Uuid>,
     pub order_watch: Arc<OrderWatch>,

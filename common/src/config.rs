@@ -143,10 +143,17 @@ pub struct ApiConfig {
           value_parser = clap::value_parser!(u64).range(1..=300))]
     pub request_timeout_secs: u64,
     /// Answer `409 sold_out` at once when the event has fewer tickets left than asked for
-    /// (read from the database on each request; the worker stays the authority).
+    /// (a hint; the worker stays the authority).
     #[arg(long = "sold-out-fast-path", env = "SOLD_OUT_FAST_PATH", default_value_t = true,
           action = clap::ArgAction::Set, value_name = "BOOL")]
     pub sold_out_fast_path: bool,
+    /// How long the fast path trusts an event's tickets-left count read from the database,
+    /// in milliseconds, before reading it again. During that time a sold-out event costs
+    /// the database nothing, and tickets released meanwhile may be refused; 0 reads on every
+    /// request.
+    #[arg(long = "sold-out-hint-ms", env = "SOLD_OUT_HINT_MS", default_value_t = 250,
+          value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    pub sold_out_hint_ms: u64,
 }
 
 impl ApiConfig {
@@ -155,6 +162,10 @@ impl ApiConfig {
         check_secret("JWT_SECRET", self.jwt_secret.expose().as_bytes())?;
         check_secret("TICKET_SECRET", self.ticket_secret.expose().as_bytes())?;
         webhook_key(&self.webhook_secret).map(|_| ())
+    }
+
+    pub fn sold_out_hint(&self) -> Duration {
+        Duration::from_millis(self.sold_out_hint_ms)
     }
 
     pub fn jwt_ttl(&self) -> Duration {

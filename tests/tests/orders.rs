@@ -262,6 +262,36 @@ async fn a_known_sold_out_event_is_refused_at_once() {
     assert!(refused.json["error"]["message"].as_str().unwrap().contains("sold out"));
 }
 
+/// The fast path trusts a sold-out reading for `SOLD_OUT_HINT_MS`: tickets released meanwhile
+/// are refused until then, and sold once it has passed.
+#[tokio::test]
+async fn the_sold_out_hint_is_trusted_for_its_time_only() {
+    let hint = Duration::from_secs(3);
+    let app = TestApp::spawn_with(&[("SOLD_OUT_HINT_MS", hint.as_millis().to_string())]).await;
+    let _worker = app.spawn_worker(&[]);
+    let admin = app.admin().await;
+    let event = app.event_with(&admin, 2, 4).await;
+    let (_, buyer) = app.user("buyer").await;
+    let (_, latecomer) = app.user("latecomer").await;
+    let id = app.order(&buyer, event, 2, None).await.json["id"].as_str().unwrap().to_owned();
+    let res = app.get(&format!("/api/v1/orders/{id}?wait=20"), Some(&buyer)).await;
+    assert_eq!(res.json["status"], "PENDING");
+    let read = std::time::Instant::now();
+    app.order(&latecomer, event, 1, None).await.assert_error(409, "sold_out");
+
+    let cancelled = app.post(&format!("/api/v1/orders/{id}/cancel"), &json!({}), Some(&buyer)).await;
+    assert_eq!(cancelled.status, 200, "{}", cancelled.body);
+    let refused = app.order(&latecomer, event, 1, None).await;
+    assert!(read.elapsed() < hint, "the test was too slow to see the hint");
+    refused.assert_error(409, "sold_out");
+
+    tokio::time::sleep(hint.saturating_sub(read.elapsed()) + Duration::from_millis(100)).await;
+    let sold = app.order(&latecomer, event, 1, None).await;
+    assert_eq!(sold.status, 202, "{}", sold.body);
+    app.wait_until_final(SETTLE).await;
+    assert_eq!(app.assert_consistent(event).await, (2, 1));
+}
+
 #[tokio::test]
 async fn idempotency_key_replays_the_same_order() {
     let app = TestApp::spawn().await;

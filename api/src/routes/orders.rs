@@ -167,6 +167,15 @@ pub async fn create_order(
         return replay(existing, &req);
     }
 
+    let fast_path = state.config.sold_out_fast_path;
+    if fast_path
+        && let Some(hint) = state.sold_out.get(req.event_id)
+        && req.quantity <= i64::from(hint.max_per_order)
+        && req.quantity > i64::from(hint.available)
+    {
+        return Err(sold_out(hint.available));
+    }
+
     let event = sqlx::query_as::<_, EventForSale>(
         "SELECT name, starts_at, price, max_per_order, capacity - sold AS available, starts_at > now() AS on_sale
          FROM events WHERE id = $1 AND deleted_at IS NULL",
@@ -178,6 +187,9 @@ pub async fn create_order(
     if !event.on_sale {
         return Err(ApiError::invalid("event_unavailable", "the event has started; tickets are no longer sold"));
     }
+    if fast_path {
+        state.sold_out.record(req.event_id, event.available, event.max_per_order);
+    }
     if req.quantity > i64::from(event.max_per_order) {
         return Err(ApiError::invalid(
             "invalid_quantity",
@@ -186,12 +198,8 @@ pub async fn create_order(
     }
     // In range: checked against max_per_order (an i32) above.
     let quantity = req.quantity as i32;
-    if state.config.sold_out_fast_path && event.available < quantity {
-        let message = match event.available {
-            0 => "the event is sold out".to_owned(),
-            left => format!("only {left} tickets are left"),
-        };
-        return Err(ApiError::conflict("sold_out", message));
+    if fast_path && event.available < quantity {
+        return Err(sold_out(event.available));
     }
 
     let order_id = Uuid::now_v7();
@@ -245,6 +253,15 @@ pub async fn create_order(
         expires_at: None,
     };
     Ok((StatusCode::ACCEPTED, location(order_id), Json(order)))
+}
+
+/// The fast path's refusal: fewer tickets left than asked for.
+fn sold_out(available: i32) -> ApiError {
+    let message = match available {
+        ..=0 => "the event is sold out".to_owned(),
+        left => format!("only {left} tickets are left"),
+    };
+    ApiError::conflict("sold_out", message)
 }
 
 fn location(order_id: Uuid) -> HeaderMap {
