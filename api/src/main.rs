@@ -8,10 +8,13 @@ mod openapi;
 mod pipeline;
 mod routes;
 mod state;
+mod throttle;
 mod ticket_codes;
 
 use std::io::IsTerminal;
+use std::num::NonZeroU32;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -23,6 +26,7 @@ use common::standard_webhooks::SigningKey;
 use crate::auth::Tokens;
 use crate::pipeline::OrderWatch;
 use crate::state::AppState;
+use crate::throttle::LoginThrottle;
 use crate::ticket_codes::TicketCodes;
 
 #[derive(Parser)]
@@ -132,6 +136,18 @@ async fn serve(config: ApiConfig) -> anyhow::Result<()> {
     let shutdown = common::shutdown::on_signal();
     let order_watch = Arc::new(OrderWatch::default());
     tokio::spawn(order_watch.clone().listen(db.clone(), shutdown.clone()));
+    let login_throttle = Arc::new(LoginThrottle::per_minute(
+        NonZeroU32::new(config.login_attempts_per_minute).context("LOGIN_ATTEMPTS_PER_MINUTE must be at least 1")?,
+    ));
+    tokio::spawn({
+        let (throttle, shutdown) = (login_throttle.clone(), shutdown.clone());
+        async move {
+            let mut every_minute = tokio::time::interval(Duration::from_secs(60));
+            while shutdown.run_until_cancelled(every_minute.tick()).await.is_some() {
+                throttle.forget_idle();
+            }
+        }
+    });
     let state = AppState {
         db: db.clone(),
         amqp: amqp.clone(),
@@ -141,6 +157,7 @@ async fn serve(config: ApiConfig) -> anyhow::Result<()> {
         published: pipeline::spawn_publish_marker(db.clone()),
         order_watch,
         tokens: Arc::new(tokens),
+        login_throttle,
         webhook_key: Arc::new(webhook_key),
         ticket_codes: Arc::new(TicketCodes::new(config.ticket_secret.expose().as_bytes())),
         images: image_store(&config.image_store).context("opening the image store")?,

@@ -11,6 +11,7 @@ use uuid::Uuid;
 
 use crate::auth::Tokens;
 use crate::pipeline::{OrderInserter, OrderWatch, SoldOutHints};
+use crate::throttle::LoginThrottle;
 use crate::ticket_codes::TicketCodes;
 
 #[derive(Clone)]
@@ -26,6 +27,8 @@ pub struct AppState {
     pub published: mpsc::Sender<Uuid>,
     pub order_watch: Arc<OrderWatch>,
     pub tokens: Arc<Tokens>,
+    /// Login attempts per account (`LOGIN_ATTEMPTS_PER_MINUTE`).
+    pub login_throttle: Arc<LoginThrottle>,
     /// Signs and checks ticket check-in codes (`TICKET_SECRET`).
     pub ticket_codes: Arc<TicketCodes>,
     /// Where event images are kept (`IMAGE_STORE`).

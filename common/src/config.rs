@@ -154,6 +154,11 @@ pub struct ApiConfig {
     #[arg(long = "sold-out-hint-ms", env = "SOLD_OUT_HINT_MS", default_value_t = 250,
           value_parser = clap::value_parser!(u64).range(0..=60_000))]
     pub sold_out_hint_ms: u64,
+    /// Login attempts allowed per account (email) and minute; more get `429` with
+    /// `Retry-After` until the allowance refills (one attempt every 60 s / this).
+    #[arg(long = "login-attempts-per-minute", env = "LOGIN_ATTEMPTS_PER_MINUTE", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub login_attempts_per_minute: u32,
 }
 
 impl ApiConfig {

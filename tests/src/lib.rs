@@ -47,7 +47,7 @@ impl Services {
     }
 }
 
-fn workspace_root() -> PathBuf {
+pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
 }
 
@@ -286,6 +286,11 @@ impl Process {
         let _ = self.child.wait();
     }
 
+    /// Every JSON log line printed so far.
+    pub fn all_logs(&self) -> Vec<Value> {
+        self.logs.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// The JSON log lines printed so far whose `message` is `message`.
     pub fn logs(&self, message: &str) -> Vec<Value> {
         let logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());
@@ -347,6 +352,8 @@ pub struct TestApp {
     pub broker: TestBroker,
     pub services: Services,
     api: Process,
+    /// The api's environment, to start it again.
+    api_env: Vec<(String, String)>,
     /// The api's image store (a directory of this test's own), removed at the end.
     pub images: PathBuf,
 }
@@ -381,10 +388,34 @@ impl TestApp {
             ("WEBHOOK_ALLOW_NETWORKS", "127.0.0.1/32".to_owned()),
         ];
         envs.extend(extra_env.iter().cloned());
+        let api_env: Vec<(String, String)> = envs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+        let (api, base) = Self::start_api(&api_env);
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().expect("http client");
+        TestApp { base, client, db, broker, services, api, api_env, images }
+    }
+
+    /// Starts an api process and returns it with its base URL.
+    fn start_api(env: &[(String, String)]) -> (Process, String) {
+        let envs: Vec<(&str, String)> = env.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
         let (api, ready) = Process::spawn("api", &["serve"], &envs, Some("listening"));
         let addr = ready.and_then(|v| v["addr"].as_str().map(str::to_owned)).expect("listening line has addr");
-        let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().expect("http client");
-        TestApp { base: format!("http://{addr}"), client, db, broker, services, api, images }
+        (api, format!("http://{addr}"))
+    }
+
+    /// The api's JSON log lines so far.
+    pub fn api_logs(&self) -> Vec<Value> {
+        self.api.all_logs()
+    }
+
+    /// Stops the api with SIGTERM (a graceful shutdown) and returns its exit status.
+    pub fn terminate_api(&mut self) -> Option<std::process::ExitStatus> {
+        self.api.terminate()
+    }
+
+    /// Starts the api again, with the same settings (on a new port: `base` changes).
+    pub fn restart_api(&mut self) {
+        self.api.kill();
+        (self.api, self.base) = Self::start_api(&self.api_env);
     }
 
     /// Starts a worker on this test's database and virtual host, with short intervals, and

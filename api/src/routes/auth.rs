@@ -144,12 +144,19 @@ pub async fn signup(
         (status = 400, description = "Malformed JSON", body = ErrorBody),
         (status = 401, description = "Wrong email or password (which one is not said)", body = ErrorBody),
         (status = 422, description = "Missing fields", body = ErrorBody),
+        (status = 429, description = "Too many attempts at this account; retry after `Retry-After` seconds",
+            body = ErrorBody, headers(("Retry-After" = u64, description = "seconds to wait"))),
     ))]
 pub async fn login(
     State(state): State<AppState>,
     Json(req): Json<LoginRequest>,
 ) -> Result<Json<TokenResponse>, ApiError> {
     const WRONG: ApiError = ApiError::Unauthorized("invalid email or password");
+    // Counted before any work: a guess over the limit costs no hashing.
+    if let Err(wait) = state.login_throttle.attempt(&req.email) {
+        tracing::warn!("login attempts over the limit");
+        return Err(ApiError::TooManyRequests { retry_after_secs: wait.as_secs() + 1 });
+    }
     // A malformed address cannot belong to an account; it gets the same answer (and the
     // same hashing work) as an unknown one.
     let email = Email::parse(&req.email).ok();
