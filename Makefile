@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
-.PHONY: help run test bench services stop status admin fmt lint
+.PHONY: help run test chaos bench services stop status admin fmt lint
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -12,6 +12,9 @@ run: ## start PostgreSQL + RabbitMQ, migrate, run api + worker on http://127.0.0
 
 test: ## the whole suite: fmt, clippy, unit and end-to-end tests against real services
 	@bash scripts/test.sh
+
+chaos: ## the fault suite alone: kill -9 / SIGTERM of api and worker, RabbitMQ and PostgreSQL restarts under load
+	@bash scripts/chaos.sh
 
 bench: ## measure: make bench [SCENARIOS="baseline hot spread ..."] [RUNS=3] [LOADGEN_ARGS=...] (see BENCHMARKS.md)
 	@bash scripts/bench.sh

@@ -6,13 +6,15 @@
 #   scripts/services.sh stop     stop exactly the processes this script started
 #   scripts/services.sh status   say what is running
 #   scripts/services.sh env      print the path of the env file
+#   scripts/services.sh start|stop postgres|rabbitmq
+#                                one service alone (the fault tests restart them)
 #
 # Both run as plain background processes under a project-local state directory
 # (default: .local/ in the repository) on non-default ports, so they never clash with
 # a system PostgreSQL/RabbitMQ. Ports and the directory can be overridden:
 #   TURNSTILE_STATE_DIR, TURNSTILE_PG_PORT (55432), TURNSTILE_AMQP_PORT (56720),
 #   TURNSTILE_RABBIT_MGMT_PORT (15680), TURNSTILE_RABBIT_DIST_PORT (25680),
-#   TURNSTILE_EPMD_PORT (4380)
+#   TURNSTILE_EPMD_PORT (4380), TURNSTILE_RABBIT_NODE (turnstile@localhost)
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -26,7 +28,7 @@ RABBIT_BIN="/usr/lib/rabbitmq/bin"
 APP_USER=turnstile
 APP_PASSWORD=turnstile
 APP_DB=turnstile
-RABBIT_NODE="turnstile@localhost"
+RABBIT_NODE="${TURNSTILE_RABBIT_NODE:-turnstile@localhost}"
 
 log() { printf '[services] %s\n' "$*" >&2; }
 die() { printf '[services] error: %s\n' "$*" >&2; exit 1; }
@@ -222,10 +224,20 @@ cmd_status() {
   if rabbit_running; then echo "rabbitmq: running on 127.0.0.1:$AMQP_PORT (management $MGMT_PORT)"; else echo "rabbitmq: stopped"; fi
 }
 
-case "${1:-}" in
-  start) cmd_start ;;
-  stop) cmd_stop ;;
-  status) cmd_status ;;
-  env) echo "$ENV_FILE" ;;
-  *) echo "usage: $0 start|stop|status|env" >&2; exit 2 ;;
+# One service alone (the fault tests restart them one at a time): `start postgres`, `stop rabbitmq`.
+one_service() {
+  case "$2" in
+    postgres) "$1_postgres" ;;
+    rabbitmq) "$1_rabbitmq" ;;
+    *) die "unknown service '$2' (postgres or rabbitmq)" ;;
+  esac
+}
+
+case "${1:-}:${2:-}" in
+  start:) cmd_start ;;
+  stop:) cmd_stop ;;
+  start:* | stop:*) mkdir -p "$STATE"; one_service "$1" "$2" ;;
+  status:) cmd_status ;;
+  env:) echo "$ENV_FILE" ;;
+  *) echo "usage: $0 start|stop [postgres|rabbitmq] | status | env" >&2; exit 2 ;;
 esac

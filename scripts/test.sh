@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make test`: style checks, then every test (unit and end-to-end) against a real
-# PostgreSQL and RabbitMQ started by scripts/services.sh. Ends with nextest's summary.
+# PostgreSQL and RabbitMQ started by scripts/services.sh, then the fault suite (the part
+# that restarts services, on services of its own: scripts/chaos.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,3 +25,6 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace --locked --no-fail-fast "$@"
 fi
+
+echo "== fault suite: service restarts"
+bash scripts/chaos.sh --restarts-only

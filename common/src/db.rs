@@ -45,7 +45,13 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
 /// Whether the error means the database is unreachable or overloaded (as opposed to a bug
 /// or a constraint): callers answer 503 for these.
 pub fn is_unavailable(err: &sqlx::Error) -> bool {
-    matches!(err, sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed)
+    match err {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => true,
+        // Connection exceptions (class 08) and operator intervention (class 57: the server
+        // shutting down or starting up, e.g. `57P01 admin_shutdown`, `57P03 cannot_connect_now`).
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| code.starts_with("08") || code.starts_with("57P")),
+        _ => false,
+    }
 }
 
 /// The PostgreSQL `NOTIFY` channel on which order ids are announced after their status

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# `make chaos`: the fault suite (tests/tests/chaos.rs) under a steady purchase load: the
+# worker killed mid-batch, one of two workers killed, api and worker stopped with SIGTERM,
+# RabbitMQ restarted, PostgreSQL restarted. Prints one summary line per fault.
+#
+# The restarts need services nobody else is using, so this starts a PostgreSQL and a
+# RabbitMQ of its own (state under <services state dir>/chaos, ports beside the usual
+# ones) and stops them at the end.
+#
+#   scripts/chaos.sh                  every fault
+#   scripts/chaos.sh --restarts-only  only the service restarts (`make test` has run the rest)
+#
+# Settings: CHAOS_PHASE_SECS  how long the load runs before, during and after each fault
+#                             (default 2)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+base="$(dirname "$(bash scripts/services.sh env)")"
+export TURNSTILE_STATE_DIR="$base/chaos" TURNSTILE_PG_PORT=55442 TURNSTILE_AMQP_PORT=56730 \
+  TURNSTILE_RABBIT_MGMT_PORT=15690 TURNSTILE_RABBIT_DIST_PORT=25690 TURNSTILE_EPMD_PORT=4390 \
+  TURNSTILE_RABBIT_NODE=turnstile-chaos@localhost
+export TURNSTILE_ENV_FILE="$TURNSTILE_STATE_DIR/env"
+
+echo "== services for the fault suite (PostgreSQL :$TURNSTILE_PG_PORT, RabbitMQ :$TURNSTILE_AMQP_PORT)"
+bash scripts/services.sh start
+trap 'bash scripts/services.sh stop' EXIT
+# shellcheck disable=SC1090
+source "$TURNSTILE_ENV_FILE"
+
+which=all
+[ "${1:-}" = --restarts-only ] && which=only
+
+summary="$TURNSTILE_STATE_DIR/summary.txt"
+: > "$summary"
+export TURNSTILE_CHAOS=1 TURNSTILE_CHAOS_SUMMARY="$summary"
+
+cargo build --workspace --bins --locked
+echo "== faults under load"
+status=0
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run -p tests --test chaos --locked --no-fail-fast --run-ignored "$which" --test-threads 1 || status=$?
+else
+  cargo test -p tests --test chaos --locked --no-fail-fast -- "$([ $which = all ] && echo --include-ignored || echo --ignored)" --test-threads 1 || status=$?
+fi
+echo "== fault summary"
+cat "$summary"
+exit "$status"
