@@ -14,7 +14,6 @@ mod ticket_codes;
 use std::io::IsTerminal;
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -26,7 +25,7 @@ use common::standard_webhooks::SigningKey;
 use crate::auth::Tokens;
 use crate::pipeline::OrderWatch;
 use crate::state::AppState;
-use crate::throttle::LoginThrottle;
+use crate::throttle::Throttle;
 use crate::ticket_codes::TicketCodes;
 
 #[derive(Parser)]
@@ -136,18 +135,13 @@ async fn serve(config: ApiConfig) -> anyhow::Result<()> {
     let shutdown = common::shutdown::on_signal();
     let order_watch = Arc::new(OrderWatch::default());
     tokio::spawn(order_watch.clone().listen(db.clone(), shutdown.clone()));
-    let login_throttle = Arc::new(LoginThrottle::per_minute(
-        NonZeroU32::new(config.login_attempts_per_minute).context("LOGIN_ATTEMPTS_PER_MINUTE must be at least 1")?,
-    ));
-    tokio::spawn({
-        let (throttle, shutdown) = (login_throttle.clone(), shutdown.clone());
-        async move {
-            let mut every_minute = tokio::time::interval(Duration::from_secs(60));
-            while shutdown.run_until_cancelled(every_minute.tick()).await.is_some() {
-                throttle.forget_idle();
-            }
-        }
-    });
+    let throttle = |per_minute: u32| {
+        let throttle = Arc::new(Throttle::per_minute(NonZeroU32::new(per_minute).unwrap_or(NonZeroU32::MIN)));
+        throttle.spawn_cleanup(shutdown.clone());
+        throttle
+    };
+    let (login_throttle, signup_throttle) =
+        (throttle(config.login_attempts_per_minute), throttle(config.signup_per_minute));
     let state = AppState {
         db: db.clone(),
         amqp: amqp.clone(),
@@ -158,13 +152,14 @@ async fn serve(config: ApiConfig) -> anyhow::Result<()> {
         order_watch,
         tokens: Arc::new(tokens),
         login_throttle,
+        signup_throttle,
         webhook_key: Arc::new(webhook_key),
         ticket_codes: Arc::new(TicketCodes::new(config.ticket_secret.expose().as_bytes())),
         images: image_store(&config.image_store).context("opening the image store")?,
         config: Arc::new(config),
     };
     tracing::info!(%addr, docs = %format!("http://{addr}/docs"), "listening");
-    axum::serve(listener, routes::app(state))
+    axum::serve(listener, routes::app(state).into_make_service_with_connect_info::<std::net::SocketAddr>())
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
         .context("serving HTTP")?;

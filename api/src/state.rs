@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use crate::auth::Tokens;
 use crate::pipeline::{OrderInserter, OrderWatch, SoldOutHints};
-use crate::throttle::LoginThrottle;
+use crate::throttle::Throttle;
 use crate::ticket_codes::TicketCodes;
 
 #[derive(Clone)]
@@ -28,7 +28,9 @@ pub struct AppState {
     pub order_watch: Arc<OrderWatch>,
     pub tokens: Arc<Tokens>,
     /// Login attempts per account (`LOGIN_ATTEMPTS_PER_MINUTE`).
-    pub login_throttle: Arc<LoginThrottle>,
+    pub login_throttle: Arc<Throttle>,
+    /// Sign-ups per client address (`SIGNUP_PER_MINUTE`).
+    pub signup_throttle: Arc<Throttle>,
     /// Signs and checks ticket check-in codes (`TICKET_SECRET`).
     pub ticket_codes: Arc<TicketCodes>,
     /// Where event images are kept (`IMAGE_STORE`).

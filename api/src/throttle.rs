@@ -1,41 +1,55 @@
-//! Login throttling: a limited number of attempts per account and minute, so that a password
-//! cannot be guessed by brute force (GCRA from the `governor` crate).
+//! Throttling of the expensive, guessable endpoints (GCRA from the `governor` crate):
 //!
-//! The key is the account's email (as the login normalises it), not the client address:
-//! behind a proxy every client has the proxy's address, and a guess at one account from many
-//! addresses is still a guess at one account. Spreading guesses over many accounts from one
-//! address is for the proxy in front to limit.
+//! - log-in: attempts per account (the email as the log-in normalises it), so that a password
+//!   cannot be guessed by brute force. Not per client address: a guess at one account from
+//!   many addresses is still a guess at one account;
+//! - sign-up: accounts created per client address, so that one client cannot flood the
+//!   user table or keep the password hasher busy. Behind a reverse proxy every client has
+//!   the proxy's address: raise `SIGNUP_PER_MINUTE` and limit at the proxy instead.
 
 use std::num::NonZeroU32;
+use std::sync::Arc;
 use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
-/// The longest key kept (the longest valid email address).
+/// The longest key kept (the longest valid email address; an IP address is shorter).
 const KEY_MAX_CHARS: usize = 320;
 
-pub struct LoginThrottle {
+pub struct Throttle {
     limiter: DefaultKeyedRateLimiter<String>,
     clock: DefaultClock,
 }
 
-impl LoginThrottle {
-    /// `attempts` at once per account, then one more every `60 s / attempts`.
+impl Throttle {
+    /// `attempts` at once per key, then one more every `60 s / attempts`.
     pub fn per_minute(attempts: NonZeroU32) -> Self {
         Self { limiter: RateLimiter::keyed(Quota::per_minute(attempts)), clock: DefaultClock::default() }
     }
 
-    /// Counts an attempt at `account`; over the limit, how long to wait before the next.
-    pub fn attempt(&self, account: &str) -> Result<(), Duration> {
-        let key: String = account.trim().to_lowercase().chars().take(KEY_MAX_CHARS).collect();
+    /// Counts an attempt under `key` (compared trimmed and case-insensitively); over the
+    /// limit, how long to wait before the next.
+    pub fn attempt(&self, key: &str) -> Result<(), Duration> {
+        let key: String = key.trim().to_lowercase().chars().take(KEY_MAX_CHARS).collect();
         self.limiter.check_key(&key).map_err(|not_until| not_until.wait_time_from(self.clock.now()))
     }
 
-    /// Forgets the accounts whose allowance is whole again, so that memory stays bounded.
+    /// Forgets the keys whose allowance is whole again, so that memory stays bounded.
     pub fn forget_idle(&self) {
         self.limiter.retain_recent();
         self.limiter.shrink_to_fit();
+    }
+
+    /// Forgets idle keys every minute until `shutdown`.
+    pub fn spawn_cleanup(self: &Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+        let throttle = self.clone();
+        tokio::spawn(async move {
+            let mut every_minute = tokio::time::interval(Duration::from_secs(60));
+            while shutdown.run_until_cancelled(every_minute.tick()).await.is_some() {
+                throttle.forget_idle();
+            }
+        });
     }
 }
 
@@ -44,13 +58,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn attempts_beyond_the_quota_wait_and_accounts_are_separate() {
-        let throttle = LoginThrottle::per_minute(NonZeroU32::new(3).unwrap());
+    fn attempts_beyond_the_quota_wait_and_keys_are_separate() {
+        let throttle = Throttle::per_minute(NonZeroU32::new(3).unwrap());
         for _ in 0..3 {
             assert!(throttle.attempt("ada@example.com").is_ok());
         }
         let wait = throttle.attempt(" ADA@example.com").expect_err("the fourth attempt waits");
         assert!(wait > Duration::from_secs(15) && wait <= Duration::from_secs(20), "{wait:?}");
-        assert!(throttle.attempt("grace@example.com").is_ok(), "another account is not affected");
+        assert!(throttle.attempt("grace@example.com").is_ok(), "another key is not affected");
     }
 }

@@ -13,6 +13,7 @@
 //! An order's message goes to partition `partition_of(event_id, N)`, so all orders of one
 //! event sit in one queue and are allocated in arrival order by its single active consumer.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_lapin::{Config, Pool, PoolConfig, Runtime, Timeouts};
@@ -153,8 +154,24 @@ pub enum PublishError {
 pub struct Publisher {
     pool: Pool,
     partitions: u16,
+    state: Arc<PublisherState>,
+}
+
+/// What a pending confirm needs after its publish call returned.
+#[derive(Default)]
+struct PublisherState {
     channel: tokio::sync::Mutex<Option<Channel>>,
     failed_at: std::sync::Mutex<Option<tokio::time::Instant>>,
+}
+
+impl PublisherState {
+    /// Opens the circuit and drops the channel, so the next publish opens a fresh one.
+    async fn failed(&self) {
+        *self.failed_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(tokio::time::Instant::now());
+        if let Some(channel) = self.channel.lock().await.take() {
+            let _ = channel.close(200, "reset after a failed publish".into()).await;
+        }
+    }
 }
 
 /// How long after a failed publish the next one is attempted for real.
@@ -162,14 +179,29 @@ pub const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
 
 impl Publisher {
     pub fn new(pool: Pool, partitions: u16) -> Self {
-        Self { pool, partitions, channel: tokio::sync::Mutex::new(None), failed_at: std::sync::Mutex::new(None) }
+        Self { pool, partitions, state: Arc::default() }
     }
 
     /// Publishes a persistent purchase message to its event's partition and waits for the
     /// broker to confirm it (or for [`CONFIRM_TIMEOUT`]).
     pub async fn publish_purchase(&self, message: &PurchaseMessage) -> Result<(), PublishError> {
-        if self.failed_at.lock().unwrap_or_else(|e| e.into_inner()).is_some_and(|at| at.elapsed() < RETRY_AFTER_FAILURE)
-        {
+        self.send_purchase(message).await?.await
+    }
+
+    /// Sends a persistent purchase message to its event's partition, after every message sent
+    /// before it on this publisher; the returned future waits for the broker's confirm (or
+    /// for [`CONFIRM_TIMEOUT`]) and may be awaited elsewhere.
+    pub async fn send_purchase(
+        &self,
+        message: &PurchaseMessage,
+    ) -> Result<impl Future<Output = Result<(), PublishError>> + Send + 'static, PublishError> {
+        let recently_failed = self
+            .state
+            .failed_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|at| at.elapsed() < RETRY_AFTER_FAILURE);
+        if recently_failed {
             return Err(PublishError::Unavailable("a recent publish failed; waiting before the next attempt".into()));
         }
         let partition = partition_of(message.event_id, self.partitions);
@@ -178,9 +210,9 @@ impl Publisher {
             .with_delivery_mode(2)
             .with_content_type("application/json".into())
             .with_message_id(message.order_id.to_string().into());
-        let result = tokio::time::timeout(CONFIRM_TIMEOUT, async {
-            let channel = self.channel().await?;
-            let confirm = channel
+        let sent = tokio::time::timeout(CONFIRM_TIMEOUT, async {
+            self.channel()
+                .await?
                 .basic_publish(
                     PURCHASE_EXCHANGE.into(),
                     partition.to_string().into(),
@@ -189,29 +221,40 @@ impl Publisher {
                     properties,
                 )
                 .await
-                .map_err(|e| PublishError::Unavailable(e.to_string()))?
-                .await
-                .map_err(|e| PublishError::Unavailable(e.to_string()))?;
-            match confirm {
-                // A returned message was acked but reached no queue.
-                Confirmation::Ack(Some(_)) => Err(PublishError::Unroutable(partition)),
-                Confirmation::Ack(None) => Ok(()),
-                Confirmation::Nack(_) => Err(PublishError::Nacked),
-                Confirmation::NotRequested => Err(PublishError::Unavailable("channel is not in confirm mode".into())),
-            }
+                .map_err(|e| PublishError::Unavailable(e.to_string()))
         })
         .await
         .unwrap_or(Err(PublishError::Timeout(CONFIRM_TIMEOUT)));
-        if result.is_err() {
-            *self.failed_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(tokio::time::Instant::now());
-            self.reset().await;
-        }
-        result
+        let confirm = match sent {
+            Ok(confirm) => confirm,
+            Err(err) => {
+                self.state.failed().await;
+                return Err(err);
+            }
+        };
+        let state = self.state.clone();
+        Ok(async move {
+            let result = match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
+                Err(_) => Err(PublishError::Timeout(CONFIRM_TIMEOUT)),
+                Ok(Err(e)) => Err(PublishError::Unavailable(e.to_string())),
+                // A returned message was acked but reached no queue.
+                Ok(Ok(Confirmation::Ack(Some(_)))) => Err(PublishError::Unroutable(partition)),
+                Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+                Ok(Ok(Confirmation::Nack(_))) => Err(PublishError::Nacked),
+                Ok(Ok(Confirmation::NotRequested)) => {
+                    Err(PublishError::Unavailable("channel is not in confirm mode".into()))
+                }
+            };
+            if result.is_err() {
+                state.failed().await;
+            }
+            result
+        })
     }
 
     /// The shared channel, opened on first use or after the previous one broke.
     async fn channel(&self) -> Result<Channel, PublishError> {
-        let mut slot = self.channel.lock().await;
+        let mut slot = self.state.channel.lock().await;
         if let Some(channel) = slot.as_ref()
             && channel.status().connected()
         {
@@ -224,12 +267,6 @@ impl Publisher {
         channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(|e| unavailable(&e))?;
         *slot = Some(channel.clone());
         Ok(channel)
-    }
-
-    async fn reset(&self) {
-        if let Some(channel) = self.channel.lock().await.take() {
-            let _ = channel.close(200, "reset after a failed publish".into()).await;
-        }
     }
 }
 

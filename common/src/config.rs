@@ -159,6 +159,10 @@ pub struct ApiConfig {
     #[arg(long = "login-attempts-per-minute", env = "LOGIN_ATTEMPTS_PER_MINUTE", default_value_t = 10,
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub login_attempts_per_minute: u32,
+    /// Sign-ups allowed per client address and minute; more get `429` with `Retry-After`.
+    #[arg(long = "signup-per-minute", env = "SIGNUP_PER_MINUTE", default_value_t = 20,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub signup_per_minute: u32,
 }
 
 impl ApiConfig {

@@ -29,6 +29,19 @@ async fn password_guessing_is_throttled_per_account() {
 }
 
 #[tokio::test]
+async fn sign_ups_are_throttled_per_client_address() {
+    let app = TestApp::spawn_with(&[("SIGNUP_PER_MINUTE", "2".to_owned())]).await;
+    app.signup("ada").await;
+    app.signup("grace").await;
+    let body = json!({"name": "Mallory", "email": "mallory@example.com", "password": PASSWORD});
+    let res = app.post("/api/v1/signup", &body, None).await;
+    res.assert_error(429, "too_many_requests");
+    assert!(res.header("retry-after").is_some_and(|s| s.parse::<u64>().is_ok_and(|s| (1..=30).contains(&s))));
+    let users: i64 = sqlx::query_scalar("SELECT count(*) FROM users").fetch_one(&app.db.pool).await.unwrap();
+    assert_eq!(users, 2, "the refused sign-up created nothing");
+}
+
+#[tokio::test]
 async fn sql_looking_input_is_stored_verbatim() {
     let app = TestApp::spawn().await;
     let name = "Robert'); DROP TABLE users; --";

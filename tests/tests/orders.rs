@@ -127,6 +127,35 @@ async fn random_quantities_sell_out_exactly() {
     assert_eq!(counts.get(&key("PENDING", None)).map(|c| c.1), Some(sold), "{counts:?}");
 }
 
+/// Orders of one event are decided in the order they were accepted: the first ones get the
+/// tickets, whatever the batches.
+#[tokio::test]
+async fn one_events_orders_are_decided_in_arrival_order() {
+    let app = TestApp::spawn_with(&[("SOLD_OUT_FAST_PATH", "false".to_owned())]).await;
+    let admin = app.admin().await;
+    let event = app.event_with(&admin, 8, 1).await;
+    let buyers = app.buyers(20).await;
+    let mut accepted = Vec::new();
+    for (_, token) in &buyers {
+        let res = app.order(token, event, 1, None).await;
+        assert_eq!(res.status, 202, "{}", res.body);
+        accepted.push(res.json["id"].as_str().unwrap().parse::<Uuid>().unwrap());
+    }
+    let _worker = app.spawn_worker(&[("BATCH_SIZE", "3".to_owned())]);
+    app.wait_until_final(SETTLE).await;
+    let mut statuses = Vec::new();
+    for id in &accepted {
+        let status: String = sqlx::query_scalar("SELECT status FROM orders WHERE id = $1")
+            .bind(id)
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+        statuses.push(status);
+    }
+    let expected: Vec<&str> = (0..20).map(|i| if i < 8 { "PENDING" } else { "REJECTED" }).collect();
+    assert_eq!(statuses, expected);
+}
+
 #[tokio::test]
 async fn an_accepted_order_can_be_followed_to_its_outcome() {
     let app = TestApp::spawn().await;

@@ -1,7 +1,9 @@
 //! Accounts: sign up and log in.
 
+use std::net::SocketAddr;
+
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
 use axum::routing::post;
 use chrono::{DateTime, Utc};
@@ -14,6 +16,7 @@ use crate::auth::{hash_password, verify_password};
 use crate::error::{ApiError, ErrorBody, ResultExt};
 use crate::extract::Json;
 use crate::state::AppState;
+use crate::throttle::Throttle;
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/signup", post(signup)).route("/login", post(login))
@@ -123,11 +126,15 @@ pub async fn insert_user(
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 415, description = "Not JSON", body = ErrorBody),
         (status = 422, description = "Invalid name, email or password", body = ErrorBody),
+        (status = 429, description = "Too many sign-ups from this address; retry after `Retry-After` seconds",
+            body = ErrorBody, headers(("Retry-After" = u64, description = "seconds to wait"))),
     ))]
 pub async fn signup(
     State(state): State<AppState>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
     Json(req): Json<SignupRequest>,
 ) -> Result<(StatusCode, Json<UserResponse>), ApiError> {
+    throttled(&state.signup_throttle, &client.ip().to_string(), "sign-ups")?;
     let name = parse_name(&req.name)?;
     let email = parse_email(&req.email)?;
     check_password(&req.password)?;
@@ -153,10 +160,7 @@ pub async fn login(
 ) -> Result<Json<TokenResponse>, ApiError> {
     const WRONG: ApiError = ApiError::Unauthorized("invalid email or password");
     // Counted before any work: a guess over the limit costs no hashing.
-    if let Err(wait) = state.login_throttle.attempt(&req.email) {
-        tracing::warn!("login attempts over the limit");
-        return Err(ApiError::TooManyRequests { retry_after_secs: wait.as_secs() + 1 });
-    }
+    throttled(&state.login_throttle, &req.email, "login attempts")?;
     // A malformed address cannot belong to an account; it gets the same answer (and the
     // same hashing work) as an unknown one.
     let email = Email::parse(&req.email).ok();
@@ -176,6 +180,14 @@ pub async fn login(
     let (id, role, _) = account.ok_or(WRONG)?;
     let access_token = state.tokens.issue(id, role)?;
     Ok(Json(TokenResponse { access_token, token_type: "Bearer", expires_in: state.tokens.ttl().as_secs() }))
+}
+
+/// Counts an attempt under `key`; over the limit, `429` with the seconds to wait.
+fn throttled(throttle: &Throttle, key: &str, what: &'static str) -> Result<(), ApiError> {
+    throttle.attempt(key).map_err(|wait| {
+        tracing::warn!(what, "over the rate limit");
+        ApiError::TooManyRequests { retry_after_secs: wait.as_secs() + 1 }
+    })
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
-use common::amqp::PurchaseMessage;
+use common::amqp::{PublishError, PurchaseMessage};
 use common::domain::{OrderEvent, OrderStatus, Transition};
 use common::order_changes;
 use rust_decimal::Decimal;
@@ -228,15 +228,25 @@ pub async fn create_order(
         }
     };
 
+    // The stored order is the promise (the orders table is the outbox), so the answer waits
+    // for the message to be sent, in order after earlier ones, but not for the broker's
+    // confirm; an order whose confirm never comes is sent again by the worker's re-publisher.
     let message = PurchaseMessage { order_id, event_id: req.event_id };
-    match state.publisher.publish_purchase(&message).await {
-        Ok(()) => {
-            // A full marker queue only means one more (harmless) publish later.
-            let _ = state.published.try_send(order_id);
+    let not_confirmed = move |err: PublishError| {
+        tracing::warn!(%order_id, error = %err, "purchase message not confirmed; the re-publisher will send it");
+    };
+    match state.publisher.send_purchase(&message).await {
+        Ok(confirmed) => {
+            let published = state.published.clone();
+            tokio::spawn(async move {
+                match confirmed.await {
+                    // A full marker queue only means one more (harmless) publish later.
+                    Ok(()) => drop(published.try_send(order_id)),
+                    Err(err) => not_confirmed(err),
+                }
+            });
         }
-        Err(err) => {
-            tracing::warn!(%order_id, error = %err, "purchase message not confirmed; the re-publisher will send it")
-        }
+        Err(err) => not_confirmed(err),
     }
     let order = Order {
         id: order_id,
