@@ -7,8 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 services_were_running=false
-if bash scripts/services.sh status | grep -q 'postgres: running' &&
-   bash scripts/services.sh status | grep -q 'rabbitmq: running'; then
+# (Read whole first: `grep -q` closing the pipe early would fail the pipeline under pipefail.)
+status="$(bash scripts/services.sh status)"
+if grep -q 'postgres: running' <<<"$status" && grep -q 'rabbitmq: running' <<<"$status"; then
   services_were_running=true
 fi
 bash scripts/services.sh start

@@ -158,11 +158,16 @@ pub struct Publisher {
 }
 
 /// What a pending confirm needs after its publish call returned.
-#[derive(Default)]
 struct PublisherState {
     channel: tokio::sync::Mutex<Option<Channel>>,
     failed_at: std::sync::Mutex<Option<tokio::time::Instant>>,
+    /// Messages sent and not yet confirmed, at most [`PUBLISH_WINDOW`]: when the broker falls
+    /// behind, senders wait here instead of piling up unconfirmed messages.
+    window: Arc<tokio::sync::Semaphore>,
 }
+
+/// The most messages a publisher has sent without their confirm.
+pub const PUBLISH_WINDOW: usize = 256;
 
 impl PublisherState {
     /// Opens the circuit and drops the channel, so the next publish opens a fresh one.
@@ -179,7 +184,12 @@ pub const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
 
 impl Publisher {
     pub fn new(pool: Pool, partitions: u16) -> Self {
-        Self { pool, partitions, state: Arc::default() }
+        let state = PublisherState {
+            channel: tokio::sync::Mutex::new(None),
+            failed_at: std::sync::Mutex::new(None),
+            window: Arc::new(tokio::sync::Semaphore::new(PUBLISH_WINDOW)),
+        };
+        Self { pool, partitions, state: Arc::new(state) }
     }
 
     /// Publishes a persistent purchase message to its event's partition and waits for the
@@ -189,8 +199,9 @@ impl Publisher {
     }
 
     /// Sends a persistent purchase message to its event's partition, after every message sent
-    /// before it on this publisher; the returned future waits for the broker's confirm (or
-    /// for [`CONFIRM_TIMEOUT`]) and may be awaited elsewhere.
+    /// before it on this publisher, once fewer than [`PUBLISH_WINDOW`] await their confirm;
+    /// the returned future waits for the broker's confirm (or for [`CONFIRM_TIMEOUT`]) and
+    /// may be awaited elsewhere.
     pub async fn send_purchase(
         &self,
         message: &PurchaseMessage,
@@ -211,7 +222,9 @@ impl Publisher {
             .with_content_type("application/json".into())
             .with_message_id(message.order_id.to_string().into());
         let sent = tokio::time::timeout(CONFIRM_TIMEOUT, async {
-            self.channel()
+            let permit = self.state.window.clone().acquire_owned().await.expect("the window is never closed");
+            let confirm = self
+                .channel()
                 .await?
                 .basic_publish(
                     PURCHASE_EXCHANGE.into(),
@@ -221,12 +234,13 @@ impl Publisher {
                     properties,
                 )
                 .await
-                .map_err(|e| PublishError::Unavailable(e.to_string()))
+                .map_err(|e| PublishError::Unavailable(e.to_string()))?;
+            Ok((permit, confirm))
         })
         .await
         .unwrap_or(Err(PublishError::Timeout(CONFIRM_TIMEOUT)));
-        let confirm = match sent {
-            Ok(confirm) => confirm,
+        let (permit, confirm) = match sent {
+            Ok(sent) => sent,
             Err(err) => {
                 self.state.failed().await;
                 return Err(err);
@@ -245,6 +259,7 @@ impl Publisher {
                     Err(PublishError::Unavailable("channel is not in confirm mode".into()))
                 }
             };
+            drop(permit);
             if result.is_err() {
                 state.failed().await;
             }
