@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
-.PHONY: help run test chaos bench services stop status admin fmt lint
+.PHONY: help run test chaos fuzz bench services stop status admin fmt lint
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -15,6 +15,9 @@ test: ## the whole suite: fmt, clippy, unit and end-to-end tests against real se
 
 chaos: ## the fault suite alone: kill -9 / SIGTERM of api and worker, RabbitMQ and PostgreSQL restarts under load
 	@bash scripts/chaos.sh
+
+fuzz: ## schemathesis (installed from PyPI into .local/) against the served OpenAPI document, as an admin
+	@bash scripts/fuzz.sh
 
 bench: ## measure: make bench [SCENARIOS="baseline hot spread ..."] [RUNS=3] [LOADGEN_ARGS=...] (see BENCHMARKS.md)
 	@bash scripts/bench.sh

@@ -28,12 +28,10 @@ read -r -a extra <<<"${LOADGEN_ARGS:-}"
 
 log() { echo "[bench] $*"; }
 
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
 services_were_running=false
-# (Read whole first: `grep -q` closing the pipe early would fail the pipeline under pipefail.)
-status="$(bash scripts/services.sh status)"
-if grep -q 'postgres: running' <<<"$status" && grep -q 'rabbitmq: running' <<<"$status"; then
-  services_were_running=true
-fi
+services_running && services_were_running=true
 bash scripts/services.sh start
 # shellcheck disable=SC1090
 source "$(bash scripts/services.sh env)"
@@ -43,13 +41,10 @@ cargo build --release --bins --locked
 bin=target/release
 
 # A database and a virtual host of the benchmark's own, made afresh for every run.
-server_url="${DATABASE_URL%/*}"
-export DATABASE_URL="$server_url/turnstile_bench"
-export AMQP_URL="${AMQP_URL%/*}/bench"
+export DATABASE_URL="${DATABASE_URL%/*}/turnstile_bench"
+export AMQP_URL="${AMQP_URL%/*}/turnstile_bench"
 # Secrets of this benchmark only.
-export JWT_SECRET="$(head -c 48 /dev/urandom | base64 -w0)"
-export WEBHOOK_SECRET="whsec_$(head -c 32 /dev/urandom | base64 -w0)"
-export TICKET_SECRET="$(head -c 48 /dev/urandom | base64 -w0)"
+random_secrets
 export IMAGE_STORE="$PWD/.local/bench-images"
 export BIND_ADDR="$addr" SOLD_OUT_FAST_PATH="$fast_path" RUST_LOG="${RUST_LOG:-warn}"
 label="fast-path-$([ "$fast_path" = true ] && echo on || echo off)"
@@ -57,15 +52,8 @@ label="fast-path-$([ "$fast_path" = true ] && echo on || echo off)"
 out="bench-results/$(date -u +%Y%m%dT%H%M%SZ)"
 mkdir -p "$out"
 
-fresh_state() {
-  psql -q "$server_url/postgres" -c "DROP DATABASE IF EXISTS turnstile_bench WITH (FORCE)" \
-    -c "CREATE DATABASE turnstile_bench" >/dev/null
-  curl -fsS -o /dev/null -X DELETE "$RABBITMQ_MANAGEMENT_URL/api/vhosts/bench" 2>/dev/null || true
-  curl -fsS -o /dev/null -X PUT "$RABBITMQ_MANAGEMENT_URL/api/vhosts/bench"
-  local user="${RABBITMQ_MANAGEMENT_URL#*://}"
-  user="${user%%:*}"
-  curl -fsS -o /dev/null -X PUT -H 'content-type: application/json' \
-    -d '{"configure":".*","write":".*","read":".*"}' "$RABBITMQ_MANAGEMENT_URL/api/permissions/bench/$user"
+fresh_run() {
+  fresh_state turnstile_bench
   "$bin/api" migrate >/dev/null
 }
 
@@ -110,7 +98,7 @@ for run in $(seq 1 "$runs"); do
   for scenario in $scenarios; do
     log "run $run/$runs: $scenario"
     read -r -a defaults <<<"$(defaults_for "$scenario")"
-    fresh_state
+    fresh_run
     args=(run --out "$out" --label "$label" "${defaults[@]}")
     case "$scenario" in
       baseline | baseline-spread)

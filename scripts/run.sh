@@ -6,12 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
 services_were_running=false
-# (Read whole first: `grep -q` closing the pipe early would fail the pipeline under pipefail.)
-status="$(bash scripts/services.sh status)"
-if grep -q 'postgres: running' <<<"$status" && grep -q 'rabbitmq: running' <<<"$status"; then
-  services_were_running=true
-fi
+services_running && services_were_running=true
 bash scripts/services.sh start
 env_file="$(bash scripts/services.sh env)"
 # shellcheck disable=SC1090

@@ -2,6 +2,7 @@
 //! `/api/v1/openapi.json` (Swagger UI at `/docs`).
 
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::{ContentBuilder, Ref, RefOr, Response, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
 use crate::error::{ErrorBody, ErrorDetail};
@@ -26,7 +27,7 @@ use crate::routes::{auth, events, health, me, orders, payments, tickets, users, 
         health::live, health::ready,
     ),
     components(schemas(ErrorBody, ErrorDetail, common::notifications::OrderNotification)),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &CommonErrors),
     tags(
         (name = "accounts", description = "Sign-up, log-in and the caller's own account"),
         (name = "events", description = "The event catalogue"),
@@ -50,6 +51,50 @@ impl Modify for BearerAuth {
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT").build()),
         );
     }
+}
+
+/// The answers any operation may give besides its own, documented here once rather than on
+/// every handler: `503` everywhere (a dependency is down, or the request ran past the time
+/// limit); `401` wherever a token is required; `400`, `413`, `415` and `422` wherever a JSON
+/// body is read. An operation that documents one of these itself keeps its own text.
+struct CommonErrors;
+
+impl Modify for CommonErrors {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        for item in openapi.paths.paths.values_mut() {
+            let operations = [&mut item.get, &mut item.put, &mut item.post, &mut item.delete, &mut item.patch];
+            for operation in operations.into_iter().flatten() {
+                let json_body =
+                    operation.request_body.as_ref().is_some_and(|body| body.content.contains_key("application/json"));
+                let secured = operation.security.as_ref().is_some_and(|security| !security.is_empty());
+                let mut add = |status: &str, description: &str| {
+                    operation
+                        .responses
+                        .responses
+                        .entry(status.to_owned())
+                        .or_insert_with(|| error_response(description));
+                };
+                if secured {
+                    add("401", "Missing, malformed or expired token");
+                }
+                if json_body {
+                    add("400", "Malformed JSON");
+                    add("413", "Body larger than the limit");
+                    add("415", "Not JSON (`Content-Type: application/json` expected)");
+                    add("422", "The body breaks a rule; `error.code` names it");
+                }
+                add(
+                    "503",
+                    "A dependency is unavailable or the request took too long; retry after `Retry-After` seconds",
+                );
+            }
+        }
+    }
+}
+
+fn error_response(description: &str) -> RefOr<Response> {
+    let body = ContentBuilder::new().schema(Some(Ref::from_schema_name("ErrorBody"))).build();
+    ResponseBuilder::new().description(description).content("application/json", body).build().into()
 }
 
 pub fn document() -> utoipa::openapi::OpenApi {
