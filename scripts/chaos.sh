@@ -38,9 +38,9 @@ cargo build --workspace --bins --locked
 echo "== faults under load"
 status=0
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run -p tests --test chaos --locked --no-fail-fast --run-ignored "$which" --test-threads 1 || status=$?
+  cargo nextest run --workspace --test chaos --locked --no-fail-fast --run-ignored "$which" --test-threads 1 || status=$?
 else
-  cargo test -p tests --test chaos --locked --no-fail-fast -- "$([ $which = all ] && echo --include-ignored || echo --ignored)" --test-threads 1 || status=$?
+  cargo test --workspace --test chaos --locked --no-fail-fast -- "$([ $which = all ] && echo --include-ignored || echo --ignored)" --test-threads 1 || status=$?
 fi
 echo "== fault summary"
 cat "$summary"

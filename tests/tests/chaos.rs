@@ -238,29 +238,36 @@ fn service(action: &str, which: &str) {
         "this test stops and starts {which}: run it with `make chaos`, which gives it services of its own"
     );
     let script = tests::workspace_root().join("scripts/services.sh");
-    let status = std::process::Command::new("bash").arg(script).args([action, which]).status().expect("services.sh");
+    let status = blocking(|| std::process::Command::new("bash").arg(script).args([action, which]).status())
+        .expect("services.sh");
     assert!(status.success(), "services.sh {action} {which}: {status}");
+}
+
+/// Runs `work`, which blocks (waiting for a process), without stalling the load's clients:
+/// they run on the runtime's other thread, and their latencies must not include this wait.
+fn blocking<T>(work: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(work)
 }
 
 async fn sleep(duration: Duration) {
     tokio::time::sleep(duration).await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_killed_mid_batch() {
     let chaos = Chaos::new().await;
     let mut worker = chaos.app.spawn_worker(&[]);
     let load = chaos.load();
     worker.wait_for_log("batch committed", SETTLE, |_| true).await;
     sleep(phase()).await;
-    worker.kill();
+    blocking(|| worker.kill());
     sleep(phase()).await;
-    let _worker = chaos.app.spawn_worker(&[]);
+    let _worker = blocking(|| chaos.app.spawn_worker(&[]));
     sleep(phase()).await;
     chaos.settle_and_check("kill -9 worker", load.stop().await, false).await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_of_two_workers_killed() {
     let chaos = Chaos::new().await;
     let first = chaos.app.spawn_worker(&[]);
@@ -271,7 +278,7 @@ async fn one_of_two_workers_killed() {
     let (mut active, survivor) =
         if first.logs("batch committed").is_empty() { (second, first) } else { (first, second) };
     assert!(!active.logs("batch committed").is_empty(), "a worker allocates under load");
-    active.kill();
+    blocking(|| active.kill());
     let before = survivor.logs("batch committed").len();
     sleep(phase() * 2).await;
     let tally = load.stop().await;
@@ -279,33 +286,33 @@ async fn one_of_two_workers_killed() {
     assert!(survivor.logs("batch committed").len() > before, "the survivor took over the partitions");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_stopped_with_sigterm() {
     let chaos = Chaos::new().await;
     let mut worker = chaos.app.spawn_worker(&[]);
     let load = chaos.load();
     worker.wait_for_log("batch committed", SETTLE, |_| true).await;
     sleep(phase()).await;
-    let status = worker.terminate();
+    let status = blocking(|| worker.terminate());
     assert!(status.is_some_and(|s| s.success()), "the worker stops cleanly on SIGTERM: {status:?}");
     sleep(phase()).await;
-    let _worker = chaos.app.spawn_worker(&[]);
+    let _worker = blocking(|| chaos.app.spawn_worker(&[]));
     sleep(phase()).await;
     chaos.settle_and_check("SIGTERM worker", load.stop().await, false).await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_stopped_with_sigterm() {
     let mut chaos = Chaos::new().await;
     let _worker = chaos.app.spawn_worker(&[]);
     let load = chaos.load();
     sleep(phase()).await;
-    let status = chaos.app.terminate_api();
+    let status = blocking(|| chaos.app.terminate_api());
     assert!(status.is_some_and(|s| s.success()), "the api stops cleanly on SIGTERM: {status:?}");
     // Clients keep trying while it is gone (and are refused), then it comes back.
     sleep(phase() / 2).await;
     let tally = load.stop().await;
-    chaos.app.restart_api();
+    blocking(|| chaos.app.restart_api());
     chaos.settle_and_check("SIGTERM api", tally, true).await;
 }
 
@@ -315,7 +322,7 @@ fn outage() -> Duration {
     Duration::from_secs(REQUEST_TIMEOUT_SECS + 3)
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "restarts RabbitMQ: run by `make chaos`"]
 async fn rabbitmq_restarted_under_load() {
     let chaos = Chaos::new().await;
@@ -332,7 +339,7 @@ async fn rabbitmq_restarted_under_load() {
     chaos.settle_and_check("RabbitMQ restart", load.stop().await, false).await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "restarts PostgreSQL: run by `make chaos`"]
 async fn postgres_restarted_under_load() {
     let chaos = Chaos::new().await;
