@@ -5,7 +5,7 @@
 #
 # The restarts need services nobody else is using, so this starts a PostgreSQL and a
 # RabbitMQ of its own (state under <services state dir>/chaos, ports beside the usual
-# ones) and stops them at the end.
+# ones, below the ephemeral port range) and stops them at the end.
 #
 #   scripts/chaos.sh                  every fault
 #   scripts/chaos.sh --restarts-only  only the service restarts (`make test` has run the rest)
@@ -16,7 +16,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 base="$(dirname "$(bash scripts/services.sh env)")"
-export TURNSTILE_STATE_DIR="$base/chaos" TURNSTILE_PG_PORT=55442 TURNSTILE_AMQP_PORT=56730 \
+# Ports below the kernel's ephemeral range (32768-60999): while a service is down, clients
+# keep reconnecting to its port, and one of those attempts can be given that very port as its
+# own local port (a TCP self-connect), which then keeps the service from listening again.
+export TURNSTILE_STATE_DIR="$base/chaos" TURNSTILE_PG_PORT=25442 TURNSTILE_AMQP_PORT=27682 \
   TURNSTILE_RABBIT_MGMT_PORT=15690 TURNSTILE_RABBIT_DIST_PORT=25690 TURNSTILE_EPMD_PORT=4390 \
   TURNSTILE_RABBIT_NODE=turnstile-chaos@localhost
 export TURNSTILE_ENV_FILE="$TURNSTILE_STATE_DIR/env"

@@ -181,7 +181,11 @@ CONF
 stop_rabbitmq() {
   if rabbit_running; then
     log "stopping RabbitMQ"
-    rabbitmqctl_ -q shutdown >/dev/null 2>&1 || kill "$(cat "$RABBIT_DIR/rabbitmq.pid")" 2>/dev/null || true
+    local pid
+    pid="$(cat "$RABBIT_DIR/rabbitmq.pid")"
+    rabbitmqctl_ -q shutdown >/dev/null 2>&1 || kill "$pid" 2>/dev/null || true
+    # Until the process is gone its ports are not free for the next start.
+    for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
   fi
   # The private epmd (own port) was started by the node; stop it too.
   if command -v epmd >/dev/null 2>&1; then
