@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tests::TestApp;
+use tests::{Process, TestApp};
 use uuid::Uuid;
 
 /// The api's request time limit in these tests; an answer later than this (plus a margin)
@@ -253,18 +253,23 @@ async fn sleep(duration: Duration) {
     tokio::time::sleep(duration).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn worker_killed_mid_batch() {
+/// The worker stopped by `stop` under load, and another started after a while.
+async fn worker_stopped_under_load(fault: &str, stop: impl FnOnce(&mut Process)) {
     let chaos = Chaos::new().await;
     let mut worker = chaos.app.spawn_worker(&[]);
     let load = chaos.load();
     worker.wait_for_log("batch committed", SETTLE, |_| true).await;
     sleep(phase()).await;
-    blocking(|| worker.kill());
+    blocking(|| stop(&mut worker));
     sleep(phase()).await;
     let _worker = blocking(|| chaos.app.spawn_worker(&[]));
     sleep(phase()).await;
-    chaos.settle_and_check("kill -9 worker", load.stop().await, false).await;
+    chaos.settle_and_check(fault, load.stop().await, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_killed_mid_batch() {
+    worker_stopped_under_load("kill -9 worker", Process::kill).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -288,17 +293,11 @@ async fn one_of_two_workers_killed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_stopped_with_sigterm() {
-    let chaos = Chaos::new().await;
-    let mut worker = chaos.app.spawn_worker(&[]);
-    let load = chaos.load();
-    worker.wait_for_log("batch committed", SETTLE, |_| true).await;
-    sleep(phase()).await;
-    let status = blocking(|| worker.terminate());
-    assert!(status.is_some_and(|s| s.success()), "the worker stops cleanly on SIGTERM: {status:?}");
-    sleep(phase()).await;
-    let _worker = blocking(|| chaos.app.spawn_worker(&[]));
-    sleep(phase()).await;
-    chaos.settle_and_check("SIGTERM worker", load.stop().await, false).await;
+    worker_stopped_under_load("SIGTERM worker", |worker| {
+        let status = worker.terminate();
+        assert!(status.is_some_and(|s| s.success()), "the worker stops cleanly on SIGTERM: {status:?}");
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

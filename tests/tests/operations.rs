@@ -141,23 +141,9 @@ async fn migrate_subcommand_builds_the_schema_and_is_idempotent() {
 
 #[tokio::test]
 async fn api_shuts_down_gracefully_on_sigterm() {
-    let app = TestApp::spawn().await;
+    let mut app = TestApp::spawn().await;
     assert_eq!(app.get("/health/live", None).await.status, 200);
     // Covered in detail by the process helper; here: SIGTERM ends the process with success.
-    let services = Services::from_env();
-    let db = TestDb::create(&services).await;
-    let images = std::env::temp_dir().join(format!("turnstile-images-{}", uuid::Uuid::new_v4()));
-    let envs = vec![
-        ("DATABASE_URL", db.url.clone()),
-        ("AMQP_URL", services.amqp_url.clone()),
-        ("JWT_SECRET", tests::JWT_SECRET.to_owned()),
-        ("WEBHOOK_SECRET", tests::WEBHOOK_SECRET.to_owned()),
-        ("TICKET_SECRET", tests::TICKET_SECRET.to_owned()),
-        ("BIND_ADDR", "127.0.0.1:0".to_owned()),
-        ("IMAGE_STORE", images.display().to_string()),
-    ];
-    let (mut process, _) = tests::Process::spawn("api", &["serve"], &envs, Some("listening"));
-    let status = process.terminate();
-    let _ = std::fs::remove_dir_all(&images);
+    let status = app.terminate_api();
     assert!(status.is_some_and(|s| s.success()), "exit status after SIGTERM: {status:?}");
 }
