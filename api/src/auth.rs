@@ -1,7 +1,7 @@
 //! Authentication: argon2id password hashes, HS256 access tokens, and the extractors that
 //! turn a `Authorization: Bearer …` header into a caller.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
@@ -23,14 +23,80 @@ fn hasher() -> Argon2<'static> {
     Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
 }
 
-/// Hashes a password on the blocking pool: argon2 takes tens of milliseconds of CPU by
-/// design, which must not stall the async workers.
-pub async fn hash_password(password: String) -> anyhow::Result<String> {
-    tokio::task::spawn_blocking(move || {
+/// The CPU- and memory-heavy work of requests (argon2id takes 19 MiB and tens of
+/// milliseconds per hash by design; decoding an image more), run a few at a time on threads
+/// of its own. Unbounded, a burst of log-ins with made-up emails would start one 19 MiB
+/// hash per request on up to 512 blocking threads and exhaust memory; bounded, a request
+/// waits up to [`HeavyWork::WAIT`] for its turn and is then refused with 503 `busy`.
+///
+/// The threads are fixed, not Tokio's blocking pool: memory the allocator keeps after a job
+/// (a thread's arena) is then kept once per thread of this pool and reused by its next job,
+/// instead of once per short-lived blocking thread.
+pub struct HeavyWork {
+    permits: Arc<tokio::sync::Semaphore>,
+    jobs: std::sync::mpsc::Sender<Job>,
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+impl HeavyWork {
+    /// How long a request waits for a free slot before it is refused.
+    pub const WAIT: Duration = Duration::from_secs(2);
+
+    /// `slots` jobs at once (at least one), on as many threads.
+    pub fn new(slots: usize) -> Self {
+        let slots = slots.max(1);
+        let (jobs, queue) = std::sync::mpsc::channel::<Job>();
+        let queue = Arc::new(std::sync::Mutex::new(queue));
+        for i in 0..slots {
+            let queue = queue.clone();
+            let spawned = std::thread::Builder::new().name(format!("heavy-work-{i}")).spawn(move || {
+                loop {
+                    // The lock is held only while waiting: the job runs without it.
+                    let job = queue.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                    let Ok(job) = job else { return };
+                    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
+                        tracing::error!("a password hash or image decoding panicked");
+                    }
+                }
+            });
+            if let Err(err) = spawned {
+                tracing::error!(error = %err, "cannot start a heavy-work thread");
+            }
+        }
+        Self { permits: Arc::new(tokio::sync::Semaphore::new(slots)), jobs }
+    }
+
+    /// One slot per core: more would only make each job slower.
+    pub fn per_core() -> Self {
+        Self::new(std::thread::available_parallelism().map_or(2, |cores| cores.get()))
+    }
+
+    /// Runs `job` once a slot is free; 503 `busy` after waiting [`Self::WAIT`]. The slot is
+    /// held by the job itself, so a request that gives up (its client went away, its time
+    /// ran out) cannot start more jobs than there are slots.
+    pub async fn run<T: Send + 'static>(&self, job: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
+        let permit = tokio::time::timeout(Self::WAIT, self.permits.clone().acquire_owned())
+            .await
+            .map_err(|_| ApiError::Busy)?
+            .map_err(|_| ApiError::Busy)?;
+        let (done, result) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move || {
+            let _ = done.send(job());
+            drop(permit);
+        });
+        self.jobs.send(job).map_err(|_| ApiError::Internal(anyhow::anyhow!("the heavy-work threads are gone")))?;
+        result.await.map_err(|_| ApiError::Internal(anyhow::anyhow!("a heavy-work job panicked")))
+    }
+}
+
+/// Hashes a password (see [`HeavyWork`]).
+pub async fn hash_password(work: &HeavyWork, password: String) -> Result<String, ApiError> {
+    work.run(move || {
         hasher()
             .hash_password(password.as_bytes())
             .map(|hash| hash.to_string())
-            .map_err(|err| anyhow::anyhow!("hashing password: {err}"))
+            .map_err(|err| ApiError::Internal(anyhow::anyhow!("hashing password: {err}")))
     })
     .await?
 }
@@ -38,16 +104,16 @@ pub async fn hash_password(password: String) -> anyhow::Result<String> {
 /// Verifies a password against a stored hash. With no stored hash (unknown account) it
 /// still does the same work against a dummy hash, so response time does not reveal
 /// whether an account exists.
-pub async fn verify_password(password: String, stored: Option<String>) -> anyhow::Result<bool> {
-    tokio::task::spawn_blocking(move || {
+pub async fn verify_password(work: &HeavyWork, password: String, stored: Option<String>) -> Result<bool, ApiError> {
+    work.run(move || {
         let (hash, known) = match stored {
             Some(hash) => (hash, true),
             None => (dummy_hash().to_owned(), false),
         };
         let matches = hasher().verify_password(password.as_bytes(), hash.as_str()).is_ok();
-        Ok(known && matches)
+        known && matches
     })
-    .await?
+    .await
 }
 
 fn dummy_hash() -> &'static str {
@@ -66,6 +132,10 @@ pub struct Claims {
     pub iss: String,
     pub iat: u64,
     pub exp: u64,
+    /// The account's `token_version` when the token was issued: a later change of role or
+    /// password raises it and so revokes the token (see `revocations`). Absent means 0.
+    #[serde(default)]
+    pub ver: i32,
 }
 
 /// Issues and checks access tokens. The algorithm is pinned to HS256: a token whose header
@@ -97,9 +167,10 @@ impl Tokens {
         self.ttl
     }
 
-    pub fn issue(&self, user: Uuid, role: Role) -> anyhow::Result<String> {
+    pub fn issue(&self, user: Uuid, role: Role, version: i32) -> anyhow::Result<String> {
         let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
-        let claims = Claims { sub: user, role, iss: self.issuer.clone(), iat: now, exp: now + self.ttl.as_secs() };
+        let claims =
+            Claims { sub: user, role, iss: self.issuer.clone(), iat: now, exp: now + self.ttl.as_secs(), ver: version };
         Ok(jsonwebtoken::encode(&Header::new(jsonwebtoken::Algorithm::HS256), &claims, &self.encoding)?)
     }
 
@@ -139,6 +210,7 @@ impl FromRequestParts<AppState> for AuthUser {
             .filter(|token| !token.is_empty())
             .ok_or(ApiError::Unauthorized("expected `Authorization: Bearer <token>`"))?;
         let claims = state.tokens.verify(token)?;
+        state.revocations.check(&state.db, claims.sub, claims.ver).await?;
         Ok(AuthUser { id: claims.sub, role: claims.role })
     }
 }
@@ -179,8 +251,8 @@ mod tests {
     fn issued_tokens_verify() {
         let tokens = Tokens::new(SECRET, "turnstile", Duration::from_secs(60));
         let id = Uuid::now_v7();
-        let claims = tokens.verify(&tokens.issue(id, Role::Admin).unwrap()).unwrap();
-        assert_eq!((claims.sub, claims.role), (id, Role::Admin));
+        let claims = tokens.verify(&tokens.issue(id, Role::Admin, 3).unwrap()).unwrap();
+        assert_eq!((claims.sub, claims.role, claims.ver), (id, Role::Admin, 3));
     }
 
     #[test]
@@ -189,16 +261,57 @@ mod tests {
         let other_issuer = Tokens::new(SECRET, "someone-else", Duration::from_secs(60));
         let other_secret = Tokens::new(b"another-secret-another-secret-xx", "turnstile", Duration::from_secs(60));
         let id = Uuid::now_v7();
-        assert!(tokens.verify(&other_issuer.issue(id, Role::User).unwrap()).is_err());
-        assert!(tokens.verify(&other_secret.issue(id, Role::User).unwrap()).is_err());
+        assert!(tokens.verify(&other_issuer.issue(id, Role::User, 0).unwrap()).is_err());
+        assert!(tokens.verify(&other_secret.issue(id, Role::User, 0).unwrap()).is_err());
     }
 
     #[tokio::test]
     async fn passwords_hash_and_verify() {
-        let hash = hash_password("correct horse".into()).await.unwrap();
+        let work = HeavyWork::new(1);
+        let hash = hash_password(&work, "correct horse".into()).await.unwrap();
         assert!(hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{hash}");
-        assert!(verify_password("correct horse".into(), Some(hash.clone())).await.unwrap());
-        assert!(!verify_password("wrong horse".into(), Some(hash)).await.unwrap());
-        assert!(!verify_password("anything".into(), None).await.unwrap());
+        assert!(verify_password(&work, "correct horse".into(), Some(hash.clone())).await.unwrap());
+        assert!(!verify_password(&work, "wrong horse".into(), Some(hash)).await.unwrap());
+        assert!(!verify_password(&work, "anything".into(), None).await.unwrap());
+    }
+
+    #[test]
+    fn tokens_without_a_version_have_version_zero() {
+        let tokens = Tokens::new(SECRET, "turnstile", Duration::from_secs(60));
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let claims =
+            serde_json::json!({"sub": Uuid::now_v7(), "role": "user", "iss": "turnstile", "iat": now, "exp": now + 60});
+        let token = jsonwebtoken::encode(
+            &Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(SECRET),
+        )
+        .unwrap();
+        assert_eq!(tokens.verify(&token).unwrap().ver, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn heavy_work_runs_a_bounded_number_of_jobs_at_once() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let work = Arc::new(HeavyWork::new(2));
+        let (running, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let jobs: Vec<_> = (0..8)
+            .map(|_| {
+                let (work, running, most) = (work.clone(), running.clone(), most.clone());
+                tokio::spawn(async move {
+                    work.run(move || {
+                        let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(now, Ordering::SeqCst);
+                        std::thread::sleep(Duration::from_millis(20));
+                        running.fetch_sub(1, Ordering::SeqCst);
+                    })
+                    .await
+                })
+            })
+            .collect();
+        for job in jobs {
+            job.await.unwrap().unwrap();
+        }
+        assert_eq!(most.load(Ordering::SeqCst), 2);
     }
 }

@@ -57,8 +57,11 @@ pub enum ApiError {
     /// 503: the request took longer than the configured limit.
     #[error("the request took too long; retry later")]
     Timeout,
+    /// 503: too many password hashes (or image decodings) at once; retry in a moment.
+    #[error("the server is busy with other log-ins; retry in a moment")]
+    Busy,
     #[error("database error")]
-    Database(#[from] sqlx::Error),
+    Database(sqlx::Error),
     #[error("internal error")]
     Internal(#[from] anyhow::Error),
 }
@@ -114,6 +117,7 @@ impl ApiError {
             Self::TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, "too_many_requests"),
             Self::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Self::Timeout => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
+            Self::Busy => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
             Self::Database(sqlx::Error::RowNotFound) => (StatusCode::NOT_FOUND, "not_found"),
             Self::Database(err) if common::db::is_unavailable(err) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Self::Database(_) | Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
@@ -171,6 +175,29 @@ impl IntoResponse for ApiError {
             _ => {}
         }
         response
+    }
+}
+
+/// The foreign keys that point at `users`: violated when a token's account no longer exists.
+const USER_REFERENCES: [&str; 4] =
+    ["events_created_by_fkey", "orders_user_id_fkey", "webhook_endpoints_user_id_fkey", "check_ins_checked_in_by_fkey"];
+
+impl From<sqlx::Error> for ApiError {
+    /// What the database refuses because of the caller rather than a bug: a write on behalf
+    /// of an account that was deleted after its token was issued is 401, like any other
+    /// request with that token; text PostgreSQL cannot store (a NUL character, should a
+    /// check at the edge have missed it) is 422.
+    fn from(err: sqlx::Error) -> Self {
+        if let sqlx::Error::Database(db) = &err {
+            if db.is_foreign_key_violation() && db.constraint().is_some_and(|name| USER_REFERENCES.contains(&name)) {
+                return Self::Unauthorized("the account of this token no longer exists");
+            }
+            // 22021 character_not_in_repertoire; 22P05 untranslatable_character.
+            if matches!(db.code().as_deref(), Some("22021" | "22P05")) {
+                return Self::invalid("invalid_text", "text must not contain NUL characters");
+            }
+        }
+        Self::Database(err)
     }
 }
 

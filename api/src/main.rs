@@ -4,8 +4,10 @@
 mod auth;
 mod error;
 mod extract;
+mod listener;
 mod openapi;
 mod pipeline;
+mod revocations;
 mod routes;
 mod state;
 mod throttle;
@@ -22,11 +24,14 @@ use common::config::{ApiConfig, DatabaseConfig, Secret};
 use common::domain::Role;
 use common::standard_webhooks::SigningKey;
 
-use crate::auth::Tokens;
+use crate::auth::{HeavyWork, Tokens};
 use crate::pipeline::OrderWatch;
 use crate::state::AppState;
 use crate::throttle::Throttle;
 use crate::ticket_codes::TicketCodes;
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(
@@ -134,14 +139,22 @@ async fn serve(config: ApiConfig) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let shutdown = common::shutdown::on_signal();
     let order_watch = Arc::new(OrderWatch::default());
-    tokio::spawn(order_watch.clone().listen(db.clone(), shutdown.clone()));
+    let revocations = Arc::new(revocations::Revocations::default());
+    tokio::spawn(listener::listen(db.clone(), order_watch.clone(), revocations.clone(), shutdown.clone()));
     let throttle = |per_minute: u32| {
         let throttle = Arc::new(Throttle::per_minute(NonZeroU32::new(per_minute).unwrap_or(NonZeroU32::MIN)));
         throttle.spawn_cleanup(shutdown.clone());
         throttle
     };
-    let (login_throttle, signup_throttle) =
-        (throttle(config.login_attempts_per_minute), throttle(config.signup_per_minute));
+    let (login_throttle, login_address_throttle, signup_throttle) = (
+        throttle(config.login_attempts_per_minute),
+        throttle(config.login_attempts_per_address_per_minute),
+        throttle(config.signup_per_minute),
+    );
+    let heavy_work = match config.password_hash_concurrency {
+        0 => HeavyWork::per_core(),
+        slots => HeavyWork::new(usize::from(slots)),
+    };
     let state = AppState {
         db: db.clone(),
         amqp: amqp.clone(),
@@ -151,7 +164,10 @@ async fn serve(config: ApiConfig) -> anyhow::Result<()> {
         published: pipeline::spawn_publish_marker(db.clone()),
         order_watch,
         tokens: Arc::new(tokens),
+        revocations,
+        heavy_work: Arc::new(heavy_work),
         login_throttle,
+        login_address_throttle,
         signup_throttle,
         webhook_key: Arc::new(webhook_key),
         ticket_codes: Arc::new(TicketCodes::new(config.ticket_secret.expose().as_bytes())),
@@ -213,7 +229,7 @@ async fn create_admin(args: CreateAdminArgs) -> anyhow::Result<()> {
         None => read_password()?,
     };
     routes::auth::check_password(&password).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let hash = auth::hash_password(password).await?;
+    let hash = auth::hash_password(&HeavyWork::new(1), password).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     let user =
         routes::auth::insert_user(&db, &name, &email, &hash, Role::Admin).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     println!("admin created: {} ({})", user.email, user.id);

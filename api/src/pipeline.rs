@@ -9,7 +9,7 @@
 //!   confirmed, in bulk and off the request path, so the worker's re-publisher only touches
 //!   orders that may really be missing from the queue.
 //! - [`OrderWatch`]: wakes long-polling `GET /orders/{id}?wait=N` requests when PostgreSQL
-//!   announces (`NOTIFY order_changes`) that their order changed.
+//!   announces (`NOTIFY order_changes`, see `listener`) that their order changed.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -18,9 +18,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use sqlx::PgPool;
-use sqlx::postgres::PgListener;
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 /// Most orders one `INSERT` stores.
@@ -232,37 +230,9 @@ impl OrderWatch {
         Waiter { watch: self.clone(), order_id, notify }
     }
 
-    fn wake(&self, order_id: Uuid) {
+    pub fn wake(&self, order_id: Uuid) {
         if let Some(notify) = self.waiters.lock().unwrap_or_else(|e| e.into_inner()).get(&order_id) {
             notify.notify_waiters();
-        }
-    }
-
-    /// Listens for order changes until shutdown, reconnecting after errors. Waiters also
-    /// re-read the database every second, so a lost notification only delays them.
-    pub async fn listen(self: Arc<Self>, db: PgPool, shutdown: CancellationToken) {
-        while !shutdown.is_cancelled() {
-            let result = async {
-                let mut listener = PgListener::connect_with(&db).await?;
-                listener.listen(common::db::ORDER_CHANGES_CHANNEL).await?;
-                loop {
-                    let notification = tokio::select! {
-                        _ = shutdown.cancelled() => return Ok::<_, sqlx::Error>(()),
-                        notification = listener.recv() => notification?,
-                    };
-                    for id in notification.payload().split(',').filter_map(|id| id.parse().ok()) {
-                        self.wake(id);
-                    }
-                }
-            }
-            .await;
-            if let Err(err) = result {
-                tracing::warn!(error = %err, "order change listener failed; reconnecting");
-                tokio::select! {
-                    _ = shutdown.cancelled() => {}
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-            }
         }
     }
 }

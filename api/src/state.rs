@@ -9,8 +9,9 @@ use sqlx::PgPool;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use crate::auth::Tokens;
+use crate::auth::{HeavyWork, Tokens};
 use crate::pipeline::{OrderInserter, OrderWatch, SoldOutHints};
+use crate::revocations::Revocations;
 use crate::throttle::Throttle;
 use crate::ticket_codes::TicketCodes;
 
@@ -27,8 +28,15 @@ pub struct AppState {
     pub published: mpsc::Sender<Uuid>,
     pub order_watch: Arc<OrderWatch>,
     pub tokens: Arc<Tokens>,
-    /// Login attempts per account (`LOGIN_ATTEMPTS_PER_MINUTE`).
+    /// Accounts whose older tokens were revoked by a change of role or password.
+    pub revocations: Arc<Revocations>,
+    /// Password hashing and image decoding, a few at a time (`PASSWORD_HASH_CONCURRENCY`).
+    pub heavy_work: Arc<HeavyWork>,
+    /// Login attempts per account (`LOGIN_ATTEMPTS_PER_MINUTE`); password checks of
+    /// `PATCH /me` count here too.
     pub login_throttle: Arc<Throttle>,
+    /// Login attempts per client address (`LOGIN_ATTEMPTS_PER_ADDRESS_PER_MINUTE`).
+    pub login_address_throttle: Arc<Throttle>,
     /// Sign-ups per client address (`SIGNUP_PER_MINUTE`).
     pub signup_throttle: Arc<Throttle>,
     /// Signs and checks ticket check-in codes (`TICKET_SECRET`).

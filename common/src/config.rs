@@ -159,6 +159,17 @@ pub struct ApiConfig {
     #[arg(long = "login-attempts-per-minute", env = "LOGIN_ATTEMPTS_PER_MINUTE", default_value_t = 10,
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub login_attempts_per_minute: u32,
+    /// Login attempts allowed per client address and minute, whatever the accounts; more
+    /// get `429` with `Retry-After`.
+    #[arg(long = "login-attempts-per-address-per-minute", env = "LOGIN_ATTEMPTS_PER_ADDRESS_PER_MINUTE",
+          default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub login_attempts_per_address_per_minute: u32,
+    /// Password hashes (log-in, sign-up, password change) computed at once; each takes 19 MiB
+    /// and one core for tens of milliseconds. 0: one per core. Requests wait up to 2 s for
+    /// a slot, then get `503 busy`.
+    #[arg(long = "password-hash-concurrency", env = "PASSWORD_HASH_CONCURRENCY", default_value_t = 0,
+          value_parser = clap::value_parser!(u16).range(0..=256))]
+    pub password_hash_concurrency: u16,
     /// Sign-ups allowed per client address and minute; more get `429` with `Retry-After`.
     #[arg(long = "signup-per-minute", env = "SIGNUP_PER_MINUTE", default_value_t = 20,
           value_parser = clap::value_parser!(u32).range(1..=100_000))]

@@ -280,6 +280,11 @@ impl Process {
         None
     }
 
+    /// The process id.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILL: no clean-up, no goodbye (a crash).
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -405,6 +410,17 @@ impl TestApp {
     /// The api's JSON log lines so far.
     pub fn api_logs(&self) -> Vec<Value> {
         self.api.all_logs()
+    }
+
+    /// The api's process id (e.g. to read its memory from `/proc`).
+    pub fn api_pid(&self) -> u32 {
+        self.api.id()
+    }
+
+    /// Starts another api process on this test's database and virtual host, as a second copy
+    /// behind a load balancer would run; returns it with its base URL.
+    pub fn spawn_another_api(&self) -> (Process, String) {
+        Self::start_api(&self.api_env)
     }
 
     /// Stops the api with SIGTERM (a graceful shutdown) and returns its exit status.

@@ -61,6 +61,7 @@ async fn event_input_is_validated() {
         (json!({"location": ""}), "location must not be empty"),
         (json!({"rating": "r".repeat(33)}), "rating must be at most 32"),
         (json!({"image_url": "javascript:alert(1)"}), "image_url must be an absolute http(s) URL"),
+        (json!({"price": "free"}), "price must be a decimal number"),
     ];
     for (overrides, message) in cases {
         let res = app.create_event(&admin, overrides.clone()).await;
@@ -69,7 +70,7 @@ async fn event_input_is_validated() {
     }
     for (overrides, what) in [
         (json!({"date": "tomorrow"}), "unparseable date"),
-        (json!({"price": "free"}), "unparseable price"),
+        (json!({"price": true}), "price of the wrong type"),
         (json!({"capacity": "many"}), "capacity of the wrong type"),
     ] {
         let res = app.create_event(&admin, overrides).await;

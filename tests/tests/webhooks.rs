@@ -339,8 +339,22 @@ async fn endpoints_must_be_public_http_urls() {
         "http://10.0.0.7/",
         "http://[::1]/",
         "http://localhost/",
+        // IPv6 forms that reach non-public IPv4 or IPv6 space: IPv4-compatible, site-local,
+        // 6to4 of loopback, Teredo, IPv4-translated; and the 6to4 relay anycast.
+        "http://[::127.0.0.1]/",
+        "http://[fec0::1]/",
+        "http://[2002:7f00:1::]/",
+        "http://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/",
+        "http://[::ffff:0:7f00:1]/",
+        "http://192.88.99.1/",
     ] {
-        create(refused).await.assert_error(422, "url_not_allowed");
+        let res = create(refused).await;
+        res.assert_error(422, "url_not_allowed");
+        // The refusal does not say where a name points (an internal DNS oracle).
+        for address in ["127.0.0.1", "::1"] {
+            assert!(refused.contains(address) || !res.body.contains(address), "{refused}: {}", res.body);
+        }
+        assert!(res.body.contains("WEBHOOK_ALLOW_NETWORKS"), "the refusal names the setting: {}", res.body);
     }
     for invalid in ["ftp://example.com/", "not a url", "https://user:pw@example.com/", "http://"] {
         create(invalid).await.assert_error(422, "invalid_url");
@@ -362,6 +376,73 @@ async fn endpoints_must_be_public_http_urls() {
         assert_eq!(create("http://192.0.2.10/hooks").await.status, 201);
     }
     create("http://192.0.2.10/hooks").await.assert_error(422, "too_many_endpoints");
+}
+
+/// Finding 2 of the security review: with `HTTP_PROXY`/`HTTPS_PROXY`/`ALL_PROXY` in the
+/// worker's environment, the guarded resolver only saw the proxy's address, so a name
+/// re-pointed at a private address was delivered through the proxy. The webhook client
+/// now never uses a proxy: the resolver judges the endpoint's own addresses.
+#[tokio::test]
+async fn the_guard_holds_with_proxy_variables_in_the_environment() {
+    let app = TestApp::spawn().await;
+    let receiver = Receiver::start(vec![], 200).await;
+    // A "proxy" that answers 200 to anything it is asked to fetch.
+    let proxied = Arc::new(Mutex::new(0_usize));
+    let counter = proxied.clone();
+    let proxy_app = axum::Router::new().fallback(move || {
+        let counter = counter.clone();
+        async move {
+            *counter.lock().unwrap() += 1;
+            StatusCode::OK
+        }
+    });
+    let proxy_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy = format!("http://{}", proxy_listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(proxy_listener, proxy_app).await.unwrap() });
+    let mut env: Vec<(&str, String)> =
+        ["HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"]
+            .into_iter()
+            .map(|name| (name, proxy.clone()))
+            .collect();
+    env.extend([("NO_PROXY", String::new()), ("no_proxy", String::new())]);
+    // This worker allows no loopback target (only a documentation network).
+    env.push(("WEBHOOK_ALLOW_NETWORKS", "192.0.2.0/24".to_owned()));
+    let _worker = app.spawn_worker(&env);
+
+    let admin = app.admin().await;
+    let event = app.event_with(&admin, 10, 4).await;
+    let buyers = app.buyers(1).await;
+    let (_, token) = &buyers[0];
+    let (endpoint, _) = register(&app, token, &receiver.url).await;
+    // The endpoint's name now points somewhere private (DNS rebinding): `localhost`.
+    let rebound = receiver.url.replace("127.0.0.1", "localhost");
+    sqlx::query("UPDATE webhook_endpoints SET url = $2 WHERE id = $1")
+        .bind(endpoint)
+        .bind(&rebound)
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(app.order(token, event, 1, None).await.status, 202);
+
+    let mut attempts = Vec::new();
+    for _ in 0..100 {
+        attempts = deliveries(&app, token, endpoint)
+            .await
+            .iter()
+            .flat_map(|d| d["attempts"].as_array().cloned().unwrap_or_default())
+            .collect();
+        if !attempts.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!attempts.is_empty(), "no delivery was attempted");
+    for attempt in &attempts {
+        assert!(attempt["status_code"].is_null(), "a delivery reached something: {attempt}");
+        assert!(attempt["error"].as_str().is_some_and(|e| e.contains("not allowed")), "{attempt}");
+    }
+    assert_eq!(*proxied.lock().unwrap(), 0, "the proxy was asked to deliver");
+    assert!(receiver.requests().is_empty(), "the private receiver got a delivery");
 }
 
 #[tokio::test]

@@ -64,6 +64,10 @@ impl Deliverer {
             // A redirect could lead anywhere, including where the resolver would not go.
             .redirect(reqwest::redirect::Policy::none())
             .dns_resolver(Arc::new(GuardedResolver(policy.clone())))
+            // Never through a proxy from HTTP_PROXY/HTTPS_PROXY/ALL_PROXY: the resolver would
+            // then judge only the proxy's address, and the proxy would go wherever the
+            // endpoint's name points, private networks included.
+            .no_proxy()
             .user_agent(concat!("Turnstile-Webhooks/", env!("CARGO_PKG_VERSION")))
             .build()?;
         Ok(Self {

@@ -7,7 +7,7 @@ use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
 use axum::routing::post;
 use chrono::{DateTime, Utc};
-use common::domain::{Email, Role};
+use common::domain::{Email, Role, text};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -64,9 +64,12 @@ pub struct TokenResponse {
     pub expires_in: u64,
 }
 
-/// A display name: trimmed, 1 to 200 characters.
+/// A display name: trimmed, 1 to 200 characters, no control characters.
 pub fn parse_name(name: &str) -> Result<String, ApiError> {
     let name = name.trim();
+    if text::has_control_characters(name, false) {
+        return Err(ApiError::invalid("invalid_name", format!("name {}", text::CONTROL_CHARACTERS)));
+    }
     match name.chars().count() {
         0 => Err(ApiError::invalid("invalid_name", "name must not be empty")),
         1..=200 => Ok(name.to_owned()),
@@ -128,6 +131,8 @@ pub async fn insert_user(
         (status = 422, description = "Invalid name, email or password", body = ErrorBody),
         (status = 429, description = "Too many sign-ups from this address; retry after `Retry-After` seconds",
             body = ErrorBody, headers(("Retry-After" = u64, description = "seconds to wait"))),
+        (status = 503, description = "Too many password hashes at once (`busy`); retry after `Retry-After` seconds",
+            body = ErrorBody, headers(("Retry-After" = u64, description = "seconds to wait"))),
     ))]
 pub async fn signup(
     State(state): State<AppState>,
@@ -138,7 +143,7 @@ pub async fn signup(
     let name = parse_name(&req.name)?;
     let email = parse_email(&req.email)?;
     check_password(&req.password)?;
-    let hash = hash_password(req.password).await?;
+    let hash = hash_password(&state.heavy_work, req.password).await?;
     let user = insert_user(&state.db, &name, &email, &hash, Role::User).await?;
     tracing::info!(user_id = %user.id, "user signed up");
     Ok((StatusCode::CREATED, Json(user)))
@@ -151,39 +156,45 @@ pub async fn signup(
         (status = 400, description = "Malformed JSON", body = ErrorBody),
         (status = 401, description = "Wrong email or password (which one is not said)", body = ErrorBody),
         (status = 422, description = "Missing fields", body = ErrorBody),
-        (status = 429, description = "Too many attempts at this account; retry after `Retry-After` seconds",
+        (status = 429, description = "Too many attempts at this account, or from this address; retry after \
+            `Retry-After` seconds", body = ErrorBody, headers(("Retry-After" = u64, description = "seconds to wait"))),
+        (status = 503, description = "Too many log-ins at once (`busy`); retry after `Retry-After` seconds",
             body = ErrorBody, headers(("Retry-After" = u64, description = "seconds to wait"))),
     ))]
 pub async fn login(
     State(state): State<AppState>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
     Json(req): Json<LoginRequest>,
 ) -> Result<Json<TokenResponse>, ApiError> {
     const WRONG: ApiError = ApiError::Unauthorized("invalid email or password");
-    // Counted before any work: a guess over the limit costs no hashing.
+    // Counted before any work: a guess over either limit costs no hashing. Per address,
+    // so that made-up emails do not each get a fresh allowance; per account, so that a
+    // guess at one account from many addresses is still a guess at one account.
+    throttled(&state.login_address_throttle, &client.ip().to_string(), "login attempts from one address")?;
     throttled(&state.login_throttle, &req.email, "login attempts")?;
     // A malformed address cannot belong to an account; it gets the same answer (and the
     // same hashing work) as an unknown one.
     let email = Email::parse(&req.email).ok();
-    let account: Option<(Uuid, Role, String)> = match &email {
+    let account: Option<(Uuid, Role, String, i32)> = match &email {
         Some(email) => {
-            sqlx::query_as("SELECT id, role, password_hash FROM users WHERE email = $1")
+            sqlx::query_as("SELECT id, role, password_hash, token_version FROM users WHERE email = $1")
                 .bind(email.as_str())
                 .fetch_optional(&state.db)
                 .await?
         }
         None => None,
     };
-    let stored = account.as_ref().map(|(_, _, hash)| hash.clone());
-    if !verify_password(req.password, stored).await? {
+    let stored = account.as_ref().map(|(_, _, hash, _)| hash.clone());
+    if !verify_password(&state.heavy_work, req.password, stored).await? {
         return Err(WRONG);
     }
-    let (id, role, _) = account.ok_or(WRONG)?;
-    let access_token = state.tokens.issue(id, role)?;
+    let (id, role, _, version) = account.ok_or(WRONG)?;
+    let access_token = state.tokens.issue(id, role, version)?;
     Ok(Json(TokenResponse { access_token, token_type: "Bearer", expires_in: state.tokens.ttl().as_secs() }))
 }
 
 /// Counts an attempt under `key`; over the limit, `429` with the seconds to wait.
-fn throttled(throttle: &Throttle, key: &str, what: &'static str) -> Result<(), ApiError> {
+pub(crate) fn throttled(throttle: &Throttle, key: &str, what: &'static str) -> Result<(), ApiError> {
     throttle.attempt(key).map_err(|wait| {
         tracing::warn!(what, "over the rate limit");
         ApiError::TooManyRequests { retry_after_secs: wait.as_secs() + 1 }
@@ -200,6 +211,8 @@ mod tests {
         assert!(parse_name("   ").is_err());
         assert!(parse_name(&"x".repeat(201)).is_err());
         assert!(parse_name(&"é".repeat(200)).is_ok());
+        assert!(parse_name("Ada\0").is_err());
+        assert!(parse_name("Ada\nLovelace").is_err());
     }
 
     #[test]

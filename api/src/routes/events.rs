@@ -1,12 +1,17 @@
 //! Events: the public catalogue and the admin's way to add to it.
 
+use std::collections::BTreeMap;
+
 use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::get;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, Utc};
+use common::domain::money::{self, AmountText};
+use common::domain::text;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -82,15 +87,16 @@ pub struct CreateEventRequest {
     pub organization: String,
     /// Audience rating label, at most 32 characters.
     pub rating: Option<String>,
-    /// Start time, in the future (RFC 3339).
+    /// Start time, in the future and before the year 10000 (RFC 3339).
     pub date: DateTime<Utc>,
     /// Number of tickets, at least 1.
     #[schema(minimum = 1, maximum = 10_000_000)]
     pub capacity: i64,
     /// Ticket price, 0 or more (free events are allowed), at most 2 decimal places; a
-    /// string (`"49.90"`) or a JSON number.
+    /// string (`"49.90"`) or a JSON number, taken exactly as written (digits and one point:
+    /// no exponent, no `_`; nothing is rounded).
     #[schema(value_type = String, example = "49.90")]
-    pub price: Decimal,
+    pub price: AmountText,
     /// Most tickets one order may buy (default 10).
     #[schema(minimum = 1, maximum = 1000)]
     pub max_per_order: Option<i64>,
@@ -121,6 +127,9 @@ fn required_text(field: &str, value: &str, max: usize) -> Result<String, ApiErro
     if value.is_empty() {
         return Err(invalid(format!("{field} must not be empty")));
     }
+    if text::has_control_characters(value, false) {
+        return Err(invalid(format!("{field} {}", text::CONTROL_CHARACTERS)));
+    }
     if value.chars().count() > max {
         return Err(invalid(format!("{field} must be at most {max} characters")));
     }
@@ -145,16 +154,18 @@ impl CreateEventRequest {
         if now.is_some_and(|now| self.date <= now) {
             return Err(invalid("date must be in the future"));
         }
+        // RFC 3339 has four-digit years; later dates could not be written back.
+        if self.date.year() > 9999 {
+            return Err(invalid("date must be before the year 10000"));
+        }
         if !(1..=MAX_CAPACITY).contains(&self.capacity) {
             return Err(invalid(format!("capacity must be between 1 and {MAX_CAPACITY}")));
         }
-        if self.price.is_sign_negative() && !self.price.is_zero() {
+        let price = money::parse_exact(&self.price.0).map_err(|err| invalid(format!("price {err}")))?;
+        if price.is_sign_negative() && !price.is_zero() {
             return Err(invalid("price must not be negative"));
         }
-        if self.price.normalize().scale() > 2 {
-            return Err(invalid("price must have at most 2 decimal places"));
-        }
-        if self.price > MAX_PRICE {
+        if price > MAX_PRICE {
             return Err(invalid(format!("price must be at most {MAX_PRICE}")));
         }
         let max_per_order = self.max_per_order.unwrap_or(DEFAULT_MAX_PER_ORDER);
@@ -171,6 +182,9 @@ impl CreateEventRequest {
         if description.chars().count() > 5000 {
             return Err(invalid("description must be at most 5000 characters"));
         }
+        if text::has_control_characters(description, true) {
+            return Err(invalid(format!("description {}", text::CONTROL_CHARACTERS)));
+        }
         Ok(NewEvent {
             name: required_text("name", &self.name, 200)?,
             description: description.to_owned(),
@@ -180,7 +194,7 @@ impl CreateEventRequest {
             date: self.date,
             // In range: checked above.
             capacity: self.capacity as i32,
-            price: self.price.normalize().max(Decimal::ZERO),
+            price: price.max(Decimal::ZERO),
             max_per_order: max_per_order as i32,
             image_url,
         })
@@ -312,7 +326,7 @@ pub async fn update_event(
     State(state): State<AppState>,
     AdminUser(admin): AdminUser,
     Path(id): Path<Uuid>,
-    Json(patch): Json<serde_json::Map<String, serde_json::Value>>,
+    Json(patch): Json<BTreeMap<String, Box<RawValue>>>,
 ) -> Result<Json<Event>, ApiError> {
     let mut tx = state.db.begin().await?;
     // The event row's lock orders this edit with the allocator, which reads `sold`.
@@ -326,14 +340,15 @@ pub async fn update_event(
     .await?
     .ok_or(ApiError::NotFound("event"))?;
     let sold = current.capacity - current.tickets_available;
-    let mut merged = serde_json::to_value(CreateEventRequest::from(&current)).map_err(anyhow::Error::from)?;
-    if let Some(fields) = merged.as_object_mut() {
-        for (key, value) in patch.iter() {
-            fields.insert(key.clone(), value.clone());
-        }
-    }
+    // Merged as JSON text, not `serde_json::Value`s: a price sent as a number keeps its
+    // exact digits (a `Value` would hold it as a float).
+    let current_text = serde_json::to_string(&CreateEventRequest::from(&current)).map_err(anyhow::Error::from)?;
+    let mut merged: BTreeMap<String, Box<RawValue>> =
+        serde_json::from_str(&current_text).map_err(anyhow::Error::from)?;
+    merged.extend(patch.iter().map(|(key, value)| (key.clone(), value.clone())));
+    let merged = serde_json::to_string(&merged).map_err(anyhow::Error::from)?;
     let request: CreateEventRequest =
-        serde_json::from_value(merged).map_err(|err| ApiError::invalid("invalid_body", err.to_string()))?;
+        serde_json::from_str(&merged).map_err(|err| ApiError::invalid("invalid_body", err.to_string()))?;
     let date_changed = patch.contains_key("date");
     let edited = request.validate_with(date_changed.then(Utc::now))?;
     if edited.capacity < sold {
@@ -377,7 +392,7 @@ impl From<&Event> for CreateEventRequest {
             rating: event.rating.clone(),
             date: event.date,
             capacity: i64::from(event.capacity),
-            price: event.price,
+            price: AmountText::from(event.price),
             max_per_order: Some(i64::from(event.max_per_order)),
             image_url: event.image_url.clone(),
         }
@@ -435,6 +450,48 @@ pub async fn delete_event(
 
 /// The content types accepted for event images, recognised from the bytes.
 const IMAGE_TYPES: [&str; 3] = ["image/png", "image/jpeg", "image/webp"];
+/// The widest or tallest image accepted, in pixels.
+const IMAGE_MAX_SIDE: u32 = 8_000;
+/// The most pixels an image may have (25 megapixels: 100 MB decoded as 8-bit RGBA).
+const IMAGE_MAX_PIXELS: u64 = 25_000_000;
+
+/// Decodes the whole image (of the type its first bytes claim) within bounds on its
+/// dimensions and on the memory decoding may take: a file that only starts like an image
+/// (a PNG signature in front of HTML) is 415, one that claims more pixels than allowed 422
+/// `image_too_large`, before anything is stored. CPU-heavy: run it as `HeavyWork`.
+fn check_image(bytes: &[u8], content_type: &str) -> Result<(), ApiError> {
+    use image::{ImageError, ImageFormat, ImageReader, Limits};
+    let format = match content_type {
+        "image/png" => ImageFormat::Png,
+        "image/jpeg" => ImageFormat::Jpeg,
+        _ => ImageFormat::WebP,
+    };
+    let too_large = || {
+        ApiError::invalid(
+            "image_too_large",
+            format!("images may be at most {IMAGE_MAX_SIDE} pixels wide and high and {IMAGE_MAX_PIXELS} pixels in all"),
+        )
+    };
+    let refused = |err: ImageError| match err {
+        ImageError::Limits(_) => too_large(),
+        err => ApiError::UnsupportedMediaType(format!("the file is not a readable PNG, JPEG or WebP image: {err}")),
+    };
+    let reader = || {
+        let mut limits = Limits::default();
+        limits.max_image_width = Some(IMAGE_MAX_SIDE);
+        limits.max_image_height = Some(IMAGE_MAX_SIDE);
+        limits.max_alloc = Some(IMAGE_MAX_PIXELS * 4 + 16 * 1024 * 1024);
+        let mut reader = ImageReader::with_format(std::io::Cursor::new(bytes), format);
+        reader.limits(limits);
+        reader
+    };
+    let (width, height) = reader().into_dimensions().map_err(refused)?;
+    if u64::from(width) * u64::from(height) > IMAGE_MAX_PIXELS {
+        return Err(too_large());
+    }
+    reader().decode().map_err(refused)?;
+    Ok(())
+}
 
 /// The router of `PUT /events/{id}/image`, with a body limit of its own (images are larger
 /// than the JSON bodies everything else takes).
@@ -448,7 +505,8 @@ pub fn image_upload_router(max_bytes: u64) -> Router<AppState> {
 
 /// Upload the event's image (admin): multipart form data with the file in a field named
 /// `image`. PNG, JPEG and WebP are accepted, recognised by their content (not the file name
-/// or the declared type); larger than `IMAGE_MAX_BYTES` is 413. The event's `image_url`
+/// or the declared type) and decoded whole before they are stored; larger than
+/// `IMAGE_MAX_BYTES` is 413, more than 8000 pixels a side or 25 megapixels 422. The event's `image_url`
 /// then points at `GET /api/v1/events/{id}/image`.
 #[utoipa::path(put, path = "/api/v1/events/{id}/image", tag = "events",
     params(("id" = Uuid, Path, description = "Event id")), security(("bearer" = [])),
@@ -460,7 +518,9 @@ pub fn image_upload_router(max_bytes: u64) -> Router<AppState> {
         (status = 403, description = "Caller is not an admin", body = ErrorBody),
         (status = 404, description = "No such event (or deleted)", body = ErrorBody),
         (status = 413, description = "Image larger than IMAGE_MAX_BYTES", body = ErrorBody),
-        (status = 415, description = "Not a PNG, JPEG or WebP image (`unsupported_media_type`)", body = ErrorBody),
+        (status = 415, description = "Not a readable PNG, JPEG or WebP image (`unsupported_media_type`)", body = ErrorBody),
+        (status = 422, description = "More than 8000 pixels wide or high, or more than 25 megapixels \
+            (`image_too_large`)", body = ErrorBody),
         (status = 503, description = "The image store is unavailable", body = ErrorBody),
     ))]
 pub async fn upload_image(
@@ -493,6 +553,7 @@ pub async fn upload_image(
         .map(|kind| kind.mime_type())
         .filter(|mime| IMAGE_TYPES.contains(mime))
         .ok_or_else(|| ApiError::UnsupportedMediaType("the image must be a PNG, JPEG or WebP file".into()))?;
+    let bytes = state.heavy_work.run(move || check_image(&bytes, content_type).map(|()| bytes)).await??;
 
     // A new key per upload: caches of the old image never serve the new one by mistake.
     let key = format!("events/{id}/{}", Uuid::new_v4().simple());
@@ -582,7 +643,6 @@ pub async fn get_image(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::str::FromStr;
 
     fn request(price: &str, capacity: i64) -> CreateEventRequest {
         CreateEventRequest {
@@ -593,7 +653,7 @@ mod tests {
             rating: None,
             date: Utc::now() + chrono::Duration::days(1),
             capacity,
-            price: Decimal::from_str(price).unwrap(),
+            price: price.parse().unwrap(),
             max_per_order: None,
             image_url: None,
         }

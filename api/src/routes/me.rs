@@ -6,7 +6,7 @@ use axum::routing::get;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::auth::{UserResponse, check_password, parse_email, parse_name};
+use super::auth::{UserResponse, check_password, parse_email, parse_name, throttled};
 use super::events::{Event, event_columns};
 use crate::auth::{AuthUser, hash_password, verify_password};
 use crate::error::{ApiError, ErrorBody, ResultExt};
@@ -46,7 +46,10 @@ pub struct UpdateMeRequest {
 }
 
 /// Edit the caller's account. Changing `email` or `password` needs `current_password`
-/// (403 `invalid_current_password` when wrong). Fields left out stay as they are.
+/// (403 `invalid_current_password` when wrong); each check of it counts against the
+/// account's log-in attempts (429 beyond them). Fields left out stay as they are.
+/// Changing the password revokes every access token of the account, this one included:
+/// log in again with the new password.
 #[utoipa::path(patch, path = "/api/v1/me", tag = "accounts", request_body = UpdateMeRequest, security(("bearer" = [])),
     responses(
         (status = 200, description = "The account as edited", body = UserResponse),
@@ -56,6 +59,9 @@ pub struct UpdateMeRequest {
         (status = 409, description = "Email taken by another account (`email_taken`)", body = ErrorBody),
         (status = 422, description = "Invalid name, email or password, or `current_password` missing \
             (`current_password_required`)", body = ErrorBody),
+        (status = 429, description = "Too many password checks for this account (shared with log-in); retry \
+            after `Retry-After` seconds", body = ErrorBody, headers(("Retry-After" = u64, description = "seconds to wait"))),
+        (status = 503, description = "Too many password hashes at once (`busy`)", body = ErrorBody),
     ))]
 pub async fn update_me(
     State(state): State<AppState>,
@@ -73,11 +79,16 @@ pub async fn update_me(
             "current_password_required",
             "changing email or password needs current_password",
         ))?;
-        let stored: Option<String> = sqlx::query_scalar("SELECT password_hash FROM users WHERE id = $1")
-            .bind(user.id)
-            .fetch_optional(&state.db)
-            .await?;
-        if !verify_password(current, stored).await? {
+        let (email_now, stored): (String, String) =
+            sqlx::query_as("SELECT email, password_hash FROM users WHERE id = $1")
+                .bind(user.id)
+                .fetch_optional(&state.db)
+                .await?
+                .ok_or(ApiError::Unauthorized("the account of this token no longer exists"))?;
+        // A token is not a licence to guess the password: these checks share the log-in's
+        // per-account allowance.
+        throttled(&state.login_throttle, &email_now, "password checks")?;
+        if !verify_password(&state.heavy_work, current, Some(stored)).await? {
             return Err(ApiError::Denied {
                 code: "invalid_current_password",
                 message: "current_password is not the account's password".into(),
@@ -85,14 +96,16 @@ pub async fn update_me(
         }
     }
     let password_hash = match req.password {
-        Some(password) => Some(hash_password(password).await?),
+        Some(password) => Some(hash_password(&state.heavy_work, password).await?),
         None => None,
     };
-    let updated = sqlx::query_as::<_, UserResponse>(
+    // A new password hash raises the account's token version (a trigger): older tokens stop
+    // working, here at once and in other api processes when the notification arrives.
+    let updated = sqlx::query_as::<_, WithTokenVersion>(
         "UPDATE users SET name = coalesce($2, name), email = coalesce($3, email),
                 password_hash = coalesce($4, password_hash), updated_at = now()
          WHERE id = $1
-         RETURNING id, name, email, role, created_at",
+         RETURNING id, name, email, role, created_at, token_version",
     )
     .bind(user.id)
     .bind(name)
@@ -104,10 +117,20 @@ pub async fn update_me(
         ApiError::conflict("email_taken", "an account with this email already exists")
     })?
     .ok_or(ApiError::Unauthorized("the account of this token no longer exists"))?;
+    state.revocations.record(user.id, updated.token_version);
+    let updated = updated.user;
     if sensitive {
         tracing::info!(user_id = %user.id, "account credentials changed");
     }
     Ok(Json(updated))
+}
+
+/// An account as changed, with the token version its change left it at.
+#[derive(sqlx::FromRow)]
+pub struct WithTokenVersion {
+    #[sqlx(flatten)]
+    pub user: UserResponse,
+    pub token_version: i32,
 }
 
 /// An event together with how many live tickets the caller holds for it.

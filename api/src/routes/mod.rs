@@ -22,6 +22,7 @@ use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
+use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
 use utoipa_swagger_ui::SwaggerUi;
@@ -53,17 +54,22 @@ pub fn app(state: AppState) -> Router {
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
-        // Outermost first: panics become JSON 500s; every request gets an `x-request-id`
-        // (kept if the client sent one) that is logged on its span and echoed back; the
-        // Authorization header never reaches the logs; a request past the time limit gets
-        // a JSON 503.
+        // Outermost first: every response carries the security headers; panics become JSON
+        // 500s; every request gets an `x-request-id` (the client's if it sent a short,
+        // printable one) that is logged on its span and echoed back; the Authorization
+        // header never reaches the logs; a request past the time limit gets a JSON 503.
         .layer(
             ServiceBuilder::new()
+                .layer(security_header(header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
+                .layer(security_header(header::X_FRAME_OPTIONS, "DENY"))
+                .layer(security_header(header::CONTENT_SECURITY_POLICY, "frame-ancestors 'none'"))
+                .layer(security_header(header::REFERRER_POLICY, "no-referrer"))
                 .layer(CatchPanicLayer::custom(|_| {
                     tracing::error!("handler panicked");
                     ApiError::Internal(anyhow::anyhow!("panic")).into_response()
                 }))
                 .layer(SetSensitiveRequestHeadersLayer::new([header::AUTHORIZATION, header::COOKIE]))
+                .layer(axum::middleware::map_request(drop_unusable_request_id))
                 .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
                 .layer(
                     TraceLayer::new_for_http()
@@ -75,6 +81,27 @@ pub fn app(state: AppState) -> Router {
                 .layer(tower::timeout::TimeoutLayer::new(timeout)),
         )
         .with_state(state)
+}
+
+/// A header every response carries (unless the handler set it): the API serves JSON and
+/// images, never pages to be framed, sniffed into HTML, or leak their URL as a referrer.
+fn security_header(name: HeaderName, value: &'static str) -> SetResponseHeaderLayer<HeaderValue> {
+    SetResponseHeaderLayer::if_not_present(name, HeaderValue::from_static(value))
+}
+
+/// The longest client `x-request-id` kept; longer ones are replaced by a fresh id.
+const REQUEST_ID_MAX_LEN: usize = 128;
+
+/// Drops a client's `x-request-id` that is too long or not printable ASCII, so that a fresh
+/// one is made: the id is logged on every line of the request and echoed back.
+async fn drop_unusable_request_id(mut request: Request<Body>) -> Request<Body> {
+    let usable = |value: &HeaderValue| {
+        value.len() <= REQUEST_ID_MAX_LEN && value.as_bytes().iter().all(|b| b.is_ascii_graphic())
+    };
+    if request.headers().get(REQUEST_ID).is_some_and(|value| !usable(value)) {
+        request.headers_mut().remove(REQUEST_ID);
+    }
+    request
 }
 
 /// A `Location` header pointing at `path` (a created or accepted resource).

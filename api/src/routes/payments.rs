@@ -14,7 +14,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
-use common::domain::{OrderEvent, OrderStatus, Transition, reason};
+use common::domain::{OrderEvent, OrderStatus, Transition, reason, text};
 use common::order_changes::{self, LockedOrder};
 use common::standard_webhooks::{self, Headers};
 use rust_decimal::Decimal;
@@ -169,17 +169,20 @@ fn webhook_headers(headers: &HeaderMap) -> Headers<'_> {
 
 /// The body, checked: 400 when it is not JSON, 422 when it breaks a rule.
 fn parse_request(body: &[u8], order_id: Uuid) -> Result<PaymentStatusRequest, ApiError> {
-    let request: PaymentStatusRequest = serde_json::from_slice(body).map_err(|err| match err.classify() {
-        serde_json::error::Category::Data => ApiError::invalid("invalid_body", err.to_string()),
-        _ => ApiError::BadRequest { code: "malformed_json", message: err.to_string() },
-    })?;
+    let request: PaymentStatusRequest = crate::extract::from_json(body)?;
     if request.order_id.is_some_and(|id| id != order_id) {
         return Err(ApiError::invalid("order_mismatch", "order_id in the body is not the order of the URL"));
     }
-    if let Some(reason) = &request.reason
-        && (reason.trim().is_empty() || reason.chars().count() > MAX_REASON_CHARS)
-    {
-        return Err(ApiError::invalid("invalid_body", format!("reason must be 1 to {MAX_REASON_CHARS} characters")));
+    if let Some(reason) = &request.reason {
+        if reason.trim().is_empty() || reason.chars().count() > MAX_REASON_CHARS {
+            return Err(ApiError::invalid(
+                "invalid_body",
+                format!("reason must be 1 to {MAX_REASON_CHARS} characters"),
+            ));
+        }
+        if text::has_control_characters(reason, false) {
+            return Err(ApiError::invalid("invalid_body", format!("reason {}", text::CONTROL_CHARACTERS)));
+        }
     }
     Ok(request)
 }
@@ -306,4 +309,24 @@ pub async fn mark_refunded(
     .await?
     .ok_or(ApiError::NotFound("late payment"))?;
     Ok(Json(row))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_body_that_is_json_but_breaks_a_rule_is_422() {
+        let order = Uuid::now_v7();
+        for body in
+            [r#"{"status": null}"#, r#"{"status": "SHIPPED"}"#, r#"{}"#, r#"{"status": "PAID", "reason": 5}"#, "[]"]
+        {
+            let err = parse_request(body.as_bytes(), order).expect_err(body);
+            assert_eq!(err.to_body().0, StatusCode::UNPROCESSABLE_ENTITY, "{body}: {err}");
+        }
+        for body in ["{", "not json", ""] {
+            let err = parse_request(body.as_bytes(), order).expect_err(body);
+            assert_eq!(err.to_body().0, StatusCode::BAD_REQUEST, "{body}: {err}");
+        }
+    }
 }

@@ -10,6 +10,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::auth::UserResponse;
+use super::me::WithTokenVersion;
 use super::page::PageQuery;
 use crate::auth::AdminUser;
 use crate::error::{ApiError, ErrorBody};
@@ -53,8 +54,9 @@ pub struct SetRoleRequest {
     pub role: Role,
 }
 
-/// Give an account the `admin` or `user` role (admin). It applies from the account's next
-/// log-in (tokens carry the role). The last admin cannot be demoted (409 `last_admin`).
+/// Give an account the `admin` or `user` role (admin). A change revokes the account's access
+/// tokens at once (they carry the role); it applies from its next log-in. The last admin
+/// cannot be demoted (409 `last_admin`).
 #[utoipa::path(patch, path = "/api/v1/users/{id}/role", tag = "accounts", request_body = SetRoleRequest,
     params(("id" = Uuid, Path, description = "User id")), security(("bearer" = [])),
     responses(
@@ -78,8 +80,10 @@ pub async fn set_role(
     if req.role == Role::User && admins == [id] {
         return Err(ApiError::conflict("last_admin", "this is the only admin; promote another account first"));
     }
-    let user = sqlx::query_as::<_, UserResponse>(
-        "UPDATE users SET role = $2, updated_at = now() WHERE id = $1 RETURNING id, name, email, role, created_at",
+    // A different role raises the account's token version (a trigger): its tokens stop working.
+    let changed = sqlx::query_as::<_, WithTokenVersion>(
+        "UPDATE users SET role = $2, updated_at = now() WHERE id = $1
+         RETURNING id, name, email, role, created_at, token_version",
     )
     .bind(id)
     .bind(req.role)
@@ -87,6 +91,8 @@ pub async fn set_role(
     .await?
     .ok_or(ApiError::NotFound("user"))?;
     tx.commit().await?;
+    state.revocations.record(id, changed.token_version);
+    let user = changed.user;
     tracing::info!(user_id = %id, admin_id = %admin.id, role = ?req.role, "role changed");
     Ok(Json(user))
 }

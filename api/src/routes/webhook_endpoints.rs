@@ -8,6 +8,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{delete, get, post};
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
+use common::domain::text;
 use common::webhook_targets::{TargetError, TargetPolicy};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -90,14 +91,25 @@ pub async fn create_endpoint(
             format!("description must be at most {MAX_DESCRIPTION_CHARS} characters"),
         ));
     }
+    if text::has_control_characters(&description, true) {
+        return Err(ApiError::invalid("invalid_description", format!("description {}", text::CONTROL_CHARACTERS)));
+    }
     let policy = TargetPolicy::new(state.config.webhook_targets.allow_networks.clone());
     let url = policy.check(req.url.trim()).await.map_err(|err| match err {
-        TargetError::NotAllowed(_) => ApiError::invalid("url_not_allowed", err.to_string()),
+        TargetError::NotAllowed => ApiError::invalid("url_not_allowed", err.to_string()),
         _ => ApiError::invalid("invalid_url", err.to_string()),
     })?;
+    let mut tx = state.db.begin().await?;
+    // The account's row lock makes count-then-insert atomic: concurrent registrations of one
+    // user take turns, so the limit holds exactly.
+    sqlx::query("SELECT 1 FROM users WHERE id = $1 FOR NO KEY UPDATE")
+        .bind(user.id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(ApiError::Unauthorized("the account of this token no longer exists"))?;
     let count: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_endpoints WHERE user_id = $1")
         .bind(user.id)
-        .fetch_one(&state.db)
+        .fetch_one(&mut *tx)
         .await?;
     if count >= MAX_ENDPOINTS_PER_USER {
         return Err(ApiError::invalid(
@@ -115,8 +127,9 @@ pub async fn create_endpoint(
     .bind(url.as_str())
     .bind(&description)
     .bind(&secret)
-    .fetch_one(&state.db)
+    .fetch_one(&mut *tx)
     .await?;
+    tx.commit().await?;
     let headers = super::location(&format!("/api/v1/webhook-endpoints/{}/deliveries", endpoint.id));
     Ok((StatusCode::CREATED, headers, Json(CreatedEndpoint { endpoint, secret })))
 }

@@ -5,6 +5,7 @@ mod email;
 pub mod money;
 mod order;
 mod role;
+pub mod text;
 
 pub use email::Email;
 pub use order::{OrderEvent, OrderStatus, Transition, reason};

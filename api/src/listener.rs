@@ -1,0 +1,52 @@
+//! The api's one `LISTEN` connection: order changes wake long-polls (`OrderWatch`), token
+//! revocations keep `Revocations` current. A lost connection is reconnected after a second;
+//! meanwhile long-polls fall back on their once-a-second re-read and token checks ask the
+//! database, so a missed notification only delays a wake-up and never lets a revoked token in.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::PgPool;
+use sqlx::postgres::PgListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::pipeline::OrderWatch;
+use crate::revocations::{self, Revocations};
+
+/// Listens until shutdown, reconnecting after errors.
+pub async fn listen(db: PgPool, orders: Arc<OrderWatch>, revocations: Arc<Revocations>, shutdown: CancellationToken) {
+    while !shutdown.is_cancelled() {
+        let result = async {
+            let mut listener = PgListener::connect_with(&db).await?;
+            listener.listen_all([common::db::ORDER_CHANGES_CHANNEL, revocations::CHANNEL]).await?;
+            // Read after LISTEN: whatever commits from now on is announced to us.
+            revocations.reload(&db).await?;
+            loop {
+                let notification = tokio::select! {
+                    _ = shutdown.cancelled() => return Ok::<_, sqlx::Error>(()),
+                    notification = listener.try_recv() => notification?,
+                };
+                // `None`: the connection was lost (and notifications with it); start over.
+                let Some(notification) = notification else {
+                    return Err(sqlx::Error::Protocol("the LISTEN connection was lost".into()));
+                };
+                if notification.channel() == revocations::CHANNEL {
+                    revocations.record_announced(notification.payload());
+                } else {
+                    for id in notification.payload().split(',').filter_map(|id| id.parse().ok()) {
+                        orders.wake(id);
+                    }
+                }
+            }
+        }
+        .await;
+        if let Err(err) = result {
+            revocations.lost();
+            tracing::warn!(error = %err, "notification listener failed; reconnecting");
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+}
