@@ -9,7 +9,8 @@
 # Settings (environment or make variables):
 #   SCENARIOS     scenarios to run, in this order, RUNS times over (default "baseline hot");
 #                 hot, spread, rate, backlog, baseline (shaped like hot), baseline-spread
-#                 (shaped like spread)
+#                 (shaped like spread), ceiling (the api's fixed work alone: POST
+#                 /api/v1/orders/quote, no database or broker)
 #   RUNS          runs of each scenario (default 3)
 #   LOADGEN_ARGS  extra `loadgen run` arguments, after the scenario's defaults, e.g.
 #                 "--capacity 1000 --concurrency 32"
@@ -17,6 +18,15 @@
 #                 queue and the worker, the path being measured; true answers 409 at once
 #                 once the event is known sold out)
 #   BENCH_ADDR    where the api listens (default 127.0.0.1:8089, beside `make run`'s 8080)
+#   BENCH_BINARIES  a directory with other `api` and `worker` binaries to measure (e.g. an
+#                 earlier build kept aside, to compare two builds in one session); default
+#                 target/release, built here
+#   DURABLE       1: restart the local PostgreSQL with the server's default durability
+#                 (fsync, synchronous_commit, full_page_writes on) for these runs, and
+#                 restart it as it was afterwards
+#
+# Every run also reports its cost (CPU per process, statements, rows written and broker
+# messages per decided order) and draws a picture (an SVG next to its JSON).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,12 +43,18 @@ source scripts/lib.sh
 services_were_running=false
 services_running && services_were_running=true
 bash scripts/services.sh start
+durable="${DURABLE:-0}"
+if [ "$durable" = 1 ]; then
+  bash scripts/services.sh stop postgres
+  TURNSTILE_PG_DURABLE=1 bash scripts/services.sh start postgres
+fi
 # shellcheck disable=SC1090
 source "$(bash scripts/services.sh env)"
 
 log "building (release)"
 cargo build --release --bins --locked
 bin=target/release
+sut="${BENCH_BINARIES:-$bin}"
 
 # A database and a virtual host of the benchmark's own, made afresh for every run.
 export DATABASE_URL="${DATABASE_URL%/*}/turnstile_bench"
@@ -47,20 +63,22 @@ export AMQP_URL="${AMQP_URL%/*}/turnstile_bench"
 random_secrets
 export IMAGE_STORE="$PWD/.local/bench-images"
 export BIND_ADDR="$addr" SOLD_OUT_FAST_PATH="$fast_path" RUST_LOG="${RUST_LOG:-warn}"
-label="fast-path-$([ "$fast_path" = true ] && echo on || echo off)"
+durable_label=""
+if [ "$durable" = 1 ]; then durable_label="durable"; fi
+label="fast-path-$([ "$fast_path" = true ] && echo on || echo off)${durable_label:+, $durable_label}"
 
 out="bench-results/$(date -u +%Y%m%dT%H%M%SZ)"
 mkdir -p "$out"
 
 fresh_run() {
   fresh_state turnstile_bench
-  "$bin/api" migrate >/dev/null
+  "$sut/api" migrate >/dev/null
 }
 
 pids=()
 api_pid="" worker_pid=""
 start_api() {
-  "$bin/api" serve & api_pid=$!
+  "$sut/api" serve & api_pid=$!
   pids+=("$api_pid")
   for _ in $(seq 1 100); do
     curl -fsS "http://$addr/health/ready" >/dev/null 2>&1 && return
@@ -70,7 +88,7 @@ start_api() {
   exit 1
 }
 start_worker() {
-  "$bin/worker" & worker_pid=$!
+  "$sut/worker" & worker_pid=$!
   pids+=("$worker_pid")
 }
 stop_processes() {
@@ -80,13 +98,18 @@ stop_processes() {
 }
 cleanup() {
   stop_processes
-  if [ "$services_were_running" = false ]; then bash scripts/services.sh stop; fi
+  if [ "$services_were_running" = false ]; then
+    bash scripts/services.sh stop
+  elif [ "$durable" = 1 ]; then
+    bash scripts/services.sh stop postgres
+    bash scripts/services.sh start postgres
+  fi
 }
 trap cleanup EXIT
 
 defaults_for() {
   case "$1" in
-    hot | baseline) echo "--events 1 --capacity 2000 --demand 10" ;;
+    hot | baseline | ceiling) echo "--events 1 --capacity 2000 --demand 10" ;;
     spread | baseline-spread) echo "--events 10000 --capacity 1 --demand 10" ;;
     rate) echo "--events 1 --capacity 20000 --demand 1 --rate 1000" ;;
     backlog) echo "--events 1 --capacity 100000 --demand 10" ;;
@@ -102,11 +125,15 @@ for run in $(seq 1 "$runs"); do
     args=(run --out "$out" --label "$label" "${defaults[@]}")
     case "$scenario" in
       baseline | baseline-spread)
-        "$bin/loadgen" "${args[@]}" --scenario baseline --label "" "${extra[@]}" ;;
+        "$bin/loadgen" "${args[@]}" --scenario baseline --label "$durable_label" "${extra[@]}" ;;
+      ceiling)
+        start_api
+        "$bin/loadgen" "${args[@]}" --scenario ceiling --label "" --api "http://$addr" --api-pid "$api_pid" \
+          "${extra[@]}" ;;
       backlog)
         start_api
         "$bin/loadgen" "${args[@]}" --scenario backlog --api "http://$addr" --api-pid "$api_pid" \
-          --worker "$bin/worker" "${extra[@]}" ;;
+          --worker "$sut/worker" "${extra[@]}" ;;
       *)
         start_api
         start_worker

@@ -90,10 +90,17 @@ start_postgres() {
   else
     log "starting PostgreSQL on 127.0.0.1:$PG_PORT"
     # fsync off: this cluster holds development and test data only (docker-compose and
-    # production use the server defaults). pg_stat_statements shows where database time goes
-    # (`CREATE EXTENSION pg_stat_statements`, then query the view).
+    # production use the server defaults); TURNSTILE_PG_DURABLE=1 starts it with the server's
+    # defaults instead (`make bench DURABLE=1`). pg_stat_statements shows where database time
+    # goes, statements run by triggers included (`CREATE EXTENSION pg_stat_statements` as
+    # the superuser, then query the view; `make bench` does).
+    local speed="-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+    if [ "${TURNSTILE_PG_DURABLE:-0}" = 1 ]; then
+      speed=""
+      log "durable: fsync, synchronous_commit and full_page_writes at the server's defaults"
+    fi
     as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/postgres.log" -w -t 60 \
-      -o "-p $PG_PORT -k $PG_DIR/socket -c listen_addresses=127.0.0.1 -c max_connections=400 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c shared_preload_libraries=pg_stat_statements" \
+      -o "-p $PG_PORT -k $PG_DIR/socket -c listen_addresses=127.0.0.1 -c max_connections=400 $speed -c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.track=all" \
       start >/dev/null || { tail -20 "$PG_DIR/postgres.log" >&2; die "PostgreSQL did not start"; }
   fi
   for _ in $(seq 1 60); do
@@ -155,6 +162,8 @@ disk_free_limit.absolute = 50MB
 vm_memory_high_watermark.relative = 0.6
 management.tcp.ip = 127.0.0.1
 management.tcp.port = $MGMT_PORT
+# Message counts refreshed every second (make bench reads them), not every five.
+collect_statistics_interval = 1000
 CONF
   echo '[rabbitmq_management].' > "$RABBIT_DIR/enabled_plugins"
   if rabbit_running; then
@@ -201,6 +210,10 @@ write_env() {
 export DATABASE_URL=postgres://$APP_USER:$APP_PASSWORD@127.0.0.1:$PG_PORT/$APP_DB
 export AMQP_URL=amqp://guest:guest@127.0.0.1:$AMQP_PORT/%2f
 export RABBITMQ_MANAGEMENT_URL=http://guest:guest@127.0.0.1:$MGMT_PORT
+# For measurements (make bench): the services' processes and the database superuser.
+export TURNSTILE_PG_PID_FILE=$PG_DIR/data/postmaster.pid
+export TURNSTILE_RABBIT_PID_FILE=$RABBIT_DIR/rabbitmq.pid
+export TURNSTILE_PG_SUPERUSER_URL=postgres://postgres@127.0.0.1:$PG_PORT/postgres
 ENV
 }
 

@@ -13,16 +13,18 @@ use uuid::Uuid;
 
 use crate::http::progress;
 use crate::prepare;
-use crate::report::{Percentiles, Report};
+use crate::report::{Percentiles, Report, Timeline};
 
 pub async fn run(args: &crate::RunArgs, db: &PgPool, events: &[Uuid]) -> anyhow::Result<Report> {
     let orders = args.orders();
     let users: Arc<[Uuid]> = prepare::users(db, u64::from(args.users.max(1)).min(orders)).await?.into();
     let events_list: Arc<[Uuid]> = events.into();
     let bar = progress(orders, "baseline");
+    let database = db.connect_options().get_database().unwrap_or("turnstile_bench").to_owned();
+    let sampler = crate::cost::Sampler::start(&args.cost, None, None, &database).await?;
     let started_at = Utc::now();
     let started = Instant::now();
-    let results: Vec<anyhow::Result<(bool, u64)>> = futures_util::stream::iter(0..orders)
+    let results: Vec<anyhow::Result<(bool, u64, chrono::DateTime<Utc>)>> = futures_util::stream::iter(0..orders)
         .map(|i| {
             let (db, bar, users, events) = (db.clone(), bar.clone(), users.clone(), events_list.clone());
             async move {
@@ -31,7 +33,7 @@ pub async fn run(args: &crate::RunArgs, db: &PgPool, events: &[Uuid]) -> anyhow:
                 let sent = Instant::now();
                 let sold = synchronous_purchase(&db, event, user).await?;
                 bar.inc(1);
-                Ok((sold, u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX)))
+                Ok((sold, u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX), Utc::now()))
             }
         })
         .buffer_unordered(args.concurrency)
@@ -39,11 +41,15 @@ pub async fn run(args: &crate::RunArgs, db: &PgPool, events: &[Uuid]) -> anyhow:
         .await;
     let elapsed = started.elapsed().as_secs_f64();
     bar.finish();
+    let http = reqwest::Client::new();
+    let cost = sampler.finish(orders, &http).await?;
     let mut latency = Histogram::<u64>::new(3)?;
     let (mut accepted, mut refused, mut errors) = (0, 0, 0);
+    let mut done_at = Vec::with_capacity(results.len());
     for result in &results {
         match result {
-            Ok((sold, micros)) => {
+            Ok((sold, micros, at)) => {
+                done_at.push(*at);
                 latency.record(*micros)?;
                 if *sold { accepted += 1 } else { refused += 1 }
             }
@@ -79,6 +85,12 @@ pub async fn run(args: &crate::RunArgs, db: &PgPool, events: &[Uuid]) -> anyhow:
         api_peak_rss_mib: None,
         worker_peak_rss_mib: None,
         drain: None,
+        cost: Some(cost),
+        timeline: Some(Timeline {
+            accepted_per_sec: Timeline::per_second(started_at, done_at.iter().copied()),
+            decided_per_sec: Timeline::per_second(started_at, done_at.iter().copied()),
+            accept_latency_ms: Timeline::latency_curve(&latency),
+        }),
     })
 }
 

@@ -12,8 +12,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::cost::Sampler;
 use crate::prepare;
-use crate::report::{Drain, Percentiles, Report};
+use crate::report::{Drain, Percentiles, Report, Timeline};
 use crate::{RunArgs, Scenario};
 
 /// How long a run waits for accepted orders to be decided before it counts them lost.
@@ -47,7 +48,9 @@ pub async fn run(args: &RunArgs, db: &PgPool, events: &[Uuid]) -> anyhow::Result
         .pool_max_idle_per_host(args.concurrency.max(256))
         .timeout(Duration::from_secs(30))
         .build()?;
-    let url: Arc<str> = format!("{}/api/v1/orders", args.api.trim_end_matches('/')).into();
+    let route = if args.scenario == Scenario::Ceiling { "/api/v1/orders/quote" } else { "/api/v1/orders" };
+    let url: Arc<str> = format!("{}{route}", args.api.trim_end_matches('/')).into();
+    let http = client.clone();
     let events_list: Arc<[Uuid]> = events.into();
     let bar = progress(orders, "orders");
     let send = move |i: u64, due: Option<Instant>| {
@@ -73,6 +76,8 @@ pub async fn run(args: &RunArgs, db: &PgPool, events: &[Uuid]) -> anyhow::Result
         }
     };
 
+    let database = db.connect_options().get_database().unwrap_or("turnstile_bench").to_owned();
+    let sampler = Sampler::start(&args.cost, args.api_pid, args.worker_pid, &database).await?;
     let started_at = Utc::now();
     let started = Instant::now();
     let answers: Vec<Answer> = if args.scenario == Scenario::Rate {
@@ -93,6 +98,11 @@ pub async fn run(args: &RunArgs, db: &PgPool, events: &[Uuid]) -> anyhow::Result
     for answer in &answers {
         match answer.status {
             202 => {
+                accepted += 1;
+                latency.record(answer.micros)?;
+            }
+            // The ceiling's quote: answered, nothing to decide.
+            200 if args.scenario == Scenario::Ceiling => {
                 accepted += 1;
                 latency.record(answer.micros)?;
             }
@@ -117,6 +127,14 @@ pub async fn run(args: &RunArgs, db: &PgPool, events: &[Uuid]) -> anyhow::Result
         None
     };
     let lost = prepare::wait_until_decided(db, events, DECIDE_TIMEOUT).await?;
+    let decided_count: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM orders WHERE event_id = ANY($1) AND status <> 'QUEUED'")
+            .bind(events)
+            .fetch_one(db)
+            .await?;
+    let ceiling = args.scenario == Scenario::Ceiling;
+    let decided_orders = if ceiling { accepted } else { u64::try_from(decided_count).unwrap_or(0) + refused };
+    let cost = sampler.finish(decided_orders, &http).await?;
 
     // Accept → first decision, from the order's own history.
     let decided: Vec<(DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
@@ -133,6 +151,14 @@ pub async fn run(args: &RunArgs, db: &PgPool, events: &[Uuid]) -> anyhow::Result
         last_decision = last_decision.max(*decided);
     }
     let span = (last_decision - started_at).to_std().unwrap_or_default().as_secs_f64().max(f64::EPSILON);
+    let accepted_at = answers.iter().filter(|a| matches!(a.status, 200 | 202)).map(|a| a.answered_at);
+    let decided_at =
+        decided.iter().map(|(_, at)| *at).chain(answers.iter().filter(|a| a.status == 409).map(|a| a.answered_at));
+    let timeline = Timeline {
+        accepted_per_sec: Timeline::per_second(started_at, accepted_at),
+        decided_per_sec: if ceiling { Vec::new() } else { Timeline::per_second(started_at, decided_at) },
+        accept_latency_ms: Timeline::latency_curve(&latency),
+    };
     let (sold, oversold) = prepare::sold_and_oversold(db, events).await?;
     let peak = |pid: Option<u32>| pid.and_then(prepare::memory_mib).map(|(_, peak)| peak);
     Ok(Report {
@@ -148,7 +174,11 @@ pub async fn run(args: &RunArgs, db: &PgPool, events: &[Uuid]) -> anyhow::Result
         refused,
         errors,
         answered_per_sec: (accepted + refused) as f64 / send_elapsed,
-        end_to_end_per_sec: (decided.len() as u64 + refused) as f64 / span,
+        end_to_end_per_sec: if ceiling {
+            accepted as f64 / send_elapsed
+        } else {
+            (decided.len() as u64 + refused) as f64 / span
+        },
         accept_ms: Percentiles::of(&latency),
         accept_to_final_ms: Percentiles::of(&to_final),
         sold,
@@ -157,6 +187,8 @@ pub async fn run(args: &RunArgs, db: &PgPool, events: &[Uuid]) -> anyhow::Result
         api_peak_rss_mib: peak(args.api_pid),
         worker_peak_rss_mib: worker_peak.or_else(|| peak(args.worker_pid)),
         drain,
+        cost: Some(cost),
+        timeline: Some(timeline),
     })
 }
 

@@ -14,12 +14,21 @@
 //! - `backlog`: orders accepted while no worker runs, then a worker started (`--worker`),
 //!   timing the drain and sampling api and worker memory throughout;
 //! - `baseline`: the seed's design straight against PostgreSQL, per order BEGIN; lock the
-//!   event row; count its sold tickets; insert the order and its tickets; COMMIT.
+//!   event row; count its sold tickets; insert the order and its tickets; COMMIT;
+//! - `ceiling`: the cheapest request with the purchase path's fixed work, `POST
+//!   /api/v1/orders/quote` (authentication, JSON in and out, the event from the api's
+//!   memory; no database, no broker): what the api could answer if storing and deciding
+//!   orders cost nothing.
+//!
+//! Each run also reports what it cost (`cost`): CPU time per process, statements, rows
+//! written and broker messages per decided order; and draws its picture (`plot`).
 //!
 //! `summary DIR` turns the JSON files of several runs into medians and ratios.
 
 mod baseline;
+mod cost;
 mod http;
+mod plot;
 mod prepare;
 mod report;
 
@@ -40,7 +49,7 @@ struct Cli {
 enum Command {
     /// Run one scenario and write its JSON result. A later argument overrides an earlier one.
     #[command(args_override_self = true)]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Medians per scenario, and pipeline/baseline ratios, over the JSON results in a directory.
     Summary {
         dir: PathBuf,
@@ -58,6 +67,7 @@ pub enum Scenario {
     Rate,
     Backlog,
     Baseline,
+    Ceiling,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -106,6 +116,8 @@ pub struct RunArgs {
     /// Directory for the JSON result of this run.
     #[arg(long, default_value = "bench-results")]
     pub out: PathBuf,
+    #[command(flatten)]
+    pub cost: cost::CostArgs,
 }
 
 impl RunArgs {
@@ -117,7 +129,7 @@ impl RunArgs {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Run(args) => run(args).await,
+        Command::Run(args) => run(*args).await,
         Command::Summary { dir, markdown } => report::summary(&dir, markdown.as_deref()),
     }
 }
@@ -135,9 +147,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     report.print();
     std::fs::create_dir_all(&args.out)?;
-    let name = format!("{}-{:?}.json", report.started_at.format("%Y%m%dT%H%M%S%.3f"), args.scenario).to_lowercase();
-    let path = args.out.join(name);
+    let name = format!("{}-{:?}", report.started_at.format("%Y%m%dT%H%M%S%.3f"), args.scenario).to_lowercase();
+    let path = args.out.join(format!("{name}.json"));
     std::fs::write(&path, serde_json::to_vec_pretty(&report)?)?;
     println!("result written to {}", path.display());
+    if let Some(timeline) = &report.timeline {
+        let picture = args.out.join(format!("{name}.svg"));
+        plot::draw(&picture, &report, timeline)?;
+        println!("picture written to {}", picture.display());
+    }
     Ok(())
 }

@@ -10,6 +10,7 @@ use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
 use crate::Scenario;
+use crate::cost::Cost;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Report {
@@ -45,6 +46,50 @@ pub struct Report {
     pub api_peak_rss_mib: Option<f64>,
     pub worker_peak_rss_mib: Option<f64>,
     pub drain: Option<Drain>,
+    /// What the run cost: CPU per process, statements, rows written and broker messages.
+    #[serde(default)]
+    pub cost: Option<Cost>,
+    /// Orders answered and decided per second, and the accept-latency distribution.
+    #[serde(default)]
+    pub timeline: Option<Timeline>,
+}
+
+/// What the run's picture shows.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct Timeline {
+    /// Requests answered `202` in each second since the start.
+    pub accepted_per_sec: Vec<u64>,
+    /// Orders decided (a first status after `QUEUED`, or a `409` at once) in each second.
+    pub decided_per_sec: Vec<u64>,
+    /// `(percentile, milliseconds)` of the accept latency, 0 to 100.
+    pub accept_latency_ms: Vec<(f64, f64)>,
+}
+
+impl Timeline {
+    /// Counts per whole second after `start`.
+    pub fn per_second(start: DateTime<Utc>, times: impl IntoIterator<Item = DateTime<Utc>>) -> Vec<u64> {
+        let mut counts: Vec<u64> = Vec::new();
+        for at in times {
+            let second = usize::try_from((at - start).num_milliseconds().max(0) / 1000).unwrap_or(0);
+            if counts.len() <= second {
+                counts.resize(second + 1, 0);
+            }
+            counts[second] += 1;
+        }
+        counts
+    }
+
+    /// The latency at every percentile of a histogram of microseconds, in milliseconds.
+    pub fn latency_curve(histogram: &Histogram<u64>) -> Vec<(f64, f64)> {
+        if histogram.is_empty() {
+            return Vec::new();
+        }
+        (0..100)
+            .map(f64::from)
+            .chain([99.5, 99.9, 100.0])
+            .map(|p| (p, histogram.value_at_quantile(p / 100.0) as f64 / 1000.0))
+            .collect()
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -115,6 +160,22 @@ impl Report {
             println!("  api RSS           {}", range(&drain.api_rss_mib));
             println!("  worker RSS        {}", range(&drain.worker_rss_mib));
         }
+        if let Some(cost) = &self.cost {
+            let per_order = |seconds: f64| seconds * 1e6 / cost.decided_orders.max(1) as f64;
+            let groups: Vec<String> =
+                cost.cpu_seconds.groups().iter().map(|(name, s)| format!("{name} {:.0}", per_order(*s))).collect();
+            let opt = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2}"));
+            println!("CPU µs/order        {} ({})", opt(cost.cpu_us_per_order), groups.join(", "));
+            println!("statements/order    {}", opt(cost.statements_per_order));
+            println!("rows written/order  {}", opt(cost.rows_written_per_order));
+            println!("messages/order      {}", opt(cost.messages_per_order));
+            for statement in cost.top_statements.iter().take(6) {
+                println!(
+                    "  {:>9.1} ms {:>7} calls {:>7} rows  {:.110}",
+                    statement.total_ms, statement.calls, statement.rows, statement.query
+                );
+            }
+        }
     }
 }
 
@@ -140,32 +201,53 @@ pub fn summary(dir: &Path, markdown: Option<&Path>) -> anyhow::Result<()> {
             groups.entry((report.events, report.scenario, report.label.clone())).or_default().push(report);
         }
     }
-    let baseline: BTreeMap<u32, f64> = groups
+    // Baselines by number of events, and by durability: a run is compared with the baseline
+    // measured on the same kind of PostgreSQL.
+    let durable = |label: &str| label.contains("durable");
+    let baseline: BTreeMap<(u32, bool), f64> = groups
         .iter()
         .filter(|((_, scenario, _), _)| *scenario == Scenario::Baseline)
-        .filter_map(|((events, ..), runs)| {
-            Some((*events, median(runs.iter().map(|r| r.end_to_end_per_sec).collect())?))
+        .filter_map(|((events, _, label), runs)| {
+            Some(((*events, durable(label)), median(runs.iter().map(|r| r.end_to_end_per_sec).collect())?))
         })
         .collect();
+    // The ceiling: what the api answers per second when a request does the purchase path's
+    // fixed work (authentication, JSON in and out) and nothing else.
+    let ceiling = median(
+        groups
+            .iter()
+            .filter(|((_, scenario, _), _)| *scenario == Scenario::Ceiling)
+            .flat_map(|(_, runs)| runs.iter().map(|r| r.answered_per_sec))
+            .collect(),
+    );
 
     let mut table = String::from(
-        "| scenario | events | runs | end-to-end orders/s | × baseline | answered/s | accept p50 / p99 ms | accept→final p50 / p99 ms | peak RSS api / worker MiB | oversold / lost |\n\
-         |---|---|---|---|---|---|---|---|---|---|\n",
+        "| scenario | events | runs | end-to-end orders/s | × baseline | × ceiling | answered/s | accept p50 / p99 ms | accept→final p50 / p99 ms | peak RSS api / worker MiB | oversold / lost |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    let mut costs = String::from(
+        "| scenario | events | CPU µs per decided order | api | worker | PostgreSQL | RabbitMQ | loadgen | statements / order | rows written / order | messages / order |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for ((events, scenario, label), runs) in &groups {
         let med = |f: &dyn Fn(&Report) -> Option<f64>| median(runs.iter().filter_map(f).collect());
         let fmt = |v: Option<f64>, digits: usize| v.map_or("-".to_owned(), |v| format!("{v:.digits$}"));
         let end_to_end = med(&|r| Some(r.end_to_end_per_sec));
-        let ratio = match (scenario, end_to_end, baseline.get(events)) {
-            (Scenario::Baseline | Scenario::Backlog | Scenario::Rate, ..) => "-".to_owned(),
+        let ratio = match (scenario, end_to_end, baseline.get(&(*events, durable(label)))) {
+            (Scenario::Baseline | Scenario::Backlog | Scenario::Rate | Scenario::Ceiling, ..) => "-".to_owned(),
             (_, Some(e2e), Some(base)) => format!("{:.2}", e2e / base),
+            _ => "-".to_owned(),
+        };
+        let of_ceiling = match (scenario, end_to_end, ceiling) {
+            (Scenario::Ceiling, ..) => "1".to_owned(),
+            (_, Some(e2e), Some(ceiling)) => format!("{:.2}", e2e / ceiling),
             _ => "-".to_owned(),
         };
         let name = if label.is_empty() { format!("{scenario:?}") } else { format!("{scenario:?} ({label})") };
         let worst = |f: &dyn Fn(&Report) -> i64| runs.iter().map(f).max().unwrap_or(0);
         let _ = writeln!(
             table,
-            "| {name} | {events} | {} | {} | {ratio} | {} | {} / {} | {} / {} | {} / {} | {} / {} |",
+            "| {name} | {events} | {} | {} | {ratio} | {of_ceiling} | {} | {} / {} | {} / {} | {} / {} | {} / {} |",
             runs.len(),
             fmt(end_to_end, 0),
             fmt(med(&|r| Some(r.answered_per_sec)), 0),
@@ -181,7 +263,7 @@ pub fn summary(dir: &Path, markdown: Option<&Path>) -> anyhow::Result<()> {
         for drain in runs.iter().filter_map(|r| r.drain.as_ref()) {
             let _ = writeln!(
                 table,
-                "|   drain | | | {:.0} orders/s ({} orders in {:.0} s) | | | | | api {}; worker {} | |",
+                "|   drain | | | {:.0} orders/s ({} orders in {:.0} s) | | | | | | api {}; worker {} | |",
                 drain.per_sec,
                 drain.orders,
                 drain.seconds,
@@ -189,7 +271,28 @@ pub fn summary(dir: &Path, markdown: Option<&Path>) -> anyhow::Result<()> {
                 range(&drain.worker_rss_mib)
             );
         }
+        if runs.iter().any(|r| r.cost.is_some()) {
+            let cost = |f: &dyn Fn(&Cost) -> Option<f64>| med(&|r| r.cost.as_ref().and_then(f));
+            let per_order = |group: fn(&crate::cost::CpuSeconds) -> Option<f64>| {
+                cost(&|c| group(&c.cpu_seconds).map(|s| s * 1e6 / c.decided_orders.max(1) as f64))
+            };
+            let _ = writeln!(
+                costs,
+                "| {name} | {events} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                fmt(cost(&|c| c.cpu_us_per_order), 0),
+                fmt(per_order(|c| c.api), 0),
+                fmt(per_order(|c| c.worker), 0),
+                fmt(per_order(|c| c.postgres), 0),
+                fmt(per_order(|c| c.rabbitmq), 0),
+                fmt(per_order(|c| c.loadgen), 0),
+                fmt(cost(&|c| c.statements_per_order), 2),
+                fmt(cost(&|c| c.rows_written_per_order), 2),
+                fmt(cost(&|c| c.messages_per_order), 2),
+            );
+        }
     }
+    table.push_str("\nCost, medians of the runs (CPU time per process sampled from /proc during the run):\n\n");
+    table.push_str(&costs);
     println!("{table}");
     if let Some(path) = markdown {
         std::fs::write(path, &table)?;
