@@ -1,7 +1,9 @@
 //! The api's one `LISTEN` connection: order changes wake long-polls (`OrderWatch`), token
-//! revocations keep `Revocations` current. A lost connection is reconnected after a second;
-//! meanwhile long-polls fall back on their once-a-second re-read and token checks ask the
-//! database, so a missed notification only delays a wake-up and never lets a revoked token in.
+//! revocations keep `Revocations` current, event changes drop events from the
+//! `EventCatalog`. A lost connection is reconnected after a second; meanwhile long-polls
+//! fall back on their once-a-second re-read, and token checks and event lookups read the
+//! database, so a missed notification only delays a wake-up and never lets a revoked token
+//! in or keeps a stale event.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,17 +12,27 @@ use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::catalog::{self, EventCatalog};
 use crate::pipeline::OrderWatch;
 use crate::revocations::{self, Revocations};
 
+/// Who is told what.
+pub struct Listened {
+    pub orders: Arc<OrderWatch>,
+    pub revocations: Arc<Revocations>,
+    pub catalog: Arc<EventCatalog>,
+}
+
 /// Listens until shutdown, reconnecting after errors.
-pub async fn listen(db: PgPool, orders: Arc<OrderWatch>, revocations: Arc<Revocations>, shutdown: CancellationToken) {
+pub async fn listen(db: PgPool, listened: Listened, shutdown: CancellationToken) {
+    let Listened { orders, revocations, catalog } = listened;
     while !shutdown.is_cancelled() {
         let result = async {
             let mut listener = PgListener::connect_with(&db).await?;
-            listener.listen_all([common::db::ORDER_CHANGES_CHANNEL, revocations::CHANNEL]).await?;
+            listener.listen_all([common::db::ORDER_CHANGES_CHANNEL, revocations::CHANNEL, catalog::CHANNEL]).await?;
             // Read after LISTEN: whatever commits from now on is announced to us.
             revocations.reload(&db).await?;
+            catalog.synced();
             loop {
                 let notification = tokio::select! {
                     _ = shutdown.cancelled() => return Ok::<_, sqlx::Error>(()),
@@ -32,6 +44,8 @@ pub async fn listen(db: PgPool, orders: Arc<OrderWatch>, revocations: Arc<Revoca
                 };
                 if notification.channel() == revocations::CHANNEL {
                     revocations.record_announced(notification.payload());
+                } else if notification.channel() == catalog::CHANNEL {
+                    catalog.forget_announced(notification.payload());
                 } else {
                     for id in notification.payload().split(',').filter_map(|id| id.parse().ok()) {
                         orders.wake(id);
@@ -42,6 +56,7 @@ pub async fn listen(db: PgPool, orders: Arc<OrderWatch>, revocations: Arc<Revoca
         .await;
         if let Err(err) = result {
             revocations.lost();
+            catalog.lost();
             tracing::warn!(error = %err, "notification listener failed; reconnecting");
             tokio::select! {
                 _ = shutdown.cancelled() => {}

@@ -2,6 +2,7 @@
 //! `create-admin`, `sign-webhook`).
 
 mod auth;
+mod catalog;
 mod error;
 mod extract;
 mod listener;
@@ -140,7 +141,10 @@ async fn serve(config: ApiConfig) -> anyhow::Result<()> {
     let shutdown = common::shutdown::on_signal();
     let order_watch = Arc::new(OrderWatch::default());
     let revocations = Arc::new(revocations::Revocations::default());
-    tokio::spawn(listener::listen(db.clone(), order_watch.clone(), revocations.clone(), shutdown.clone()));
+    let catalog = Arc::new(catalog::EventCatalog::default());
+    let listened =
+        listener::Listened { orders: order_watch.clone(), revocations: revocations.clone(), catalog: catalog.clone() };
+    tokio::spawn(listener::listen(db.clone(), listened, shutdown.clone()));
     let throttle = |per_minute: u32| {
         let throttle = Arc::new(Throttle::per_minute(NonZeroU32::new(per_minute).unwrap_or(NonZeroU32::MIN)));
         throttle.spawn_cleanup(shutdown.clone());
@@ -155,13 +159,13 @@ async fn serve(config: ApiConfig) -> anyhow::Result<()> {
         0 => HeavyWork::per_core(),
         slots => HeavyWork::new(usize::from(slots)),
     };
+    let publisher = Arc::new(Publisher::new(amqp.clone(), config.broker.partitions));
     let state = AppState {
         db: db.clone(),
         amqp: amqp.clone(),
-        publisher: Arc::new(Publisher::new(amqp.clone(), config.broker.partitions)),
-        orders: pipeline::OrderInserter::spawn(db.clone()),
+        orders: pipeline::OrderInserter::spawn(db.clone(), publisher, config.broker.partitions),
+        catalog,
         sold_out: Arc::new(pipeline::SoldOutHints::new(config.sold_out_hint())),
-        published: pipeline::spawn_publish_marker(db.clone()),
         order_watch,
         tokens: Arc::new(tokens),
         revocations,

@@ -1,13 +1,11 @@
 //! The api's background helpers for the purchase pipeline:
 //!
 //! - [`OrderInserter`]: stores new `QUEUED` orders for concurrent purchase requests in
-//!   shared multi-row `INSERT`s, so a stampede costs the database one statement (one commit,
-//!   one history trigger) per batch instead of one per request.
+//!   shared multi-row `INSERT`s, then sends the stored orders to the broker as one message
+//!   per partition, so a stampede costs the database one statement (one commit, one history
+//!   trigger) and the broker one message per partition per batch instead of one per request.
 //! - [`SoldOutHints`]: how many tickets recently read events had left, so that the
 //!   sold-out fast path refuses a stampede on a sold-out event without a database read.
-//! - [`spawn_publish_marker`]: stamps `published_at` on orders whose message the broker
-//!   confirmed, in bulk and off the request path, so the worker's re-publisher only touches
-//!   orders that may really be missing from the queue.
 //! - [`OrderWatch`]: wakes long-polling `GET /orders/{id}?wait=N` requests when PostgreSQL
 //!   announces (`NOTIFY order_changes`, see `listener`) that their order changed.
 
@@ -16,15 +14,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use common::amqp::{Publisher, PurchaseMessage, partition_of};
 use rust_decimal::Decimal;
 use sqlx::PgPool;
-use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use uuid::Uuid;
 
-/// Most orders one `INSERT` stores.
-const INSERT_BATCH: usize = 500;
-/// `INSERT`s in flight at once; requests arriving meanwhile wait for the next batch.
-const INSERTS_IN_FLIGHT: usize = 4;
+/// Most orders one `INSERT` (and one message per partition) carries.
+const INSERT_BATCH: usize = 1_000;
 
 /// A purchase request's order, validated and priced, to be stored `QUEUED`.
 pub struct NewOrder {
@@ -39,7 +36,7 @@ pub struct NewOrder {
 
 /// What became of one [`NewOrder`].
 pub enum Stored {
-    /// Stored; its `(created_at, updated_at)`.
+    /// Stored, and its message sent; its `(created_at, updated_at)`.
     Inserted(DateTime<Utc>, DateTime<Utc>),
     /// Not stored: the user already has an order under this `Idempotency-Key`.
     KeyTaken,
@@ -47,36 +44,32 @@ pub enum Stored {
 
 type Reply = oneshot::Sender<Result<Stored, sqlx::Error>>;
 
-/// Hands orders to a background task that stores them in batches. Each request still
-/// learns its own outcome, and nothing is answered before its row is committed.
+/// Hands orders to a background task that stores them in batches and publishes them. Each
+/// request still learns its own outcome, and nothing is answered before its row is
+/// committed and its message sent.
+///
+/// One batch at a time: while one is stored and sent, the next gathers every request that
+/// arrives, so batches grow with the load (a stampede's are hundreds of orders) and stay
+/// single orders when it is quiet. One at a time also keeps the messages in the order the
+/// batches were stored, so each partition receives its orders in the order they arrived.
 #[derive(Clone)]
 pub struct OrderInserter {
     queue: mpsc::Sender<(NewOrder, Reply)>,
 }
 
 impl OrderInserter {
-    pub fn spawn(db: PgPool) -> Self {
-        let (queue, mut rx) = mpsc::channel::<(NewOrder, Reply)>(INSERT_BATCH * INSERTS_IN_FLIGHT);
+    pub fn spawn(db: PgPool, publisher: Arc<Publisher>, partitions: u16) -> Self {
+        let (queue, mut rx) = mpsc::channel::<(NewOrder, Reply)>(INSERT_BATCH * 4);
         tokio::spawn(async move {
-            let permits = Arc::new(Semaphore::new(INSERTS_IN_FLIGHT));
-            loop {
-                // Wait for a free slot first: orders arriving meanwhile make the batch bigger.
-                let Ok(permit) = permits.clone().acquire_owned().await else { return };
-                let mut batch = Vec::with_capacity(INSERT_BATCH);
-                if rx.recv_many(&mut batch, INSERT_BATCH).await == 0 {
-                    return;
-                }
-                let db = db.clone();
-                tokio::spawn(async move {
-                    store(&db, batch).await;
-                    drop(permit);
-                });
+            let mut batch = Vec::with_capacity(INSERT_BATCH);
+            while rx.recv_many(&mut batch, INSERT_BATCH).await > 0 {
+                store(&db, &publisher, partitions, std::mem::take(&mut batch)).await;
             }
         });
         Self { queue }
     }
 
-    /// Stores one order, sharing the statement with whatever else is waiting.
+    /// Stores one order, sharing the statement with whatever else is waiting, and sends it.
     pub async fn insert(&self, order: NewOrder) -> Result<Stored, sqlx::Error> {
         let (reply, answer) = oneshot::channel();
         self.queue.send((order, reply)).await.map_err(|_| sqlx::Error::PoolClosed)?;
@@ -84,29 +77,57 @@ impl OrderInserter {
     }
 }
 
-/// One batch: a single `INSERT`. Should it fail, every order is tried on its own, so one
-/// bad row cannot fail the requests that happened to share its statement.
-async fn store(db: &PgPool, batch: Vec<(NewOrder, Reply)>) {
+/// One batch: a single `INSERT` (should it fail, every order is tried on its own, so one bad
+/// row cannot fail the requests that happened to share its statement), then one message per
+/// partition. The answers wait for the messages to be sent but not for the broker's
+/// confirms: the stored order is the promise (the orders table is the outbox), and an order
+/// whose confirm never comes is sent again by the worker's re-publisher.
+async fn store(db: &PgPool, publisher: &Publisher, partitions: u16, batch: Vec<(NewOrder, Reply)>) {
     let orders: Vec<&NewOrder> = batch.iter().map(|(order, _)| order).collect();
-    match insert_orders(db, &orders).await {
-        Ok(mut stored) => {
-            for (order, reply) in batch {
-                let outcome = stored.remove(&order.id).map_or(Stored::KeyTaken, |(c, u)| Stored::Inserted(c, u));
-                let _ = reply.send(Ok(outcome));
-            }
-        }
+    let outcomes: Vec<Result<Stored, sqlx::Error>> = match insert_orders(db, &orders, partitions).await {
+        Ok(mut stored) => orders.iter().map(|order| Ok(outcome(&mut stored, order.id))).collect(),
         Err(err) => {
             if batch.len() > 1 {
                 tracing::warn!(error = %err, orders = batch.len(), "batched order insert failed; storing one by one");
             }
-            for (order, reply) in batch {
-                let outcome = insert_orders(db, &[&order]).await.map(|mut stored| {
-                    stored.remove(&order.id).map_or(Stored::KeyTaken, |(c, u)| Stored::Inserted(c, u))
-                });
-                let _ = reply.send(outcome);
+            let mut outcomes = Vec::with_capacity(orders.len());
+            for order in &orders {
+                outcomes.push(
+                    insert_orders(db, &[order], partitions).await.map(|mut stored| outcome(&mut stored, order.id)),
+                );
             }
+            outcomes
+        }
+    };
+    let sent: Vec<PurchaseMessage> = orders
+        .iter()
+        .zip(&outcomes)
+        .filter(|(_, outcome)| matches!(outcome, Ok(Stored::Inserted(..))))
+        .map(|(order, _)| PurchaseMessage { order_id: order.id, event_id: order.event_id })
+        .collect();
+    if !sent.is_empty() {
+        let not_confirmed = move |orders: usize, err: common::amqp::PublishError| {
+            tracing::warn!(orders, error = %err, "purchase messages not confirmed; the re-publisher will send them");
+        };
+        match publisher.send_purchases(&sent).await {
+            Ok(confirmed) => {
+                let count = sent.len();
+                tokio::spawn(async move {
+                    if let Err(err) = confirmed.await {
+                        not_confirmed(count, err);
+                    }
+                });
+            }
+            Err(err) => not_confirmed(sent.len(), err),
         }
     }
+    for ((_, reply), outcome) in batch.into_iter().zip(outcomes) {
+        let _ = reply.send(outcome);
+    }
+}
+
+fn outcome(stored: &mut HashMap<Uuid, (DateTime<Utc>, DateTime<Utc>)>, id: Uuid) -> Stored {
+    stored.remove(&id).map_or(Stored::KeyTaken, |(created, updated)| Stored::Inserted(created, updated))
 }
 
 /// Inserts the orders in one statement; returns the timestamps of those stored. An order
@@ -114,11 +135,14 @@ async fn store(db: &PgPool, batch: Vec<(NewOrder, Reply)>) {
 async fn insert_orders(
     db: &PgPool,
     orders: &[&NewOrder],
+    partitions: u16,
 ) -> Result<HashMap<Uuid, (DateTime<Utc>, DateTime<Utc>)>, sqlx::Error> {
     let column = |f: fn(&NewOrder) -> Uuid| orders.iter().map(|o| f(o)).collect::<Vec<_>>();
+    let partition = |o: &&NewOrder| partition_of(o.event_id, partitions) as i16;
     let rows: Vec<(Uuid, DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
-        "INSERT INTO orders (id, user_id, event_id, quantity, unit_price, total, idempotency_key)
-         SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::int4[], $5::numeric[], $6::numeric[], $7::text[])
+        "INSERT INTO orders (id, user_id, event_id, quantity, unit_price, total, idempotency_key, partition)
+         SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::int4[], $5::numeric[], $6::numeric[], $7::text[],
+                              $8::int2[])
          ON CONFLICT (user_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
          RETURNING id, created_at, updated_at",
     )
@@ -129,29 +153,10 @@ async fn insert_orders(
     .bind(orders.iter().map(|o| o.unit_price).collect::<Vec<_>>())
     .bind(orders.iter().map(|o| o.total).collect::<Vec<_>>())
     .bind(orders.iter().map(|o| o.idempotency_key.as_deref()).collect::<Vec<_>>())
+    .bind(orders.iter().map(partition).collect::<Vec<_>>())
     .fetch_all(db)
     .await?;
     Ok(rows.into_iter().map(|(id, created, updated)| (id, (created, updated))).collect())
-}
-
-/// Confirmed order ids waiting to be stamped. When full, ids are dropped: the order is then
-/// published once more by the re-publisher, which is harmless.
-const MARKER_BACKLOG: usize = 100_000;
-const MARKER_BATCH: usize = 2_000;
-
-pub fn spawn_publish_marker(db: PgPool) -> mpsc::Sender<Uuid> {
-    let (tx, mut rx) = mpsc::channel::<Uuid>(MARKER_BACKLOG);
-    tokio::spawn(async move {
-        let mut ids = Vec::with_capacity(MARKER_BATCH);
-        // Ids pile up while one UPDATE runs; the next takes them all at once.
-        while rx.recv_many(&mut ids, MARKER_BATCH).await > 0 {
-            if let Err(err) = common::db::mark_published(&db, &ids).await {
-                tracing::warn!(error = %err, orders = ids.len(), "could not record confirmed publishes");
-            }
-            ids.clear();
-        }
-    });
-    tx
 }
 
 /// Tickets left per event as last read from the database, trusted for a short time. A
@@ -165,7 +170,6 @@ pub struct SoldOutHints {
 #[derive(Clone, Copy)]
 pub struct Hint {
     pub available: i32,
-    pub max_per_order: i32,
     read_at: Instant,
 }
 
@@ -183,7 +187,7 @@ impl SoldOutHints {
         seen.get(&event_id).copied().filter(|hint| hint.read_at.elapsed() < self.ttl)
     }
 
-    pub fn record(&self, event_id: Uuid, available: i32, max_per_order: i32) {
+    pub fn record(&self, event_id: Uuid, available: i32) {
         if self.ttl.is_zero() {
             return;
         }
@@ -191,7 +195,7 @@ impl SoldOutHints {
         if seen.len() >= HINTS_KEPT {
             seen.retain(|_, hint| hint.read_at.elapsed() < self.ttl);
         }
-        seen.insert(event_id, Hint { available, max_per_order, read_at: Instant::now() });
+        seen.insert(event_id, Hint { available, read_at: Instant::now() });
     }
 }
 
@@ -263,12 +267,12 @@ mod tests {
         let event = Uuid::from_u128(7);
         let hints = SoldOutHints::new(Duration::from_millis(50));
         assert!(hints.get(event).is_none());
-        hints.record(event, 0, 4);
-        assert_eq!(hints.get(event).map(|h| (h.available, h.max_per_order)), Some((0, 4)));
+        hints.record(event, 0);
+        assert_eq!(hints.get(event).map(|h| h.available), Some(0));
         std::thread::sleep(Duration::from_millis(60));
         assert!(hints.get(event).is_none(), "stale");
         let off = SoldOutHints::new(Duration::ZERO);
-        off.record(event, 0, 4);
+        off.record(event, 0);
         assert!(off.get(event).is_none(), "a zero time keeps nothing");
     }
 

@@ -2,14 +2,12 @@
 
 use std::sync::Arc;
 
-use common::amqp::Publisher;
 use common::config::ApiConfig;
 use common::standard_webhooks::SigningKey;
 use sqlx::PgPool;
-use tokio::sync::mpsc;
-use uuid::Uuid;
 
 use crate::auth::{HeavyWork, Tokens};
+use crate::catalog::EventCatalog;
 use crate::pipeline::{OrderInserter, OrderWatch, SoldOutHints};
 use crate::revocations::Revocations;
 use crate::throttle::Throttle;
@@ -19,13 +17,12 @@ use crate::ticket_codes::TicketCodes;
 pub struct AppState {
     pub db: PgPool,
     pub amqp: deadpool_lapin::Pool,
-    pub publisher: Arc<Publisher>,
-    /// Stores new orders in shared batches (see `pipeline`).
+    /// Stores new orders in shared batches and sends them to the broker (see `pipeline`).
     pub orders: OrderInserter,
+    /// What purchases need of events, from memory (see `catalog`).
+    pub catalog: Arc<EventCatalog>,
     /// Tickets left per event, recently read (the sold-out fast path's hint).
     pub sold_out: Arc<SoldOutHints>,
-    /// Orders whose purchase message the broker confirmed (see `pipeline`).
-    pub published: mpsc::Sender<Uuid>,
     pub order_watch: Arc<OrderWatch>,
     pub tokens: Arc<Tokens>,
     /// Accounts whose older tokens were revoked by a change of role or password.

@@ -122,12 +122,38 @@ fn partition_queue_arguments() -> FieldTable {
     args
 }
 
-/// The body of a purchase message. The order row is the source of truth; the message only
+/// One order in a purchase message. The order row is the source of truth; the message only
 /// says which order to look at, and which event (to group a batch without a query).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PurchaseMessage {
     pub order_id: Uuid,
     pub event_id: Uuid,
+}
+
+/// The body of a purchase message: the orders of one partition that were stored together,
+/// in the order they were accepted. One message per stored batch and partition rather than
+/// per order: a persistent message on a quorum queue costs the broker the same whether it
+/// names one order or hundreds, and the order, not the message, is the unit of
+/// idempotency (the worker skips an order that is no longer `QUEUED`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PurchaseBatch {
+    pub orders: Vec<PurchaseMessage>,
+}
+
+/// Reads a purchase message: a [`PurchaseBatch`], or a single [`PurchaseMessage`] (what
+/// earlier versions sent, one per order; still read, so that messages queued before an
+/// upgrade are decided after it).
+pub fn decode_purchase(body: &[u8]) -> Result<Vec<PurchaseMessage>, serde_json::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Body {
+        Batch(PurchaseBatch),
+        One(PurchaseMessage),
+    }
+    match serde_json::from_slice(body)? {
+        Body::Batch(batch) => Ok(batch.orders),
+        Body::One(one) => Ok(vec![one]),
+    }
 }
 
 /// Why a publish did not end in a broker confirm.
@@ -192,19 +218,19 @@ impl Publisher {
         Self { pool, partitions, state: Arc::new(state) }
     }
 
-    /// Publishes a persistent purchase message to its event's partition and waits for the
-    /// broker to confirm it (or for [`CONFIRM_TIMEOUT`]).
-    pub async fn publish_purchase(&self, message: &PurchaseMessage) -> Result<(), PublishError> {
-        self.send_purchase(message).await?.await
+    /// Publishes these orders (one message per partition) and waits for the broker to
+    /// confirm them all (or for [`CONFIRM_TIMEOUT`]).
+    pub async fn publish_purchases(&self, orders: &[PurchaseMessage]) -> Result<(), PublishError> {
+        self.send_purchases(orders).await?.await
     }
 
-    /// Sends a persistent purchase message to its event's partition, after every message sent
-    /// before it on this publisher, once fewer than [`PUBLISH_WINDOW`] await their confirm;
-    /// the returned future waits for the broker's confirm (or for [`CONFIRM_TIMEOUT`]) and
-    /// may be awaited elsewhere.
-    pub async fn send_purchase(
+    /// Sends these orders, one persistent message per partition holding that partition's
+    /// orders in the given order, after every message sent before on this publisher, once
+    /// fewer than [`PUBLISH_WINDOW`] messages await their confirm. The returned future waits
+    /// for the broker's confirms (or for [`CONFIRM_TIMEOUT`]) and may be awaited elsewhere.
+    pub async fn send_purchases(
         &self,
-        message: &PurchaseMessage,
+        orders: &[PurchaseMessage],
     ) -> Result<impl Future<Output = Result<(), PublishError>> + Send + 'static, PublishError> {
         let recently_failed = self
             .state
@@ -215,13 +241,64 @@ impl Publisher {
         if recently_failed {
             return Err(PublishError::Unavailable("a recent publish failed; waiting before the next attempt".into()));
         }
-        let partition = partition_of(message.event_id, self.partitions);
-        let body = serde_json::to_vec(message).expect("a purchase message serialises");
+        let mut by_partition: Vec<(u16, PurchaseBatch)> = Vec::new();
+        for order in orders {
+            let partition = partition_of(order.event_id, self.partitions);
+            match by_partition.iter_mut().find(|(p, _)| *p == partition) {
+                Some((_, batch)) => batch.orders.push(*order),
+                None => by_partition.push((partition, PurchaseBatch { orders: vec![*order] })),
+            }
+        }
+        let mut sent = Vec::with_capacity(by_partition.len());
+        for (partition, batch) in &by_partition {
+            match self.send(*partition, batch).await {
+                Ok(confirm) => sent.push((*partition, confirm)),
+                Err(err) => {
+                    self.state.failed().await;
+                    return Err(err);
+                }
+            }
+        }
+        let state = self.state.clone();
+        Ok(async move {
+            let mut result = Ok(());
+            for (partition, (permit, confirm)) in sent {
+                let outcome = match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
+                    Err(_) => Err(PublishError::Timeout(CONFIRM_TIMEOUT)),
+                    Ok(Err(e)) => Err(PublishError::Unavailable(e.to_string())),
+                    // A returned message was acked but reached no queue.
+                    Ok(Ok(Confirmation::Ack(Some(_)))) => Err(PublishError::Unroutable(partition)),
+                    Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+                    Ok(Ok(Confirmation::Nack(_))) => Err(PublishError::Nacked),
+                    Ok(Ok(Confirmation::NotRequested)) => {
+                        Err(PublishError::Unavailable("channel is not in confirm mode".into()))
+                    }
+                };
+                drop(permit);
+                if result.is_ok() {
+                    result = outcome;
+                }
+            }
+            if result.is_err() {
+                state.failed().await;
+            }
+            result
+        })
+    }
+
+    /// Sends one message, once the window has room; the permit goes back with its confirm.
+    async fn send(
+        &self,
+        partition: u16,
+        batch: &PurchaseBatch,
+    ) -> Result<(tokio::sync::OwnedSemaphorePermit, lapin::PublisherConfirm), PublishError> {
+        let body = serde_json::to_vec(batch).expect("a purchase message serialises");
+        let first = batch.orders.first().map(|order| order.order_id).unwrap_or_default();
         let properties = BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type("application/json".into())
-            .with_message_id(message.order_id.to_string().into());
-        let sent = tokio::time::timeout(CONFIRM_TIMEOUT, async {
+            .with_message_id(first.to_string().into());
+        tokio::time::timeout(CONFIRM_TIMEOUT, async {
             let permit = self.state.window.clone().acquire_owned().await.expect("the window is never closed");
             let confirm = self
                 .channel()
@@ -238,33 +315,22 @@ impl Publisher {
             Ok((permit, confirm))
         })
         .await
-        .unwrap_or(Err(PublishError::Timeout(CONFIRM_TIMEOUT)));
-        let (permit, confirm) = match sent {
-            Ok(sent) => sent,
-            Err(err) => {
-                self.state.failed().await;
-                return Err(err);
-            }
-        };
-        let state = self.state.clone();
-        Ok(async move {
-            let result = match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
-                Err(_) => Err(PublishError::Timeout(CONFIRM_TIMEOUT)),
-                Ok(Err(e)) => Err(PublishError::Unavailable(e.to_string())),
-                // A returned message was acked but reached no queue.
-                Ok(Ok(Confirmation::Ack(Some(_)))) => Err(PublishError::Unroutable(partition)),
-                Ok(Ok(Confirmation::Ack(None))) => Ok(()),
-                Ok(Ok(Confirmation::Nack(_))) => Err(PublishError::Nacked),
-                Ok(Ok(Confirmation::NotRequested)) => {
-                    Err(PublishError::Unavailable("channel is not in confirm mode".into()))
-                }
-            };
-            drop(permit);
-            if result.is_err() {
-                state.failed().await;
-            }
-            result
-        })
+        .unwrap_or(Err(PublishError::Timeout(CONFIRM_TIMEOUT)))
+    }
+
+    /// Messages ready for delivery in each partition queue (not those a consumer holds).
+    pub async fn ready_messages(&self) -> Result<Vec<(u16, u32)>, PublishError> {
+        let channel = self.channel().await?;
+        let passive = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
+        let mut depths = Vec::with_capacity(usize::from(self.partitions));
+        for partition in 0..self.partitions {
+            let queue = channel
+                .queue_declare(purchase_queue(partition).into(), passive, FieldTable::default())
+                .await
+                .map_err(|e| PublishError::Unavailable(e.to_string()))?;
+            depths.push((partition, queue.message_count()));
+        }
+        Ok(depths)
     }
 
     /// The shared channel, opened on first use or after the previous one broke.
@@ -329,6 +395,17 @@ mod tests {
             counts[usize::from(partition_of(Uuid::now_v7(), 8))] += 1;
         }
         assert!(counts.iter().all(|&c| (800..1200).contains(&c)), "uneven spread: {counts:?}");
+    }
+
+    #[test]
+    fn purchase_messages_are_read_in_both_forms() {
+        let (a, b) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        let one = PurchaseMessage { order_id: a, event_id: b };
+        let batch = PurchaseBatch { orders: vec![one, PurchaseMessage { order_id: b, event_id: b }] };
+        assert_eq!(decode_purchase(&serde_json::to_vec(&batch).unwrap()).unwrap(), batch.orders);
+        assert_eq!(decode_purchase(&serde_json::to_vec(&one).unwrap()).unwrap(), vec![one]);
+        assert!(decode_purchase(b"{not json").is_err());
+        assert!(decode_purchase(br#"{"order_id": 42}"#).is_err());
     }
 
     #[test]

@@ -216,13 +216,14 @@ pub struct WorkerConfig {
     #[arg(long = "hold-ttl-secs", env = "HOLD_TTL_SECS", default_value_t = 600,
           value_parser = clap::value_parser!(u64).range(1..=604_800))]
     pub hold_ttl_secs: u64,
-    /// A `QUEUED` order whose message the broker never confirmed is published again after
-    /// this many seconds.
+    /// A `QUEUED` order is published again once it has waited this many seconds and its
+    /// partition's queue is empty, or its partition's consumer has passed orders stored this
+    /// many seconds after it (see `republish`); and at most once per this many seconds.
     #[arg(long = "republish-after-secs", env = "REPUBLISH_AFTER_SECS", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub republish_after_secs: u64,
-    /// A `QUEUED` order whose message was confirmed is published again after this many
-    /// seconds (the message may have been purged or lost with the broker's disk).
+    /// A `QUEUED` order is published again after this many seconds whatever its partition's
+    /// queue holds (its message may have been purged or lost with the broker's disk).
     #[arg(long = "republish-stale-secs", env = "REPUBLISH_STALE_SECS", default_value_t = 900,
           value_parser = clap::value_parser!(u64).range(1..=604_800))]
     pub republish_stale_secs: u64,

@@ -68,18 +68,3 @@ pub async fn notify_order_changes(conn: &mut sqlx::PgConnection, ids: &[uuid::Uu
     }
     Ok(())
 }
-
-/// Records that the broker confirmed these orders' purchase messages, so the re-publisher
-/// leaves them alone. Rows another transaction holds (the worker allocating them) are
-/// skipped rather than waited for: they are leaving `QUEUED` anyway, and skipping means this
-/// never waits on, or deadlocks with, the allocator.
-pub async fn mark_published(pool: &PgPool, ids: &[uuid::Uuid]) -> Result<u64, sqlx::Error> {
-    let done = sqlx::query(
-        "UPDATE orders SET published_at = now()
-         WHERE id IN (SELECT id FROM orders WHERE id = ANY($1) AND status = 'QUEUED' FOR UPDATE SKIP LOCKED)",
-    )
-    .bind(ids)
-    .execute(pool)
-    .await?;
-    Ok(done.rows_affected())
-}

@@ -7,6 +7,7 @@ use std::time::Duration;
 use futures_util::future::join_all;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Connection};
+use rust_decimal::Decimal;
 use serde_json::{Value, json};
 use tests::{Response, TestApp, mint_token};
 use uuid::Uuid;
@@ -273,6 +274,102 @@ async fn purchase_input_is_validated() {
 
     let orders: i64 = sqlx::query_scalar("SELECT count(*) FROM orders").fetch_one(&app.db.pool).await.unwrap();
     assert_eq!(orders, 0, "refused requests must not leave orders behind");
+}
+
+/// `POST /orders/quote`: the purchase's checks and price, nothing stored. Its answers come
+/// from the api's memory of the event, which follows every change: at once in the process
+/// that made it, through PostgreSQL's NOTIFY in any other (and for an operator's SQL).
+#[tokio::test]
+async fn quotes_price_a_purchase_and_follow_event_changes() {
+    let app = TestApp::spawn().await;
+    let (_other, other_base) = app.spawn_another_api();
+    let admin = app.admin().await;
+    let event = app.event_with(&admin, 10, 4).await;
+    let (_, buyer) = app.user("Buyer").await;
+    let quote = |base: String, quantity: i64| {
+        let (app, buyer) = (&app, buyer.clone());
+        async move {
+            let res = app
+                .client
+                .post(format!("{base}/api/v1/orders/quote"))
+                .bearer_auth(&buyer)
+                .json(&json!({"event_id": event, "quantity": quantity}))
+                .send()
+                .await
+                .unwrap();
+            Response::from(res).await
+        }
+    };
+    let res = quote(app.base.clone(), 2).await;
+    assert_eq!(res.status, 200, "{}", res.body);
+    assert_eq!((res.json["unit_price"].as_str(), res.json["total"].as_str()), (Some("49.90"), Some("99.80")));
+    assert_eq!(quote(other_base.clone(), 1).await.json["unit_price"], "49.90");
+
+    // A price change: here at once, in the other process within moments.
+    let res = app.patch(&format!("/api/v1/events/{event}"), &json!({"price": "10"}), Some(&admin)).await;
+    assert_eq!(res.status, 200, "{}", res.body);
+    assert_eq!(quote(app.base.clone(), 3).await.json["total"], "30.00");
+    let mut seen = Value::Null;
+    for _ in 0..100 {
+        seen = quote(other_base.clone(), 1).await.json["unit_price"].clone();
+        if seen == "10.00" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(seen, "10.00", "the other api kept the old price");
+    let id = app.order(&buyer, event, 1, None).await.json["id"].as_str().unwrap().to_owned();
+    let stored: Decimal = sqlx::query_scalar("SELECT unit_price FROM orders WHERE id = $1::uuid")
+        .bind(&id)
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, Decimal::from(10), "the order is priced at the new price");
+
+    // An operator's SQL is announced too: the event starts, then disappears.
+    sqlx::query("UPDATE events SET starts_at = now() - interval '1 minute' WHERE id = $1")
+        .bind(event)
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    let mut status = 0;
+    for _ in 0..100 {
+        status = quote(app.base.clone(), 1).await.status;
+        if status == 422 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    quote(app.base.clone(), 1).await.assert_error(422, "event_unavailable");
+    assert_eq!(status, 422);
+    app.order(&buyer, event, 1, None).await.assert_error(422, "event_unavailable");
+    sqlx::query("UPDATE events SET deleted_at = now(), starts_at = now() + interval '1 day' WHERE id = $1")
+        .bind(event)
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    for _ in 0..100 {
+        if quote(other_base.clone(), 1).await.status == 404 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    quote(other_base.clone(), 1).await.assert_error(404, "not_found");
+
+    // Refusals.
+    let live = app.event_with(&admin, 10, 4).await;
+    let post = |body: Value, token: Option<&str>| {
+        let app = &app;
+        let token = token.map(str::to_owned);
+        async move { app.post("/api/v1/orders/quote", &body, token.as_deref()).await }
+    };
+    post(json!({"event_id": live, "quantity": 1}), None).await.assert_error(401, "unauthorized");
+    post(json!({"event_id": Uuid::now_v7(), "quantity": 1}), Some(&buyer)).await.assert_error(404, "not_found");
+    post(json!({"event_id": live, "quantity": 0}), Some(&buyer)).await.assert_error(422, "invalid_quantity");
+    post(json!({"event_id": live, "quantity": 5}), Some(&buyer)).await.assert_error(422, "invalid_quantity");
+    post(json!({"event_id": live}), Some(&buyer)).await.assert_error(422, "invalid_body");
+    let orders: i64 = sqlx::query_scalar("SELECT count(*) FROM orders").fetch_one(&app.db.pool).await.unwrap();
+    assert_eq!(orders, 1, "quotes store nothing");
 }
 
 #[tokio::test]

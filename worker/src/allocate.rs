@@ -1,10 +1,12 @@
 //! The partition consumers and the batch allocator: the only code that issues tickets.
 //!
-//! One task per partition queue consumes with a bounded prefetch, takes a batch (up to
-//! `BATCH_SIZE` messages, or what arrived within `BATCH_WAIT_MS` of the first), groups it by
-//! event and runs one transaction for the batch: lock its event rows, lock its still-`QUEUED`
-//! orders, allocate each event's orders in arrival order against `capacity - sold`, write
-//! the outcomes, insert the tickets and bump `sold` with one statement each, commit. Only then is the batch acked, so a
+//! One task per partition queue consumes with a bounded prefetch, takes a batch (messages
+//! until they name about `BATCH_SIZE` orders, or what arrived within `BATCH_WAIT_MS` of the
+//! first; a message names the orders the api stored together), groups it by event and runs
+//! one transaction for the batch: lock its event rows, read its still-`QUEUED` orders,
+//! allocate each event's orders in arrival order against `capacity - sold`, write the
+//! outcomes, insert the tickets and bump `sold` with one statement each, record how far the
+//! partition has got, commit. Only then is the batch acked, so a
 //! crash at any point leads to redelivery, and redelivery is harmless because an order
 //! that is no longer `QUEUED` is skipped.
 
@@ -13,7 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use common::amqp::{PurchaseMessage, declare_topology, purchase_queue};
+use chrono::{DateTime, Utc};
+use common::amqp::{PurchaseMessage, declare_topology, decode_purchase, purchase_queue};
 use common::config::WorkerConfig;
 use common::domain::{OrderEvent, OrderStatus, reason};
 use futures_util::StreamExt;
@@ -131,10 +134,16 @@ impl Allocator {
                 delivery = consumer.next() => delivery,
             };
             let mut batch = vec![next_delivery(first)?];
+            // Counted in orders, roughly: a message carries a batch of the api's orders.
+            let mut orders = orders_in(&batch[0]);
             let deadline = tokio::time::Instant::now() + self.config.batch_wait();
-            while batch.len() < usize::from(self.config.batch_size) {
+            while orders < usize::from(self.config.batch_size) {
                 match tokio::time::timeout_at(deadline, consumer.next()).await {
-                    Ok(delivery) => batch.push(next_delivery(delivery)?),
+                    Ok(delivery) => {
+                        let delivery = next_delivery(delivery)?;
+                        orders += orders_in(&delivery);
+                        batch.push(delivery);
+                    }
                     Err(_) => break,
                 }
             }
@@ -158,9 +167,9 @@ impl Allocator {
         let mut messages = Vec::with_capacity(batch.len());
         let mut last_tag = None;
         for delivery in batch {
-            match serde_json::from_slice::<PurchaseMessage>(&delivery.data) {
-                Ok(message) => {
-                    messages.push(message);
+            match decode_purchase(&delivery.data) {
+                Ok(orders) => {
+                    messages.extend(orders);
                     last_tag = Some(delivery.delivery_tag);
                 }
                 Err(err) => {
@@ -177,7 +186,7 @@ impl Allocator {
         let groups = group_by_event(&messages);
         let mut backoff = Backoff::default();
         let totals = loop {
-            match allocate_batch(&self.db, &groups, self.config.hold_ttl()).await {
+            match allocate_batch(&self.db, partition, &groups, self.config.hold_ttl()).await {
                 Ok(outcome) => break outcome,
                 Err(err) => {
                     tracing::warn!(partition, events = groups.len(), error = %err, "allocation failed; retrying");
@@ -202,6 +211,12 @@ impl Allocator {
         );
         Ok(true)
     }
+}
+
+/// About how many orders a message names (its JSON objects with an `order_id`), without
+/// decoding it: enough to size a batch.
+fn orders_in(delivery: &Delivery) -> usize {
+    delivery.data.windows(10).filter(|w| *w == b"\"order_id\"").count().max(1)
 }
 
 fn next_delivery(delivery: Option<lapin::Result<Delivery>>) -> anyhow::Result<Delivery> {
@@ -270,14 +285,19 @@ fn allocate(available: i64, event_open: bool, orders: &[(Uuid, i32)]) -> (Vec<De
 }
 
 /// The whole batch in one transaction, whatever the number of events in it. Locks the
-/// batch's event rows first, in id order, then its orders, in id order: every other writer
-/// takes one event row and then that event's orders, so this cannot deadlock with payments,
-/// expiry or another batch. `FOR NO KEY UPDATE`, not `FOR UPDATE`: writers still exclude
-/// each other, but the api's order inserts (whose foreign key takes `FOR KEY SHARE` on the
-/// event) are not blocked behind the batch; `FOR UPDATE` made every accept on a hot event
-/// wait for it. One transaction per batch rather than per event keeps a batch spread over
-/// many events (a normal day) as cheap as one on a single hot event.
-async fn allocate_batch(db: &PgPool, groups: &[(Uuid, Vec<Uuid>)], hold_ttl: Duration) -> sqlx::Result<Outcome> {
+/// batch's event rows, in id order (`FOR NO KEY UPDATE`: writers exclude each other, readers
+/// and inserts are not blocked). The orders are then read without locking them: every
+/// writer of an order's status (this allocator, payments, cancellations, expiry, an event's
+/// deletion) takes its event's row lock first, so while the batch holds its events' locks
+/// no one else can change their orders. That ordering also means this cannot deadlock with
+/// them. One transaction per batch rather than per event keeps a batch spread over many
+/// events (a normal day) as cheap as one on a single hot event.
+async fn allocate_batch(
+    db: &PgPool,
+    partition: u16,
+    groups: &[(Uuid, Vec<Uuid>)],
+    hold_ttl: Duration,
+) -> sqlx::Result<Outcome> {
     let mut tx = db.begin().await?;
     let event_ids: Vec<Uuid> = groups.iter().map(|(event, _)| *event).collect();
     let events: HashMap<Uuid, (i32, i32, bool)> = sqlx::query_as::<_, (Uuid, i32, i32, bool)>(
@@ -292,15 +312,18 @@ async fn allocate_batch(db: &PgPool, groups: &[(Uuid, Vec<Uuid>)], hold_ttl: Dur
     .collect();
     let order_ids: Vec<Uuid> = groups.iter().flat_map(|(_, orders)| orders.iter().copied()).collect();
     // An order is allocated only under the event its message names.
-    let queued: HashMap<Uuid, (Uuid, i32)> = sqlx::query_as::<_, (Uuid, Uuid, i32)>(
-        "SELECT id, event_id, quantity FROM orders WHERE id = ANY($1) AND status = 'QUEUED' ORDER BY id FOR UPDATE",
+    let rows: Vec<(Uuid, Uuid, i32, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT id, event_id, quantity, created_at FROM orders WHERE id = ANY($1) AND status = 'QUEUED'",
     )
     .bind(&order_ids)
     .fetch_all(&mut *tx)
-    .await?
-    .into_iter()
-    .map(|(id, event_id, quantity)| (id, (event_id, quantity)))
-    .collect();
+    .await?;
+    let seen_through = rows.iter().map(|(.., created_at)| *created_at).max();
+    let queued: HashMap<Uuid, (Uuid, i32)> =
+        rows.into_iter().map(|(id, event_id, quantity, _)| (id, (event_id, quantity))).collect();
+    if let Some(seen_through) = seen_through {
+        record_progress(&mut tx, partition, seen_through).await?;
+    }
 
     let mut outcome = Outcome::default();
     let mut decided: Vec<Decision> = Vec::with_capacity(order_ids.len());
@@ -378,6 +401,21 @@ async fn allocate_batch(db: &PgPool, groups: &[(Uuid, Vec<Uuid>)], hold_ttl: Dur
     outcome.accepted = decided.iter().filter(|d| d.status == OrderStatus::Pending).count();
     outcome.rejected = decided.len() - outcome.accepted;
     Ok(outcome)
+}
+
+/// The partition's consumer has decided orders created up to `seen_through` (see
+/// `republish`): messages of orders created well before it have been taken from the queue.
+async fn record_progress(tx: &mut sqlx::PgConnection, partition: u16, seen_through: DateTime<Utc>) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO partition_progress AS p (partition, seen_through) VALUES ($1, $2)
+         ON CONFLICT (partition) DO UPDATE
+         SET seen_through = greatest(p.seen_through, excluded.seen_through), updated_at = now()",
+    )
+    .bind(i16::try_from(partition).unwrap_or(i16::MAX))
+    .bind(seen_through)
+    .execute(tx)
+    .await?;
+    Ok(())
 }
 
 #[cfg(test)]

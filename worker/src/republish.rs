@@ -1,14 +1,27 @@
 //! The re-publisher: the orders table is the outbox of purchase messages. An order the api
-//! accepted but whose message the broker never confirmed (broker down, api crashed between
-//! commit and publish) is published again; so is an order whose confirmed message seems to
-//! have vanished (still `QUEUED` long after). Redelivered duplicates are harmless: the
+//! stored but whose message never reached a queue (broker down, api crashed between commit
+//! and publish, message lost) is published again. Redelivered duplicates are harmless: the
 //! allocator skips orders that are no longer `QUEUED`.
+//!
+//! Nothing is written when a message is confirmed (that was a second write of every order
+//! row); instead an order is known to be missing when it is still `QUEUED`
+//! `REPUBLISH_AFTER_SECS` after it was stored and
+//! - its partition's consumer has decided orders created `REPUBLISH_AFTER_SECS` later than
+//!   it (`partition_progress`: queues are first in, first out, so its message, sent when it
+//!   was stored, would have come first), or
+//! - its partition's queue holds no message ready for delivery (nothing is waiting that
+//!   could be it), or
+//! - it has waited `REPUBLISH_STALE_SECS` whatever the queue says.
+//!
+//! A backlog (orders waiting behind each other in a long queue) is therefore left alone,
+//! and a lost message is found as soon as its partition moves past it. `published_at`
+//! records when an order was last re-published, so that it is not sent again before the
+//! same wait has passed.
 
 use std::time::Duration;
 
 use common::amqp::{Publisher, PurchaseMessage};
 use common::config::WorkerConfig;
-use futures_util::future::join_all;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -47,47 +60,52 @@ pub async fn run(db: PgPool, publisher: Publisher, config: std::sync::Arc<Worker
 
 /// Claims a round of orders (stamping `published_at`, in a short transaction of its own so
 /// that no order row stays locked while the broker is slow; `SKIP LOCKED` lets several
-/// workers claim disjoint rounds), publishes them, and un-stamps the ones the broker did
-/// not confirm so the next round retries them.
+/// workers claim disjoint rounds), publishes them, and un-stamps them if the broker did not
+/// confirm, so the next round retries them.
 async fn round(db: &PgPool, publisher: &Publisher, after: Duration, stale: Duration) -> sqlx::Result<(usize, usize)> {
+    // Partitions whose queue holds nothing ready; unknown (broker down) counts as not idle.
+    let idle: Vec<i16> = match publisher.ready_messages().await {
+        Ok(depths) => depths.into_iter().filter(|(_, ready)| *ready == 0).map(|(p, _)| p as i16).collect(),
+        Err(err) => {
+            tracing::debug!(error = %err, "cannot read the partition queues' depths");
+            Vec::new()
+        }
+    };
     let claimed: Vec<(Uuid, Uuid)> = sqlx::query_as(
         "UPDATE orders SET published_at = now()
          WHERE id IN (
-             SELECT id FROM orders
-             WHERE status = 'QUEUED'
-               AND ((published_at IS NULL AND created_at < now() - make_interval(secs => $1))
-                    OR published_at < now() - make_interval(secs => $2))
-             ORDER BY created_at
-             LIMIT $3
-             FOR UPDATE SKIP LOCKED)
+             SELECT o.id FROM orders o LEFT JOIN partition_progress p ON p.partition = o.partition
+             WHERE o.status = 'QUEUED'
+               AND o.created_at < now() - make_interval(secs => $1)
+               AND (o.published_at IS NULL OR o.published_at < now() - make_interval(secs => $1))
+               AND (o.created_at < now() - make_interval(secs => $2)
+                    OR o.partition IS NULL
+                    OR o.partition = ANY($3)
+                    OR o.created_at < p.seen_through - make_interval(secs => $1))
+             ORDER BY o.created_at
+             LIMIT $4
+             FOR UPDATE OF o SKIP LOCKED)
          RETURNING id, event_id",
     )
     .bind(after.as_secs_f64())
     .bind(stale.as_secs_f64())
+    .bind(&idle)
     .bind(ROUND)
     .fetch_all(db)
     .await?;
     if claimed.is_empty() {
         return Ok((0, 0));
     }
-    let results = join_all(claimed.iter().map(|&(order_id, event_id)| async move {
-        (order_id, publisher.publish_purchase(&PurchaseMessage { order_id, event_id }).await)
-    }))
-    .await;
-    let failed: Vec<Uuid> = results
-        .iter()
-        .filter_map(|(id, result)| {
-            result.as_ref().err().map(|err| {
-                tracing::debug!(order_id = %id, error = %err, "re-publish failed");
-                *id
-            })
-        })
-        .collect();
-    if !failed.is_empty() {
+    let orders: Vec<PurchaseMessage> =
+        claimed.iter().map(|&(order_id, event_id)| PurchaseMessage { order_id, event_id }).collect();
+    if let Err(err) = publisher.publish_purchases(&orders).await {
+        tracing::debug!(orders = orders.len(), error = %err, "re-publish failed");
+        let ids: Vec<Uuid> = claimed.iter().map(|(id, _)| *id).collect();
         sqlx::query("UPDATE orders SET published_at = NULL WHERE id = ANY($1) AND status = 'QUEUED'")
-            .bind(&failed)
+            .bind(&ids)
             .execute(db)
             .await?;
+        return Ok((claimed.len(), 0));
     }
-    Ok((claimed.len(), claimed.len() - failed.len()))
+    Ok((claimed.len(), claimed.len()))
 }

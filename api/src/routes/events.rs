@@ -378,6 +378,8 @@ pub async fn update_event(
     .fetch_one(&mut *tx)
     .await?;
     tx.commit().await?;
+    // Other api processes hear of it from the `event_changes` notification.
+    state.catalog.forget(id);
     tracing::info!(event_id = %id, admin_id = %admin.id, fields = ?patch.keys().collect::<Vec<_>>(), "event edited");
     Ok(Json(event))
 }
@@ -444,6 +446,7 @@ pub async fn delete_event(
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
+    state.catalog.forget(id);
     tracing::info!(event_id = %id, admin_id = %admin.id, rejected_orders = rejected, "event deleted");
     Ok(StatusCode::NO_CONTENT)
 }

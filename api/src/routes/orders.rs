@@ -2,9 +2,10 @@
 //! buyer's view of how it turned out.
 //!
 //! `POST /orders` answers 202 as soon as the order is stored `QUEUED` and its message is
-//! handed to the broker. The database write is the commitment: if the broker does not
-//! confirm, the client still gets 202 and the worker's re-publisher sends the message later;
-//! if the database write fails, the client gets 503 and nothing was bought.
+//! handed to the broker (see `pipeline::OrderInserter`). The database write is the
+//! commitment: if the broker does not confirm, the client still gets 202 and the worker's
+//! re-publisher sends the message later; if the database write fails, the client gets 503
+//! and nothing was bought.
 
 use std::time::Duration;
 
@@ -13,7 +14,6 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
-use common::amqp::{PublishError, PurchaseMessage};
 use common::domain::{OrderEvent, OrderStatus, Transition};
 use common::order_changes;
 use rust_decimal::Decimal;
@@ -23,6 +23,7 @@ use uuid::Uuid;
 
 use super::page::PageQuery;
 use crate::auth::AuthUser;
+use crate::catalog::EventForSale;
 use crate::error::{ApiError, ErrorBody, ResultExt};
 use crate::extract::{Json, Path, Query};
 use crate::pipeline::{NewOrder, Stored};
@@ -31,6 +32,7 @@ use crate::state::AppState;
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/orders", post(create_order).get(list_orders))
+        .route("/orders/quote", post(quote))
         .route("/orders/{id}", get(get_order))
         .route("/orders/{id}/cancel", post(cancel_order))
 }
@@ -114,17 +116,6 @@ pub struct CreateOrderRequest {
     pub quantity: i64,
 }
 
-/// The part of an event a purchase needs.
-#[derive(sqlx::FromRow)]
-struct EventForSale {
-    name: String,
-    starts_at: DateTime<Utc>,
-    price: Decimal,
-    max_per_order: i32,
-    available: i32,
-    on_sale: bool,
-}
-
 /// Buy tickets: the order is accepted at once and allocated in the background.
 ///
 /// Answers **202** with the order `QUEUED` and `Location: /api/v1/orders/{id}`; poll that
@@ -167,39 +158,12 @@ pub async fn create_order(
         return replay(existing, &req);
     }
 
-    let fast_path = state.config.sold_out_fast_path;
-    if fast_path
-        && let Some(hint) = state.sold_out.get(req.event_id)
-        && req.quantity <= i64::from(hint.max_per_order)
-        && req.quantity > i64::from(hint.available)
-    {
-        return Err(sold_out(hint.available));
-    }
-
-    let event = sqlx::query_as::<_, EventForSale>(
-        "SELECT name, starts_at, price, max_per_order, capacity - sold AS available, starts_at > now() AS on_sale
-         FROM events WHERE id = $1 AND deleted_at IS NULL",
-    )
-    .bind(req.event_id)
-    .fetch_optional(&state.db)
-    .await?
-    .ok_or(ApiError::NotFound("event"))?;
-    if !event.on_sale {
-        return Err(ApiError::invalid("event_unavailable", "the event has started; tickets are no longer sold"));
-    }
-    if fast_path {
-        state.sold_out.record(req.event_id, event.available, event.max_per_order);
-    }
-    if req.quantity > i64::from(event.max_per_order) {
-        return Err(ApiError::invalid(
-            "invalid_quantity",
-            format!("quantity must be between 1 and {} for this event", event.max_per_order),
-        ));
-    }
-    // In range: checked against max_per_order (an i32) above.
-    let quantity = req.quantity as i32;
-    if fast_path && event.available < quantity {
-        return Err(sold_out(event.available));
+    let (event, quantity) = check_purchase(&state, &req).await?;
+    if state.config.sold_out_fast_path {
+        let available = tickets_left(&state, req.event_id, quantity).await?;
+        if available < quantity {
+            return Err(sold_out(available));
+        }
     }
 
     let order_id = Uuid::now_v7();
@@ -228,26 +192,6 @@ pub async fn create_order(
         }
     };
 
-    // The stored order is the promise (the orders table is the outbox), so the answer waits
-    // for the message to be sent, in order after earlier ones, but not for the broker's
-    // confirm; an order whose confirm never comes is sent again by the worker's re-publisher.
-    let message = PurchaseMessage { order_id, event_id: req.event_id };
-    let not_confirmed = move |err: PublishError| {
-        tracing::warn!(%order_id, error = %err, "purchase message not confirmed; the re-publisher will send it");
-    };
-    match state.publisher.send_purchase(&message).await {
-        Ok(confirmed) => {
-            let published = state.published.clone();
-            tokio::spawn(async move {
-                match confirmed.await {
-                    // A full marker queue only means one more (harmless) publish later.
-                    Ok(()) => drop(published.try_send(order_id)),
-                    Err(err) => not_confirmed(err),
-                }
-            });
-        }
-        Err(err) => not_confirmed(err),
-    }
     let order = Order {
         id: order_id,
         event_id: req.event_id,
@@ -263,6 +207,81 @@ pub async fn create_order(
         expires_at: None,
     };
     Ok((StatusCode::ACCEPTED, location(order_id), Json(order)))
+}
+
+/// The checks a purchase passes before anything is stored, all from memory: the event
+/// exists and is on sale, the quantity is within its per-order limit. Returns the event and
+/// the quantity.
+async fn check_purchase(state: &AppState, req: &CreateOrderRequest) -> Result<(EventForSale, i32), ApiError> {
+    if req.quantity < 1 {
+        return Err(ApiError::invalid("invalid_quantity", "quantity must be at least 1"));
+    }
+    let event = state.catalog.get(&state.db, req.event_id).await?.ok_or(ApiError::NotFound("event"))?;
+    if !event.on_sale(Utc::now()) {
+        return Err(ApiError::invalid("event_unavailable", "the event has started; tickets are no longer sold"));
+    }
+    if req.quantity > i64::from(event.max_per_order) {
+        return Err(ApiError::invalid(
+            "invalid_quantity",
+            format!("quantity must be between 1 and {} for this event", event.max_per_order),
+        ));
+    }
+    // In range: checked against max_per_order (an i32) above.
+    Ok((event, req.quantity as i32))
+}
+
+/// The sold-out fast path's view of the tickets left: a recent reading that said too few
+/// is trusted (that is what spares the database a stampede on a sold-out event); anything
+/// else is read afresh, and remembered.
+async fn tickets_left(state: &AppState, event_id: Uuid, quantity: i32) -> Result<i32, ApiError> {
+    if let Some(hint) = state.sold_out.get(event_id)
+        && hint.available < quantity
+    {
+        return Ok(hint.available);
+    }
+    let available: i32 = sqlx::query_scalar("SELECT capacity - sold FROM events WHERE id = $1")
+        .bind(event_id)
+        .fetch_optional(&state.db)
+        .await?
+        .ok_or(ApiError::NotFound("event"))?;
+    state.sold_out.record(event_id, available);
+    Ok(available)
+}
+
+/// What an order would cost, without buying: the same checks as `POST /orders`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Quote {
+    pub event_id: Uuid,
+    pub quantity: i32,
+    #[schema(value_type = String, example = "49.90")]
+    #[serde(serialize_with = "common::domain::money::serialize")]
+    pub unit_price: Decimal,
+    #[schema(value_type = String, example = "99.80")]
+    #[serde(serialize_with = "common::domain::money::serialize")]
+    pub total: Decimal,
+}
+
+/// Price a purchase without making it: the body of `POST /orders`, the same checks (the
+/// event exists and is on sale, the quantity is within its limit), the price it would be
+/// bought at now. Nothing is stored or reserved; whether tickets are left is not said (the
+/// purchase itself decides that).
+#[utoipa::path(post, path = "/api/v1/orders/quote", tag = "orders", request_body = CreateOrderRequest,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "What the purchase would cost now", body = Quote),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 404, description = "No such event", body = ErrorBody),
+        (status = 422, description = "Quantity out of range (`invalid_quantity`) or event over \
+            (`event_unavailable`)", body = ErrorBody),
+    ))]
+pub async fn quote(
+    State(state): State<AppState>,
+    _user: AuthUser,
+    Json(req): Json<CreateOrderRequest>,
+) -> Result<Json<Quote>, ApiError> {
+    let (event, quantity) = check_purchase(&state, &req).await?;
+    let total = event.price * Decimal::from(quantity);
+    Ok(Json(Quote { event_id: req.event_id, quantity, unit_price: event.price, total }))
 }
 
 /// The fast path's refusal: fewer tickets left than asked for.

@@ -1,0 +1,108 @@
+//! What the purchase path needs to know of an event (its name, date, price and per-order
+//! limit, and that it is not deleted), kept in memory so that accepting an order costs the
+//! database no read. An event is read once; the `event_changes` notification (a trigger on
+//! `events`, for any change but `sold`) drops it again, in every api process, within
+//! milliseconds of the commit. While the listener is disconnected (notifications may be
+//! missed), every lookup reads the database, as before.
+//!
+//! Not the authority: the worker decides under the event row's lock, and rejects orders
+//! for an event that was deleted or has started meanwhile (`EVENT_UNAVAILABLE`). A price
+//! changed in the same few milliseconds as a purchase may apply to it or not, as if the
+//! request had arrived a moment earlier or later.
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+/// The `NOTIFY` channel of changed event ids (migration 0007).
+pub const CHANNEL: &str = "event_changes";
+
+/// Above this many remembered events, the catalog starts over (a bound on memory).
+const KEPT: usize = 100_000;
+
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct EventForSale {
+    pub name: String,
+    pub starts_at: DateTime<Utc>,
+    pub price: Decimal,
+    pub max_per_order: i32,
+}
+
+impl EventForSale {
+    pub fn on_sale(&self, now: DateTime<Utc>) -> bool {
+        self.starts_at > now
+    }
+}
+
+#[derive(Default)]
+pub struct EventCatalog {
+    events: RwLock<HashMap<Uuid, EventForSale>>,
+    /// Raised by every forgetting: a read that started before it must not be kept.
+    generation: AtomicU64,
+    /// Whether notifications are being received (set by the listener).
+    synced: AtomicBool,
+}
+
+impl EventCatalog {
+    /// The live (not deleted) event, from memory when possible.
+    pub async fn get(&self, db: &PgPool, id: Uuid) -> Result<Option<EventForSale>, sqlx::Error> {
+        let synced = self.synced.load(Ordering::Acquire);
+        if synced && let Some(event) = self.events.read().unwrap_or_else(|e| e.into_inner()).get(&id) {
+            return Ok(Some(event.clone()));
+        }
+        let generation = self.generation.load(Ordering::Acquire);
+        let event: Option<EventForSale> = sqlx::query_as(
+            "SELECT name, starts_at, price, max_per_order FROM events WHERE id = $1 AND deleted_at IS NULL",
+        )
+        .bind(id)
+        .fetch_optional(db)
+        .await?;
+        if let Some(event) = &event
+            && synced
+        {
+            let mut events = self.events.write().unwrap_or_else(|e| e.into_inner());
+            // A change announced while we read may not be in what we read: keep nothing.
+            if self.generation.load(Ordering::Acquire) == generation && self.synced.load(Ordering::Acquire) {
+                if events.len() >= KEPT {
+                    events.clear();
+                }
+                events.insert(id, event.clone());
+            }
+        }
+        Ok(event)
+    }
+
+    /// The event changed: read it again next time.
+    pub fn forget(&self, id: Uuid) {
+        let mut events = self.events.write().unwrap_or_else(|e| e.into_inner());
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        events.remove(&id);
+    }
+
+    /// Applies a notification's payload, an event id.
+    pub fn forget_announced(&self, payload: &str) {
+        match payload.parse() {
+            Ok(id) => self.forget(id),
+            Err(_) => tracing::warn!(payload, "unreadable event change notification"),
+        }
+    }
+
+    /// Notifications are (again) being received: start from an empty catalog.
+    pub fn synced(&self) {
+        let mut events = self.events.write().unwrap_or_else(|e| e.into_inner());
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        events.clear();
+        self.synced.store(true, Ordering::Release);
+    }
+
+    /// The listener lost its connection: read the database until it is back.
+    pub fn lost(&self) {
+        self.synced.store(false, Ordering::Release);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+}
