@@ -197,6 +197,15 @@ impl ApiConfig {
     }
 }
 
+/// How order events are published (see `ORDER_EVENTS_FORMAT`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum EventsFormat {
+    /// Several events of one type per message (version 2).
+    Batch,
+    /// One event per message (version 1).
+    Single,
+}
+
 /// Everything the `worker` process needs.
 #[derive(Clone, Debug, clap::Args)]
 pub struct WorkerConfig {
@@ -240,6 +249,11 @@ pub struct WorkerConfig {
     #[arg(long = "events-relay-interval-ms", env = "EVENTS_RELAY_INTERVAL_MS", default_value_t = 200,
           value_parser = clap::value_parser!(u64).range(10..=60_000))]
     pub events_relay_interval_ms: u64,
+    /// How order events are published to `orders.events`: `batch` puts the events of one
+    /// relay round that share a type in one message (version 2: `{"version": 2, "type",
+    /// "events": [...]}`), `single` sends one message per event (version 1).
+    #[arg(long = "order-events-format", env = "ORDER_EVENTS_FORMAT", value_enum, default_value_t = EventsFormat::Batch)]
+    pub order_events_format: EventsFormat,
     #[command(flatten)]
     pub webhook_targets: WebhookTargetConfig,
     /// Waits between webhook delivery attempts: after the first failure the first wait, and

@@ -22,6 +22,10 @@ use crate::domain::OrderStatus;
 /// The version of the event's shape.
 pub const VERSION: u32 = 1;
 
+/// The version of an `orders.events` message that carries several events of one type:
+/// `{"version": 2, "type": "order.paid", "events": [<version 1 event>, …]}`.
+pub const BATCH_VERSION: u32 = 2;
+
 #[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct OrderNotification {
     /// `order.queued`, `order.pending`, `order.paid`, `order.rejected`, `order.expired` or

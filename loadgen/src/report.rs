@@ -168,7 +168,7 @@ impl Report {
             println!("CPU µs/order        {} ({})", opt(cost.cpu_us_per_order), groups.join(", "));
             println!("statements/order    {}", opt(cost.statements_per_order));
             println!("rows written/order  {}", opt(cost.rows_written_per_order));
-            println!("messages/order      {}", opt(cost.messages_per_order));
+            println!("messages/order      {}", cost.messages_per_order.map_or("-".to_owned(), |m| format!("{m:.3}")));
             for statement in cost.top_statements.iter().take(6) {
                 println!(
                     "  {:>9.1} ms {:>7} calls {:>7} rows  {:.110}",
@@ -287,7 +287,7 @@ pub fn summary(dir: &Path, markdown: Option<&Path>) -> anyhow::Result<()> {
                 fmt(per_order(|c| c.loadgen), 0),
                 fmt(cost(&|c| c.statements_per_order), 2),
                 fmt(cost(&|c| c.rows_written_per_order), 2),
-                fmt(cost(&|c| c.messages_per_order), 2),
+                fmt(cost(&|c| c.messages_per_order), 3),
             );
         }
     }

@@ -125,52 +125,16 @@ async fn status_changes_reach_webhooks_and_queue_consumers() {
     let receiver = Receiver::start(vec![], 200).await;
     let (endpoint, secret) = register(&app, buyer, &receiver.url).await;
 
-    // A queue consumer of its own, bound to every order event.
     let connection = app.broker.connect().await;
-    let channel = connection.create_channel().await.unwrap();
-    let queue = channel
-        .queue_declare("".into(), QueueDeclareOptions { exclusive: true, ..Default::default() }, FieldTable::default())
-        .await
-        .unwrap();
-    channel
-        .queue_bind(
-            queue.name().clone(),
-            "orders.events".into(),
-            "order.#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let mut consumer = channel
-        .basic_consume(queue.name().clone(), "test".into(), BasicConsumeOptions::default(), FieldTable::default())
-        .await
-        .unwrap();
+    let mut consumer = bind_consumer(&connection).await;
 
     let order = app.pending_order(buyer, event, 2).await;
     assert_eq!(app.payment(order, &json!({"status": "PAID"})).await.status, 204);
 
-    // The queue consumer sees every transition of the order, in order.
-    let mut seen = Vec::new();
-    while seen.len() < 3 {
-        let delivery = tokio::time::timeout(Duration::from_secs(30), consumer.next())
-            .await
-            .expect("an order event within 30 s")
-            .unwrap()
-            .unwrap();
-        let body: Value = serde_json::from_slice(&delivery.data).unwrap();
-        assert_eq!(delivery.routing_key.as_str(), body["type"].as_str().unwrap());
-        assert_eq!(body["version"], 1);
-        assert!(body["id"].as_str().unwrap().starts_with("evt_"), "{body}");
-        assert_eq!(body["data"]["quantity"], 2);
-        assert_eq!(body["data"]["total"], "99.80");
-        delivery.ack(BasicAckOptions::default()).await.unwrap();
-        if body["data"]["id"] == order.to_string() {
-            seen.push((body["type"].as_str().unwrap().to_owned(), body["data"]["status"].as_str().unwrap().to_owned()));
-        }
-    }
+    // The queue consumer sees every transition of the order, in order, several events of
+    // one type to a message (version 2).
     assert_eq!(
-        seen,
+        consume_events(&mut consumer, order, 2).await,
         [("order.queued", "QUEUED"), ("order.pending", "PENDING"), ("order.paid", "PAID")]
             .map(|(t, s)| (t.to_owned(), s.to_owned()))
     );
@@ -206,6 +170,84 @@ async fn status_changes_reach_webhooks_and_queue_consumers() {
     let res = app.client.delete(app.url(&path)).bearer_auth(buyer).send().await.unwrap();
     assert_eq!(res.status(), 204);
     assert_eq!(app.get("/api/v1/webhook-endpoints", Some(buyer)).await.json, json!([]));
+}
+
+/// A queue of the test's own, bound to every order event.
+async fn bind_consumer(connection: &lapin::Connection) -> lapin::Consumer {
+    let channel = connection.create_channel().await.unwrap();
+    let queue = channel
+        .queue_declare("".into(), QueueDeclareOptions { exclusive: true, ..Default::default() }, FieldTable::default())
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            queue.name().clone(),
+            "orders.events".into(),
+            "order.#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .basic_consume(queue.name().clone(), "test".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .unwrap()
+}
+
+/// Consumes order events until three of `order`'s have arrived; returns them as (type,
+/// status), in the order received. Every message must be of `version`: 1, one event a
+/// message; 2, `{"version": 2, "type", "events": [...]}` with events of that type only.
+async fn consume_events(consumer: &mut lapin::Consumer, order: Uuid, version: u64) -> Vec<(String, String)> {
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let delivery = tokio::time::timeout(Duration::from_secs(30), consumer.next())
+            .await
+            .expect("an order event within 30 s")
+            .unwrap()
+            .unwrap();
+        let body: Value = serde_json::from_slice(&delivery.data).unwrap();
+        assert_eq!(delivery.routing_key.as_str(), body["type"].as_str().unwrap());
+        assert_eq!(body["version"], version, "{body}");
+        let events = match version {
+            1 => vec![body.clone()],
+            _ => body["events"].as_array().expect("events").clone(),
+        };
+        for event in events {
+            assert_eq!(event["version"], 1);
+            assert_eq!(event["type"], body["type"], "{body}");
+            assert!(event["id"].as_str().unwrap().starts_with("evt_"), "{event}");
+            assert_eq!(event["data"]["quantity"], 2);
+            assert_eq!(event["data"]["total"], "99.80");
+            if event["data"]["id"] == order.to_string() {
+                seen.push((
+                    event["type"].as_str().unwrap().to_owned(),
+                    event["data"]["status"].as_str().unwrap().to_owned(),
+                ));
+            }
+        }
+        delivery.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    seen
+}
+
+/// `ORDER_EVENTS_FORMAT=single`: one version 1 event per message, as before batches.
+#[tokio::test]
+async fn order_events_can_be_sent_one_per_message() {
+    let app = TestApp::spawn().await;
+    let _worker = app.spawn_worker(&[("ORDER_EVENTS_FORMAT", "single".to_owned())]);
+    let admin = app.admin().await;
+    let event = app.event_with(&admin, 10, 4).await;
+    let buyers = app.buyers(1).await;
+    let connection = app.broker.connect().await;
+    let mut consumer = bind_consumer(&connection).await;
+    let order = app.pending_order(&buyers[0].1, event, 2).await;
+    assert_eq!(app.payment(order, &json!({"status": "PAID"})).await.status, 204);
+    assert_eq!(
+        consume_events(&mut consumer, order, 1).await,
+        [("order.queued", "QUEUED"), ("order.pending", "PENDING"), ("order.paid", "PAID")]
+            .map(|(t, s)| (t.to_owned(), s.to_owned()))
+    );
 }
 
 #[tokio::test]

@@ -7,12 +7,21 @@
 //!
 //! One relay runs at a time across all workers (a transaction-scoped advisory lock), which
 //! keeps each order's events in the order of its changes.
+//!
+//! By default (`ORDER_EVENTS_FORMAT=batch`) the events of a round that share a type travel
+//! in one message, `{"version": 2, "type": "order.pending", "events": [<version 1 event>,
+//! …]}`, routed by that type: a persistent, confirmed message costs the broker about the
+//! same whatever it carries, and a stampede's round holds hundreds of events. The messages
+//! are formed so that each order's events still arrive in the order of its changes (an
+//! event joins a message only if that message comes after every earlier event of its
+//! order). `single` sends one version 1 event per message.
 
 use std::time::Duration;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use common::amqp::{CONFIRM_TIMEOUT, ORDER_EVENTS_EXCHANGE};
+use common::config::EventsFormat;
 use common::notifications::{OrderNotification, OrderSnapshot};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Confirmation};
@@ -35,8 +44,14 @@ struct Change {
     order: OrderSnapshot,
 }
 
-pub async fn run(db: PgPool, amqp: deadpool_lapin::Pool, interval: Duration, shutdown: CancellationToken) {
-    let mut relay = Relay { db, amqp, channel: None };
+pub async fn run(
+    db: PgPool,
+    amqp: deadpool_lapin::Pool,
+    interval: Duration,
+    format: EventsFormat,
+    shutdown: CancellationToken,
+) {
+    let mut relay = Relay { db, amqp, format, channel: None };
     let mut backoff = Backoff::default();
     loop {
         tokio::select! {
@@ -66,6 +81,7 @@ pub async fn run(db: PgPool, amqp: deadpool_lapin::Pool, interval: Duration, shu
 struct Relay {
     db: PgPool,
     amqp: deadpool_lapin::Pool,
+    format: EventsFormat,
     /// A confirm-mode channel, kept across batches.
     channel: Option<(deadpool_lapin::Object, Channel)>,
 }
@@ -110,21 +126,29 @@ impl Relay {
 
     /// Publishes every event, then waits for all the broker's confirms.
     async fn publish(&mut self, notifications: &[OrderNotification], payloads: &[String]) -> anyhow::Result<()> {
+        let messages = match self.format {
+            EventsFormat::Batch => batches(notifications, payloads),
+            EventsFormat::Single => notifications
+                .iter()
+                .zip(payloads)
+                .map(|(notification, payload)| Message { first: notification, body: payload.clone().into_bytes() })
+                .collect(),
+        };
         let channel = self.channel().await?;
-        let mut confirms = Vec::with_capacity(payloads.len());
-        for (notification, payload) in notifications.iter().zip(payloads) {
+        let mut confirms = Vec::with_capacity(messages.len());
+        for message in &messages {
             let properties = BasicProperties::default()
                 .with_delivery_mode(2)
                 .with_content_type("application/json".into())
-                .with_message_id(notification.id.as_str().into())
-                .with_type(notification.kind.as_str().into())
-                .with_timestamp(u64::try_from(notification.timestamp.timestamp()).unwrap_or_default());
+                .with_message_id(message.first.id.as_str().into())
+                .with_type(message.first.kind.as_str().into())
+                .with_timestamp(u64::try_from(message.first.timestamp.timestamp()).unwrap_or_default());
             let confirm = channel
                 .basic_publish(
                     ORDER_EVENTS_EXCHANGE.into(),
-                    notification.kind.as_str().into(),
+                    message.first.kind.as_str().into(),
                     BasicPublishOptions::default(),
-                    payload.as_bytes(),
+                    &message.body,
                     properties,
                 )
                 .await?;
@@ -156,6 +180,49 @@ impl Relay {
         self.channel = Some((connection, channel.clone()));
         Ok(channel)
     }
+}
+
+/// One message for `orders.events`: its first event gives its routing key and properties.
+struct Message<'a> {
+    first: &'a OrderNotification,
+    body: Vec<u8>,
+}
+
+/// The round's events as version 2 messages, each holding events of one type, as few as
+/// keep every order's events in order: an event joins the last message of its type only if
+/// that message comes after every message holding an earlier event of the same order;
+/// otherwise it starts a new one at the end.
+fn batches<'a>(notifications: &'a [OrderNotification], payloads: &[String]) -> Vec<Message<'a>> {
+    let mut groups: Vec<(&'a OrderNotification, Vec<&str>)> = Vec::new();
+    let mut last_of_order: std::collections::HashMap<Uuid, usize> = std::collections::HashMap::new();
+    for (notification, payload) in notifications.iter().zip(payloads) {
+        let after = last_of_order.get(&notification.data.id).copied();
+        let joinable = groups
+            .iter()
+            .rposition(|(first, _)| first.kind == notification.kind)
+            .filter(|position| after.is_none_or(|after| *position > after));
+        let position = match joinable {
+            Some(position) => position,
+            None => {
+                groups.push((notification, Vec::new()));
+                groups.len() - 1
+            }
+        };
+        groups[position].1.push(payload);
+        last_of_order.insert(notification.data.id, position);
+    }
+    groups
+        .into_iter()
+        .map(|(first, payloads)| {
+            let body = format!(
+                r#"{{"version":{},"type":{},"events":[{}]}}"#,
+                common::notifications::BATCH_VERSION,
+                serde_json::Value::from(first.kind.as_str()),
+                payloads.join(",")
+            );
+            Message { first, body: body.into_bytes() }
+        })
+        .collect()
 }
 
 /// One delivery per (change, enabled endpoint of the order's owner), due now.
@@ -197,4 +264,81 @@ async fn create_deliveries(
     .execute(&mut *tx)
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use common::domain::OrderStatus;
+    use common::notifications::OrderSnapshot;
+
+    fn event(history_id: i64, order: u128, status: OrderStatus) -> OrderNotification {
+        let snapshot = OrderSnapshot {
+            id: Uuid::from_u128(order),
+            user_id: Uuid::from_u128(99),
+            event_id: Uuid::from_u128(98),
+            quantity: 1,
+            unit_price: rust_decimal::Decimal::ONE,
+            total: rust_decimal::Decimal::ONE,
+            status,
+            reason: None,
+            created_at: chrono::Utc::now(),
+            expires_at: None,
+        };
+        OrderNotification::new(history_id, chrono::Utc::now(), snapshot)
+    }
+
+    /// (type, history ids) of each message.
+    fn shape(notifications: &[OrderNotification]) -> Vec<(String, Vec<i64>)> {
+        let payloads: Vec<String> = notifications.iter().map(|n| serde_json::to_string(n).unwrap()).collect();
+        batches(notifications, &payloads)
+            .into_iter()
+            .map(|message| {
+                let body: serde_json::Value = serde_json::from_slice(&message.body).unwrap();
+                assert_eq!(body["version"], 2);
+                assert_eq!(body["type"], message.first.kind.as_str());
+                let ids = body["events"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|e| {
+                        assert_eq!(e["type"], body["type"], "one type per message");
+                        e["id"].as_str().unwrap().trim_start_matches("evt_").parse().unwrap()
+                    })
+                    .collect();
+                (message.first.kind.clone(), ids)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn events_of_a_type_share_a_message() {
+        use OrderStatus::*;
+        let round = [event(1, 1, Queued), event(2, 2, Queued), event(3, 3, Queued), event(4, 1, Pending)];
+        assert_eq!(shape(&round), [("order.queued".into(), vec![1, 2, 3]), ("order.pending".into(), vec![4])]);
+    }
+
+    #[test]
+    fn each_orders_events_stay_in_the_order_of_its_changes() {
+        use OrderStatus::*;
+        // Order 2's PENDING may not join the PENDING message that precedes its QUEUED one.
+        let round = [event(1, 1, Pending), event(2, 2, Queued), event(3, 2, Pending), event(4, 3, Pending)];
+        let messages = shape(&round);
+        assert_eq!(
+            messages,
+            [("order.pending".into(), vec![1]), ("order.queued".into(), vec![2]), ("order.pending".into(), vec![3, 4])]
+        );
+        // Whatever the round, every order's events appear in history order across messages.
+        let statuses = [Queued, Pending, Paid, Rejected, Expired, Cancelled];
+        let round: Vec<OrderNotification> =
+            (0..60).map(|i| event(i, (i * 7 % 5) as u128, statuses[(i * 3 % 6) as usize])).collect();
+        let flat: Vec<i64> = shape(&round).into_iter().flat_map(|(_, ids)| ids).collect();
+        for order in 0..5u128 {
+            let ids: Vec<i64> = flat.iter().copied().filter(|id| (*id * 7 % 5) as u128 == order).collect();
+            let mut sorted = ids.clone();
+            sorted.sort();
+            assert_eq!(ids, sorted, "order {order}");
+        }
+        assert_eq!(flat.len(), 60);
+    }
 }

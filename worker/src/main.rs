@@ -74,7 +74,13 @@ async fn run(config: WorkerConfig) -> anyhow::Result<()> {
     let publisher = common::amqp::Publisher::new(amqp.clone(), partitions);
     tasks.spawn(republish::run(db.clone(), publisher, config.clone(), shutdown.clone()));
     tasks.spawn(expiry::run(db.clone(), config.expiry_interval(), shutdown.clone()));
-    tasks.spawn(events::run(db.clone(), amqp.clone(), config.events_relay_interval(), shutdown.clone()));
+    tasks.spawn(events::run(
+        db.clone(),
+        amqp.clone(),
+        config.events_relay_interval(),
+        config.order_events_format,
+        shutdown.clone(),
+    ));
     let deliverer = Arc::new(deliveries::Deliverer::new(db.clone(), &config).context("building the webhook client")?);
     tasks.spawn(deliverer.run(config.webhook_poll_interval(), shutdown.clone()));
 
