@@ -99,6 +99,9 @@ pub struct Statement {
 /// Samples CPU times until [`Sampler::finish`].
 pub struct Sampler {
     args: CostArgs,
+    /// The management API's count of messages published in the virtual host at the start
+    /// (a virtual host made afresh may still show its predecessor's count for a moment).
+    published_before: Option<u64>,
     api_pid: Option<u32>,
     worker_pid: Option<u32>,
     database: String,
@@ -127,6 +130,10 @@ impl Sampler {
             sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements").execute(&mut conn).await?;
             sqlx::query("SELECT pg_stat_statements_reset()").execute(&mut conn).await?;
         }
+        let published_before = match &args.rabbit_management_url {
+            Some(url) => published(&reqwest::Client::new(), url, &args.vhost, false).await.ok(),
+            None => None,
+        };
         let ticks = Arc::new(Mutex::new(Ticks::default()));
         let (stop, mut stopped) = tokio::sync::oneshot::channel();
         let groups = Groups {
@@ -149,7 +156,16 @@ impl Sampler {
             }
             sample(&groups, &sampled, false);
         });
-        Ok(Self { args: args.clone(), api_pid, worker_pid, database: database.to_owned(), ticks, stop, task })
+        Ok(Self {
+            args: args.clone(),
+            published_before,
+            api_pid,
+            worker_pid,
+            database: database.to_owned(),
+            ticks,
+            stop,
+            task,
+        })
     }
 
     /// Stops sampling and gathers the statement and message counts.
@@ -194,8 +210,11 @@ impl Sampler {
             cost.top_statements = statements.into_iter().take(12).collect();
         }
         if let Some(url) = &self.args.rabbit_management_url {
-            match published(http, url, &self.args.vhost).await {
-                Ok(messages) => cost.messages_per_order = per_order(messages as f64),
+            match published(http, url, &self.args.vhost, true).await {
+                Ok(messages) => {
+                    let messages = messages.saturating_sub(self.published_before.unwrap_or(0));
+                    cost.messages_per_order = per_order(messages as f64);
+                }
                 Err(err) => eprintln!("no message counts from the management API: {err:#}"),
             }
         }
@@ -298,9 +317,10 @@ async fn statements(url: &str, database: &str) -> anyhow::Result<Vec<Statement>>
         .collect())
 }
 
-/// Messages published in the virtual host, as the management API counts them. Its figures
-/// are refreshed every few seconds: this waits until two readings a second apart agree.
-async fn published(http: &reqwest::Client, management_url: &str, vhost: &str) -> anyhow::Result<u64> {
+/// Messages published in the virtual host, as the management API counts them (0 for a
+/// virtual host it has no figures for yet). Its figures are refreshed every second: this
+/// waits until two readings a second apart agree (and, with `nonzero`, are not 0).
+async fn published(http: &reqwest::Client, management_url: &str, vhost: &str, nonzero: bool) -> anyhow::Result<u64> {
     let url = reqwest::Url::parse(management_url)?;
     let base = format!("{}://{}:{}", url.scheme(), url.host_str().unwrap_or("127.0.0.1"), url.port().unwrap_or(15672));
     let (user, password) = (url.username().to_owned(), url.password().unwrap_or("guest").to_owned());
@@ -319,7 +339,7 @@ async fn published(http: &reqwest::Client, management_url: &str, vhost: &str) ->
     for _ in 0..15 {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let now = read().await?;
-        if now == previous && now > 0 {
+        if now == previous && (now > 0 || !nonzero) {
             return Ok(now);
         }
         previous = now;

@@ -1,14 +1,14 @@
 //! The partition consumers and the batch allocator: the only code that issues tickets.
 //!
-//! One task per partition queue consumes with a bounded prefetch, takes a batch (messages
-//! until they name about `BATCH_SIZE` orders, or what arrived within `BATCH_WAIT_MS` of the
-//! first; a message names the orders the api stored together), groups it by event and runs
-//! one transaction for the batch: lock its event rows, read its still-`QUEUED` orders,
-//! allocate each event's orders in arrival order against `capacity - sold`, write the
-//! outcomes, insert the tickets and bump `sold` with one statement each, record how far the
-//! partition has got, commit. Only then is the batch acked, so a
-//! crash at any point leads to redelivery, and redelivery is harmless because an order
-//! that is no longer `QUEUED` is skipped.
+//! One task per partition queue consumes with a bounded prefetch and takes a batch
+//! (messages until they name about `BATCH_SIZE` orders, or what arrived within
+//! `BATCH_WAIT_MS` of the first; a message names the orders the api stored together). The
+//! batch goes to the decider, which decides every batch waiting at that moment in one
+//! transaction: lock their event rows, read their still-`QUEUED` orders, allocate each
+//! event's orders in arrival order against `capacity - sold`, write the outcomes, insert
+//! the tickets, bump `sold` and record how far each partition has got with one statement
+//! each, commit. Only then is the batch acked, so a crash at any point leads to redelivery,
+//! and redelivery is harmless because an order that is no longer `QUEUED` is skipped.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -24,7 +24,7 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, Basi
 use lapin::types::FieldTable;
 use lapin::{Channel, Consumer, message::Delivery};
 use sqlx::PgPool;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -33,11 +33,56 @@ use crate::retry::Backoff;
 
 /// What one partition consumer needs; shared by all of them.
 pub struct Allocator {
-    pub db: PgPool,
     pub amqp: deadpool_lapin::Pool,
     pub config: Arc<WorkerConfig>,
     pub worker_id: Uuid,
     pub assignment: watch::Receiver<Assignment>,
+    /// The decider's queue (see [`spawn_decider`]).
+    pub jobs: mpsc::Sender<Job>,
+}
+
+/// A batch's orders by event, events in order of first appearance, orders in arrival order.
+type Groups = Vec<(Uuid, Vec<Uuid>)>;
+
+/// One partition's batch, to be decided in the next transaction.
+pub struct Job {
+    partition: u16,
+    groups: Groups,
+    done: oneshot::Sender<Result<Outcome, String>>,
+}
+
+/// The most partition batches decided in one transaction.
+const JOBS_PER_TRANSACTION: usize = 64;
+
+/// Starts the task that decides the partitions' batches: whatever batches are waiting
+/// when a transaction starts share it, one at a time. On a hot event one partition fills
+/// every batch; on a normal day (orders spread over many events, so over every partition)
+/// each partition's batch is small, and deciding the partitions' batches together keeps
+/// the statements and the commit per order as few as when one event is hot. A partition's
+/// batch is acked only once its transaction committed; each partition's batches are still
+/// decided in their order (a consumer waits for one before sending the next).
+pub fn spawn_decider(db: PgPool, hold_ttl: Duration) -> mpsc::Sender<Job> {
+    let (jobs, mut queue) = mpsc::channel::<Job>(JOBS_PER_TRANSACTION * 4);
+    tokio::spawn(async move {
+        let mut waiting = Vec::with_capacity(JOBS_PER_TRANSACTION);
+        while queue.recv_many(&mut waiting, JOBS_PER_TRANSACTION).await > 0 {
+            let batches: Vec<(u16, &Groups)> = waiting.iter().map(|job| (job.partition, &job.groups)).collect();
+            match allocate_batches(&db, &batches, hold_ttl).await {
+                Ok(outcomes) => {
+                    for (job, outcome) in waiting.drain(..).zip(outcomes) {
+                        let _ = job.done.send(Ok(outcome));
+                    }
+                }
+                Err(err) => {
+                    let message = err.to_string();
+                    for job in waiting.drain(..) {
+                        let _ = job.done.send(Err(message.clone()));
+                    }
+                }
+            }
+        }
+    });
+    jobs
 }
 
 /// How a consumer session ended, when it ended well.
@@ -186,7 +231,13 @@ impl Allocator {
         let groups = group_by_event(&messages);
         let mut backoff = Backoff::default();
         let totals = loop {
-            match allocate_batch(&self.db, partition, &groups, self.config.hold_ttl()).await {
+            let (done, outcome) = oneshot::channel();
+            let job = Job { partition, groups: groups.clone(), done };
+            let result = match self.jobs.send(job).await {
+                Ok(()) => outcome.await.unwrap_or_else(|_| Err("the decider stopped".to_owned())),
+                Err(_) => Err("the decider stopped".to_owned()),
+            };
+            match result {
                 Ok(outcome) => break outcome,
                 Err(err) => {
                     tracing::warn!(partition, events = groups.len(), error = %err, "allocation failed; retrying");
@@ -229,8 +280,8 @@ fn next_delivery(delivery: Option<lapin::Result<Delivery>>) -> anyhow::Result<De
 
 /// The batch's orders by event, events in order of first appearance, orders in arrival
 /// order, each order once (a redelivered duplicate inside one batch is dropped here).
-fn group_by_event(messages: &[PurchaseMessage]) -> Vec<(Uuid, Vec<Uuid>)> {
-    let mut groups: Vec<(Uuid, Vec<Uuid>)> = Vec::new();
+fn group_by_event(messages: &[PurchaseMessage]) -> Groups {
+    let mut groups: Groups = Vec::new();
     let mut seen = HashSet::new();
     for message in messages {
         if !seen.insert(message.order_id) {
@@ -245,7 +296,7 @@ fn group_by_event(messages: &[PurchaseMessage]) -> Vec<(Uuid, Vec<Uuid>)> {
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]
-struct Outcome {
+pub struct Outcome {
     accepted: usize,
     rejected: usize,
     /// Messages whose order was not `QUEUED` any more (redeliveries) or does not exist.
@@ -284,22 +335,19 @@ fn allocate(available: i64, event_open: bool, orders: &[(Uuid, i32)]) -> (Vec<De
     (decisions, available.max(0) - left)
 }
 
-/// The whole batch in one transaction, whatever the number of events in it. Locks the
-/// batch's event rows, in id order (`FOR NO KEY UPDATE`: writers exclude each other, readers
-/// and inserts are not blocked). The orders are then read without locking them: every
-/// writer of an order's status (this allocator, payments, cancellations, expiry, an event's
-/// deletion) takes its event's row lock first, so while the batch holds its events' locks
-/// no one else can change their orders. That ordering also means this cannot deadlock with
-/// them. One transaction per batch rather than per event keeps a batch spread over many
-/// events (a normal day) as cheap as one on a single hot event.
-async fn allocate_batch(
-    db: &PgPool,
-    partition: u16,
-    groups: &[(Uuid, Vec<Uuid>)],
-    hold_ttl: Duration,
-) -> sqlx::Result<Outcome> {
+/// Partitions' batches in one transaction, whatever the number of events in them. Locks
+/// the batches' event rows, in id order (`FOR NO KEY UPDATE`: writers exclude each other,
+/// readers and inserts are not blocked). The orders are then read without locking them:
+/// every writer of an order's status (this allocator, payments, cancellations, expiry, an
+/// event's deletion) takes its event's row lock first, so while the transaction holds its
+/// events' locks no one else can change their orders. That ordering also means this cannot
+/// deadlock with them. Returns each batch's outcome, in the order given.
+async fn allocate_batches(db: &PgPool, batches: &[(u16, &Groups)], hold_ttl: Duration) -> sqlx::Result<Vec<Outcome>> {
     let mut tx = db.begin().await?;
-    let event_ids: Vec<Uuid> = groups.iter().map(|(event, _)| *event).collect();
+    let mut event_ids: Vec<Uuid> =
+        batches.iter().flat_map(|(_, groups)| groups.iter().map(|(event, _)| *event)).collect();
+    event_ids.sort();
+    event_ids.dedup();
     let events: HashMap<Uuid, (i32, i32, bool)> = sqlx::query_as::<_, (Uuid, i32, i32, bool)>(
         "SELECT id, capacity, sold, deleted_at IS NULL AND starts_at > now() FROM events
          WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
@@ -310,7 +358,8 @@ async fn allocate_batch(
     .into_iter()
     .map(|(id, capacity, sold, open)| (id, (capacity, sold, open)))
     .collect();
-    let order_ids: Vec<Uuid> = groups.iter().flat_map(|(_, orders)| orders.iter().copied()).collect();
+    let order_ids: Vec<Uuid> =
+        batches.iter().flat_map(|(_, groups)| groups.iter().flat_map(|(_, orders)| orders.iter().copied())).collect();
     // An order is allocated only under the event its message names.
     let rows: Vec<(Uuid, Uuid, i32, DateTime<Utc>)> = sqlx::query_as(
         "SELECT id, event_id, quantity, created_at FROM orders WHERE id = ANY($1) AND status = 'QUEUED'",
@@ -318,47 +367,62 @@ async fn allocate_batch(
     .bind(&order_ids)
     .fetch_all(&mut *tx)
     .await?;
-    let seen_through = rows.iter().map(|(.., created_at)| *created_at).max();
+    let created: HashMap<Uuid, DateTime<Utc>> = rows.iter().map(|(id, .., created_at)| (*id, *created_at)).collect();
     let queued: HashMap<Uuid, (Uuid, i32)> =
         rows.into_iter().map(|(id, event_id, quantity, _)| (id, (event_id, quantity))).collect();
-    if let Some(seen_through) = seen_through {
-        record_progress(&mut tx, partition, seen_through).await?;
-    }
 
-    let mut outcome = Outcome::default();
+    // Tickets left per event, as the batches take them in turn.
+    let mut left: HashMap<Uuid, i64> =
+        events.iter().map(|(id, (capacity, sold, _))| (*id, i64::from(capacity - sold))).collect();
+    let mut outcomes = Vec::with_capacity(batches.len());
     let mut decided: Vec<Decision> = Vec::with_capacity(order_ids.len());
     let (mut ticket_ids, mut ticket_orders, mut ticket_events) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut sold_events, mut sold_counts) = (Vec::new(), Vec::new());
-    for (event_id, orders) in groups {
-        let Some(&(capacity, sold, open)) = events.get(event_id) else {
-            tracing::warn!(%event_id, orders = orders.len(), "purchase messages for an unknown event; skipping");
-            outcome.skipped += orders.len();
-            continue;
-        };
-        let mine: Vec<(Uuid, i32)> = orders
-            .iter()
-            .filter_map(|id| {
-                queued.get(id).filter(|(event, _)| event == event_id).map(|&(_, quantity)| (*id, quantity))
-            })
-            .collect();
-        outcome.skipped += orders.len() - mine.len();
-        let (decisions, issued) = allocate(i64::from(capacity - sold), open, &mine);
-        for decision in decisions.iter().filter(|d| d.status == OrderStatus::Pending) {
-            for _ in 0..queued[&decision.order_id].1 {
-                ticket_ids.push(Uuid::now_v7());
-                ticket_orders.push(decision.order_id);
-                ticket_events.push(*event_id);
+    let mut issued_per_event: HashMap<Uuid, i64> = HashMap::new();
+    let mut progress: HashMap<u16, DateTime<Utc>> = HashMap::new();
+    for (partition, groups) in batches {
+        let mut outcome = Outcome::default();
+        for (event_id, orders) in groups.iter() {
+            let Some(&(_, _, open)) = events.get(event_id) else {
+                tracing::warn!(%event_id, orders = orders.len(), "purchase messages for an unknown event; skipping");
+                outcome.skipped += orders.len();
+                continue;
+            };
+            let mine: Vec<(Uuid, i32)> = orders
+                .iter()
+                .filter_map(|id| {
+                    queued.get(id).filter(|(event, _)| event == event_id).map(|&(_, quantity)| (*id, quantity))
+                })
+                .collect();
+            outcome.skipped += orders.len() - mine.len();
+            let available = left.get(event_id).copied().unwrap_or(0);
+            let (decisions, issued) = allocate(available, open, &mine);
+            left.insert(*event_id, available - issued);
+            if issued > 0 {
+                *issued_per_event.entry(*event_id).or_default() += issued;
             }
+            for decision in &decisions {
+                if let Some(created_at) = created.get(&decision.order_id) {
+                    let seen = progress.entry(*partition).or_insert(*created_at);
+                    *seen = (*seen).max(*created_at);
+                }
+                if decision.status == OrderStatus::Pending {
+                    outcome.accepted += 1;
+                    for _ in 0..queued[&decision.order_id].1 {
+                        ticket_ids.push(Uuid::now_v7());
+                        ticket_orders.push(decision.order_id);
+                        ticket_events.push(*event_id);
+                    }
+                } else {
+                    outcome.rejected += 1;
+                }
+            }
+            decided.extend(decisions);
         }
-        if issued > 0 {
-            sold_events.push(*event_id);
-            sold_counts.push(issued);
-        }
-        decided.extend(decisions);
+        outcomes.push(outcome);
     }
     if decided.is_empty() {
         tx.commit().await?;
-        return Ok(outcome);
+        return Ok(outcomes);
     }
 
     let ids: Vec<Uuid> = decided.iter().map(|d| d.order_id).collect();
@@ -387,6 +451,7 @@ async fn allocate_batch(
         .bind(&ticket_events)
         .execute(&mut *tx)
         .await?;
+        let (sold_events, sold_counts): (Vec<Uuid>, Vec<i64>) = issued_per_event.into_iter().unzip();
         sqlx::query(
             "UPDATE events e SET sold = e.sold + s.issued
              FROM UNNEST($1::uuid[], $2::int8[]) AS s(id, issued) WHERE e.id = s.id",
@@ -396,23 +461,29 @@ async fn allocate_batch(
         .execute(&mut *tx)
         .await?;
     }
+    record_progress(&mut tx, &progress).await?;
     common::db::notify_order_changes(&mut tx, &ids).await?;
     tx.commit().await?;
-    outcome.accepted = decided.iter().filter(|d| d.status == OrderStatus::Pending).count();
-    outcome.rejected = decided.len() - outcome.accepted;
-    Ok(outcome)
+    Ok(outcomes)
 }
 
-/// The partition's consumer has decided orders created up to `seen_through` (see
-/// `republish`): messages of orders created well before it have been taken from the queue.
-async fn record_progress(tx: &mut sqlx::PgConnection, partition: u16, seen_through: DateTime<Utc>) -> sqlx::Result<()> {
+/// How far each partition's consumer has got (see `republish`): it decided orders created
+/// up to this time, so messages of orders created well before have been taken from its
+/// queue. One statement for every partition of the transaction.
+async fn record_progress(tx: &mut sqlx::PgConnection, progress: &HashMap<u16, DateTime<Utc>>) -> sqlx::Result<()> {
+    if progress.is_empty() {
+        return Ok(());
+    }
+    let partitions: Vec<i16> = progress.keys().map(|p| i16::try_from(*p).unwrap_or(i16::MAX)).collect();
+    let times: Vec<DateTime<Utc>> = progress.values().copied().collect();
     sqlx::query(
-        "INSERT INTO partition_progress AS p (partition, seen_through) VALUES ($1, $2)
+        "INSERT INTO partition_progress AS p (partition, seen_through)
+         SELECT * FROM UNNEST($1::int2[], $2::timestamptz[]) ORDER BY 1
          ON CONFLICT (partition) DO UPDATE
          SET seen_through = greatest(p.seen_through, excluded.seen_through), updated_at = now()",
     )
-    .bind(i16::try_from(partition).unwrap_or(i16::MAX))
-    .bind(seen_through)
+    .bind(&partitions)
+    .bind(&times)
     .execute(tx)
     .await?;
     Ok(())

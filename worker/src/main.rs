@@ -65,8 +65,8 @@ async fn run(config: WorkerConfig) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
 
-    let allocator =
-        Arc::new(Allocator { db: db.clone(), amqp: amqp.clone(), config: config.clone(), worker_id, assignment });
+    let jobs = allocate::spawn_decider(db.clone(), config.hold_ttl());
+    let allocator = Arc::new(Allocator { amqp: amqp.clone(), config: config.clone(), worker_id, assignment, jobs });
     let subscribed = Arc::new(Semaphore::new(0));
     for partition in 0..partitions {
         tasks.spawn(allocator.clone().run_partition(partition, subscribed.clone(), shutdown.clone()));
