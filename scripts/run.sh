@@ -28,15 +28,22 @@ source "$secrets"
 export BIND_ADDR="${BIND_ADDR:-127.0.0.1:8080}"
 export LOG_FORMAT="${LOG_FORMAT:-pretty}"
 export IMAGE_STORE="${IMAGE_STORE:-$(dirname "$env_file")/images}"
+# A webhook receiver on this machine (the README's recipes) is allowed in development.
+export WEBHOOK_ALLOW_NETWORKS="${WEBHOOK_ALLOW_NETWORKS:-127.0.0.1/32,::1/128}"
 
-echo "[run] building (release)"
-cargo build --release --bins --locked
 bin=target/release
+if [ ! -x "$bin/api" ] || [ ! -x "$bin/worker" ]; then
+  echo "[run] first build of api and worker (release): about 400 crates, 10 to 15 minutes on 2 cores"
+else
+  echo "[run] building api and worker (release)"
+fi
+cargo build --release --locked -p api -p worker
 
 "$bin/api" migrate
 
 pids=()
 cleanup() {
+  local code=$?
   trap - INT TERM EXIT
   echo "[run] stopping api and worker"
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
@@ -46,16 +53,26 @@ cleanup() {
   else
     echo "[run] services were already running before; leaving them up (make stop)"
   fi
+  exit "$code"
 }
-trap cleanup INT TERM EXIT
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 "$bin/worker" & pids+=($!)
 "$bin/api" serve & pids+=($!)
 
-for _ in $(seq 1 100); do
-  curl -fsS "http://$BIND_ADDR/health/live" >/dev/null 2>&1 && break
+# Up means the api answers; if either process ends first, or the api never answers, this
+# command fails with what they printed above it (a port already taken, a bad setting…).
+up=false
+for _ in $(seq 1 150); do
+  if ! kill -0 "${pids[@]}" 2>/dev/null; then break; fi
+  if curl -fsS "http://$BIND_ADDR/health/live" >/dev/null 2>&1; then up=true; break; fi
   sleep 0.2
 done
+if [ "$up" = false ]; then
+  echo "[run] error: the api or the worker did not come up (their output is above); stopping" >&2
+  exit 1
+fi
 cat <<MSG
 
   Turnstile is serving on   http://$BIND_ADDR
@@ -66,5 +83,9 @@ cat <<MSG
   Connection URLs: $env_file   Ctrl-C stops everything this command started.
 
 MSG
-# Stop everything as soon as either process exits (or on Ctrl-C).
-wait -n "${pids[@]}" || true
+# Runs until Ctrl-C; if the api or the worker exits on its own, everything stops and this
+# command fails.
+status=0
+wait -n "${pids[@]}" || status=$?
+echo "[run] error: the api or the worker exited (status $status); stopping" >&2
+exit 1

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Local PostgreSQL 15 + RabbitMQ for development and tests, without Docker or systemd.
+# Local PostgreSQL (15 or newer) + RabbitMQ for development and tests, without Docker or
+# systemd.
 #
 #   scripts/services.sh start    install (apt, as root) if missing, start both, wait until ready,
 #                                write the connection URLs to $STATE/env (sourceable)
@@ -14,7 +15,10 @@
 # a system PostgreSQL/RabbitMQ. Ports and the directory can be overridden:
 #   TURNSTILE_STATE_DIR, TURNSTILE_PG_PORT (55432), TURNSTILE_AMQP_PORT (56720),
 #   TURNSTILE_RABBIT_MGMT_PORT (15680), TURNSTILE_RABBIT_DIST_PORT (25680),
-#   TURNSTILE_EPMD_PORT (4380), TURNSTILE_RABBIT_NODE (turnstile@localhost)
+#   TURNSTILE_EPMD_PORT (4380), TURNSTILE_RABBIT_NODE (turnstile@localhost),
+#   TURNSTILE_PG_BIN (PostgreSQL's bin directory; default: the version that made the data
+#   directory, else the newest installed under /usr/lib/postgresql, else the distribution's
+#   `postgresql` package is installed)
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -23,7 +27,6 @@ AMQP_PORT="${TURNSTILE_AMQP_PORT:-56720}"
 MGMT_PORT="${TURNSTILE_RABBIT_MGMT_PORT:-15680}"
 DIST_PORT="${TURNSTILE_RABBIT_DIST_PORT:-25680}"
 EPMD_PORT="${TURNSTILE_EPMD_PORT:-4380}"
-PG_BIN="${TURNSTILE_PG_BIN:-/usr/lib/postgresql/15/bin}"
 RABBIT_BIN="/usr/lib/rabbitmq/bin"
 APP_USER=turnstile
 APP_PASSWORD=turnstile
@@ -49,13 +52,25 @@ PG_DIR="$STATE/postgres"
 RABBIT_DIR="$STATE/rabbitmq"
 ENV_FILE="$STATE/env"
 
+# PostgreSQL's binaries: those that made the data directory (another major version cannot
+# open it), else the newest installed.
+find_pg_bin() {
+  if [ -n "${TURNSTILE_PG_BIN:-}" ]; then echo "$TURNSTILE_PG_BIN"; return; fi
+  if [ -f "$PG_DIR/data/PG_VERSION" ]; then echo "/usr/lib/postgresql/$(cat "$PG_DIR/data/PG_VERSION")/bin"; return; fi
+  local newest
+  newest="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)"
+  echo "${newest:-/usr/lib/postgresql/15/bin}"
+}
+PG_BIN="$(find_pg_bin)"
+
 as_pg() { if is_root; then runuser -u postgres -- "$@"; else "$@"; fi; }
 
 # --- installation -------------------------------------------------------------------------
 
 install_packages() {
   local missing=()
-  [ -x "$PG_BIN/initdb" ] || missing+=(postgresql-15 postgresql-client-15)
+  # The distribution's PostgreSQL (Debian 12: 15; Debian 13: 17; Ubuntu 24.04: 16).
+  [ -x "$PG_BIN/initdb" ] || missing+=(postgresql postgresql-client)
   [ -x "$RABBIT_BIN/rabbitmq-server" ] || missing+=(rabbitmq-server)
   [ ${#missing[@]} -eq 0 ] && return 0
   is_root || die "missing packages (${missing[*]}); run as root or install them: apt-get install ${missing[*]}"
@@ -71,6 +86,17 @@ install_packages() {
   } >"$STATE/apt.log" 2>&1 || rc=$?
   if [ -n "$backup" ]; then mv "$backup" "$policy"; else rm -f "$policy"; fi
   [ $rc -eq 0 ] || { tail -20 "$STATE/apt.log" >&2; die "apt-get failed (see $STATE/apt.log)"; }
+  PG_BIN="$(find_pg_bin)"
+}
+
+# Turnstile needs PostgreSQL 15 or newer.
+check_pg_version() {
+  local major
+  major="$(basename "$(dirname "$PG_BIN")")"
+  [ -x "$PG_BIN/initdb" ] || die "no PostgreSQL in $PG_BIN (set TURNSTILE_PG_BIN to its bin directory)"
+  if [[ "$major" =~ ^[0-9]+$ ]] && [ "$major" -lt 15 ]; then
+    die "PostgreSQL $major is older than 15; install 15 or newer and set TURNSTILE_PG_BIN"
+  fi
 }
 
 # --- PostgreSQL ---------------------------------------------------------------------------
@@ -142,6 +168,8 @@ rabbit_env() {
   export RABBITMQ_CONF_ENV_FILE="$RABBIT_DIR/rabbitmq-env.conf"
   export RABBITMQ_DIST_PORT="$DIST_PORT"
   export ERL_EPMD_PORT="$EPMD_PORT"
+  # A failed start writes its crash dump here, not into the working directory.
+  export ERL_CRASH_DUMP="$RABBIT_DIR/log/erl_crash.dump"
 }
 
 rabbitmqctl_() { (rabbit_env; "$RABBIT_BIN/rabbitmqctl" "$@"); }
@@ -220,6 +248,7 @@ ENV
 cmd_start() {
   mkdir -p "$STATE"
   install_packages
+  check_pg_version
   local pg_log="$STATE/start-postgres.log"
   start_postgres 2>"$pg_log" &
   local pg_pid=$!

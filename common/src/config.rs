@@ -213,7 +213,8 @@ pub struct WorkerConfig {
     pub database: DatabaseConfig,
     #[command(flatten)]
     pub broker: BrokerConfig,
-    /// Most purchase messages allocated in one batch (one transaction per event in it).
+    /// A batch takes purchase messages until they name about this many orders; the batches
+    /// waiting at once are decided in one transaction.
     #[arg(long = "batch-size", env = "BATCH_SIZE", default_value_t = 256,
           value_parser = clap::value_parser!(u16).range(1..=5000))]
     pub batch_size: u16,
