@@ -127,6 +127,15 @@ pub struct ApiConfig {
     #[arg(long = "image-max-bytes", env = "IMAGE_MAX_BYTES", default_value_t = 5_242_880,
           value_parser = clap::value_parser!(u64).range(1024..=104_857_600))]
     pub image_max_bytes: u64,
+    /// Origins whose browser pages may call the API (CORS), comma-separated, e.g.
+    /// `https://shop.example.com`; `*` allows any origin. None by default: no CORS headers.
+    #[arg(
+        long = "cors-allowed-origins",
+        env = "CORS_ALLOWED_ORIGINS",
+        value_delimiter = ',',
+        value_name = "ORIGIN,..."
+    )]
+    pub cors_allowed_origins: Vec<String>,
     /// Issuer (`iss`) written into and required from access tokens.
     #[arg(long = "jwt-issuer", env = "JWT_ISSUER", default_value = "turnstile")]
     pub jwt_issuer: String,
@@ -177,8 +186,19 @@ pub struct ApiConfig {
 }
 
 impl ApiConfig {
-    /// Checks what the flag parser cannot: secret lengths. Call once at start-up.
+    /// Checks what the flag parser cannot: secret lengths, origins. Call once at start-up.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        for origin in self.cors_allowed_origins.iter().filter(|o| o.as_str() != "*") {
+            let parsed = url::Url::parse(origin).ok();
+            let valid = parsed.as_ref().is_some_and(|url| {
+                matches!(url.scheme(), "http" | "https") && url.path() == "/" && !origin.ends_with('/')
+            });
+            if !valid {
+                return Err(ConfigError(format!(
+                    "CORS_ALLOWED_ORIGINS: {origin:?} is not an origin (scheme://host[:port], no path)"
+                )));
+            }
+        }
         check_secret("JWT_SECRET", self.jwt_secret.expose().as_bytes())?;
         check_secret("TICKET_SECRET", self.ticket_secret.expose().as_bytes())?;
         webhook_key(&self.webhook_secret).map(|_| ())

@@ -147,3 +147,51 @@ async fn api_shuts_down_gracefully_on_sigterm() {
     let status = app.terminate_api();
     assert!(status.is_some_and(|s| s.success()), "exit status after SIGTERM: {status:?}");
 }
+
+/// `CORS_ALLOWED_ORIGINS`: a storefront on a listed origin may call the API from the
+/// browser (preflight answered, its origin echoed, the useful headers exposed); any other
+/// origin gets no CORS headers; without the setting there are none at all; a value that is
+/// not an origin stops the api at start.
+#[tokio::test]
+async fn cors_is_off_by_default_and_opens_to_listed_origins_only() {
+    let shop = "https://shop.example.com";
+    let preflight = |app: &TestApp, origin: &str| {
+        app.client
+            .request(reqwest::Method::OPTIONS, app.url("/api/v1/orders"))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "authorization, content-type, idempotency-key")
+            .send()
+    };
+    let app = TestApp::spawn_with(&[("CORS_ALLOWED_ORIGINS", format!("{shop},http://localhost:5173"))]).await;
+    let res = preflight(&app, shop).await.unwrap();
+    assert!(res.status().is_success(), "{}", res.status());
+    assert_eq!(res.headers()["access-control-allow-origin"], shop);
+    let allowed = res.headers()["access-control-allow-headers"].to_str().unwrap().to_owned();
+    assert!(allowed.contains("authorization") && allowed.contains("idempotency-key"), "{allowed}");
+    let get = app.client.get(app.url("/api/v1/events")).header("origin", shop).send().await.unwrap();
+    assert_eq!(get.headers()["access-control-allow-origin"], shop);
+    let exposed = get.headers()["access-control-expose-headers"].to_str().unwrap().to_owned();
+    assert!(exposed.contains("location") && exposed.contains("x-request-id"), "{exposed}");
+    let other = preflight(&app, "https://evil.example.com").await.unwrap();
+    assert!(other.headers().get("access-control-allow-origin").is_none(), "another origin was allowed");
+
+    let closed = TestApp::spawn().await;
+    let get = closed.client.get(closed.url("/api/v1/events")).header("origin", shop).send().await.unwrap();
+    assert!(get.headers().get("access-control-allow-origin").is_none(), "CORS is on without the setting");
+
+    let services = Services::from_env();
+    let strong = "s".repeat(32);
+    let env = vec![
+        ("DATABASE_URL", services.database_url.clone()),
+        ("AMQP_URL", services.amqp_url.clone()),
+        ("BIND_ADDR", "127.0.0.1:0".to_owned()),
+        ("JWT_SECRET", strong.clone()),
+        ("WEBHOOK_SECRET", strong.clone()),
+        ("TICKET_SECRET", strong),
+        ("CORS_ALLOWED_ORIGINS", "https://shop.example.com/checkout".to_owned()),
+    ];
+    let (ok, _, stderr) = tests::run("api", &["serve"], &env, None);
+    assert!(!ok, "started with a path for an origin");
+    assert!(stderr.contains("CORS_ALLOWED_ORIGINS"), "{stderr}");
+}

@@ -16,10 +16,11 @@ use axum::Router;
 use axum::body::Body;
 use axum::error_handling::HandleErrorLayer;
 use axum::extract::DefaultBodyLimit;
-use axum::http::{HeaderMap, HeaderName, HeaderValue, Request, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Request, header};
 use axum::response::IntoResponse;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::cors::CorsLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::set_header::SetResponseHeaderLayer;
@@ -54,6 +55,7 @@ pub fn app(state: AppState) -> Router {
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(tower::util::option_layer(cors(&state.config.cors_allowed_origins)))
         // Outermost first: every response carries the security headers; panics become JSON
         // 500s; every request gets an `x-request-id` (the client's if it sent a short,
         // printable one) that is logged on its span and echoed back; the Authorization
@@ -82,6 +84,38 @@ pub fn app(state: AppState) -> Router {
         )
         .with_state(state)
 }
+
+/// CORS for the origins in `CORS_ALLOWED_ORIGINS` (none by default: no CORS headers, so a
+/// browser page on another origin cannot read the answers). Tokens travel in the
+/// `Authorization` header, never in cookies, so credentials mode stays off.
+fn cors(origins: &[String]) -> Option<CorsLayer> {
+    use tower_http::cors::{AllowOrigin, Any};
+    if origins.is_empty() {
+        return None;
+    }
+    let allow_origin = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::from(Any)
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    let layer = CorsLayer::new()
+        .allow_origin(allow_origin)
+        .allow_methods([Method::GET, Method::POST, Method::PUT, Method::PATCH, Method::DELETE])
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, IDEMPOTENCY_KEY, REQUEST_ID])
+        .expose_headers([
+            header::LOCATION,
+            header::LINK,
+            header::RETRY_AFTER,
+            header::ETAG,
+            REQUEST_ID,
+            HeaderName::from_static("idempotent-replayed"),
+            HeaderName::from_static("x-next-cursor"),
+        ])
+        .max_age(std::time::Duration::from_secs(600));
+    Some(layer)
+}
+
+const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
 /// A header every response carries (unless the handler set it): the API serves JSON and
 /// images, never pages to be framed, sniffed into HTML, or leak their URL as a referrer.
