@@ -101,21 +101,19 @@ fn cors(origins: &[String]) -> Option<CorsLayer> {
     let layer = CorsLayer::new()
         .allow_origin(allow_origin)
         .allow_methods([Method::GET, Method::POST, Method::PUT, Method::PATCH, Method::DELETE])
-        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, IDEMPOTENCY_KEY, REQUEST_ID])
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, orders::IDEMPOTENCY_KEY, REQUEST_ID])
         .expose_headers([
             header::LOCATION,
             header::LINK,
             header::RETRY_AFTER,
             header::ETAG,
             REQUEST_ID,
-            HeaderName::from_static("idempotent-replayed"),
+            orders::IDEMPOTENT_REPLAYED,
             HeaderName::from_static("x-next-cursor"),
         ])
         .max_age(std::time::Duration::from_secs(600));
     Some(layer)
 }
-
-const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
 /// A header every response carries (unless the handler set it): the API serves JSON and
 /// images, never pages to be framed, sniffed into HTML, or leak their URL as a referrer.

@@ -37,8 +37,8 @@ pub fn router() -> Router<AppState> {
         .route("/orders/{id}/cancel", post(cancel_order))
 }
 
-const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
-const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+pub(crate) const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+pub(crate) const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 const MAX_WAIT_SECS: u64 = 30;
 
 /// The columns of [`Order`]: the order joined with its event's name and date.
