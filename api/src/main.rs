@@ -253,7 +253,9 @@ fn sign_webhook(args: SignWebhookArgs) -> anyhow::Result<()> {
 
 fn read_password() -> anyhow::Result<String> {
     if std::io::stdin().is_terminal() {
-        eprint!("password for the new admin: ");
+        // Typed at a terminal: not echoed.
+        return rpassword::prompt_password("password for the new admin: ")
+            .context("reading the password from the terminal");
     }
     let mut line = String::new();
     std::io::stdin().read_line(&mut line).context("reading the password from standard input")?;

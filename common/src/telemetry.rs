@@ -1,6 +1,8 @@
 //! Logging set-up: JSON lines by default (one object per event, with span fields such as the
 //! request id), human-readable with `LOG_FORMAT=pretty`. The level comes from `RUST_LOG`.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 pub fn init(service: &'static str) {
@@ -10,7 +12,8 @@ pub fn init(service: &'static str) {
     let pretty = std::env::var("LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("pretty"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(true);
     let result = if pretty {
-        builder.try_init()
+        // Colours only on a terminal: a log written to a file or a pipe stays plain text.
+        builder.with_ansi(std::io::stdout().is_terminal()).try_init()
     } else {
         builder.json().flatten_event(true).with_current_span(true).with_span_list(false).try_init()
     };
