@@ -88,6 +88,9 @@ pub struct ErrorDetail {
 }
 
 impl ApiError {
+    /// 401 for a validly signed token whose account no longer exists.
+    pub const ACCOUNT_GONE: ApiError = ApiError::Unauthorized("the account of this token no longer exists");
+
     pub fn invalid(code: &'static str, message: impl Into<String>) -> Self {
         Self::Invalid { code, message: message.into() }
     }
@@ -190,7 +193,7 @@ impl From<sqlx::Error> for ApiError {
     fn from(err: sqlx::Error) -> Self {
         if let sqlx::Error::Database(db) = &err {
             if db.is_foreign_key_violation() && db.constraint().is_some_and(|name| USER_REFERENCES.contains(&name)) {
-                return Self::Unauthorized("the account of this token no longer exists");
+                return Self::ACCOUNT_GONE;
             }
             // 22021 character_not_in_repertoire; 22P05 untranslatable_character.
             if matches!(db.code().as_deref(), Some("22021" | "22P05")) {

@@ -1,8 +1,9 @@
 //! Throttling of the expensive, guessable endpoints (GCRA from the `governor` crate):
 //!
-//! - log-in: attempts per account (the email as the log-in normalises it), so that a password
-//!   cannot be guessed by brute force. Not per client address: a guess at one account from
-//!   many addresses is still a guess at one account;
+//! - log-in: attempts per account (the email as the log-in normalises it, `PATCH /me`
+//!   password checks included), so that a password cannot be guessed by brute force even
+//!   from many addresses; and attempts per client address, so that made-up emails do not
+//!   each get a fresh allowance;
 //! - sign-up: accounts created per client address, so that one client cannot flood the
 //!   user table or keep the password hasher busy. Behind a reverse proxy every client has
 //!   the proxy's address: raise `SIGNUP_PER_MINUTE` and limit at the proxy instead.

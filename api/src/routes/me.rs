@@ -29,7 +29,7 @@ pub async fn me(State(state): State<AppState>, user: AuthUser) -> Result<Json<Us
         .fetch_optional(&state.db)
         .await?
         .map(Json)
-        .ok_or(ApiError::Unauthorized("the account of this token no longer exists"))
+        .ok_or(ApiError::ACCOUNT_GONE)
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -84,7 +84,7 @@ pub async fn update_me(
                 .bind(user.id)
                 .fetch_optional(&state.db)
                 .await?
-                .ok_or(ApiError::Unauthorized("the account of this token no longer exists"))?;
+                .ok_or(ApiError::ACCOUNT_GONE)?;
         // A token is not a licence to guess the password: these checks share the log-in's
         // per-account allowance.
         throttled(&state.login_throttle, &email_now, "password checks")?;
@@ -116,7 +116,7 @@ pub async fn update_me(
     .on_constraint("users_email_key", || {
         ApiError::conflict("email_taken", "an account with this email already exists")
     })?
-    .ok_or(ApiError::Unauthorized("the account of this token no longer exists"))?;
+    .ok_or(ApiError::ACCOUNT_GONE)?;
     state.revocations.record(user.id, updated.token_version);
     let updated = updated.user;
     if sensitive {

@@ -24,7 +24,7 @@ use uuid::Uuid;
 use super::page::PageQuery;
 use crate::auth::AuthUser;
 use crate::catalog::EventForSale;
-use crate::error::{ApiError, ErrorBody, ResultExt};
+use crate::error::{ApiError, ErrorBody};
 use crate::extract::{Json, Path, Query};
 use crate::pipeline::{NewOrder, Stored};
 use crate::state::AppState;
@@ -179,9 +179,8 @@ pub async fn create_order(
             total,
             idempotency_key: key.clone(),
         })
-        .await
-        // A validly signed token whose account is gone.
-        .on_constraint("orders_user_id_fkey", || ApiError::Unauthorized("the token's account does not exist"))?;
+        // A validly signed token whose account is gone: 401 (`ApiError::from`).
+        .await?;
     let (created_at, updated_at) = match stored {
         Stored::Inserted(created_at, updated_at) => (created_at, updated_at),
         // The same key raced in from a concurrent request: answer like a replay.

@@ -106,7 +106,7 @@ pub async fn create_endpoint(
         .bind(user.id)
         .fetch_optional(&mut *tx)
         .await?
-        .ok_or(ApiError::Unauthorized("the account of this token no longer exists"))?;
+        .ok_or(ApiError::ACCOUNT_GONE)?;
     let count: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_endpoints WHERE user_id = $1")
         .bind(user.id)
         .fetch_one(&mut *tx)
