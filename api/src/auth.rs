@@ -195,6 +195,11 @@ impl AuthUser {
     pub fn is_admin(&self) -> bool {
         self.role == Role::Admin
     }
+
+    /// Whether the caller may check tickets in: door staff and admins.
+    pub fn may_check_in(&self) -> bool {
+        matches!(self.role, Role::Admin | Role::Staff)
+    }
 }
 
 impl FromRequestParts<AppState> for AuthUser {
@@ -238,6 +243,19 @@ impl FromRequestParts<AppState> for AdminUser {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         let user = AuthUser::from_request_parts(parts, state).await?;
         if user.is_admin() { Ok(AdminUser(user)) } else { Err(ApiError::Forbidden) }
+    }
+}
+
+/// A caller who may check tickets in (the `staff` or `admin` role); anyone else gets 403.
+#[derive(Clone, Copy, Debug)]
+pub struct DoorStaff(pub AuthUser);
+
+impl FromRequestParts<AppState> for DoorStaff {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let user = AuthUser::from_request_parts(parts, state).await?;
+        if user.may_check_in() { Ok(DoorStaff(user)) } else { Err(ApiError::Forbidden) }
     }
 }
 

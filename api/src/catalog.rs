@@ -1,4 +1,4 @@
-//! What the purchase path needs to know of an event (its name, date, price and per-order
+//! What the purchase path needs to know of an event (its name, date, price, currency and per-order
 //! limit, and that it is not deleted), kept in memory so that accepting an order costs the
 //! database no read. An event is read once; the `event_changes` notification (a trigger on
 //! `events`, for any change but `sold`) drops it again, in every api process, within
@@ -30,6 +30,7 @@ pub struct EventForSale {
     pub name: String,
     pub starts_at: DateTime<Utc>,
     pub price: Decimal,
+    pub currency: String,
     pub max_per_order: i32,
 }
 
@@ -57,7 +58,7 @@ impl EventCatalog {
         }
         let generation = self.generation.load(Ordering::Acquire);
         let event: Option<EventForSale> = sqlx::query_as(
-            "SELECT name, starts_at, price, max_per_order FROM events WHERE id = $1 AND deleted_at IS NULL",
+            "SELECT name, starts_at, price, currency, max_per_order FROM events WHERE id = $1 AND deleted_at IS NULL",
         )
         .bind(id)
         .fetch_optional(db)

@@ -6,7 +6,7 @@ use utoipa::openapi::{ContentBuilder, Ref, RefOr, Response, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
 use crate::error::{ErrorBody, ErrorDetail};
-use crate::routes::{auth, events, health, me, orders, payments, tickets, users, webhook_endpoints};
+use crate::routes::{auth, events, health, me, orders, organizer, payments, tickets, users, webhook_endpoints};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -19,7 +19,8 @@ use crate::routes::{auth, events, health, me, orders, payments, tickets, users, 
         auth::signup, auth::login,
         me::me, me::update_me, me::my_events, users::list_users, users::set_role,
         events::list_events, events::create_event, events::get_event, events::update_event, events::delete_event,
-        events::upload_image, events::get_image, tickets::ticket_qr, tickets::check_in,
+        events::upload_image, events::get_image, organizer::event_orders, organizer::attendees,
+        tickets::ticket_qr, tickets::check_in,
         orders::create_order, orders::quote, orders::list_orders, orders::get_order, orders::cancel_order,
         payments::payment_webhook, payments::list_late_payments, payments::mark_refunded,
         webhook_endpoints::create_endpoint, webhook_endpoints::list_endpoints, webhook_endpoints::delete_endpoint,
@@ -32,7 +33,8 @@ use crate::routes::{auth, events, health, me, orders, payments, tickets, users, 
         (name = "accounts", description = "Sign-up, log-in and the caller's own account"),
         (name = "events", description = "The event catalogue"),
         (name = "orders", description = "Buying tickets and following an order to its outcome"),
-        (name = "tickets", description = "Ticket QR codes and check-in at the door"),
+        (name = "organizers", description = "An event's orders and attendees, as JSON pages or a CSV export (admin)"),
+        (name = "tickets", description = "Ticket QR codes and check-in at the door (door staff: the `staff` role)"),
         (name = "payments", description = "The payment provider's signed webhook, and late payments to refund"),
         (name = "webhooks", description = "The caller's webhook endpoints for order events, and their deliveries \
             (the delivered body is the `OrderNotification` schema)"),

@@ -31,6 +31,7 @@ pub struct NewOrder {
     pub quantity: i32,
     pub unit_price: Decimal,
     pub total: Decimal,
+    pub currency: String,
     pub idempotency_key: Option<String>,
 }
 
@@ -140,9 +141,9 @@ async fn insert_orders(
     let column = |f: fn(&NewOrder) -> Uuid| orders.iter().map(|o| f(o)).collect::<Vec<_>>();
     let partition = |o: &&NewOrder| partition_of(o.event_id, partitions) as i16;
     let rows: Vec<(Uuid, DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
-        "INSERT INTO orders (id, user_id, event_id, quantity, unit_price, total, idempotency_key, partition)
+        "INSERT INTO orders (id, user_id, event_id, quantity, unit_price, total, currency, idempotency_key, partition)
          SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::int4[], $5::numeric[], $6::numeric[], $7::text[],
-                              $8::int2[])
+                              $8::text[], $9::int2[])
          ON CONFLICT (user_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
          RETURNING id, created_at, updated_at",
     )
@@ -152,6 +153,7 @@ async fn insert_orders(
     .bind(orders.iter().map(|o| o.quantity).collect::<Vec<_>>())
     .bind(orders.iter().map(|o| o.unit_price).collect::<Vec<_>>())
     .bind(orders.iter().map(|o| o.total).collect::<Vec<_>>())
+    .bind(orders.iter().map(|o| o.currency.as_str()).collect::<Vec<_>>())
     .bind(orders.iter().map(|o| o.idempotency_key.as_deref()).collect::<Vec<_>>())
     .bind(orders.iter().map(partition).collect::<Vec<_>>())
     .fetch_all(db)

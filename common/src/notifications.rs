@@ -4,7 +4,7 @@
 //! ```json
 //! {"type": "order.paid", "version": 1, "id": "evt_1234", "timestamp": "…",
 //!  "data": {"id": "…", "user_id": "…", "event_id": "…", "quantity": 2, "unit_price": "49.90",
-//!           "total": "99.80", "status": "PAID", "reason": null, "created_at": "…",
+//!           "total": "99.80", "currency": "EUR", "status": "PAID", "reason": null, "created_at": "…",
 //!           "expires_at": "…"}}
 //! ```
 //!
@@ -53,6 +53,9 @@ pub struct OrderSnapshot {
     #[schema(value_type = String, example = "99.80")]
     #[serde(serialize_with = "crate::domain::money::serialize")]
     pub total: Decimal,
+    /// ISO 4217 code of `unit_price` and `total`.
+    #[schema(example = "EUR")]
+    pub currency: String,
     pub status: OrderStatus,
     pub reason: Option<String>,
     pub created_at: DateTime<Utc>,

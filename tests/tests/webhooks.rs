@@ -101,6 +101,7 @@ fn types_for(requests: &[Received], order: Uuid) -> Vec<String> {
         .iter()
         .filter_map(|r| serde_json::from_str::<Value>(&r.body).ok())
         .filter(|body| body["data"]["id"] == order.to_string())
+        .inspect(|body| assert_eq!(body["data"]["currency"], "EUR", "{body}"))
         .map(|body| body["type"].as_str().unwrap().to_owned())
         .collect();
     types.sort();
@@ -219,6 +220,7 @@ async fn consume_events(consumer: &mut lapin::Consumer, order: Uuid, version: u6
             assert!(event["id"].as_str().unwrap().starts_with("evt_"), "{event}");
             assert_eq!(event["data"]["quantity"], 2);
             assert_eq!(event["data"]["total"], "99.80");
+            assert_eq!(event["data"]["currency"], "EUR");
             if event["data"]["id"] == order.to_string() {
                 seen.push((
                     event["type"].as_str().unwrap().to_owned(),

@@ -312,20 +312,24 @@ struct Decision {
     reason: Option<&'static str>,
 }
 
+/// One `QUEUED` order as the allocator sees it: its id, how many tickets, whether it is free.
+type Request = (Uuid, i32, bool);
+
 /// Allocation in arrival order: an order gets its tickets if that many are left, otherwise
 /// it is rejected and later (smaller) orders may still fit. Every rejected order therefore
-/// asked for more than what is left at the end. Pure, so the rule is unit-tested.
-fn allocate(available: i64, event_open: bool, orders: &[(Uuid, i32)]) -> (Vec<Decision>, i64) {
+/// asked for more than what is left at the end. An order that costs nothing is paid as it
+/// is allocated (there is no payment to wait for). Pure, so the rule is unit-tested.
+fn allocate(available: i64, event_open: bool, orders: &[Request]) -> (Vec<Decision>, i64) {
     let mut left = available.max(0);
     let decisions = orders
         .iter()
-        .map(|&(order_id, quantity)| {
+        .map(|&(order_id, quantity, free)| {
             let quantity = i64::from(quantity);
             let (event, reason) = if !event_open {
                 (OrderEvent::AllocationRejected, Some(reason::EVENT_UNAVAILABLE))
             } else if quantity <= left {
                 left -= quantity;
-                (OrderEvent::Allocated, None)
+                if free { (OrderEvent::AllocatedFree, Some(reason::FREE_ORDER)) } else { (OrderEvent::Allocated, None) }
             } else {
                 (OrderEvent::AllocationRejected, Some(reason::SOLD_OUT))
             };
@@ -361,15 +365,15 @@ async fn allocate_batches(db: &PgPool, batches: &[(u16, &Groups)], hold_ttl: Dur
     let order_ids: Vec<Uuid> =
         batches.iter().flat_map(|(_, groups)| groups.iter().flat_map(|(_, orders)| orders.iter().copied())).collect();
     // An order is allocated only under the event its message names.
-    let rows: Vec<(Uuid, Uuid, i32, DateTime<Utc>)> = sqlx::query_as(
-        "SELECT id, event_id, quantity, created_at FROM orders WHERE id = ANY($1) AND status = 'QUEUED'",
+    let rows: Vec<(Uuid, Uuid, i32, bool, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT id, event_id, quantity, total = 0, created_at FROM orders WHERE id = ANY($1) AND status = 'QUEUED'",
     )
     .bind(&order_ids)
     .fetch_all(&mut *tx)
     .await?;
     let created: HashMap<Uuid, DateTime<Utc>> = rows.iter().map(|(id, .., created_at)| (*id, *created_at)).collect();
-    let queued: HashMap<Uuid, (Uuid, i32)> =
-        rows.into_iter().map(|(id, event_id, quantity, _)| (id, (event_id, quantity))).collect();
+    let queued: HashMap<Uuid, (Uuid, i32, bool)> =
+        rows.into_iter().map(|(id, event_id, quantity, free, _)| (id, (event_id, quantity, free))).collect();
 
     // Tickets left per event, as the batches take them in turn.
     let mut left: HashMap<Uuid, i64> =
@@ -387,10 +391,13 @@ async fn allocate_batches(db: &PgPool, batches: &[(u16, &Groups)], hold_ttl: Dur
                 outcome.skipped += orders.len();
                 continue;
             };
-            let mine: Vec<(Uuid, i32)> = orders
+            let mine: Vec<Request> = orders
                 .iter()
                 .filter_map(|id| {
-                    queued.get(id).filter(|(event, _)| event == event_id).map(|&(_, quantity)| (*id, quantity))
+                    queued
+                        .get(id)
+                        .filter(|(event, ..)| event == event_id)
+                        .map(|&(_, quantity, free)| (*id, quantity, free))
                 })
                 .collect();
             outcome.skipped += orders.len() - mine.len();
@@ -405,7 +412,7 @@ async fn allocate_batches(db: &PgPool, batches: &[(u16, &Groups)], hold_ttl: Dur
                     let seen = progress.entry(*partition).or_insert(*created_at);
                     *seen = (*seen).max(*created_at);
                 }
-                if decision.status == OrderStatus::Pending {
+                if matches!(decision.status, OrderStatus::Pending | OrderStatus::Paid) {
                     outcome.accepted += 1;
                     for _ in 0..queued[&decision.order_id].1 {
                         ticket_ids.push(Uuid::now_v7());
@@ -500,7 +507,7 @@ mod tests {
     #[test]
     fn allocates_in_arrival_order_and_lets_smaller_orders_fit() {
         let id = ids(4);
-        let orders = [(id[0], 3), (id[1], 4), (id[2], 2), (id[3], 1)];
+        let orders = [(id[0], 3, false), (id[1], 4, false), (id[2], 2, false), (id[3], 1, false)];
         let (decisions, issued) = allocate(5, true, &orders);
         let statuses: Vec<_> = decisions.iter().map(|d| (d.status, d.reason)).collect();
         assert_eq!(
@@ -519,11 +526,12 @@ mod tests {
     fn decisions_are_moves_of_the_state_machine() {
         use common::domain::Transition;
         let id = ids(3);
-        let (open, _) = allocate(1, true, &[(id[0], 1), (id[1], 1)]);
-        let (closed, _) = allocate(1, false, &[(id[2], 1)]);
+        let (open, _) = allocate(2, true, &[(id[0], 1, false), (id[1], 1, true), (id[2], 1, false)]);
+        let (closed, _) = allocate(1, false, &[(id[2], 1, true)]);
         for decision in open.iter().chain(&closed) {
             let event = match decision.status {
                 OrderStatus::Pending => OrderEvent::Allocated,
+                OrderStatus::Paid => OrderEvent::AllocatedFree,
                 _ => OrderEvent::AllocationRejected,
             };
             assert_eq!(
@@ -535,9 +543,25 @@ mod tests {
     }
 
     #[test]
+    fn free_orders_are_paid_when_allocated() {
+        let id = ids(3);
+        let (decisions, issued) = allocate(3, true, &[(id[0], 2, true), (id[1], 2, true), (id[2], 1, false)]);
+        let statuses: Vec<_> = decisions.iter().map(|d| (d.status, d.reason)).collect();
+        assert_eq!(
+            statuses,
+            [
+                (OrderStatus::Paid, Some(reason::FREE_ORDER)),
+                (OrderStatus::Rejected, Some(reason::SOLD_OUT)),
+                (OrderStatus::Pending, None),
+            ]
+        );
+        assert_eq!(issued, 3);
+    }
+
+    #[test]
     fn closed_events_reject_everything() {
         let id = ids(2);
-        let (decisions, issued) = allocate(100, false, &[(id[0], 1), (id[1], 1)]);
+        let (decisions, issued) = allocate(100, false, &[(id[0], 1, false), (id[1], 1, true)]);
         assert!(decisions.iter().all(|d| d.reason == Some(reason::EVENT_UNAVAILABLE)));
         assert_eq!(issued, 0);
     }
@@ -547,12 +571,13 @@ mod tests {
         // Every split of 1..=4 tickets over random-ish inputs: issued <= available, and every
         // rejected order asked for more than what is left.
         for available in 0..20i64 {
-            let orders: Vec<(Uuid, i32)> =
-                (0..15u128).map(|i| (Uuid::from_u128(i), ((i * 7 + available as u128) % 4 + 1) as i32)).collect();
+            let orders: Vec<Request> = (0..15u128)
+                .map(|i| (Uuid::from_u128(i), ((i * 7 + available as u128) % 4 + 1) as i32, i % 3 == 0))
+                .collect();
             let (decisions, issued) = allocate(available, true, &orders);
             assert!(issued <= available);
             let left = available - issued;
-            for (decision, (_, quantity)) in decisions.iter().zip(&orders) {
+            for (decision, (_, quantity, _)) in decisions.iter().zip(&orders) {
                 if decision.status == OrderStatus::Rejected {
                     assert!(i64::from(*quantity) > left, "a rejected order would have fit");
                 }

@@ -96,7 +96,7 @@ impl Relay {
         }
         let changes: Vec<Change> = sqlx::query_as(
             "SELECT h.id AS history_id, h.at, o.id, o.user_id, o.event_id, o.quantity, o.unit_price, o.total,
-                    h.status, h.reason, o.created_at,
+                    o.currency, h.status, h.reason, o.created_at,
                     -- The hold's end belongs to the PENDING event; the QUEUED one predates it.
                     CASE WHEN h.status <> 'QUEUED' THEN o.expires_at END AS expires_at
              FROM order_history h JOIN orders o ON o.id = h.order_id
@@ -280,6 +280,7 @@ mod tests {
             quantity: 1,
             unit_price: rust_decimal::Decimal::ONE,
             total: rust_decimal::Decimal::ONE,
+            currency: "EUR".to_owned(),
             status,
             reason: None,
             created_at: chrono::Utc::now(),

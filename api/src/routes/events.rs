@@ -7,6 +7,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::get;
 use chrono::{DateTime, Datelike, Utc};
+use common::domain::currency::{self, Currency};
 use common::domain::money::{self, AmountText};
 use common::domain::text;
 use rust_decimal::Decimal;
@@ -32,7 +33,7 @@ pub fn router() -> Router<AppState> {
 macro_rules! event_columns {
     () => {
         "e.id, e.name, e.description, e.location, e.organization, e.rating, e.starts_at, \
-         e.capacity, e.capacity - e.sold AS tickets_available, e.price, e.max_per_order, \
+         e.capacity, e.capacity - e.sold AS tickets_available, e.price, e.currency, e.max_per_order, \
          e.image_url, e.created_at, e.updated_at, e.deleted_at"
     };
 }
@@ -64,6 +65,9 @@ pub struct Event {
     #[schema(value_type = String, example = "49.90")]
     #[serde(serialize_with = "common::domain::money::serialize")]
     pub price: Decimal,
+    /// ISO 4217 code of `price`.
+    #[schema(example = "EUR")]
+    pub currency: String,
     /// Most tickets one order may buy.
     pub max_per_order: i32,
     pub image_url: Option<String>,
@@ -97,6 +101,10 @@ pub struct CreateEventRequest {
     /// no exponent, no `_`; nothing is rounded).
     #[schema(value_type = String, example = "49.90")]
     pub price: AmountText,
+    /// ISO 4217 code of the price, in capitals (default `EUR`). A currency without minor
+    /// units (`JPY`) takes whole prices only.
+    #[schema(example = "EUR")]
+    pub currency: Option<String>,
     /// Most tickets one order may buy (default 10).
     #[schema(minimum = 1, maximum = 1000)]
     pub max_per_order: Option<i64>,
@@ -114,6 +122,7 @@ struct NewEvent {
     date: DateTime<Utc>,
     capacity: i32,
     price: Decimal,
+    currency: Currency,
     max_per_order: i32,
     image_url: Option<String>,
 }
@@ -168,6 +177,11 @@ impl CreateEventRequest {
         if price > MAX_PRICE {
             return Err(invalid(format!("price must be at most {MAX_PRICE}")));
         }
+        let currency = match self.currency.as_deref() {
+            Some(code) => Currency::parse(code).map_err(|err| invalid(format!("currency {err}")))?,
+            None => currency::DEFAULT,
+        };
+        currency.check(price).map_err(|err| invalid(format!("price {err} ({currency})")))?;
         let max_per_order = self.max_per_order.unwrap_or(DEFAULT_MAX_PER_ORDER);
         if !(1..=MAX_PER_ORDER).contains(&max_per_order) {
             return Err(invalid(format!("max_per_order must be between 1 and {MAX_PER_ORDER}")));
@@ -195,6 +209,7 @@ impl CreateEventRequest {
             // In range: checked above.
             capacity: self.capacity as i32,
             price: price.max(Decimal::ZERO),
+            currency,
             max_per_order: max_per_order as i32,
             image_url,
         })
@@ -221,8 +236,8 @@ pub async fn create_event(
     let new = req.validate(Utc::now())?;
     let event = sqlx::query_as::<_, Event>(concat!(
         "INSERT INTO events AS e (id, name, description, location, organization, rating, starts_at,
-                                  capacity, price, max_per_order, image_url, created_by)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+                                  capacity, price, currency, max_per_order, image_url, created_by)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
          RETURNING ",
         event_columns!()
     ))
@@ -235,6 +250,7 @@ pub async fn create_event(
     .bind(new.date)
     .bind(new.capacity)
     .bind(new.price)
+    .bind(new.currency.code())
     .bind(new.max_per_order)
     .bind(&new.image_url)
     .bind(admin.id)
@@ -310,7 +326,8 @@ async fn load_event(db: &sqlx::PgPool, id: Uuid, include_deleted: bool) -> Resul
 /// Edit an event (admin): send any subset of the fields of `POST /events`; `null` clears
 /// `rating`, `image_url` or `description`. The same rules apply; a new `date` must be in
 /// the future; `capacity` never below the tickets sold or held (409 `capacity_below_sold`).
-/// A price change applies to new orders only (orders keep the price they were placed at).
+/// A price or currency change applies to new orders only (orders keep the price and
+/// currency they were placed at).
 #[utoipa::path(patch, path = "/api/v1/events/{id}", tag = "events", request_body = Object,
     params(("id" = Uuid, Path, description = "Event id")), security(("bearer" = [])),
     responses(
@@ -359,7 +376,8 @@ pub async fn update_event(
     }
     let event = sqlx::query_as::<_, Event>(concat!(
         "UPDATE events AS e SET name = $2, description = $3, location = $4, organization = $5, rating = $6,
-                starts_at = $7, capacity = $8, price = $9, max_per_order = $10, image_url = $11, updated_at = now()
+                starts_at = $7, capacity = $8, price = $9, currency = $10, max_per_order = $11, image_url = $12,
+                updated_at = now()
          WHERE e.id = $1
          RETURNING ",
         event_columns!()
@@ -373,6 +391,7 @@ pub async fn update_event(
     .bind(edited.date)
     .bind(edited.capacity)
     .bind(edited.price)
+    .bind(edited.currency.code())
     .bind(edited.max_per_order)
     .bind(&edited.image_url)
     .fetch_one(&mut *tx)
@@ -395,6 +414,7 @@ impl From<&Event> for CreateEventRequest {
             date: event.date,
             capacity: i64::from(event.capacity),
             price: AmountText::from(event.price),
+            currency: Some(event.currency.clone()),
             max_per_order: Some(i64::from(event.max_per_order)),
             image_url: event.image_url.clone(),
         }
@@ -657,8 +677,22 @@ mod tests {
             date: Utc::now() + chrono::Duration::days(1),
             capacity,
             price: price.parse().unwrap(),
+            currency: None,
             max_per_order: None,
             image_url: None,
+        }
+    }
+
+    #[test]
+    fn currencies_are_iso_codes_and_prices_fit_them() {
+        let now = Utc::now();
+        assert_eq!(request("10.50", 5).validate(now).ok().map(|e| e.currency.code()), Some("EUR"));
+        let in_currency =
+            |code: &str, price: &str| CreateEventRequest { currency: Some(code.into()), ..request(price, 5) };
+        assert_eq!(in_currency("JPY", "1500").validate(now).ok().map(|e| e.currency.code()), Some("JPY"));
+        for (code, price) in [("JPY", "1500.50"), ("usd", "1"), ("EURO", "1"), ("XAU", "1"), ("QQQ", "1")] {
+            let err = in_currency(code, price).validate(now).err().map(|e| e.to_string());
+            assert!(err.is_some_and(|e| e.contains("currency") || e.contains("price")), "{code} {price}");
         }
     }
 

@@ -6,6 +6,7 @@ pub mod events;
 pub mod health;
 pub mod me;
 pub mod orders;
+pub mod organizer;
 mod page;
 pub mod payments;
 pub mod tickets;
@@ -43,6 +44,7 @@ pub fn app(state: AppState) -> Router {
         .merge(me::router())
         .merge(events::router())
         .merge(orders::router())
+        .merge(organizer::router())
         .merge(payments::router())
         .merge(webhook_endpoints::router())
         .merge(users::router())

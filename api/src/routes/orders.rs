@@ -45,7 +45,7 @@ const MAX_WAIT_SECS: u64 = 30;
 macro_rules! order_columns {
     () => {
         "o.id, o.event_id, e.name AS event_name, e.starts_at AS event_date, o.quantity, o.unit_price, \
-         o.total, o.status, o.reason, o.created_at, o.updated_at, o.expires_at"
+         o.total, o.currency, o.status, o.reason, o.created_at, o.updated_at, o.expires_at"
     };
 }
 
@@ -64,11 +64,15 @@ pub struct Order {
     #[schema(value_type = String, example = "99.80")]
     #[serde(serialize_with = "common::domain::money::serialize")]
     pub total: Decimal,
+    /// ISO 4217 code of `unit_price` and `total`: the event's currency when the order was placed.
+    #[schema(example = "EUR")]
+    pub currency: String,
     /// `QUEUED` → `PENDING` (tickets held until `expires_at`) → `PAID`; or `REJECTED`,
     /// `EXPIRED`, `CANCELLED`.
     pub status: OrderStatus,
     /// Why the order was rejected: `SOLD_OUT`, `EVENT_UNAVAILABLE`, or the payment
-    /// provider's reason.
+    /// provider's reason; `FREE_ORDER` on a `PAID` order that cost nothing (paid when its
+    /// tickets were allocated, without a payment step).
     pub reason: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -177,6 +181,7 @@ pub async fn create_order(
             quantity,
             unit_price: event.price,
             total,
+            currency: event.currency.clone(),
             idempotency_key: key.clone(),
         })
         // A validly signed token whose account is gone: 401 (`ApiError::from`).
@@ -199,6 +204,7 @@ pub async fn create_order(
         quantity,
         unit_price: event.price,
         total,
+        currency: event.currency,
         status: OrderStatus::Queued,
         reason: None,
         created_at,
@@ -258,6 +264,9 @@ pub struct Quote {
     #[schema(value_type = String, example = "99.80")]
     #[serde(serialize_with = "common::domain::money::serialize")]
     pub total: Decimal,
+    /// ISO 4217 code of the amounts.
+    #[schema(example = "EUR")]
+    pub currency: String,
 }
 
 /// Price a purchase without making it: the body of `POST /orders`, the same checks (the
@@ -280,7 +289,7 @@ pub async fn quote(
 ) -> Result<Json<Quote>, ApiError> {
     let (event, quantity) = check_purchase(&state, &req).await?;
     let total = event.price * Decimal::from(quantity);
-    Ok(Json(Quote { event_id: req.event_id, quantity, unit_price: event.price, total }))
+    Ok(Json(Quote { event_id: req.event_id, quantity, unit_price: event.price, total, currency: event.currency }))
 }
 
 /// The fast path's refusal: fewer tickets left than asked for.

@@ -33,14 +33,16 @@ impl PageQuery {
     }
 
     /// Trims `rows` (fetched with `LIMIT limit + 1`) to the page and returns the headers
-    /// pointing at the next page, if any.
+    /// pointing at the next page, if any. `path` may carry a query string of its own
+    /// (filters), which the next page keeps.
     pub fn finish<T>(&self, path: &str, rows: &mut Vec<T>, id_of: impl Fn(&T) -> Uuid) -> HeaderMap {
         let limit = self.limit.unwrap_or(DEFAULT_LIMIT);
         let mut headers = HeaderMap::new();
         if rows.len() as i64 > limit {
             rows.truncate(limit as usize);
             if let Some(last) = rows.last().map(&id_of) {
-                let link = format!("<{path}?limit={limit}&cursor={last}>; rel=\"next\"");
+                let separator = if path.contains('?') { '&' } else { '?' };
+                let link = format!("<{path}{separator}limit={limit}&cursor={last}>; rel=\"next\"");
                 // Both values are ASCII built from a path literal and a UUID.
                 if let (Ok(link), Ok(cursor)) = (HeaderValue::from_str(&link), HeaderValue::from_str(&last.to_string()))
                 {

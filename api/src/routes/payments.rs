@@ -252,6 +252,9 @@ pub struct LatePayment {
     #[schema(value_type = String, example = "99.80")]
     #[serde(serialize_with = "common::domain::money::serialize")]
     pub amount: Decimal,
+    /// ISO 4217 code of `amount` (the order's currency).
+    #[schema(example = "EUR")]
+    pub currency: String,
     pub received_at: DateTime<Utc>,
     /// When an operator marked it refunded; `null` while the money is still owed.
     pub refunded_at: Option<DateTime<Utc>>,
@@ -274,8 +277,9 @@ pub async fn list_late_payments(
 ) -> Result<(HeaderMap, Json<Vec<LatePayment>>), ApiError> {
     let limit = query.limit()?;
     let mut rows = sqlx::query_as::<_, LatePayment>(
-        "SELECT id, order_id, webhook_id, order_status, amount, received_at, refunded_at FROM late_payments
-         WHERE ($1::uuid IS NULL OR id < $1) ORDER BY id DESC LIMIT $2",
+        "SELECT l.id, l.order_id, l.webhook_id, l.order_status, l.amount, o.currency, l.received_at, l.refunded_at
+         FROM late_payments l JOIN orders o ON o.id = l.order_id
+         WHERE ($1::uuid IS NULL OR l.id < $1) ORDER BY l.id DESC LIMIT $2",
     )
     .bind(query.cursor)
     .bind(limit + 1)
@@ -301,8 +305,9 @@ pub async fn mark_refunded(
     Path(id): Path<Uuid>,
 ) -> Result<Json<LatePayment>, ApiError> {
     let row = sqlx::query_as::<_, LatePayment>(
-        "UPDATE late_payments SET refunded_at = coalesce(refunded_at, now()) WHERE id = $1
-         RETURNING id, order_id, webhook_id, order_status, amount, received_at, refunded_at",
+        "UPDATE late_payments l SET refunded_at = coalesce(refunded_at, now()) FROM orders o
+         WHERE l.id = $1 AND o.id = l.order_id
+         RETURNING l.id, l.order_id, l.webhook_id, l.order_status, l.amount, o.currency, l.received_at, l.refunded_at",
     )
     .bind(id)
     .fetch_optional(&state.db)

@@ -1,4 +1,4 @@
-//! Tickets at the door: the holder's QR code, and the admin's check-in scan.
+//! Tickets at the door: the holder's QR code, and the door staff's check-in scan.
 
 use axum::Router;
 use axum::extract::State;
@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::auth::{AdminUser, AuthUser};
+use crate::auth::{AuthUser, DoorStaff};
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::{Json, Path};
 use crate::state::AppState;
@@ -105,7 +105,7 @@ pub struct CheckIn {
     pub checked_in_at: DateTime<Utc>,
 }
 
-/// Scan a ticket at the door (admin). The first scan of a valid, paid ticket answers 200
+/// Scan a ticket at the door (door staff: the `staff` or `admin` role). The first scan of a valid, paid ticket answers 200
 /// and records the check-in; every later scan answers 409 `already_checked_in` with the
 /// time of the first (of concurrent scans of one code, exactly one gets 200). A forged or
 /// altered code is 404 without a database lookup.
@@ -114,7 +114,7 @@ pub struct CheckIn {
     responses(
         (status = 200, description = "Checked in", body = CheckIn),
         (status = 401, description = "Missing or invalid token", body = ErrorBody),
-        (status = 403, description = "Caller is not an admin", body = ErrorBody),
+        (status = 403, description = "Caller is neither staff nor an admin", body = ErrorBody),
         (status = 404, description = "Unknown or forged code (`not_found`)", body = ErrorBody),
         (status = 409, description = "Checked in before (`already_checked_in`, with `checked_in_at`)", body = ErrorBody),
         (status = 422, description = "Order not paid (`not_paid`), ticket cancelled (`ticket_cancelled`) or event \
@@ -122,7 +122,7 @@ pub struct CheckIn {
     ))]
 pub async fn check_in(
     State(state): State<AppState>,
-    AdminUser(admin): AdminUser,
+    DoorStaff(scanner): DoorStaff,
     Json(req): Json<CheckInRequest>,
 ) -> Result<Json<CheckIn>, ApiError> {
     let ticket_id = state.ticket_codes.verify(&req.code).ok_or(ApiError::NotFound("ticket"))?;
@@ -145,7 +145,7 @@ pub async fn check_in(
          ON CONFLICT (ticket_id) DO NOTHING RETURNING checked_in_at",
     )
     .bind(ticket_id)
-    .bind(admin.id)
+    .bind(scanner.id)
     .fetch_optional(&mut *tx)
     .await?;
     if first.is_none() {
@@ -166,6 +166,6 @@ pub async fn check_in(
     .fetch_one(&mut *tx)
     .await?;
     tx.commit().await?;
-    tracing::info!(%ticket_id, admin_id = %admin.id, "ticket checked in");
+    tracing::info!(%ticket_id, scanned_by = %scanner.id, "ticket checked in");
     Ok(Json(check_in))
 }

@@ -54,7 +54,8 @@ pub struct SetRoleRequest {
     pub role: Role,
 }
 
-/// Give an account the `admin` or `user` role (admin). A change revokes the account's access
+/// Give an account the `admin`, `staff` (door staff: may check tickets in, nothing else an
+/// admin may do) or `user` role (admin). A change revokes the account's access
 /// tokens at once (they carry the role); it applies from its next log-in. The last admin
 /// cannot be demoted (409 `last_admin`).
 #[utoipa::path(patch, path = "/api/v1/users/{id}/role", tag = "accounts", request_body = SetRoleRequest,
@@ -77,7 +78,7 @@ pub async fn set_role(
     // Locking the admins serialises concurrent demotions, so two cannot remove the last two.
     let admins: Vec<Uuid> =
         sqlx::query_scalar("SELECT id FROM users WHERE role = 'admin' FOR UPDATE").fetch_all(&mut *tx).await?;
-    if req.role == Role::User && admins == [id] {
+    if req.role != Role::Admin && admins == [id] {
         return Err(ApiError::conflict("last_admin", "this is the only admin; promote another account first"));
     }
     // A different role raises the account's token version (a trigger): its tokens stop working.

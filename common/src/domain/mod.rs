@@ -1,12 +1,14 @@
 //! Domain types that carry their rules: a value of one of these types is valid by
 //! construction, so handlers parse input into them at the edge and never re-check.
 
+pub mod currency;
 mod email;
 pub mod money;
 mod order;
 mod role;
 pub mod text;
 
+pub use currency::Currency;
 pub use email::Email;
 pub use order::{OrderEvent, OrderStatus, Transition, reason};
 pub use role::Role;

@@ -43,6 +43,9 @@ impl OrderStatus {
 pub enum OrderEvent {
     /// The worker found tickets for it.
     Allocated,
+    /// The worker found tickets for an order that costs nothing: there is nothing to pay,
+    /// so it is paid at once (reason `FREE_ORDER`).
+    AllocatedFree,
     /// The worker could not (sold out, event unavailable).
     AllocationRejected,
     /// The payment provider confirmed payment.
@@ -58,8 +61,9 @@ pub enum OrderEvent {
 }
 
 impl OrderEvent {
-    pub const ALL: [OrderEvent; 7] = [
+    pub const ALL: [OrderEvent; 8] = [
         Self::Allocated,
+        Self::AllocatedFree,
         Self::AllocationRejected,
         Self::PaymentSucceeded,
         Self::PaymentFailed,
@@ -73,7 +77,7 @@ impl OrderEvent {
         match self {
             Self::Allocated => OrderStatus::Pending,
             Self::AllocationRejected | Self::PaymentFailed | Self::EventWithdrawn => OrderStatus::Rejected,
-            Self::PaymentSucceeded => OrderStatus::Paid,
+            Self::PaymentSucceeded | Self::AllocatedFree => OrderStatus::Paid,
             Self::HoldExpired => OrderStatus::Expired,
             Self::CancelledByOwner => OrderStatus::Cancelled,
         }
@@ -97,7 +101,8 @@ impl OrderStatus {
     pub const ALL: [OrderStatus; 6] =
         [Self::Queued, Self::Pending, Self::Paid, Self::Rejected, Self::Expired, Self::Cancelled];
 
-    /// The state machine: `QUEUED → PENDING → PAID`; `QUEUED → REJECTED`;
+    /// The state machine: `QUEUED → PENDING → PAID`; `QUEUED → PAID` (free orders);
+    /// `QUEUED → REJECTED`;
     /// `PENDING → REJECTED | EXPIRED | CANCELLED`; final states never change. An event's
     /// deletion rejects its unpaid orders (`QUEUED` or `PENDING`).
     pub fn apply(self, event: OrderEvent) -> Transition {
@@ -105,7 +110,7 @@ impl OrderStatus {
         use OrderStatus as S;
         let allowed = matches!(
             (self, event),
-            (S::Queued, E::Allocated | E::AllocationRejected | E::EventWithdrawn)
+            (S::Queued, E::Allocated | E::AllocatedFree | E::AllocationRejected | E::EventWithdrawn)
                 | (
                     S::Pending,
                     E::PaymentSucceeded | E::PaymentFailed | E::HoldExpired | E::CancelledByOwner | E::EventWithdrawn
@@ -122,7 +127,8 @@ impl OrderStatus {
     }
 }
 
-/// Why the worker turned an order down (`reason` of a `REJECTED` order).
+/// Why an order ended as it did: the `reason` of a `REJECTED` order, and of a `PAID` one
+/// that had nothing to pay.
 pub mod reason {
     /// Fewer tickets were left than the order asked for.
     pub const SOLD_OUT: &str = "SOLD_OUT";
@@ -130,6 +136,9 @@ pub mod reason {
     pub const EVENT_UNAVAILABLE: &str = "EVENT_UNAVAILABLE";
     /// The payment provider declined payment and gave no reason of its own.
     pub const PAYMENT_DECLINED: &str = "PAYMENT_DECLINED";
+    /// A `PAID` order that cost nothing: paid when its tickets were allocated, without a
+    /// payment.
+    pub const FREE_ORDER: &str = "FREE_ORDER";
 }
 
 #[cfg(test)]
@@ -145,13 +154,13 @@ mod tests {
         let no = Transition::Impossible;
         #[rustfmt::skip]
         let table = [
-            // event:            Allocated              AllocationRejected      PaymentSucceeded   PaymentFailed            HoldExpired              CancelledByOwner          EventWithdrawn
-            (S::Queued,    [moves(S::Pending, false), moves(S::Rejected, false), no,                no,                      no,                      no,                       moves(S::Rejected, false)]),
-            (S::Pending,   [same,                     no,                        moves(S::Paid, false), moves(S::Rejected, true), moves(S::Expired, true), moves(S::Cancelled, true), moves(S::Rejected, true)]),
-            (S::Paid,      [no,                       no,                        same,              no,                      no,                      no,                       no]),
-            (S::Rejected,  [no,                       same,                      no,                same,                    no,                      no,                       same]),
-            (S::Expired,   [no,                       no,                        no,                no,                      same,                    no,                       no]),
-            (S::Cancelled, [no,                       no,                        no,                no,                      no,                      same,                     no]),
+            // event:            Allocated              AllocatedFree          AllocationRejected      PaymentSucceeded   PaymentFailed            HoldExpired              CancelledByOwner          EventWithdrawn
+            (S::Queued,    [moves(S::Pending, false), moves(S::Paid, false), moves(S::Rejected, false), no,                no,                      no,                      no,                       moves(S::Rejected, false)]),
+            (S::Pending,   [same,                     no,                    no,                        moves(S::Paid, false), moves(S::Rejected, true), moves(S::Expired, true), moves(S::Cancelled, true), moves(S::Rejected, true)]),
+            (S::Paid,      [no,                       same,                  no,                        same,              no,                      no,                      no,                       no]),
+            (S::Rejected,  [no,                       no,                    same,                      no,                same,                    no,                      no,                       same]),
+            (S::Expired,   [no,                       no,                    no,                        no,                no,                      same,                    no,                       no]),
+            (S::Cancelled, [no,                       no,                    no,                        no,                no,                      no,                      same,                     no]),
         ];
         assert_eq!(table.len(), OrderStatus::ALL.len());
         for (status, outcomes) in table {
