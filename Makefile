@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
-.PHONY: help run test chaos fuzz bench services stop status admin fmt lint
+.PHONY: help run test chaos fuzz bench services stop status admin docker-env fmt lint
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -28,12 +28,15 @@ services: ## start only PostgreSQL + RabbitMQ (installed from Debian packages if
 stop: ## stop the services that `make services`/`make run`/`make test` started
 	@bash scripts/services.sh stop
 
-status: ## are the local services running?
+status: ## are the local services, and make run's api and worker, running?
 	@bash scripts/services.sh status
 
 admin: ## create an admin: make admin EMAIL=you@example.com (asks for the password)
 	@test -n "$(EMAIL)" || { echo "usage: make admin EMAIL=you@example.com" >&2; exit 2; }
 	@source "$$(bash scripts/services.sh env)" && cargo run --quiet --release --bin api -- create-admin --email "$(EMAIL)"
+
+docker-env: ## write .env with generated secrets for docker compose (once; kept on later runs)
+	@bash scripts/docker-env.sh
 
 fmt: ## format the code
 	cargo fmt

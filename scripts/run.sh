@@ -42,9 +42,11 @@ cargo build --release --locked -p api -p worker
 "$bin/api" migrate
 
 pids=()
+run_pids="$(dirname "$env_file")/run.pids"
 cleanup() {
   local code=$?
   trap - INT TERM EXIT
+  rm -f "$run_pids"
   echo "[run] stopping api and worker"
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
@@ -60,6 +62,8 @@ trap 'exit 130' INT TERM
 
 "$bin/worker" & pids+=($!)
 "$bin/api" serve & pids+=($!)
+# For `make status`.
+printf 'worker_pid=%s\napi_pid=%s\nbind_addr=%s\n' "${pids[0]}" "${pids[1]}" "$BIND_ADDR" > "$run_pids"
 
 # Up means the api answers; if either process ends first, or the api never answers, this
 # command fails with what they printed above it (a port already taken, a bad setting…).

@@ -268,6 +268,24 @@ cmd_stop() {
 cmd_status() {
   if pg_running; then echo "postgres: running on 127.0.0.1:$PG_PORT"; else echo "postgres: stopped"; fi
   if rabbit_running; then echo "rabbitmq: running on 127.0.0.1:$AMQP_PORT (management $MGMT_PORT)"; else echo "rabbitmq: stopped"; fi
+  # The api and worker of `make run` (scripts/run.sh records them while it runs).
+  local api_pid="" worker_pid="" bind_addr=""
+  if [ -f "$STATE/run.pids" ]; then
+    # shellcheck disable=SC1091
+    source "$STATE/run.pids"
+  fi
+  if [ -n "$api_pid" ] && kill -0 "$api_pid" 2>/dev/null; then
+    local ready
+    ready="$(curl -fsS -m 2 -o /dev/null -w '%{http_code}' "http://$bind_addr/health/ready" 2>/dev/null || true)"
+    echo "api: running (pid $api_pid) on http://$bind_addr, ready: ${ready:-no answer}"
+  else
+    echo "api: not running (make run starts it)"
+  fi
+  if [ -n "$worker_pid" ] && kill -0 "$worker_pid" 2>/dev/null; then
+    echo "worker: running (pid $worker_pid)"
+  else
+    echo "worker: not running (make run starts it)"
+  fi
 }
 
 # One service alone (the fault tests restart them one at a time): `start postgres`, `stop rabbitmq`.

@@ -26,5 +26,8 @@ else
   cargo test --workspace --locked --no-fail-fast "$@"
 fi
 
+echo "== docker-compose.yml (validated without an engine)"
+bash scripts/compose-check.sh
+
 echo "== fault suite: service restarts"
 bash scripts/chaos.sh --restarts-only

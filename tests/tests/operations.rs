@@ -195,3 +195,32 @@ async fn cors_is_off_by_default_and_opens_to_listed_origins_only() {
     assert!(!ok, "started with a path for an origin");
     assert!(stderr.contains("CORS_ALLOWED_ORIGINS"), "{stderr}");
 }
+
+/// `worker health` (docker-compose's health check of the worker): 0 while a worker on this
+/// host heartbeats, 1 for a host without one, and 1 again once that worker has stopped.
+#[tokio::test]
+async fn worker_health_follows_its_heartbeat() {
+    let app = TestApp::spawn().await;
+    let host = format!("worker-host-{}", uuid::Uuid::new_v4().simple());
+    let mut worker = app.spawn_worker(&[("HOSTNAME", host.clone())]);
+    let check = |hostname: &str| {
+        tests::run(
+            "worker",
+            &["health"],
+            &[
+                ("DATABASE_URL", app.db.url.clone()),
+                ("AMQP_URL", app.broker.url.clone()),
+                ("HEARTBEAT_MS", "200".to_owned()),
+                ("HOSTNAME", hostname.to_owned()),
+            ],
+            None,
+        )
+    };
+    let (ok, _, stderr) = check(&host);
+    assert!(ok, "{stderr}");
+    let (ok, _, stderr) = check("some-other-host");
+    assert!(!ok && stderr.contains("no worker on host"), "{stderr}");
+    worker.terminate();
+    let (ok, _, stderr) = check(&host);
+    assert!(!ok, "a stopped worker is not healthy: {stderr}");
+}

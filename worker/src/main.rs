@@ -31,13 +31,26 @@ use crate::membership::Assignment;
 struct Cli {
     #[command(flatten)]
     config: WorkerConfig,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Exit 0 if a worker on this host (`HOSTNAME`, e.g. this container) has sent a
+    /// heartbeat within the last 5 heartbeat intervals, 1 otherwise: a health check for
+    /// orchestrators (docker-compose uses it).
+    Health,
 }
 
 fn main() -> std::process::ExitCode {
     let _ = dotenvy::dotenv();
     let cli = Cli::parse();
     common::telemetry::init("worker");
-    common::run_main(run(cli.config))
+    match cli.command {
+        Some(Command::Health) => common::run_main(membership::check_health(cli.config)),
+        None => common::run_main(run(cli.config)),
+    }
 }
 
 async fn run(config: WorkerConfig) -> anyhow::Result<()> {

@@ -78,6 +78,23 @@ pub async fn run(
     }
 }
 
+/// `worker health`: whether a worker on this host (`HOSTNAME`) is alive, judged by its
+/// heartbeat, the way the other workers judge it.
+pub async fn check_health(config: common::config::WorkerConfig) -> anyhow::Result<()> {
+    let hostname = std::env::var("HOSTNAME").unwrap_or_default();
+    let db = common::db::connect(&config.database).await?;
+    let expiry = config.heartbeat() * MISSED_HEARTBEATS;
+    let alive: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM workers WHERE hostname = $1 AND heartbeat_at > now() - make_interval(secs => $2))",
+    )
+    .bind(&hostname)
+    .bind(expiry.as_secs_f64())
+    .fetch_one(&db)
+    .await?;
+    anyhow::ensure!(alive, "no worker on host {hostname:?} has sent a heartbeat within {expiry:?}");
+    Ok(())
+}
+
 async fn beat(db: &PgPool, worker_id: Uuid, hostname: &str, expiry: Duration) -> Result<Assignment, sqlx::Error> {
     let expiry_secs = expiry.as_secs_f64();
     sqlx::query(
