@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make test`: style checks, then every test (unit and end-to-end) against a real
-# PostgreSQL and RabbitMQ started by scripts/services.sh, then the fault suite (the part
-# that restarts services, on services of its own: scripts/chaos.sh).
+# PostgreSQL and RabbitMQ started by scripts/services.sh, the compose file's validation, the
+# README's runnable recipes against `make run` (scripts/docs-check.sh), then the fault suite
+# (the part that restarts services, on services of its own: scripts/chaos.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,6 +29,9 @@ fi
 
 echo "== docker-compose.yml (validated without an engine)"
 bash scripts/compose-check.sh
+
+echo "== the README's recipes against make run"
+bash scripts/docs-check.sh
 
 echo "== fault suite: service restarts"
 bash scripts/chaos.sh --restarts-only

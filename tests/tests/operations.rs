@@ -81,6 +81,11 @@ async fn openapi_document_and_swagger_ui_are_served() {
         assert!(doc.json["paths"].get(path).is_some(), "missing {path}");
     }
     assert!(doc.json["components"]["securitySchemes"]["bearer"].is_object());
+    // The image upload is a form with a file field, so Swagger UI offers a file picker.
+    let upload =
+        &doc.json["paths"]["/api/v1/events/{id}/image"]["put"]["requestBody"]["content"]["multipart/form-data"];
+    assert_eq!(upload["schema"]["properties"]["image"]["format"], "binary", "{upload}");
+    assert_eq!(upload["schema"]["required"], json!(["image"]));
     let ui = app.client.get(app.url("/docs/")).send().await.unwrap();
     assert_eq!(ui.status(), 200);
     assert!(ui.text().await.unwrap().contains("swagger"), "Swagger UI page");

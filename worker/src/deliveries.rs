@@ -163,7 +163,11 @@ impl Deliverer {
             _ => None,
         };
         if let Some(ip) = literal.filter(|ip| !self.policy.permits(*ip)) {
-            return Outcome::Failed { status: None, error: Some(format!("address {ip} is not allowed")) };
+            tracing::warn!(endpoint_id = %delivery.endpoint_id, "webhook endpoint's address is not allowed; {NOT_ALLOWED_HINT}");
+            return Outcome::Failed {
+                status: None,
+                error: Some(format!("address {ip} is not allowed ({NOT_ALLOWED_HINT})")),
+            };
         }
         let key =
             match delivery.secret.strip_prefix("whsec_").map(|s| base64::engine::general_purpose::STANDARD.decode(s)) {
@@ -283,6 +287,10 @@ fn describe(err: &reqwest::Error) -> String {
     if cause.is_empty() { kind.to_owned() } else { format!("{kind}: {cause}") }
 }
 
+/// What an attempt refused by the address policy says, so that the endpoint's owner (in the
+/// attempt log) and the operator (in the worker's log) both learn which setting decides.
+const NOT_ALLOWED_HINT: &str = "private, loopback and other non-public addresses are refused unless the worker's WEBHOOK_ALLOW_NETWORKS lists them";
+
 /// Resolves names with the system resolver and drops every address the policy refuses, so a
 /// name that resolves somewhere private is never connected to.
 struct GuardedResolver(Arc<TargetPolicy>);
@@ -296,7 +304,13 @@ impl Resolve for GuardedResolver {
             let permitted: Vec<SocketAddr> =
                 resolved.into_iter().filter(|address| policy.permits(address.ip())).collect();
             if permitted.is_empty() {
-                return Err(format!("{host} resolves only to addresses that are not allowed").into());
+                tracing::warn!(
+                    host,
+                    "webhook endpoint's name resolves only to addresses that are not allowed; {NOT_ALLOWED_HINT}"
+                );
+                return Err(
+                    format!("{host} resolves only to addresses that are not allowed ({NOT_ALLOWED_HINT})").into()
+                );
             }
             Ok(Box::new(permitted.into_iter()) as Addrs)
         })

@@ -516,6 +516,16 @@ fn check_image(bytes: &[u8], content_type: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+// The form of `PUT /events/{id}/image`, for the API document (Swagger UI shows a file
+// picker for it); the handler reads the multipart stream itself.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+struct ImageUpload {
+    /// PNG, JPEG or WebP.
+    #[schema(value_type = String, format = Binary)]
+    image: Vec<u8>,
+}
+
 /// The router of `PUT /events/{id}/image`, with a body limit of its own (images are larger
 /// than the JSON bodies everything else takes).
 pub fn image_upload_router(max_bytes: u64) -> Router<AppState> {
@@ -533,7 +543,8 @@ pub fn image_upload_router(max_bytes: u64) -> Router<AppState> {
 /// then points at `GET /api/v1/events/{id}/image`.
 #[utoipa::path(put, path = "/api/v1/events/{id}/image", tag = "events",
     params(("id" = Uuid, Path, description = "Event id")), security(("bearer" = [])),
-    request_body(content_type = "multipart/form-data", description = "Field `image`: the file"),
+    request_body(content = inline(ImageUpload), content_type = "multipart/form-data",
+        description = "Field `image`: the file"),
     responses(
         (status = 200, description = "The event with its new `image_url`", body = Event),
         (status = 400, description = "Not multipart, or no `image` field (`invalid_upload`)", body = ErrorBody),
