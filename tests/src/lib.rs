@@ -195,6 +195,32 @@ impl TestBroker {
     }
 }
 
+/// A queue of the test's own (exclusive to `connection`), bound to the `orders.events`
+/// exchange with `routing_key` (`order.#` for every order event), and a consumer of it.
+pub async fn bind_order_events(connection: &lapin::Connection, routing_key: &str) -> lapin::Consumer {
+    use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+    use lapin::types::FieldTable;
+    let channel = connection.create_channel().await.expect("channel");
+    let queue = channel
+        .queue_declare("".into(), QueueDeclareOptions { exclusive: true, ..Default::default() }, FieldTable::default())
+        .await
+        .expect("declare a queue");
+    channel
+        .queue_bind(
+            queue.name().clone(),
+            "orders.events".into(),
+            routing_key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind it to orders.events");
+    channel
+        .basic_consume(queue.name().clone(), "test".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .expect("consume it")
+}
+
 impl Drop for TestBroker {
     fn drop(&mut self) {
         let (management, vhost) = (self.management.clone(), self.vhost.clone());

@@ -5,8 +5,6 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
 use serde_json::{Value, json};
 use tests::TestApp;
 use uuid::Uuid;
@@ -27,25 +25,7 @@ async fn free_orders_are_paid_when_their_tickets_are_allocated() {
     let app = TestApp::spawn().await;
     let _worker = app.spawn_worker(&[]);
     let connection = app.broker.connect().await;
-    let channel = connection.create_channel().await.unwrap();
-    let queue = channel
-        .queue_declare("".into(), QueueDeclareOptions { exclusive: true, ..Default::default() }, FieldTable::default())
-        .await
-        .unwrap();
-    channel
-        .queue_bind(
-            queue.name().clone(),
-            "orders.events".into(),
-            "order.paid".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let mut consumer = channel
-        .basic_consume(queue.name().clone(), "test".into(), BasicConsumeOptions::default(), FieldTable::default())
-        .await
-        .unwrap();
+    let mut consumer = tests::bind_order_events(&connection, "order.paid").await;
 
     let admin = app.admin().await;
     let free = app.create_event(&admin, json!({"price": "0", "capacity": 3})).await;

@@ -10,8 +10,7 @@ use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode};
 use base64::Engine as _;
 use futures_util::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
+use lapin::options::BasicAckOptions;
 use serde_json::{Value, json};
 use tests::{TestApp, sign_webhook};
 use uuid::Uuid;
@@ -127,7 +126,7 @@ async fn status_changes_reach_webhooks_and_queue_consumers() {
     let (endpoint, secret) = register(&app, buyer, &receiver.url).await;
 
     let connection = app.broker.connect().await;
-    let mut consumer = bind_consumer(&connection).await;
+    let mut consumer = tests::bind_order_events(&connection, "order.#").await;
 
     let order = app.pending_order(buyer, event, 2).await;
     assert_eq!(app.payment(order, &json!({"status": "PAID"})).await.status, 204);
@@ -171,29 +170,6 @@ async fn status_changes_reach_webhooks_and_queue_consumers() {
     let res = app.client.delete(app.url(&path)).bearer_auth(buyer).send().await.unwrap();
     assert_eq!(res.status(), 204);
     assert_eq!(app.get("/api/v1/webhook-endpoints", Some(buyer)).await.json, json!([]));
-}
-
-/// A queue of the test's own, bound to every order event.
-async fn bind_consumer(connection: &lapin::Connection) -> lapin::Consumer {
-    let channel = connection.create_channel().await.unwrap();
-    let queue = channel
-        .queue_declare("".into(), QueueDeclareOptions { exclusive: true, ..Default::default() }, FieldTable::default())
-        .await
-        .unwrap();
-    channel
-        .queue_bind(
-            queue.name().clone(),
-            "orders.events".into(),
-            "order.#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    channel
-        .basic_consume(queue.name().clone(), "test".into(), BasicConsumeOptions::default(), FieldTable::default())
-        .await
-        .unwrap()
 }
 
 /// Consumes order events until three of `order`'s have arrived; returns them as (type,
@@ -242,7 +218,7 @@ async fn order_events_can_be_sent_one_per_message() {
     let event = app.event_with(&admin, 10, 4).await;
     let buyers = app.buyers(1).await;
     let connection = app.broker.connect().await;
-    let mut consumer = bind_consumer(&connection).await;
+    let mut consumer = tests::bind_order_events(&connection, "order.#").await;
     let order = app.pending_order(&buyers[0].1, event, 2).await;
     assert_eq!(app.payment(order, &json!({"status": "PAID"})).await.status, 204);
     assert_eq!(
