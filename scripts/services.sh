@@ -250,13 +250,27 @@ cmd_start() {
   install_packages
   check_pg_version
   local pg_log="$STATE/start-postgres.log"
+  # A failed start stops what this call started, so nothing is left running half-way.
+  local pg_was_running=false rabbit_was_running=false
+  pg_running && pg_was_running=true
+  rabbit_running && rabbit_was_running=true
   start_postgres 2>"$pg_log" &
-  local pg_pid=$!
+  START_PG_PID=$!
+  trap 'undo_failed_start $? '"$pg_was_running $rabbit_was_running" EXIT
   start_rabbitmq
-  if ! wait $pg_pid; then cat "$pg_log" >&2; die "PostgreSQL failed to start"; fi
+  if ! wait "$START_PG_PID"; then cat "$pg_log" >&2; die "PostgreSQL failed to start"; fi
+  trap - EXIT
   cat "$pg_log" >&2
   write_env
   log "services ready; connection URLs in $ENV_FILE"
+}
+
+# undo_failed_start STATUS PG_WAS_RUNNING RABBIT_WAS_RUNNING: the EXIT trap of cmd_start.
+undo_failed_start() {
+  [ "$1" = 0 ] && return
+  wait "$START_PG_PID" 2>/dev/null || true
+  if [ "$2" = false ] && pg_running; then log "start failed: stopping the PostgreSQL it started"; stop_postgres; fi
+  if [ "$3" = false ] && rabbit_running; then log "start failed: stopping the RabbitMQ it started"; stop_rabbitmq; fi
 }
 
 cmd_stop() {
