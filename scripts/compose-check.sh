@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Validates docker-compose.yml without a Docker engine, as part of `make test`:
 #   1. against the Compose Specification's JSON schema (check-jsonschema's vendored copy,
-#      from PyPI into the state directory's venv);
+#      from PyPI into a venv of its own in the state directory);
 #   2. with a Compose implementation's own `config` (interpolation, anchors, references
 #      between services): `docker compose` when the plugin is installed, otherwise the
 #      distribution's `docker-compose` package (installed with apt-get when missing);
@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 
 log() { echo "[compose-check] $*"; }
 state="${TURNSTILE_STATE_DIR:-$PWD/.local}"
-venv="$state/venv"
+venv="$state/venv-compose-check"
 if [ ! -x "$venv/bin/check-jsonschema" ]; then
   log "installing check-jsonschema into $venv"
   python3 -m venv "$venv"
