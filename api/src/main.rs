@@ -6,6 +6,7 @@ mod catalog;
 mod error;
 mod extract;
 mod listener;
+mod observability;
 mod openapi;
 mod pipeline;
 mod revocations;
@@ -113,8 +114,10 @@ struct SignWebhookArgs {
 fn main() -> std::process::ExitCode {
     let _ = dotenvy::dotenv();
     let cli = Cli::parse();
-    common::telemetry::init("api");
-    common::run_main(run(cli))
+    let telemetry = common::telemetry::init("api");
+    let code = common::run_main(run(cli));
+    drop(telemetry);
+    code
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -129,6 +132,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn serve(config: ApiConfig) -> anyhow::Result<()> {
     config.validate()?;
+    let metrics = common::metrics::install("api")?;
+    observability::describe();
     let webhook_key = SigningKey::new(common::config::webhook_key(&config.webhook_secret)?);
     let db = common::db::connect(&config.database).await.context("connecting to PostgreSQL")?;
     common::db::migrate(&db).await.context("applying migrations")?;
@@ -139,21 +144,27 @@ async fn serve(config: ApiConfig) -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", config.bind_addr))?;
     let addr = listener.local_addr()?;
     let shutdown = common::shutdown::on_signal();
+    let scraped_pool = db.clone();
+    let scrape = move || {
+        let pool = scraped_pool.clone();
+        async move { common::metrics::record_pool(&pool) }
+    };
+    common::metrics::serve(config.metrics_addr, common::metrics::router(metrics, scrape), shutdown.clone()).await?;
     let order_watch = Arc::new(OrderWatch::default());
     let revocations = Arc::new(revocations::Revocations::default());
     let catalog = Arc::new(catalog::EventCatalog::default());
     let listened =
         listener::Listened { orders: order_watch.clone(), revocations: revocations.clone(), catalog: catalog.clone() };
     tokio::spawn(listener::listen(db.clone(), listened, shutdown.clone()));
-    let throttle = |per_minute: u32| {
-        let throttle = Arc::new(Throttle::per_minute(NonZeroU32::new(per_minute).unwrap_or(NonZeroU32::MIN)));
+    let throttle = |name: &'static str, per_minute: u32| {
+        let throttle = Arc::new(Throttle::per_minute(name, NonZeroU32::new(per_minute).unwrap_or(NonZeroU32::MIN)));
         throttle.spawn_cleanup(shutdown.clone());
         throttle
     };
     let (login_throttle, login_address_throttle, signup_throttle) = (
-        throttle(config.login_attempts_per_minute),
-        throttle(config.login_attempts_per_address_per_minute),
-        throttle(config.signup_per_minute),
+        throttle("login_account", config.login_attempts_per_minute),
+        throttle("login_address", config.login_attempts_per_address_per_minute),
+        throttle("signup", config.signup_per_minute),
     );
     let heavy_work = match config.password_hash_concurrency {
         0 => HeavyWork::per_core(),

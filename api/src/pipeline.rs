@@ -33,6 +33,8 @@ pub struct NewOrder {
     pub total: Decimal,
     pub currency: String,
     pub idempotency_key: Option<String>,
+    /// The W3C trace context of the request that placed it.
+    pub traceparent: Option<String>,
 }
 
 /// What became of one [`NewOrder`].
@@ -84,6 +86,7 @@ impl OrderInserter {
 /// confirms: the stored order is the promise (the orders table is the outbox), and an order
 /// whose confirm never comes is sent again by the worker's re-publisher.
 async fn store(db: &PgPool, publisher: &Publisher, partitions: u16, batch: Vec<(NewOrder, Reply)>) {
+    metrics::histogram!("turnstile_accept_batch_orders").record(batch.len() as f64);
     let orders: Vec<&NewOrder> = batch.iter().map(|(order, _)| order).collect();
     let outcomes: Vec<Result<Stored, sqlx::Error>> = match insert_orders(db, &orders, partitions).await {
         Ok(mut stored) => orders.iter().map(|order| Ok(outcome(&mut stored, order.id))).collect(),
@@ -104,7 +107,11 @@ async fn store(db: &PgPool, publisher: &Publisher, partitions: u16, batch: Vec<(
         .iter()
         .zip(&outcomes)
         .filter(|(_, outcome)| matches!(outcome, Ok(Stored::Inserted(..))))
-        .map(|(order, _)| PurchaseMessage { order_id: order.id, event_id: order.event_id })
+        .map(|(order, _)| PurchaseMessage {
+            order_id: order.id,
+            event_id: order.event_id,
+            traceparent: order.traceparent.clone(),
+        })
         .collect();
     if !sent.is_empty() {
         let not_confirmed = move |orders: usize, err: common::amqp::PublishError| {
@@ -141,9 +148,10 @@ async fn insert_orders(
     let column = |f: fn(&NewOrder) -> Uuid| orders.iter().map(|o| f(o)).collect::<Vec<_>>();
     let partition = |o: &&NewOrder| partition_of(o.event_id, partitions) as i16;
     let rows: Vec<(Uuid, DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
-        "INSERT INTO orders (id, user_id, event_id, quantity, unit_price, total, currency, idempotency_key, partition)
+        "INSERT INTO orders (id, user_id, event_id, quantity, unit_price, total, currency, idempotency_key, partition,
+                             traceparent)
          SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::int4[], $5::numeric[], $6::numeric[], $7::text[],
-                              $8::text[], $9::int2[])
+                              $8::text[], $9::int2[], $10::text[])
          ON CONFLICT (user_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
          RETURNING id, created_at, updated_at",
     )
@@ -156,6 +164,7 @@ async fn insert_orders(
     .bind(orders.iter().map(|o| o.currency.as_str()).collect::<Vec<_>>())
     .bind(orders.iter().map(|o| o.idempotency_key.as_deref()).collect::<Vec<_>>())
     .bind(orders.iter().map(partition).collect::<Vec<_>>())
+    .bind(orders.iter().map(|o| o.traceparent.as_deref()).collect::<Vec<_>>())
     .fetch_all(db)
     .await?;
     Ok(rows.into_iter().map(|(id, created, updated)| (id, (created, updated))).collect())

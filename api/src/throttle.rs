@@ -19,14 +19,20 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 const KEY_MAX_CHARS: usize = 320;
 
 pub struct Throttle {
+    /// Which limit this is: the `limit` label of `turnstile_rate_limited_total`.
+    name: &'static str,
     limiter: DefaultKeyedRateLimiter<String>,
     clock: DefaultClock,
 }
 
 impl Throttle {
     /// `attempts` at once per key, then one more every `60 s / attempts`.
-    pub fn per_minute(attempts: NonZeroU32) -> Self {
-        Self { limiter: RateLimiter::keyed(Quota::per_minute(attempts)), clock: DefaultClock::default() }
+    pub fn per_minute(name: &'static str, attempts: NonZeroU32) -> Self {
+        Self { name, limiter: RateLimiter::keyed(Quota::per_minute(attempts)), clock: DefaultClock::default() }
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.name
     }
 
     /// Counts an attempt under `key` (compared trimmed and case-insensitively); over the
@@ -60,7 +66,7 @@ mod tests {
 
     #[test]
     fn attempts_beyond_the_quota_wait_and_keys_are_separate() {
-        let throttle = Throttle::per_minute(NonZeroU32::new(3).unwrap());
+        let throttle = Throttle::per_minute("test", NonZeroU32::new(3).unwrap());
         for _ in 0..3 {
             assert!(throttle.attempt("ada@example.com").is_ok());
         }

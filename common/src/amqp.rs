@@ -123,11 +123,15 @@ fn partition_queue_arguments() -> FieldTable {
 }
 
 /// One order in a purchase message. The order row is the source of truth; the message only
-/// says which order to look at, and which event (to group a batch without a query).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// says which order to look at, which event (to group a batch without a query), and the
+/// order's trace (the W3C `traceparent` of the request that placed it), which the worker
+/// continues.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PurchaseMessage {
     pub order_id: Uuid,
     pub event_id: Uuid,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// The body of a purchase message: the orders of one partition that were stored together,
@@ -167,6 +171,18 @@ pub enum PublishError {
     Nacked,
     #[error("no queue is bound for partition {0}")]
     Unroutable(u16),
+}
+
+impl PublishError {
+    /// The `outcome` label of `turnstile_purchase_publishes_total`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Unavailable(_) => "unavailable",
+            Self::Timeout(_) => "timeout",
+            Self::Nacked => "nacked",
+            Self::Unroutable(_) => "unroutable",
+        }
+    }
 }
 
 /// Publishes purchase messages on one shared confirm-mode channel, re-opened (and the
@@ -245,8 +261,8 @@ impl Publisher {
         for order in orders {
             let partition = partition_of(order.event_id, self.partitions);
             match by_partition.iter_mut().find(|(p, _)| *p == partition) {
-                Some((_, batch)) => batch.orders.push(*order),
-                None => by_partition.push((partition, PurchaseBatch { orders: vec![*order] })),
+                Some((_, batch)) => batch.orders.push(order.clone()),
+                None => by_partition.push((partition, PurchaseBatch { orders: vec![order.clone()] })),
             }
         }
         let mut sent = Vec::with_capacity(by_partition.len());
@@ -254,6 +270,7 @@ impl Publisher {
             match self.send(*partition, batch).await {
                 Ok(confirm) => sent.push((*partition, confirm)),
                 Err(err) => {
+                    metrics::counter!("turnstile_purchase_publishes_total", "outcome" => err.label()).increment(1);
                     self.state.failed().await;
                     return Err(err);
                 }
@@ -275,6 +292,8 @@ impl Publisher {
                     }
                 };
                 drop(permit);
+                let label = outcome.as_ref().map_or_else(PublishError::label, |()| "confirmed");
+                metrics::counter!("turnstile_purchase_publishes_total", "outcome" => label).increment(1);
                 if result.is_ok() {
                     result = outcome;
                 }
@@ -293,11 +312,18 @@ impl Publisher {
         batch: &PurchaseBatch,
     ) -> Result<(tokio::sync::OwnedSemaphorePermit, lapin::PublisherConfirm), PublishError> {
         let body = serde_json::to_vec(batch).expect("a purchase message serialises");
-        let first = batch.orders.first().map(|order| order.order_id).unwrap_or_default();
-        let properties = BasicProperties::default()
+        let first = batch.orders.first();
+        let mut properties = BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type("application/json".into())
-            .with_message_id(first.to_string().into());
+            .with_message_id(first.map(|order| order.order_id).unwrap_or_default().to_string().into());
+        // The trace of the message's first order, for consumers that read only headers; each
+        // order in the body carries its own.
+        if let Some(traceparent) = first.and_then(|order| order.traceparent.as_deref()) {
+            let mut headers = FieldTable::default();
+            headers.insert(crate::telemetry::TRACEPARENT.into(), AMQPValue::LongString(traceparent.into()));
+            properties = properties.with_headers(headers);
+        }
         tokio::time::timeout(CONFIRM_TIMEOUT, async {
             let permit = self.state.window.clone().acquire_owned().await.expect("the window is never closed");
             let confirm = self
@@ -400,10 +426,18 @@ mod tests {
     #[test]
     fn purchase_messages_are_read_in_both_forms() {
         let (a, b) = (Uuid::from_u128(1), Uuid::from_u128(2));
-        let one = PurchaseMessage { order_id: a, event_id: b };
-        let batch = PurchaseBatch { orders: vec![one, PurchaseMessage { order_id: b, event_id: b }] };
+        let one = PurchaseMessage { order_id: a, event_id: b, traceparent: None };
+        let traced = PurchaseMessage {
+            order_id: b,
+            event_id: b,
+            traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+        };
+        let batch = PurchaseBatch { orders: vec![one.clone(), traced] };
         assert_eq!(decode_purchase(&serde_json::to_vec(&batch).unwrap()).unwrap(), batch.orders);
-        assert_eq!(decode_purchase(&serde_json::to_vec(&one).unwrap()).unwrap(), vec![one]);
+        assert_eq!(decode_purchase(&serde_json::to_vec(&one).unwrap()).unwrap(), vec![one.clone()]);
+        // What earlier versions sent, without a trace.
+        let old = format!(r#"{{"orders": [{{"order_id": "{a}", "event_id": "{b}"}}]}}"#);
+        assert_eq!(decode_purchase(old.as_bytes()).unwrap(), vec![one]);
         assert!(decode_purchase(b"{not json").is_err());
         assert!(decode_purchase(br#"{"order_id": 42}"#).is_err());
     }

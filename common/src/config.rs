@@ -107,6 +107,10 @@ pub struct ApiConfig {
     /// Address the HTTP server binds to (port 0 picks a free port).
     #[arg(long = "bind-addr", env = "BIND_ADDR", default_value = "127.0.0.1:8080")]
     pub bind_addr: SocketAddr,
+    /// Address of the Prometheus `/metrics` endpoint, apart from the public API (port 0
+    /// picks a free port).
+    #[arg(long = "metrics-addr", env = "METRICS_ADDR", default_value = "127.0.0.1:9464")]
+    pub metrics_addr: SocketAddr,
     /// HMAC key for access tokens (HS256), at least 32 bytes.
     #[arg(long = "jwt-secret", env = "JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Secret,
@@ -296,6 +300,10 @@ pub struct WorkerConfig {
     #[arg(long = "heartbeat-ms", env = "HEARTBEAT_MS", default_value_t = 2_000,
           value_parser = clap::value_parser!(u64).range(10..=60_000))]
     pub heartbeat_ms: u64,
+    /// Address of the worker's HTTP server: Prometheus `/metrics`, `/health/live` and
+    /// `/health/ready` (port 0 picks a free port).
+    #[arg(long = "metrics-addr", env = "METRICS_ADDR", default_value = "127.0.0.1:9465")]
+    pub metrics_addr: SocketAddr,
 }
 
 impl WorkerConfig {

@@ -5,6 +5,7 @@ pub mod amqp;
 pub mod config;
 pub mod db;
 pub mod domain;
+pub mod metrics;
 pub mod notifications;
 pub mod order_changes;
 pub mod shutdown;

@@ -250,6 +250,8 @@ impl Process {
             .args(args)
             .current_dir(std::env::temp_dir())
             .env("RUST_LOG", "info")
+            // Many processes at once: each serves its metrics on a port of its own.
+            .env("METRICS_ADDR", "127.0.0.1:0")
             .env_remove("LOG_FORMAT")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

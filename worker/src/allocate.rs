@@ -26,6 +26,8 @@ use lapin::{Channel, Consumer, message::Delivery};
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 use uuid::Uuid;
 
 use crate::membership::Assignment;
@@ -39,6 +41,8 @@ pub struct Allocator {
     pub assignment: watch::Receiver<Assignment>,
     /// The decider's queue (see [`spawn_decider`]).
     pub jobs: mpsc::Sender<Job>,
+    /// Counts the subscribed partitions (readiness, `turnstile_partitions_subscribed`).
+    pub probe: crate::health::Probe,
 }
 
 /// A batch's orders by event, events in order of first appearance, orders in arrival order.
@@ -67,7 +71,11 @@ pub fn spawn_decider(db: PgPool, hold_ttl: Duration) -> mpsc::Sender<Job> {
         let mut waiting = Vec::with_capacity(JOBS_PER_TRANSACTION);
         while queue.recv_many(&mut waiting, JOBS_PER_TRANSACTION).await > 0 {
             let batches: Vec<(u16, &Groups)> = waiting.iter().map(|job| (job.partition, &job.groups)).collect();
-            match allocate_batches(&db, &batches, hold_ttl).await {
+            let started = Instant::now();
+            let result = allocate_batches(&db, &batches, hold_ttl).await;
+            metrics::histogram!("turnstile_allocation_transaction_duration_seconds")
+                .record(started.elapsed().as_secs_f64());
+            match result {
                 Ok(outcomes) => {
                     for (job, outcome) in waiting.drain(..).zip(outcomes) {
                         let _ = job.done.send(Ok(outcome));
@@ -148,6 +156,7 @@ impl Allocator {
             )
             .await
             .context("subscribing")?;
+        let _counted = self.probe.subscribed();
         if let Some(subscribed) = first.take() {
             subscribed.add_permits(1);
         }
@@ -200,6 +209,10 @@ impl Allocator {
 
     /// Allocates one batch and acks it. `Ok(false)`: shutdown began while the database was
     /// failing; the batch is left unacked (the channel's closing requeues it).
+    ///
+    /// The batch has a span of its own, linked to the trace of every order in it (exported
+    /// with the spans when OTLP is on); each order's decision is logged with the order's
+    /// own `trace_id`, the one the api logged when it accepted the order.
     async fn process(
         &self,
         partition: u16,
@@ -207,8 +220,21 @@ impl Allocator {
         batch: Vec<Delivery>,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<bool> {
+        let span = tracing::info_span!("batch", partition, messages = batch.len());
+        self.process_in_span(partition, channel, batch, shutdown, &span).instrument(span.clone()).await
+    }
+
+    async fn process_in_span(
+        &self,
+        partition: u16,
+        channel: &Channel,
+        batch: Vec<Delivery>,
+        shutdown: &CancellationToken,
+        span: &tracing::Span,
+    ) -> anyhow::Result<bool> {
         let started = Instant::now();
         let received = batch.len();
+        metrics::counter!("turnstile_purchase_messages_consumed_total").increment(received as u64);
         let mut messages = Vec::with_capacity(batch.len());
         let mut last_tag = None;
         for delivery in batch {
@@ -224,8 +250,18 @@ impl Allocator {
                         bytes = delivery.data.len(),
                         "undecodable purchase message; sending it to the dead-letter queue"
                     );
+                    metrics::counter!("turnstile_purchase_messages_dead_lettered_total").increment(1);
                     delivery.acker.reject(BasicRejectOptions { requeue: false }).await?;
                 }
+            }
+        }
+        let traces: HashMap<Uuid, String> = messages
+            .iter()
+            .filter_map(|m| Some((m.order_id, common::telemetry::trace_id_of(m.traceparent.as_deref()?)?)))
+            .collect();
+        if common::telemetry::exporting() {
+            for context in messages.iter().filter_map(|m| common::telemetry::remote_span(m.traceparent.as_deref()?)) {
+                span.add_link(context);
             }
         }
         let groups = group_by_event(&messages);
@@ -250,6 +286,9 @@ impl Allocator {
         if let Some(tag) = last_tag {
             channel.basic_ack(tag, BasicAckOptions { multiple: true }).await?;
         }
+        record_decisions(&totals, &traces);
+        metrics::histogram!("turnstile_allocation_batch_orders").record(messages.len() as f64);
+        metrics::histogram!("turnstile_allocation_batch_duration_seconds").record(started.elapsed().as_secs_f64());
         tracing::info!(
             partition,
             worker_id = %self.worker_id,
@@ -261,6 +300,31 @@ impl Allocator {
             "batch committed"
         );
         Ok(true)
+    }
+}
+
+/// The decisions of a committed batch: counted by status and reason, their latency from
+/// acceptance measured, and each logged with its order's trace id.
+fn record_decisions(outcome: &Outcome, traces: &HashMap<Uuid, String>) {
+    let now = Utc::now();
+    let mut counts: HashMap<(&'static str, &'static str), u64> = HashMap::new();
+    for (decision, created_at) in &outcome.decided {
+        *counts.entry((decision.status.as_str(), decision.reason.unwrap_or("NONE"))).or_default() += 1;
+        let latency = (now - *created_at).to_std().unwrap_or_default();
+        metrics::histogram!("turnstile_order_decision_latency_seconds").record(latency.as_secs_f64());
+        tracing::info!(
+            order_id = %decision.order_id,
+            status = decision.status.as_str(),
+            reason = decision.reason,
+            trace_id = traces.get(&decision.order_id).map(String::as_str),
+            "order decided"
+        );
+    }
+    for ((status, reason), count) in counts {
+        metrics::counter!("turnstile_orders_decided_total", "status" => status, "reason" => reason).increment(count);
+    }
+    if outcome.skipped > 0 {
+        metrics::counter!("turnstile_orders_skipped_total").increment(outcome.skipped as u64);
     }
 }
 
@@ -301,11 +365,13 @@ pub struct Outcome {
     rejected: usize,
     /// Messages whose order was not `QUEUED` any more (redeliveries) or does not exist.
     skipped: usize,
+    /// What was decided, in order, with when each order was accepted.
+    decided: Vec<(Decision, DateTime<Utc>)>,
 }
 
 /// What the allocator decided for one order: the status an [`OrderEvent`] leads to from
 /// `QUEUED`, the only status it reads (a test checks this against the state machine).
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct Decision {
     order_id: Uuid,
     status: OrderStatus,
@@ -408,10 +474,10 @@ async fn allocate_batches(db: &PgPool, batches: &[(u16, &Groups)], hold_ttl: Dur
                 *issued_per_event.entry(*event_id).or_default() += issued;
             }
             for decision in &decisions {
-                if let Some(created_at) = created.get(&decision.order_id) {
-                    let seen = progress.entry(*partition).or_insert(*created_at);
-                    *seen = (*seen).max(*created_at);
-                }
+                let created_at = created.get(&decision.order_id).copied().unwrap_or_else(Utc::now);
+                let seen = progress.entry(*partition).or_insert(created_at);
+                *seen = (*seen).max(created_at);
+                outcome.decided.push((decision.clone(), created_at));
                 if matches!(decision.status, OrderStatus::Pending | OrderStatus::Paid) {
                     outcome.accepted += 1;
                     for _ in 0..queued[&decision.order_id].1 {
@@ -589,7 +655,7 @@ mod tests {
     fn groups_by_event_and_drops_duplicates() {
         let (e1, e2) = (Uuid::from_u128(100), Uuid::from_u128(200));
         let o = ids(4);
-        let message = |order_id, event_id| PurchaseMessage { order_id, event_id };
+        let message = |order_id, event_id| PurchaseMessage { order_id, event_id, traceparent: None };
         let groups = group_by_event(&[
             message(o[0], e1),
             message(o[1], e2),

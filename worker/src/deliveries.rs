@@ -21,6 +21,7 @@ use futures_util::future::join_all;
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use uuid::Uuid;
 
 /// Deliveries taken per round, sent concurrently.
@@ -45,6 +46,8 @@ struct Due {
     url: String,
     secret: String,
     enabled: bool,
+    /// The trace of the order the delivery is about (see `common::telemetry`).
+    traceparent: Option<String>,
 }
 
 /// What one attempt came to.
@@ -117,7 +120,8 @@ impl Deliverer {
                    AND (leased_until IS NULL OR leased_until < now())
                  ORDER BY next_attempt_at LIMIT $3
                  FOR UPDATE SKIP LOCKED)
-             RETURNING d.id, d.endpoint_id, d.attempts, d.payload, e.url, e.secret, e.enabled",
+             RETURNING d.id, d.endpoint_id, d.attempts, d.payload, e.url, e.secret, e.enabled,
+                       (SELECT o.traceparent FROM orders o WHERE o.id = d.order_id) AS traceparent",
         )
         .bind(lease_id)
         .bind(self.lease.as_secs_f64())
@@ -127,7 +131,19 @@ impl Deliverer {
         Ok(due.into_iter().map(|delivery| (lease_id, delivery)).collect())
     }
 
+    /// One attempt, in a span that continues the order's trace.
     async fn deliver(&self, (lease_id, delivery): (Uuid, Due)) {
+        let span = tracing::info_span!(
+            "webhook delivery",
+            delivery_id = %delivery.id,
+            endpoint_id = %delivery.endpoint_id,
+            trace_id = tracing::field::Empty,
+        );
+        common::telemetry::continue_trace(&span, delivery.traceparent.as_deref());
+        self.attempt(lease_id, delivery).instrument(span).await
+    }
+
+    async fn attempt(&self, lease_id: Uuid, delivery: Due) {
         if !delivery.enabled {
             let result = sqlx::query(
                 "UPDATE webhook_deliveries SET status = 'ABANDONED', next_attempt_at = NULL, lease_id = NULL,
@@ -145,7 +161,9 @@ impl Deliverer {
         }
         let started = Instant::now();
         let outcome = self.send(&delivery).await;
-        let latency = i32::try_from(started.elapsed().as_millis()).unwrap_or(i32::MAX);
+        let elapsed = started.elapsed();
+        metrics::histogram!("turnstile_webhook_delivery_duration_seconds").record(elapsed.as_secs_f64());
+        let latency = i32::try_from(elapsed.as_millis()).unwrap_or(i32::MAX);
         if let Err(err) = self.record(lease_id, &delivery, &outcome, latency).await {
             tracing::warn!(error = %err, delivery_id = %delivery.id, "cannot record a webhook attempt; it will be retried");
         }
@@ -257,6 +275,13 @@ impl Deliverer {
             tracing::info!(endpoint_id = %delivery.endpoint_id, "webhook endpoint answered 410; disabled");
         }
         tx.commit().await?;
+        let counted = match (outcome, status) {
+            (Outcome::Delivered(_), _) => "delivered",
+            (Outcome::Gone, _) => "gone",
+            (Outcome::Failed { .. }, "FAILED") => "given_up",
+            (Outcome::Failed { .. }, _) => "retrying",
+        };
+        metrics::counter!("turnstile_webhook_deliveries_total", "outcome" => counted).increment(1);
         tracing::info!(delivery_id = %delivery.id, attempts, status, code = status_code, latency_ms, "webhook attempt");
         Ok(())
     }

@@ -105,6 +105,9 @@ impl Relay {
         .bind(BATCH)
         .fetch_all(&mut *tx)
         .await?;
+        // How far behind the relay is: the age of the oldest change not yet relayed.
+        let lag = changes.first().map_or(0.0, |c| (Utc::now() - c.at).to_std().unwrap_or_default().as_secs_f64());
+        metrics::gauge!("turnstile_relay_lag_seconds").set(lag);
         if changes.is_empty() {
             return Ok(0);
         }
@@ -121,6 +124,7 @@ impl Relay {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
+        metrics::counter!("turnstile_order_events_published_total").increment(notifications.len() as u64);
         Ok(notifications.len())
     }
 
@@ -154,6 +158,7 @@ impl Relay {
                 .await?;
             confirms.push(confirm);
         }
+        let sent = confirms.len() as u64;
         tokio::time::timeout(CONFIRM_TIMEOUT, async {
             for confirm in confirms {
                 match confirm.await? {
@@ -162,6 +167,7 @@ impl Relay {
                     Confirmation::Ack(_) => {}
                 }
             }
+            metrics::counter!("turnstile_order_event_messages_published_total").increment(sent);
             Ok(())
         })
         .await

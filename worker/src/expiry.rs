@@ -47,6 +47,7 @@ async fn expire_due(db: &PgPool, shutdown: &CancellationToken) -> sqlx::Result<(
             let mut tx = db.begin().await?;
             let ids = order_changes::expire_event(&mut tx, event_id, BATCH).await?;
             tx.commit().await?;
+            metrics::counter!("turnstile_holds_expired_total").increment(ids.len() as u64);
             if !ids.is_empty() {
                 tracing::info!(%event_id, expired = ids.len(), "holds expired; tickets released");
             }

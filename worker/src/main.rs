@@ -10,6 +10,7 @@ mod allocate;
 mod deliveries;
 mod events;
 mod expiry;
+mod health;
 mod membership;
 mod republish;
 mod retry;
@@ -46,14 +47,18 @@ enum Command {
 fn main() -> std::process::ExitCode {
     let _ = dotenvy::dotenv();
     let cli = Cli::parse();
-    common::telemetry::init("worker");
-    match cli.command {
+    let telemetry = common::telemetry::init("worker");
+    let code = match cli.command {
         Some(Command::Health) => common::run_main(membership::check_health(cli.config)),
         None => common::run_main(run(cli.config)),
-    }
+    };
+    drop(telemetry);
+    code
 }
 
 async fn run(config: WorkerConfig) -> anyhow::Result<()> {
+    let metrics = common::metrics::install("worker")?;
+    describe_metrics();
     let db = common::db::connect(&config.database).await.context("connecting to PostgreSQL")?;
     common::db::migrate(&db).await.context("applying migrations")?;
     // Each partition consumer holds a connection of its own (one broken connection costs
@@ -64,6 +69,9 @@ async fn run(config: WorkerConfig) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let partitions = config.broker.partitions;
     let worker_id = Uuid::now_v7();
+    let probe = health::Probe::new(db.clone(), partitions);
+    common::metrics::serve(config.metrics_addr, health::router(probe.clone(), metrics), shutdown.clone()).await?;
+    metrics::gauge!("turnstile_partitions").set(f64::from(partitions));
 
     declare_topology(&amqp, partitions, &shutdown).await;
 
@@ -79,7 +87,8 @@ async fn run(config: WorkerConfig) -> anyhow::Result<()> {
     ));
 
     let jobs = allocate::spawn_decider(db.clone(), config.hold_ttl());
-    let allocator = Arc::new(Allocator { amqp: amqp.clone(), config: config.clone(), worker_id, assignment, jobs });
+    let allocator =
+        Arc::new(Allocator { amqp: amqp.clone(), config: config.clone(), worker_id, assignment, jobs, probe });
     let subscribed = Arc::new(Semaphore::new(0));
     for partition in 0..partitions {
         tasks.spawn(allocator.clone().run_partition(partition, subscribed.clone(), shutdown.clone()));
@@ -111,6 +120,93 @@ async fn run(config: WorkerConfig) -> anyhow::Result<()> {
     db.close().await;
     tracing::info!("worker stopped");
     Ok(())
+}
+
+fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "turnstile_purchase_messages_consumed_total",
+        "Purchase messages taken from the partition queues."
+    );
+    describe_counter!(
+        "turnstile_purchase_messages_dead_lettered_total",
+        "Purchase messages that could not be read, sent to orders.purchase.dead."
+    );
+    describe_histogram!("turnstile_allocation_batch_orders", "Orders in one partition's batch.");
+    describe_histogram!(
+        "turnstile_allocation_batch_duration_seconds",
+        metrics::Unit::Seconds,
+        "From a partition batch's first message to its ack (decided and committed)."
+    );
+    describe_histogram!(
+        "turnstile_allocation_transaction_duration_seconds",
+        metrics::Unit::Seconds,
+        "One allocation transaction (the partition batches waiting at once)."
+    );
+    describe_counter!(
+        "turnstile_orders_decided_total",
+        "Orders decided by the allocator, by status (PENDING, PAID, REJECTED) and reason (NONE, FREE_ORDER, SOLD_OUT, EVENT_UNAVAILABLE)."
+    );
+    describe_counter!(
+        "turnstile_orders_skipped_total",
+        "Orders named by purchase messages that were no longer QUEUED (redeliveries, re-publishes)."
+    );
+    describe_histogram!(
+        "turnstile_order_decision_latency_seconds",
+        metrics::Unit::Seconds,
+        "From an order's acceptance by the api (created_at) to its decision's commit."
+    );
+    describe_gauge!("turnstile_partitions", "Purchase partitions configured (PARTITIONS).");
+    describe_gauge!(
+        "turnstile_partitions_preferred",
+        "Partitions this worker prefers (it is their consumer when all workers agree)."
+    );
+    describe_gauge!("turnstile_partitions_subscribed", "Partition queues this worker's consumers are subscribed to.");
+    describe_counter!("turnstile_orders_republished_total", "QUEUED orders whose purchase message was sent again.");
+    describe_counter!("turnstile_holds_expired_total", "PENDING orders expired (unpaid holds released).");
+    describe_gauge!(
+        "turnstile_relay_lag_seconds",
+        "Age of the oldest status change not yet relayed (0 when none waits)."
+    );
+    describe_counter!(
+        "turnstile_order_events_published_total",
+        "Order events relayed to orders.events (and to webhook deliveries)."
+    );
+    describe_counter!(
+        "turnstile_order_event_messages_published_total",
+        "Messages published to orders.events (one carries several events in batch format)."
+    );
+    describe_counter!(
+        "turnstile_webhook_deliveries_total",
+        "Webhook delivery attempts by outcome (delivered, retrying, given_up, gone)."
+    );
+    describe_histogram!(
+        "turnstile_webhook_delivery_duration_seconds",
+        metrics::Unit::Seconds,
+        "How long a webhook endpoint took to answer (or to fail)."
+    );
+    describe_gauge!("turnstile_webhook_deliveries_pending", "Webhook deliveries waiting to be sent or retried.");
+    // At zero from the start, so that rates and alerts work before the first event.
+    for name in [
+        "turnstile_purchase_messages_consumed_total",
+        "turnstile_purchase_messages_dead_lettered_total",
+        "turnstile_orders_skipped_total",
+        "turnstile_orders_republished_total",
+        "turnstile_holds_expired_total",
+        "turnstile_order_events_published_total",
+        "turnstile_order_event_messages_published_total",
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+    for (status, reason) in
+        [("PENDING", "NONE"), ("PAID", "FREE_ORDER"), ("REJECTED", "SOLD_OUT"), ("REJECTED", "EVENT_UNAVAILABLE")]
+    {
+        metrics::counter!("turnstile_orders_decided_total", "status" => status, "reason" => reason).increment(0);
+    }
+    for outcome in ["delivered", "retrying", "given_up", "gone"] {
+        metrics::counter!("turnstile_webhook_deliveries_total", "outcome" => outcome).increment(0);
+    }
+    metrics::gauge!("turnstile_partitions_subscribed").set(0.0);
 }
 
 /// Declares the queues once, before the consumers subscribe to them, retrying until the

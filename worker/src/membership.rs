@@ -56,6 +56,8 @@ pub async fn run(
     loop {
         match beat(&db, worker_id, &hostname, interval * MISSED_HEARTBEATS).await {
             Ok(current) => {
+                let preferred = current.preferred(partitions).len();
+                metrics::gauge!("turnstile_partitions_preferred").set(preferred as f64);
                 if assignment.send_if_modified(|old| std::mem::replace(old, current) != current) {
                     tracing::info!(
                         %worker_id,

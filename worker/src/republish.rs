@@ -71,7 +71,7 @@ async fn round(db: &PgPool, publisher: &Publisher, after: Duration, stale: Durat
             Vec::new()
         }
     };
-    let claimed: Vec<(Uuid, Uuid)> = sqlx::query_as(
+    let claimed: Vec<(Uuid, Uuid, Option<String>)> = sqlx::query_as(
         "UPDATE orders SET published_at = now()
          WHERE id IN (
              SELECT o.id FROM orders o LEFT JOIN partition_progress p ON p.partition = o.partition
@@ -85,7 +85,7 @@ async fn round(db: &PgPool, publisher: &Publisher, after: Duration, stale: Durat
              ORDER BY o.created_at
              LIMIT $4
              FOR UPDATE OF o SKIP LOCKED)
-         RETURNING id, event_id",
+         RETURNING id, event_id, traceparent",
     )
     .bind(after.as_secs_f64())
     .bind(stale.as_secs_f64())
@@ -96,16 +96,24 @@ async fn round(db: &PgPool, publisher: &Publisher, after: Duration, stale: Durat
     if claimed.is_empty() {
         return Ok((0, 0));
     }
-    let orders: Vec<PurchaseMessage> =
-        claimed.iter().map(|&(order_id, event_id)| PurchaseMessage { order_id, event_id }).collect();
+    // Each order keeps its trace: its decision continues the request that placed it.
+    let orders: Vec<PurchaseMessage> = claimed
+        .iter()
+        .map(|(order_id, event_id, traceparent)| PurchaseMessage {
+            order_id: *order_id,
+            event_id: *event_id,
+            traceparent: traceparent.clone(),
+        })
+        .collect();
     if let Err(err) = publisher.publish_purchases(&orders).await {
         tracing::debug!(orders = orders.len(), error = %err, "re-publish failed");
-        let ids: Vec<Uuid> = claimed.iter().map(|(id, _)| *id).collect();
+        let ids: Vec<Uuid> = claimed.iter().map(|(id, ..)| *id).collect();
         sqlx::query("UPDATE orders SET published_at = NULL WHERE id = ANY($1) AND status = 'QUEUED'")
             .bind(&ids)
             .execute(db)
             .await?;
         return Ok((claimed.len(), 0));
     }
+    metrics::counter!("turnstile_orders_republished_total").increment(claimed.len() as u64);
     Ok((claimed.len(), claimed.len()))
 }

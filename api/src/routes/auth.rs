@@ -197,6 +197,7 @@ pub async fn login(
 pub(crate) fn throttled(throttle: &Throttle, key: &str, what: &'static str) -> Result<(), ApiError> {
     throttle.attempt(key).map_err(|wait| {
         tracing::warn!(what, "over the rate limit");
+        metrics::counter!("turnstile_rate_limited_total", "limit" => throttle.name()).increment(1);
         ApiError::TooManyRequests { retry_after_secs: wait.as_secs() + 1 }
     })
 }

@@ -30,8 +30,8 @@ use tracing::Level;
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::error::{self, ApiError};
-use crate::openapi;
 use crate::state::AppState;
+use crate::{observability, openapi};
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -54,16 +54,19 @@ pub fn app(state: AppState) -> Router {
         .nest("/api/v1", api)
         .merge(health::router())
         .merge(SwaggerUi::new("/docs").url("/api/v1/openapi.json", openapi::document()))
+        .route_layer(axum::middleware::from_fn(observability::route))
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(tower::util::option_layer(cors(&state.config.cors_allowed_origins)))
-        // Outermost first: every response carries the security headers; panics become JSON
+        // Outermost first: every request is measured (`http_server_request_duration_seconds`,
+        // by route template); every response carries the security headers; panics become JSON
         // 500s; every request gets an `x-request-id` (the client's if it sent a short,
         // printable one) that is logged on its span and echoed back; the Authorization
         // header never reaches the logs; a request past the time limit gets a JSON 503.
         .layer(
             ServiceBuilder::new()
+                .layer(axum::middleware::from_fn(observability::track))
                 .layer(security_header(header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
                 .layer(security_header(header::X_FRAME_OPTIONS, "DENY"))
                 .layer(security_header(header::CONTENT_SECURITY_POLICY, "frame-ancestors 'none'"))
@@ -103,7 +106,13 @@ fn cors(origins: &[String]) -> Option<CorsLayer> {
     let layer = CorsLayer::new()
         .allow_origin(allow_origin)
         .allow_methods([Method::GET, Method::POST, Method::PUT, Method::PATCH, Method::DELETE])
-        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, orders::IDEMPOTENCY_KEY, REQUEST_ID])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            orders::IDEMPOTENCY_KEY,
+            REQUEST_ID,
+            HeaderName::from_static(common::telemetry::TRACEPARENT),
+        ])
         .expose_headers([
             header::LOCATION,
             header::LINK,
@@ -147,7 +156,20 @@ pub(crate) fn location(path: &str) -> HeaderMap {
     headers
 }
 
+/// The span of one request: its id, and its trace (the client's W3C `traceparent` continued
+/// when it sent a valid one, else a new trace), whose id every log line of the request
+/// carries as `trace_id`; a purchase records the order it created as `order_id`.
 fn request_span(request: &Request<Body>) -> tracing::Span {
     let request_id = request.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("-");
-    tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), request_id)
+    let span = tracing::info_span!(
+        "request",
+        method = %request.method(),
+        path = %request.uri().path(),
+        request_id,
+        trace_id = tracing::field::Empty,
+        order_id = tracing::field::Empty,
+    );
+    let parent = request.headers().get(common::telemetry::TRACEPARENT).and_then(|v| v.to_str().ok());
+    common::telemetry::continue_trace(&span, parent);
+    span
 }

@@ -152,6 +152,24 @@ pub async fn create_order(
     headers: HeaderMap,
     Json(req): Json<CreateOrderRequest>,
 ) -> Result<(StatusCode, HeaderMap, Json<Order>), ApiError> {
+    let result = purchase(state, user, headers, req).await;
+    let outcome = match &result {
+        Ok((_, headers, _)) if headers.contains_key(IDEMPOTENT_REPLAYED) => "idempotent_replay",
+        Ok(_) => "accepted",
+        Err(err) if err.code() == "sold_out" => "sold_out",
+        Err(err) if err.status().is_server_error() => "unavailable",
+        Err(_) => "rejected",
+    };
+    metrics::counter!("turnstile_purchase_requests_total", "outcome" => outcome).increment(1);
+    result
+}
+
+async fn purchase(
+    state: AppState,
+    user: AuthUser,
+    headers: HeaderMap,
+    req: CreateOrderRequest,
+) -> Result<(StatusCode, HeaderMap, Json<Order>), ApiError> {
     let key = idempotency_key(&headers)?;
     if req.quantity < 1 {
         return Err(ApiError::invalid("invalid_quantity", "quantity must be at least 1"));
@@ -171,6 +189,11 @@ pub async fn create_order(
     }
 
     let order_id = Uuid::now_v7();
+    // The request's span (see `routes::request_span`) names the order; its trace goes with
+    // the order to the worker and the webhook deliveries.
+    let span = tracing::Span::current();
+    span.record("order_id", tracing::field::display(order_id));
+    let traceparent = common::telemetry::traceparent(&span);
     let total = event.price * Decimal::from(quantity);
     let stored = state
         .orders
@@ -183,6 +206,7 @@ pub async fn create_order(
             total,
             currency: event.currency.clone(),
             idempotency_key: key.clone(),
+            traceparent,
         })
         // A validly signed token whose account is gone: 401 (`ApiError::from`).
         .await?;
@@ -411,6 +435,7 @@ pub async fn get_order(
     let order = load_visible(&state, user, id).await?;
     let seen = query.status.unwrap_or(order.status);
     let order = if wait > 0 && !order.status.is_final() && order.status == seen {
+        let _waiting = crate::observability::LongPoll::start();
         wait_for_change(&state, user, order, Duration::from_secs(wait)).await?
     } else {
         order
