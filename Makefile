@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
-.PHONY: help run test chaos fuzz bench services stop status admin docker-env fmt lint
+.PHONY: help run test chaos fuzz bench observe services stop status admin docker-env fmt lint
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -21,6 +21,9 @@ fuzz: ## schemathesis (installed from PyPI into .local/) against the served Open
 
 bench: ## measure: make bench [SCENARIOS="baseline hot spread ..."] [RUNS=3] [LOADGEN_ARGS=...] (see BENCHMARKS.md)
 	@bash scripts/bench.sh
+
+observe: ## Prometheus (from the distribution's package) scraping make run's api and worker, http://127.0.0.1:19090
+	@bash scripts/observe.sh
 
 services: ## start only PostgreSQL + RabbitMQ (installed from Debian packages if missing)
 	@bash scripts/services.sh start

@@ -62,7 +62,7 @@ export AMQP_URL="${AMQP_URL%/*}/turnstile_bench"
 # Secrets of this benchmark only.
 random_secrets
 export IMAGE_STORE="$PWD/.local/bench-images"
-export BIND_ADDR="$addr" SOLD_OUT_FAST_PATH="$fast_path" RUST_LOG="${RUST_LOG:-warn}"
+export METRICS_ADDR=127.0.0.1:0 BIND_ADDR="$addr" SOLD_OUT_FAST_PATH="$fast_path" RUST_LOG="${RUST_LOG:-warn}"
 durable_label=""
 if [ "$durable" = 1 ]; then durable_label="durable"; fi
 label="fast-path-$([ "$fast_path" = true ] && echo on || echo off)${durable_label:+, $durable_label}"

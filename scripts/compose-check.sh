@@ -5,7 +5,8 @@
 #   2. with a Compose implementation's own `config` (interpolation, anchors, references
 #      between services): `docker compose` when the plugin is installed, otherwise the
 #      distribution's `docker-compose` package (installed with apt-get when missing);
-#   3. that without the secrets compose refuses to start and says to run `make docker-env`.
+#   3. the observability profile (Prometheus, Grafana, the dashboard JSON);
+#   4. that without the secrets compose refuses to start and says to run `make docker-env`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,6 +40,14 @@ trap 'rm -rf "$scratch"' EXIT
 bash scripts/docker-env.sh "$scratch/env" >/dev/null
 "${compose[@]}" --project-directory . --env-file "$scratch/env" -f docker-compose.yml config -q
 log "${compose[*]} config: valid"
+# The observability profile (Prometheus + Grafana) and the files it mounts.
+"${compose[@]}" --project-directory . --env-file "$scratch/env" -f docker-compose.yml --profile observability config \
+  > "$scratch/observability.yml"
+for service in prometheus grafana; do
+  grep -q "^  $service:" "$scratch/observability.yml" || { echo "[compose-check] error: no $service in the observability profile" >&2; exit 1; }
+done
+jq -e '.uid == "turnstile" and (.panels | length > 0)' deploy/grafana/dashboards/turnstile.json > /dev/null
+log "${compose[*]} --profile observability config: valid (prometheus, grafana; the dashboard JSON loads)"
 
 : > "$scratch/empty"
 if env -u JWT_SECRET -u WEBHOOK_SECRET -u TICKET_SECRET \

@@ -41,7 +41,7 @@ bin=target/release
 fresh_state turnstile_fuzz
 export DATABASE_URL="${DATABASE_URL%/*}/turnstile_fuzz" AMQP_URL="${AMQP_URL%/*}/turnstile_fuzz"
 random_secrets
-export IMAGE_STORE="$state/fuzz-images" BIND_ADDR="$addr" RUST_LOG="${RUST_LOG:-warn}"
+export METRICS_ADDR=127.0.0.1:0 IMAGE_STORE="$state/fuzz-images" BIND_ADDR="$addr" RUST_LOG="${RUST_LOG:-warn}"
 # Fuzzing logs in and signs up far more often than people do.
 export LOGIN_ATTEMPTS_PER_MINUTE=10000 LOGIN_ATTEMPTS_PER_ADDRESS_PER_MINUTE=100000 SIGNUP_PER_MINUTE=100000
 

@@ -60,8 +60,11 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-"$bin/worker" & pids+=($!)
-"$bin/api" serve & pids+=($!)
+# Each process serves /metrics on an address of its own (scripts/observe.sh scrapes them).
+api_metrics="${TURNSTILE_API_METRICS_ADDR:-127.0.0.1:9464}"
+worker_metrics="${TURNSTILE_WORKER_METRICS_ADDR:-127.0.0.1:9465}"
+METRICS_ADDR="$worker_metrics" "$bin/worker" & pids+=($!)
+METRICS_ADDR="$api_metrics" "$bin/api" serve & pids+=($!)
 # For `make status`.
 printf 'worker_pid=%s\napi_pid=%s\nbind_addr=%s\n' "${pids[0]}" "${pids[1]}" "$BIND_ADDR" > "$run_pids"
 
@@ -82,6 +85,8 @@ cat <<MSG
   Turnstile is serving on   http://$BIND_ADDR
   Swagger UI:               http://$BIND_ADDR/docs
   OpenAPI document:         http://$BIND_ADDR/api/v1/openapi.json
+  Metrics:                  http://$api_metrics/metrics (api), http://$worker_metrics/metrics (worker)
+                            (make observe: Prometheus scraping both)
   Create an admin (another terminal):
       make admin EMAIL=you@example.com
   Connection URLs: $env_file   Ctrl-C stops everything this command started.

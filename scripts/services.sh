@@ -2,7 +2,8 @@
 # Local PostgreSQL (15 or newer) + RabbitMQ for development and tests, without Docker or
 # systemd.
 #
-#   scripts/services.sh start    install (apt, as root) if missing, start both, wait until ready,
+#   scripts/services.sh start    install (apt, as root) if missing (and prometheus, for promtool
+#                                and `make observe`), start both, wait until ready,
 #                                write the connection URLs to $STATE/env (sourceable)
 #   scripts/services.sh stop     stop exactly the processes this script started
 #   scripts/services.sh status   say what is running
@@ -72,6 +73,8 @@ install_packages() {
   # The distribution's PostgreSQL (Debian 12: 15; Debian 13: 17; Ubuntu 24.04: 16).
   [ -x "$PG_BIN/initdb" ] || missing+=(postgresql postgresql-client)
   [ -x "$RABBIT_BIN/rabbitmq-server" ] || missing+=(rabbitmq-server)
+  # Prometheus: `promtool` checks the metrics in `make test`; `make observe` runs the server.
+  command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
   [ ${#missing[@]} -eq 0 ] && return 0
   is_root || die "missing packages (${missing[*]}); run as root or install them: apt-get install ${missing[*]}"
   log "installing ${missing[*]} from Debian packages (once)"

@@ -23,6 +23,7 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer as _;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -72,18 +73,30 @@ pub fn init(service: &'static str) -> Telemetry {
         }
     }
     let provider = provider.build();
+    // Traces do not depend on the log level: Turnstile's own spans are always traced (so
+    // an order's trace reaches the worker whatever `RUST_LOG` says), nobody else's. Log
+    // events become span events only when spans are exported (else they would be built and
+    // thrown away, one per decided order).
+    let with_events = exporting();
+    let traced = tracing_subscriber::filter::filter_fn(move |meta| {
+        let ours = ["api", "worker", "common"].iter().any(|crate_name| {
+            meta.target().strip_prefix(crate_name).is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+        });
+        ours && *meta.level() <= tracing::Level::INFO && (meta.is_span() || with_events)
+    });
     let traces = tracing_opentelemetry::layer()
         .with_tracer(provider.tracer(service))
         .with_location(false)
         .with_threads(false)
-        .with_tracked_inactivity(false);
+        .with_tracked_inactivity(false)
+        .with_filter(traced);
 
     let pretty = std::env::var("LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("pretty"));
-    let registry = tracing_subscriber::registry().with(filter()).with(traces);
+    let registry = tracing_subscriber::registry().with(traces);
     let result = if pretty {
         // Colours only on a terminal: a log written to a file or a pipe stays plain text.
         let logs = tracing_subscriber::fmt::layer().with_target(true).with_ansi(std::io::stdout().is_terminal());
-        registry.with(logs).try_init()
+        registry.with(logs.with_filter(filter())).try_init()
     } else {
         let logs = tracing_subscriber::fmt::layer()
             .json()
@@ -91,7 +104,7 @@ pub fn init(service: &'static str) -> Telemetry {
             .flatten_event(true)
             .with_current_span(true)
             .with_span_list(false);
-        registry.with(logs).try_init()
+        registry.with(logs.with_filter(filter())).try_init()
     };
     // A second initialisation (tests) keeps the first subscriber.
     let _ = result;

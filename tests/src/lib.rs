@@ -324,6 +324,13 @@ impl Process {
         self.logs.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// Where the process serves its metrics (`METRICS_ADDR`), from its `metrics listening`
+    /// log line: `http://host:port`.
+    pub fn metrics_base(&self) -> String {
+        let line = self.logs("metrics listening").into_iter().next().expect("a `metrics listening` log line");
+        format!("http://{}", line["addr"].as_str().expect("metrics listening line has addr"))
+    }
+
     /// The JSON log lines printed so far whose `message` is `message`.
     pub fn logs(&self, message: &str) -> Vec<Value> {
         let logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());
@@ -438,6 +445,11 @@ impl TestApp {
     /// The api's JSON log lines so far.
     pub fn api_logs(&self) -> Vec<Value> {
         self.api.all_logs()
+    }
+
+    /// Where the api serves its metrics (`METRICS_ADDR`): `http://host:port`.
+    pub fn api_metrics_base(&self) -> String {
+        self.api.metrics_base()
     }
 
     /// The api's process id (e.g. to read its memory from `/proc`).
@@ -767,5 +779,84 @@ impl Response {
 
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// A Prometheus text exposition, as scraped from a `/metrics` endpoint.
+pub struct Exposition {
+    pub text: String,
+}
+
+impl Exposition {
+    /// `GET {base}/metrics`, which must answer 200 in the text format.
+    pub async fn scrape(base: &str) -> Self {
+        let response = reqwest::get(format!("{base}/metrics")).await.expect("metrics endpoint reachable");
+        assert_eq!(response.status(), 200, "GET {base}/metrics");
+        let content_type = response.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default();
+        assert!(content_type.starts_with("text/plain"), "content type {content_type}");
+        Exposition { text: response.text().await.expect("metrics body") }
+    }
+
+    /// The sum of the samples named `name` whose labels include every `(label, value)` of
+    /// `labels`; 0 when there is none.
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.samples(name)
+            .filter(|(sample_labels, _)| {
+                labels.iter().all(|(k, v)| sample_labels.iter().any(|(sk, sv)| sk == k && sv == v))
+            })
+            .map(|(_, value)| value)
+            .sum()
+    }
+
+    /// Whether any sample is named `name`.
+    pub fn has(&self, name: &str) -> bool {
+        self.samples(name).next().is_some()
+    }
+
+    fn samples<'a>(&'a self, name: &'a str) -> impl Iterator<Item = (Vec<(String, String)>, f64)> + 'a {
+        self.text.lines().filter(|line| !line.starts_with('#')).filter_map(move |line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (series_name, labels) = match series.split_once('{') {
+                Some((series_name, labels)) => (series_name, labels.strip_suffix('}')?),
+                None => (series, ""),
+            };
+            if series_name != name {
+                return None;
+            }
+            // Label values here never hold `,` or `"` (routes, statuses, outcomes).
+            let labels = labels
+                .split(',')
+                .filter(|pair| !pair.is_empty())
+                .filter_map(|pair| {
+                    let (key, value) = pair.split_once('=')?;
+                    Some((key.to_owned(), value.trim_matches('"').to_owned()))
+                })
+                .collect();
+            Some((labels, value.parse().ok()?))
+        })
+    }
+
+    /// `promtool check metrics` (Prometheus's own linter, from the distribution's
+    /// `prometheus` package, which `scripts/services.sh start` installs) on this exposition.
+    pub fn check_with_promtool(&self) {
+        use std::io::Write;
+        let promtool = std::env::var("PROMTOOL").unwrap_or_else(|_| "promtool".to_owned());
+        let mut child = Command::new(&promtool)
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("running {promtool} (install the `prometheus` package, or run `make test`): {e}")
+            });
+        child.stdin.take().expect("stdin").write_all(self.text.as_bytes()).expect("exposition written to promtool");
+        let out = child.wait_with_output().expect("promtool finished");
+        assert!(
+            out.status.success(),
+            "promtool check metrics failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
