@@ -30,15 +30,28 @@ pub const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.
 /// `git rev-parse`; `unknown` outside a checkout).
 pub const GIT_COMMIT: &str = env!("TURNSTILE_GIT_COMMIT");
 
+/// How often recorded histogram samples are folded into their buckets.
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
 /// Installs the process-wide recorder and sets `turnstile_build_info`. Every histogram
 /// whose name ends in `_seconds` gets [`LATENCY_BUCKETS`], every one ending in `_orders`
-/// gets [`BATCH_BUCKETS`].
+/// gets [`BATCH_BUCKETS`]. Call inside the runtime: it starts the recorder's upkeep, which
+/// folds the samples recorded since into the buckets every few seconds, so that memory
+/// stays bounded whether or not anyone scrapes.
 pub fn install(service: &'static str) -> anyhow::Result<PrometheusHandle> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)?
         .set_buckets_for_metric(Matcher::Suffix("_orders".into()), BATCH_BUCKETS)?
         .install_recorder()
         .context("installing the metrics recorder")?;
+    let upkept = handle.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(UPKEEP_EVERY);
+        loop {
+            every.tick().await;
+            upkept.run_upkeep();
+        }
+    });
     describe_common();
     metrics::gauge!(
         "turnstile_build_info",

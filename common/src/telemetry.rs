@@ -64,26 +64,30 @@ pub fn init(service: &'static str) -> Telemetry {
         })
     };
     let resource = opentelemetry_sdk::Resource::builder().with_service_name(format!("turnstile-{service}")).build();
-    let mut provider = SdkTracerProvider::builder().with_resource(resource);
+    let provider = SdkTracerProvider::builder().with_resource(resource);
     let mut export_error = None;
-    if exporting() {
-        match opentelemetry_otlp::SpanExporter::builder().with_http().build() {
-            Ok(exporter) => provider = provider.with_batch_exporter(exporter),
-            Err(err) => export_error = Some(err.to_string()),
-        }
-    }
+    let exporter = if exporting() {
+        opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .build()
+            .map_err(|err| export_error = Some(err.to_string()))
+            .ok()
+    } else {
+        None
+    };
+    let provider = match exporter {
+        Some(exporter) => provider.with_batch_exporter(exporter),
+        // Nothing is exported: spans still get trace and span ids (logged, propagated) but
+        // record nothing, so the events and fields they would carry cost nothing.
+        None => provider.with_sampler(opentelemetry_sdk::trace::Sampler::AlwaysOff),
+    };
     let provider = provider.build();
     // Traces do not depend on the log level: Turnstile's own spans are always traced (so
-    // an order's trace reaches the worker whatever `RUST_LOG` says), nobody else's. Log
-    // events become span events only when spans are exported (else they would be built and
-    // thrown away, one per decided order).
-    let with_events = exporting();
-    let traced = tracing_subscriber::filter::filter_fn(move |meta| {
-        let ours = ["api", "worker", "common"].iter().any(|crate_name| {
-            meta.target().strip_prefix(crate_name).is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
-        });
-        ours && *meta.level() <= tracing::Level::INFO && (meta.is_span() || with_events)
-    });
+    // an order's trace reaches the worker whatever `RUST_LOG` says), nobody else's.
+    let traced = tracing_subscriber::filter::Targets::new()
+        .with_target("api", tracing::Level::INFO)
+        .with_target("worker", tracing::Level::INFO)
+        .with_target("common", tracing::Level::INFO);
     let traces = tracing_opentelemetry::layer()
         .with_tracer(provider.tracer(service))
         .with_location(false)

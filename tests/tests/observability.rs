@@ -295,3 +295,66 @@ async fn metrics_and_worker_probes_stay_off_the_public_api() {
     assert!(!ok, "a worker started on a taken METRICS_ADDR");
     assert!(stderr.contains(&format!("binding METRICS_ADDR {taken}")), "{stderr}");
 }
+
+/// An OTLP/HTTP collector on a loopback port: records the body of every export request.
+async fn collector() -> (String, std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>) {
+    let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let recorded = bodies.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let recorded = recorded.clone();
+            async move {
+                recorded.lock().unwrap_or_else(|e| e.into_inner()).push(body.to_vec());
+                ([("content-type", "application/x-protobuf")], Vec::<u8>::new())
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}"), bodies)
+}
+
+#[tokio::test]
+async fn traces_are_exported_over_otlp_when_a_collector_is_configured() {
+    let (endpoint, bodies) = collector().await;
+    // The spans' own modules log nothing: traces do not depend on the log level.
+    let otlp = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint),
+        ("OTEL_BSP_SCHEDULE_DELAY", "200".to_owned()),
+        ("RUST_LOG", "warn,api=info,worker=info,api::routes=warn,worker::allocate=warn".to_owned()),
+    ];
+    let app = TestApp::spawn_with(&otlp).await;
+    let _worker = app.spawn_worker(&otlp);
+    let admin = app.admin().await;
+    let event = app.event_with(&admin, 10, 10).await;
+    let (_, buyer) = app.buyers(1).await.pop().expect("a buyer");
+    let trace = Uuid::new_v4();
+    let response = app
+        .client
+        .post(app.url("/api/v1/orders"))
+        .bearer_auth(&buyer)
+        .header("traceparent", format!("00-{}-00f067aa0ba902b7-01", trace.simple()))
+        .json(&json!({"event_id": event, "quantity": 1}))
+        .send()
+        .await
+        .expect("request sent");
+    assert_eq!(response.status(), 202);
+
+    // The exports (protobuf) of each service name that trace: the api's request span is in
+    // it, the worker's batch span links to it. Its 16 bytes appear as they are.
+    let contains = |body: &[u8], needle: &[u8]| body.windows(needle.len()).any(|w| w == needle);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let seen = bodies.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let exported_by = |service: &str| {
+            seen.iter().any(|body| contains(body, service.as_bytes()) && contains(body, trace.as_bytes()))
+        };
+        if exported_by("turnstile-api") && exported_by("turnstile-worker") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the trace was not exported by both ({} exports)", seen.len());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -255,6 +255,9 @@ impl Allocator {
                 }
             }
         }
+        // Each order's trace id, for its `order decided` line. (Not skipped when that line is
+        // not logged: `tracing::enabled!` confuses the per-layer filters of the subscriber,
+        // and the log lines that follow it lose their span.)
         let traces: HashMap<Uuid, String> = messages
             .iter()
             .filter_map(|m| Some((m.order_id, common::telemetry::trace_id_of(m.traceparent.as_deref()?)?)))
