@@ -2,13 +2,14 @@
 //! and the descriptions of everything the api records (`common::metrics` installs the
 //! recorder and serves `/metrics` on `METRICS_ADDR`).
 
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::MatchedPath;
-use axum::http::{Method, Request};
-use axum::middleware::Next;
-use axum::response::Response;
+use axum::http::{Method, Request, Response};
+use futures_util::future::BoxFuture;
+use tower::Service;
 
 pub fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
@@ -48,33 +49,88 @@ pub fn describe() {
 #[derive(Clone)]
 struct Route(MatchedPath);
 
-/// Outermost: measures every request, including those refused before routing (a time-out,
-/// an unknown path: `http_route="unmatched"`).
-pub async fn track(request: Request<Body>, next: Next) -> Response {
-    let started = Instant::now();
-    let method = method_label(request.method());
-    let active = Active::start(method);
-    let response = next.run(request).await;
-    drop(active);
-    let route = response.extensions().get::<Route>().map_or("unmatched", |route| route.0.as_str()).to_owned();
-    metrics::histogram!(
-        "http_server_request_duration_seconds",
-        "http_request_method" => method,
-        "http_route" => route,
-        "http_response_status_code" => response.status().as_str().to_owned(),
-    )
-    .record(started.elapsed().as_secs_f64());
-    response
+/// Outermost layer: measures every request, including those refused before routing (a
+/// time-out, an unknown path: `http_route="unmatched"`). A plain service wrapper rather
+/// than `middleware::from_fn`, which clones the whole stack below it on every request.
+pub fn track<S>(inner: S) -> Track<S> {
+    Track { inner }
 }
 
-/// On every route (after routing): hands the matched route template to [`track`].
-pub async fn route(request: Request<Body>, next: Next) -> Response {
-    let matched = request.extensions().get::<MatchedPath>().cloned();
-    let mut response = next.run(request).await;
-    if let Some(matched) = matched {
-        response.extensions_mut().insert(Route(matched));
+#[derive(Clone)]
+pub struct Track<S> {
+    inner: S,
+}
+
+impl<S, B> Service<Request<Body>> for Track<S>
+where
+    S: Service<Request<Body>, Response = Response<B>>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<B>;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Response<B>, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
     }
-    response
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        let started = Instant::now();
+        let method = method_label(request.method());
+        let active = Active::start(method);
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let result = response.await;
+            drop(active);
+            if let Ok(response) = &result {
+                let route = response.extensions().get::<Route>().map_or("unmatched", |route| route.0.as_str());
+                metrics::histogram!(
+                    "http_server_request_duration_seconds",
+                    "http_request_method" => method,
+                    "http_route" => route.to_owned(),
+                    "http_response_status_code" => response.status().as_str().to_owned(),
+                )
+                .record(started.elapsed().as_secs_f64());
+            }
+            result
+        })
+    }
+}
+
+/// On every route (after routing): hands the matched route template to [`Track`].
+pub fn route<S>(inner: S) -> RouteTag<S> {
+    RouteTag { inner }
+}
+
+#[derive(Clone)]
+pub struct RouteTag<S> {
+    inner: S,
+}
+
+impl<S, B> Service<Request<Body>> for RouteTag<S>
+where
+    S: Service<Request<Body>, Response = Response<B>>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<B>;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Response<B>, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        let matched = request.extensions().get::<MatchedPath>().cloned();
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let mut result = response.await;
+            if let (Ok(response), Some(matched)) = (&mut result, matched) {
+                response.extensions_mut().insert(Route(matched));
+            }
+            result
+        })
+    }
 }
 
 /// The method as OpenTelemetry labels it: the standard ones by name, anything else `_OTHER`

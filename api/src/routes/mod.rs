@@ -54,7 +54,7 @@ pub fn app(state: AppState) -> Router {
         .nest("/api/v1", api)
         .merge(health::router())
         .merge(SwaggerUi::new("/docs").url("/api/v1/openapi.json", openapi::document()))
-        .route_layer(axum::middleware::from_fn(observability::route))
+        .route_layer(tower::layer::layer_fn(observability::route))
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
@@ -66,7 +66,7 @@ pub fn app(state: AppState) -> Router {
         // header never reaches the logs; a request past the time limit gets a JSON 503.
         .layer(
             ServiceBuilder::new()
-                .layer(axum::middleware::from_fn(observability::track))
+                .layer(tower::layer::layer_fn(observability::track))
                 .layer(security_header(header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
                 .layer(security_header(header::X_FRAME_OPTIONS, "DENY"))
                 .layer(security_header(header::CONTENT_SECURITY_POLICY, "frame-ancestors 'none'"))
