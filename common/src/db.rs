@@ -44,6 +44,13 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
 
 /// Whether the error means the database is unreachable or overloaded (as opposed to a bug
 /// or a constraint): callers answer 503 for these.
+/// Whether the database answers `SELECT 1` within `limit` (the readiness probes of api and
+/// worker).
+pub async fn answers(pool: &PgPool, limit: Duration) -> bool {
+    let check = sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(pool);
+    matches!(tokio::time::timeout(limit, check).await, Ok(Ok(1)))
+}
+
 pub fn is_unavailable(err: &sqlx::Error) -> bool {
     match err {
         sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => true,

@@ -151,8 +151,8 @@ pub fn trace_id_of(traceparent: &str) -> Option<String> {
 /// trace id in its `trace_id` field (which it must declare, as `tracing::field::Empty`).
 /// Call before the span is first entered.
 pub fn continue_trace(span: &tracing::Span, parent: Option<&str>) {
-    if let Some(parent) = parent.filter(|p| remote_span(p).is_some()) {
-        let _ = span.set_parent(remote_context(parent));
+    if let Some(context) = parent.map(remote_context).filter(|c| c.span().span_context().is_valid()) {
+        let _ = span.set_parent(context);
     }
     record_trace_id(span);
 }

@@ -75,8 +75,7 @@ pub fn router(probe: Probe, metrics: PrometheusHandle) -> Router {
 /// Ready: PostgreSQL answers and a consumer is subscribed to every partition queue (with
 /// several workers, each subscribes to all; RabbitMQ delivers each partition to one).
 async fn ready(State(probe): State<Probe>) -> (StatusCode, Json<Value>) {
-    let check = sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&probe.db);
-    let database = matches!(common::metrics::bounded(CHECK_TIMEOUT, check).await, Some(Ok(1)));
+    let database = common::db::answers(&probe.db, CHECK_TIMEOUT).await;
     let subscribed = probe.subscribed.load(Ordering::Relaxed);
     let consuming = subscribed >= usize::from(probe.partitions);
     let word = |ok: bool| if ok { "ok" } else { "unavailable" };

@@ -47,7 +47,7 @@ pub async fn live() -> Json<Health> {
         (status = 503, description = "A dependency is unavailable", body = Health),
     ))]
 pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
-    let (database, broker) = tokio::join!(database_ok(&state), broker_ok(&state));
+    let (database, broker) = tokio::join!(common::db::answers(&state.db, CHECK_TIMEOUT), broker_ok(&state));
     let word = |ok: bool| if ok { "ok" } else { "unavailable" };
     let status = if database && broker { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let health = Health {
@@ -55,11 +55,6 @@ pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Health>) 
         checks: Some(Checks { database: word(database), broker: word(broker) }),
     };
     (status, Json(health))
-}
-
-async fn database_ok(state: &AppState) -> bool {
-    let check = sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&state.db);
-    matches!(tokio::time::timeout(CHECK_TIMEOUT, check).await, Ok(Ok(1)))
 }
 
 async fn broker_ok(state: &AppState) -> bool {
