@@ -1,7 +1,7 @@
-//! What the purchase path needs to know of an event (its name, date, price, currency and per-order
-//! limit, and that it is not deleted), kept in memory so that accepting an order costs the
-//! database no read. An event is read once; the `event_changes` notification (a trigger on
-//! `events`, for any change but `sold`) drops it again, in every api process, within
+//! What the purchase path needs to know of an event (its name, date, price, currency, limits
+//! and ticket types, and that it is not deleted), kept in memory so that accepting an order costs the
+//! database no read. An event is read once; the `event_changes` notification (triggers on
+//! `events` and `ticket_types`, for any change but `sold` and `capacity`) drops it again, in every api process, within
 //! milliseconds of the commit. While the listener is disconnected (notifications may be
 //! missed), every lookup reads the database, as before.
 //!
@@ -29,14 +29,42 @@ const KEPT: usize = 100_000;
 pub struct EventForSale {
     pub name: String,
     pub starts_at: DateTime<Utc>,
-    pub price: Decimal,
     pub currency: String,
+    /// Most tickets in one order, over all its lines.
     pub max_per_order: i32,
+    pub max_per_buyer: Option<i32>,
+    /// The type `{event_id, quantity}` buys.
+    pub default_ticket_type_id: Option<Uuid>,
+    /// Its ticket types that are not withdrawn.
+    #[sqlx(skip)]
+    pub types: Vec<TypeForSale>,
+}
+
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct TypeForSale {
+    pub id: Uuid,
+    pub name: String,
+    pub price: Decimal,
+    pub max_per_order: Option<i32>,
+    pub max_per_buyer: Option<i32>,
+    pub sales_start: Option<DateTime<Utc>>,
+    pub sales_end: Option<DateTime<Utc>>,
 }
 
 impl EventForSale {
     pub fn on_sale(&self, now: DateTime<Utc>) -> bool {
         self.starts_at > now
+    }
+
+    pub fn ticket_type(&self, id: Uuid) -> Option<&TypeForSale> {
+        self.types.iter().find(|t| t.id == id)
+    }
+}
+
+impl TypeForSale {
+    /// Whether `now` is inside the sale window.
+    pub fn on_sale(&self, now: DateTime<Utc>) -> bool {
+        self.sales_start.is_none_or(|start| now >= start) && self.sales_end.is_none_or(|end| now < end)
     }
 }
 
@@ -57,12 +85,22 @@ impl EventCatalog {
             return Ok(Some(event.clone()));
         }
         let generation = self.generation.load(Ordering::Acquire);
-        let event: Option<EventForSale> = sqlx::query_as(
-            "SELECT name, starts_at, price, currency, max_per_order FROM events WHERE id = $1 AND deleted_at IS NULL",
+        let mut event: Option<EventForSale> = sqlx::query_as(
+            "SELECT name, starts_at, currency, max_per_order, max_per_buyer, default_ticket_type_id
+             FROM events WHERE id = $1 AND deleted_at IS NULL",
         )
         .bind(id)
         .fetch_optional(db)
         .await?;
+        if let Some(event) = event.as_mut() {
+            event.types = sqlx::query_as(
+                "SELECT id, name, price, max_per_order, max_per_buyer, sales_start, sales_end
+                 FROM ticket_types WHERE event_id = $1 AND deleted_at IS NULL ORDER BY sort_order, id",
+            )
+            .bind(id)
+            .fetch_all(db)
+            .await?;
+        }
         if let Some(event) = &event
             && synced
         {

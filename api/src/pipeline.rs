@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use common::amqp::{Publisher, PurchaseMessage, partition_of};
+use common::domain::OrderLine;
 use rust_decimal::Decimal;
 use sqlx::PgPool;
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -29,9 +30,11 @@ pub struct NewOrder {
     pub user_id: Uuid,
     pub event_id: Uuid,
     pub quantity: i32,
-    pub unit_price: Decimal,
+    /// For an order of one line.
+    pub unit_price: Option<Decimal>,
     pub total: Decimal,
     pub currency: String,
+    pub lines: Vec<OrderLine>,
     pub idempotency_key: Option<String>,
     /// The W3C trace context of the request that placed it.
     pub traceparent: Option<String>,
@@ -149,9 +152,13 @@ async fn insert_orders(
     let partition = |o: &&NewOrder| partition_of(o.event_id, partitions) as i16;
     let rows: Vec<(Uuid, DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
         "INSERT INTO orders (id, user_id, event_id, quantity, unit_price, total, currency, idempotency_key, partition,
-                             traceparent)
-         SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::int4[], $5::numeric[], $6::numeric[], $7::text[],
-                              $8::text[], $9::int2[], $10::text[])
+                             traceparent, lines)
+         SELECT id, user_id, event_id, quantity, unit_price, total, currency, idempotency_key, partition, traceparent,
+                lines::jsonb
+         FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::int4[], $5::numeric[], $6::numeric[], $7::text[],
+                     $8::text[], $9::int2[], $10::text[], $11::text[])
+              AS u(id, user_id, event_id, quantity, unit_price, total, currency, idempotency_key, partition,
+                   traceparent, lines)
          ON CONFLICT (user_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
          RETURNING id, created_at, updated_at",
     )
@@ -165,9 +172,15 @@ async fn insert_orders(
     .bind(orders.iter().map(|o| o.idempotency_key.as_deref()).collect::<Vec<_>>())
     .bind(orders.iter().map(partition).collect::<Vec<_>>())
     .bind(orders.iter().map(|o| o.traceparent.as_deref()).collect::<Vec<_>>())
+    .bind(orders.iter().map(|o| lines_json(&o.lines)).collect::<Result<Vec<_>, _>>()?)
     .fetch_all(db)
     .await?;
     Ok(rows.into_iter().map(|(id, created, updated)| (id, (created, updated))).collect())
+}
+
+/// An order's lines as stored (`orders.lines`).
+fn lines_json(lines: &[OrderLine]) -> Result<String, sqlx::Error> {
+    serde_json::to_string(lines).map_err(|err| sqlx::Error::Encode(err.into()))
 }
 
 /// Tickets left per event as last read from the database, trusted for a short time. A

@@ -4,7 +4,9 @@
 //! ```json
 //! {"type": "order.paid", "version": 1, "id": "evt_1234", "timestamp": "…",
 //!  "data": {"id": "…", "user_id": "…", "event_id": "…", "quantity": 2, "unit_price": "49.90",
-//!           "total": "99.80", "currency": "EUR", "status": "PAID", "reason": null, "created_at": "…",
+//!           "total": "99.80", "currency": "EUR",
+//!           "items": [{"ticket_type_id": "…", "name": "General admission", "quantity": 2, "unit_price": "49.90"}],
+//!           "status": "PAID", "reason": null, "reason_ticket_type_id": null, "created_at": "…",
 //!           "expires_at": "…"}}
 //! ```
 //!
@@ -17,7 +19,7 @@ use rust_decimal::Decimal;
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::domain::OrderStatus;
+use crate::domain::{OrderLine, OrderStatus};
 
 /// The version of the event's shape.
 pub const VERSION: u32 = 1;
@@ -46,18 +48,25 @@ pub struct OrderSnapshot {
     pub id: Uuid,
     pub user_id: Uuid,
     pub event_id: Uuid,
+    /// Tickets over all lines.
     pub quantity: i32,
-    #[schema(value_type = String, example = "49.90")]
-    #[serde(serialize_with = "crate::domain::money::serialize")]
-    pub unit_price: Decimal,
+    /// For an order of one line; `null` for several.
+    #[schema(value_type = Option<String>, example = "49.90")]
+    #[serde(serialize_with = "crate::domain::money::serialize_option")]
+    pub unit_price: Option<Decimal>,
     #[schema(value_type = String, example = "99.80")]
     #[serde(serialize_with = "crate::domain::money::serialize")]
     pub total: Decimal,
-    /// ISO 4217 code of `unit_price` and `total`.
+    /// ISO 4217 code of the amounts.
     #[schema(example = "EUR")]
     pub currency: String,
+    /// The order's lines, at the prices of the moment it was placed.
+    #[sqlx(json)]
+    pub items: Vec<OrderLine>,
     pub status: OrderStatus,
     pub reason: Option<String>,
+    /// On `order.rejected`: the ticket type the reason is about, when there is one.
+    pub reason_ticket_type_id: Option<Uuid>,
     pub created_at: DateTime<Utc>,
     /// Until when `PENDING` tickets are held.
     pub expires_at: Option<DateTime<Utc>>,

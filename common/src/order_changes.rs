@@ -7,8 +7,8 @@
 //! such transactions can therefore only queue behind each other, never deadlock.
 //!
 //! **Release.** An order that leaves `PENDING` for anything but `PAID` cancels its tickets
-//! and gives its quantity back to `sold` in the same transaction, so capacity is never lost
-//! and never double-counted.
+//! and gives them back to their ticket types' and the event's `sold` in the same
+//! transaction, so capacity is never lost and never double-counted.
 
 use sqlx::PgConnection;
 use uuid::Uuid;
@@ -108,26 +108,31 @@ async fn move_orders(
             .execute(&mut *tx)
             .await?;
         if releases_tickets {
-            let quantity: i64 = orders.iter().map(|(_, quantity)| i64::from(*quantity)).sum();
-            release(tx, event_id, &ids, quantity).await?;
+            release(tx, event_id, &ids).await?;
         }
         crate::db::notify_order_changes(tx, &ids).await?;
     }
     Ok(transition)
 }
 
-/// Cancels the tickets of these orders of one event and gives `quantity` back to the
-/// event's `sold`. The caller holds the event's lock.
-async fn release(tx: &mut PgConnection, event_id: Uuid, ids: &[Uuid], quantity: i64) -> sqlx::Result<()> {
-    sqlx::query("UPDATE tickets SET status = 'CANCELLED' WHERE order_id = ANY($1) AND status = 'ACTIVE'")
-        .bind(ids)
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query("UPDATE events SET sold = sold - $2, updated_at = now() WHERE id = $1")
-        .bind(event_id)
-        .bind(quantity)
-        .execute(&mut *tx)
-        .await?;
+/// Cancels the tickets of these orders of one event and gives them back to their types'
+/// and the event's `sold`, counted from the tickets cancelled (one statement). The caller
+/// holds the event's lock.
+async fn release(tx: &mut PgConnection, event_id: Uuid, ids: &[Uuid]) -> sqlx::Result<()> {
+    sqlx::query(
+        "WITH cancelled AS (
+             UPDATE tickets SET status = 'CANCELLED' WHERE order_id = ANY($1) AND status = 'ACTIVE'
+             RETURNING ticket_type_id
+         ),
+         per_type AS (SELECT ticket_type_id AS id, count(*) AS released FROM cancelled GROUP BY 1),
+         types AS (UPDATE ticket_types t SET sold = t.sold - p.released FROM per_type p WHERE t.id = p.id)
+         UPDATE events SET sold = sold - (SELECT coalesce(sum(released), 0) FROM per_type), updated_at = now()
+         WHERE id = $2",
+    )
+    .bind(ids)
+    .bind(event_id)
+    .execute(&mut *tx)
+    .await?;
     Ok(())
 }
 

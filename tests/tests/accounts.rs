@@ -188,8 +188,8 @@ async fn me_events_lists_the_events_the_caller_holds_tickets_for() {
     async fn order(app: &TestApp, user: Uuid, event: Uuid, status: &str, tickets: i32) {
         let order = Uuid::now_v7();
         sqlx::query(
-            "INSERT INTO orders (id, user_id, event_id, quantity, unit_price, total, status)
-             VALUES ($1, $2, $3, $4, 49.90, 49.90 * $4, $5)",
+            "INSERT INTO orders (id, user_id, event_id, quantity, unit_price, total, status, lines)
+             VALUES ($1, $2, $3, $4, 49.90, 49.90 * $4, $5, '[]')",
         )
         .bind(order)
         .bind(user)
@@ -200,13 +200,16 @@ async fn me_events_lists_the_events_the_caller_holds_tickets_for() {
         .await
         .unwrap();
         for _ in 0..tickets {
-            sqlx::query("INSERT INTO tickets (id, order_id, event_id) VALUES ($1, $2, $3)")
-                .bind(Uuid::now_v7())
-                .bind(order)
-                .bind(event)
-                .execute(&app.db.pool)
-                .await
-                .unwrap();
+            sqlx::query(
+                "INSERT INTO tickets (id, order_id, event_id, ticket_type_id)
+                 SELECT $1, $2, id, default_ticket_type_id FROM events WHERE id = $3",
+            )
+            .bind(Uuid::now_v7())
+            .bind(order)
+            .bind(event)
+            .execute(&app.db.pool)
+            .await
+            .unwrap();
         }
     }
     order(&app, ada, first_id, "PAID", 2).await;

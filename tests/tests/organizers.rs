@@ -277,7 +277,11 @@ async fn admins_list_and_export_an_events_orders_and_attendees() {
     assert_eq!(outside.json.as_array().unwrap().len(), 5);
     let (status, _, csv) = get_accept(&app, &format!("{attendees_path}?format=csv"), &admin, "*/*").await;
     assert_eq!(status, 200);
-    assert_eq!(csv.lines().next(), Some("ticket_id,order_id,holder_name,holder_email,checked_in_at"));
+    assert_eq!(
+        csv.lines().next(),
+        Some("ticket_id,order_id,holder_name,holder_email,ticket_type_id,ticket_type,checked_in_at")
+    );
+    assert_eq!(inside.json[0]["ticket_type"], "General admission");
     assert_eq!(csv.lines().count(), 7, "{csv}");
 
     // An event without orders: an empty page, a CSV of just the header.

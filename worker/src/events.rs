@@ -96,7 +96,9 @@ impl Relay {
         }
         let changes: Vec<Change> = sqlx::query_as(
             "SELECT h.id AS history_id, h.at, o.id, o.user_id, o.event_id, o.quantity, o.unit_price, o.total,
-                    o.currency, h.status, h.reason, o.created_at,
+                    o.currency, o.lines AS items, h.status, h.reason,
+                    CASE WHEN h.status = 'REJECTED' THEN o.reason_ticket_type_id END AS reason_ticket_type_id,
+                    o.created_at,
                     -- The hold's end belongs to the PENDING event; the QUEUED one predates it.
                     CASE WHEN h.status <> 'QUEUED' THEN o.expires_at END AS expires_at
              FROM order_history h JOIN orders o ON o.id = h.order_id
@@ -284,11 +286,13 @@ mod tests {
             user_id: Uuid::from_u128(99),
             event_id: Uuid::from_u128(98),
             quantity: 1,
-            unit_price: rust_decimal::Decimal::ONE,
+            unit_price: Some(rust_decimal::Decimal::ONE),
             total: rust_decimal::Decimal::ONE,
             currency: "EUR".to_owned(),
+            items: Vec::new(),
             status,
             reason: None,
+            reason_ticket_type_id: None,
             created_at: chrono::Utc::now(),
             expires_at: None,
         };

@@ -14,7 +14,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
-use common::domain::{OrderEvent, OrderStatus, Transition};
+use common::domain::{OrderEvent, OrderLine, OrderStatus, Transition};
 use common::order_changes;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -45,7 +45,8 @@ const MAX_WAIT_SECS: u64 = 30;
 macro_rules! order_columns {
     () => {
         "o.id, o.event_id, e.name AS event_name, e.starts_at AS event_date, o.quantity, o.unit_price, \
-         o.total, o.currency, o.status, o.reason, o.created_at, o.updated_at, o.expires_at"
+         o.total, o.currency, o.lines AS items, o.status, o.reason, o.reason_ticket_type_id, o.created_at, \
+         o.updated_at, o.expires_at"
     };
 }
 
@@ -56,24 +57,34 @@ pub struct Order {
     pub event_name: String,
     /// When the event starts.
     pub event_date: DateTime<Utc>,
+    /// Tickets in the order, over all its lines.
     pub quantity: i32,
-    /// Price of one ticket when the order was placed.
-    #[schema(value_type = String, example = "49.90")]
-    #[serde(serialize_with = "common::domain::money::serialize")]
-    pub unit_price: Decimal,
+    /// Price of one ticket when the order was placed, for an order of one line; `null` for
+    /// several lines (see `items`).
+    #[schema(value_type = Option<String>, example = "49.90")]
+    #[serde(serialize_with = "common::domain::money::serialize_option")]
+    pub unit_price: Option<Decimal>,
+    /// The sum of the lines.
     #[schema(value_type = String, example = "99.80")]
     #[serde(serialize_with = "common::domain::money::serialize")]
     pub total: Decimal,
-    /// ISO 4217 code of `unit_price` and `total`: the event's currency when the order was placed.
+    /// ISO 4217 code of the amounts: the event's currency when the order was placed.
     #[schema(example = "EUR")]
     pub currency: String,
+    /// The order's lines: so many tickets of one type each, at the prices of the moment the
+    /// order was placed.
+    #[sqlx(json)]
+    pub items: Vec<OrderLine>,
     /// `QUEUED` → `PENDING` (tickets held until `expires_at`) → `PAID`; or `REJECTED`,
     /// `EXPIRED`, `CANCELLED`.
     pub status: OrderStatus,
-    /// Why the order was rejected: `SOLD_OUT`, `EVENT_UNAVAILABLE`, or the payment
+    /// Why the order was rejected: `SOLD_OUT` (a type ran out), `VENUE_FULL` (the event's
+    /// capacity did), `BUYER_LIMIT`, `NOT_ON_SALE`, `EVENT_UNAVAILABLE`, or the payment
     /// provider's reason; `FREE_ORDER` on a `PAID` order that cost nothing (paid when its
     /// tickets were allocated, without a payment step).
     pub reason: Option<String>,
+    /// The ticket type a `SOLD_OUT`, `BUYER_LIMIT` or `NOT_ON_SALE` is about.
+    pub reason_ticket_type_id: Option<Uuid>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     /// Until when `PENDING` tickets are held for payment.
@@ -83,6 +94,7 @@ pub struct Order {
 #[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
 pub struct Ticket {
     pub id: Uuid,
+    pub ticket_type_id: Uuid,
     /// `ACTIVE`, or `CANCELLED` once the order stopped holding it.
     pub status: String,
     /// The check-in code (also as a QR image at `/api/v1/tickets/{id}/qr.png`), once the
@@ -111,14 +123,34 @@ pub struct OrderDetail {
     pub history: Vec<StatusChange>,
 }
 
+/// What to buy: `items` (tickets of one or more types), or `quantity` alone (the seed's
+/// shape: that many tickets of the event's default type, "General admission" unless the
+/// organizer changed it).
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateOrderRequest {
     pub event_id: Uuid,
-    /// Number of tickets, 1 to the event's `max_per_order`.
+    /// Number of tickets of the event's default type, 1 to the event's `max_per_order`.
+    /// Not with `items`.
+    #[schema(minimum = 1, example = 2)]
+    pub quantity: Option<i64>,
+    /// One line per ticket type, each type once, at most 20 lines; all of them are
+    /// allocated or none. Not with `quantity`.
+    #[schema(max_items = 20)]
+    pub items: Option<Vec<OrderItem>>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OrderItem {
+    pub ticket_type_id: Uuid,
+    /// Tickets of this type, 1 to the type's `max_per_order`.
     #[schema(minimum = 1, example = 2)]
     pub quantity: i64,
 }
+
+/// The most lines one order may have.
+const MAX_LINES: usize = 20;
 
 /// Buy tickets: the order is accepted at once and allocated in the background.
 ///
@@ -171,19 +203,17 @@ async fn purchase(
     req: CreateOrderRequest,
 ) -> Result<(StatusCode, HeaderMap, Json<Order>), ApiError> {
     let key = idempotency_key(&headers)?;
-    if req.quantity < 1 {
-        return Err(ApiError::invalid("invalid_quantity", "quantity must be at least 1"));
-    }
+    check_shape(&req)?;
     if let Some(key) = &key
         && let Some(existing) = find_by_key(&state, user.id, key).await?
     {
         return replay(existing, &req);
     }
 
-    let (event, quantity) = check_purchase(&state, &req).await?;
+    let priced = check_purchase(&state, &req).await?;
     if state.config.sold_out_fast_path {
-        let available = tickets_left(&state, req.event_id, quantity).await?;
-        if available < quantity {
+        let available = tickets_left(&state, req.event_id, priced.quantity).await?;
+        if available < priced.quantity {
             return Err(sold_out(available));
         }
     }
@@ -194,7 +224,8 @@ async fn purchase(
     let span = tracing::Span::current();
     span.record("order_id", tracing::field::display(order_id));
     let traceparent = common::telemetry::traceparent(&span);
-    let total = event.price * Decimal::from(quantity);
+    let Priced { event, lines, quantity, total } = priced;
+    let unit_price = single_price(&lines);
     let stored = state
         .orders
         .insert(NewOrder {
@@ -202,9 +233,10 @@ async fn purchase(
             user_id: user.id,
             event_id: req.event_id,
             quantity,
-            unit_price: event.price,
+            unit_price,
             total,
             currency: event.currency.clone(),
+            lines: lines.clone(),
             idempotency_key: key.clone(),
             traceparent,
         })
@@ -226,11 +258,13 @@ async fn purchase(
         event_name: event.name,
         event_date: event.starts_at,
         quantity,
-        unit_price: event.price,
+        unit_price,
         total,
         currency: event.currency,
+        items: lines,
         status: OrderStatus::Queued,
         reason: None,
+        reason_ticket_type_id: None,
         created_at,
         updated_at,
         expires_at: None,
@@ -238,30 +272,143 @@ async fn purchase(
     Ok((StatusCode::ACCEPTED, location(order_id), Json(order)))
 }
 
-/// The checks a purchase passes before anything is stored, all from memory: the event
-/// exists and is on sale, the quantity is within its per-order limit. Returns the event and
-/// the quantity.
-async fn check_purchase(state: &AppState, req: &CreateOrderRequest) -> Result<(EventForSale, i32), ApiError> {
-    if req.quantity < 1 {
-        return Err(ApiError::invalid("invalid_quantity", "quantity must be at least 1"));
+/// A purchase that passed the checks, priced: its event, its lines, its ticket count and total.
+struct Priced {
+    event: EventForSale,
+    lines: Vec<OrderLine>,
+    quantity: i32,
+    total: Decimal,
+}
+
+/// The price of one ticket of an order of one line (`unit_price`); `None` for several lines.
+fn single_price(lines: &[OrderLine]) -> Option<Decimal> {
+    match lines {
+        [line] => Some(line.unit_price),
+        _ => None,
     }
+}
+
+/// The checks of the request's shape, before anything is read: `quantity` or `items`, not
+/// both; quantities at least 1; at most [`MAX_LINES`] lines, each type once.
+fn check_shape(req: &CreateOrderRequest) -> Result<(), ApiError> {
+    let items = |message: &str| ApiError::invalid("invalid_items", message.to_owned());
+    match (&req.quantity, &req.items) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid("invalid_body", "give either quantity or items, not both"));
+        }
+        (None, None) => {
+            return Err(ApiError::invalid(
+                "invalid_body",
+                "quantity (tickets of the event's default type) or items is required",
+            ));
+        }
+        (Some(quantity), None) if *quantity < 1 => {
+            return Err(ApiError::invalid("invalid_quantity", "quantity must be at least 1"));
+        }
+        (Some(_), None) => {}
+        (None, Some(lines)) => {
+            if lines.is_empty() || lines.len() > MAX_LINES {
+                return Err(items(&format!("items must have 1 to {MAX_LINES} lines")));
+            }
+            if lines.iter().any(|line| line.quantity < 1) {
+                return Err(ApiError::invalid("invalid_quantity", "each line's quantity must be at least 1"));
+            }
+            let mut types: Vec<Uuid> = lines.iter().map(|line| line.ticket_type_id).collect();
+            types.sort();
+            types.dedup();
+            if types.len() != lines.len() {
+                return Err(items("each ticket type may appear in one line only"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The checks a purchase passes before anything is stored, all from memory: the event
+/// exists and is on sale, each line's type exists and is in its sale window, and the
+/// quantities are within the per-order limits and could ever fit the buyer caps (whether the
+/// buyer's earlier orders leave room is the worker's to decide). Returns the priced order.
+async fn check_purchase(state: &AppState, req: &CreateOrderRequest) -> Result<Priced, ApiError> {
+    check_shape(req)?;
     let event = state.catalog.get(&state.db, req.event_id).await?.ok_or(ApiError::NotFound("event"))?;
     if !event.on_sale(Utc::now()) {
         return Err(ApiError::invalid("event_unavailable", "the event has started; tickets are no longer sold"));
     }
-    if req.quantity > i64::from(event.max_per_order) {
+    let wanted: Vec<(Uuid, i64)> = match (&req.items, req.quantity) {
+        (Some(items), _) => items.iter().map(|item| (item.ticket_type_id, item.quantity)).collect(),
+        (None, quantity) => {
+            let default =
+                event.default_ticket_type_id.filter(|id| event.ticket_type(*id).is_some()).ok_or_else(|| {
+                    ApiError::invalid(
+                        "ticket_type_required",
+                        "this event has no default ticket type; name the ticket types in items",
+                    )
+                })?;
+            vec![(default, quantity.unwrap_or(1))]
+        }
+    };
+    let now = Utc::now();
+    let mut lines = Vec::with_capacity(wanted.len());
+    for (type_id, quantity) in wanted {
+        let ticket_type = event.ticket_type(type_id).ok_or_else(|| {
+            ApiError::invalid("unknown_ticket_type", format!("the event sells no ticket type {type_id}"))
+        })?;
+        if !ticket_type.on_sale(now) {
+            return Err(not_on_sale(ticket_type));
+        }
+        let limit = [ticket_type.max_per_order, ticket_type.max_per_buyer].into_iter().flatten().min();
+        if let Some(limit) = limit
+            && quantity > i64::from(limit)
+        {
+            return Err(ApiError::invalid(
+                "invalid_quantity",
+                format!("at most {limit} tickets of {} may be bought", ticket_type.name),
+            ));
+        }
+        // Bounded by the event's max_per_order (an i32) below; larger values fail there.
+        let quantity = i32::try_from(quantity).unwrap_or(i32::MAX);
+        lines.push(OrderLine {
+            ticket_type_id: type_id,
+            name: ticket_type.name.clone(),
+            quantity,
+            unit_price: ticket_type.price,
+        });
+    }
+    let total_tickets: i64 = lines.iter().map(|line| i64::from(line.quantity)).sum();
+    if total_tickets > i64::from(event.max_per_order) {
         return Err(ApiError::invalid(
             "invalid_quantity",
             format!("quantity must be between 1 and {} for this event", event.max_per_order),
         ));
     }
-    // In range: checked against max_per_order (an i32) above.
-    Ok((event, req.quantity as i32))
+    if let Some(cap) = event.max_per_buyer
+        && total_tickets > i64::from(cap)
+    {
+        return Err(ApiError::invalid(
+            "invalid_quantity",
+            format!("a buyer may hold at most {cap} tickets of this event"),
+        ));
+    }
+    let total = lines.iter().map(OrderLine::amount).sum();
+    // In range: at most max_per_order (an i32).
+    Ok(Priced { event, lines, quantity: total_tickets as i32, total })
 }
 
-/// The sold-out fast path's view of the tickets left: a recent reading that said too few
-/// is trusted (that is what spares the database a stampede on a sold-out event); anything
-/// else is read afresh, and remembered.
+/// `422 not_on_sale`, with the type's sale window.
+fn not_on_sale(ticket_type: &crate::catalog::TypeForSale) -> ApiError {
+    let window = match (ticket_type.sales_start, ticket_type.sales_end) {
+        (Some(start), Some(end)) => format!("from {} until {}", start.to_rfc3339(), end.to_rfc3339()),
+        (Some(start), None) => format!("from {}", start.to_rfc3339()),
+        (None, Some(end)) => format!("until {}", end.to_rfc3339()),
+        (None, None) => "never".to_owned(),
+    };
+    ApiError::invalid("not_on_sale", format!("{} is on sale {window}", ticket_type.name))
+}
+
+/// The sold-out fast path's view of the tickets left (the venue cap; a type's own stock is
+/// the worker's to check): a recent reading that said too few is trusted (that is what
+/// spares the database a stampede on a sold-out event); anything else is read afresh, and
+/// remembered.
 async fn tickets_left(state: &AppState, event_id: Uuid, quantity: i32) -> Result<i32, ApiError> {
     if let Some(hint) = state.sold_out.get(event_id)
         && hint.available < quantity
@@ -282,38 +429,41 @@ async fn tickets_left(state: &AppState, event_id: Uuid, quantity: i32) -> Result
 pub struct Quote {
     pub event_id: Uuid,
     pub quantity: i32,
-    #[schema(value_type = String, example = "49.90")]
-    #[serde(serialize_with = "common::domain::money::serialize")]
-    pub unit_price: Decimal,
+    /// For an order of one line; `null` for several.
+    #[schema(value_type = Option<String>, example = "49.90")]
+    #[serde(serialize_with = "common::domain::money::serialize_option")]
+    pub unit_price: Option<Decimal>,
     #[schema(value_type = String, example = "99.80")]
     #[serde(serialize_with = "common::domain::money::serialize")]
     pub total: Decimal,
     /// ISO 4217 code of the amounts.
     #[schema(example = "EUR")]
     pub currency: String,
+    pub items: Vec<OrderLine>,
 }
 
 /// Price a purchase without making it: the body of `POST /orders`, the same checks (the
-/// event exists and is on sale, the quantity is within its limit), the price it would be
-/// bought at now. Nothing is stored or reserved; whether tickets are left is not said (the
-/// purchase itself decides that).
+/// event exists and is on sale, the types are on sale, the quantities are within their
+/// limits), the prices it would be bought at now. Nothing is stored or reserved; whether
+/// tickets are left is not said (the purchase itself decides that).
 #[utoipa::path(post, path = "/api/v1/orders/quote", tag = "orders", request_body = CreateOrderRequest,
     security(("bearer" = [])),
     responses(
         (status = 200, description = "What the purchase would cost now", body = Quote),
         (status = 401, description = "Missing or invalid token", body = ErrorBody),
         (status = 404, description = "No such event", body = ErrorBody),
-        (status = 422, description = "Quantity out of range (`invalid_quantity`) or event over \
-            (`event_unavailable`)", body = ErrorBody),
+        (status = 422, description = "Quantity out of range (`invalid_quantity`), bad lines (`invalid_items`, \
+            `unknown_ticket_type`, `ticket_type_required`), a type outside its sale window (`not_on_sale`) \
+            or event over (`event_unavailable`)", body = ErrorBody),
     ))]
 pub async fn quote(
     State(state): State<AppState>,
     _user: AuthUser,
     Json(req): Json<CreateOrderRequest>,
 ) -> Result<Json<Quote>, ApiError> {
-    let (event, quantity) = check_purchase(&state, &req).await?;
-    let total = event.price * Decimal::from(quantity);
-    Ok(Json(Quote { event_id: req.event_id, quantity, unit_price: event.price, total, currency: event.currency }))
+    let Priced { event, lines, quantity, total } = check_purchase(&state, &req).await?;
+    let unit_price = single_price(&lines);
+    Ok(Json(Quote { event_id: req.event_id, quantity, unit_price, total, currency: event.currency, items: lines }))
 }
 
 /// The fast path's refusal: fewer tickets left than asked for.
@@ -356,7 +506,23 @@ async fn find_by_key(state: &AppState, user_id: Uuid, key: &str) -> Result<Optio
 }
 
 fn replay(existing: Order, req: &CreateOrderRequest) -> Result<(StatusCode, HeaderMap, Json<Order>), ApiError> {
-    if existing.event_id != req.event_id || i64::from(existing.quantity) != req.quantity {
+    let lines = |order: &Order| {
+        let mut lines: Vec<(Uuid, i64)> =
+            order.items.iter().map(|line| (line.ticket_type_id, i64::from(line.quantity))).collect();
+        lines.sort();
+        lines
+    };
+    let same = existing.event_id == req.event_id
+        && match (&req.items, req.quantity) {
+            (Some(items), _) => {
+                let mut asked: Vec<(Uuid, i64)> = items.iter().map(|i| (i.ticket_type_id, i.quantity)).collect();
+                asked.sort();
+                asked == lines(&existing)
+            }
+            // The seed's shape names no type: the same count in one line.
+            (None, quantity) => existing.items.len() == 1 && Some(i64::from(existing.quantity)) == quantity,
+        };
+    if !same {
         return Err(ApiError::invalid(
             "idempotency_key_reused",
             "this Idempotency-Key was used for a different request; use a new key for a new purchase",
@@ -444,10 +610,11 @@ pub async fn get_order(
 }
 
 async fn detail(state: &AppState, order: Order) -> Result<OrderDetail, ApiError> {
-    let mut tickets = sqlx::query_as::<_, Ticket>("SELECT id, status FROM tickets WHERE order_id = $1 ORDER BY id")
-        .bind(order.id)
-        .fetch_all(&state.db)
-        .await?;
+    let mut tickets =
+        sqlx::query_as::<_, Ticket>("SELECT id, ticket_type_id, status FROM tickets WHERE order_id = $1 ORDER BY id")
+            .bind(order.id)
+            .fetch_all(&state.db)
+            .await?;
     if order.status == OrderStatus::Paid {
         for ticket in tickets.iter_mut().filter(|t| t.status == "ACTIVE") {
             ticket.code = Some(state.ticket_codes.code(ticket.id));

@@ -40,9 +40,10 @@ pub struct EventOrder {
     pub buyer_name: String,
     pub buyer_email: String,
     pub quantity: i32,
-    #[schema(value_type = String, example = "49.90")]
-    #[serde(serialize_with = "common::domain::money::serialize")]
-    pub unit_price: Decimal,
+    /// For an order of one line; empty for several (the order's `items` say which types).
+    #[schema(value_type = Option<String>, example = "49.90")]
+    #[serde(serialize_with = "common::domain::money::serialize_option")]
+    pub unit_price: Option<Decimal>,
     #[schema(value_type = String, example = "99.80")]
     #[serde(serialize_with = "common::domain::money::serialize")]
     pub total: Decimal,
@@ -62,6 +63,9 @@ pub struct Attendee {
     pub order_id: Uuid,
     pub holder_name: String,
     pub holder_email: String,
+    pub ticket_type_id: Uuid,
+    /// The ticket type's name now.
+    pub ticket_type: String,
     /// When the ticket was first scanned at the door; `null` while it was not.
     pub checked_in_at: Option<DateTime<Utc>>,
 }
@@ -106,7 +110,7 @@ impl Row for EventOrder {
 
 impl Row for Attendee {
     const CSV_HEADER: &'static [&'static str] =
-        &["ticket_id", "order_id", "holder_name", "holder_email", "checked_in_at"];
+        &["ticket_id", "order_id", "holder_name", "holder_email", "ticket_type_id", "ticket_type", "checked_in_at"];
     fn key(&self) -> Uuid {
         self.ticket_id
     }
@@ -114,6 +118,7 @@ impl Row for Attendee {
         Self {
             holder_name: spreadsheet_safe(self.holder_name),
             holder_email: spreadsheet_safe(self.holder_email),
+            ticket_type: spreadsheet_safe(self.ticket_type),
             ..self
         }
     }
@@ -254,8 +259,9 @@ pub async fn attendees(
         Box::pin(async move {
             sqlx::query_as::<_, Attendee>(
                 "SELECT t.id AS ticket_id, o.id AS order_id, u.name AS holder_name, u.email AS holder_email,
-                        c.checked_in_at
+                        t.ticket_type_id, tt.name AS ticket_type, c.checked_in_at
                  FROM tickets t JOIN orders o ON o.id = t.order_id JOIN users u ON u.id = o.user_id
+                      JOIN ticket_types tt ON tt.id = t.ticket_type_id
                       LEFT JOIN check_ins c ON c.ticket_id = t.id
                  WHERE t.event_id = $1 AND t.status = 'ACTIVE' AND o.status = 'PAID'
                    AND ($2::bool IS NULL OR (c.ticket_id IS NOT NULL) = $2)
@@ -385,7 +391,7 @@ mod tests {
             buyer_name: "Ada".into(),
             buyer_email: "ada@example.com".into(),
             quantity: 1,
-            unit_price: Decimal::ONE,
+            unit_price: Some(Decimal::ONE),
             total: Decimal::ONE,
             currency: "EUR".into(),
             status: OrderStatus::Paid,
@@ -400,6 +406,8 @@ mod tests {
             order_id: Uuid::nil(),
             holder_name: "Ada".into(),
             holder_email: "ada@example.com".into(),
+            ticket_type_id: Uuid::nil(),
+            ticket_type: "General admission".into(),
             checked_in_at: None,
         };
         assert_eq!(header_of(attendee), Attendee::CSV_HEADER.join(","));

@@ -5,10 +5,12 @@ pub mod currency;
 mod email;
 pub mod money;
 mod order;
+mod order_line;
 mod role;
 pub mod text;
 
 pub use currency::Currency;
 pub use email::Email;
 pub use order::{OrderEvent, OrderStatus, Transition, reason};
+pub use order_line::OrderLine;
 pub use role::Role;

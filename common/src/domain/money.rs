@@ -17,6 +17,14 @@ pub fn serialize<S: Serializer>(amount: &Decimal, serializer: S) -> Result<S::Ok
     serializer.collect_str(&amount)
 }
 
+/// [`serialize`] for an amount that may be absent (`null`).
+pub fn serialize_option<S: Serializer>(amount: &Option<Decimal>, serializer: S) -> Result<S::Ok, S::Error> {
+    match amount {
+        Some(amount) => serialize(amount, serializer),
+        None => serializer.serialize_none(),
+    }
+}
+
 /// The longest amount text looked at (digits, a sign, a point and trailing zeros).
 const MAX_TEXT: usize = 40;
 

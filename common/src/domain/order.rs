@@ -130,8 +130,18 @@ impl OrderStatus {
 /// Why an order ended as it did: the `reason` of a `REJECTED` order, and of a `PAID` one
 /// that had nothing to pay.
 pub mod reason {
-    /// Fewer tickets were left than the order asked for.
+    /// Fewer tickets of a type were left than the order asked for (the order's
+    /// `reason_ticket_type_id` names the type). A type without stock of its own is sold out
+    /// when the venue is full.
     pub const SOLD_OUT: &str = "SOLD_OUT";
+    /// Every line's type had the tickets, but the event's capacity (the venue cap over all
+    /// types) had fewer left than the order's total.
+    pub const VENUE_FULL: &str = "VENUE_FULL";
+    /// The buyer would hold more tickets of the event (or of the named type) than its
+    /// `max_per_buyer` allows, counting their `PENDING` and `PAID` orders.
+    pub const BUYER_LIMIT: &str = "BUYER_LIMIT";
+    /// The order arrived outside the named type's sale window, or the type was withdrawn.
+    pub const NOT_ON_SALE: &str = "NOT_ON_SALE";
     /// The event was deleted or had started by the time the order was processed.
     pub const EVENT_UNAVAILABLE: &str = "EVENT_UNAVAILABLE";
     /// The payment provider declined payment and gave no reason of its own.
