@@ -6,7 +6,9 @@ use utoipa::openapi::{ContentBuilder, Ref, RefOr, Response, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
 use crate::error::{ErrorBody, ErrorDetail};
-use crate::routes::{auth, events, health, me, orders, organizer, payments, tickets, users, webhook_endpoints};
+use crate::routes::{
+    auth, events, health, me, orders, organizer, payments, ticket_types, tickets, users, webhook_endpoints,
+};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -19,7 +21,10 @@ use crate::routes::{auth, events, health, me, orders, organizer, payments, ticke
         auth::signup, auth::login,
         me::me, me::update_me, me::my_events, users::list_users, users::set_role,
         events::list_events, events::create_event, events::get_event, events::update_event, events::delete_event,
-        events::upload_image, events::get_image, organizer::event_orders, organizer::attendees,
+        events::upload_image, events::get_image,
+        ticket_types::list_ticket_types, ticket_types::create_ticket_type, ticket_types::get_ticket_type,
+        ticket_types::update_ticket_type, ticket_types::delete_ticket_type,
+        organizer::event_orders, organizer::attendees,
         tickets::ticket_qr, tickets::check_in,
         orders::create_order, orders::quote, orders::list_orders, orders::get_order, orders::cancel_order,
         payments::payment_webhook, payments::list_late_payments, payments::mark_refunded,
@@ -31,7 +36,7 @@ use crate::routes::{auth, events, health, me, orders, organizer, payments, ticke
     modifiers(&BearerAuth, &CommonErrors),
     tags(
         (name = "accounts", description = "Sign-up, log-in and the caller's own account"),
-        (name = "events", description = "The event catalogue"),
+        (name = "events", description = "The event catalogue, and each event's ticket types"),
         (name = "orders", description = "Buying tickets and following an order to its outcome"),
         (name = "organizers", description = "An event's orders and attendees, as JSON pages or a CSV export (admin)"),
         (name = "tickets", description = "Ticket QR codes and check-in at the door (door staff: the `staff` role)"),

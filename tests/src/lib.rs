@@ -558,6 +558,38 @@ impl TestApp {
         .await
         .expect("compare tickets with orders");
         assert!(mismatched.is_empty(), "orders whose live tickets do not match their status: {mismatched:?}");
+        // Per ticket type: `sold` equals its live tickets, within its own capacity, and the
+        // types' `sold` add up to the event's.
+        let types: Vec<(Uuid, Option<i32>, i32, i64)> = sqlx::query_as(
+            "SELECT tt.id, tt.capacity, tt.sold, count(t.id) FILTER (WHERE t.status = 'ACTIVE')
+             FROM ticket_types tt LEFT JOIN tickets t ON t.ticket_type_id = tt.id
+             WHERE tt.event_id = $1 GROUP BY tt.id",
+        )
+        .bind(event)
+        .fetch_all(&self.db.pool)
+        .await
+        .expect("count tickets per type");
+        for (id, capacity, type_sold, live) in &types {
+            assert_eq!(i64::from(*type_sold), *live, "type {id}: sold differs from its live tickets");
+            assert!(capacity.is_none_or(|c| *type_sold <= c), "type {id} oversold: {type_sold} > {capacity:?}");
+        }
+        let types_sold: i64 = types.iter().map(|(_, _, sold, _)| i64::from(*sold)).sum();
+        assert_eq!(types_sold, i64::from(sold), "the types' sold do not add up to the event's");
+        // Every live order holds its lines' tickets, type by type, and its quantity is their sum.
+        let off_lines: Vec<(Uuid,)> = sqlx::query_as(
+            "SELECT o.id FROM orders o
+             WHERE o.event_id = $1 AND o.status IN ('PENDING', 'PAID')
+               AND (o.quantity <> (SELECT sum((l->>'quantity')::int) FROM jsonb_array_elements(o.lines) l)
+                    OR EXISTS (
+                        SELECT 1 FROM jsonb_array_elements(o.lines) l
+                        WHERE (l->>'quantity')::int <> (SELECT count(*) FROM tickets t WHERE t.order_id = o.id
+                              AND t.status = 'ACTIVE' AND t.ticket_type_id = (l->>'ticket_type_id')::uuid)))",
+        )
+        .bind(event)
+        .fetch_all(&self.db.pool)
+        .await
+        .expect("compare tickets with order lines");
+        assert!(off_lines.is_empty(), "orders whose tickets do not match their lines: {off_lines:?}");
         (i64::from(capacity), i64::from(sold))
     }
 

@@ -288,7 +288,7 @@ async fn admins_list_and_export_an_events_orders_and_attendees() {
     let empty = app.event_with(&admin, 5, 1).await;
     assert_eq!(app.get(&format!("/api/v1/events/{empty}/orders"), Some(&admin)).await.json, json!([]));
     let (_, _, csv) = get_accept(&app, &format!("/api/v1/events/{empty}/attendees?format=csv"), &admin, "*/*").await;
-    assert_eq!(csv, "ticket_id,order_id,holder_name,holder_email,checked_in_at\n");
+    assert_eq!(csv, "ticket_id,order_id,holder_name,holder_email,ticket_type_id,ticket_type,checked_in_at\n");
 
     // Refusals.
     let buyer = buyers[0].1.as_str();

@@ -34,15 +34,15 @@ macro_rules! event_columns {
     () => {
         "e.id, e.name, e.description, e.location, e.organization, e.rating, e.starts_at, \
          e.capacity, e.capacity - e.sold AS tickets_available, e.price, e.currency, e.max_per_order, \
-         e.image_url, e.created_at, e.updated_at, e.deleted_at"
+         e.max_per_buyer, e.default_ticket_type_id, e.image_url, e.created_at, e.updated_at, e.deleted_at"
     };
 }
 pub(crate) use event_columns;
 
 /// Largest price accepted: what `NUMERIC(12, 2)` holds.
-const MAX_PRICE: Decimal = Decimal::from_parts(3_567_587_327, 232, 0, false, 2); // 9,999,999,999.99
-const MAX_CAPACITY: i64 = 10_000_000;
-const MAX_PER_ORDER: i64 = 1_000;
+pub(crate) const MAX_PRICE: Decimal = Decimal::from_parts(3_567_587_327, 232, 0, false, 2); // 9,999,999,999.99
+pub(crate) const MAX_CAPACITY: i64 = 10_000_000;
+pub(crate) const MAX_PER_ORDER: i64 = 1_000;
 const DEFAULT_MAX_PER_ORDER: i64 = 10;
 
 #[derive(Serialize, ToSchema, sqlx::FromRow)]
@@ -58,24 +58,36 @@ pub struct Event {
     #[serde(rename = "date")]
     #[sqlx(rename = "starts_at")]
     pub date: DateTime<Utc>,
+    /// Tickets over all its ticket types, at most (the venue cap).
     pub capacity: i32,
     /// Tickets not yet sold or held: `capacity - sold`.
     pub tickets_available: i32,
-    /// Price of one ticket, a decimal string with at most 2 decimal places.
+    /// Price of one ticket of the default type, a decimal string with at most 2 decimal
+    /// places (editing one edits the other).
     #[schema(value_type = String, example = "49.90")]
     #[serde(serialize_with = "common::domain::money::serialize")]
     pub price: Decimal,
     /// ISO 4217 code of `price`.
     #[schema(example = "EUR")]
     pub currency: String,
-    /// Most tickets one order may buy.
+    /// Most tickets one order may buy, over all its lines.
     pub max_per_order: i32,
+    /// Most tickets one buyer may hold over all their live (`PENDING`, `PAID`) orders;
+    /// `null`: no cap.
+    pub max_per_buyer: Option<i32>,
+    /// The ticket type `{event_id, quantity}` orders buy ("General admission", made with the
+    /// event); `null` once withdrawn.
+    pub default_ticket_type_id: Option<Uuid>,
     pub image_url: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     /// When an admin deleted it; only admins see deleted events.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub deleted_at: Option<DateTime<Utc>>,
+    /// Its ticket types (hidden and withdrawn ones for admins only); not in `GET /events`.
+    #[sqlx(skip)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ticket_types: Option<Vec<super::ticket_types::TicketType>>,
 }
 
 #[derive(Deserialize, Serialize, ToSchema)]
@@ -108,6 +120,9 @@ pub struct CreateEventRequest {
     /// Most tickets one order may buy (default 10).
     #[schema(minimum = 1, maximum = 1000)]
     pub max_per_order: Option<i64>,
+    /// Most tickets one buyer may hold over all their live orders (default: no cap).
+    #[schema(minimum = 1)]
+    pub max_per_buyer: Option<i64>,
     /// Absolute http(s) URL of an image.
     pub image_url: Option<String>,
 }
@@ -124,14 +139,15 @@ struct NewEvent {
     price: Decimal,
     currency: Currency,
     max_per_order: i32,
+    max_per_buyer: Option<i32>,
     image_url: Option<String>,
 }
 
-fn invalid(message: impl Into<String>) -> ApiError {
+pub(crate) fn invalid(message: impl Into<String>) -> ApiError {
     ApiError::invalid("validation_failed", message)
 }
 
-fn required_text(field: &str, value: &str, max: usize) -> Result<String, ApiError> {
+pub(crate) fn required_text(field: &str, value: &str, max: usize) -> Result<String, ApiError> {
     let value = value.trim();
     if value.is_empty() {
         return Err(invalid(format!("{field} must not be empty")));
@@ -186,6 +202,13 @@ impl CreateEventRequest {
         if !(1..=MAX_PER_ORDER).contains(&max_per_order) {
             return Err(invalid(format!("max_per_order must be between 1 and {MAX_PER_ORDER}")));
         }
+        let max_per_buyer = match self.max_per_buyer {
+            Some(cap) if !(1..=MAX_CAPACITY).contains(&cap) => {
+                return Err(invalid(format!("max_per_buyer must be between 1 and {MAX_CAPACITY}")));
+            }
+            // In range: checked above.
+            cap => cap.map(|cap| cap as i32),
+        };
         let image_url = optional_text("image_url", self.image_url.as_deref(), 2048)?;
         if let Some(url) = &image_url
             && !(url.starts_with("https://") || url.starts_with("http://"))
@@ -211,6 +234,7 @@ impl CreateEventRequest {
             price: price.max(Decimal::ZERO),
             currency,
             max_per_order: max_per_order as i32,
+            max_per_buyer,
             image_url,
         })
     }
@@ -234,10 +258,10 @@ pub async fn create_event(
     Json(req): Json<CreateEventRequest>,
 ) -> Result<(StatusCode, HeaderMap, Json<Event>), ApiError> {
     let new = req.validate(Utc::now())?;
-    let event = sqlx::query_as::<_, Event>(concat!(
+    let mut event = sqlx::query_as::<_, Event>(concat!(
         "INSERT INTO events AS e (id, name, description, location, organization, rating, starts_at,
-                                  capacity, price, currency, max_per_order, image_url, created_by)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+                                  capacity, price, currency, max_per_order, image_url, created_by, max_per_buyer)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
          RETURNING ",
         event_columns!()
     ))
@@ -254,8 +278,10 @@ pub async fn create_event(
     .bind(new.max_per_order)
     .bind(&new.image_url)
     .bind(admin.id)
+    .bind(new.max_per_buyer)
     .fetch_one(&state.db)
     .await?;
+    event.ticket_types = Some(super::ticket_types::types_of(&state.db, event.id, true).await?);
     tracing::info!(event_id = %event.id, capacity = event.capacity, "event created");
     Ok((StatusCode::CREATED, super::location(&format!("/api/v1/events/{}", event.id)), Json(event)))
 }
@@ -293,7 +319,8 @@ pub async fn list_events(
     Ok((headers, Json(events)))
 }
 
-/// One event. A deleted event is 404, except for admins (it then has `deleted_at`).
+/// One event, with its ticket types and what is left of each. A deleted event is 404,
+/// except for admins (it then has `deleted_at`).
 #[utoipa::path(get, path = "/api/v1/events/{id}", tag = "events",
     params(("id" = Uuid, Path, description = "Event id")),
     responses(
@@ -306,8 +333,10 @@ pub async fn get_event(
     user: Option<AuthUser>,
     Path(id): Path<Uuid>,
 ) -> Result<Json<Event>, ApiError> {
-    let include_deleted = user.is_some_and(|user| user.is_admin());
-    load_event(&state.db, id, include_deleted).await.map(Json)
+    let admin = user.is_some_and(|user| user.is_admin());
+    let mut event = load_event(&state.db, id, admin).await?;
+    event.ticket_types = Some(super::ticket_types::types_of(&state.db, id, admin).await?);
+    Ok(Json(event))
 }
 
 async fn load_event(db: &sqlx::PgPool, id: Uuid, include_deleted: bool) -> Result<Event, ApiError> {
@@ -374,10 +403,10 @@ pub async fn update_event(
             format!("{sold} tickets are sold or held; capacity cannot go below that"),
         ));
     }
-    let event = sqlx::query_as::<_, Event>(concat!(
+    let mut event = sqlx::query_as::<_, Event>(concat!(
         "UPDATE events AS e SET name = $2, description = $3, location = $4, organization = $5, rating = $6,
                 starts_at = $7, capacity = $8, price = $9, currency = $10, max_per_order = $11, image_url = $12,
-                updated_at = now()
+                max_per_buyer = $13, updated_at = now()
          WHERE e.id = $1
          RETURNING ",
         event_columns!()
@@ -394,9 +423,11 @@ pub async fn update_event(
     .bind(edited.currency.code())
     .bind(edited.max_per_order)
     .bind(&edited.image_url)
+    .bind(edited.max_per_buyer)
     .fetch_one(&mut *tx)
     .await?;
     tx.commit().await?;
+    event.ticket_types = Some(super::ticket_types::types_of(&state.db, id, true).await?);
     // Other api processes hear of it from the `event_changes` notification.
     state.catalog.forget(id);
     tracing::info!(event_id = %id, admin_id = %admin.id, fields = ?patch.keys().collect::<Vec<_>>(), "event edited");
@@ -416,6 +447,7 @@ impl From<&Event> for CreateEventRequest {
             price: AmountText::from(event.price),
             currency: Some(event.currency.clone()),
             max_per_order: Some(i64::from(event.max_per_order)),
+            max_per_buyer: event.max_per_buyer.map(i64::from),
             image_url: event.image_url.clone(),
         }
     }
@@ -690,6 +722,7 @@ mod tests {
             price: price.parse().unwrap(),
             currency: None,
             max_per_order: None,
+            max_per_buyer: None,
             image_url: None,
         }
     }

@@ -9,6 +9,7 @@ pub mod orders;
 pub mod organizer;
 mod page;
 pub mod payments;
+pub mod ticket_types;
 pub mod tickets;
 pub mod users;
 pub mod webhook_endpoints;
@@ -49,6 +50,7 @@ pub fn app(state: AppState) -> Router {
         .merge(webhook_endpoints::router())
         .merge(users::router())
         .merge(tickets::router())
+        .merge(ticket_types::router())
         .merge(events::image_upload_router(state.config.image_max_bytes));
     Router::new()
         .nest("/api/v1", api)

@@ -1,0 +1,484 @@
+//! Ticket types: the tiers an event sells (General, VIP, Student …), each with its own
+//! price, stock, limits and sale window, under the event's capacity (the venue cap).
+//!
+//! Every event has one from its creation, "General admission" (made by a trigger, see
+//! migration 0012), which the seed's `{event_id, quantity}` orders buy. Types are never
+//! deleted: a `DELETE` withdraws one from sale (`deleted_at`) once it holds no tickets.
+
+use std::collections::BTreeMap;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::get;
+use chrono::{DateTime, Datelike, Utc};
+use common::domain::Currency;
+use common::domain::money::{self, AmountText};
+use common::domain::text;
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use super::events::{MAX_CAPACITY, MAX_PER_ORDER, MAX_PRICE, invalid, required_text};
+use crate::auth::{AdminUser, AuthUser};
+use crate::error::{ApiError, ErrorBody};
+use crate::extract::{Json, Path};
+use crate::state::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/events/{id}/ticket-types", get(list_ticket_types).post(create_ticket_type)).route(
+        "/events/{id}/ticket-types/{type_id}",
+        get(get_ticket_type).patch(update_ticket_type).delete(delete_ticket_type),
+    )
+}
+
+/// The most ticket types an event may have on sale at once.
+pub const MAX_TYPES: i64 = 50;
+const MAX_SORT_ORDER: i64 = 1_000_000;
+
+/// The columns of [`TicketType`]; `t` is the type, `e` its event.
+macro_rules! ticket_type_columns {
+    () => {
+        "t.id, t.event_id, t.name, t.description, t.price, e.currency, t.capacity, t.sold, \
+         greatest(0, least(coalesce(t.capacity - t.sold, e.capacity - e.sold), e.capacity - e.sold)) \
+             AS tickets_available, \
+         t.max_per_order, t.max_per_buyer, t.sales_start, t.sales_end, t.hidden, t.sort_order, \
+         t.id IS NOT DISTINCT FROM e.default_ticket_type_id AS is_default, \
+         t.deleted_at IS NULL AND (t.sales_start IS NULL OR t.sales_start <= now()) \
+             AND (t.sales_end IS NULL OR now() < t.sales_end) AS on_sale, \
+         t.created_at, t.updated_at, t.deleted_at"
+    };
+}
+
+#[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
+pub struct TicketType {
+    pub id: Uuid,
+    pub event_id: Uuid,
+    #[schema(example = "VIP")]
+    pub name: String,
+    pub description: String,
+    #[schema(value_type = String, example = "199.00")]
+    #[serde(serialize_with = "common::domain::money::serialize")]
+    pub price: Decimal,
+    /// ISO 4217 code of `price`: the event's currency.
+    #[schema(example = "EUR")]
+    pub currency: String,
+    /// Tickets of this type, at most; `null`: no stock of its own, only the event's
+    /// capacity (the venue cap over all types) limits it.
+    pub capacity: Option<i32>,
+    /// Tickets of this type sold or held.
+    pub sold: i32,
+    /// What can still be bought: the type's stock left, at most what the venue has left.
+    pub tickets_available: i32,
+    /// Most tickets of this type in one order (`null`: the event's `max_per_order` only).
+    pub max_per_order: Option<i32>,
+    /// Most tickets of this type one buyer may hold over all their live orders.
+    pub max_per_buyer: Option<i32>,
+    /// Orders arriving before this time are refused (`not_on_sale`).
+    pub sales_start: Option<DateTime<Utc>>,
+    /// Orders arriving at or after this time are refused.
+    pub sales_end: Option<DateTime<Utc>>,
+    /// Left out of public listings; still sold to whoever has its id (a link you share).
+    pub hidden: bool,
+    /// Listing order, lowest first.
+    pub sort_order: i32,
+    /// The type `{event_id, quantity}` orders buy.
+    pub is_default: bool,
+    /// In its sale window now, and not withdrawn.
+    pub on_sale: bool,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    /// When an admin withdrew it; only admins see withdrawn types.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deleted_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TicketTypeRequest {
+    #[schema(example = "VIP")]
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// 0 or more, at most 2 decimal places, in the event's currency; a string or a number
+    /// taken exactly as written.
+    #[schema(value_type = String, example = "199.00")]
+    pub price: AmountText,
+    /// Tickets of this type, 0 to 10,000,000; omitted or `null`: only the venue cap.
+    pub capacity: Option<i64>,
+    /// 1 to 1000; omitted or `null`: the event's `max_per_order` only.
+    pub max_per_order: Option<i64>,
+    /// At least 1; omitted or `null`: no cap per buyer for this type.
+    pub max_per_buyer: Option<i64>,
+    pub sales_start: Option<DateTime<Utc>>,
+    /// After `sales_start`.
+    pub sales_end: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub hidden: bool,
+    /// -1,000,000 to 1,000,000 (default 0).
+    #[serde(default)]
+    pub sort_order: i64,
+}
+
+/// A [`TicketTypeRequest`] that passed every rule.
+struct NewTicketType {
+    name: String,
+    description: String,
+    price: Decimal,
+    capacity: Option<i32>,
+    max_per_order: Option<i32>,
+    max_per_buyer: Option<i32>,
+    sales_start: Option<DateTime<Utc>>,
+    sales_end: Option<DateTime<Utc>>,
+    hidden: bool,
+    sort_order: i32,
+}
+
+fn bounded(field: &str, value: Option<i64>, min: i64, max: i64) -> Result<Option<i32>, ApiError> {
+    match value {
+        // In range of i32: max is at most 10,000,000.
+        Some(value) if (min..=max).contains(&value) => Ok(Some(value as i32)),
+        Some(_) => Err(invalid(format!("{field} must be between {min} and {max}"))),
+        None => Ok(None),
+    }
+}
+
+impl TicketTypeRequest {
+    fn validate(self, currency: &Currency) -> Result<NewTicketType, ApiError> {
+        let price = money::parse_exact(&self.price.0).map_err(|err| invalid(format!("price {err}")))?;
+        if price.is_sign_negative() && !price.is_zero() {
+            return Err(invalid("price must not be negative"));
+        }
+        if price > MAX_PRICE {
+            return Err(invalid(format!("price must be at most {MAX_PRICE}")));
+        }
+        currency.check(price).map_err(|err| invalid(format!("price {err} ({currency})")))?;
+        for (field, at) in [("sales_start", self.sales_start), ("sales_end", self.sales_end)] {
+            if at.is_some_and(|at| at.year() > 9999) {
+                return Err(invalid(format!("{field} must be before the year 10000")));
+            }
+        }
+        if let (Some(start), Some(end)) = (self.sales_start, self.sales_end)
+            && start >= end
+        {
+            return Err(invalid("sales_end must be after sales_start"));
+        }
+        let description = self.description.trim();
+        if description.chars().count() > 5000 {
+            return Err(invalid("description must be at most 5000 characters"));
+        }
+        if text::has_control_characters(description, true) {
+            return Err(invalid(format!("description {}", text::CONTROL_CHARACTERS)));
+        }
+        Ok(NewTicketType {
+            name: required_text("name", &self.name, 200)?,
+            description: description.to_owned(),
+            price: price.max(Decimal::ZERO),
+            capacity: bounded("capacity", self.capacity, 0, MAX_CAPACITY)?,
+            max_per_order: bounded("max_per_order", self.max_per_order, 1, MAX_PER_ORDER)?,
+            max_per_buyer: bounded("max_per_buyer", self.max_per_buyer, 1, MAX_CAPACITY)?,
+            sales_start: self.sales_start,
+            sales_end: self.sales_end,
+            hidden: self.hidden,
+            sort_order: bounded("sort_order", Some(self.sort_order), -MAX_SORT_ORDER, MAX_SORT_ORDER)?.unwrap_or(0),
+        })
+    }
+}
+
+impl From<&TicketType> for TicketTypeRequest {
+    fn from(t: &TicketType) -> Self {
+        Self {
+            name: t.name.clone(),
+            description: t.description.clone(),
+            price: AmountText::from(t.price),
+            capacity: t.capacity.map(i64::from),
+            max_per_order: t.max_per_order.map(i64::from),
+            max_per_buyer: t.max_per_buyer.map(i64::from),
+            sales_start: t.sales_start,
+            sales_end: t.sales_end,
+            hidden: t.hidden,
+            sort_order: i64::from(t.sort_order),
+        }
+    }
+}
+
+/// An event's ticket types, in `sort_order`. Hidden and withdrawn types only for admins.
+pub async fn types_of(db: &sqlx::PgPool, event_id: Uuid, admin: bool) -> Result<Vec<TicketType>, ApiError> {
+    Ok(sqlx::query_as::<_, TicketType>(concat!(
+        "SELECT ",
+        ticket_type_columns!(),
+        " FROM ticket_types t JOIN events e ON e.id = t.event_id
+          WHERE t.event_id = $1 AND ((t.deleted_at IS NULL AND NOT t.hidden) OR $2)
+          ORDER BY t.sort_order, t.id"
+    ))
+    .bind(event_id)
+    .bind(admin)
+    .fetch_all(db)
+    .await?)
+}
+
+/// The event (not deleted, or deleted for admins), or 404.
+async fn find_event(db: &sqlx::PgPool, id: Uuid, admin: bool) -> Result<(), ApiError> {
+    sqlx::query("SELECT 1 FROM events WHERE id = $1 AND (deleted_at IS NULL OR $2)")
+        .bind(id)
+        .bind(admin)
+        .fetch_optional(db)
+        .await?
+        .map(|_| ())
+        .ok_or(ApiError::NotFound("event"))
+}
+
+/// An event's ticket types, with what is left of each, in `sort_order`. Hidden and
+/// withdrawn types are listed to admins only.
+#[utoipa::path(get, path = "/api/v1/events/{id}/ticket-types", tag = "events",
+    params(("id" = Uuid, Path, description = "Event id")),
+    responses(
+        (status = 200, description = "The event's ticket types", body = [TicketType]),
+        (status = 401, description = "A token was sent but is invalid", body = ErrorBody),
+        (status = 404, description = "No such event", body = ErrorBody),
+    ))]
+pub async fn list_ticket_types(
+    State(state): State<AppState>,
+    user: Option<AuthUser>,
+    Path(id): Path<Uuid>,
+) -> Result<Json<Vec<TicketType>>, ApiError> {
+    let admin = user.is_some_and(|user| user.is_admin());
+    find_event(&state.db, id, admin).await?;
+    Ok(Json(types_of(&state.db, id, admin).await?))
+}
+
+/// One ticket type. A hidden one is shown to whoever has its id; a withdrawn one to admins.
+#[utoipa::path(get, path = "/api/v1/events/{id}/ticket-types/{type_id}", tag = "events",
+    params(("id" = Uuid, Path, description = "Event id"), ("type_id" = Uuid, Path, description = "Ticket type id")),
+    responses(
+        (status = 200, description = "The ticket type", body = TicketType),
+        (status = 401, description = "A token was sent but is invalid", body = ErrorBody),
+        (status = 404, description = "No such event or ticket type", body = ErrorBody),
+    ))]
+pub async fn get_ticket_type(
+    State(state): State<AppState>,
+    user: Option<AuthUser>,
+    Path((id, type_id)): Path<(Uuid, Uuid)>,
+) -> Result<Json<TicketType>, ApiError> {
+    let admin = user.is_some_and(|user| user.is_admin());
+    find_event(&state.db, id, admin).await?;
+    load(&state.db, id, type_id, admin, false).await.map(Json)
+}
+
+async fn load<'c, E: sqlx::PgExecutor<'c>>(
+    db: E,
+    event_id: Uuid,
+    type_id: Uuid,
+    include_withdrawn: bool,
+    lock: bool,
+) -> Result<TicketType, ApiError> {
+    let query = if lock {
+        concat!(
+            "SELECT ",
+            ticket_type_columns!(),
+            " FROM ticket_types t JOIN events e ON e.id = t.event_id
+              WHERE t.id = $1 AND t.event_id = $2 AND (t.deleted_at IS NULL OR $3) FOR NO KEY UPDATE OF t"
+        )
+    } else {
+        concat!(
+            "SELECT ",
+            ticket_type_columns!(),
+            " FROM ticket_types t JOIN events e ON e.id = t.event_id
+              WHERE t.id = $1 AND t.event_id = $2 AND (t.deleted_at IS NULL OR $3)"
+        )
+    };
+    sqlx::query_as::<_, TicketType>(query)
+        .bind(type_id)
+        .bind(event_id)
+        .bind(include_withdrawn)
+        .fetch_optional(db)
+        .await?
+        .ok_or(ApiError::NotFound("ticket type"))
+}
+
+/// Locks the live event's row (the allocator's lock: it orders this change with the
+/// decisions) and returns its currency.
+async fn lock_event(tx: &mut sqlx::PgConnection, id: Uuid) -> Result<Currency, ApiError> {
+    let code: String =
+        sqlx::query_scalar("SELECT currency FROM events WHERE id = $1 AND deleted_at IS NULL FOR NO KEY UPDATE")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(ApiError::NotFound("event"))?;
+    Currency::parse(&code).map_err(|err| ApiError::Internal(anyhow::anyhow!("stored currency {code}: {err}")))
+}
+
+/// Add a ticket type to an event (admin). The event's capacity stays the cap over all its
+/// types: types' capacities may add up to more (whichever runs out first stops the sale).
+#[utoipa::path(post, path = "/api/v1/events/{id}/ticket-types", tag = "events", request_body = TicketTypeRequest,
+    params(("id" = Uuid, Path, description = "Event id")), security(("bearer" = [])),
+    responses(
+        (status = 201, description = "Ticket type created", body = TicketType,
+            headers(("Location" = String, description = "URL of the new ticket type"))),
+        (status = 403, description = "Caller is not an admin", body = ErrorBody),
+        (status = 404, description = "No such event (or deleted)", body = ErrorBody),
+        (status = 409, description = "The event has the most types it may have on sale (`too_many_ticket_types`)",
+            body = ErrorBody),
+        (status = 422, description = "A field breaks a rule (`validation_failed`)", body = ErrorBody),
+    ))]
+pub async fn create_ticket_type(
+    State(state): State<AppState>,
+    AdminUser(admin): AdminUser,
+    Path(id): Path<Uuid>,
+    Json(req): Json<TicketTypeRequest>,
+) -> Result<(StatusCode, HeaderMap, Json<TicketType>), ApiError> {
+    let mut tx = state.db.begin().await?;
+    let currency = lock_event(&mut tx, id).await?;
+    let new = req.validate(&currency)?;
+    let live: i64 = sqlx::query_scalar("SELECT count(*) FROM ticket_types WHERE event_id = $1 AND deleted_at IS NULL")
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
+    if live >= MAX_TYPES {
+        return Err(ApiError::conflict(
+            "too_many_ticket_types",
+            format!("an event may have at most {MAX_TYPES} ticket types on sale; withdraw one first"),
+        ));
+    }
+    let type_id = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO ticket_types (id, event_id, name, description, price, capacity, max_per_order, max_per_buyer,
+                                   sales_start, sales_end, hidden, sort_order)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+    )
+    .bind(type_id)
+    .bind(id)
+    .bind(&new.name)
+    .bind(&new.description)
+    .bind(new.price)
+    .bind(new.capacity)
+    .bind(new.max_per_order)
+    .bind(new.max_per_buyer)
+    .bind(new.sales_start)
+    .bind(new.sales_end)
+    .bind(new.hidden)
+    .bind(new.sort_order)
+    .execute(&mut *tx)
+    .await?;
+    let created = load(&mut *tx, id, type_id, false, false).await?;
+    tx.commit().await?;
+    state.catalog.forget(id);
+    tracing::info!(event_id = %id, ticket_type_id = %type_id, admin_id = %admin.id, "ticket type created");
+    let location = super::location(&format!("/api/v1/events/{id}/ticket-types/{type_id}"));
+    Ok((StatusCode::CREATED, location, Json(created)))
+}
+
+/// Edit a ticket type (admin): any subset of the fields of `POST`; `null` clears
+/// `capacity`, the limits or the sale window. `capacity` never below the type's tickets sold
+/// or held (409 `capacity_below_sold`). A price change applies to new orders only; the
+/// default type's price is the event's `price`, so changing one changes the other.
+#[utoipa::path(patch, path = "/api/v1/events/{id}/ticket-types/{type_id}", tag = "events", request_body = Object,
+    params(("id" = Uuid, Path, description = "Event id"), ("type_id" = Uuid, Path, description = "Ticket type id")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The ticket type as edited", body = TicketType),
+        (status = 403, description = "Caller is not an admin", body = ErrorBody),
+        (status = 404, description = "No such event or ticket type (or withdrawn)", body = ErrorBody),
+        (status = 409, description = "Capacity below the tickets sold or held (`capacity_below_sold`)", body = ErrorBody),
+        (status = 422, description = "A field breaks a rule (`validation_failed`) or is unknown (`invalid_body`)",
+            body = ErrorBody),
+    ))]
+pub async fn update_ticket_type(
+    State(state): State<AppState>,
+    AdminUser(admin): AdminUser,
+    Path((id, type_id)): Path<(Uuid, Uuid)>,
+    Json(patch): Json<BTreeMap<String, Box<RawValue>>>,
+) -> Result<Json<TicketType>, ApiError> {
+    let mut tx = state.db.begin().await?;
+    let currency = lock_event(&mut tx, id).await?;
+    let current = load(&mut *tx, id, type_id, false, true).await?;
+    // Merged as JSON text, as events are (a price sent as a number keeps its digits).
+    let current_text = serde_json::to_string(&TicketTypeRequest::from(&current)).map_err(anyhow::Error::from)?;
+    let mut merged: BTreeMap<String, Box<RawValue>> =
+        serde_json::from_str(&current_text).map_err(anyhow::Error::from)?;
+    merged.extend(patch.iter().map(|(key, value)| (key.clone(), value.clone())));
+    let merged = serde_json::to_string(&merged).map_err(anyhow::Error::from)?;
+    let request: TicketTypeRequest =
+        serde_json::from_str(&merged).map_err(|err| ApiError::invalid("invalid_body", err.to_string()))?;
+    let edited = request.validate(&currency)?;
+    if edited.capacity.is_some_and(|capacity| capacity < current.sold) {
+        return Err(ApiError::conflict(
+            "capacity_below_sold",
+            format!("{} tickets of this type are sold or held; capacity cannot go below that", current.sold),
+        ));
+    }
+    sqlx::query(
+        "UPDATE ticket_types SET name = $2, description = $3, price = $4, capacity = $5, max_per_order = $6,
+                max_per_buyer = $7, sales_start = $8, sales_end = $9, hidden = $10, sort_order = $11,
+                updated_at = now()
+         WHERE id = $1",
+    )
+    .bind(type_id)
+    .bind(&edited.name)
+    .bind(&edited.description)
+    .bind(edited.price)
+    .bind(edited.capacity)
+    .bind(edited.max_per_order)
+    .bind(edited.max_per_buyer)
+    .bind(edited.sales_start)
+    .bind(edited.sales_end)
+    .bind(edited.hidden)
+    .bind(edited.sort_order)
+    .execute(&mut *tx)
+    .await?;
+    let updated = load(&mut *tx, id, type_id, false, false).await?;
+    tx.commit().await?;
+    state.catalog.forget(id);
+    tracing::info!(event_id = %id, ticket_type_id = %type_id, admin_id = %admin.id,
+        fields = ?patch.keys().collect::<Vec<_>>(), "ticket type edited");
+    Ok(Json(updated))
+}
+
+/// Withdraw a ticket type from sale (admin), once it holds no tickets (409
+/// `ticket_type_has_tickets`: edit `sales_end` or `capacity` to stop selling a type that
+/// has). Orders for it still queued are refused (`NOT_ON_SALE`). If it was the default type,
+/// the event has none after it: `{event_id, quantity}` orders are refused
+/// (`ticket_type_required`) and buyers name types in `items`.
+#[utoipa::path(delete, path = "/api/v1/events/{id}/ticket-types/{type_id}", tag = "events",
+    params(("id" = Uuid, Path, description = "Event id"), ("type_id" = Uuid, Path, description = "Ticket type id")),
+    security(("bearer" = [])),
+    responses(
+        (status = 204, description = "Withdrawn"),
+        (status = 403, description = "Caller is not an admin", body = ErrorBody),
+        (status = 404, description = "No such event or ticket type (or already withdrawn)", body = ErrorBody),
+        (status = 409, description = "Tickets of the type are sold or held (`ticket_type_has_tickets`)",
+            body = ErrorBody),
+    ))]
+pub async fn delete_ticket_type(
+    State(state): State<AppState>,
+    AdminUser(admin): AdminUser,
+    Path((id, type_id)): Path<(Uuid, Uuid)>,
+) -> Result<StatusCode, ApiError> {
+    let mut tx = state.db.begin().await?;
+    lock_event(&mut tx, id).await?;
+    let current = load(&mut *tx, id, type_id, false, true).await?;
+    if current.sold > 0 {
+        return Err(ApiError::conflict(
+            "ticket_type_has_tickets",
+            format!("{} tickets of this type are sold or held; stop its sale with sales_end instead", current.sold),
+        ));
+    }
+    sqlx::query("UPDATE ticket_types SET deleted_at = now(), updated_at = now() WHERE id = $1")
+        .bind(type_id)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "UPDATE events SET default_ticket_type_id = NULL, updated_at = now()
+         WHERE id = $1 AND default_ticket_type_id = $2",
+    )
+    .bind(id)
+    .bind(type_id)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    state.catalog.forget(id);
+    tracing::info!(event_id = %id, ticket_type_id = %type_id, admin_id = %admin.id, "ticket type withdrawn");
+    Ok(StatusCode::NO_CONTENT)
+}
