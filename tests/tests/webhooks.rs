@@ -101,6 +101,7 @@ fn types_for(requests: &[Received], order: Uuid) -> Vec<String> {
         .filter_map(|r| serde_json::from_str::<Value>(&r.body).ok())
         .filter(|body| body["data"]["id"] == order.to_string())
         .inspect(|body| assert_eq!(body["data"]["currency"], "EUR", "{body}"))
+        .inspect(|body| assert_eq!(body["data"]["items"][0]["name"], "General admission", "{body}"))
         .map(|body| body["type"].as_str().unwrap().to_owned())
         .collect();
     types.sort();
@@ -197,6 +198,12 @@ async fn consume_events(consumer: &mut lapin::Consumer, order: Uuid, version: u6
             assert_eq!(event["data"]["quantity"], 2);
             assert_eq!(event["data"]["total"], "99.80");
             assert_eq!(event["data"]["currency"], "EUR");
+            let line = &event["data"]["items"][0];
+            assert_eq!(
+                (&line["name"], &line["quantity"], &line["unit_price"]),
+                (&json!("General admission"), &json!(2), &json!("49.90")),
+                "{event}"
+            );
             if event["data"]["id"] == order.to_string() {
                 seen.push((
                     event["type"].as_str().unwrap().to_owned(),
