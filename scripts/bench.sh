@@ -8,7 +8,8 @@
 #
 # Settings (environment or make variables):
 #   SCENARIOS     scenarios to run, in this order, RUNS times over (default "baseline hot");
-#                 hot, spread, rate, backlog, baseline (shaped like hot), baseline-spread
+#                 hot, spread, tiers (hot's shape on three ticket types, orders of one to
+#                 three lines), rate, backlog, baseline (shaped like hot), baseline-spread
 #                 (shaped like spread), ceiling (the api's fixed work alone: POST
 #                 /api/v1/orders/quote, no database or broker)
 #   RUNS          runs of each scenario (default 3)
@@ -109,7 +110,7 @@ trap cleanup EXIT
 
 defaults_for() {
   case "$1" in
-    hot | baseline | ceiling) echo "--events 1 --capacity 2000 --demand 10" ;;
+    hot | tiers | baseline | ceiling) echo "--events 1 --capacity 2000 --demand 10" ;;
     spread | baseline-spread) echo "--events 10000 --capacity 1 --demand 10" ;;
     rate) echo "--events 1 --capacity 20000 --demand 1 --rate 1000" ;;
     backlog) echo "--events 1 --capacity 100000 --demand 10" ;;

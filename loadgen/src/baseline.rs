@@ -59,7 +59,7 @@ pub async fn run(args: &crate::RunArgs, db: &PgPool, events: &[Uuid]) -> anyhow:
     if let Some(Err(err)) = results.iter().find(|r| r.is_err()) {
         eprintln!("baseline errors, e.g.: {err:#}");
     }
-    let (sold, oversold) = prepare::sold_and_oversold(db, events).await?;
+    let (sold, oversold) = prepare::sold_and_oversold(db, events, false).await?;
     if sold != accepted as i64 {
         bail!("baseline sold {sold} tickets but reported {accepted}");
     }

@@ -1,4 +1,4 @@
-//! The scenarios that go through the api: `hot`, `spread`, `rate` and `backlog`.
+//! The scenarios that go through the api: `hot`, `spread`, `tiers`, `rate`, `backlog` and `ceiling`.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -32,6 +32,20 @@ pub fn progress(len: u64, what: &str) -> ProgressBar {
     bar
 }
 
+/// The `tiers` scenario's `i`-th order: in turn General ×1; General ×1 + VIP ×1; Student ×2 +
+/// General ×1; VIP ×1 + Student ×1 + General ×2 (two tickets an order on average).
+fn tiers_order(event: Uuid, [general, vip, student]: &[Uuid; 3], i: u64) -> serde_json::Value {
+    let lines: &[(Uuid, u32)] = match i % 4 {
+        0 => &[(*general, 1)],
+        1 => &[(*general, 1), (*vip, 1)],
+        2 => &[(*student, 2), (*general, 1)],
+        _ => &[(*vip, 1), (*student, 1), (*general, 2)],
+    };
+    let items: Vec<serde_json::Value> =
+        lines.iter().map(|(t, quantity)| serde_json::json!({"ticket_type_id": t, "quantity": quantity})).collect();
+    serde_json::json!({"event_id": event, "items": items})
+}
+
 /// One request's outcome.
 struct Answer {
     status: u16,
@@ -40,7 +54,8 @@ struct Answer {
     answered_at: DateTime<Utc>,
 }
 
-pub async fn run(args: &RunArgs, db: &PgPool, events: &[Uuid]) -> anyhow::Result<Report> {
+/// `types`: the `tiers` scenario's ticket types per event (empty otherwise).
+pub async fn run(args: &RunArgs, db: &PgPool, events: &[Uuid], types: &[[Uuid; 3]]) -> anyhow::Result<Report> {
     let orders = args.orders();
     let users = prepare::users(db, u64::from(args.users.max(1)).min(orders)).await?;
     let tokens: Arc<[String]> = prepare::tokens(&users, &args.jwt_secret)?.into();
@@ -52,21 +67,28 @@ pub async fn run(args: &RunArgs, db: &PgPool, events: &[Uuid]) -> anyhow::Result
     let url: Arc<str> = format!("{}{route}", args.api.trim_end_matches('/')).into();
     let http = client.clone();
     let events_list: Arc<[Uuid]> = events.into();
+    let typed = !types.is_empty();
+    let types: Arc<[[Uuid; 3]]> = types.into();
     let bar = progress(orders, "orders");
     let send = move |i: u64, due: Option<Instant>| {
-        let (client, url, tokens, events, bar) =
-            (client.clone(), url.clone(), tokens.clone(), events_list.clone(), bar.clone());
+        let (client, url, tokens, events, types, bar) =
+            (client.clone(), url.clone(), tokens.clone(), events_list.clone(), types.clone(), bar.clone());
         async move {
             if let Some(due) = due {
                 tokio::time::sleep_until(due.into()).await;
             }
             let sent = due.unwrap_or_else(Instant::now);
             let token = &tokens[(i % tokens.len() as u64) as usize];
-            let event = events[(i % events.len() as u64) as usize];
+            let index = (i % events.len() as u64) as usize;
+            let event = events[index];
+            let body = match types.get(index) {
+                Some(types) => tiers_order(event, types, i),
+                None => serde_json::json!({"event_id": event, "quantity": 1}),
+            };
             let status = client
                 .post(&*url)
                 .bearer_auth(token)
-                .json(&serde_json::json!({"event_id": event, "quantity": 1}))
+                .json(&body)
                 .send()
                 .await
                 .map_or(0, |response| response.status().as_u16());
@@ -159,7 +181,7 @@ pub async fn run(args: &RunArgs, db: &PgPool, events: &[Uuid]) -> anyhow::Result
         decided_per_sec: if ceiling { Vec::new() } else { Timeline::per_second(started_at, decided_at) },
         accept_latency_ms: Timeline::latency_curve(&latency),
     };
-    let (sold, oversold) = prepare::sold_and_oversold(db, events).await?;
+    let (sold, oversold) = prepare::sold_and_oversold(db, events, typed).await?;
     let peak = |pid: Option<u32>| pid.and_then(prepare::memory_mib).map(|(_, peak)| peak);
     Ok(Report {
         scenario: args.scenario,

@@ -9,6 +9,9 @@
 //! Scenarios (`run --scenario`):
 //! - `hot`: one event, demand a multiple of capacity, a fixed number of requests in flight;
 //! - `spread`: the same over many events (`--events`);
+//! - `tiers`: like `hot`, on events of three ticket types (General admission without stock
+//!   of its own, VIP with a tenth of the capacity, Student with a fifth, all under the
+//!   event's capacity), with orders of one to three lines (two tickets each on average);
 //! - `rate`: requests sent at a fixed arrival rate (open loop: latency counts from when a
 //!   request was due, so a slow server cannot hide its queue);
 //! - `backlog`: orders accepted while no worker runs, then a worker started (`--worker`),
@@ -64,6 +67,7 @@ enum Command {
 pub enum Scenario {
     Hot,
     Spread,
+    Tiers,
     Rate,
     Backlog,
     Baseline,
@@ -141,9 +145,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .await
         .context("connecting to PostgreSQL")?;
     let events = prepare::events(&db, args.events, args.capacity).await?;
+    let types =
+        if args.scenario == Scenario::Tiers { prepare::tiers(&db, &events, args.capacity).await? } else { Vec::new() };
     let report = match args.scenario {
         Scenario::Baseline => baseline::run(&args, &db, &events).await?,
-        _ => http::run(&args, &db, &events).await?,
+        _ => http::run(&args, &db, &events, &types).await?,
     };
     report.print();
     std::fs::create_dir_all(&args.out)?;

@@ -23,6 +23,39 @@ pub async fn events(db: &PgPool, n: u32, capacity: u32) -> anyhow::Result<Vec<Uu
     Ok(ids)
 }
 
+/// The `tiers` scenario's ticket types of each event: its default type (General admission,
+/// no stock of its own), VIP (a tenth of the capacity) and Student (a fifth), in that order.
+pub async fn tiers(db: &PgPool, events: &[Uuid], capacity: u32) -> anyhow::Result<Vec<[Uuid; 3]>> {
+    let capacity = i32::try_from(capacity)?;
+    let mut types = Vec::with_capacity(events.len());
+    for chunk in events.chunks(10_000) {
+        let (vip, student): (Vec<Uuid>, Vec<Uuid>) = chunk.iter().map(|_| (Uuid::now_v7(), Uuid::now_v7())).unzip();
+        sqlx::query(
+            "INSERT INTO ticket_types (id, event_id, name, price, capacity, sort_order)
+             SELECT v, e, 'VIP', 99, greatest($4 / 10, 1), 1 FROM UNNEST($1::uuid[], $2::uuid[]) AS t(e, v)
+             UNION ALL
+             SELECT s, e, 'Student', 5, greatest($4 / 5, 1), 2 FROM UNNEST($1::uuid[], $3::uuid[]) AS t(e, s)",
+        )
+        .bind(chunk)
+        .bind(&vip)
+        .bind(&student)
+        .bind(capacity)
+        .execute(db)
+        .await?;
+        let defaults: Vec<(Uuid, Uuid)> =
+            sqlx::query_as("SELECT id, default_ticket_type_id FROM events WHERE id = ANY($1)")
+                .bind(chunk)
+                .fetch_all(db)
+                .await?;
+        let defaults: std::collections::HashMap<Uuid, Uuid> = defaults.into_iter().collect();
+        for (i, event) in chunk.iter().enumerate() {
+            let general = *defaults.get(event).ok_or_else(|| anyhow::anyhow!("event {event} has no default type"))?;
+            types.push([general, vip[i], student[i]]);
+        }
+    }
+    Ok(types)
+}
+
 /// `n` users straight into the database (no password hash: argon2 is not measured).
 pub async fn users(db: &PgPool, n: u64) -> anyhow::Result<Vec<Uuid>> {
     let ids: Vec<Uuid> = (0..n).map(|_| Uuid::now_v7()).collect();
@@ -74,9 +107,10 @@ pub async fn wait_until_decided(db: &PgPool, events: &[Uuid], timeout: Duration)
     }
 }
 
-/// Live tickets of these events, and by how many tickets events exceed their capacity
-/// (0 unless something is badly wrong).
-pub async fn sold_and_oversold(db: &PgPool, events: &[Uuid]) -> sqlx::Result<(i64, i64)> {
+/// Live tickets of these events, and by how many tickets events exceed their capacity plus
+/// by how many ticket types exceed theirs, when `typed` (0 unless something is badly wrong).
+/// Untyped runs do not read `ticket_types`, so they can measure builds older than it.
+pub async fn sold_and_oversold(db: &PgPool, events: &[Uuid], typed: bool) -> sqlx::Result<(i64, i64)> {
     let (sold, oversold): (Option<i64>, Option<i64>) = sqlx::query_as(
         "SELECT sum(live)::int8, sum(greatest(live - capacity, 0))::int8 FROM (
              SELECT e.capacity, count(t.id) AS live
@@ -86,7 +120,19 @@ pub async fn sold_and_oversold(db: &PgPool, events: &[Uuid]) -> sqlx::Result<(i6
     .bind(events)
     .fetch_one(db)
     .await?;
-    Ok((sold.unwrap_or(0), oversold.unwrap_or(0)))
+    if !typed {
+        return Ok((sold.unwrap_or(0), oversold.unwrap_or(0)));
+    }
+    let types_oversold: Option<i64> = sqlx::query_scalar(
+        "SELECT sum(greatest(live - capacity, 0))::int8 FROM (
+             SELECT tt.capacity, count(t.id) AS live
+             FROM ticket_types tt LEFT JOIN tickets t ON t.ticket_type_id = tt.id AND t.status = 'ACTIVE'
+             WHERE tt.event_id = ANY($1) AND tt.capacity IS NOT NULL GROUP BY tt.id) per_type",
+    )
+    .bind(events)
+    .fetch_one(db)
+    .await?;
+    Ok((sold.unwrap_or(0), oversold.unwrap_or(0) + types_oversold.unwrap_or(0)))
 }
 
 /// Resident and peak resident memory of a process, in MiB, from `/proc/{pid}/status`.
