@@ -40,7 +40,7 @@ macro_rules! event_columns {
 pub(crate) use event_columns;
 
 /// Largest price accepted: what `NUMERIC(12, 2)` holds.
-pub(crate) const MAX_PRICE: Decimal = Decimal::from_parts(3_567_587_327, 232, 0, false, 2); // 9,999,999,999.99
+const MAX_PRICE: Decimal = Decimal::from_parts(3_567_587_327, 232, 0, false, 2); // 9,999,999,999.99
 pub(crate) const MAX_CAPACITY: i64 = 10_000_000;
 pub(crate) const MAX_PER_ORDER: i64 = 1_000;
 const DEFAULT_MAX_PER_ORDER: i64 = 10;
@@ -168,6 +168,38 @@ fn optional_text(field: &str, value: Option<&str>, max: usize) -> Result<Option<
     }
 }
 
+/// A price as sent (a string or a number, taken exactly as written): 0 or more, at most
+/// [`MAX_PRICE`], with no more decimal places than `currency` has.
+pub(crate) fn valid_price(text: &AmountText, currency: &Currency) -> Result<Decimal, ApiError> {
+    let price = money::parse_exact(&text.0).map_err(|err| invalid(format!("price {err}")))?;
+    if price.is_sign_negative() && !price.is_zero() {
+        return Err(invalid("price must not be negative"));
+    }
+    if price > MAX_PRICE {
+        return Err(invalid(format!("price must be at most {MAX_PRICE}")));
+    }
+    currency.check(price).map_err(|err| invalid(format!("price {err} ({currency})")))?;
+    // `-0` is zero.
+    Ok(price.max(Decimal::ZERO))
+}
+
+/// `patch` (fields of a creation request, as sent) applied to `current` (the resource as a
+/// creation request), read back as a request: the edit then passes the creation rules.
+/// Merged as JSON text, not `serde_json::Value`s: a price sent as a number keeps its exact
+/// digits (a `Value` would hold it as a float). Unknown fields and wrong types are 422
+/// `invalid_body`.
+pub(crate) fn merge_patch<T: Serialize + serde::de::DeserializeOwned>(
+    current: &T,
+    patch: &BTreeMap<String, Box<RawValue>>,
+) -> Result<T, ApiError> {
+    let current_text = serde_json::to_string(current).map_err(anyhow::Error::from)?;
+    let mut merged: BTreeMap<String, Box<RawValue>> =
+        serde_json::from_str(&current_text).map_err(anyhow::Error::from)?;
+    merged.extend(patch.iter().map(|(key, value)| (key.clone(), value.clone())));
+    let merged = serde_json::to_string(&merged).map_err(anyhow::Error::from)?;
+    serde_json::from_str(&merged).map_err(|err| ApiError::invalid("invalid_body", err.to_string()))
+}
+
 impl CreateEventRequest {
     fn validate(self, now: DateTime<Utc>) -> Result<NewEvent, ApiError> {
         self.validate_with(Some(now))
@@ -186,18 +218,11 @@ impl CreateEventRequest {
         if !(1..=MAX_CAPACITY).contains(&self.capacity) {
             return Err(invalid(format!("capacity must be between 1 and {MAX_CAPACITY}")));
         }
-        let price = money::parse_exact(&self.price.0).map_err(|err| invalid(format!("price {err}")))?;
-        if price.is_sign_negative() && !price.is_zero() {
-            return Err(invalid("price must not be negative"));
-        }
-        if price > MAX_PRICE {
-            return Err(invalid(format!("price must be at most {MAX_PRICE}")));
-        }
         let currency = match self.currency.as_deref() {
             Some(code) => Currency::parse(code).map_err(|err| invalid(format!("currency {err}")))?,
             None => currency::DEFAULT,
         };
-        currency.check(price).map_err(|err| invalid(format!("price {err} ({currency})")))?;
+        let price = valid_price(&self.price, &currency)?;
         let max_per_order = self.max_per_order.unwrap_or(DEFAULT_MAX_PER_ORDER);
         if !(1..=MAX_PER_ORDER).contains(&max_per_order) {
             return Err(invalid(format!("max_per_order must be between 1 and {MAX_PER_ORDER}")));
@@ -231,7 +256,7 @@ impl CreateEventRequest {
             date: self.date,
             // In range: checked above.
             capacity: self.capacity as i32,
-            price: price.max(Decimal::ZERO),
+            price,
             currency,
             max_per_order: max_per_order as i32,
             max_per_buyer,
@@ -386,15 +411,7 @@ pub async fn update_event(
     .await?
     .ok_or(ApiError::NotFound("event"))?;
     let sold = current.capacity - current.tickets_available;
-    // Merged as JSON text, not `serde_json::Value`s: a price sent as a number keeps its
-    // exact digits (a `Value` would hold it as a float).
-    let current_text = serde_json::to_string(&CreateEventRequest::from(&current)).map_err(anyhow::Error::from)?;
-    let mut merged: BTreeMap<String, Box<RawValue>> =
-        serde_json::from_str(&current_text).map_err(anyhow::Error::from)?;
-    merged.extend(patch.iter().map(|(key, value)| (key.clone(), value.clone())));
-    let merged = serde_json::to_string(&merged).map_err(anyhow::Error::from)?;
-    let request: CreateEventRequest =
-        serde_json::from_str(&merged).map_err(|err| ApiError::invalid("invalid_body", err.to_string()))?;
+    let request = merge_patch(&CreateEventRequest::from(&current), &patch)?;
     let date_changed = patch.contains_key("date");
     let edited = request.validate_with(date_changed.then(Utc::now))?;
     if edited.capacity < sold {

@@ -13,7 +13,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::get;
 use chrono::{DateTime, Datelike, Utc};
 use common::domain::Currency;
-use common::domain::money::{self, AmountText};
+use common::domain::money::AmountText;
 use common::domain::text;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -21,7 +21,7 @@ use serde_json::value::RawValue;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::events::{MAX_CAPACITY, MAX_PER_ORDER, MAX_PRICE, invalid, required_text};
+use super::events::{MAX_CAPACITY, MAX_PER_ORDER, invalid, merge_patch, required_text, valid_price};
 use crate::auth::{AdminUser, AuthUser};
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::{Json, Path};
@@ -147,14 +147,7 @@ fn bounded(field: &str, value: Option<i64>, min: i64, max: i64) -> Result<Option
 
 impl TicketTypeRequest {
     fn validate(self, currency: &Currency) -> Result<NewTicketType, ApiError> {
-        let price = money::parse_exact(&self.price.0).map_err(|err| invalid(format!("price {err}")))?;
-        if price.is_sign_negative() && !price.is_zero() {
-            return Err(invalid("price must not be negative"));
-        }
-        if price > MAX_PRICE {
-            return Err(invalid(format!("price must be at most {MAX_PRICE}")));
-        }
-        currency.check(price).map_err(|err| invalid(format!("price {err} ({currency})")))?;
+        let price = valid_price(&self.price, currency)?;
         for (field, at) in [("sales_start", self.sales_start), ("sales_end", self.sales_end)] {
             if at.is_some_and(|at| at.year() > 9999) {
                 return Err(invalid(format!("{field} must be before the year 10000")));
@@ -175,7 +168,7 @@ impl TicketTypeRequest {
         Ok(NewTicketType {
             name: required_text("name", &self.name, 200)?,
             description: description.to_owned(),
-            price: price.max(Decimal::ZERO),
+            price,
             capacity: bounded("capacity", self.capacity, 0, MAX_CAPACITY)?,
             max_per_order: bounded("max_per_order", self.max_per_order, 1, MAX_PER_ORDER)?,
             max_per_buyer: bounded("max_per_buyer", self.max_per_buyer, 1, MAX_CAPACITY)?,
@@ -394,14 +387,7 @@ pub async fn update_ticket_type(
     let mut tx = state.db.begin().await?;
     let currency = lock_event(&mut tx, id).await?;
     let current = load(&mut *tx, id, type_id, false, true).await?;
-    // Merged as JSON text, as events are (a price sent as a number keeps its digits).
-    let current_text = serde_json::to_string(&TicketTypeRequest::from(&current)).map_err(anyhow::Error::from)?;
-    let mut merged: BTreeMap<String, Box<RawValue>> =
-        serde_json::from_str(&current_text).map_err(anyhow::Error::from)?;
-    merged.extend(patch.iter().map(|(key, value)| (key.clone(), value.clone())));
-    let merged = serde_json::to_string(&merged).map_err(anyhow::Error::from)?;
-    let request: TicketTypeRequest =
-        serde_json::from_str(&merged).map_err(|err| ApiError::invalid("invalid_body", err.to_string()))?;
+    let request = merge_patch(&TicketTypeRequest::from(&current), &patch)?;
     let edited = request.validate(&currency)?;
     if edited.capacity.is_some_and(|capacity| capacity < current.sold) {
         return Err(ApiError::conflict(
