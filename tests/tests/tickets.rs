@@ -69,6 +69,7 @@ async fn paid_tickets_check_in_exactly_once() {
         (Some(event.to_string().as_str()), Some("Turnstile Live"))
     );
     assert_eq!(scan.json["holder_name"], "Buyer");
+    assert_eq!(scan.json["ticket_type"], "General admission", "door staff see what the ticket admits to");
     let again = app.post("/api/v1/check-ins", &json!({"code": codes[0]}), Some(&admin)).await;
     again.assert_error(409, "already_checked_in");
     assert_eq!(again.json["error"]["checked_in_at"], scan.json["checked_in_at"]);

@@ -100,6 +100,9 @@ pub struct CheckIn {
     pub event_id: Uuid,
     pub event_name: String,
     pub event_date: DateTime<Utc>,
+    pub ticket_type_id: Uuid,
+    /// What the ticket admits to ("VIP", "General admission"): its type's name now.
+    pub ticket_type: String,
     pub holder_name: String,
     pub holder_email: String,
     pub checked_in_at: DateTime<Utc>,
@@ -157,8 +160,10 @@ pub async fn check_in(
     }
     let check_in = sqlx::query_as::<_, CheckIn>(
         "SELECT t.id AS ticket_id, o.id AS order_id, e.id AS event_id, e.name AS event_name,
-                e.starts_at AS event_date, u.name AS holder_name, u.email AS holder_email, c.checked_in_at
+                e.starts_at AS event_date, t.ticket_type_id, tt.name AS ticket_type, u.name AS holder_name,
+                u.email AS holder_email, c.checked_in_at
          FROM tickets t JOIN orders o ON o.id = t.order_id JOIN events e ON e.id = t.event_id
+              JOIN ticket_types tt ON tt.id = t.ticket_type_id
               JOIN users u ON u.id = o.user_id JOIN check_ins c ON c.ticket_id = t.id
          WHERE t.id = $1",
     )
