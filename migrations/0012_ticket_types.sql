@@ -116,16 +116,19 @@ ALTER TABLE tickets ALTER COLUMN ticket_type_id SET NOT NULL;
 -- An order's lines, as they were priced when it was placed:
 -- `[{"ticket_type_id", "name", "quantity", "unit_price"}]` (`unit_price` a decimal string).
 -- Written once with the order and never changed, so they are kept with it: the allocator
--- reads them with the order, without a join. `quantity` stays the order's ticket count
--- (the sum of the lines); `unit_price` is the single line's price, NULL for several lines.
-ALTER TABLE orders ADD COLUMN lines JSONB;
+-- reads them with the order, without a join. JSON, not JSONB: nothing queries inside them,
+-- and text is checked and returned as it is, where JSONB would be parsed on every insert
+-- and printed again on every read (measured: BENCHMARKS.md). `quantity` stays the order's
+-- ticket count (the sum of the lines); `unit_price` is the single line's price, NULL for
+-- several lines.
+ALTER TABLE orders ADD COLUMN lines JSON;
 UPDATE orders o
-SET lines = jsonb_build_array(jsonb_build_object(
+SET lines = json_build_array(json_build_object(
         'ticket_type_id', e.default_ticket_type_id, 'name', 'General admission',
         'quantity', o.quantity, 'unit_price', o.unit_price::text))
 FROM events e WHERE e.id = o.event_id;
 ALTER TABLE orders ALTER COLUMN lines SET NOT NULL;
-ALTER TABLE orders ADD CONSTRAINT orders_lines_array CHECK (jsonb_typeof(lines) = 'array');
+ALTER TABLE orders ADD CONSTRAINT orders_lines_array CHECK (json_typeof(lines) = 'array');
 ALTER TABLE orders ALTER COLUMN unit_price DROP NOT NULL;
 
 -- Which type a refusal is about (`SOLD_OUT`, `BUYER_LIMIT`, `NOT_ON_SALE`), when one is.

@@ -35,12 +35,12 @@ pub struct EventForSale {
     pub max_per_buyer: Option<i32>,
     /// The type `{event_id, quantity}` buys.
     pub default_ticket_type_id: Option<Uuid>,
-    /// Its ticket types that are not withdrawn.
-    #[sqlx(skip)]
+    /// Its ticket types that are not withdrawn, in listing order.
+    #[sqlx(json)]
     pub types: Vec<TypeForSale>,
 }
 
-#[derive(Clone, Debug, sqlx::FromRow)]
+#[derive(Clone, Debug, serde::Deserialize)]
 pub struct TypeForSale {
     pub id: Uuid,
     pub name: String,
@@ -85,22 +85,20 @@ impl EventCatalog {
             return Ok(Some(event.clone()));
         }
         let generation = self.generation.load(Ordering::Acquire);
-        let mut event: Option<EventForSale> = sqlx::query_as(
-            "SELECT name, starts_at, currency, max_per_order, max_per_buyer, default_ticket_type_id
-             FROM events WHERE id = $1 AND deleted_at IS NULL",
+        // One statement for the event and its types: a day of many events reads each once.
+        let event: Option<EventForSale> = sqlx::query_as(
+            "SELECT e.name, e.starts_at, e.currency, e.max_per_order, e.max_per_buyer, e.default_ticket_type_id,
+                    coalesce((SELECT json_agg(json_build_object(
+                                  'id', t.id, 'name', t.name, 'price', t.price::text,
+                                  'max_per_order', t.max_per_order, 'max_per_buyer', t.max_per_buyer,
+                                  'sales_start', t.sales_start, 'sales_end', t.sales_end)
+                                  ORDER BY t.sort_order, t.id)
+                              FROM ticket_types t WHERE t.event_id = e.id AND t.deleted_at IS NULL), '[]') AS types
+             FROM events e WHERE e.id = $1 AND e.deleted_at IS NULL",
         )
         .bind(id)
         .fetch_optional(db)
         .await?;
-        if let Some(event) = event.as_mut() {
-            event.types = sqlx::query_as(
-                "SELECT id, name, price, max_per_order, max_per_buyer, sales_start, sales_end
-                 FROM ticket_types WHERE event_id = $1 AND deleted_at IS NULL ORDER BY sort_order, id",
-            )
-            .bind(id)
-            .fetch_all(db)
-            .await?;
-        }
         if let Some(event) = &event
             && synced
         {

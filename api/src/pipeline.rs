@@ -154,7 +154,7 @@ async fn insert_orders(
         "INSERT INTO orders (id, user_id, event_id, quantity, unit_price, total, currency, idempotency_key, partition,
                              traceparent, lines)
          SELECT id, user_id, event_id, quantity, unit_price, total, currency, idempotency_key, partition, traceparent,
-                lines::jsonb
+                lines::json
          FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::int4[], $5::numeric[], $6::numeric[], $7::text[],
                      $8::text[], $9::int2[], $10::text[], $11::text[])
               AS u(id, user_id, event_id, quantity, unit_price, total, currency, idempotency_key, partition,

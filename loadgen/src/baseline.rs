@@ -112,7 +112,7 @@ async fn synchronous_purchase(db: &PgPool, event: Uuid, user: Uuid) -> anyhow::R
     let (status, reason) = if available { ("PAID", None) } else { ("REJECTED", Some("SOLD_OUT")) };
     sqlx::query(
         "INSERT INTO orders (id, user_id, event_id, quantity, unit_price, total, status, reason, lines)
-         VALUES ($1, $2, $3, 1, 10, 10, $4, $5, jsonb_build_array(jsonb_build_object(
+         VALUES ($1, $2, $3, 1, 10, 10, $4, $5, json_build_array(json_build_object(
                      'ticket_type_id', $6::uuid, 'name', 'General admission', 'quantity', 1, 'unit_price', '10.00')))",
     )
     .bind(order)

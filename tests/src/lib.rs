@@ -579,9 +579,9 @@ impl TestApp {
         let off_lines: Vec<(Uuid,)> = sqlx::query_as(
             "SELECT o.id FROM orders o
              WHERE o.event_id = $1 AND o.status IN ('PENDING', 'PAID')
-               AND (o.quantity <> (SELECT sum((l->>'quantity')::int) FROM jsonb_array_elements(o.lines) l)
+               AND (o.quantity <> (SELECT sum((l->>'quantity')::int) FROM json_array_elements(o.lines) l)
                     OR EXISTS (
-                        SELECT 1 FROM jsonb_array_elements(o.lines) l
+                        SELECT 1 FROM json_array_elements(o.lines) l
                         WHERE (l->>'quantity')::int <> (SELECT count(*) FROM tickets t WHERE t.order_id = o.id
                               AND t.status = 'ACTIVE' AND t.ticket_type_id = (l->>'ticket_type_id')::uuid)))",
         )

@@ -156,8 +156,9 @@ const MAX_LINES: usize = 20;
 ///
 /// Answers **202** with the order `QUEUED` and `Location: /api/v1/orders/{id}`; poll that
 /// URL (with `?wait=N` to long-poll) or register a webhook endpoint to learn the outcome:
-/// `PENDING` (tickets held until `expires_at`, awaiting payment) or `REJECTED`
-/// (`SOLD_OUT`, `EVENT_UNAVAILABLE`).
+/// `PENDING` (tickets held until `expires_at`, awaiting payment) or `REJECTED` (`SOLD_OUT`,
+/// `VENUE_FULL`, `BUYER_LIMIT`, `NOT_ON_SALE`, `EVENT_UNAVAILABLE`). An order's lines are
+/// allocated all together or not at all.
 ///
 /// With an `Idempotency-Key` header, a retry with the same key and body returns the same
 /// order (its current state, with `Idempotent-Replayed: true`) and buys nothing more; the
@@ -174,8 +175,11 @@ const MAX_LINES: usize = 20;
         (status = 404, description = "No such event", body = ErrorBody),
         (status = 409, description = "The event has fewer tickets left than asked for (`sold_out`)", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
-        (status = 422, description = "Quantity out of range (`invalid_quantity`), event over \
-            (`event_unavailable`), or Idempotency-Key reused with another body (`idempotency_key_reused`)", body = ErrorBody),
+        (status = 422, description = "Neither or both of `quantity` and `items` (`invalid_body`), bad lines \
+            (`invalid_items`, `unknown_ticket_type`), no default type for `quantity` (`ticket_type_required`), a \
+            type outside its sale window (`not_on_sale`), a quantity out of range (`invalid_quantity`), event \
+            over (`event_unavailable`), or Idempotency-Key reused with another body (`idempotency_key_reused`)",
+            body = ErrorBody),
         (status = 503, description = "The order could not be stored; nothing was bought, retry", body = ErrorBody),
     ))]
 pub async fn create_order(

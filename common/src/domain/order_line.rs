@@ -1,5 +1,5 @@
 //! One line of an order: so many tickets of one type, at the type's price of the moment the
-//! order was placed. Stored with the order (`orders.lines`, JSONB) and shown in its JSON.
+//! order was placed. Stored with the order (`orders.lines`, JSON) and shown in its JSON.
 
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
