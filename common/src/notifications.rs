@@ -19,6 +19,8 @@ use rust_decimal::Decimal;
 use serde::Serialize;
 use uuid::Uuid;
 
+use serde_json::value::RawValue;
+
 use crate::domain::{OrderLine, OrderStatus};
 
 /// The version of the event's shape.
@@ -60,9 +62,11 @@ pub struct OrderSnapshot {
     /// ISO 4217 code of the amounts.
     #[schema(example = "EUR")]
     pub currency: String,
-    /// The order's lines, at the prices of the moment it was placed.
+    /// The order's lines, at the prices of the moment it was placed: passed on as stored
+    /// (`orders.lines`, written from [`OrderLine`]s), without being read and written again.
     #[sqlx(json)]
-    pub items: Vec<OrderLine>,
+    #[schema(value_type = Vec<OrderLine>)]
+    pub items: Box<RawValue>,
     pub status: OrderStatus,
     pub reason: Option<String>,
     /// On `order.rejected`: the ticket type the reason is about, when there is one.

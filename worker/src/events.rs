@@ -289,7 +289,7 @@ mod tests {
             unit_price: Some(rust_decimal::Decimal::ONE),
             total: rust_decimal::Decimal::ONE,
             currency: "EUR".to_owned(),
-            items: Vec::new(),
+            items: serde_json::value::RawValue::from_string("[]".to_owned()).unwrap(),
             status,
             reason: None,
             reason_ticket_type_id: None,
