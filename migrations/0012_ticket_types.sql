@@ -137,9 +137,12 @@ ALTER TABLE orders ADD COLUMN reason_ticket_type_id UUID;
 -- What the api keeps of an event in memory now includes its types and its buyer cap: a
 -- change to either is announced like a change to the event (0007). So is a change of
 -- currency, which the api has kept since 0010 but which 0007's list did not name.
+-- `UPDATE OF` the columns concerned: the allocator's and the releases' updates of `sold`
+-- then skip these triggers without evaluating their conditions row by row.
 DROP TRIGGER events_announce_change ON events;
 CREATE TRIGGER events_announce_change
-    AFTER UPDATE ON events
+    AFTER UPDATE OF name, starts_at, price, max_per_order, deleted_at, max_per_buyer, default_ticket_type_id,
+                    currency ON events
     FOR EACH ROW
     WHEN ((OLD.name, OLD.starts_at, OLD.price, OLD.max_per_order, OLD.deleted_at, OLD.max_per_buyer,
            OLD.default_ticket_type_id, OLD.currency)
@@ -156,7 +159,9 @@ $$;
 
 CREATE TRIGGER ticket_types_announce_insert AFTER INSERT ON ticket_types
     FOR EACH ROW EXECUTE FUNCTION announce_ticket_type_change();
-CREATE TRIGGER ticket_types_announce_change AFTER UPDATE ON ticket_types
+CREATE TRIGGER ticket_types_announce_change
+    AFTER UPDATE OF name, price, max_per_order, max_per_buyer, sales_start, sales_end, hidden, deleted_at
+    ON ticket_types
     FOR EACH ROW
     WHEN ((OLD.name, OLD.price, OLD.max_per_order, OLD.max_per_buyer, OLD.sales_start, OLD.sales_end,
            OLD.hidden, OLD.deleted_at)
