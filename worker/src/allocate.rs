@@ -4,10 +4,11 @@
 //! (messages until they name about `BATCH_SIZE` orders, or what arrived within
 //! `BATCH_WAIT_MS` of the first; a message names the orders the api stored together). The
 //! batch goes to the decider, which decides every batch waiting at that moment in one
-//! transaction: lock their event rows, read their still-`QUEUED` orders, allocate each
-//! event's orders in arrival order against `capacity - sold`, write the outcomes, insert
-//! the tickets, bump `sold` and record how far each partition has got with one statement
-//! each, commit. Only then is the batch acked, so a crash at any point leads to redelivery,
+//! transaction: lock their event rows, read their ticket types and still-`QUEUED` orders
+//! (and, for events with a buyer cap, what those buyers hold), decide each event's orders in
+//! arrival order, all lines or nothing, against each type's stock and the venue cap
+//! (`capacity - sold`), write the outcomes, insert the tickets, bump the events' and types'
+//! `sold` and record how far each partition has got with one statement each, commit. Only then is the batch acked, so a crash at any point leads to redelivery,
 //! and redelivery is harmless because an order that is no longer `QUEUED` is skipped.
 
 use std::collections::{HashMap, HashSet};
