@@ -44,11 +44,15 @@ blocks="$(grep -c '^echo "\[docs-check\] block' "$work/recipes.sh" || true)"
 grep -q 'name=billing' "$work/recipes.sh" && touch "$work/billing"
 
 # Terminal 1: `make run`, with its own defaults (nothing set but what a reader's shell has).
-# Job control gives it a process group of its own, with SIGINT not ignored (a background job
-# of a script ignores it otherwise), so Ctrl-C can be sent to the group as a terminal does.
+# Job control gives it a process group of its own, so Ctrl-C can be sent to the group as a
+# terminal does. SIGINT is reset to its default first: when this check itself runs as a
+# background job of a script (CI, `make test &`), it inherits SIGINT ignored, and a signal
+# ignored on entry can be neither trapped by bash nor handled by make (only the api and the
+# worker, which install their own handler, would stop, and make run would fail).
 log "make run (a first build of the release binaries takes a while)"
 set -m
 env -u BIND_ADDR -u WEBHOOK_ALLOW_NETWORKS -u JWT_SECRET -u WEBHOOK_SECRET -u TICKET_SECRET \
+  perl -e '$SIG{INT} = "DEFAULT"; exec @ARGV or die "exec $ARGV[0]: $!\n"' \
   make run > "$work/run.log" 2>&1 &
 run_pid=$!
 set +m

@@ -96,9 +96,5 @@ MSG
 # command fails.
 status=0
 wait -n "${pids[@]}" || status=$?
-# Ctrl-C reaches the api and the worker too, and they may have stopped before this shell
-# was scheduled to take the signal: give it a moment to arrive (its trap then exits 130)
-# before calling the exit unexpected.
-sleep 1
 echo "[run] error: the api or the worker exited (status $status); stopping" >&2
 exit 1
