@@ -7,7 +7,7 @@ use utoipa::{Modify, OpenApi};
 
 use crate::error::{ErrorBody, ErrorDetail};
 use crate::routes::{
-    auth, events, health, me, orders, organizer, payments, ticket_types, tickets, users, webhook_endpoints,
+    auth, events, health, me, orders, organizer, payments, ticket_types, tickets, users, waitlist, webhook_endpoints,
 };
 
 #[derive(OpenApi)]
@@ -19,7 +19,7 @@ use crate::routes::{
     ),
     paths(
         auth::signup, auth::login,
-        me::me, me::update_me, me::my_events, users::list_users, users::set_role,
+        me::me, me::update_me, me::my_events, me::my_tickets, users::list_users, users::set_role,
         events::list_events, events::create_event, events::get_event, events::update_event, events::delete_event,
         events::upload_image, events::get_image,
         ticket_types::list_ticket_types, ticket_types::create_ticket_type, ticket_types::get_ticket_type,
@@ -28,6 +28,8 @@ use crate::routes::{
         tickets::ticket_qr, tickets::check_in,
         orders::create_order, orders::quote, orders::list_orders, orders::get_order, orders::cancel_order,
         payments::payment_webhook, payments::list_late_payments, payments::mark_refunded,
+        payments::refund_order, payments::list_refunds,
+        waitlist::join, waitlist::leave, waitlist::my_waitlist, waitlist::event_waitlist,
         webhook_endpoints::create_endpoint, webhook_endpoints::list_endpoints, webhook_endpoints::delete_endpoint,
         webhook_endpoints::list_deliveries,
         health::live, health::ready,
@@ -40,7 +42,8 @@ use crate::routes::{
         (name = "orders", description = "Buying tickets and following an order to its outcome"),
         (name = "organizers", description = "An event's orders and attendees, as JSON pages or a CSV export (admin)"),
         (name = "tickets", description = "Ticket QR codes and check-in at the door (door staff: the `staff` role)"),
-        (name = "payments", description = "The payment provider's signed webhook, and late payments to refund"),
+        (name = "waitlist", description = "Waiting lists of sold-out events, served in join order from released tickets"),
+        (name = "payments", description = "The payment provider's signed webhook, refunds, and late payments to refund"),
         (name = "webhooks", description = "The caller's webhook endpoints for order events, and their deliveries \
             (the delivered body is the `OrderNotification` schema)"),
         (name = "operations", description = "Health probes"),
@@ -135,6 +138,11 @@ mod tests {
             "/api/v1/users/{id}/role",
             "/api/v1/webhook-endpoints/{id}",
             "/api/v1/webhook-endpoints/{id}/deliveries",
+            "/api/v1/me/tickets",
+            "/api/v1/orders/{id}/refund",
+            "/api/v1/refunds",
+            "/api/v1/events/{id}/waitlist",
+            "/api/v1/me/waitlist",
             "/health/live",
             "/health/ready",
         ] {

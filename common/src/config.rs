@@ -95,6 +95,23 @@ pub struct WebhookTargetConfig {
     pub allow_networks: Vec<ipnet::IpNet>,
 }
 
+/// The waiting list's offers, made by whichever process releases tickets (api and worker:
+/// give both the same value).
+#[derive(Clone, Debug, clap::Args)]
+pub struct WaitlistConfig {
+    /// How long tickets offered to a waiting-list entry are held for its buyer to pay, in
+    /// seconds; then the offer lapses and passes to the next entry.
+    #[arg(long = "waitlist-offer-ttl-secs", env = "WAITLIST_OFFER_TTL_SECS", default_value_t = 900,
+          value_parser = clap::value_parser!(u64).range(1..=604_800))]
+    pub offer_ttl_secs: u64,
+}
+
+impl WaitlistConfig {
+    pub fn offer_ttl(&self) -> Duration {
+        Duration::from_secs(self.offer_ttl_secs)
+    }
+}
+
 /// Everything the `api` process needs to serve HTTP.
 #[derive(Clone, Debug, clap::Args)]
 pub struct ApiConfig {
@@ -102,6 +119,8 @@ pub struct ApiConfig {
     pub database: DatabaseConfig,
     #[command(flatten)]
     pub broker: BrokerConfig,
+    #[command(flatten)]
+    pub waitlist: WaitlistConfig,
     #[command(flatten)]
     pub webhook_targets: WebhookTargetConfig,
     /// Address the HTTP server binds to (port 0 picks a free port).
@@ -127,6 +146,10 @@ pub struct ApiConfig {
     /// variables (`AWS_ENDPOINT` for a non-AWS one).
     #[arg(long = "image-store", env = "IMAGE_STORE", default_value = "data/images")]
     pub image_store: String,
+    /// Paid orders refunded per transaction when an event is deleted with `?refund=true`.
+    #[arg(long = "deletion-refund-batch", env = "DELETION_REFUND_BATCH", default_value_t = 500,
+          value_parser = clap::value_parser!(i64).range(1..=10_000))]
+    pub deletion_refund_batch: i64,
     /// Largest accepted event image, in bytes (larger uploads get 413).
     #[arg(long = "image-max-bytes", env = "IMAGE_MAX_BYTES", default_value_t = 5_242_880,
           value_parser = clap::value_parser!(u64).range(1024..=104_857_600))]
@@ -237,6 +260,8 @@ pub struct WorkerConfig {
     pub database: DatabaseConfig,
     #[command(flatten)]
     pub broker: BrokerConfig,
+    #[command(flatten)]
+    pub waitlist: WaitlistConfig,
     /// A batch takes purchase messages until they name about this many orders; the batches
     /// waiting at once are decided in one transaction.
     #[arg(long = "batch-size", env = "BATCH_SIZE", default_value_t = 256,

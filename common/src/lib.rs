@@ -10,7 +10,9 @@ pub mod notifications;
 pub mod order_changes;
 pub mod shutdown;
 pub mod standard_webhooks;
+pub mod stock;
 pub mod telemetry;
+pub mod waitlist;
 pub mod webhook_targets;
 
 /// Runs a binary's async main on a multi-threaded runtime and turns its error into one

@@ -32,8 +32,9 @@ pub const BATCH_VERSION: u32 = 2;
 
 #[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct OrderNotification {
-    /// `order.queued`, `order.pending`, `order.paid`, `order.rejected`, `order.expired` or
-    /// `order.cancelled`; also the routing key on `orders.events`.
+    /// `order.queued`, `order.pending`, `order.paid`, `order.rejected`, `order.expired`,
+    /// `order.cancelled` or `order.refunded`; also the routing key on `orders.events`. A
+    /// waiting-list offer is an `order.pending` with `reason` `WAITLIST_OFFER`.
     #[serde(rename = "type")]
     pub kind: String,
     pub version: u32,
@@ -96,7 +97,15 @@ mod tests {
         let types: Vec<String> = OrderStatus::ALL.into_iter().map(event_type).collect();
         assert_eq!(
             types,
-            ["order.queued", "order.pending", "order.paid", "order.rejected", "order.expired", "order.cancelled"]
+            [
+                "order.queued",
+                "order.pending",
+                "order.paid",
+                "order.rejected",
+                "order.expired",
+                "order.cancelled",
+                "order.refunded"
+            ]
         );
     }
 }

@@ -1,14 +1,19 @@
-//! Status changes after allocation, in the database: payment, cancellation and hold expiry.
-//! The api (payment webhook, cancel) and the worker (expiry loop) both go through here, so
-//! the locking order and the release of tickets are written once.
+//! Status changes after allocation, in the database: payment, cancellation, hold expiry,
+//! refunds and an event's withdrawal. The api (payment webhook, cancel, refund, deletion)
+//! and the worker (expiry loop, unfinished deletions) both go through here, so the locking
+//! order, the release of tickets and the waiting list's offers are written once.
 //!
 //! **Locking order.** Every transaction that changes an order's status or an event's `sold`
 //! locks the event row first, then the order rows, the order the allocator uses too. Two
 //! such transactions can therefore only queue behind each other, never deadlock.
 //!
-//! **Release.** An order that leaves `PENDING` for anything but `PAID` cancels its tickets
-//! and gives them back to their ticket types' and the event's `sold` in the same
-//! transaction, so capacity is never lost and never double-counted.
+//! **Release.** An order that leaves `PENDING` for anything but `PAID`, or `PAID` for
+//! `REFUNDED`, cancels its tickets and gives them back to their ticket types' and the
+//! event's `sold` in the same transaction, so capacity is never lost and never
+//! double-counted; the released tickets are then offered to the event's waiting list
+//! (`crate::waitlist`), still in that transaction, before any purchase decided after it.
+
+use std::time::Duration;
 
 use sqlx::PgConnection;
 use uuid::Uuid;
@@ -24,6 +29,7 @@ pub struct LockedOrder {
     pub status: OrderStatus,
     pub quantity: i32,
     pub total: rust_decimal::Decimal,
+    pub currency: String,
     /// `PENDING` and past `expires_at`: the hold is over even if the expiry loop has not
     /// got to it yet.
     pub hold_over: bool,
@@ -45,7 +51,7 @@ pub async fn lock(tx: &mut PgConnection, order_id: Uuid, owner: Option<Uuid>) ->
     };
     sqlx::query("SELECT 1 FROM events WHERE id = $1 FOR NO KEY UPDATE").bind(event_id).execute(&mut *tx).await?;
     sqlx::query_as::<_, LockedOrder>(
-        "SELECT id, user_id, event_id, status, quantity, total,
+        "SELECT id, user_id, event_id, status, quantity, total, currency,
                 status = 'PENDING' AND expires_at <= now() AS hold_over
          FROM orders WHERE id = $1 FOR UPDATE",
     )
@@ -59,17 +65,19 @@ pub async fn lock(tx: &mut PgConnection, order_id: Uuid, owner: Option<Uuid>) ->
 ///
 /// A hold that is over is expired first, whatever the event: a payment that arrives after
 /// `expires_at` is late even if the expiry loop has not run yet, so the outcome depends on
-/// the clock, not on which process got the lock first.
+/// the clock, not on which process got the lock first. Tickets released are offered to the
+/// waiting list with holds of `offer_ttl`.
 pub async fn apply(
     tx: &mut PgConnection,
     order: &mut LockedOrder,
     event: OrderEvent,
     reason: Option<&str>,
+    offer_ttl: Duration,
 ) -> sqlx::Result<Transition> {
     if order.hold_over && event != OrderEvent::HoldExpired {
-        move_order(tx, order, OrderEvent::HoldExpired, None).await?;
+        move_order(tx, order, OrderEvent::HoldExpired, None, offer_ttl).await?;
     }
-    move_order(tx, order, event, reason).await
+    move_order(tx, order, event, reason, offer_ttl).await
 }
 
 async fn move_order(
@@ -77,9 +85,10 @@ async fn move_order(
     order: &mut LockedOrder,
     event: OrderEvent,
     reason: Option<&str>,
+    offer_ttl: Duration,
 ) -> sqlx::Result<Transition> {
-    let transition =
-        move_orders(tx, order.event_id, order.status, &[(order.id, order.quantity)], event, reason).await?;
+    let ids = [order.id];
+    let transition = move_orders(tx, order.event_id, order.status, &ids, event, reason, Some(offer_ttl)).await?;
     if let Transition::Moves { to, .. } = transition {
         order.status = to;
         order.hold_over = false;
@@ -88,29 +97,46 @@ async fn move_order(
 }
 
 /// Applies `event` to orders of one event that are all in status `from`, locked by the
-/// caller (`orders` holds their ids and quantities): writes the new status, releases the
-/// tickets when the transition says so, and notifies long-polls on commit.
+/// caller: writes the new status, settles the waiting-list entries whose offers these
+/// orders were, releases the tickets when the transition says so (offering them to the
+/// waiting list when `offer_ttl` is given), and notifies long-polls on commit.
 async fn move_orders(
     tx: &mut PgConnection,
     event_id: Uuid,
     from: OrderStatus,
-    orders: &[(Uuid, i32)],
+    ids: &[Uuid],
     event: OrderEvent,
     reason: Option<&str>,
+    offer_ttl: Option<Duration>,
 ) -> sqlx::Result<Transition> {
     let transition = from.apply(event);
     if let Transition::Moves { to, releases_tickets } = transition {
-        let ids: Vec<Uuid> = orders.iter().map(|(id, _)| *id).collect();
         sqlx::query("UPDATE orders SET status = $2, reason = $3, updated_at = now() WHERE id = ANY($1)")
-            .bind(&ids)
+            .bind(ids)
             .bind(to)
             .bind(reason)
             .execute(&mut *tx)
             .await?;
-        if releases_tickets {
-            release(tx, event_id, &ids).await?;
+        if from == OrderStatus::Pending {
+            // An offer paid is a purchase; one that expired, was cancelled or declined has
+            // lapsed (its tickets, released below, go on to the next entry).
+            sqlx::query(
+                "UPDATE waitlist_entries SET status = CASE WHEN $2 = 'PAID' THEN 'PURCHASED' ELSE 'LAPSED' END,
+                        updated_at = now()
+                 WHERE order_id = ANY($1) AND status = 'OFFERED'",
+            )
+            .bind(ids)
+            .bind(to)
+            .execute(&mut *tx)
+            .await?;
         }
-        crate::db::notify_order_changes(tx, &ids).await?;
+        if releases_tickets {
+            release(tx, event_id, ids).await?;
+            if let Some(offer_ttl) = offer_ttl {
+                crate::waitlist::offer(tx, event_id, offer_ttl).await?;
+            }
+        }
+        crate::db::notify_order_changes(tx, ids).await?;
     }
     Ok(transition)
 }
@@ -139,10 +165,15 @@ async fn release(tx: &mut PgConnection, event_id: Uuid, ids: &[Uuid]) -> sqlx::R
 /// Expires the holds of one event that are over, at most `limit` of them, in `tx`. Returns
 /// the ids of the orders it expired. Safe to run from several workers at once: each waits
 /// for the event's lock and then sees only the holds still `PENDING`.
-pub async fn expire_event(tx: &mut PgConnection, event_id: Uuid, limit: i64) -> sqlx::Result<Vec<Uuid>> {
+pub async fn expire_event(
+    tx: &mut PgConnection,
+    event_id: Uuid,
+    limit: i64,
+    offer_ttl: Duration,
+) -> sqlx::Result<Vec<Uuid>> {
     sqlx::query("SELECT 1 FROM events WHERE id = $1 FOR NO KEY UPDATE").bind(event_id).execute(&mut *tx).await?;
-    let rows: Vec<(Uuid, i32)> = sqlx::query_as(
-        "SELECT id, quantity FROM orders
+    let ids: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT id FROM orders
          WHERE event_id = $1 AND status = 'PENDING' AND expires_at <= now()
          ORDER BY id LIMIT $2 FOR UPDATE",
     )
@@ -150,31 +181,152 @@ pub async fn expire_event(tx: &mut PgConnection, event_id: Uuid, limit: i64) -> 
     .bind(limit)
     .fetch_all(&mut *tx)
     .await?;
-    if rows.is_empty() {
-        return Ok(Vec::new());
+    if ids.is_empty() {
+        return Ok(ids);
     }
-    move_orders(tx, event_id, OrderStatus::Pending, &rows, OrderEvent::HoldExpired, None).await?;
-    Ok(rows.into_iter().map(|(id, _)| id).collect())
+    move_orders(tx, event_id, OrderStatus::Pending, &ids, OrderEvent::HoldExpired, None, Some(offer_ttl)).await?;
+    Ok(ids)
 }
 
 /// Rejects every unpaid order of an event being deleted (`QUEUED` ones before the worker
-/// gets to them, `PENDING` ones releasing their tickets), with reason `EVENT_UNAVAILABLE`.
-/// The caller holds the event's lock. Returns how many orders were rejected.
+/// gets to them, `PENDING` ones releasing their tickets), with reason `EVENT_UNAVAILABLE`,
+/// and closes its waiting list. The caller holds the event's lock. Returns how many orders
+/// were rejected.
 pub async fn withdraw_event(tx: &mut PgConnection, event_id: Uuid) -> sqlx::Result<usize> {
     let mut rejected = 0;
     for status in [OrderStatus::Queued, OrderStatus::Pending] {
-        let rows: Vec<(Uuid, i32)> = sqlx::query_as(
-            "SELECT id, quantity FROM orders WHERE event_id = $1 AND status = $2 ORDER BY id FOR UPDATE",
-        )
-        .bind(event_id)
-        .bind(status)
-        .fetch_all(&mut *tx)
-        .await?;
-        if !rows.is_empty() {
-            move_orders(tx, event_id, status, &rows, OrderEvent::EventWithdrawn, Some(reason::EVENT_UNAVAILABLE))
+        let ids: Vec<Uuid> =
+            sqlx::query_scalar("SELECT id FROM orders WHERE event_id = $1 AND status = $2 ORDER BY id FOR UPDATE")
+                .bind(event_id)
+                .bind(status)
+                .fetch_all(&mut *tx)
                 .await?;
-            rejected += rows.len();
+        if !ids.is_empty() {
+            let reason = Some(reason::EVENT_UNAVAILABLE);
+            move_orders(tx, event_id, status, &ids, OrderEvent::EventWithdrawn, reason, None).await?;
+            rejected += ids.len();
         }
     }
+    sqlx::query(
+        "UPDATE waitlist_entries SET status = 'CLOSED', updated_at = now()
+         WHERE event_id = $1 AND status IN ('WAITING', 'OFFERED')",
+    )
+    .bind(event_id)
+    .execute(&mut *tx)
+    .await?;
     Ok(rejected)
+}
+
+/// Who asked for a refund.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RefundSource {
+    /// The payment provider reported it: the money is back already.
+    Provider,
+    /// An admin asked for it (`requested_by`); the provider executes it.
+    Admin,
+    /// The event was deleted with `?refund=true`; the provider executes it.
+    EventDeleted,
+}
+
+impl RefundSource {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Provider => "PROVIDER",
+            Self::Admin => "ADMIN",
+            Self::EventDeleted => "EVENT_DELETED",
+        }
+    }
+
+    fn reason(self) -> &'static str {
+        match self {
+            Self::Provider => reason::PROVIDER_REFUND,
+            Self::Admin => reason::ADMIN_REFUND,
+            Self::EventDeleted => reason::EVENT_DELETED,
+        }
+    }
+}
+
+/// Refunds a locked order: `PAID → REFUNDED`, its tickets cancelled (checked in or not) and
+/// released to the waiting list or the sale, and the refund recorded once (`refunds`, keyed
+/// by the order). A refund the provider reports for an order refunded already marks the
+/// recorded refund executed.
+pub async fn refund(
+    tx: &mut PgConnection,
+    order: &mut LockedOrder,
+    source: RefundSource,
+    requested_by: Option<Uuid>,
+    offer_ttl: Duration,
+) -> sqlx::Result<Transition> {
+    let transition = apply(tx, order, OrderEvent::Refunded, Some(source.reason()), offer_ttl).await?;
+    match transition {
+        Transition::Moves { .. } => {
+            record_refunds(tx, &[order.id], source, requested_by).await?;
+        }
+        Transition::AlreadyThere if source == RefundSource::Provider => {
+            sqlx::query("UPDATE refunds SET executed_at = coalesce(executed_at, now()) WHERE order_id = $1")
+                .bind(order.id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        _ => {}
+    }
+    Ok(transition)
+}
+
+async fn record_refunds(
+    tx: &mut PgConnection,
+    ids: &[Uuid],
+    source: RefundSource,
+    requested_by: Option<Uuid>,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO refunds (order_id, amount, currency, source, requested_by, executed_at)
+         SELECT id, total, currency, $2, $3, CASE WHEN $2 = 'PROVIDER' THEN now() END
+         FROM orders WHERE id = ANY($1)
+         ON CONFLICT (order_id) DO NOTHING",
+    )
+    .bind(ids)
+    .bind(source.as_str())
+    .bind(requested_by)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// One step of deleting an event with refunds (see `events.refunding_since`): refunds up to
+/// `limit` of its paid orders, or, when none is left, marks the deletion finished. Locks
+/// the event; returns how many orders it refunded (0: finished, or nothing to do). Safe to
+/// run from several processes at once, and again after a crash: an order is refunded once.
+pub async fn refund_deleted_event(
+    tx: &mut PgConnection,
+    event_id: Uuid,
+    limit: i64,
+    requested_by: Option<Uuid>,
+) -> sqlx::Result<usize> {
+    let refunding: Option<bool> =
+        sqlx::query_scalar("SELECT refunding_since IS NOT NULL FROM events WHERE id = $1 FOR NO KEY UPDATE")
+            .bind(event_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    if refunding != Some(true) {
+        return Ok(0);
+    }
+    let ids: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT id FROM orders WHERE event_id = $1 AND status = 'PAID' ORDER BY id LIMIT $2 FOR UPDATE",
+    )
+    .bind(event_id)
+    .bind(limit)
+    .fetch_all(&mut *tx)
+    .await?;
+    if ids.is_empty() {
+        sqlx::query("UPDATE events SET refunding_since = NULL, updated_at = now() WHERE id = $1")
+            .bind(event_id)
+            .execute(&mut *tx)
+            .await?;
+        return Ok(0);
+    }
+    let source = RefundSource::EventDeleted;
+    move_orders(tx, event_id, OrderStatus::Paid, &ids, OrderEvent::Refunded, Some(source.reason()), None).await?;
+    record_refunds(tx, &ids, source, requested_by).await?;
+    Ok(ids.len())
 }

@@ -1,7 +1,9 @@
 //! Hold expiry: `PENDING` orders past `expires_at` become `EXPIRED` and give their tickets
-//! back, so the next buyers can have them. Every worker process runs this loop; the shared
-//! code in `common::order_changes` takes the event's lock and re-checks under it, so two
-//! workers never expire the same hold twice.
+//! back, to the event's waiting list first, then to the next buyers. The same loop finishes
+//! deletions with refunds that their api process did not (it crashed or was stopped midway:
+//! `events.refunding_since` still set). Every worker process runs this loop; the shared code
+//! in `common::order_changes` takes the event's lock and re-checks under it, so two workers
+//! never expire the same hold, or refund the same order, twice.
 
 use std::time::Duration;
 
@@ -13,7 +15,7 @@ use uuid::Uuid;
 /// Most holds expired per event and per transaction, and most due holds read per scan.
 const BATCH: i64 = 1_000;
 
-pub async fn run(db: PgPool, interval: Duration, shutdown: CancellationToken) {
+pub async fn run(db: PgPool, interval: Duration, offer_ttl: Duration, shutdown: CancellationToken) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -21,14 +23,17 @@ pub async fn run(db: PgPool, interval: Duration, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        if let Err(err) = expire_due(&db, &shutdown).await {
+        if let Err(err) = expire_due(&db, offer_ttl, &shutdown).await {
             tracing::warn!(error = %err, "expiring holds failed; retrying next tick");
+        }
+        if let Err(err) = finish_deletions(&db, &shutdown).await {
+            tracing::warn!(error = %err, "finishing deletions with refunds failed; retrying next tick");
         }
     }
 }
 
 /// Expires every hold that is due, one transaction per event, until none is left.
-async fn expire_due(db: &PgPool, shutdown: &CancellationToken) -> sqlx::Result<()> {
+async fn expire_due(db: &PgPool, offer_ttl: Duration, shutdown: &CancellationToken) -> sqlx::Result<()> {
     while !shutdown.is_cancelled() {
         let events: Vec<Uuid> = sqlx::query_scalar(
             "SELECT DISTINCT event_id FROM (
@@ -45,7 +50,7 @@ async fn expire_due(db: &PgPool, shutdown: &CancellationToken) -> sqlx::Result<(
         let mut expired = 0;
         for event_id in events {
             let mut tx = db.begin().await?;
-            let ids = order_changes::expire_event(&mut tx, event_id, BATCH).await?;
+            let ids = order_changes::expire_event(&mut tx, event_id, BATCH, offer_ttl).await?;
             tx.commit().await?;
             metrics::counter!("turnstile_holds_expired_total").increment(ids.len() as u64);
             if !ids.is_empty() {
@@ -56,6 +61,30 @@ async fn expire_due(db: &PgPool, shutdown: &CancellationToken) -> sqlx::Result<(
         if expired == 0 {
             // Due holds exist but another worker is expiring them: leave them to it.
             break;
+        }
+    }
+    Ok(())
+}
+
+/// Refunds the paid orders of events deleted with `?refund=true` whose deletion was left
+/// unfinished, a batch per transaction, until each is done.
+async fn finish_deletions(db: &PgPool, shutdown: &CancellationToken) -> sqlx::Result<()> {
+    let events: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT id FROM events WHERE refunding_since IS NOT NULL ORDER BY refunding_since LIMIT 100",
+    )
+    .fetch_all(db)
+    .await?;
+    for event_id in events {
+        let mut refunded = 0;
+        while !shutdown.is_cancelled() {
+            let mut tx = db.begin().await?;
+            let done = order_changes::refund_deleted_event(&mut tx, event_id, BATCH, None).await?;
+            tx.commit().await?;
+            refunded += done;
+            if done == 0 {
+                tracing::info!(%event_id, refunded, "deletion with refunds finished");
+                break;
+            }
         }
     }
     Ok(())

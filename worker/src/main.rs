@@ -95,7 +95,7 @@ async fn run(config: WorkerConfig) -> anyhow::Result<()> {
     }
     let publisher = common::amqp::Publisher::new(amqp.clone(), partitions);
     tasks.spawn(republish::run(db.clone(), publisher, config.clone(), shutdown.clone()));
-    tasks.spawn(expiry::run(db.clone(), config.expiry_interval(), shutdown.clone()));
+    tasks.spawn(expiry::run(db.clone(), config.expiry_interval(), config.waitlist.offer_ttl(), shutdown.clone()));
     tasks.spawn(events::run(
         db.clone(),
         amqp.clone(),

@@ -443,6 +443,10 @@ pub async fn update_event(
     .bind(edited.max_per_buyer)
     .fetch_one(&mut *tx)
     .await?;
+    // Capacity raised (or a cap lifted): the waiting list is offered what it can take first.
+    let offers = common::waitlist::offer(&mut tx, id, state.config.waitlist.offer_ttl()).await?;
+    let offered: i64 = offers.iter().map(|offer| offer.quantity).sum();
+    event.tickets_available -= i32::try_from(offered).unwrap_or(0);
     tx.commit().await?;
     event.ticket_types = Some(super::ticket_types::types_of(&state.db, id, true).await?);
     // Other api processes hear of it from the `event_changes` notification.
@@ -470,53 +474,98 @@ impl From<&Event> for CreateEventRequest {
     }
 }
 
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteEventQuery {
+    /// `true`: refund every paid order, then delete. Also finishes a deletion with refunds
+    /// that was interrupted.
+    pub refund: Option<bool>,
+}
+
 /// Delete an event (admin): it disappears from the catalogue and from sale.
 ///
-/// Refused with 409 `event_has_paid_orders` while paid orders exist: their buyers hold
-/// tickets that must be refunded at the payment provider first (edit the event instead to
-/// postpone it). Otherwise every unpaid order is rejected with `EVENT_UNAVAILABLE`
-/// (`PENDING` holds release their tickets; `QUEUED` orders are decided at once), each
-/// change published like any other, and the event is soft-deleted (`deleted_at`).
+/// Every unpaid order is rejected with `EVENT_UNAVAILABLE` (`PENDING` holds release their
+/// tickets; `QUEUED` orders are decided at once), each change published like any other,
+/// the waiting list is closed, and the event is soft-deleted (`deleted_at`), all in one
+/// transaction. Paid orders: without `?refund=true` the deletion is refused with 409
+/// `event_has_paid_orders` (postpone the event by editing it instead); with it, they are
+/// then refunded (`REFUNDED`, reason `EVENT_DELETED`, recorded for the payment provider in
+/// `GET /refunds`) in batches, each order exactly once. The answer comes when all are
+/// refunded; if this process stops midway, the workers finish the refunds (the event stays
+/// deleted meanwhile), and asking again with `?refund=true` finishes them too.
 #[utoipa::path(delete, path = "/api/v1/events/{id}", tag = "events",
-    params(("id" = Uuid, Path, description = "Event id")), security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "Event id"), DeleteEventQuery), security(("bearer" = [])),
     responses(
-        (status = 204, description = "Deleted"),
+        (status = 204, description = "Deleted (and, with `refund=true`, every paid order refunded)"),
+        (status = 400, description = "Bad query string (`invalid_query`)", body = ErrorBody),
         (status = 401, description = "Missing or invalid token", body = ErrorBody),
         (status = 403, description = "Caller is not an admin", body = ErrorBody),
         (status = 404, description = "No such event (or already deleted)", body = ErrorBody),
-        (status = 409, description = "Paid orders exist (`event_has_paid_orders`)", body = ErrorBody),
+        (status = 409, description = "Paid orders exist and `refund=true` was not given (`event_has_paid_orders`)",
+            body = ErrorBody),
     ))]
 pub async fn delete_event(
     State(state): State<AppState>,
     AdminUser(admin): AdminUser,
     Path(id): Path<Uuid>,
+    Query(query): Query<DeleteEventQuery>,
 ) -> Result<StatusCode, ApiError> {
+    let refund = query.refund.unwrap_or(false);
     let mut tx = state.db.begin().await?;
-    let locked = sqlx::query("SELECT 1 FROM events WHERE id = $1 AND deleted_at IS NULL FOR NO KEY UPDATE")
-        .bind(id)
-        .fetch_optional(&mut *tx)
-        .await?;
-    if locked.is_none() {
+    let (deleted, refunding): (bool, bool) = sqlx::query_as(
+        "SELECT deleted_at IS NOT NULL, refunding_since IS NOT NULL FROM events WHERE id = $1 FOR NO KEY UPDATE",
+    )
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await?
+    .ok_or(ApiError::NotFound("event"))?;
+    if deleted && !(refund && refunding) {
         return Err(ApiError::NotFound("event"));
     }
-    let paid: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE event_id = $1 AND status = 'PAID'")
+    if !deleted {
+        let paid: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE event_id = $1 AND status = 'PAID'")
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?;
+        if paid > 0 && !refund {
+            return Err(ApiError::conflict(
+                "event_has_paid_orders",
+                format!("{paid} orders are paid; delete with ?refund=true to refund them, or postpone the event"),
+            ));
+        }
+        let rejected = common::order_changes::withdraw_event(&mut tx, id).await?;
+        sqlx::query(
+            "UPDATE events SET deleted_at = now(), updated_at = now(), refunding_since = CASE WHEN $2 THEN now() END
+             WHERE id = $1",
+        )
         .bind(id)
-        .fetch_one(&mut *tx)
-        .await?;
-    if paid > 0 {
-        return Err(ApiError::conflict(
-            "event_has_paid_orders",
-            format!("{paid} orders are paid; refund and settle them before deleting the event"),
-        ));
-    }
-    let rejected = common::order_changes::withdraw_event(&mut tx, id).await?;
-    sqlx::query("UPDATE events SET deleted_at = now(), updated_at = now() WHERE id = $1")
-        .bind(id)
+        .bind(paid > 0)
         .execute(&mut *tx)
         .await?;
-    tx.commit().await?;
-    state.catalog.forget(id);
-    tracing::info!(event_id = %id, admin_id = %admin.id, rejected_orders = rejected, "event deleted");
+        tx.commit().await?;
+        state.catalog.forget(id);
+        tracing::info!(event_id = %id, admin_id = %admin.id, rejected_orders = rejected, paid_orders = paid,
+            "event deleted");
+    } else {
+        drop(tx);
+    }
+    if refund {
+        let mut refunded = 0;
+        loop {
+            let mut tx = state.db.begin().await?;
+            let batch = state.config.deletion_refund_batch;
+            let done = common::order_changes::refund_deleted_event(&mut tx, id, batch, Some(admin.id)).await?;
+            tx.commit().await?;
+            if done == 0 {
+                break;
+            }
+            refunded += done;
+        }
+        if refunded > 0 {
+            tracing::info!(event_id = %id, admin_id = %admin.id, refunded, "paid orders of a deleted event refunded");
+        }
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -1,4 +1,4 @@
-//! The caller's own account and the events they hold tickets for.
+//! The caller's own account, the events they created and the events they hold tickets for.
 
 use axum::Router;
 use axum::extract::State;
@@ -8,13 +8,18 @@ use utoipa::ToSchema;
 
 use super::auth::{UserResponse, check_password, parse_email, parse_name, throttled};
 use super::events::{Event, event_columns};
+use super::page::PageQuery;
 use crate::auth::{AuthUser, hash_password, verify_password};
 use crate::error::{ApiError, ErrorBody, ResultExt};
-use crate::extract::Json;
+use crate::extract::{Json, Query};
 use crate::state::AppState;
+use axum::http::HeaderMap;
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/me", get(me).patch(update_me)).route("/me/events", get(my_events))
+    Router::new()
+        .route("/me", get(me).patch(update_me))
+        .route("/me/events", get(my_events))
+        .route("/me/tickets", get(my_tickets))
 }
 
 /// The caller's account.
@@ -143,13 +148,49 @@ pub struct MyEvent {
     pub my_tickets: i64,
 }
 
-/// Events the caller holds tickets for (orders `PENDING` or `PAID`), soonest first.
-#[utoipa::path(get, path = "/api/v1/me/events", tag = "accounts", security(("bearer" = [])),
+/// Events the caller created (the Go API's meaning), newest first, deleted ones left out;
+/// paginated like `GET /events`. Only admins create events, so for other accounts the list
+/// is empty; the events a buyer holds tickets for are `GET /me/tickets`.
+#[utoipa::path(get, path = "/api/v1/me/events", tag = "accounts", params(PageQuery), security(("bearer" = [])),
     responses(
-        (status = 200, description = "The caller's events", body = [MyEvent]),
+        (status = 200, description = "One page of the events the caller created", body = [Event],
+            headers(("Link" = String, description = "`<url>; rel=\"next\"` when more follow"),
+                    ("X-Next-Cursor" = String, description = "Cursor of the next page, when more follow"))),
+        (status = 400, description = "Bad query string (`invalid_query`)", body = ErrorBody),
         (status = 401, description = "Missing, invalid or expired token", body = ErrorBody),
     ))]
-pub async fn my_events(State(state): State<AppState>, user: AuthUser) -> Result<Json<Vec<MyEvent>>, ApiError> {
+pub async fn my_events(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Query(query): Query<PageQuery>,
+) -> Result<(HeaderMap, Json<Vec<Event>>), ApiError> {
+    let limit = query.limit()?;
+    let mut events = sqlx::query_as::<_, Event>(concat!(
+        "SELECT ",
+        event_columns!(),
+        " FROM events e
+          WHERE e.created_by = $1 AND e.deleted_at IS NULL AND ($2::uuid IS NULL OR e.id < $2)
+          ORDER BY e.id DESC
+          LIMIT $3"
+    ))
+    .bind(user.id)
+    .bind(query.cursor)
+    .bind(limit + 1)
+    .fetch_all(&state.db)
+    .await?;
+    let headers = query.finish("/api/v1/me/events", &mut events, |event| event.id);
+    Ok((headers, Json(events)))
+}
+
+/// Events the caller holds tickets for (orders `PENDING` or `PAID`), soonest first, with how
+/// many tickets they hold of each. (`GET /me/events` answered this before it took the Go
+/// API's meaning.)
+#[utoipa::path(get, path = "/api/v1/me/tickets", tag = "accounts", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The events the caller holds tickets for", body = [MyEvent]),
+        (status = 401, description = "Missing, invalid or expired token", body = ErrorBody),
+    ))]
+pub async fn my_tickets(State(state): State<AppState>, user: AuthUser) -> Result<Json<Vec<MyEvent>>, ApiError> {
     let events = sqlx::query_as::<_, MyEvent>(concat!(
         "SELECT ",
         event_columns!(),

@@ -12,6 +12,7 @@ pub mod payments;
 pub mod ticket_types;
 pub mod tickets;
 pub mod users;
+pub mod waitlist;
 pub mod webhook_endpoints;
 
 use axum::Router;
@@ -36,6 +37,12 @@ use crate::{observability, openapi};
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
+/// The Swagger UI's address for clients of the Go API, which served it at
+/// `/api/v1/swagger/index.html`.
+async fn to_swagger_ui() -> axum::response::Redirect {
+    axum::response::Redirect::permanent("/docs/")
+}
+
 /// Builds the whole application: routes, docs, fallbacks and middleware.
 pub fn app(state: AppState) -> Router {
     let body_limit = usize::try_from(state.config.body_limit_bytes).unwrap_or(usize::MAX);
@@ -51,7 +58,12 @@ pub fn app(state: AppState) -> Router {
         .merge(users::router())
         .merge(tickets::router())
         .merge(ticket_types::router())
-        .merge(events::image_upload_router(state.config.image_max_bytes));
+        .merge(waitlist::router())
+        .merge(events::image_upload_router(state.config.image_max_bytes))
+        // The Go API documented its Swagger UI here; it lives at /docs.
+        .route("/swagger", axum::routing::get(to_swagger_ui))
+        .route("/swagger/", axum::routing::get(to_swagger_ui))
+        .route("/swagger/index.html", axum::routing::get(to_swagger_ui));
     Router::new()
         .nest("/api/v1", api)
         .merge(health::router())

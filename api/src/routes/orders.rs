@@ -45,7 +45,8 @@ const MAX_WAIT_SECS: u64 = 30;
 macro_rules! order_columns {
     () => {
         "o.id, o.event_id, e.name AS event_name, e.starts_at AS event_date, o.quantity, o.unit_price, \
-         o.total, o.currency, o.lines AS items, o.status, o.reason, o.reason_ticket_type_id, o.created_at, \
+         o.total, o.total AS total_amount, o.currency, o.lines AS items, o.status, o.reason, \
+         o.reason_ticket_type_id, o.created_at, \
          o.updated_at, o.expires_at"
     };
 }
@@ -68,6 +69,10 @@ pub struct Order {
     #[schema(value_type = String, example = "99.80")]
     #[serde(serialize_with = "common::domain::money::serialize")]
     pub total: Decimal,
+    /// The same as `total`, under the name the Go API's clients know.
+    #[schema(value_type = String, example = "99.80")]
+    #[serde(serialize_with = "common::domain::money::serialize")]
+    pub total_amount: Decimal,
     /// ISO 4217 code of the amounts: the event's currency when the order was placed.
     #[schema(example = "EUR")]
     pub currency: String,
@@ -75,13 +80,15 @@ pub struct Order {
     /// order was placed.
     #[sqlx(json)]
     pub items: Vec<OrderLine>,
-    /// `QUEUED` → `PENDING` (tickets held until `expires_at`) → `PAID`; or `REJECTED`,
-    /// `EXPIRED`, `CANCELLED`.
+    /// `QUEUED` → `PENDING` (tickets held until `expires_at`) → `PAID` (→ `REFUNDED`); or
+    /// `REJECTED`, `EXPIRED`, `CANCELLED`.
     pub status: OrderStatus,
     /// Why the order was rejected: `SOLD_OUT` (a type ran out), `VENUE_FULL` (the event's
     /// capacity did), `BUYER_LIMIT`, `NOT_ON_SALE`, `EVENT_UNAVAILABLE`, or the payment
     /// provider's reason; `FREE_ORDER` on a `PAID` order that cost nothing (paid when its
-    /// tickets were allocated, without a payment step).
+    /// tickets were allocated, without a payment step); `WAITLIST_OFFER` on a `PENDING` order
+    /// made for the buyer's waiting-list entry; `PROVIDER_REFUND`, `ADMIN_REFUND` or
+    /// `EVENT_DELETED` on a `REFUNDED` one.
     pub reason: Option<String>,
     /// The ticket type a `SOLD_OUT`, `BUYER_LIMIT` or `NOT_ON_SALE` is about.
     pub reason_ticket_type_id: Option<Uuid>,
@@ -264,6 +271,7 @@ async fn purchase(
         quantity,
         unit_price,
         total,
+        total_amount: total,
         currency: event.currency,
         items: lines,
         status: OrderStatus::Queued,
@@ -277,11 +285,11 @@ async fn purchase(
 }
 
 /// A purchase that passed the checks, priced: its event, its lines, its ticket count and total.
-struct Priced {
-    event: EventForSale,
-    lines: Vec<OrderLine>,
-    quantity: i32,
-    total: Decimal,
+pub(crate) struct Priced {
+    pub(crate) event: EventForSale,
+    pub(crate) lines: Vec<OrderLine>,
+    pub(crate) quantity: i32,
+    pub(crate) total: Decimal,
 }
 
 /// The price of one ticket of an order of one line (`unit_price`); `None` for several lines.
@@ -332,7 +340,7 @@ fn check_shape(req: &CreateOrderRequest) -> Result<(), ApiError> {
 /// exists and is on sale, each line's type exists and is in its sale window, and the
 /// quantities are within the per-order limits and could ever fit the buyer caps (whether the
 /// buyer's earlier orders leave room is the worker's to decide). Returns the priced order.
-async fn check_purchase(state: &AppState, req: &CreateOrderRequest) -> Result<Priced, ApiError> {
+pub(crate) async fn check_purchase(state: &AppState, req: &CreateOrderRequest) -> Result<Priced, ApiError> {
     check_shape(req)?;
     let event = state.catalog.get(&state.db, req.event_id).await?.ok_or(ApiError::NotFound("event"))?;
     if !event.on_sale(Utc::now()) {
@@ -652,7 +660,14 @@ pub async fn cancel_order(
 ) -> Result<Json<OrderDetail>, ApiError> {
     let mut tx = state.db.begin().await?;
     let mut order = order_changes::lock(&mut tx, id, Some(user.id)).await?.ok_or(ApiError::NotFound("order"))?;
-    let transition = order_changes::apply(&mut tx, &mut order, OrderEvent::CancelledByOwner, None).await?;
+    let transition = order_changes::apply(
+        &mut tx,
+        &mut order,
+        OrderEvent::CancelledByOwner,
+        None,
+        state.config.waitlist.offer_ttl(),
+    )
+    .await?;
     // Committed whatever the outcome: a hold found over was expired on the way.
     tx.commit().await?;
     if transition == Transition::Impossible {

@@ -1,5 +1,6 @@
-//! The payment provider's side: its signed webhook that settles an order (`PAID` or
-//! `REJECTED`), and the operators' list of late payments to refund.
+//! The payment provider's side: its signed webhook that settles an order (`PAID`,
+//! `REJECTED` or, later, `REFUNDED`), admins' refunds and the list of refunds for the
+//! provider to execute, and the operators' list of late payments to refund.
 //!
 //! The webhook is verified per Standard Webhooks before anything else is looked at, and is
 //! processed effectively once: its `webhook-id` is claimed in the same transaction that
@@ -15,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
 use common::domain::{OrderEvent, OrderStatus, Transition, reason, text};
-use common::order_changes::{self, LockedOrder};
+use common::order_changes::{self, LockedOrder, RefundSource};
 use common::standard_webhooks::{self, Headers};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -34,6 +35,8 @@ pub fn router() -> Router<AppState> {
         .route("/orders/{id}/status", post(payment_webhook))
         .route("/late-payments", get(list_late_payments))
         .route("/late-payments/{id}/refund", post(mark_refunded))
+        .route("/orders/{id}/refund", post(refund_order))
+        .route("/refunds", get(list_refunds))
 }
 
 /// The longest `reason` a provider may give for a declined payment.
@@ -57,6 +60,8 @@ pub struct PaymentStatusRequest {
 pub enum PaymentOutcome {
     Paid,
     Rejected,
+    /// The provider returned a paid order's money.
+    Refunded,
 }
 
 impl PaymentOutcome {
@@ -64,6 +69,7 @@ impl PaymentOutcome {
         match self {
             Self::Paid => OrderEvent::PaymentSucceeded,
             Self::Rejected => OrderEvent::PaymentFailed,
+            Self::Refunded => OrderEvent::Refunded,
         }
     }
 
@@ -71,6 +77,7 @@ impl PaymentOutcome {
         match self {
             Self::Paid => "PAID",
             Self::Rejected => "REJECTED",
+            Self::Refunded => "REFUNDED",
         }
     }
 }
@@ -84,7 +91,9 @@ impl PaymentOutcome {
 /// `WEBHOOK_SECRET`; one valid signature is enough (key rotation).
 ///
 /// `PAID` moves a `PENDING` order to `PAID`; `REJECTED` moves it to `REJECTED` and releases
-/// its tickets. The same change again answers 204. A change the order's status does not
+/// its tickets; `REFUNDED` moves a `PAID` order to `REFUNDED`, cancels its tickets (checked
+/// in or not) and releases them to the waiting list or the sale, and records the refund as
+/// executed (one an admin asked for is marked executed). The same change again answers 204. A change the order's status does not
 /// allow answers 409 with `current_status`; a payment for an order that no longer holds
 /// tickets (hold expired, cancelled, rejected) is also recorded as a late payment for
 /// refund. A `webhook-id` already processed gets the first answer again and changes nothing.
@@ -130,11 +139,17 @@ pub async fn payment_webhook(
     }
     let mut order = order_changes::lock(&mut tx, order_id, None).await?.ok_or(ApiError::NotFound("order"))?;
     let event = request.status.event();
-    let reason = match request.status {
-        PaymentOutcome::Paid => None,
-        PaymentOutcome::Rejected => Some(request.reason.as_deref().unwrap_or(reason::PAYMENT_DECLINED)),
+    let offer_ttl = state.config.waitlist.offer_ttl();
+    let transition = match request.status {
+        PaymentOutcome::Paid => order_changes::apply(&mut tx, &mut order, event, None, offer_ttl).await?,
+        PaymentOutcome::Rejected => {
+            let reason = Some(request.reason.as_deref().unwrap_or(reason::PAYMENT_DECLINED));
+            order_changes::apply(&mut tx, &mut order, event, reason, offer_ttl).await?
+        }
+        PaymentOutcome::Refunded => {
+            order_changes::refund(&mut tx, &mut order, RefundSource::Provider, None, offer_ttl).await?
+        }
     };
-    let transition = order_changes::apply(&mut tx, &mut order, event, reason).await?;
     let (status, response) = match transition {
         Transition::Moves { .. } | Transition::AlreadyThere => (StatusCode::NO_CONTENT, None),
         Transition::Impossible => {
@@ -314,6 +329,125 @@ pub async fn mark_refunded(
     .await?
     .ok_or(ApiError::NotFound("late payment"))?;
     Ok(Json(row))
+}
+
+/// A paid order's refund: recorded when the order became `REFUNDED`, once per order.
+#[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
+pub struct Refund {
+    pub order_id: Uuid,
+    #[schema(value_type = String, example = "99.80")]
+    #[serde(serialize_with = "common::domain::money::serialize")]
+    pub amount: Decimal,
+    /// ISO 4217 code of `amount`.
+    #[schema(example = "EUR")]
+    pub currency: String,
+    /// `PROVIDER` (the payment provider reported it), `ADMIN` (`POST /orders/{id}/refund`)
+    /// or `EVENT_DELETED` (`DELETE /events/{id}?refund=true`).
+    #[schema(example = "ADMIN")]
+    pub source: String,
+    /// The admin who asked for it, when one did.
+    pub requested_by: Option<Uuid>,
+    pub created_at: DateTime<Utc>,
+    /// When the payment provider reported the money returned; `null` while it is still to
+    /// be executed.
+    pub executed_at: Option<DateTime<Utc>>,
+}
+
+/// The columns of a [`Refund`], for `concat!` into static SQL.
+macro_rules! refund_columns {
+    () => {
+        "order_id, amount, currency, source, requested_by, created_at, executed_at"
+    };
+}
+
+/// Refund a paid order (admin): it becomes `REFUNDED`, its tickets are cancelled (a ticket
+/// already checked in too: its check-in time stays on record, and scanning it again answers
+/// that it is cancelled) and released to the event's waiting list or back on sale, and the
+/// refund is recorded for the payment provider to execute (`GET /refunds?pending=true`; the
+/// provider's `REFUNDED` webhook marks it executed). Asking again answers the same refund.
+#[utoipa::path(post, path = "/api/v1/orders/{id}/refund", tag = "payments", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "Order id")),
+    responses(
+        (status = 200, description = "The refund (also when the order was refunded already)", body = Refund),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 403, description = "Not an admin", body = ErrorBody),
+        (status = 404, description = "No such order", body = ErrorBody),
+        (status = 409, description = "The order is not paid (`invalid_transition`, with `current_status`)", body = ErrorBody),
+    ))]
+pub async fn refund_order(
+    State(state): State<AppState>,
+    AdminUser(admin): AdminUser,
+    Path(order_id): Path<Uuid>,
+) -> Result<Json<Refund>, ApiError> {
+    let mut tx = state.db.begin().await?;
+    let mut order = order_changes::lock(&mut tx, order_id, None).await?.ok_or(ApiError::NotFound("order"))?;
+    let offer_ttl = state.config.waitlist.offer_ttl();
+    let transition = order_changes::refund(&mut tx, &mut order, RefundSource::Admin, Some(admin.id), offer_ttl).await?;
+    if transition == Transition::Impossible {
+        return Err(ApiError::InvalidTransition { current: order.status, target: "REFUNDED" });
+    }
+    let refund =
+        sqlx::query_as::<_, Refund>(concat!("SELECT ", refund_columns!(), " FROM refunds WHERE order_id = $1"))
+            .bind(order_id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| {
+                ApiError::conflict("refunded_elsewhere", "the order was refunded before refunds were recorded")
+            })?;
+    tx.commit().await?;
+    if matches!(transition, Transition::Moves { .. }) {
+        tracing::info!(%order_id, admin_id = %admin.id, amount = %refund.amount, "order refunded by an admin");
+    }
+    Ok(Json(refund))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct RefundsQuery {
+    /// `true`: only refunds the payment provider has not reported executed yet.
+    pub pending: Option<bool>,
+    /// Page size, 1 to 100 (default 20).
+    #[param(minimum = 1, maximum = 100)]
+    pub limit: Option<i64>,
+    /// Cursor of the next page (`X-Next-Cursor`).
+    pub cursor: Option<Uuid>,
+}
+
+/// Refunds, newest order first (admin); with `pending=true`, those the payment provider
+/// still has to execute.
+#[utoipa::path(get, path = "/api/v1/refunds", tag = "payments", params(RefundsQuery), security(("bearer" = [])),
+    responses(
+        (status = 200, description = "One page of refunds", body = [Refund],
+            headers(("Link" = String, description = "`<url>; rel=\"next\"` when more follow"),
+                    ("X-Next-Cursor" = String, description = "Cursor of the next page, when more follow"))),
+        (status = 400, description = "Bad query string (`invalid_query`)", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 403, description = "Not an admin", body = ErrorBody),
+    ))]
+pub async fn list_refunds(
+    State(state): State<AppState>,
+    _admin: AdminUser,
+    Query(query): Query<RefundsQuery>,
+) -> Result<(HeaderMap, Json<Vec<Refund>>), ApiError> {
+    let page = PageQuery { limit: query.limit, cursor: query.cursor };
+    let limit = page.limit()?;
+    let pending = query.pending.unwrap_or(false);
+    let mut rows = sqlx::query_as::<_, Refund>(concat!(
+        "SELECT ",
+        refund_columns!(),
+        " FROM refunds
+         WHERE ($1::uuid IS NULL OR order_id < $1) AND (NOT $2 OR executed_at IS NULL)
+         ORDER BY order_id DESC LIMIT $3"
+    ))
+    .bind(page.cursor)
+    .bind(pending)
+    .bind(limit + 1)
+    .fetch_all(&state.db)
+    .await?;
+    let path = if pending { "/api/v1/refunds?pending=true" } else { "/api/v1/refunds" };
+    let headers = page.finish(path, &mut rows, |row| row.order_id);
+    Ok((headers, Json(rows)))
 }
 
 #[cfg(test)]

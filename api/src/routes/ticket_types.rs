@@ -414,6 +414,9 @@ pub async fn update_ticket_type(
     .bind(edited.sort_order)
     .execute(&mut *tx)
     .await?;
+    // Capacity raised (or a window or cap changed): the waiting list is offered what it can
+    // take first.
+    common::waitlist::offer(&mut tx, id, state.config.waitlist.offer_ttl()).await?;
     let updated = load(&mut *tx, id, type_id, false, false).await?;
     tx.commit().await?;
     state.catalog.forget(id);

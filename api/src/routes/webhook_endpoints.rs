@@ -63,8 +63,9 @@ pub struct CreatedEndpoint {
 
 /// Register an endpoint for the caller's order events.
 ///
-/// Every status change of the caller's orders (`order.queued`, `order.pending`,
-/// `order.paid`, `order.rejected`, `order.expired`, `order.cancelled`) is `POST`ed to it as
+/// Every status change of the caller's orders (`order.queued`, `order.pending` (a
+/// waiting-list offer too, with `reason` `WAITLIST_OFFER`), `order.paid`, `order.rejected`,
+/// `order.expired`, `order.cancelled`, `order.refunded`) is `POST`ed to it as
 /// JSON `{type, version, id, timestamp, data}`, with headers `webhook-id` (the same on every
 /// retry of one delivery), `webhook-timestamp` and `webhook-signature`. Answer 2xx to
 /// acknowledge; other answers and timeouts (10 s) are retried with exponential back-off;

@@ -5,8 +5,8 @@ use serde::{Deserialize, Serialize};
 /// Where an order stands. Stored as upper-case text under a CHECK constraint.
 ///
 /// `QUEUED` (accepted, waiting for the worker) → `PENDING` (tickets held, awaiting payment)
-/// → `PAID`; or `REJECTED`, `EXPIRED`, `CANCELLED`. The last four, and `PAID`, are final
-/// as far as allocation is concerned.
+/// → `PAID` (→ `REFUNDED`); or `REJECTED`, `EXPIRED`, `CANCELLED`. All but `QUEUED` and
+/// `PENDING` are final as far as allocation is concerned; `PAID` can still be refunded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type, utoipa::ToSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 #[sqlx(type_name = "text", rename_all = "SCREAMING_SNAKE_CASE")]
@@ -17,6 +17,7 @@ pub enum OrderStatus {
     Rejected,
     Expired,
     Cancelled,
+    Refunded,
 }
 
 impl OrderStatus {
@@ -28,6 +29,7 @@ impl OrderStatus {
             Self::Rejected => "REJECTED",
             Self::Expired => "EXPIRED",
             Self::Cancelled => "CANCELLED",
+            Self::Refunded => "REFUNDED",
         }
     }
 
@@ -58,10 +60,13 @@ pub enum OrderEvent {
     CancelledByOwner,
     /// Its event was deleted (withdrawn from sale) before the order was paid.
     EventWithdrawn,
+    /// A paid order's money went back (the payment provider reported it, an admin asked for
+    /// it, or its event was deleted with refunds).
+    Refunded,
 }
 
 impl OrderEvent {
-    pub const ALL: [OrderEvent; 8] = [
+    pub const ALL: [OrderEvent; 9] = [
         Self::Allocated,
         Self::AllocatedFree,
         Self::AllocationRejected,
@@ -70,6 +75,7 @@ impl OrderEvent {
         Self::HoldExpired,
         Self::CancelledByOwner,
         Self::EventWithdrawn,
+        Self::Refunded,
     ];
 
     /// The status this event leads to.
@@ -80,6 +86,7 @@ impl OrderEvent {
             Self::PaymentSucceeded | Self::AllocatedFree => OrderStatus::Paid,
             Self::HoldExpired => OrderStatus::Expired,
             Self::CancelledByOwner => OrderStatus::Cancelled,
+            Self::Refunded => OrderStatus::Refunded,
         }
     }
 }
@@ -88,8 +95,8 @@ impl OrderEvent {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Transition {
     /// The order moves to this status. `releases_tickets`: it leaves `PENDING` for
-    /// something other than `PAID`, so its tickets are cancelled and `sold` goes down in the
-    /// same transaction.
+    /// something other than `PAID`, or `PAID` for `REFUNDED`, so its tickets are cancelled
+    /// and `sold` goes down in the same transaction.
     Moves { to: OrderStatus, releases_tickets: bool },
     /// The order is already where the event leads (a retried webhook): nothing to do.
     AlreadyThere,
@@ -98,13 +105,15 @@ pub enum Transition {
 }
 
 impl OrderStatus {
-    pub const ALL: [OrderStatus; 6] =
-        [Self::Queued, Self::Pending, Self::Paid, Self::Rejected, Self::Expired, Self::Cancelled];
+    pub const ALL: [OrderStatus; 7] =
+        [Self::Queued, Self::Pending, Self::Paid, Self::Rejected, Self::Expired, Self::Cancelled, Self::Refunded];
 
     /// The state machine: `QUEUED → PENDING → PAID`; `QUEUED → PAID` (free orders);
     /// `QUEUED → REJECTED`;
-    /// `PENDING → REJECTED | EXPIRED | CANCELLED`; final states never change. An event's
-    /// deletion rejects its unpaid orders (`QUEUED` or `PENDING`).
+    /// `PENDING → REJECTED | EXPIRED | CANCELLED`; `PAID → REFUNDED`; other final states
+    /// never change. An event's deletion rejects its unpaid orders (`QUEUED` or `PENDING`).
+    /// Only `PENDING` and `PAID` hold tickets, so leaving them for anything but `PAID`
+    /// releases them.
     pub fn apply(self, event: OrderEvent) -> Transition {
         use OrderEvent as E;
         use OrderStatus as S;
@@ -115,10 +124,12 @@ impl OrderStatus {
                     S::Pending,
                     E::PaymentSucceeded | E::PaymentFailed | E::HoldExpired | E::CancelledByOwner | E::EventWithdrawn
                 )
+                | (S::Paid, E::Refunded)
         );
         if allowed {
             let to = event.target();
-            Transition::Moves { to, releases_tickets: self == S::Pending && to != S::Paid }
+            let held = matches!(self, S::Pending | S::Paid);
+            Transition::Moves { to, releases_tickets: held && to != S::Paid }
         } else if self == event.target() {
             Transition::AlreadyThere
         } else {
@@ -149,6 +160,15 @@ pub mod reason {
     /// A `PAID` order that cost nothing: paid when its tickets were allocated, without a
     /// payment.
     pub const FREE_ORDER: &str = "FREE_ORDER";
+    /// A `PENDING` order made for a waiting-list entry from released tickets: an offer, held
+    /// for `WAITLIST_OFFER_TTL_SECS`.
+    pub const WAITLIST_OFFER: &str = "WAITLIST_OFFER";
+    /// A `REFUNDED` order: the payment provider reported the refund.
+    pub const PROVIDER_REFUND: &str = "PROVIDER_REFUND";
+    /// A `REFUNDED` order: an admin refunded it (`POST /orders/{id}/refund`).
+    pub const ADMIN_REFUND: &str = "ADMIN_REFUND";
+    /// A `REFUNDED` order: its event was deleted with `?refund=true`.
+    pub const EVENT_DELETED: &str = "EVENT_DELETED";
 }
 
 #[cfg(test)]
@@ -164,13 +184,14 @@ mod tests {
         let no = Transition::Impossible;
         #[rustfmt::skip]
         let table = [
-            // event:            Allocated              AllocatedFree          AllocationRejected      PaymentSucceeded   PaymentFailed            HoldExpired              CancelledByOwner          EventWithdrawn
-            (S::Queued,    [moves(S::Pending, false), moves(S::Paid, false), moves(S::Rejected, false), no,                no,                      no,                      no,                       moves(S::Rejected, false)]),
-            (S::Pending,   [same,                     no,                    no,                        moves(S::Paid, false), moves(S::Rejected, true), moves(S::Expired, true), moves(S::Cancelled, true), moves(S::Rejected, true)]),
-            (S::Paid,      [no,                       same,                  no,                        same,              no,                      no,                      no,                       no]),
-            (S::Rejected,  [no,                       no,                    same,                      no,                same,                    no,                      no,                       same]),
-            (S::Expired,   [no,                       no,                    no,                        no,                no,                      same,                    no,                       no]),
-            (S::Cancelled, [no,                       no,                    no,                        no,                no,                      no,                      same,                     no]),
+            // event:            Allocated              AllocatedFree          AllocationRejected      PaymentSucceeded   PaymentFailed            HoldExpired              CancelledByOwner          EventWithdrawn            Refunded
+            (S::Queued,    [moves(S::Pending, false), moves(S::Paid, false), moves(S::Rejected, false), no,                no,                      no,                      no,                       moves(S::Rejected, false), no]),
+            (S::Pending,   [same,                     no,                    no,                        moves(S::Paid, false), moves(S::Rejected, true), moves(S::Expired, true), moves(S::Cancelled, true), moves(S::Rejected, true), no]),
+            (S::Paid,      [no,                       same,                  no,                        same,              no,                      no,                      no,                       no,                       moves(S::Refunded, true)]),
+            (S::Rejected,  [no,                       no,                    same,                      no,                same,                    no,                      no,                       same,                     no]),
+            (S::Expired,   [no,                       no,                    no,                        no,                no,                      same,                    no,                       no,                       no]),
+            (S::Cancelled, [no,                       no,                    no,                        no,                no,                      no,                      same,                     no,                       no]),
+            (S::Refunded,  [no,                       no,                    no,                        no,                no,                      no,                      no,                       no,                       same]),
         ];
         assert_eq!(table.len(), OrderStatus::ALL.len());
         for (status, outcomes) in table {
@@ -181,10 +202,11 @@ mod tests {
     }
 
     #[test]
-    fn final_states_never_move() {
+    fn final_states_never_move_but_paid_is_refunded() {
         for status in OrderStatus::ALL.into_iter().filter(|s| s.is_final()) {
             for event in OrderEvent::ALL {
-                assert!(!matches!(status.apply(event), Transition::Moves { .. }), "{status:?} moved on {event:?}");
+                let refund = status == OrderStatus::Paid && event == OrderEvent::Refunded;
+                assert_eq!(matches!(status.apply(event), Transition::Moves { .. }), refund, "{status:?} on {event:?}");
             }
         }
     }

@@ -1,0 +1,441 @@
+//! What an event has left, under its row lock, and the rules that decide whether an order
+//! may have its tickets: the allocator's decisions (`worker`) and the waiting list's offers
+//! (`waitlist`) both go through [`EventStock::decide`], so a ticket is granted by one set
+//! of rules whoever asks. The rules are pure and unit-tested; [`lock_and_load`] and
+//! [`read_holdings`] read their inputs.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::domain::{OrderEvent, OrderStatus, reason};
+
+/// What the allocator decided for one order: the status an [`OrderEvent`] leads to from
+/// `QUEUED`, the only status it reads (a test checks this against the state machine), and
+/// the type a refusal is about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub order_id: Uuid,
+    pub status: OrderStatus,
+    pub reason: Option<&'static str>,
+    pub reason_type: Option<Uuid>,
+}
+
+/// An order as the rules see it: a `QUEUED` order for the allocator, a waiting-list entry
+/// for an offer.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub order_id: Uuid,
+    pub user_id: Uuid,
+    /// When the api accepted it: sale windows are judged by this time, not by when the
+    /// order is decided (a buyer in the queue before `sales_end` was in time).
+    pub created_at: DateTime<Utc>,
+    /// Costs nothing: paid as it is allocated.
+    pub free: bool,
+    /// (ticket type, quantity) per line.
+    pub lines: Vec<(Uuid, i64)>,
+}
+
+impl Request {
+    pub fn tickets(&self) -> i64 {
+        self.lines.iter().map(|(_, quantity)| quantity).sum()
+    }
+}
+
+/// A ticket type under its event's lock.
+#[derive(Clone, Debug, Default)]
+pub struct TypeStock {
+    /// Tickets of this type left, when it has stock of its own (else only the venue cap).
+    pub left: Option<i64>,
+    pub withdrawn: bool,
+    pub sales_start: Option<DateTime<Utc>>,
+    pub sales_end: Option<DateTime<Utc>>,
+    pub max_per_buyer: Option<i64>,
+}
+
+impl TypeStock {
+    pub fn on_sale_at(&self, at: DateTime<Utc>) -> bool {
+        !self.withdrawn && self.sales_start.is_none_or(|start| at >= start) && self.sales_end.is_none_or(|end| at < end)
+    }
+}
+
+/// An event under its lock: what is left of it, and what each buyer holds, as the orders
+/// of the transaction take their tickets in turn.
+#[derive(Clone, Debug, Default)]
+pub struct EventStock {
+    /// Not deleted and not started.
+    pub open: bool,
+    /// `capacity - sold`: the venue cap over all types.
+    pub venue_left: i64,
+    pub max_per_buyer: Option<i64>,
+    pub types: HashMap<Uuid, TypeStock>,
+    /// Tickets each buyer holds of the event (`(user, None)`) and of each type
+    /// (`(user, Some(type))`), in `PENDING` and `PAID` orders; read only when a cap exists.
+    pub held: HashMap<(Uuid, Option<Uuid>), i64>,
+}
+
+impl EventStock {
+    /// Whether any buyer cap applies (only then are holdings read).
+    pub fn caps_buyers(&self) -> bool {
+        self.max_per_buyer.is_some() || self.types.values().any(|t| t.max_per_buyer.is_some())
+    }
+
+    /// Decides one order, in arrival order: all of it or nothing. Refused orders take
+    /// nothing, so a later (smaller) order may still fit. An order that costs nothing is
+    /// paid as it is allocated. Pure, so the rules are unit-tested.
+    pub fn decide(&mut self, order: &Request) -> Decision {
+        let (event, reason, reason_type) = match self.refusal(order) {
+            Some((reason, reason_type)) => (OrderEvent::AllocationRejected, Some(reason), reason_type),
+            None => {
+                self.take(order);
+                if order.free {
+                    (OrderEvent::AllocatedFree, Some(reason::FREE_ORDER), None)
+                } else {
+                    (OrderEvent::Allocated, None, None)
+                }
+            }
+        };
+        Decision { order_id: order.order_id, status: event.target(), reason, reason_type }
+    }
+
+    /// Why the order cannot have its tickets, if it cannot: the event is closed; a line's
+    /// type is not on sale at the order's arrival; the buyer would pass a cap; a type is out
+    /// of stock; the venue is full. In that order.
+    fn refusal(&self, order: &Request) -> Option<(&'static str, Option<Uuid>)> {
+        if !self.open {
+            return Some((reason::EVENT_UNAVAILABLE, None));
+        }
+        for (type_id, _) in &order.lines {
+            if !self.types.get(type_id).is_some_and(|t| t.on_sale_at(order.created_at)) {
+                return Some((reason::NOT_ON_SALE, Some(*type_id)));
+            }
+        }
+        let total = order.tickets();
+        let held = |key: Option<Uuid>| self.held.get(&(order.user_id, key)).copied().unwrap_or(0);
+        if self.max_per_buyer.is_some_and(|cap| held(None) + total > cap) {
+            return Some((reason::BUYER_LIMIT, None));
+        }
+        for (type_id, quantity) in &order.lines {
+            if self.types[type_id].max_per_buyer.is_some_and(|cap| held(Some(*type_id)) + quantity > cap) {
+                return Some((reason::BUYER_LIMIT, Some(*type_id)));
+            }
+        }
+        for (type_id, quantity) in &order.lines {
+            if self.types[type_id].left.is_some_and(|left| *quantity > left) {
+                return Some((reason::SOLD_OUT, Some(*type_id)));
+            }
+        }
+        if total > self.venue_left {
+            // A type without stock of its own is sold out when the venue is.
+            return Some(match order.lines.iter().find(|(type_id, _)| self.types[type_id].left.is_none()) {
+                Some((type_id, _)) => (reason::SOLD_OUT, Some(*type_id)),
+                None => (reason::VENUE_FULL, None),
+            });
+        }
+        None
+    }
+
+    fn take(&mut self, order: &Request) {
+        let total = order.tickets();
+        self.venue_left -= total;
+        let track = self.caps_buyers();
+        if track {
+            *self.held.entry((order.user_id, None)).or_default() += total;
+        }
+        for (type_id, quantity) in &order.lines {
+            if let Some(stock) = self.types.get_mut(type_id)
+                && let Some(left) = stock.left.as_mut()
+            {
+                *left -= quantity;
+            }
+            if track {
+                *self.held.entry((order.user_id, Some(*type_id))).or_default() += quantity;
+            }
+        }
+    }
+}
+
+/// Locks these events' rows (in id order: `FOR NO KEY UPDATE`, so writers exclude each
+/// other while readers and inserts go on) and reads what they have left, with their ticket
+/// types. Events that do not exist are absent from the map.
+pub async fn lock_and_load(tx: &mut PgConnection, event_ids: &[Uuid]) -> sqlx::Result<HashMap<Uuid, EventStock>> {
+    let mut events: HashMap<Uuid, EventStock> = sqlx::query_as::<_, (Uuid, i32, i32, bool, Option<i32>)>(
+        "SELECT id, capacity, sold, deleted_at IS NULL AND starts_at > now(), max_per_buyer FROM events
+         WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
+    )
+    .bind(event_ids)
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .map(|(id, capacity, sold, open, max_per_buyer)| {
+        let venue_left = i64::from(capacity - sold).max(0);
+        let stock = EventStock { open, venue_left, max_per_buyer: max_per_buyer.map(i64::from), ..Default::default() };
+        (id, stock)
+    })
+    .collect();
+    // Their ticket types, in one statement for all the events (rows in binary: cheaper, on a
+    // day of many events, than a JSON aggregate per event row).
+    type TypeRow = (Uuid, Uuid, Option<i32>, bool, Option<DateTime<Utc>>, Option<DateTime<Utc>>, Option<i32>);
+    let types: Vec<TypeRow> = sqlx::query_as(
+        "SELECT id, event_id, capacity - sold, deleted_at IS NOT NULL, sales_start, sales_end, max_per_buyer
+         FROM ticket_types WHERE event_id = ANY($1)",
+    )
+    .bind(event_ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    for (id, event_id, left, withdrawn, sales_start, sales_end, max_per_buyer) in types {
+        if let Some(event) = events.get_mut(&event_id) {
+            let left = left.map(|left| i64::from(left).max(0));
+            let max_per_buyer = max_per_buyer.map(i64::from);
+            event.types.insert(id, TypeStock { left, withdrawn, sales_start, sales_end, max_per_buyer });
+        }
+    }
+    Ok(events)
+}
+
+/// What these (event, buyer) pairs already hold, for the events that cap buyers (one
+/// statement, none when no event does): their `ACTIVE` tickets, which are those of their
+/// `PENDING` and `PAID` orders. Orders queued ahead of an order are decided before it and
+/// counted as they are (`EventStock::take`).
+pub async fn read_holdings(
+    tx: &mut sqlx::PgConnection,
+    events: &mut HashMap<Uuid, EventStock>,
+    buyers: impl Iterator<Item = (Uuid, Uuid)>,
+) -> sqlx::Result<()> {
+    let mut pairs: Vec<(Uuid, Uuid)> =
+        buyers.filter(|(event_id, _)| events.get(event_id).is_some_and(EventStock::caps_buyers)).collect();
+    if pairs.is_empty() {
+        return Ok(());
+    }
+    pairs.sort();
+    pairs.dedup();
+    let (event_ids, user_ids): (Vec<Uuid>, Vec<Uuid>) = pairs.into_iter().unzip();
+    let held: Vec<(Uuid, Uuid, Uuid, i64)> = sqlx::query_as(
+        "SELECT o.event_id, o.user_id, t.ticket_type_id, count(*)
+         FROM UNNEST($1::uuid[], $2::uuid[]) AS b(event_id, user_id)
+         JOIN orders o ON o.user_id = b.user_id AND o.event_id = b.event_id AND o.status IN ('PENDING', 'PAID')
+         JOIN tickets t ON t.order_id = o.id AND t.status = 'ACTIVE'
+         GROUP BY 1, 2, 3",
+    )
+    .bind(&event_ids)
+    .bind(&user_ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    for (event_id, user_id, type_id, count) in held {
+        if let Some(event) = events.get_mut(&event_id) {
+            *event.held.entry((user_id, None)).or_default() += count;
+            *event.held.entry((user_id, Some(type_id))).or_default() += count;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(n: u128) -> Vec<Uuid> {
+        (1..=n).map(Uuid::from_u128).collect()
+    }
+
+    const GENERAL: Uuid = Uuid::from_u128(0x100);
+    const VIP: Uuid = Uuid::from_u128(0x200);
+    const BUYER: Uuid = Uuid::from_u128(0x300);
+
+    fn at(minute: u32) -> DateTime<Utc> {
+        use chrono::TimeZone;
+        Utc.with_ymd_and_hms(2030, 1, 1, 12, minute, 0).unwrap()
+    }
+
+    /// An event of one type without stock of its own (as the seed creates them).
+    fn seed_event(available: i64, open: bool) -> EventStock {
+        let types = HashMap::from([(GENERAL, TypeStock::default())]);
+        EventStock { open, venue_left: available, types, ..Default::default() }
+    }
+
+    fn request(order_id: Uuid, lines: &[(Uuid, i64)]) -> Request {
+        Request { order_id, user_id: BUYER, created_at: at(0), free: false, lines: lines.to_vec() }
+    }
+
+    /// Seed-shaped orders (id, quantity, free) against `stock`: the decisions and the tickets issued.
+    fn allocate(stock: &mut EventStock, orders: &[(Uuid, i64, bool)]) -> (Vec<Decision>, i64) {
+        let before = stock.venue_left;
+        let decisions = orders
+            .iter()
+            .map(|&(id, quantity, free)| stock.decide(&Request { free, ..request(id, &[(GENERAL, quantity)]) }))
+            .collect();
+        (decisions, before - stock.venue_left)
+    }
+
+    fn outcomes(decisions: &[Decision]) -> Vec<(OrderStatus, Option<&'static str>, Option<Uuid>)> {
+        decisions.iter().map(|d| (d.status, d.reason, d.reason_type)).collect()
+    }
+
+    const ACCEPTED: (OrderStatus, Option<&str>, Option<Uuid>) = (OrderStatus::Pending, None, None);
+
+    #[test]
+    fn allocates_in_arrival_order_and_lets_smaller_orders_fit() {
+        let id = ids(4);
+        let orders = [(id[0], 3, false), (id[1], 4, false), (id[2], 2, false), (id[3], 1, false)];
+        let (decisions, issued) = allocate(&mut seed_event(5, true), &orders);
+        let sold_out = (OrderStatus::Rejected, Some(reason::SOLD_OUT), Some(GENERAL));
+        assert_eq!(outcomes(&decisions), [ACCEPTED, sold_out, ACCEPTED, sold_out]);
+        assert_eq!(issued, 5);
+    }
+
+    #[test]
+    fn decisions_are_moves_of_the_state_machine() {
+        use crate::domain::Transition;
+        let id = ids(3);
+        let (open, _) = allocate(&mut seed_event(2, true), &[(id[0], 1, false), (id[1], 1, true), (id[2], 1, false)]);
+        let (closed, _) = allocate(&mut seed_event(1, false), &[(id[2], 1, true)]);
+        for decision in open.iter().chain(&closed) {
+            let event = match decision.status {
+                OrderStatus::Pending => OrderEvent::Allocated,
+                OrderStatus::Paid => OrderEvent::AllocatedFree,
+                _ => OrderEvent::AllocationRejected,
+            };
+            assert_eq!(
+                OrderStatus::Queued.apply(event),
+                Transition::Moves { to: decision.status, releases_tickets: false },
+                "{decision:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn free_orders_are_paid_when_allocated() {
+        let id = ids(3);
+        let (decisions, issued) =
+            allocate(&mut seed_event(3, true), &[(id[0], 2, true), (id[1], 2, true), (id[2], 1, false)]);
+        assert_eq!(
+            outcomes(&decisions),
+            [
+                (OrderStatus::Paid, Some(reason::FREE_ORDER), None),
+                (OrderStatus::Rejected, Some(reason::SOLD_OUT), Some(GENERAL)),
+                ACCEPTED,
+            ]
+        );
+        assert_eq!(issued, 3);
+    }
+
+    #[test]
+    fn closed_events_reject_everything() {
+        let id = ids(2);
+        let (decisions, issued) = allocate(&mut seed_event(100, false), &[(id[0], 1, false), (id[1], 1, true)]);
+        assert!(decisions.iter().all(|d| d.reason == Some(reason::EVENT_UNAVAILABLE)));
+        assert_eq!(issued, 0);
+    }
+
+    #[test]
+    fn never_issues_more_than_available() {
+        // Every split of 1..=4 tickets over random-ish inputs: issued <= available, and every
+        // rejected order asked for more than what is left.
+        for available in 0..20i64 {
+            let orders: Vec<(Uuid, i64, bool)> = (0..15u128)
+                .map(|i| (Uuid::from_u128(i), ((i * 7 + available as u128) % 4 + 1) as i64, i % 3 == 0))
+                .collect();
+            let (decisions, issued) = allocate(&mut seed_event(available, true), &orders);
+            assert!(issued <= available);
+            let left = available - issued;
+            for (decision, (_, quantity, _)) in decisions.iter().zip(&orders) {
+                if decision.status == OrderStatus::Rejected {
+                    assert!(*quantity > left, "a rejected order would have fit");
+                }
+            }
+        }
+    }
+
+    /// General (no stock of its own) and VIP (2 of its own) under a venue cap of 5.
+    fn tiered() -> EventStock {
+        let vip = TypeStock { left: Some(2), ..Default::default() };
+        let types = HashMap::from([(GENERAL, TypeStock::default()), (VIP, vip)]);
+        EventStock { open: true, venue_left: 5, types, ..Default::default() }
+    }
+
+    #[test]
+    fn types_and_the_venue_cap_run_out_each_with_its_reason() {
+        let mut stock = tiered();
+        let id = ids(6);
+        let decisions: Vec<_> = [
+            request(id[0], &[(VIP, 1), (GENERAL, 1)]),
+            request(id[1], &[(VIP, 2)]),               // VIP has 1 left
+            request(id[2], &[(VIP, 1), (GENERAL, 3)]), // 5 > 3 left in the venue: General is sold out
+            request(id[3], &[(VIP, 1)]),               // fits
+            request(id[4], &[(GENERAL, 2)]),           // fits: the venue is now full
+            request(id[5], &[(VIP, 1)]),               // VIP's own stock is gone first
+        ]
+        .iter()
+        .map(|r| stock.decide(r))
+        .collect();
+        let rejected = |reason, t| (OrderStatus::Rejected, Some(reason), t);
+        assert_eq!(
+            outcomes(&decisions),
+            [
+                ACCEPTED,
+                rejected(reason::SOLD_OUT, Some(VIP)),
+                rejected(reason::SOLD_OUT, Some(GENERAL)),
+                ACCEPTED,
+                ACCEPTED,
+                rejected(reason::SOLD_OUT, Some(VIP)),
+            ]
+        );
+        assert_eq!((stock.venue_left, stock.types[&VIP].left), (0, Some(0)));
+    }
+
+    #[test]
+    fn a_full_venue_is_venue_full_when_every_line_had_its_own_stock() {
+        let mut stock = tiered();
+        stock.venue_left = 1;
+        let decision = stock.decide(&request(Uuid::from_u128(1), &[(VIP, 2)]));
+        assert_eq!(outcomes(&[decision]), [(OrderStatus::Rejected, Some(reason::VENUE_FULL), None)]);
+        assert_eq!(stock.types[&VIP].left, Some(2), "a refused order takes nothing");
+    }
+
+    #[test]
+    fn buyer_caps_count_what_the_buyer_holds_and_what_they_just_got() {
+        let mut stock = tiered();
+        stock.venue_left = 100;
+        stock.max_per_buyer = Some(4);
+        stock.types.get_mut(&VIP).unwrap().max_per_buyer = Some(1);
+        stock.types.get_mut(&VIP).unwrap().left = Some(50);
+        stock.held.insert((BUYER, None), 1);
+        let id = ids(5);
+        let other = Request { user_id: Uuid::from_u128(0x999), ..request(id[4], &[(GENERAL, 4)]) };
+        let decisions: Vec<_> = [
+            request(id[0], &[(VIP, 1), (GENERAL, 1)]), // holds 3
+            request(id[1], &[(VIP, 1)]),               // VIP cap 1
+            request(id[2], &[(GENERAL, 2)]),           // 5 > 4
+            request(id[3], &[(GENERAL, 1)]),           // holds 4
+            other,                                     // another buyer's cap is their own
+        ]
+        .iter()
+        .map(|r| stock.decide(r))
+        .collect();
+        let limit = |t| (OrderStatus::Rejected, Some(reason::BUYER_LIMIT), t);
+        assert_eq!(outcomes(&decisions), [ACCEPTED, limit(Some(VIP)), limit(None), ACCEPTED, ACCEPTED]);
+    }
+
+    #[test]
+    fn sale_windows_are_judged_at_arrival() {
+        let mut stock = tiered();
+        let vip = stock.types.get_mut(&VIP).unwrap();
+        vip.sales_start = Some(at(10));
+        vip.sales_end = Some(at(20));
+        let id = ids(4);
+        let arriving = |id, minute| Request { created_at: at(minute), ..request(id, &[(VIP, 1)]) };
+        let decisions: Vec<_> = [arriving(id[0], 9), arriving(id[1], 10), arriving(id[2], 19), arriving(id[3], 20)]
+            .iter()
+            .map(|r| stock.decide(r))
+            .collect();
+        let closed = (OrderStatus::Rejected, Some(reason::NOT_ON_SALE), Some(VIP));
+        assert_eq!(outcomes(&decisions), [closed, ACCEPTED, ACCEPTED, closed]);
+        stock.types.get_mut(&VIP).unwrap().withdrawn = true;
+        let unknown = Uuid::from_u128(0xdead);
+        let late: Vec<_> =
+            [arriving(id[0], 15), request(id[1], &[(unknown, 1)])].iter().map(|r| stock.decide(r)).collect();
+        assert_eq!(outcomes(&late), [closed, (OrderStatus::Rejected, Some(reason::NOT_ON_SALE), Some(unknown))]);
+    }
+}

@@ -1,0 +1,227 @@
+//! The waiting list's offers: tickets released while buyers wait (a hold expiring, an order
+//! cancelled, a payment declined, a refund, capacity raised) are offered to the event's
+//! `WAITING` entries in join order, in the transaction that released them, under the event's
+//! lock. Each entry that fits (the allocator's rules, [`EventStock::decide`]: type on sale,
+//! buyer caps, the type's stock and the venue cap) gets an order of its own in `PENDING`,
+//! with reason `WAITLIST_OFFER` and a hold of `WAITLIST_OFFER_TTL_SECS`; an entry that does
+//! not fit keeps its place and the next one is tried. Whatever no entry takes goes back on
+//! sale.
+//!
+//! **Order with purchases.** The offers are made before the transaction commits, so the
+//! released tickets reach the waiting list before any purchase request decided after the
+//! release: the waiting list queued earlier. Purchase requests decided before the release
+//! never saw those tickets. Both are decided one after the other under the event's lock, so
+//! no ticket is ever offered and sold at once.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chrono::Utc;
+use rust_decimal::Decimal;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::domain::{OrderLine, OrderStatus, reason};
+use crate::stock::{self, EventStock, Request};
+
+/// Waiting entries read per round of an offer pass.
+const PAGE: i64 = 500;
+
+/// An offer made: the entry and the order created for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Offer {
+    pub entry_id: Uuid,
+    pub order_id: Uuid,
+    pub user_id: Uuid,
+    pub quantity: i64,
+}
+
+/// One waiting entry, with what its order would cost.
+#[derive(sqlx::FromRow)]
+struct Waiting {
+    id: Uuid,
+    user_id: Uuid,
+    ticket_type_id: Uuid,
+    quantity: i32,
+    type_name: String,
+    price: Decimal,
+    currency: String,
+}
+
+/// Offers what the event has left to its waiting list, in join order (see the module's
+/// summary). The caller holds the event's lock (this takes it again, which costs nothing in
+/// the same transaction). Returns the offers made; none when nobody waits, which is one
+/// index probe.
+pub async fn offer(tx: &mut PgConnection, event_id: Uuid, offer_ttl: Duration) -> sqlx::Result<Vec<Offer>> {
+    let mut offers = Vec::new();
+    let mut after: Option<Uuid> = None;
+    let mut loaded: Option<HashMap<Uuid, EventStock>> = None;
+    loop {
+        let waiting: Vec<Waiting> = sqlx::query_as(
+            "SELECT w.id, w.user_id, w.ticket_type_id, w.quantity, t.name AS type_name, t.price, e.currency
+             FROM waitlist_entries w
+             JOIN ticket_types t ON t.id = w.ticket_type_id
+             JOIN events e ON e.id = w.event_id
+             WHERE w.event_id = $1 AND w.status = 'WAITING' AND ($2::uuid IS NULL OR w.id > $2)
+             ORDER BY w.id LIMIT $3",
+        )
+        .bind(event_id)
+        .bind(after)
+        .bind(PAGE)
+        .fetch_all(&mut *tx)
+        .await?;
+        let Some(last) = waiting.last() else { break };
+        after = Some(last.id);
+        let events = match &mut loaded {
+            Some(events) => events,
+            None => loaded.insert(stock::lock_and_load(tx, &[event_id]).await?),
+        };
+        if !events.get(&event_id).is_some_and(|event| event.open && event.venue_left > 0) {
+            break;
+        }
+        stock::read_holdings(tx, events, waiting.iter().map(|entry| (event_id, entry.user_id))).await?;
+        let Some(event) = events.get_mut(&event_id) else { break };
+        let now = Utc::now();
+        let mut made = Vec::new();
+        for entry in &waiting {
+            let request = Request {
+                order_id: Uuid::now_v7(),
+                user_id: entry.user_id,
+                created_at: now,
+                free: entry.price.is_zero(),
+                lines: vec![(entry.ticket_type_id, i64::from(entry.quantity))],
+            };
+            let decision = event.decide(&request);
+            if matches!(decision.status, OrderStatus::Pending | OrderStatus::Paid) {
+                made.push((entry, request.order_id, decision.status));
+            }
+            if event.venue_left == 0 {
+                break;
+            }
+        }
+        let exhausted = event.venue_left == 0;
+        write_offers(tx, event_id, &made, offer_ttl).await?;
+        offers.extend(made.iter().map(|(entry, order_id, _)| Offer {
+            entry_id: entry.id,
+            order_id: *order_id,
+            user_id: entry.user_id,
+            quantity: i64::from(entry.quantity),
+        }));
+        if exhausted || (waiting.len() as i64) < PAGE {
+            break;
+        }
+    }
+    if !offers.is_empty() {
+        tracing::info!(%event_id, offers = offers.len(), "released tickets offered to the waiting list");
+        metrics::counter!("turnstile_waitlist_offers_total").increment(offers.len() as u64);
+    }
+    Ok(offers)
+}
+
+/// Writes the offers: an order per entry (`PENDING` with its hold, or `PAID` when it costs
+/// nothing), its tickets, the types' and the event's `sold`, and the entries `OFFERED`.
+/// The orders' history (a trigger) makes them `order.pending` events and webhooks.
+async fn write_offers(
+    tx: &mut PgConnection,
+    event_id: Uuid,
+    made: &[(&Waiting, Uuid, OrderStatus)],
+    offer_ttl: Duration,
+) -> sqlx::Result<()> {
+    if made.is_empty() {
+        return Ok(());
+    }
+    let mut columns = OfferColumns::default();
+    for (entry, order_id, status) in made {
+        let line = OrderLine {
+            ticket_type_id: entry.ticket_type_id,
+            name: entry.type_name.clone(),
+            quantity: entry.quantity,
+            unit_price: entry.price,
+        };
+        columns.orders.push(*order_id);
+        columns.entries.push(entry.id);
+        columns.users.push(entry.user_id);
+        columns.types.push(entry.ticket_type_id);
+        columns.quantities.push(entry.quantity);
+        columns.prices.push(entry.price);
+        columns.totals.push(line.amount());
+        columns.currencies.push(entry.currency.clone());
+        columns.statuses.push(status.as_str());
+        let paid = *status == OrderStatus::Paid;
+        columns.reasons.push(if paid { reason::FREE_ORDER } else { reason::WAITLIST_OFFER });
+        columns.lines.push(serde_json::to_string(&[line]).map_err(|err| sqlx::Error::Encode(Box::new(err)))?);
+    }
+    sqlx::query(
+        "INSERT INTO orders (id, user_id, event_id, quantity, unit_price, total, currency, status, reason, lines,
+                             published_at, expires_at)
+         SELECT id, user_id, $1, quantity, unit_price, total, currency, status, reason, lines::json, now(),
+                CASE WHEN status = 'PENDING' THEN now() + make_interval(secs => $11) END
+         FROM UNNEST($2::uuid[], $3::uuid[], $4::int4[], $5::numeric[], $6::numeric[], $7::text[], $8::text[],
+                     $9::text[], $10::text[])
+              AS u(id, user_id, quantity, unit_price, total, currency, status, reason, lines)",
+    )
+    .bind(event_id)
+    .bind(&columns.orders)
+    .bind(&columns.users)
+    .bind(&columns.quantities)
+    .bind(&columns.prices)
+    .bind(&columns.totals)
+    .bind(&columns.currencies)
+    .bind(&columns.statuses)
+    .bind(&columns.reasons)
+    .bind(&columns.lines)
+    .bind(offer_ttl.as_secs_f64())
+    .execute(&mut *tx)
+    .await?;
+    let (mut ticket_ids, mut ticket_orders, mut ticket_types) = (Vec::new(), Vec::new(), Vec::new());
+    for ((order_id, type_id), quantity) in columns.orders.iter().zip(&columns.types).zip(&columns.quantities) {
+        for _ in 0..*quantity {
+            ticket_ids.push(Uuid::now_v7());
+            ticket_orders.push(*order_id);
+            ticket_types.push(*type_id);
+        }
+    }
+    sqlx::query(
+        "WITH tickets AS (
+             INSERT INTO tickets (id, order_id, event_id, ticket_type_id)
+             SELECT id, order_id, $1, type_id FROM UNNEST($2::uuid[], $3::uuid[], $4::uuid[]) AS u(id, order_id, type_id)
+         ),
+         types AS (
+             UPDATE ticket_types t SET sold = t.sold + s.issued
+             FROM (SELECT type_id, count(*) AS issued FROM UNNEST($4::uuid[]) AS u(type_id) GROUP BY 1) s
+             WHERE t.id = s.type_id
+         )
+         UPDATE events SET sold = sold + cardinality($2::uuid[]), updated_at = now() WHERE id = $1",
+    )
+    .bind(event_id)
+    .bind(&ticket_ids)
+    .bind(&ticket_orders)
+    .bind(&ticket_types)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "UPDATE waitlist_entries w SET status = 'OFFERED', order_id = u.order_id, updated_at = now()
+         FROM UNNEST($1::uuid[], $2::uuid[]) AS u(id, order_id) WHERE w.id = u.id",
+    )
+    .bind(&columns.entries)
+    .bind(&columns.orders)
+    .execute(&mut *tx)
+    .await?;
+    crate::db::notify_order_changes(tx, &columns.orders).await
+}
+
+/// The offers' columns, for the statements' `UNNEST`.
+#[derive(Default)]
+struct OfferColumns {
+    orders: Vec<Uuid>,
+    entries: Vec<Uuid>,
+    users: Vec<Uuid>,
+    types: Vec<Uuid>,
+    quantities: Vec<i32>,
+    prices: Vec<Decimal>,
+    totals: Vec<Decimal>,
+    currencies: Vec<String>,
+    statuses: Vec<&'static str>,
+    reasons: Vec<&'static str>,
+    lines: Vec<String>,
+}
