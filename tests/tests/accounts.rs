@@ -172,7 +172,40 @@ async fn bad_tokens_are_refused() {
 }
 
 #[tokio::test]
-async fn me_events_lists_the_events_the_caller_holds_tickets_for() {
+async fn me_events_lists_the_events_the_caller_created_as_the_go_api_did() {
+    let app = TestApp::spawn().await;
+    let admin = app.admin().await;
+    let other_admin = app.admin().await;
+    let (_, buyer) = app.user("Ada").await;
+    let mut mine = Vec::new();
+    for name in ["One", "Two", "Three"] {
+        let res = app.create_event(&admin, json!({"name": name})).await;
+        mine.push(res.json["id"].as_str().unwrap().to_owned());
+    }
+    app.create_event(&other_admin, json!({"name": "Not mine"})).await;
+    let deleted = app.create_event(&admin, json!({"name": "Deleted"})).await;
+    let deleted_id = deleted.json["id"].as_str().unwrap();
+    assert_eq!(app.delete(&format!("/api/v1/events/{deleted_id}"), Some(&admin)).await.status, 204);
+
+    // Newest first, the other admin's and the deleted one left out, in pages.
+    let first = app.get("/api/v1/me/events?limit=2", Some(&admin)).await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    let names: Vec<&str> = first.json.as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["Three", "Two"]);
+    let next = first.header("x-next-cursor").expect("a next page").to_owned();
+    let second = app.get(&format!("/api/v1/me/events?limit=2&cursor={next}"), Some(&admin)).await;
+    assert_eq!(second.json.as_array().unwrap().len(), 1, "{}", second.body);
+    assert_eq!(second.json[0]["id"], mine[0].as_str());
+    assert!(second.header("x-next-cursor").is_none());
+
+    // A buyer created none; bad pages and no token are refused.
+    assert_eq!(app.get("/api/v1/me/events", Some(&buyer)).await.json, json!([]));
+    app.get("/api/v1/me/events?limit=0", Some(&admin)).await.assert_error(400, "invalid_query");
+    app.get("/api/v1/me/events", None).await.assert_error(401, "unauthorized");
+}
+
+#[tokio::test]
+async fn me_tickets_lists_the_events_the_caller_holds_tickets_for() {
     let app = TestApp::spawn().await;
     let admin = app.admin().await;
     let (ada, ada_token) = app.user("Ada").await;
@@ -182,7 +215,7 @@ async fn me_events_lists_the_events_the_caller_holds_tickets_for() {
     let first_id: Uuid = first.json["id"].as_str().unwrap().parse().unwrap();
     let second_id: Uuid = second.json["id"].as_str().unwrap().parse().unwrap();
 
-    assert_eq!(app.get("/api/v1/me/events", Some(&ada_token)).await.json, json!([]));
+    assert_eq!(app.get("/api/v1/me/tickets", Some(&ada_token)).await.json, json!([]));
 
     // Orders come from the purchase pipeline; here they are written directly.
     async fn order(app: &TestApp, user: Uuid, event: Uuid, status: &str, tickets: i32) {
@@ -217,7 +250,7 @@ async fn me_events_lists_the_events_the_caller_holds_tickets_for() {
     order(&app, ada, second_id, "QUEUED", 1).await; // not yet allocated: not listed
     order(&app, bob, second_id, "PAID", 3).await;
 
-    let mine = app.get("/api/v1/me/events", Some(&ada_token)).await;
+    let mine = app.get("/api/v1/me/tickets", Some(&ada_token)).await;
     assert_eq!(mine.status, 200, "{}", mine.body);
     let list = mine.json.as_array().unwrap();
     assert_eq!(list.len(), 1, "{}", mine.body);
@@ -225,12 +258,12 @@ async fn me_events_lists_the_events_the_caller_holds_tickets_for() {
     assert_eq!(list[0]["name"], "First");
     assert_eq!(list[0]["my_tickets"], 3);
 
-    let bobs = app.get("/api/v1/me/events", Some(&bob_token)).await;
+    let bobs = app.get("/api/v1/me/tickets", Some(&bob_token)).await;
     assert_eq!(bobs.json.as_array().unwrap().len(), 1);
     assert_eq!(bobs.json[0]["id"], second_id.to_string());
     assert_eq!(bobs.json[0]["my_tickets"], 3);
 
-    app.get("/api/v1/me/events", None).await.assert_error(401, "unauthorized");
+    app.get("/api/v1/me/tickets", None).await.assert_error(401, "unauthorized");
 }
 
 #[tokio::test]

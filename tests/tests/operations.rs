@@ -76,7 +76,7 @@ async fn openapi_document_and_swagger_ui_are_served() {
     assert_eq!(doc.status, 200);
     assert!(doc.json["openapi"].as_str().unwrap().starts_with("3."));
     for path in
-        ["/api/v1/signup", "/api/v1/login", "/api/v1/me", "/api/v1/me/events", "/api/v1/events", "/api/v1/events/{id}"]
+        ["/api/v1/signup", "/api/v1/login", "/api/v1/me", "/api/v1/me/events", "/api/v1/me/tickets", "/api/v1/events"]
     {
         assert!(doc.json["paths"].get(path).is_some(), "missing {path}");
     }
@@ -89,6 +89,13 @@ async fn openapi_document_and_swagger_ui_are_served() {
     let ui = app.client.get(app.url("/docs/")).send().await.unwrap();
     assert_eq!(ui.status(), 200);
     assert!(ui.text().await.unwrap().contains("swagger"), "Swagger UI page");
+    // The Go API's documented address leads there too.
+    for old in ["/api/v1/swagger", "/api/v1/swagger/", "/api/v1/swagger/index.html"] {
+        let res = app.client.get(app.url(old)).send().await.unwrap();
+        assert_eq!(res.status(), 200, "{old}");
+        assert_eq!(res.url().path(), "/docs/", "{old}");
+        assert!(res.text().await.unwrap().contains("swagger"), "{old}: Swagger UI page");
+    }
 }
 
 #[tokio::test]

@@ -169,6 +169,7 @@ async fn an_accepted_order_can_be_followed_to_its_outcome() {
     let res = app.order(&buyer, event, 3, None).await;
     assert_eq!(res.status, 202, "{}", res.body);
     assert_eq!(res.json["total"], "149.70", "3 × 49.90");
+    assert_eq!(res.json["total_amount"], "149.70", "the Go API's name for the total");
     assert_eq!(res.json["unit_price"], "49.90");
     assert_eq!(res.json["event_name"], "Turnstile Live");
     let id = res.json["id"].as_str().unwrap().to_owned();
@@ -176,6 +177,7 @@ async fn an_accepted_order_can_be_followed_to_its_outcome() {
     let polled = app.get(&format!("/api/v1/orders/{id}?wait=20"), Some(&buyer)).await;
     assert_eq!(polled.status, 200, "{}", polled.body);
     assert_eq!(polled.json["status"], "PENDING", "{}", polled.body);
+    assert_eq!(polled.json["total_amount"], "149.70");
     assert!(polled.json["expires_at"].is_string(), "a held order says until when: {}", polled.body);
     let tickets = polled.json["tickets"].as_array().unwrap();
     assert_eq!(tickets.len(), 3);

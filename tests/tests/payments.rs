@@ -152,7 +152,11 @@ async fn payment_webhook_bodies_are_validated() {
     };
 
     send(order.to_string(), "{not json").await.assert_error(400, "malformed_json");
-    send(order.to_string(), r#"{"status": "REFUNDED"}"#).await.assert_error(422, "invalid_body");
+    send(order.to_string(), r#"{"status": "SHIPPED"}"#).await.assert_error(422, "invalid_body");
+    // REFUNDED is a status the provider may report, for a paid order only.
+    let unpaid = send(order.to_string(), r#"{"status": "REFUNDED"}"#).await;
+    unpaid.assert_error(409, "invalid_transition");
+    assert_eq!(unpaid.json["error"]["current_status"], "PENDING");
     send(order.to_string(), r#"{"reason": "no status"}"#).await.assert_error(422, "invalid_body");
     send(order.to_string(), r#"{"status": "REJECTED", "reason": ""}"#).await.assert_error(422, "invalid_body");
     let mismatch = app.payment(order, &json!({"status": "PAID", "order_id": Uuid::now_v7()})).await;

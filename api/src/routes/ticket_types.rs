@@ -458,6 +458,14 @@ pub async fn delete_ticket_type(
         .bind(type_id)
         .execute(&mut *tx)
         .await?;
+    // Nobody waits for a type that is no longer sold (it holds no tickets, so no offers).
+    sqlx::query(
+        "UPDATE waitlist_entries SET status = 'CLOSED', updated_at = now()
+         WHERE ticket_type_id = $1 AND status = 'WAITING'",
+    )
+    .bind(type_id)
+    .execute(&mut *tx)
+    .await?;
     sqlx::query(
         "UPDATE events SET default_ticket_type_id = NULL, updated_at = now()
          WHERE id = $1 AND default_ticket_type_id = $2",

@@ -118,7 +118,7 @@ pub async fn join(
     // (and its offer pass sees the entry).
     let mut tx = state.db.begin().await?;
     let left: Option<(i32, Option<i32>)> = sqlx::query_as(
-        "SELECT greatest(e.capacity - e.sold, 0), greatest(t.capacity - t.sold, 0)
+        "SELECT e.capacity - e.sold, t.capacity - t.sold
          FROM events e JOIN ticket_types t ON t.event_id = e.id AND t.id = $2 AND t.deleted_at IS NULL
          WHERE e.id = $1 AND e.deleted_at IS NULL
          FOR NO KEY UPDATE OF e",
@@ -128,7 +128,19 @@ pub async fn join(
     .fetch_optional(&mut *tx)
     .await?;
     let (venue_left, type_left) = left.ok_or(ApiError::NotFound("event"))?;
-    let available = type_left.map_or(venue_left, |type_left| type_left.min(venue_left));
+    let waiting: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM waitlist_entries
+                        WHERE event_id = $1 AND user_id = $2 AND status IN ('WAITING', 'OFFERED'))",
+    )
+    .bind(event_id)
+    .bind(user.id)
+    .fetch_one(&mut *tx)
+    .await?;
+    if waiting {
+        return Err(already_waiting());
+    }
+    // A type without stock of its own (`capacity` null) is limited by the venue only.
+    let available = type_left.map_or(venue_left, |type_left| type_left.min(venue_left)).max(0);
     if available >= line.quantity {
         return Err(ApiError::conflict(
             "tickets_available",
@@ -158,9 +170,7 @@ pub async fn join(
     .bind(line.quantity)
     .execute(&mut *tx)
     .await
-    .on_constraint("waitlist_one_per_buyer", || {
-        ApiError::conflict("already_waiting", "you are on this event's waiting list already")
-    })?;
+    .on_constraint("waitlist_one_per_buyer", already_waiting)?;
     let entry = sqlx::query_as::<_, WaitlistEntry>(concat!(
         "SELECT ",
         entry_columns!(),
@@ -174,6 +184,10 @@ pub async fn join(
     let mut headers = HeaderMap::new();
     headers.insert(header::LOCATION, header::HeaderValue::from_static("/api/v1/me/waitlist"));
     Ok((StatusCode::CREATED, headers, Json(entry)))
+}
+
+fn already_waiting() -> ApiError {
+    ApiError::conflict("already_waiting", "you are on this event's waiting list already")
 }
 
 /// Leave an event's waiting list. An entry holding an offer is not left this way: pay the
