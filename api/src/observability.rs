@@ -35,6 +35,11 @@ pub fn describe() {
         "turnstile_rate_limited_total",
         "Requests refused with 429, by limit (login_account, login_address, signup)."
     );
+    describe_counter!(
+        "turnstile_waitlist_offers_total",
+        "Waiting-list offers made from tickets this process released (a cancel, a declined payment, a refund, capacity raised)."
+    );
+    metrics::counter!("turnstile_waitlist_offers_total").increment(0);
     for outcome in ["accepted", "sold_out", "idempotent_replay", "rejected", "unavailable"] {
         metrics::counter!("turnstile_purchase_requests_total", "outcome" => outcome).increment(0);
     }

@@ -164,6 +164,10 @@ fn describe_metrics() {
     describe_gauge!("turnstile_partitions_subscribed", "Partition queues this worker's consumers are subscribed to.");
     describe_counter!("turnstile_orders_republished_total", "QUEUED orders whose purchase message was sent again.");
     describe_counter!("turnstile_holds_expired_total", "PENDING orders expired (unpaid holds released).");
+    describe_counter!(
+        "turnstile_waitlist_offers_total",
+        "Waiting-list offers made from tickets this process released (expired holds)."
+    );
     describe_gauge!(
         "turnstile_relay_lag_seconds",
         "Age of the oldest status change not yet relayed (0 when none waits)."
@@ -193,6 +197,7 @@ fn describe_metrics() {
         "turnstile_orders_skipped_total",
         "turnstile_orders_republished_total",
         "turnstile_holds_expired_total",
+        "turnstile_waitlist_offers_total",
         "turnstile_order_events_published_total",
         "turnstile_order_event_messages_published_total",
     ] {
