@@ -158,7 +158,7 @@ async fn serve(config: ApiConfig) -> anyhow::Result<()> {
     tokio::spawn(listener::listen(db.clone(), listened, shutdown.clone()));
     let throttle = |name: &'static str, per_minute: u32| {
         let throttle = Arc::new(Throttle::per_minute(name, NonZeroU32::new(per_minute).unwrap_or(NonZeroU32::MIN)));
-        throttle.spawn_cleanup(shutdown.clone());
+        throttle.spawn_cleanup(db.clone(), shutdown.clone());
         throttle
     };
     let (login_throttle, login_address_throttle, signup_throttle) = (

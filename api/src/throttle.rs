@@ -1,4 +1,6 @@
-//! Throttling of the expensive, guessable endpoints (GCRA from the `governor` crate):
+//! Throttling of the expensive, guessable endpoints, shared by every api process (the
+//! limits live in PostgreSQL, `rate_limits`, so N copies of the api behind a load balancer
+//! allow what one allows):
 //!
 //! - log-in: attempts per account (the email as the log-in normalises it, `PATCH /me`
 //!   password checks included), so that a password cannot be guessed by brute force even
@@ -7,28 +9,46 @@
 //! - sign-up: accounts created per client address, so that one client cannot flood the
 //!   user table or keep the password hasher busy. Behind a reverse proxy every client has
 //!   the proxy's address: raise `SIGNUP_PER_MINUTE` and limit at the proxy instead.
+//!
+//! The rule is GCRA (the generic cell rate algorithm, as in the `governor` crate): `n`
+//! attempts at once per key, then one more every `60 s / n`. Each key keeps one timestamp,
+//! the theoretical arrival time (`tat`) of its next attempt; an attempt is allowed when
+//! `max(tat, now) + 60 s / n` is at most a minute ahead, and then moves `tat` there. One
+//! statement checks and counts, under the row's lock, so concurrent attempts on several api
+//! processes are counted exactly.
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use sqlx::PgPool;
 
 /// The longest key kept (the longest valid email address; an IP address is shorter).
 const KEY_MAX_CHARS: usize = 320;
+/// The window the allowance fills over.
+const WINDOW: Duration = Duration::from_secs(60);
 
 pub struct Throttle {
-    /// Which limit this is: the `limit` label of `turnstile_rate_limited_total`.
+    /// Which limit this is: the `limit` label of `turnstile_rate_limited_total`, and the
+    /// `name` of its rows.
     name: &'static str,
-    limiter: DefaultKeyedRateLimiter<String>,
-    clock: DefaultClock,
+    /// `60 s / attempts`: the time one attempt takes from the allowance.
+    interval: Duration,
+}
+
+/// Why an attempt was not counted.
+#[derive(Debug)]
+pub enum Refused {
+    /// Over the limit: wait this long before the next attempt.
+    Wait(Duration),
+    /// The database could not be asked.
+    Database(sqlx::Error),
 }
 
 impl Throttle {
     /// `attempts` at once per key, then one more every `60 s / attempts`.
     pub fn per_minute(name: &'static str, attempts: NonZeroU32) -> Self {
-        Self { name, limiter: RateLimiter::keyed(Quota::per_minute(attempts)), clock: DefaultClock::default() }
+        Self { name, interval: WINDOW / attempts.get() }
     }
 
     pub fn name(&self) -> &'static str {
@@ -37,41 +57,67 @@ impl Throttle {
 
     /// Counts an attempt under `key` (compared trimmed and case-insensitively); over the
     /// limit, how long to wait before the next.
-    pub fn attempt(&self, key: &str) -> Result<(), Duration> {
-        let key: String = key.trim().to_lowercase().chars().take(KEY_MAX_CHARS).collect();
-        self.limiter.check_key(&key).map_err(|not_until| not_until.wait_time_from(self.clock.now()))
+    pub async fn attempt(&self, db: &PgPool, key: &str) -> Result<(), Refused> {
+        // PostgreSQL text cannot hold NUL: such a key (no valid email has one) counts as
+        // the key without it.
+        let key: String = key.trim().to_lowercase().chars().filter(|c| *c != '\0').take(KEY_MAX_CHARS).collect();
+        let interval_us = i64::try_from(self.interval.as_micros()).unwrap_or(i64::MAX);
+        let window_us = i64::try_from(WINDOW.as_micros()).unwrap_or(i64::MAX);
+        // Counted: the row's new `tat`. Refused: no row, and the wait is read after.
+        let counted: Option<bool> = sqlx::query_scalar(
+            "INSERT INTO rate_limits AS r (name, key, tat)
+             VALUES ($1, $2, clock_timestamp() + make_interval(secs => $3::float8 / 1e6))
+             ON CONFLICT (name, key) DO UPDATE
+             SET tat = greatest(r.tat, clock_timestamp()) + make_interval(secs => $3::float8 / 1e6)
+             WHERE greatest(r.tat, clock_timestamp()) + make_interval(secs => $3::float8 / 1e6)
+                   <= clock_timestamp() + make_interval(secs => $4::float8 / 1e6)
+             RETURNING true",
+        )
+        .bind(self.name)
+        .bind(&key)
+        .bind(interval_us)
+        .bind(window_us)
+        .fetch_optional(db)
+        .await
+        .map_err(Refused::Database)?;
+        if counted.is_some() {
+            return Ok(());
+        }
+        let wait_secs: Option<f64> = sqlx::query_scalar(
+            "SELECT extract(epoch FROM tat + make_interval(secs => $3::float8 / 1e6)
+                                   - make_interval(secs => $4::float8 / 1e6) - clock_timestamp())::float8
+             FROM rate_limits WHERE name = $1 AND key = $2",
+        )
+        .bind(self.name)
+        .bind(&key)
+        .bind(interval_us)
+        .bind(window_us)
+        .fetch_optional(db)
+        .await
+        .map_err(Refused::Database)?;
+        Err(Refused::Wait(Duration::from_secs_f64(wait_secs.unwrap_or(0.0).clamp(0.0, WINDOW.as_secs_f64()))))
     }
 
-    /// Forgets the keys whose allowance is whole again, so that memory stays bounded.
-    pub fn forget_idle(&self) {
-        self.limiter.retain_recent();
-        self.limiter.shrink_to_fit();
+    /// Forgets the keys whose allowance is whole again, so that the table stays small.
+    pub async fn forget_idle(&self, db: &PgPool) -> sqlx::Result<u64> {
+        let forgotten = sqlx::query("DELETE FROM rate_limits WHERE name = $1 AND tat < clock_timestamp()")
+            .bind(self.name)
+            .execute(db)
+            .await?;
+        Ok(forgotten.rows_affected())
     }
 
-    /// Forgets idle keys every minute until `shutdown`.
-    pub fn spawn_cleanup(self: &Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+    /// Forgets idle keys every minute until `shutdown` (every api process does it; a row
+    /// deleted twice is deleted once).
+    pub fn spawn_cleanup(self: &Arc<Self>, db: PgPool, shutdown: tokio_util::sync::CancellationToken) {
         let throttle = self.clone();
         tokio::spawn(async move {
-            let mut every_minute = tokio::time::interval(Duration::from_secs(60));
+            let mut every_minute = tokio::time::interval(WINDOW);
             while shutdown.run_until_cancelled(every_minute.tick()).await.is_some() {
-                throttle.forget_idle();
+                if let Err(err) = throttle.forget_idle(&db).await {
+                    tracing::warn!(limit = throttle.name, error = %err, "forgetting idle rate limits failed");
+                }
             }
         });
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn attempts_beyond_the_quota_wait_and_keys_are_separate() {
-        let throttle = Throttle::per_minute("test", NonZeroU32::new(3).unwrap());
-        for _ in 0..3 {
-            assert!(throttle.attempt("ada@example.com").is_ok());
-        }
-        let wait = throttle.attempt(" ADA@example.com").expect_err("the fourth attempt waits");
-        assert!(wait > Duration::from_secs(15) && wait <= Duration::from_secs(20), "{wait:?}");
-        assert!(throttle.attempt("grace@example.com").is_ok(), "another key is not affected");
     }
 }

@@ -33,6 +33,51 @@ async fn password_guessing_is_throttled_per_account() {
     assert_eq!(app.login(&other, PASSWORD).await.status, 200);
 }
 
+/// Several api processes behind a load balancer share the limits (they live in
+/// PostgreSQL): guesses spread over two processes get no more than one process allows.
+#[tokio::test]
+async fn throttles_hold_across_api_processes() {
+    let app =
+        TestApp::spawn_with(&[("LOGIN_ATTEMPTS_PER_MINUTE", "4".to_owned()), ("SIGNUP_PER_MINUTE", "3".to_owned())])
+            .await;
+    let (_other_api, other_base) = app.spawn_another_api();
+    let (_, email) = app.signup("ada").await;
+    let login = |base: String, email: String| {
+        let app = &app;
+        async move {
+            let res = app
+                .client
+                .post(format!("{base}/api/v1/login"))
+                .json(&json!({"email": email, "password": "a wrong guess"}))
+                .send()
+                .await
+                .expect("log-in sent");
+            tests::Response::from(res).await
+        }
+    };
+    // Eight guesses at once, half on each process: exactly four are looked at.
+    let guesses = (0..8).map(|i| login(if i % 2 == 0 { app.base.clone() } else { other_base.clone() }, email.clone()));
+    let answers: Vec<u16> = futures_util::future::join_all(guesses).await.iter().map(|res| res.status).collect();
+    assert_eq!(answers.iter().filter(|s| **s == 401).count(), 4, "{answers:?}");
+    assert_eq!(answers.iter().filter(|s| **s == 429).count(), 4, "{answers:?}");
+    for base in [app.base.clone(), other_base.clone()] {
+        login(base, email.clone()).await.assert_error(429, "too_many_requests");
+    }
+    // Sign-ups from one address: two more on the other process reach the limit of three.
+    let signup = |base: String, name: &'static str| {
+        let app = &app;
+        async move {
+            let body = json!({"name": name, "email": format!("{name}@example.com"), "password": PASSWORD});
+            let res = app.client.post(format!("{base}/api/v1/signup")).json(&body).send().await.expect("sent");
+            tests::Response::from(res).await
+        }
+    };
+    assert_eq!(signup(other_base.clone(), "grace").await.status, 201);
+    assert_eq!(signup(other_base.clone(), "linus").await.status, 201);
+    signup(app.base.clone(), "mallory").await.assert_error(429, "too_many_requests");
+    signup(other_base.clone(), "trudy").await.assert_error(429, "too_many_requests");
+}
+
 #[tokio::test]
 async fn sign_ups_are_throttled_per_client_address() {
     let app = TestApp::spawn_with(&[("SIGNUP_PER_MINUTE", "2".to_owned())]).await;

@@ -690,3 +690,28 @@ async fn a_worker_stopped_with_sigterm_under_load_loses_nothing() {
     assert_eq!(counts.get(&key("PENDING", None)), Some(&(300, 300)), "{counts:?}");
     assert_eq!(counts.get(&key("REJECTED", Some("SOLD_OUT"))), Some(&(100, 100)), "{counts:?}");
 }
+
+/// Several api processes: a long-poll waiting on one is woken by a change made through
+/// another (the wake-up comes from PostgreSQL's NOTIFY, which every process listens to).
+#[tokio::test]
+async fn long_polls_are_woken_by_changes_made_on_another_api_process() {
+    let app = TestApp::spawn().await;
+    let _worker = app.spawn_worker(&[]);
+    let (_other, other_base) = app.spawn_another_api();
+    let admin = app.admin().await;
+    let event = app.event_with(&admin, 10, 4).await;
+    let (_, buyer) = app.user("Buyer").await;
+    let order = app.pending_order(&buyer, event, 1).await;
+
+    let started = std::time::Instant::now();
+    let poll = app.client.get(format!("{other_base}/api/v1/orders/{order}?wait=30&status=PENDING")).bearer_auth(&buyer);
+    let pay = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        app.payment(order, &json!({"status": "PAID"})).await
+    };
+    let (polled, paid) = tokio::join!(async { Response::from(poll.send().await.expect("poll sent")).await }, pay);
+    assert_eq!(paid.status, 204, "{}", paid.body);
+    assert_eq!(polled.json["status"], "PAID", "{}", polled.body);
+    // Woken by the change, not by the end of its 30 s.
+    assert!(started.elapsed() < Duration::from_secs(20), "the waiter on the other process was not woken");
+}

@@ -16,7 +16,7 @@ use crate::auth::{hash_password, verify_password};
 use crate::error::{ApiError, ErrorBody, ResultExt};
 use crate::extract::Json;
 use crate::state::AppState;
-use crate::throttle::Throttle;
+use crate::throttle::{Refused, Throttle};
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/signup", post(signup)).route("/login", post(login))
@@ -139,7 +139,7 @@ pub async fn signup(
     ConnectInfo(client): ConnectInfo<SocketAddr>,
     Json(req): Json<SignupRequest>,
 ) -> Result<(StatusCode, Json<UserResponse>), ApiError> {
-    throttled(&state.signup_throttle, &client.ip().to_string(), "sign-ups")?;
+    throttled(&state, &state.signup_throttle, &client.ip().to_string(), "sign-ups").await?;
     let name = parse_name(&req.name)?;
     let email = parse_email(&req.email)?;
     check_password(&req.password)?;
@@ -170,8 +170,9 @@ pub async fn login(
     // Counted before any work: a guess over either limit costs no hashing. Per address,
     // so that made-up emails do not each get a fresh allowance; per account, so that a
     // guess at one account from many addresses is still a guess at one account.
-    throttled(&state.login_address_throttle, &client.ip().to_string(), "login attempts from one address")?;
-    throttled(&state.login_throttle, &req.email, "login attempts")?;
+    throttled(&state, &state.login_address_throttle, &client.ip().to_string(), "login attempts from one address")
+        .await?;
+    throttled(&state, &state.login_throttle, &req.email, "login attempts").await?;
     // A malformed address cannot belong to an account; it gets the same answer (and the
     // same hashing work) as an unknown one.
     let email = Email::parse(&req.email).ok();
@@ -193,12 +194,21 @@ pub async fn login(
     Ok(Json(TokenResponse { access_token, token_type: "Bearer", expires_in: state.tokens.ttl().as_secs() }))
 }
 
-/// Counts an attempt under `key`; over the limit, `429` with the seconds to wait.
-pub(crate) fn throttled(throttle: &Throttle, key: &str, what: &'static str) -> Result<(), ApiError> {
-    throttle.attempt(key).map_err(|wait| {
-        tracing::warn!(what, "over the rate limit");
-        metrics::counter!("turnstile_rate_limited_total", "limit" => throttle.name()).increment(1);
-        ApiError::TooManyRequests { retry_after_secs: wait.as_secs() + 1 }
+/// Counts an attempt under `key`; over the limit, `429` with the seconds to wait. The
+/// limits hold across api processes (they are kept in PostgreSQL).
+pub(crate) async fn throttled(
+    state: &AppState,
+    throttle: &Throttle,
+    key: &str,
+    what: &'static str,
+) -> Result<(), ApiError> {
+    throttle.attempt(&state.db, key).await.map_err(|refused| match refused {
+        Refused::Wait(wait) => {
+            tracing::warn!(what, "over the rate limit");
+            metrics::counter!("turnstile_rate_limited_total", "limit" => throttle.name()).increment(1);
+            ApiError::TooManyRequests { retry_after_secs: wait.as_secs() + 1 }
+        }
+        Refused::Database(err) => ApiError::from(err),
     })
 }
 

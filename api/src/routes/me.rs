@@ -92,7 +92,7 @@ pub async fn update_me(
                 .ok_or(ApiError::ACCOUNT_GONE)?;
         // A token is not a licence to guess the password: these checks share the log-in's
         // per-account allowance.
-        throttled(&state.login_throttle, &email_now, "password checks")?;
+        throttled(&state, &state.login_throttle, &email_now, "password checks").await?;
         if !verify_password(&state.heavy_work, current, Some(stored)).await? {
             return Err(ApiError::Denied {
                 code: "invalid_current_password",
