@@ -16,7 +16,7 @@ use crate::ticket_codes::TicketCodes;
 #[derive(Clone)]
 pub struct AppState {
     pub db: PgPool,
-    pub amqp: deadpool_lapin::Pool,
+    pub amqp: common::amqp::Pool,
     /// Stores new orders in shared batches and sends them to the broker (see `pipeline`).
     pub orders: OrderInserter,
     /// What purchases need of events, from memory (see `catalog`).

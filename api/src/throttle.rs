@@ -61,41 +61,38 @@ impl Throttle {
         // PostgreSQL text cannot hold NUL: such a key (no valid email has one) counts as
         // the key without it.
         let key: String = key.trim().to_lowercase().chars().filter(|c| *c != '\0').take(KEY_MAX_CHARS).collect();
-        let interval_us = i64::try_from(self.interval.as_micros()).unwrap_or(i64::MAX);
-        let window_us = i64::try_from(WINDOW.as_micros()).unwrap_or(i64::MAX);
-        // Counted: the row's new `tat`. Refused: no row, and the wait is read after.
-        let counted: Option<bool> = sqlx::query_scalar(
-            "INSERT INTO rate_limits AS r (name, key, tat)
-             VALUES ($1, $2, clock_timestamp() + make_interval(secs => $3::float8 / 1e6))
-             ON CONFLICT (name, key) DO UPDATE
-             SET tat = greatest(r.tat, clock_timestamp()) + make_interval(secs => $3::float8 / 1e6)
-             WHERE greatest(r.tat, clock_timestamp()) + make_interval(secs => $3::float8 / 1e6)
-                   <= clock_timestamp() + make_interval(secs => $4::float8 / 1e6)
-             RETURNING true",
+        // One statement: count the attempt if the allowance has room (a `NULL` wait), or
+        // else read how long until it has (the row as it was: the refused update left it).
+        // No row at all: refused, by a row this statement's snapshot does not show yet (the
+        // key's first attempts arrived together); then the wait is one interval.
+        let wait_secs: Option<Option<f64>> = sqlx::query_scalar(
+            "WITH attempt AS (
+                 INSERT INTO rate_limits AS r (name, key, tat)
+                 VALUES ($1, $2, clock_timestamp() + make_interval(secs => $3))
+                 ON CONFLICT (name, key) DO UPDATE
+                 SET tat = greatest(r.tat, clock_timestamp()) + make_interval(secs => $3)
+                 WHERE greatest(r.tat, clock_timestamp()) + make_interval(secs => $3)
+                       <= clock_timestamp() + make_interval(secs => $4)
+                 RETURNING NULL::float8 AS wait
+             )
+             SELECT wait FROM attempt
+             UNION ALL
+             SELECT extract(epoch FROM tat + make_interval(secs => $3) - make_interval(secs => $4)
+                                       - clock_timestamp())::float8
+             FROM rate_limits WHERE name = $1 AND key = $2 AND NOT EXISTS (SELECT 1 FROM attempt)",
         )
         .bind(self.name)
         .bind(&key)
-        .bind(interval_us)
-        .bind(window_us)
+        .bind(self.interval.as_secs_f64())
+        .bind(WINDOW.as_secs_f64())
         .fetch_optional(db)
         .await
         .map_err(Refused::Database)?;
-        if counted.is_some() {
-            return Ok(());
+        match wait_secs {
+            Some(None) => Ok(()),
+            Some(Some(wait)) => Err(Refused::Wait(Duration::from_secs_f64(wait.clamp(0.0, WINDOW.as_secs_f64())))),
+            None => Err(Refused::Wait(self.interval)),
         }
-        let wait_secs: Option<f64> = sqlx::query_scalar(
-            "SELECT extract(epoch FROM tat + make_interval(secs => $3::float8 / 1e6)
-                                   - make_interval(secs => $4::float8 / 1e6) - clock_timestamp())::float8
-             FROM rate_limits WHERE name = $1 AND key = $2",
-        )
-        .bind(self.name)
-        .bind(&key)
-        .bind(interval_us)
-        .bind(window_us)
-        .fetch_optional(db)
-        .await
-        .map_err(Refused::Database)?;
-        Err(Refused::Wait(Duration::from_secs_f64(wait_secs.unwrap_or(0.0).clamp(0.0, WINDOW.as_secs_f64()))))
     }
 
     /// Forgets the keys whose allowance is whole again, so that the table stays small.

@@ -463,6 +463,14 @@ impl TestApp {
         Self::start_api(&self.api_env)
     }
 
+    /// Starts another api process like [`Self::spawn_another_api`], with some settings
+    /// replaced (`extra_env`).
+    pub fn spawn_another_api_with(&self, extra_env: &[(&str, String)]) -> (Process, String) {
+        let mut env = self.api_env.clone();
+        env.extend(extra_env.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
+        Self::start_api(&env)
+    }
+
     /// Stops the api with SIGTERM (a graceful shutdown) and returns its exit status.
     pub fn terminate_api(&mut self) -> Option<std::process::ExitStatus> {
         self.api.terminate()

@@ -69,6 +69,38 @@ async fn readiness_fails_when_the_broker_is_unreachable() {
     assert_eq!(app.get("/health/live", None).await.status, 200);
 }
 
+/// `AMQP_URL` may list several brokers (a cluster's nodes), comma-separated: api and worker
+/// connect to the first that answers, so a node that is down is skipped, for publishing,
+/// consuming and the order events relay alike; its credentials never reach the logs.
+#[tokio::test]
+async fn several_broker_addresses_are_tried_in_turn() {
+    let app = TestApp::spawn_with(&[("SOLD_OUT_FAST_PATH", "false".to_owned())]).await;
+    let both = format!("amqp://guest:not-logged@127.0.0.1:9/%2f, {}", app.broker.url);
+    let (api, base) = app.spawn_another_api_with(&[("AMQP_URL", both.clone())]);
+    let _worker = app.spawn_worker(&[("AMQP_URL", both)]);
+
+    let ready = app.client.get(format!("{base}/health/ready")).send().await.unwrap();
+    assert_eq!(ready.status(), 200, "ready through the live address");
+    let admin = app.admin().await;
+    let event = app.event_with(&admin, 5, 4).await;
+    let (_, buyer) = app.user("Buyer").await;
+    let body = json!({"event_id": event, "quantity": 2});
+    let res = app.client.post(format!("{base}/api/v1/orders")).bearer_auth(&buyer).json(&body).send().await.unwrap();
+    let order = tests::Response::from(res).await;
+    assert_eq!(order.status, 202, "{}", order.body);
+    let id = order.json["id"].as_str().unwrap();
+    let polled = app.get(&format!("/api/v1/orders/{id}?wait=20&status=QUEUED"), Some(&buyer)).await;
+    assert_eq!(polled.json["status"], "PENDING", "published and consumed through the live address: {}", polled.body);
+
+    let logs = api.all_logs();
+    assert!(
+        logs.iter()
+            .any(|l| l["message"] == "broker address unreachable; trying the next" && l["broker"] == "127.0.0.1:9"),
+        "the dead address was tried and named without its credentials"
+    );
+    assert!(!logs.iter().any(|l| l.to_string().contains("not-logged")), "credentials in the logs");
+}
+
 #[tokio::test]
 async fn openapi_document_and_swagger_ui_are_served() {
     let app = TestApp::spawn().await;

@@ -37,7 +37,7 @@ use crate::retry::Backoff;
 
 /// What one partition consumer needs; shared by all of them.
 pub struct Allocator {
-    pub amqp: deadpool_lapin::Pool,
+    pub amqp: common::amqp::Pool,
     pub config: Arc<WorkerConfig>,
     pub worker_id: Uuid,
     pub assignment: watch::Receiver<Assignment>,

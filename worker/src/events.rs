@@ -46,7 +46,7 @@ struct Change {
 
 pub async fn run(
     db: PgPool,
-    amqp: deadpool_lapin::Pool,
+    amqp: common::amqp::Pool,
     interval: Duration,
     format: EventsFormat,
     shutdown: CancellationToken,
@@ -80,10 +80,10 @@ pub async fn run(
 
 struct Relay {
     db: PgPool,
-    amqp: deadpool_lapin::Pool,
+    amqp: common::amqp::Pool,
     format: EventsFormat,
     /// A confirm-mode channel, kept across batches.
-    channel: Option<(deadpool_lapin::Object, Channel)>,
+    channel: Option<(common::amqp::Object, Channel)>,
 }
 
 impl Relay {

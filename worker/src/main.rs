@@ -216,11 +216,7 @@ fn describe_metrics() {
 
 /// Declares the queues once, before the consumers subscribe to them, retrying until the
 /// broker answers (or shutdown).
-async fn declare_topology(
-    amqp: &deadpool_lapin::Pool,
-    partitions: u16,
-    shutdown: &tokio_util::sync::CancellationToken,
-) {
+async fn declare_topology(amqp: &common::amqp::Pool, partitions: u16, shutdown: &tokio_util::sync::CancellationToken) {
     let mut backoff = retry::Backoff::default();
     loop {
         let result = async {
