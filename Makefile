@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
-.PHONY: help run test chaos fuzz bench observe services stop status admin docker-env fmt lint
+.PHONY: help run test chaos fuzz bench observe services cluster stop status admin docker-env fmt lint
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -27,6 +27,9 @@ observe: ## Prometheus (from the distribution's package) scraping make run's api
 
 services: ## start only PostgreSQL + RabbitMQ (installed from Debian packages if missing)
 	@bash scripts/services.sh start
+
+cluster: ## like services, with RabbitMQ as a cluster of three nodes (AMQP on 56720-56722; the env file lists all three)
+	@TURNSTILE_RABBIT_NODES=3 bash scripts/services.sh start
 
 stop: ## stop the services that `make services`/`make run`/`make test` started
 	@bash scripts/services.sh stop

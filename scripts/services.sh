@@ -17,6 +17,8 @@
 #   TURNSTILE_STATE_DIR, TURNSTILE_PG_PORT (55432), TURNSTILE_AMQP_PORT (56720),
 #   TURNSTILE_RABBIT_MGMT_PORT (15680), TURNSTILE_RABBIT_DIST_PORT (25680),
 #   TURNSTILE_EPMD_PORT (4380), TURNSTILE_RABBIT_NODE (turnstile@localhost),
+#   TURNSTILE_RABBIT_NODES (1, or 3 for a cluster of three nodes on ports + 1 and + 2:
+#   `make cluster`; the env file's AMQP_URL then lists all three),
 #   TURNSTILE_PG_BIN (PostgreSQL's bin directory; default: the version that made the data
 #   directory, else the newest installed under /usr/lib/postgresql, else the distribution's
 #   `postgresql` package is installed)
@@ -160,74 +162,158 @@ stop_postgres() {
 
 # --- RabbitMQ -----------------------------------------------------------------------------
 
-rabbit_env() {
-  export HOME="$RABBIT_DIR/home"
-  export RABBITMQ_NODENAME="$RABBIT_NODE"
-  export RABBITMQ_CONFIG_FILE="$RABBIT_DIR/rabbitmq"   # .conf is appended by RabbitMQ
-  export RABBITMQ_ENABLED_PLUGINS_FILE="$RABBIT_DIR/enabled_plugins"
-  export RABBITMQ_MNESIA_BASE="$RABBIT_DIR/mnesia"
-  export RABBITMQ_LOG_BASE="$RABBIT_DIR/log"
-  export RABBITMQ_PID_FILE="$RABBIT_DIR/rabbitmq.pid"
-  export RABBITMQ_CONF_ENV_FILE="$RABBIT_DIR/rabbitmq-env.conf"
-  export RABBITMQ_DIST_PORT="$DIST_PORT"
-  export ERL_EPMD_PORT="$EPMD_PORT"
-  # A failed start writes its crash dump here, not into the working directory.
-  export ERL_CRASH_DUMP="$RABBIT_DIR/log/erl_crash.dump"
+# TURNSTILE_RABBIT_NODES=3 (`make cluster`): three nodes of one cluster on this machine. Node
+# 0 has the usual name and ports; node i is `<name>-i`, on each port + i, with the same
+# Erlang cookie, and joins node 0's cluster. The cluster keeps its state apart
+# (rabbitmq-cluster/, rabbitmq-cluster-i/), so the single node never sees a cluster's
+# membership (its quorum queues would wait for replicas that never come back); the two use
+# the same ports, so one runs at a time.
+RABBIT_NODES="${TURNSTILE_RABBIT_NODES:-1}"
+case "$RABBIT_NODES" in 1 | 3) ;; *) die "TURNSTILE_RABBIT_NODES must be 1 or 3 (got '$RABBIT_NODES')" ;; esac
+SINGLE_RABBIT_DIR="$RABBIT_DIR"
+CLUSTER_RABBIT_DIR="$STATE/rabbitmq-cluster"
+if [ "$RABBIT_NODES" != 1 ]; then RABBIT_DIR="$CLUSTER_RABBIT_DIR"; fi
+
+node_dir() { if [ "$1" = 0 ]; then echo "$RABBIT_DIR"; else echo "$RABBIT_DIR-$1"; fi; }
+node_name() { if [ "$1" = 0 ]; then echo "$RABBIT_NODE"; else echo "${RABBIT_NODE%@*}-$1@${RABBIT_NODE#*@}"; fi; }
+node_amqp_port() { echo $((AMQP_PORT + $1)); }
+# The nodes that exist: those asked for, and any left running or with state from before.
+node_indexes() {
+  local i
+  for i in $(seq 0 $((RABBIT_NODES - 1))); do echo "$i"; done
 }
 
-rabbitmqctl_() { (rabbit_env; "$RABBIT_BIN/rabbitmqctl" "$@"); }
+rabbit_env() {
+  local node="${1:-0}" dir
+  dir="$(node_dir "$node")"
+  export HOME="$dir/home"
+  export RABBITMQ_NODENAME
+  RABBITMQ_NODENAME="$(node_name "$node")"
+  export RABBITMQ_CONFIG_FILE="$dir/rabbitmq"   # .conf is appended by RabbitMQ
+  export RABBITMQ_ENABLED_PLUGINS_FILE="$dir/enabled_plugins"
+  export RABBITMQ_MNESIA_BASE="$dir/mnesia"
+  export RABBITMQ_LOG_BASE="$dir/log"
+  export RABBITMQ_PID_FILE="$dir/rabbitmq.pid"
+  export RABBITMQ_CONF_ENV_FILE="$dir/rabbitmq-env.conf"
+  export RABBITMQ_DIST_PORT=$((DIST_PORT + node))
+  export ERL_EPMD_PORT="$EPMD_PORT"
+  # A failed start writes its crash dump here, not into the working directory.
+  export ERL_CRASH_DUMP="$dir/log/erl_crash.dump"
+}
 
-rabbit_running() { [ -f "$RABBIT_DIR/rabbitmq.pid" ] && kill -0 "$(cat "$RABBIT_DIR/rabbitmq.pid")" 2>/dev/null; }
+# rabbitmqctl_ [-N node] args…: rabbitmqctl against node 0, or the given one.
+rabbitmqctl_() {
+  local node=0
+  if [ "${1:-}" = -N ]; then node="$2"; shift 2; fi
+  (rabbit_env "$node"; "$RABBIT_BIN/rabbitmqctl" "$@")
+}
 
-start_rabbitmq() {
-  mkdir -p "$RABBIT_DIR/home" "$RABBIT_DIR/mnesia" "$RABBIT_DIR/log"
-  if [ ! -f "$RABBIT_DIR/home/.erlang.cookie" ]; then
-    head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$RABBIT_DIR/home/.erlang.cookie"
-    chmod 400 "$RABBIT_DIR/home/.erlang.cookie"
+rabbit_node_running() {
+  local dir
+  dir="$(node_dir "$1")"
+  [ -f "$dir/rabbitmq.pid" ] && kill -0 "$(cat "$dir/rabbitmq.pid")" 2>/dev/null
+}
+rabbit_running() { rabbit_node_running 0; }
+
+start_rabbit_node() {
+  local node="$1" dir port mgmt
+  dir="$(node_dir "$node")"
+  port="$(node_amqp_port "$node")"
+  mgmt=$((MGMT_PORT + node))
+  mkdir -p "$dir/home" "$dir/mnesia" "$dir/log"
+  if [ ! -f "$dir/home/.erlang.cookie" ]; then
+    if [ "$node" = 0 ]; then
+      head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$dir/home/.erlang.cookie"
+    else
+      # One cluster, one cookie.
+      cp "$RABBIT_DIR/home/.erlang.cookie" "$dir/home/.erlang.cookie"
+    fi
+    chmod 400 "$dir/home/.erlang.cookie"
   fi
-  : > "$RABBIT_DIR/rabbitmq-env.conf"
-  cat > "$RABBIT_DIR/rabbitmq.conf" <<CONF
-listeners.tcp.default = 127.0.0.1:$AMQP_PORT
+  : > "$dir/rabbitmq-env.conf"
+  cat > "$dir/rabbitmq.conf" <<CONF
+listeners.tcp.default = 127.0.0.1:$port
 loopback_users = none
 disk_free_limit.absolute = 50MB
 vm_memory_high_watermark.relative = 0.6
 management.tcp.ip = 127.0.0.1
-management.tcp.port = $MGMT_PORT
+management.tcp.port = $mgmt
 # Message counts refreshed every second (make bench reads them), not every five.
 collect_statistics_interval = 1000
+# In a cluster, new queues' leaders go to the node with the fewest.
+queue_leader_locator = balanced
 CONF
-  echo '[rabbitmq_management].' > "$RABBIT_DIR/enabled_plugins"
-  if rabbit_running; then
-    log "RabbitMQ already running on port $AMQP_PORT"
+  echo '[rabbitmq_management].' > "$dir/enabled_plugins"
+  if rabbit_node_running "$node"; then
+    log "RabbitMQ $(node_name "$node") already running on port $port"
   else
-    log "starting RabbitMQ on 127.0.0.1:$AMQP_PORT (management on $MGMT_PORT)"
-    (rabbit_env; setsid "$RABBIT_BIN/rabbitmq-server" >"$RABBIT_DIR/log/console.log" 2>&1 < /dev/null &)
+    log "starting RabbitMQ $(node_name "$node") on 127.0.0.1:$port (management on $mgmt)"
+    (rabbit_env "$node"; setsid "$RABBIT_BIN/rabbitmq-server" >"$dir/log/console.log" 2>&1 < /dev/null &)
   fi
   local i
   for i in $(seq 1 120); do
-    if rabbitmqctl_ -q await_startup --timeout 2 >/dev/null 2>&1; then break; fi
+    if rabbitmqctl_ -N "$node" -q await_startup --timeout 2 >/dev/null 2>&1; then break; fi
     # The pid file appears a moment after launch; a node that is gone after that has failed.
-    if [ "$i" -gt 10 ] && ! rabbit_running; then
-      tail -30 "$RABBIT_DIR/log/console.log" >&2; die "RabbitMQ exited during start"
+    if [ "$i" -gt 10 ] && ! rabbit_node_running "$node"; then
+      tail -30 "$dir/log/console.log" >&2; die "RabbitMQ exited during start"
     fi
     sleep 0.5
   done
-  rabbitmqctl_ -q await_startup --timeout 5 >/dev/null 2>&1 || { tail -30 "$RABBIT_DIR/log/console.log" >&2; die "RabbitMQ is not ready"; }
+  rabbitmqctl_ -N "$node" -q await_startup --timeout 5 >/dev/null 2>&1 || { tail -30 "$dir/log/console.log" >&2; die "RabbitMQ is not ready"; }
+  if [ "$node" != 0 ] && ! rabbitmqctl_ -N "$node" -q cluster_status 2>/dev/null | grep -q "$RABBIT_NODE"; then
+    log "joining $(node_name "$node") to $RABBIT_NODE's cluster"
+    rabbitmqctl_ -N "$node" -q stop_app >/dev/null
+    rabbitmqctl_ -N "$node" -q join_cluster "$RABBIT_NODE" >/dev/null
+    rabbitmqctl_ -N "$node" -q start_app >/dev/null
+  fi
   # Wait for the AMQP listener itself, not only the node.
-  for _ in $(seq 1 40); do (exec 3<>"/dev/tcp/127.0.0.1/$AMQP_PORT") 2>/dev/null && break; sleep 0.25; done
-  log "RabbitMQ ready"
+  for _ in $(seq 1 40); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.25; done
+  log "RabbitMQ $(node_name "$node") ready"
 }
 
-stop_rabbitmq() {
-  if rabbit_running; then
-    log "stopping RabbitMQ"
+rabbitmq_queues_() { (rabbit_env 0; "$RABBIT_BIN/rabbitmq-queues" "$@"); }
+
+start_rabbitmq() {
+  local node other
+  other="$CLUSTER_RABBIT_DIR"
+  [ "$RABBIT_NODES" = 1 ] || other="$SINGLE_RABBIT_DIR"
+  if [ -f "$other/rabbitmq.pid" ] && kill -0 "$(cat "$other/rabbitmq.pid")" 2>/dev/null; then
+    die "RabbitMQ runs in the other mode (one node / a cluster) on the same ports: make stop (with the same TURNSTILE_RABBIT_NODES) first"
+  fi
+  for node in $(seq 0 $((RABBIT_NODES - 1))); do start_rabbit_node "$node"; done
+  if [ "$RABBIT_NODES" -gt 1 ]; then
+    # Quorum queues declared before the cluster formed get replicas on every node, and the
+    # queues' leaders are spread over the nodes.
+    for node in $(seq 1 $((RABBIT_NODES - 1))); do
+      rabbitmq_queues_ -q grow "$(node_name "$node")" all >/dev/null 2>&1 || log "could not grow the queues onto $(node_name "$node")"
+    done
+    rabbitmq_queues_ -q rebalance quorum >/dev/null 2>&1 || log "could not rebalance the queues' leaders"
+  fi
+}
+
+stop_rabbit_node() {
+  local node="$1" dir
+  dir="$(node_dir "$node")"
+  if rabbit_node_running "$node"; then
+    log "stopping RabbitMQ $(node_name "$node")"
     local pid
-    pid="$(cat "$RABBIT_DIR/rabbitmq.pid")"
-    rabbitmqctl_ -q shutdown >/dev/null 2>&1 || kill "$pid" 2>/dev/null || true
+    pid="$(cat "$dir/rabbitmq.pid")"
+    rabbitmqctl_ -N "$node" -q shutdown >/dev/null 2>&1 || kill "$pid" 2>/dev/null || true
     # Until the process is gone its ports are not free for the next start.
     for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
   fi
-  # The private epmd (own port) was started by the node; stop it too.
+}
+
+# Stops every node this state directory runs, in either mode (the other nodes first: node
+# 0 is the one they joined, and the last to stop is the one that may start alone).
+stop_rabbitmq() {
+  local mode_dir="$RABBIT_DIR" dir node
+  for dir in "$CLUSTER_RABBIT_DIR" "$SINGLE_RABBIT_DIR"; do
+    RABBIT_DIR="$dir"
+    for node in 2 1 0; do stop_rabbit_node "$node"; done
+  done
+  RABBIT_DIR="$mode_dir"
+  # The private epmd (own port) was started by the nodes; stop it too.
   if command -v epmd >/dev/null 2>&1; then
     epmd -port "$EPMD_PORT" -kill >/dev/null 2>&1 || true
   fi
@@ -235,11 +321,18 @@ stop_rabbitmq() {
 
 # --- commands -----------------------------------------------------------------------------
 
+# Every node's AMQP URL, comma-separated (api and worker take the list).
+amqp_urls() {
+  local node urls=()
+  for node in $(seq 0 $((RABBIT_NODES - 1))); do urls+=("amqp://guest:guest@127.0.0.1:$(node_amqp_port "$node")/%2f"); done
+  (IFS=,; echo "${urls[*]}")
+}
+
 write_env() {
   cat > "$ENV_FILE" <<ENV
 # Written by scripts/services.sh: connection URLs of the local services.
 export DATABASE_URL=postgres://$APP_USER:$APP_PASSWORD@127.0.0.1:$PG_PORT/$APP_DB
-export AMQP_URL=amqp://guest:guest@127.0.0.1:$AMQP_PORT/%2f
+export AMQP_URL=$(amqp_urls)
 export RABBITMQ_MANAGEMENT_URL=http://guest:guest@127.0.0.1:$MGMT_PORT
 # For measurements (make bench): the services' processes and the database superuser.
 export TURNSTILE_PG_PID_FILE=$PG_DIR/data/postmaster.pid
@@ -284,7 +377,16 @@ cmd_stop() {
 
 cmd_status() {
   if pg_running; then echo "postgres: running on 127.0.0.1:$PG_PORT"; else echo "postgres: stopped"; fi
-  if rabbit_running; then echo "rabbitmq: running on 127.0.0.1:$AMQP_PORT (management $MGMT_PORT)"; else echo "rabbitmq: stopped"; fi
+  local node
+  for node in $(node_indexes); do
+    local label=rabbitmq
+    [ "$node" = 0 ] || label="rabbitmq $(node_name "$node")"
+    if rabbit_node_running "$node"; then
+      echo "$label: running on 127.0.0.1:$(node_amqp_port "$node") (management $((MGMT_PORT + node)))"
+    else
+      echo "$label: stopped"
+    fi
+  done
   # The api and worker of `make run` (scripts/run.sh records them while it runs).
   local api_pid="" worker_pid="" bind_addr=""
   if [ -f "$STATE/run.pids" ]; then
