@@ -48,6 +48,15 @@ for service in prometheus grafana; do
 done
 jq -e '.uid == "turnstile" and (.panels | length > 0)' deploy/grafana/dashboards/turnstile.json > /dev/null
 log "${compose[*]} --profile observability config: valid (prometheus, grafana; the dashboard JSON loads)"
+# The cluster profile: three RabbitMQ nodes, one cookie, the peer discovery file they mount.
+"${compose[@]}" --project-directory . --env-file "$scratch/env" -f docker-compose.yml --profile cluster config \
+  > "$scratch/cluster.yml"
+for service in rabbitmq rabbitmq-2 rabbitmq-3; do
+  grep -q "^  $service:" "$scratch/cluster.yml" || { echo "[compose-check] error: no $service in the cluster profile" >&2; exit 1; }
+done
+[ "$(grep -c 'RABBITMQ_ERLANG_COOKIE' "$scratch/cluster.yml")" = 3 ] || { echo "[compose-check] error: the cluster's nodes do not all get the cookie" >&2; exit 1; }
+grep -q 'cluster_formation.classic_config.nodes.3 = rabbit@rabbitmq-3' deploy/rabbitmq/cluster.conf
+log "${compose[*]} --profile cluster config: valid (rabbitmq, rabbitmq-2, rabbitmq-3 with one cookie)"
 
 : > "$scratch/empty"
 if env -u JWT_SECRET -u WEBHOOK_SECRET -u TICKET_SECRET \

@@ -21,6 +21,8 @@ add JWT_SECRET "$(head -c 48 /dev/urandom | base64 -w0)"
 # Standard Webhooks form: give the same value to the payment provider.
 add WEBHOOK_SECRET "whsec_$(head -c 32 /dev/urandom | base64 -w0)"
 add TICKET_SECRET "$(head -c 48 /dev/urandom | base64 -w0)"
+# The RabbitMQ nodes' shared secret (the cluster profile's nodes authenticate with it).
+add RABBITMQ_ERLANG_COOKIE "$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 if [ "${#added[@]}" -gt 0 ]; then
   echo "[docker-env] generated ${added[*]} into $env_file (mode 600); keep it, and back it up"
 else
