@@ -215,7 +215,7 @@ rabbit_node_running() {
 }
 rabbit_running() { rabbit_node_running 0; }
 
-start_rabbit_node() {
+launch_rabbit_node() {
   local node="$1" dir port mgmt
   dir="$(node_dir "$node")"
   port="$(node_amqp_port "$node")"
@@ -250,6 +250,12 @@ CONF
     log "starting RabbitMQ $(node_name "$node") on 127.0.0.1:$port (management on $mgmt)"
     (rabbit_env "$node"; setsid "$RABBIT_BIN/rabbitmq-server" >"$dir/log/console.log" 2>&1 < /dev/null &)
   fi
+}
+
+await_rabbit_node() {
+  local node="$1" dir port
+  dir="$(node_dir "$node")"
+  port="$(node_amqp_port "$node")"
   local i
   for i in $(seq 1 120); do
     if rabbitmqctl_ -N "$node" -q await_startup --timeout 2 >/dev/null 2>&1; then break; fi
@@ -280,7 +286,10 @@ start_rabbitmq() {
   if [ -f "$other/rabbitmq.pid" ] && kill -0 "$(cat "$other/rabbitmq.pid")" 2>/dev/null; then
     die "RabbitMQ runs in the other mode (one node / a cluster) on the same ports: make stop (with the same TURNSTILE_RABBIT_NODES) first"
   fi
-  for node in $(seq 0 $((RABBIT_NODES - 1))); do start_rabbit_node "$node"; done
+  # All nodes are launched before any is waited for: after a full stop, each node waits at
+  # start for the others that were running when it stopped.
+  for node in $(seq 0 $((RABBIT_NODES - 1))); do launch_rabbit_node "$node"; done
+  for node in $(seq 0 $((RABBIT_NODES - 1))); do await_rabbit_node "$node"; done
   if [ "$RABBIT_NODES" -gt 1 ]; then
     # Quorum queues declared before the cluster formed get replicas on every node, and the
     # queues' leaders are spread over the nodes.
