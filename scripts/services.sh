@@ -10,6 +10,10 @@
 #   scripts/services.sh env      print the path of the env file
 #   scripts/services.sh start|stop postgres|rabbitmq
 #                                one service alone (the fault tests restart them)
+#   scripts/services.sh kill|start rabbitmq-node NAME
+#                                one node of the cluster (by index 0-2 or node name):
+#                                `kill` is a kill -9 (a crash), `start` brings it back into
+#                                the cluster (the cluster fault tests)
 #
 # Both run as plain background processes under a project-local state directory
 # (default: .local/ in the repository) on non-default ports, so they never clash with
@@ -277,6 +281,35 @@ await_rabbit_node() {
   log "RabbitMQ $(node_name "$node") ready"
 }
 
+# The index of a node given by index or by name.
+node_index() {
+  local node
+  for node in $(node_indexes); do
+    if [ "$1" = "$node" ] || [ "$1" = "$(node_name "$node")" ]; then echo "$node"; return; fi
+  done
+  die "no RabbitMQ node '$1' (an index below $RABBIT_NODES or a node name)"
+}
+
+# A crash: kill -9 of the node's Erlang VM, nothing shut down cleanly.
+kill_rabbit_node() {
+  local node dir pid
+  node="$(node_index "$1")"
+  dir="$(node_dir "$node")"
+  rabbit_node_running "$node" || die "RabbitMQ $(node_name "$node") is not running"
+  pid="$(cat "$dir/rabbitmq.pid")"
+  log "kill -9 RabbitMQ $(node_name "$node") (pid $pid)"
+  kill -KILL "$pid"
+  for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.25; done
+  die "RabbitMQ $(node_name "$node") survived kill -9"
+}
+
+start_rabbit_node() {
+  local node
+  node="$(node_index "$1")"
+  launch_rabbit_node "$node"
+  await_rabbit_node "$node"
+}
+
 rabbitmq_queues_() { (rabbit_env 0; "$RABBIT_BIN/rabbitmq-queues" "$@"); }
 
 start_rabbitmq() {
@@ -333,7 +366,14 @@ stop_rabbitmq() {
 # Every node's AMQP URL, comma-separated (api and worker take the list).
 amqp_urls() {
   local node urls=()
-  for node in $(seq 0 $((RABBIT_NODES - 1))); do urls+=("amqp://guest:guest@127.0.0.1:$(node_amqp_port "$node")/%2f"); done
+  for node in $(node_indexes); do urls+=("amqp://guest:guest@127.0.0.1:$(node_amqp_port "$node")/%2f"); done
+  (IFS=,; echo "${urls[*]}")
+}
+
+# Every node's management URL, comma-separated (the tests ask any node that answers).
+management_urls() {
+  local node urls=()
+  for node in $(node_indexes); do urls+=("http://guest:guest@127.0.0.1:$((MGMT_PORT + node))"); done
   (IFS=,; echo "${urls[*]}")
 }
 
@@ -343,6 +383,7 @@ write_env() {
 export DATABASE_URL=postgres://$APP_USER:$APP_PASSWORD@127.0.0.1:$PG_PORT/$APP_DB
 export AMQP_URL=$(amqp_urls)
 export RABBITMQ_MANAGEMENT_URL=http://guest:guest@127.0.0.1:$MGMT_PORT
+export RABBITMQ_MANAGEMENT_URLS=$(management_urls)
 # For measurements (make bench): the services' processes and the database superuser.
 export TURNSTILE_PG_PID_FILE=$PG_DIR/data/postmaster.pid
 export TURNSTILE_RABBIT_PID_FILE=$RABBIT_DIR/rabbitmq.pid
@@ -428,8 +469,10 @@ one_service() {
 case "${1:-}:${2:-}" in
   start:) cmd_start ;;
   stop:) cmd_stop ;;
+  kill:rabbitmq-node) kill_rabbit_node "${3:?a node index or name}" ;;
+  start:rabbitmq-node) mkdir -p "$STATE"; start_rabbit_node "${3:?a node index or name}" ;;
   start:* | stop:*) mkdir -p "$STATE"; one_service "$1" "$2" ;;
   status:) cmd_status ;;
   env:) echo "$ENV_FILE" ;;
-  *) echo "usage: $0 start|stop [postgres|rabbitmq] | status | env" >&2; exit 2 ;;
+  *) echo "usage: $0 start|stop [postgres|rabbitmq] | kill|start rabbitmq-node NODE | status | env" >&2; exit 2 ;;
 esac

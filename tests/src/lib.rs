@@ -24,8 +24,10 @@ pub const PASSWORD: &str = "correct horse battery";
 #[derive(Clone, Debug)]
 pub struct Services {
     pub database_url: String,
+    /// One AMQP URL, or a cluster's nodes' URLs comma-separated.
     pub amqp_url: String,
-    pub management_url: String,
+    /// The management API of each node (one unless RabbitMQ runs as a cluster).
+    pub management_urls: Vec<String>,
 }
 
 impl Services {
@@ -39,10 +41,19 @@ impl Services {
                     panic!("{name} is not set: start the services with `make services` (or run `make test`)")
                 })
         };
+        let management = std::env::var("RABBITMQ_MANAGEMENT_URLS")
+            .ok()
+            .or_else(|| file.iter().find(|(k, _)| k == "RABBITMQ_MANAGEMENT_URLS").map(|(_, v)| v.clone()))
+            .unwrap_or_else(|| get("RABBITMQ_MANAGEMENT_URL"));
         Services {
             database_url: get("DATABASE_URL"),
             amqp_url: get("AMQP_URL"),
-            management_url: get("RABBITMQ_MANAGEMENT_URL"),
+            management_urls: management
+                .split(',')
+                .map(str::trim)
+                .filter(|u| !u.is_empty())
+                .map(str::to_owned)
+                .collect(),
         }
     }
 }
@@ -118,60 +129,101 @@ fn clean_up<T>(work: impl std::future::Future<Output = Option<T>> + Send + 'stat
 
 /// A fresh RabbitMQ virtual host (so each test has its own queues), deleted when dropped.
 pub struct TestBroker {
-    /// AMQP URL of the virtual host.
+    /// AMQP URL of the virtual host: one per node, comma-separated, when RabbitMQ runs as a
+    /// cluster (api and worker take the list).
     pub url: String,
-    vhost: String,
+    pub vhost: String,
     management: Management,
 }
 
-/// The RabbitMQ management HTTP API (credentials taken from its URL).
+/// The RabbitMQ management HTTP API of every node (credentials taken from the URLs): a
+/// request goes to the first node that answers, so it works while a node is down.
 #[derive(Clone)]
-struct Management {
-    base: String,
-    user: String,
-    password: String,
+pub struct Management {
+    nodes: Vec<(String, String, String)>,
 }
 
 impl Management {
-    fn from_url(url: &str) -> Self {
-        let parsed = reqwest::Url::parse(url).expect("RABBITMQ_MANAGEMENT_URL is a URL");
-        let base = format!(
-            "{}://{}:{}",
-            parsed.scheme(),
-            parsed.host_str().expect("management host"),
-            parsed.port_or_known_default().expect("management port")
-        );
-        let user = if parsed.username().is_empty() { "guest".to_owned() } else { parsed.username().to_owned() };
-        Management { base, password: parsed.password().unwrap_or("guest").to_owned(), user }
+    pub fn new(urls: &[String]) -> Self {
+        let nodes = urls
+            .iter()
+            .map(|url| {
+                let parsed = reqwest::Url::parse(url).expect("RABBITMQ_MANAGEMENT_URL is a URL");
+                let base = format!(
+                    "{}://{}:{}",
+                    parsed.scheme(),
+                    parsed.host_str().expect("management host"),
+                    parsed.port_or_known_default().expect("management port")
+                );
+                let user = if parsed.username().is_empty() { "guest".to_owned() } else { parsed.username().to_owned() };
+                (base, user, parsed.password().unwrap_or("guest").to_owned())
+            })
+            .collect();
+        Management { nodes }
     }
 
-    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        reqwest::Client::new()
-            .request(method, format!("{}{path}", self.base))
-            .basic_auth(&self.user, Some(&self.password))
+    fn user(&self) -> &str {
+        &self.nodes[0].1
+    }
+
+    /// Sends the request to each node in turn until one answers (any status).
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> reqwest::Result<reqwest::Response> {
+        // A client per call: the drop of a `TestBroker` calls from a runtime of its own, where
+        // a client's pooled connections (tied to the runtime that opened them) cannot run.
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
+        let mut last = None;
+        for (base, user, password) in &self.nodes {
+            let mut request = client.request(method.clone(), format!("{base}{path}")).basic_auth(user, Some(password));
+            if let Some(body) = body {
+                request = request.json(body);
+            }
+            match request.send().await {
+                Ok(response) => return Ok(response),
+                Err(err) => last = Some(err),
+            }
+        }
+        Err(last.expect("at least one management URL"))
     }
 
     async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> reqwest::Response {
-        let mut request = self.request(method, path);
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        let response = request.send().await.expect("RabbitMQ management API reachable");
+        let response = self.send(method, path, body.as_ref()).await.expect("RabbitMQ management API reachable");
         assert!(response.status().is_success(), "management API {path}: {}", response.status());
         response
+    }
+
+    /// `GET path`, parsed.
+    pub async fn get(&self, path: &str) -> Value {
+        self.call(reqwest::Method::GET, path, None).await.json().await.expect("management API answers JSON")
     }
 }
 
 impl TestBroker {
     pub async fn create(services: &Services) -> Self {
-        let management = Management::from_url(&services.management_url);
+        let management = Management::new(&services.management_urls);
         let vhost = format!("t_{}", Uuid::new_v4().simple());
         management.call(reqwest::Method::PUT, &format!("/api/vhosts/{vhost}"), None).await;
         let permissions = json!({"configure": ".*", "write": ".*", "read": ".*"});
-        let path = format!("/api/permissions/{vhost}/{}", management.user);
+        let path = format!("/api/permissions/{vhost}/{}", management.user());
         management.call(reqwest::Method::PUT, &path, Some(permissions)).await;
-        let (base, _) = services.amqp_url.rsplit_once('/').expect("AMQP_URL ends with a vhost");
-        TestBroker { url: format!("{base}/{vhost}"), vhost, management }
+        let urls: Vec<String> = services
+            .amqp_url
+            .split(',')
+            .map(|url| {
+                let (base, _) = url.trim().rsplit_once('/').expect("AMQP_URL ends with a vhost");
+                format!("{base}/{vhost}")
+            })
+            .collect();
+        TestBroker { url: urls.join(","), vhost, management }
+    }
+
+    /// The management API of the broker's nodes.
+    pub fn management(&self) -> &Management {
+        &self.management
     }
 
     /// Number of messages ready in a queue of this virtual host (asked over AMQP, which is
@@ -189,9 +241,17 @@ impl TestBroker {
         depth
     }
 
-    /// A connection to this virtual host, for tests that publish or consume themselves.
+    /// A connection to this virtual host (on the first node that accepts it), for tests
+    /// that publish or consume themselves.
     pub async fn connect(&self) -> lapin::Connection {
-        lapin::Connection::connect(&self.url, lapin::ConnectionProperties::default()).await.expect("AMQP connection")
+        let mut last = None;
+        for url in self.url.split(',') {
+            match lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await {
+                Ok(connection) => return connection,
+                Err(err) => last = Some(err),
+            }
+        }
+        panic!("AMQP connection: {last:?}")
     }
 }
 
@@ -224,9 +284,9 @@ pub async fn bind_order_events(connection: &lapin::Connection, routing_key: &str
 impl Drop for TestBroker {
     fn drop(&mut self) {
         let (management, vhost) = (self.management.clone(), self.vhost.clone());
-        clean_up(async move {
-            management.request(reqwest::Method::DELETE, &format!("/api/vhosts/{vhost}")).send().await.ok()
-        });
+        clean_up(
+            async move { management.send(reqwest::Method::DELETE, &format!("/api/vhosts/{vhost}"), None).await.ok() },
+        );
     }
 }
 
