@@ -13,7 +13,7 @@ run: ## start PostgreSQL + RabbitMQ, migrate, run api + worker on http://127.0.0
 test: ## the whole suite: fmt, clippy, unit and end-to-end tests against real services
 	@bash scripts/test.sh
 
-chaos: ## the fault suite alone: kill -9 / SIGTERM of api and worker, RabbitMQ and PostgreSQL restarts under load
+chaos: ## the fault suite alone: kill -9 / SIGTERM of api and worker, RabbitMQ and PostgreSQL restarts, RabbitMQ cluster nodes killed, under load
 	@bash scripts/chaos.sh
 
 fuzz: ## schemathesis (installed from PyPI into .local/) against the served OpenAPI document, as an admin

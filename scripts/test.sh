@@ -2,7 +2,8 @@
 # `make test`: style checks, then every test (unit and end-to-end) against a real
 # PostgreSQL and RabbitMQ started by scripts/services.sh, the compose file's validation, the
 # README's runnable recipes against `make run` (scripts/docs-check.sh), then the fault suite
-# (the part that restarts services, on services of its own: scripts/chaos.sh).
+# (the part that restarts services and kills RabbitMQ cluster nodes, on services of its own:
+# scripts/chaos.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,5 +34,5 @@ bash scripts/compose-check.sh
 echo "== the README's recipes against make run"
 bash scripts/docs-check.sh
 
-echo "== fault suite: service restarts"
+echo "== fault suite: service restarts and the RabbitMQ cluster"
 bash scripts/chaos.sh --restarts-only

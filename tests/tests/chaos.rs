@@ -1,17 +1,21 @@
 //! Faults under a steady purchase load: the worker killed mid-batch, one of two workers
-//! killed, api and worker stopped with SIGTERM, RabbitMQ and PostgreSQL restarted.
+//! killed, api and worker stopped with SIGTERM, workers joining, leaving and dying, RabbitMQ
+//! and PostgreSQL restarted; and, on RabbitMQ as a cluster of three nodes with two api
+//! processes and three workers, broker nodes and an api process killed.
 //!
 //! After each fault the load stops, the system settles, and the promises are checked in SQL
 //! and over the API: every order that got `202` exists and is final; per event `sold` equals
 //! the live tickets and stays within capacity; no order holds tickets twice or went through
 //! a status twice; the api answered `202` or `503`, never another status and never later than
-//! its time limit; it is ready again by itself. Each fault prints one summary line
-//! (`fault … accepted … final … lost … oversold … duplicates …`), also appended to the file
-//! named by `TURNSTILE_CHAOS_SUMMARY` when set.
+//! its time limit; an api process the fault left up never dropped a connection; it is ready
+//! again by itself. Each fault prints one summary line (`fault … accepted … final … lost …
+//! oversold … duplicates … longest 5xx blip …`), also appended to the file named by
+//! `TURNSTILE_CHAOS_SUMMARY` when set.
 //!
 //! The process faults run in `make test`. The restarts stop and start the services, so they
 //! are ignored there and run by `make chaos` (scripts/chaos.sh), which gives them a
-//! PostgreSQL and a RabbitMQ of their own.
+//! PostgreSQL and a RabbitMQ of their own, then the same RabbitMQ as a cluster of three nodes
+//! for the cluster faults. `make test` runs that script too (`--restarts-only`).
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
