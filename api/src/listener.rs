@@ -23,8 +23,10 @@ pub struct Listened {
     pub catalog: Arc<EventCatalog>,
 }
 
-/// Listens until shutdown, reconnecting after errors.
-pub async fn listen(db: PgPool, listened: Listened, shutdown: CancellationToken) {
+/// Listens until shutdown, reconnecting after errors; stops on one that no reconnection
+/// can fix (the database refuses the credentials or is gone: [`common::db::is_permanent`]),
+/// which stops the process.
+pub async fn listen(db: PgPool, listened: Listened, shutdown: CancellationToken) -> anyhow::Result<()> {
     let Listened { orders, revocations, catalog } = listened;
     while !shutdown.is_cancelled() {
         let result = async {
@@ -57,6 +59,9 @@ pub async fn listen(db: PgPool, listened: Listened, shutdown: CancellationToken)
         if let Err(err) = result {
             revocations.lost();
             catalog.lost();
+            if common::db::is_permanent(&err) {
+                return Err(err.into());
+            }
             tracing::warn!(error = %err, "notification listener failed; reconnecting");
             tokio::select! {
                 _ = shutdown.cancelled() => {}
@@ -64,4 +69,5 @@ pub async fn listen(db: PgPool, listened: Listened, shutdown: CancellationToken)
             }
         }
     }
+    Ok(())
 }

@@ -25,6 +25,7 @@ use common::amqp::Publisher;
 use common::config::{ApiConfig, DatabaseConfig, Secret};
 use common::domain::Role;
 use common::standard_webhooks::SigningKey;
+use common::supervise::Tasks;
 
 use crate::auth::{HeavyWork, Tokens};
 use crate::pipeline::OrderWatch;
@@ -144,21 +145,25 @@ async fn serve(config: ApiConfig) -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", config.bind_addr))?;
     let addr = listener.local_addr()?;
     let shutdown = common::shutdown::on_signal();
+    let mut tasks = Tasks::new(shutdown.clone());
     let scraped_pool = db.clone();
     let scrape = move || {
         let pool = scraped_pool.clone();
         async move { common::metrics::record_pool(&pool) }
     };
-    common::metrics::serve(config.metrics_addr, common::metrics::router(metrics, scrape), shutdown.clone()).await?;
+    tasks.spawn("metrics upkeep", common::metrics::upkeep(metrics.clone(), shutdown.clone()));
+    let serving =
+        common::metrics::serve(config.metrics_addr, common::metrics::router(metrics, scrape), shutdown.clone()).await?;
+    tasks.spawn("metrics server", serving);
     let order_watch = Arc::new(OrderWatch::default());
     let revocations = Arc::new(revocations::Revocations::default());
     let catalog = Arc::new(catalog::EventCatalog::default());
     let listened =
         listener::Listened { orders: order_watch.clone(), revocations: revocations.clone(), catalog: catalog.clone() };
-    tokio::spawn(listener::listen(db.clone(), listened, shutdown.clone()));
-    let throttle = |name: &'static str, per_minute: u32| {
+    tasks.spawn("notification listener", listener::listen(db.clone(), listened, shutdown.clone()));
+    let mut throttle = |name: &'static str, per_minute: u32| {
         let throttle = Arc::new(Throttle::per_minute(name, NonZeroU32::new(per_minute).unwrap_or(NonZeroU32::MIN)));
-        throttle.spawn_cleanup(db.clone(), shutdown.clone());
+        tasks.spawn(format!("{name} rate-limit clean-up"), throttle.clone().clean_up(db.clone(), shutdown.clone()));
         throttle
     };
     let (login_throttle, login_address_throttle, signup_throttle) = (
@@ -171,10 +176,13 @@ async fn serve(config: ApiConfig) -> anyhow::Result<()> {
         slots => HeavyWork::new(usize::from(slots)),
     };
     let publisher = Arc::new(Publisher::new(amqp.clone(), config.broker.partitions));
+    // The inserter's task ends once the HTTP server (which holds the inserter) has.
+    let (orders, inserter) = pipeline::OrderInserter::new(db.clone(), publisher, config.broker.partitions);
+    tasks.spawn("order inserter", inserter);
     let state = AppState {
         db: db.clone(),
         amqp: amqp.clone(),
-        orders: pipeline::OrderInserter::spawn(db.clone(), publisher, config.broker.partitions),
+        orders,
         catalog,
         sold_out: Arc::new(pipeline::SoldOutHints::new(config.sold_out_hint())),
         order_watch,
@@ -187,17 +195,19 @@ async fn serve(config: ApiConfig) -> anyhow::Result<()> {
         webhook_key: Arc::new(webhook_key),
         ticket_codes: Arc::new(TicketCodes::new(config.ticket_secret.expose().as_bytes())),
         images: image_store(&config.image_store).context("opening the image store")?,
+        tasks_failed: tasks.failed(),
         config: Arc::new(config),
     };
     tracing::info!(%addr, docs = %format!("http://{addr}/docs"), "listening");
-    axum::serve(listener, routes::app(state).into_make_service_with_connect_info::<std::net::SocketAddr>())
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-        .context("serving HTTP")?;
+    let app = routes::app(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    tasks.spawn("http server", async move {
+        axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await.context("serving HTTP")
+    });
+    let supervised = tasks.supervise().await;
     amqp.close();
     db.close().await;
     tracing::info!("api stopped");
-    Ok(())
+    supervised
 }
 
 /// `IMAGE_STORE`: `s3://bucket[/prefix]` (credentials and endpoint from the `AWS_*`

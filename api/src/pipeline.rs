@@ -64,15 +64,20 @@ pub struct OrderInserter {
 }
 
 impl OrderInserter {
-    pub fn spawn(db: PgPool, publisher: Arc<Publisher>, partitions: u16) -> Self {
+    /// The inserter, and its task, which ends once every clone of the inserter is gone.
+    pub fn new(
+        db: PgPool,
+        publisher: Arc<Publisher>,
+        partitions: u16,
+    ) -> (Self, impl std::future::Future<Output = ()> + Send + 'static) {
         let (queue, mut rx) = mpsc::channel::<(NewOrder, Reply)>(INSERT_BATCH * 4);
-        tokio::spawn(async move {
+        let task = async move {
             let mut batch = Vec::with_capacity(INSERT_BATCH);
             while rx.recv_many(&mut batch, INSERT_BATCH).await > 0 {
                 store(&db, &publisher, partitions, std::mem::take(&mut batch)).await;
             }
-        });
-        Self { queue }
+        };
+        (Self { queue }, task)
     }
 
     /// Stores one order, sharing the statement with whatever else is waiting, and sends it.

@@ -42,5 +42,7 @@ pub struct AppState {
     pub images: Arc<dyn object_store::ObjectStore>,
     /// The key payment webhooks are signed with (`WEBHOOK_SECRET`).
     pub webhook_key: Arc<SigningKey>,
+    /// Set once a supervised background task has stopped: readiness answers 503.
+    pub tasks_failed: common::supervise::Failed,
     pub config: Arc<ApiConfig>,
 }

@@ -106,15 +106,12 @@ impl Throttle {
 
     /// Forgets idle keys every minute until `shutdown` (every api process does it; a row
     /// deleted twice is deleted once).
-    pub fn spawn_cleanup(self: &Arc<Self>, db: PgPool, shutdown: tokio_util::sync::CancellationToken) {
-        let throttle = self.clone();
-        tokio::spawn(async move {
-            let mut every_minute = tokio::time::interval(WINDOW);
-            while shutdown.run_until_cancelled(every_minute.tick()).await.is_some() {
-                if let Err(err) = throttle.forget_idle(&db).await {
-                    tracing::warn!(limit = throttle.name, error = %err, "forgetting idle rate limits failed");
-                }
+    pub async fn clean_up(self: Arc<Self>, db: PgPool, shutdown: tokio_util::sync::CancellationToken) {
+        let mut every_minute = tokio::time::interval(WINDOW);
+        while shutdown.run_until_cancelled(every_minute.tick()).await.is_some() {
+            if let Err(err) = self.forget_idle(&db).await {
+                tracing::warn!(limit = self.name, error = %err, "forgetting idle rate limits failed");
             }
-        });
+        }
     }
 }

@@ -42,8 +42,6 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     MIGRATOR.run(pool).await
 }
 
-/// Whether the error means the database is unreachable or overloaded (as opposed to a bug
-/// or a constraint): callers answer 503 for these.
 /// Whether the database answers `SELECT 1` within `limit` (the readiness probes of api and
 /// worker).
 pub async fn answers(pool: &PgPool, limit: Duration) -> bool {
@@ -51,6 +49,21 @@ pub async fn answers(pool: &PgPool, limit: Duration) -> bool {
     matches!(tokio::time::timeout(limit, check).await, Ok(Ok(1)))
 }
 
+/// Whether the error is a refusal that no retry can fix: PostgreSQL refuses this process's
+/// credentials (SQLSTATE class 28: a rotated password, a dropped role) or its database no
+/// longer exists (`3D000`). A background loop stops on these, so that the process exits and
+/// is restarted (with its current configuration) instead of retrying for ever.
+pub fn is_permanent(err: &sqlx::Error) -> bool {
+    err.as_database_error().and_then(|db| db.code()).is_some_and(|code| code.starts_with("28") || code == "3D000")
+}
+
+/// [`is_permanent`] for an error that may wrap a database error.
+pub fn is_permanent_anyhow(err: &anyhow::Error) -> bool {
+    err.chain().filter_map(|cause| cause.downcast_ref::<sqlx::Error>()).any(is_permanent)
+}
+
+/// Whether the error means the database is unreachable or overloaded (as opposed to a bug
+/// or a constraint): callers answer 503 for these.
 pub fn is_unavailable(err: &sqlx::Error) -> bool {
     match err {
         sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => true,

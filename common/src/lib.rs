@@ -11,6 +11,7 @@ pub mod order_changes;
 pub mod shutdown;
 pub mod standard_webhooks;
 pub mod stock;
+pub mod supervise;
 pub mod telemetry;
 pub mod waitlist;
 pub mod webhook_targets;

@@ -35,23 +35,13 @@ const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 
 /// Installs the process-wide recorder and sets `turnstile_build_info`. Every histogram
 /// whose name ends in `_seconds` gets [`LATENCY_BUCKETS`], every one ending in `_orders`
-/// gets [`BATCH_BUCKETS`]. Call inside the runtime: it starts the recorder's upkeep, which
-/// folds the samples recorded since into the buckets every few seconds, so that memory
-/// stays bounded whether or not anyone scrapes.
+/// gets [`BATCH_BUCKETS`]. Run [`upkeep`] beside it.
 pub fn install(service: &'static str) -> anyhow::Result<PrometheusHandle> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)?
         .set_buckets_for_metric(Matcher::Suffix("_orders".into()), BATCH_BUCKETS)?
         .install_recorder()
         .context("installing the metrics recorder")?;
-    let upkept = handle.clone();
-    tokio::spawn(async move {
-        let mut every = tokio::time::interval(UPKEEP_EVERY);
-        loop {
-            every.tick().await;
-            upkept.run_upkeep();
-        }
-    });
     describe_common();
     metrics::gauge!(
         "turnstile_build_info",
@@ -110,19 +100,31 @@ where
     )
 }
 
-/// Binds `addr` (failing at start-up when it is taken) and serves `router` there until
-/// `shutdown`; logs the address bound (`metrics listening`, field `addr`).
-pub async fn serve(addr: SocketAddr, router: Router, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// The recorder's upkeep until `shutdown`: folds the samples recorded since into the
+/// buckets every few seconds, so that memory stays bounded whether or not anyone scrapes.
+pub async fn upkeep(handle: PrometheusHandle, shutdown: CancellationToken) {
+    let mut every = tokio::time::interval(UPKEEP_EVERY);
+    while shutdown.run_until_cancelled(every.tick()).await.is_some() {
+        handle.run_upkeep();
+    }
+}
+
+/// Binds `addr` (failing at start-up when it is taken) and logs the address bound (`metrics
+/// listening`, field `addr`); the returned future serves `router` there until `shutdown`.
+pub async fn serve(
+    addr: SocketAddr,
+    router: Router,
+    shutdown: CancellationToken,
+) -> anyhow::Result<impl Future<Output = anyhow::Result<()>> + Send + 'static> {
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding METRICS_ADDR {addr}"))?;
     let bound = listener.local_addr()?;
     tracing::info!(addr = %bound, "metrics listening");
-    tokio::spawn(async move {
-        let served = axum::serve(listener, router).with_graceful_shutdown(shutdown.cancelled_owned()).await;
-        if let Err(err) = served {
-            tracing::error!(error = %err, "the metrics server stopped");
-        }
-    });
-    Ok(())
+    Ok(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+            .context("serving the metrics")
+    })
 }
 
 /// Runs `work` at most for `limit`; for gauges read on a scrape, which must not hang it.

@@ -107,6 +107,18 @@ impl TestDb {
     }
 }
 
+impl TestDb {
+    /// Drops the database now, closing its connections (`WITH (FORCE)`): whoever uses it
+    /// from then on is told it does not exist.
+    pub async fn drop_now(&self) {
+        let mut admin = sqlx::PgConnection::connect(&self.admin_url).await.expect("connect to PostgreSQL");
+        admin
+            .execute(sqlx::AssertSqlSafe(format!("DROP DATABASE {} WITH (FORCE)", self.name)))
+            .await
+            .expect("drop the test database");
+    }
+}
+
 impl Drop for TestDb {
     fn drop(&mut self) {
         let (name, admin_url) = (self.name.clone(), self.admin_url.clone());
@@ -368,6 +380,18 @@ impl Process {
         None
     }
 
+    /// Waits (up to `timeout`) for the process to exit by itself; its exit status.
+    pub async fn wait_for_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while tokio::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        None
+    }
+
     /// The process id.
     pub fn id(&self) -> u32 {
         self.child.id()
@@ -529,6 +553,11 @@ impl TestApp {
         let mut env = self.api_env.clone();
         env.extend(extra_env.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
         Self::start_api(&env)
+    }
+
+    /// Waits (up to `timeout`) for the api to exit by itself; its exit status.
+    pub async fn wait_for_api_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        self.api.wait_for_exit(timeout).await
     }
 
     /// Stops the api with SIGTERM (a graceful shutdown) and returns its exit status.

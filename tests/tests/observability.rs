@@ -286,6 +286,7 @@ async fn metrics_and_worker_probes_stay_off_the_public_api() {
     assert_eq!(ready["status"], "ready");
     assert_eq!(ready["checks"]["database"], "ok");
     assert_eq!(ready["checks"]["partitions_subscribed"], 8);
+    assert_eq!((&ready["checks"]["tasks"], &ready["checks"]["stopped_task"]), (&json!("ok"), &Value::Null));
 
     // A second worker told to serve on a taken address refuses to start, and says why.
     let taken = base.trim_start_matches("http://").to_owned();

@@ -2,6 +2,8 @@
 //! health probes, the OpenAPI document, error shapes for unknown routes and big bodies,
 //! request ids, and the `migrate` subcommand.
 
+use std::time::Duration;
+
 use serde_json::json;
 use tests::{Services, TestApp, TestDb};
 
@@ -55,7 +57,7 @@ async fn health_probes_report_dependencies() {
     assert_eq!((live.status, live.json["status"].as_str()), (200, Some("ok")));
     let ready = app.get("/health/ready", None).await;
     assert_eq!(ready.status, 200, "{}", ready.body);
-    assert_eq!(ready.json, json!({"status": "ready", "checks": {"database": "ok", "broker": "ok"}}));
+    assert_eq!(ready.json, json!({"status": "ready", "checks": {"database": "ok", "broker": "ok", "tasks": "ok"}}));
 }
 
 #[tokio::test]
@@ -65,7 +67,7 @@ async fn readiness_fails_when_the_broker_is_unreachable() {
     let app = TestApp::spawn_with(&[("AMQP_URL", "amqp://guest:guest@127.0.0.1:9/%2f".to_owned())]).await;
     let ready = app.get("/health/ready", None).await;
     assert_eq!(ready.status, 503, "{}", ready.body);
-    assert_eq!(ready.json["checks"], json!({"database": "ok", "broker": "unavailable"}));
+    assert_eq!(ready.json["checks"], json!({"database": "ok", "broker": "unavailable", "tasks": "ok"}));
     assert_eq!(app.get("/health/live", None).await.status, 200);
 }
 
@@ -267,4 +269,30 @@ async fn worker_health_follows_its_heartbeat() {
     worker.terminate();
     let (ok, _, stderr) = check(&host);
     assert!(!ok, "a stopped worker is not healthy: {stderr}");
+}
+
+/// Background tasks are supervised. When the database goes away for good (dropped: every
+/// reconnection is refused with SQLSTATE `3D000`), the worker's loops and the api's
+/// notification listener stop instead of retrying for ever, and each process logs the task
+/// that stopped and why, and exits non-zero, for its orchestrator to restart it.
+#[tokio::test]
+async fn a_task_whose_database_is_gone_stops_its_process_naming_the_task() {
+    let mut app = TestApp::spawn().await;
+    let mut worker = app.spawn_worker(&[]);
+    app.db.drop_now().await;
+
+    let stopped = |logs: Vec<serde_json::Value>| {
+        logs.into_iter().find(|line| line["message"] == "a task stopped; stopping the process")
+    };
+    let status = worker.wait_for_exit(Duration::from_secs(60)).await.expect("the worker exits by itself");
+    assert!(!status.success(), "the worker's exit status says it failed: {status}");
+    let line = stopped(worker.all_logs()).expect("the worker logs the task that stopped");
+    assert!(line["task"].as_str().is_some_and(|task| !task.is_empty()), "{line}");
+    assert!(line["error"].as_str().unwrap_or_default().contains("does not exist"), "{line}");
+
+    let status = app.wait_for_api_exit(Duration::from_secs(60)).await.expect("the api exits by itself");
+    assert!(!status.success(), "the api's exit status says it failed: {status}");
+    let line = stopped(app.api_logs()).expect("the api logs the task that stopped");
+    assert_eq!(line["task"], "notification listener", "{line}");
+    assert!(line["error"].as_str().unwrap_or_default().contains("does not exist"), "{line}");
 }

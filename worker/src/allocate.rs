@@ -60,16 +60,18 @@ pub struct Job {
 /// The most partition batches decided in one transaction.
 const JOBS_PER_TRANSACTION: usize = 64;
 
-/// Starts the task that decides the partitions' batches: whatever batches are waiting
+/// The task that decides the partitions' batches: whatever batches are waiting
 /// when a transaction starts share it, one at a time. On a hot event one partition fills
 /// every batch; on a normal day (orders spread over many events, so over every partition)
 /// each partition's batch is small, and deciding the partitions' batches together keeps
 /// the statements and the commit per order as few as when one event is hot. A partition's
 /// batch is acked only once its transaction committed; each partition's batches are still
 /// decided in their order (a consumer waits for one before sending the next).
-pub fn spawn_decider(db: PgPool, hold_ttl: Duration) -> mpsc::Sender<Job> {
+///
+/// Returns the queue to send batches to, and the task, which ends once every sender is gone.
+pub fn decider(db: PgPool, hold_ttl: Duration) -> (mpsc::Sender<Job>, impl Future<Output = ()> + Send + 'static) {
     let (jobs, mut queue) = mpsc::channel::<Job>(JOBS_PER_TRANSACTION * 4);
-    tokio::spawn(async move {
+    let task = async move {
         let mut waiting = Vec::with_capacity(JOBS_PER_TRANSACTION);
         while queue.recv_many(&mut waiting, JOBS_PER_TRANSACTION).await > 0 {
             let batches: Vec<(u16, &Groups)> = waiting.iter().map(|job| (job.partition, &job.groups)).collect();
@@ -91,8 +93,8 @@ pub fn spawn_decider(db: PgPool, hold_ttl: Duration) -> mpsc::Sender<Job> {
                 }
             }
         }
-    });
-    jobs
+    };
+    (jobs, task)
 }
 
 /// How a consumer session ended, when it ended well.

@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use base64::Engine as _;
 use common::config::WorkerConfig;
 use common::standard_webhooks::{self, SigningKey};
@@ -23,6 +24,8 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
+
+use crate::poll::{Next, Round};
 
 /// Deliveries taken per round, sent concurrently.
 const ROUND: i64 = 32;
@@ -82,29 +85,10 @@ impl Deliverer {
         })
     }
 
-    pub async fn run(self: Arc<Self>, interval: Duration, shutdown: CancellationToken) {
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(interval) => {}
-            }
-            // Keep going while full rounds come back.
-            loop {
-                match self.claim().await {
-                    Ok(due) => {
-                        let full = due.len() == ROUND as usize;
-                        join_all(due.into_iter().map(|delivery| self.deliver(delivery))).await;
-                        if !full || shutdown.is_cancelled() {
-                            break;
-                        }
-                    }
-                    Err(err) => {
-                        tracing::warn!(error = %err, "claiming webhook deliveries failed");
-                        break;
-                    }
-                }
-            }
-        }
+    /// Sends due deliveries every `interval` until shutdown.
+    pub async fn run(self: Arc<Self>, interval: Duration, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let mut rounds = Rounds(self);
+        crate::poll::every("webhook deliverer", interval, &shutdown, &mut rounds).await
     }
 
     /// Takes a round of due deliveries under a fresh lease.
@@ -339,5 +323,18 @@ impl Resolve for GuardedResolver {
             }
             Ok(Box::new(permitted.into_iter()) as Addrs)
         })
+    }
+}
+
+/// The deliverer's polling round: a round of due deliveries, sent at once; full rounds go
+/// again at once.
+struct Rounds(Arc<Deliverer>);
+
+impl Round for Rounds {
+    async fn round(&mut self) -> anyhow::Result<Next> {
+        let due = self.0.claim().await.context("claiming webhook deliveries")?;
+        let full = due.len() == ROUND as usize;
+        join_all(due.into_iter().map(|delivery| self.0.deliver(delivery))).await;
+        Ok(if full { Next::Again } else { Next::Wait })
     }
 }

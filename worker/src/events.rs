@@ -29,7 +29,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::retry::Backoff;
+use crate::poll::{Next, Round};
 
 /// Status changes relayed per transaction.
 const BATCH: i64 = 500;
@@ -44,37 +44,26 @@ struct Change {
     order: OrderSnapshot,
 }
 
+/// Relays new status changes every `interval` until shutdown.
 pub async fn run(
     db: PgPool,
     amqp: common::amqp::Pool,
     interval: Duration,
     format: EventsFormat,
     shutdown: CancellationToken,
-) {
+) -> anyhow::Result<()> {
     let mut relay = Relay { db, amqp, format, channel: None };
-    let mut backoff = Backoff::default();
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(interval) => {}
-        }
-        loop {
-            match relay.batch().await {
-                Ok(relayed) => {
-                    backoff.reset();
-                    if relayed < BATCH as usize || shutdown.is_cancelled() {
-                        break;
-                    }
-                }
-                Err(err) => {
-                    tracing::warn!(error = format!("{err:#}"), "relaying order events failed; retrying");
-                    relay.channel = None;
-                    if !backoff.wait(&shutdown).await {
-                        return;
-                    }
-                }
-            }
-        }
+    crate::poll::every("order events relay", interval, &shutdown, &mut relay).await
+}
+
+impl Round for Relay {
+    async fn round(&mut self) -> anyhow::Result<Next> {
+        let relayed = self.batch().await?;
+        Ok(if relayed < BATCH as usize { Next::Wait } else { Next::Again })
+    }
+
+    fn failed(&mut self) {
+        self.channel = None;
     }
 }
 

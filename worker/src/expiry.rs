@@ -7,28 +7,40 @@
 
 use std::time::Duration;
 
+use anyhow::Context;
 use common::order_changes;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::poll::{Next, Round};
+
 /// Most holds expired per event and per transaction, and most due holds read per scan.
 const BATCH: i64 = 1_000;
 
-pub async fn run(db: PgPool, interval: Duration, offer_ttl: Duration, shutdown: CancellationToken) {
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = ticker.tick() => {}
-        }
-        if let Err(err) = expire_due(&db, offer_ttl, &shutdown).await {
-            tracing::warn!(error = %err, "expiring holds failed; retrying next tick");
-        }
-        if let Err(err) = finish_deletions(&db, &shutdown).await {
-            tracing::warn!(error = %err, "finishing deletions with refunds failed; retrying next tick");
-        }
+/// Expires due holds, and finishes deletions, every `interval` until shutdown.
+pub async fn run(
+    db: PgPool,
+    interval: Duration,
+    offer_ttl: Duration,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut expiry = Expiry { db, offer_ttl, shutdown: shutdown.clone() };
+    crate::poll::every("expiry", interval, &shutdown, &mut expiry).await
+}
+
+/// The loop's round: expire what is due, then finish deletions left unfinished.
+pub struct Expiry {
+    pub db: PgPool,
+    pub offer_ttl: Duration,
+    pub shutdown: CancellationToken,
+}
+
+impl Round for Expiry {
+    async fn round(&mut self) -> anyhow::Result<Next> {
+        expire_due(&self.db, self.offer_ttl, &self.shutdown).await.context("expiring holds")?;
+        finish_deletions(&self.db, &self.shutdown).await.context("finishing deletions with refunds")?;
+        Ok(Next::Wait)
     }
 }
 

@@ -11,6 +11,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
+use common::supervise::Failed;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -24,11 +25,13 @@ pub struct Probe {
     pub partitions: u16,
     /// Partition queues this worker's consumers are subscribed to right now.
     pub subscribed: Arc<AtomicUsize>,
+    /// Set once a supervised task has stopped (the process is on its way out).
+    pub failed: Failed,
 }
 
 impl Probe {
-    pub fn new(db: PgPool, partitions: u16) -> Self {
-        Self { db, partitions, subscribed: Arc::default() }
+    pub fn new(db: PgPool, partitions: u16, failed: Failed) -> Self {
+        Self { db, partitions, subscribed: Arc::default(), failed }
     }
 
     /// A partition consumer subscribed; the returned guard counts it until dropped.
@@ -72,14 +75,16 @@ pub fn router(probe: Probe, metrics: PrometheusHandle) -> Router {
         .merge(common::metrics::router(metrics, scrape))
 }
 
-/// Ready: PostgreSQL answers and a consumer is subscribed to every partition queue (with
-/// several workers, each subscribes to all; RabbitMQ delivers each partition to one).
+/// Ready: PostgreSQL answers, a consumer is subscribed to every partition queue (with
+/// several workers, each subscribes to all; RabbitMQ delivers each partition to one), and
+/// every supervised task is running.
 async fn ready(State(probe): State<Probe>) -> (StatusCode, Json<Value>) {
     let database = common::db::answers(&probe.db, CHECK_TIMEOUT).await;
     let subscribed = probe.subscribed.load(Ordering::Relaxed);
     let consuming = subscribed >= usize::from(probe.partitions);
+    let stopped = probe.failed.task();
     let word = |ok: bool| if ok { "ok" } else { "unavailable" };
-    let ok = database && consuming;
+    let ok = database && consuming && stopped.is_none();
     let body = json!({
         "status": if ok { "ready" } else { "unavailable" },
         "checks": {
@@ -87,6 +92,8 @@ async fn ready(State(probe): State<Probe>) -> (StatusCode, Json<Value>) {
             "broker": word(consuming),
             "partitions_subscribed": subscribed,
             "partitions": probe.partitions,
+            "tasks": word(stopped.is_none()),
+            "stopped_task": stopped,
         },
     });
     (if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Json(body))

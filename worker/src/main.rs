@@ -12,6 +12,7 @@ mod events;
 mod expiry;
 mod health;
 mod membership;
+mod poll;
 mod republish;
 mod retry;
 
@@ -20,8 +21,8 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use common::config::WorkerConfig;
+use common::supervise::Tasks;
 use tokio::sync::{Semaphore, watch};
-use tokio::task::JoinSet;
 use uuid::Uuid;
 
 use crate::allocate::Allocator;
@@ -66,60 +67,73 @@ async fn run(config: WorkerConfig) -> anyhow::Result<()> {
     let amqp = common::amqp::pool(&config.broker, usize::from(config.broker.partitions) + 3)
         .context("creating the AMQP pool")?;
     let shutdown = common::shutdown::on_signal();
+    let mut tasks = Tasks::new(shutdown.clone());
     let config = Arc::new(config);
     let partitions = config.broker.partitions;
     let worker_id = Uuid::now_v7();
-    let probe = health::Probe::new(db.clone(), partitions);
-    common::metrics::serve(config.metrics_addr, health::router(probe.clone(), metrics), shutdown.clone()).await?;
+    let probe = health::Probe::new(db.clone(), partitions, tasks.failed());
+    tasks.spawn("metrics upkeep", common::metrics::upkeep(metrics.clone(), shutdown.clone()));
+    let serving =
+        common::metrics::serve(config.metrics_addr, health::router(probe.clone(), metrics), shutdown.clone()).await?;
+    tasks.spawn("metrics server", serving);
     metrics::gauge!("turnstile_partitions").set(f64::from(partitions));
 
     declare_topology(&amqp, partitions, &shutdown).await;
 
-    let mut tasks = JoinSet::new();
     let (assignment_tx, assignment) = watch::channel(Assignment::ALONE);
-    tasks.spawn(membership::run(
-        db.clone(),
-        worker_id,
-        config.heartbeat(),
-        partitions,
-        assignment_tx,
-        shutdown.clone(),
-    ));
+    tasks.spawn(
+        "membership",
+        membership::run(db.clone(), worker_id, config.heartbeat(), partitions, assignment_tx, shutdown.clone()),
+    );
 
-    let jobs = allocate::spawn_decider(db.clone(), config.hold_ttl());
+    // The decider ends once every partition consumer has (they hold its queue's senders).
+    let (jobs, decider) = allocate::decider(db.clone(), config.hold_ttl());
+    tasks.spawn("allocation decider", decider);
     let allocator =
         Arc::new(Allocator { amqp: amqp.clone(), config: config.clone(), worker_id, assignment, jobs, probe });
     let subscribed = Arc::new(Semaphore::new(0));
     for partition in 0..partitions {
-        tasks.spawn(allocator.clone().run_partition(partition, subscribed.clone(), shutdown.clone()));
+        tasks.spawn(
+            format!("partition {partition} consumer"),
+            allocator.clone().run_partition(partition, subscribed.clone(), shutdown.clone()),
+        );
     }
+    drop(allocator);
     let publisher = common::amqp::Publisher::new(amqp.clone(), partitions);
-    tasks.spawn(republish::run(db.clone(), publisher, config.clone(), shutdown.clone()));
-    tasks.spawn(expiry::run(db.clone(), config.expiry_interval(), config.waitlist.offer_ttl(), shutdown.clone()));
-    tasks.spawn(events::run(
-        db.clone(),
-        amqp.clone(),
-        config.events_relay_interval(),
-        config.order_events_format,
-        shutdown.clone(),
-    ));
+    tasks.spawn("re-publisher", republish::run(db.clone(), publisher, config.clone(), shutdown.clone()));
+    tasks.spawn(
+        "expiry",
+        expiry::run(db.clone(), config.expiry_interval(), config.waitlist.offer_ttl(), shutdown.clone()),
+    );
+    tasks.spawn(
+        "order events relay",
+        events::run(
+            db.clone(),
+            amqp.clone(),
+            config.events_relay_interval(),
+            config.order_events_format,
+            shutdown.clone(),
+        ),
+    );
     let deliverer = Arc::new(deliveries::Deliverer::new(db.clone(), &config).context("building the webhook client")?);
-    tasks.spawn(deliverer.run(config.webhook_poll_interval(), shutdown.clone()));
+    tasks.spawn("webhook deliverer", deliverer.run(config.webhook_poll_interval(), shutdown.clone()));
 
-    tokio::select! {
-        _ = shutdown.cancelled() => {}
-        permits = subscribed.acquire_many(u32::from(partitions)) => {
-            drop(permits);
-            tracing::info!(%worker_id, partitions, "worker ready");
+    let announce_ready = async {
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            permits = subscribed.acquire_many(u32::from(partitions)) => {
+                drop(permits);
+                tracing::info!(%worker_id, partitions, "worker ready");
+            }
         }
-    }
-    shutdown.cancelled().await;
-    tracing::info!("shutting down: finishing the batches in hand");
-    while tasks.join_next().await.is_some() {}
+        shutdown.cancelled().await;
+        tracing::info!("shutting down: finishing the batches in hand");
+    };
+    let (supervised, ()) = tokio::join!(tasks.supervise(), announce_ready);
     amqp.close();
     db.close().await;
     tracing::info!("worker stopped");
-    Ok(())
+    supervised
 }
 
 fn describe_metrics() {

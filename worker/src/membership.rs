@@ -14,10 +14,13 @@
 
 use std::time::Duration;
 
+use anyhow::Context;
 use sqlx::PgPool;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+
+use crate::poll::{Next, Round};
 
 /// A worker is considered gone when its heartbeat is this many intervals old.
 const MISSED_HEARTBEATS: u32 = 5;
@@ -43,7 +46,8 @@ impl Assignment {
 }
 
 /// Heartbeats until shutdown, publishing this worker's assignment whenever it changes, then
-/// removes the worker's row so the others take over its preferences at once.
+/// removes the worker's row so the others take over its preferences at once. A failed
+/// heartbeat keeps the last assignment and is retried (see [`crate::poll`]).
 pub async fn run(
     db: PgPool,
     worker_id: Uuid,
@@ -51,37 +55,45 @@ pub async fn run(
     partitions: u16,
     assignment: watch::Sender<Assignment>,
     shutdown: CancellationToken,
-) {
+) -> anyhow::Result<()> {
     let hostname = std::env::var("HOSTNAME").unwrap_or_default();
-    loop {
-        match beat(&db, worker_id, &hostname, interval * MISSED_HEARTBEATS).await {
-            Ok(current) => {
-                let preferred = current.preferred(partitions).len();
-                metrics::gauge!("turnstile_partitions_preferred").set(preferred as f64);
-                if assignment.send_if_modified(|old| std::mem::replace(old, current) != current) {
-                    tracing::info!(
-                        %worker_id,
-                        rank = current.rank,
-                        members = current.members,
-                        preferred = ?current.preferred(partitions),
-                        "partition assignment"
-                    );
-                }
-            }
-            Err(err) => tracing::warn!(error = %err, "worker heartbeat failed; keeping the last assignment"),
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(interval) => {}
-        }
-    }
+    let mut heartbeat =
+        Heartbeat { db: db.clone(), worker_id, hostname, expiry: interval * MISSED_HEARTBEATS, partitions, assignment };
+    let result = crate::poll::every("heartbeat", interval, &shutdown, &mut heartbeat).await;
     if let Err(err) = sqlx::query("DELETE FROM workers WHERE id = $1").bind(worker_id).execute(&db).await {
         tracing::warn!(error = %err, "could not remove this worker's heartbeat row; it expires by itself");
     }
+    result
 }
 
-/// `worker health`: whether a worker on this host (`HOSTNAME`) is alive, judged by its
-/// heartbeat, the way the other workers judge it.
+/// One heartbeat: this worker's row refreshed, and its assignment recomputed.
+struct Heartbeat {
+    db: PgPool,
+    worker_id: Uuid,
+    hostname: String,
+    expiry: Duration,
+    partitions: u16,
+    assignment: watch::Sender<Assignment>,
+}
+
+impl Round for Heartbeat {
+    async fn round(&mut self) -> anyhow::Result<Next> {
+        let current = beat(&self.db, self.worker_id, &self.hostname, self.expiry).await.context("heartbeat")?;
+        let preferred = current.preferred(self.partitions).len();
+        metrics::gauge!("turnstile_partitions_preferred").set(preferred as f64);
+        if self.assignment.send_if_modified(|old| std::mem::replace(old, current) != current) {
+            tracing::info!(
+                worker_id = %self.worker_id,
+                rank = current.rank,
+                members = current.members,
+                preferred = ?current.preferred(self.partitions),
+                "partition assignment"
+            );
+        }
+        Ok(Next::Wait)
+    }
+}
+
 pub async fn check_health(config: common::config::WorkerConfig) -> anyhow::Result<()> {
     let hostname = std::env::var("HOSTNAME").unwrap_or_default();
     let db = common::db::connect(&config.database).await?;

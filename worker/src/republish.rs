@@ -26,35 +26,43 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::poll::{Next, Round};
+
 /// Orders claimed per round.
 const ROUND: i64 = 500;
 
-pub async fn run(db: PgPool, publisher: Publisher, config: std::sync::Arc<WorkerConfig>, shutdown: CancellationToken) {
+/// Re-publishes missing orders every `REPUBLISH_INTERVAL_MS` until shutdown.
+pub async fn run(
+    db: PgPool,
+    publisher: Publisher,
+    config: std::sync::Arc<WorkerConfig>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut republisher = Republisher {
+        db,
+        publisher,
+        after: Duration::from_secs(config.republish_after_secs),
+        stale: Duration::from_secs(config.republish_stale_secs),
+    };
     let interval = Duration::from_millis(config.republish_interval_ms);
-    let after = Duration::from_secs(config.republish_after_secs);
-    let stale = Duration::from_secs(config.republish_stale_secs);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(interval) => {}
+    crate::poll::every("re-publisher", interval, &shutdown, &mut republisher).await
+}
+
+/// The loop's round; full rounds go again at once (a broker outage may have left many).
+pub struct Republisher {
+    pub db: PgPool,
+    pub publisher: Publisher,
+    pub after: Duration,
+    pub stale: Duration,
+}
+
+impl Round for Republisher {
+    async fn round(&mut self) -> anyhow::Result<Next> {
+        let (claimed, published) = round(&self.db, &self.publisher, self.after, self.stale).await?;
+        if claimed > 0 {
+            tracing::info!(claimed, published, "re-published queued orders");
         }
-        // Keep going while full rounds come back: a broker outage may have left many.
-        loop {
-            match round(&db, &publisher, after, stale).await {
-                Ok((claimed, published)) => {
-                    if claimed > 0 {
-                        tracing::info!(claimed, published, "re-published queued orders");
-                    }
-                    if claimed < ROUND as usize || published < claimed || shutdown.is_cancelled() {
-                        break;
-                    }
-                }
-                Err(err) => {
-                    tracing::warn!(error = %err, "re-publisher round failed");
-                    break;
-                }
-            }
-        }
+        Ok(if claimed == ROUND as usize && published == claimed { Next::Again } else { Next::Wait })
     }
 }
 

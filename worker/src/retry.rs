@@ -1,5 +1,6 @@
 //! Exponential back-off for the worker's loops: a failing database or broker is retried
-//! with growing pauses (100 ms doubling to 5 s), never in a hot loop, never given up on.
+//! with growing pauses (100 ms doubling to 5 s), never in a hot loop (the polling loops
+//! give up only on a refusal no retry can fix, see `poll`).
 
 use std::time::Duration;
 

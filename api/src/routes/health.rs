@@ -31,6 +31,9 @@ pub struct Health {
 pub struct Checks {
     pub database: &'static str,
     pub broker: &'static str,
+    /// The process's background tasks (order inserter, notification listener, …): `ok`, or
+    /// `unavailable` once one has stopped, the process then being on its way out.
+    pub tasks: &'static str,
 }
 
 /// The process is up and serving HTTP.
@@ -40,19 +43,21 @@ pub async fn live() -> Json<Health> {
     Json(Health { status: "ok", checks: None })
 }
 
-/// The process can do its work: PostgreSQL and RabbitMQ both answer.
+/// The process can do its work: PostgreSQL and RabbitMQ both answer, and its background
+/// tasks run.
 #[utoipa::path(get, path = "/health/ready", tag = "operations",
     responses(
         (status = 200, description = "Ready", body = Health),
-        (status = 503, description = "A dependency is unavailable", body = Health),
+        (status = 503, description = "A dependency is unavailable, or a background task stopped", body = Health),
     ))]
 pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
     let (database, broker) = tokio::join!(common::db::answers(&state.db, CHECK_TIMEOUT), broker_ok(&state));
+    let tasks = state.tasks_failed.task().is_none();
     let word = |ok: bool| if ok { "ok" } else { "unavailable" };
-    let status = if database && broker { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if database && broker && tasks { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let health = Health {
         status: if status == StatusCode::OK { "ready" } else { "unavailable" },
-        checks: Some(Checks { database: word(database), broker: word(broker) }),
+        checks: Some(Checks { database: word(database), broker: word(broker), tasks: word(tasks) }),
     };
     (status, Json(health))
 }
