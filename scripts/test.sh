@@ -18,6 +18,9 @@ source "$(bash scripts/services.sh env)"
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+echo "== SQL checked at compile time: .sqlx/ matches the queries and the schema"
+bash scripts/sqlx.sh check
+
 echo "== build the binaries the end-to-end tests start"
 cargo build --workspace --bins --locked
 

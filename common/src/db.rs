@@ -45,7 +45,7 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
 /// Whether the database answers `SELECT 1` within `limit` (the readiness probes of api and
 /// worker).
 pub async fn answers(pool: &PgPool, limit: Duration) -> bool {
-    let check = sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(pool);
+    let check = sqlx::query_scalar!(r#"SELECT 1 AS "one!""#).fetch_one(pool);
     matches!(tokio::time::timeout(limit, check).await, Ok(Ok(1)))
 }
 
@@ -84,7 +84,7 @@ pub async fn notify_order_changes(conn: &mut sqlx::PgConnection, ids: &[uuid::Uu
     // 36 characters and a comma per id.
     for chunk in ids.chunks(200) {
         let payload = chunk.iter().map(uuid::Uuid::to_string).collect::<Vec<_>>().join(",");
-        sqlx::query("SELECT pg_notify($1, $2)").bind(ORDER_CHANGES_CHANNEL).bind(payload).execute(&mut *conn).await?;
+        sqlx::query!("SELECT pg_notify($1, $2)", ORDER_CHANGES_CHANNEL, payload).execute(&mut *conn).await?;
     }
     Ok(())
 }

@@ -21,7 +21,7 @@ use uuid::Uuid;
 use crate::domain::{OrderEvent, OrderStatus, Transition, reason};
 
 /// An order locked for a status change, with what the rules need to know about it.
-#[derive(Debug, sqlx::FromRow)]
+#[derive(Debug)]
 pub struct LockedOrder {
     pub id: Uuid,
     pub user_id: Uuid,
@@ -39,23 +39,26 @@ pub struct LockedOrder {
 /// no such order, or when `owner` is given and the order is someone else's.
 pub async fn lock(tx: &mut PgConnection, order_id: Uuid, owner: Option<Uuid>) -> sqlx::Result<Option<LockedOrder>> {
     // The event and owner of an order never change, so they can be read before the locks.
-    let Some(event_id) = sqlx::query_scalar::<_, Uuid>(
+    let Some(event_id) = sqlx::query_scalar!(
         "SELECT event_id FROM orders WHERE id = $1 AND ($2::uuid IS NULL OR user_id = $2)",
+        order_id,
+        owner
     )
-    .bind(order_id)
-    .bind(owner)
     .fetch_optional(&mut *tx)
     .await?
     else {
         return Ok(None);
     };
-    sqlx::query("SELECT 1 FROM events WHERE id = $1 FOR NO KEY UPDATE").bind(event_id).execute(&mut *tx).await?;
-    sqlx::query_as::<_, LockedOrder>(
-        "SELECT id, user_id, event_id, status, quantity, total, currency,
-                status = 'PENDING' AND expires_at <= now() AS hold_over
-         FROM orders WHERE id = $1 FOR UPDATE",
+    sqlx::query!("SELECT 1 AS locked FROM events WHERE id = $1 FOR NO KEY UPDATE", event_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+    sqlx::query_as!(
+        LockedOrder,
+        r#"SELECT id, user_id, event_id, status AS "status: OrderStatus", quantity, total, currency,
+                  coalesce(status = 'PENDING' AND expires_at <= now(), false) AS "hold_over!"
+           FROM orders WHERE id = $1 FOR UPDATE"#,
+        order_id
     )
-    .bind(order_id)
     .fetch_optional(&mut *tx)
     .await
 }
@@ -111,22 +114,24 @@ async fn move_orders(
 ) -> sqlx::Result<Transition> {
     let transition = from.apply(event);
     if let Transition::Moves { to, releases_tickets } = transition {
-        sqlx::query("UPDATE orders SET status = $2, reason = $3, updated_at = now() WHERE id = ANY($1)")
-            .bind(ids)
-            .bind(to)
-            .bind(reason)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query!(
+            "UPDATE orders SET status = $2, reason = $3, updated_at = now() WHERE id = ANY($1)",
+            ids,
+            to.as_str(),
+            reason
+        )
+        .execute(&mut *tx)
+        .await?;
         if from == OrderStatus::Pending {
             // An offer paid is a purchase; one that expired, was cancelled or declined has
             // lapsed (its tickets, released below, go on to the next entry).
-            sqlx::query(
+            sqlx::query!(
                 "UPDATE waitlist_entries SET status = CASE WHEN $2 = 'PAID' THEN 'PURCHASED' ELSE 'LAPSED' END,
                         updated_at = now()
                  WHERE order_id = ANY($1) AND status = 'OFFERED'",
+                ids,
+                to.as_str()
             )
-            .bind(ids)
-            .bind(to)
             .execute(&mut *tx)
             .await?;
         }
@@ -145,7 +150,7 @@ async fn move_orders(
 /// and the event's `sold`, counted from the tickets cancelled (one statement). The caller
 /// holds the event's lock.
 async fn release(tx: &mut PgConnection, event_id: Uuid, ids: &[Uuid]) -> sqlx::Result<()> {
-    sqlx::query(
+    sqlx::query!(
         "WITH cancelled AS (
              UPDATE tickets SET status = 'CANCELLED' WHERE order_id = ANY($1) AND status = 'ACTIVE'
              RETURNING ticket_type_id
@@ -154,9 +159,9 @@ async fn release(tx: &mut PgConnection, event_id: Uuid, ids: &[Uuid]) -> sqlx::R
          types AS (UPDATE ticket_types t SET sold = t.sold - p.released FROM per_type p WHERE t.id = p.id)
          UPDATE events SET sold = sold - (SELECT coalesce(sum(released), 0) FROM per_type), updated_at = now()
          WHERE id = $2",
+        ids,
+        event_id
     )
-    .bind(ids)
-    .bind(event_id)
     .execute(&mut *tx)
     .await?;
     Ok(())
@@ -171,14 +176,16 @@ pub async fn expire_event(
     limit: i64,
     offer_ttl: Duration,
 ) -> sqlx::Result<Vec<Uuid>> {
-    sqlx::query("SELECT 1 FROM events WHERE id = $1 FOR NO KEY UPDATE").bind(event_id).execute(&mut *tx).await?;
-    let ids: Vec<Uuid> = sqlx::query_scalar(
+    sqlx::query!("SELECT 1 AS locked FROM events WHERE id = $1 FOR NO KEY UPDATE", event_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+    let ids: Vec<Uuid> = sqlx::query_scalar!(
         "SELECT id FROM orders
          WHERE event_id = $1 AND status = 'PENDING' AND expires_at <= now()
          ORDER BY id LIMIT $2 FOR UPDATE",
+        event_id,
+        limit
     )
-    .bind(event_id)
-    .bind(limit)
     .fetch_all(&mut *tx)
     .await?;
     if ids.is_empty() {
@@ -195,23 +202,24 @@ pub async fn expire_event(
 pub async fn withdraw_event(tx: &mut PgConnection, event_id: Uuid) -> sqlx::Result<usize> {
     let mut rejected = 0;
     for status in [OrderStatus::Queued, OrderStatus::Pending] {
-        let ids: Vec<Uuid> =
-            sqlx::query_scalar("SELECT id FROM orders WHERE event_id = $1 AND status = $2 ORDER BY id FOR UPDATE")
-                .bind(event_id)
-                .bind(status)
-                .fetch_all(&mut *tx)
-                .await?;
+        let ids: Vec<Uuid> = sqlx::query_scalar!(
+            "SELECT id FROM orders WHERE event_id = $1 AND status = $2 ORDER BY id FOR UPDATE",
+            event_id,
+            status.as_str()
+        )
+        .fetch_all(&mut *tx)
+        .await?;
         if !ids.is_empty() {
             let reason = Some(reason::EVENT_UNAVAILABLE);
             move_orders(tx, event_id, status, &ids, OrderEvent::EventWithdrawn, reason, None).await?;
             rejected += ids.len();
         }
     }
-    sqlx::query(
+    sqlx::query!(
         "UPDATE waitlist_entries SET status = 'CLOSED', updated_at = now()
          WHERE event_id = $1 AND status IN ('WAITING', 'OFFERED')",
+        event_id
     )
-    .bind(event_id)
     .execute(&mut *tx)
     .await?;
     Ok(rejected)
@@ -263,8 +271,7 @@ pub async fn refund(
             record_refunds(tx, &[order.id], source, requested_by).await?;
         }
         Transition::AlreadyThere if source == RefundSource::Provider => {
-            sqlx::query("UPDATE refunds SET executed_at = coalesce(executed_at, now()) WHERE order_id = $1")
-                .bind(order.id)
+            sqlx::query!("UPDATE refunds SET executed_at = coalesce(executed_at, now()) WHERE order_id = $1", order.id)
                 .execute(&mut *tx)
                 .await?;
         }
@@ -279,15 +286,15 @@ async fn record_refunds(
     source: RefundSource,
     requested_by: Option<Uuid>,
 ) -> sqlx::Result<()> {
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO refunds (order_id, amount, currency, source, requested_by, executed_at)
          SELECT id, total, currency, $2, $3, CASE WHEN $2 = 'PROVIDER' THEN now() END
          FROM orders WHERE id = ANY($1)
          ON CONFLICT (order_id) DO NOTHING",
+        ids,
+        source.as_str(),
+        requested_by
     )
-    .bind(ids)
-    .bind(source.as_str())
-    .bind(requested_by)
     .execute(&mut *tx)
     .await?;
     Ok(())
@@ -303,24 +310,24 @@ pub async fn refund_deleted_event(
     limit: i64,
     requested_by: Option<Uuid>,
 ) -> sqlx::Result<usize> {
-    let refunding: Option<bool> =
-        sqlx::query_scalar("SELECT refunding_since IS NOT NULL FROM events WHERE id = $1 FOR NO KEY UPDATE")
-            .bind(event_id)
-            .fetch_optional(&mut *tx)
-            .await?;
+    let refunding: Option<bool> = sqlx::query_scalar!(
+        r#"SELECT refunding_since IS NOT NULL AS "refunding!" FROM events WHERE id = $1 FOR NO KEY UPDATE"#,
+        event_id
+    )
+    .fetch_optional(&mut *tx)
+    .await?;
     if refunding != Some(true) {
         return Ok(0);
     }
-    let ids: Vec<Uuid> = sqlx::query_scalar(
+    let ids: Vec<Uuid> = sqlx::query_scalar!(
         "SELECT id FROM orders WHERE event_id = $1 AND status = 'PAID' ORDER BY id LIMIT $2 FOR UPDATE",
+        event_id,
+        limit
     )
-    .bind(event_id)
-    .bind(limit)
     .fetch_all(&mut *tx)
     .await?;
     if ids.is_empty() {
-        sqlx::query("UPDATE events SET refunding_since = NULL, updated_at = now() WHERE id = $1")
-            .bind(event_id)
+        sqlx::query!("UPDATE events SET refunding_since = NULL, updated_at = now() WHERE id = $1", event_id)
             .execute(&mut *tx)
             .await?;
         return Ok(0);

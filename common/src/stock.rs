@@ -161,35 +161,37 @@ impl EventStock {
 /// other while readers and inserts go on) and reads what they have left, with their ticket
 /// types. Events that do not exist are absent from the map.
 pub async fn lock_and_load(tx: &mut PgConnection, event_ids: &[Uuid]) -> sqlx::Result<HashMap<Uuid, EventStock>> {
-    let mut events: HashMap<Uuid, EventStock> = sqlx::query_as::<_, (Uuid, i32, i32, bool, Option<i32>)>(
-        "SELECT id, capacity, sold, deleted_at IS NULL AND starts_at > now(), max_per_buyer FROM events
-         WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
+    let mut events: HashMap<Uuid, EventStock> = sqlx::query!(
+        r#"SELECT id, capacity, sold, coalesce(deleted_at IS NULL AND starts_at > now(), false) AS "open!",
+                  max_per_buyer
+           FROM events WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE"#,
+        event_ids
     )
-    .bind(event_ids)
     .fetch_all(&mut *tx)
     .await?
     .into_iter()
-    .map(|(id, capacity, sold, open, max_per_buyer)| {
-        let venue_left = i64::from(capacity - sold).max(0);
-        let stock = EventStock { open, venue_left, max_per_buyer: max_per_buyer.map(i64::from), ..Default::default() };
-        (id, stock)
+    .map(|row| {
+        let venue_left = i64::from(row.capacity - row.sold).max(0);
+        let max_per_buyer = row.max_per_buyer.map(i64::from);
+        (row.id, EventStock { open: row.open, venue_left, max_per_buyer, ..Default::default() })
     })
     .collect();
     // Their ticket types, in one statement for all the events (rows in binary: cheaper, on a
     // day of many events, than a JSON aggregate per event row).
-    type TypeRow = (Uuid, Uuid, Option<i32>, bool, Option<DateTime<Utc>>, Option<DateTime<Utc>>, Option<i32>);
-    let types: Vec<TypeRow> = sqlx::query_as(
-        "SELECT id, event_id, capacity - sold, deleted_at IS NOT NULL, sales_start, sales_end, max_per_buyer
-         FROM ticket_types WHERE event_id = ANY($1)",
+    let types = sqlx::query!(
+        r#"SELECT id, event_id, capacity - sold AS "left", deleted_at IS NOT NULL AS "withdrawn!", sales_start,
+                  sales_end, max_per_buyer
+           FROM ticket_types WHERE event_id = ANY($1)"#,
+        event_ids
     )
-    .bind(event_ids)
     .fetch_all(&mut *tx)
     .await?;
-    for (id, event_id, left, withdrawn, sales_start, sales_end, max_per_buyer) in types {
-        if let Some(event) = events.get_mut(&event_id) {
-            let left = left.map(|left| i64::from(left).max(0));
-            let max_per_buyer = max_per_buyer.map(i64::from);
-            event.types.insert(id, TypeStock { left, withdrawn, sales_start, sales_end, max_per_buyer });
+    for row in types {
+        if let Some(event) = events.get_mut(&row.event_id) {
+            let left = row.left.map(|left| i64::from(left).max(0));
+            let max_per_buyer = row.max_per_buyer.map(i64::from);
+            let (withdrawn, sales_start, sales_end) = (row.withdrawn, row.sales_start, row.sales_end);
+            event.types.insert(row.id, TypeStock { left, withdrawn, sales_start, sales_end, max_per_buyer });
         }
     }
     Ok(events)
@@ -212,17 +214,19 @@ pub async fn read_holdings(
     pairs.sort();
     pairs.dedup();
     let (event_ids, user_ids): (Vec<Uuid>, Vec<Uuid>) = pairs.into_iter().unzip();
-    let held: Vec<(Uuid, Uuid, Uuid, i64)> = sqlx::query_as(
-        "SELECT o.event_id, o.user_id, t.ticket_type_id, count(*)
-         FROM UNNEST($1::uuid[], $2::uuid[]) AS b(event_id, user_id)
-         JOIN orders o ON o.user_id = b.user_id AND o.event_id = b.event_id AND o.status IN ('PENDING', 'PAID')
-         JOIN tickets t ON t.order_id = o.id AND t.status = 'ACTIVE'
-         GROUP BY 1, 2, 3",
+    let held = sqlx::query!(
+        r#"SELECT o.event_id, o.user_id, t.ticket_type_id, count(*) AS "count!"
+           FROM UNNEST($1::uuid[], $2::uuid[]) AS b(event_id, user_id)
+           JOIN orders o ON o.user_id = b.user_id AND o.event_id = b.event_id AND o.status IN ('PENDING', 'PAID')
+           JOIN tickets t ON t.order_id = o.id AND t.status = 'ACTIVE'
+           GROUP BY 1, 2, 3"#,
+        &event_ids,
+        &user_ids
     )
-    .bind(&event_ids)
-    .bind(&user_ids)
     .fetch_all(&mut *tx)
-    .await?;
+    .await?
+    .into_iter()
+    .map(|row| (row.event_id, row.user_id, row.ticket_type_id, row.count));
     for (event_id, user_id, type_id, count) in held {
         if let Some(event) = events.get_mut(&event_id) {
             *event.held.entry((user_id, None)).or_default() += count;

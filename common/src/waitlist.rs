@@ -37,7 +37,6 @@ pub struct Offer {
 }
 
 /// One waiting entry, with what its order would cost.
-#[derive(sqlx::FromRow)]
 struct Waiting {
     id: Uuid,
     user_id: Uuid,
@@ -57,17 +56,18 @@ pub async fn offer(tx: &mut PgConnection, event_id: Uuid, offer_ttl: Duration) -
     let mut after: Option<Uuid> = None;
     let mut loaded: Option<HashMap<Uuid, EventStock>> = None;
     loop {
-        let waiting: Vec<Waiting> = sqlx::query_as(
+        let waiting: Vec<Waiting> = sqlx::query_as!(
+            Waiting,
             "SELECT w.id, w.user_id, w.ticket_type_id, w.quantity, t.name AS type_name, t.price, e.currency
              FROM waitlist_entries w
              JOIN ticket_types t ON t.id = w.ticket_type_id
              JOIN events e ON e.id = w.event_id
              WHERE w.event_id = $1 AND w.status = 'WAITING' AND ($2::uuid IS NULL OR w.id > $2)
              ORDER BY w.id LIMIT $3",
+            event_id,
+            after,
+            PAGE
         )
-        .bind(event_id)
-        .bind(after)
-        .bind(PAGE)
         .fetch_all(&mut *tx)
         .await?;
         let Some(last) = waiting.last() else { break };
@@ -151,7 +151,7 @@ async fn write_offers(
         columns.reasons.push(if paid { reason::FREE_ORDER } else { reason::WAITLIST_OFFER });
         columns.lines.push(serde_json::to_string(&[line]).map_err(|err| sqlx::Error::Encode(Box::new(err)))?);
     }
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO orders (id, user_id, event_id, quantity, unit_price, total, currency, status, reason, lines,
                              published_at, expires_at)
          SELECT id, user_id, $1, quantity, unit_price, total, currency, status, reason, lines::json, now(),
@@ -159,18 +159,18 @@ async fn write_offers(
          FROM UNNEST($2::uuid[], $3::uuid[], $4::int4[], $5::numeric[], $6::numeric[], $7::text[], $8::text[],
                      $9::text[], $10::text[])
               AS u(id, user_id, quantity, unit_price, total, currency, status, reason, lines)",
+        event_id,
+        &columns.orders,
+        &columns.users,
+        &columns.quantities,
+        &columns.prices,
+        &columns.totals,
+        &columns.currencies,
+        &columns.statuses as &[&str],
+        &columns.reasons as &[&str],
+        &columns.lines,
+        offer_ttl.as_secs_f64()
     )
-    .bind(event_id)
-    .bind(&columns.orders)
-    .bind(&columns.users)
-    .bind(&columns.quantities)
-    .bind(&columns.prices)
-    .bind(&columns.totals)
-    .bind(&columns.currencies)
-    .bind(&columns.statuses)
-    .bind(&columns.reasons)
-    .bind(&columns.lines)
-    .bind(offer_ttl.as_secs_f64())
     .execute(&mut *tx)
     .await?;
     let (mut ticket_ids, mut ticket_orders, mut ticket_types) = (Vec::new(), Vec::new(), Vec::new());
@@ -181,8 +181,7 @@ async fn write_offers(
             ticket_types.push(*type_id);
         }
     }
-    sqlx::query(
-        "WITH tickets AS (
+    sqlx::query!("WITH tickets AS (
              INSERT INTO tickets (id, order_id, event_id, ticket_type_id)
              SELECT id, order_id, $1, type_id FROM UNNEST($2::uuid[], $3::uuid[], $4::uuid[]) AS u(id, order_id, type_id)
          ),
@@ -191,20 +190,15 @@ async fn write_offers(
              FROM (SELECT type_id, count(*) AS issued FROM UNNEST($4::uuid[]) AS u(type_id) GROUP BY 1) s
              WHERE t.id = s.type_id
          )
-         UPDATE events SET sold = sold + cardinality($2::uuid[]), updated_at = now() WHERE id = $1",
-    )
-    .bind(event_id)
-    .bind(&ticket_ids)
-    .bind(&ticket_orders)
-    .bind(&ticket_types)
+         UPDATE events SET sold = sold + cardinality($2::uuid[]), updated_at = now() WHERE id = $1", event_id, &ticket_ids, &ticket_orders, &ticket_types)
     .execute(&mut *tx)
     .await?;
-    sqlx::query(
+    sqlx::query!(
         "UPDATE waitlist_entries w SET status = 'OFFERED', order_id = u.order_id, updated_at = now()
          FROM UNNEST($1::uuid[], $2::uuid[]) AS u(id, order_id) WHERE w.id = u.id",
+        &columns.entries,
+        &columns.orders
     )
-    .bind(&columns.entries)
-    .bind(&columns.orders)
     .execute(&mut *tx)
     .await?;
     crate::db::notify_order_changes(tx, &columns.orders).await

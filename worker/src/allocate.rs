@@ -377,7 +377,7 @@ pub struct Outcome {
 }
 
 /// An order's lines as the allocator reads them from `orders.lines`.
-#[derive(serde::Deserialize)]
+#[derive(Debug, serde::Deserialize)]
 struct LineRef {
     ticket_type_id: Uuid,
     quantity: i32,
@@ -400,19 +400,22 @@ async fn allocate_batches(db: &PgPool, batches: &[(u16, &Groups)], hold_ttl: Dur
     let mut events = stock::lock_and_load(&mut tx, &event_ids).await?;
     let order_ids: Vec<Uuid> =
         batches.iter().flat_map(|(_, groups)| groups.iter().flat_map(|(_, orders)| orders.iter().copied())).collect();
-    type OrderRow = (Uuid, Uuid, Uuid, bool, DateTime<Utc>, sqlx::types::Json<Vec<LineRef>>);
-    let rows: Vec<OrderRow> = sqlx::query_as(
-        "SELECT id, event_id, user_id, total = 0, created_at, lines FROM orders WHERE id = ANY($1) AND status = 'QUEUED'",
+    let rows = sqlx::query!(
+        r#"SELECT id, event_id, user_id, total = 0 AS "free!", created_at,
+                  lines AS "lines: sqlx::types::Json<Vec<LineRef>>"
+           FROM orders WHERE id = ANY($1) AND status = 'QUEUED'"#,
+        &order_ids
     )
-    .bind(&order_ids)
     .fetch_all(&mut *tx)
     .await?;
     // An order is allocated only under the event its message names.
     let queued: HashMap<Uuid, (Uuid, Request)> = rows
         .into_iter()
-        .map(|(order_id, event_id, user_id, free, created_at, lines)| {
-            let lines = lines.0.into_iter().map(|l| (l.ticket_type_id, i64::from(l.quantity))).collect();
-            (order_id, (event_id, Request { order_id, user_id, created_at, free, lines }))
+        .map(|row| {
+            let lines = row.lines.0.into_iter().map(|l| (l.ticket_type_id, i64::from(l.quantity))).collect();
+            let request =
+                Request { order_id: row.id, user_id: row.user_id, created_at: row.created_at, free: row.free, lines };
+            (row.id, (row.event_id, request))
         })
         .collect();
     stock::read_holdings(&mut tx, &mut events, queued.values().map(|(event_id, r)| (*event_id, r.user_id))).await?;
@@ -470,45 +473,45 @@ async fn allocate_batches(db: &PgPool, batches: &[(u16, &Groups)], hold_ttl: Dur
     let statuses: Vec<&str> = decided.iter().map(|d| d.status.as_str()).collect();
     let reasons: Vec<Option<&str>> = decided.iter().map(|d| d.reason).collect();
     let reason_types: Vec<Option<Uuid>> = decided.iter().map(|d| d.reason_type).collect();
-    sqlx::query(
+    sqlx::query!(
         "UPDATE orders o
          SET status = d.status, reason = d.reason, reason_ticket_type_id = d.reason_type, updated_at = now(),
              expires_at = CASE WHEN d.status = 'PENDING' THEN now() + make_interval(secs => $5) END
          FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::uuid[]) AS d(id, status, reason, reason_type)
          WHERE o.id = d.id",
+        &ids,
+        &statuses as &[&str],
+        &reasons as &[Option<&str>],
+        &reason_types as &[Option<Uuid>],
+        hold_ttl.as_secs_f64()
     )
-    .bind(&ids)
-    .bind(&statuses)
-    .bind(&reasons)
-    .bind(&reason_types)
-    .bind(hold_ttl.as_secs_f64())
     .execute(&mut *tx)
     .await?;
     if !ticket_ids.is_empty() {
-        sqlx::query(
+        sqlx::query!(
             "INSERT INTO tickets (id, order_id, event_id, ticket_type_id)
              SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[])",
+            &ticket_ids,
+            &ticket_orders,
+            &ticket_events,
+            &ticket_types
         )
-        .bind(&ticket_ids)
-        .bind(&ticket_orders)
-        .bind(&ticket_events)
-        .bind(&ticket_types)
         .execute(&mut *tx)
         .await?;
         let (sold_events, sold_counts): (Vec<Uuid>, Vec<i64>) = issued_per_event.into_iter().unzip();
         let (sold_types, type_counts): (Vec<Uuid>, Vec<i64>) = issued_per_type.into_iter().unzip();
-        sqlx::query(
+        sqlx::query!(
             "WITH types AS (
                  UPDATE ticket_types t SET sold = t.sold + s.issued
                  FROM UNNEST($3::uuid[], $4::int8[]) AS s(id, issued) WHERE t.id = s.id
              )
              UPDATE events e SET sold = e.sold + s.issued
              FROM UNNEST($1::uuid[], $2::int8[]) AS s(id, issued) WHERE e.id = s.id",
+            &sold_events,
+            &sold_counts,
+            &sold_types,
+            &type_counts
         )
-        .bind(&sold_events)
-        .bind(&sold_counts)
-        .bind(&sold_types)
-        .bind(&type_counts)
         .execute(&mut *tx)
         .await?;
     }
@@ -527,14 +530,14 @@ async fn record_progress(tx: &mut sqlx::PgConnection, progress: &HashMap<u16, Da
     }
     let partitions: Vec<i16> = progress.keys().map(|p| i16::try_from(*p).unwrap_or(i16::MAX)).collect();
     let times: Vec<DateTime<Utc>> = progress.values().copied().collect();
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO partition_progress AS p (partition, seen_through)
          SELECT * FROM UNNEST($1::int2[], $2::timestamptz[]) ORDER BY 1
          ON CONFLICT (partition) DO UPDATE
          SET seen_through = greatest(p.seen_through, excluded.seen_through), updated_at = now()",
+        &partitions,
+        &times
     )
-    .bind(&partitions)
-    .bind(&times)
     .execute(tx)
     .await?;
     Ok(())

@@ -40,7 +40,6 @@ pub struct Deliverer {
     lease: Duration,
 }
 
-#[derive(sqlx::FromRow)]
 struct Due {
     id: Uuid,
     endpoint_id: Uuid,
@@ -94,7 +93,8 @@ impl Deliverer {
     /// Takes a round of due deliveries under a fresh lease.
     async fn claim(&self) -> sqlx::Result<Vec<(Uuid, Due)>> {
         let lease_id = Uuid::new_v4();
-        let due: Vec<Due> = sqlx::query_as(
+        let due = sqlx::query_as!(
+            Due,
             "UPDATE webhook_deliveries d
              SET lease_id = $1, leased_until = now() + make_interval(secs => $2)
              FROM webhook_endpoints e
@@ -106,10 +106,10 @@ impl Deliverer {
                  FOR UPDATE SKIP LOCKED)
              RETURNING d.id, d.endpoint_id, d.attempts, d.payload, e.url, e.secret, e.enabled,
                        (SELECT o.traceparent FROM orders o WHERE o.id = d.order_id) AS traceparent",
+            lease_id,
+            self.lease.as_secs_f64(),
+            ROUND
         )
-        .bind(lease_id)
-        .bind(self.lease.as_secs_f64())
-        .bind(ROUND)
         .fetch_all(&self.db)
         .await?;
         Ok(due.into_iter().map(|delivery| (lease_id, delivery)).collect())
@@ -129,13 +129,13 @@ impl Deliverer {
 
     async fn attempt(&self, lease_id: Uuid, delivery: Due) {
         if !delivery.enabled {
-            let result = sqlx::query(
+            let result = sqlx::query!(
                 "UPDATE webhook_deliveries SET status = 'ABANDONED', next_attempt_at = NULL, lease_id = NULL,
                         updated_at = now()
                  WHERE id = $1 AND lease_id = $2",
+                delivery.id,
+                lease_id
             )
-            .bind(delivery.id)
-            .bind(lease_id)
             .execute(&self.db)
             .await;
             if let Err(err) = result {
@@ -207,13 +207,13 @@ impl Deliverer {
             Outcome::Failed { status, error } => (*status, error.clone()),
         };
         let mut tx = self.db.begin().await?;
-        sqlx::query(
+        sqlx::query!(
             "INSERT INTO webhook_attempts (delivery_id, status_code, latency_ms, error) VALUES ($1, $2, $3, $4)",
+            delivery.id,
+            status_code.map(|s| s as i16),
+            latency_ms,
+            error.map(|e| e.chars().take(MAX_ERROR_CHARS).collect::<String>())
         )
-        .bind(delivery.id)
-        .bind(status_code.map(|s| s as i16))
-        .bind(latency_ms)
-        .bind(error.map(|e| e.chars().take(MAX_ERROR_CHARS).collect::<String>()))
         .execute(&mut *tx)
         .await?;
         let attempts = delivery.attempts + 1;
@@ -226,34 +226,34 @@ impl Deliverer {
                 None => ("FAILED", None),
             },
         };
-        sqlx::query(
+        sqlx::query!(
             "UPDATE webhook_deliveries
              SET status = $3, attempts = $4, lease_id = NULL, leased_until = NULL, updated_at = now(),
                  next_attempt_at = CASE WHEN $3 = 'PENDING' THEN now() + make_interval(secs => $5) END
              WHERE id = $1 AND lease_id = $2",
+            delivery.id,
+            lease_id,
+            status,
+            attempts,
+            retry_in.unwrap_or_default().as_secs_f64()
         )
-        .bind(delivery.id)
-        .bind(lease_id)
-        .bind(status)
-        .bind(attempts)
-        .bind(retry_in.unwrap_or_default().as_secs_f64())
         .execute(&mut *tx)
         .await?;
         if matches!(outcome, Outcome::Gone) {
             // The receiver says the endpoint is gone for good: stop sending to it.
-            sqlx::query(
+            sqlx::query!(
                 "UPDATE webhook_endpoints SET enabled = false, disabled_reason = 'the endpoint answered 410 Gone',
                         updated_at = now()
                  WHERE id = $1",
+                delivery.endpoint_id
             )
-            .bind(delivery.endpoint_id)
             .execute(&mut *tx)
             .await?;
-            sqlx::query(
+            sqlx::query!(
                 "UPDATE webhook_deliveries SET status = 'ABANDONED', next_attempt_at = NULL, updated_at = now()
                  WHERE endpoint_id = $1 AND status = 'PENDING' AND lease_id IS NULL",
+                delivery.endpoint_id
             )
-            .bind(delivery.endpoint_id)
             .execute(&mut *tx)
             .await?;
             tracing::info!(endpoint_id = %delivery.endpoint_id, "webhook endpoint answered 410; disabled");

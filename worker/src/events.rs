@@ -22,10 +22,13 @@ use anyhow::Context;
 use chrono::{DateTime, Utc};
 use common::amqp::{CONFIRM_TIMEOUT, ORDER_EVENTS_EXCHANGE};
 use common::config::EventsFormat;
+use common::domain::OrderStatus;
 use common::notifications::{OrderNotification, OrderSnapshot};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Confirmation};
+use serde_json::value::RawValue;
 use sqlx::PgPool;
+use sqlx::types::Json;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -36,11 +39,9 @@ const BATCH: i64 = 500;
 /// The advisory lock that makes the relay a singleton (an arbitrary, fixed number).
 const RELAY_LOCK: i64 = 0x7475_726e_7374_696c;
 
-#[derive(sqlx::FromRow)]
 struct Change {
     history_id: i64,
     at: DateTime<Utc>,
-    #[sqlx(flatten)]
     order: OrderSnapshot,
 }
 
@@ -78,24 +79,46 @@ struct Relay {
 impl Relay {
     async fn batch(&mut self) -> anyhow::Result<usize> {
         let mut tx = self.db.begin().await?;
-        let leader: bool =
-            sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)").bind(RELAY_LOCK).fetch_one(&mut *tx).await?;
+        let leader = sqlx::query_scalar!(r#"SELECT pg_try_advisory_xact_lock($1) AS "leader!""#, RELAY_LOCK)
+            .fetch_one(&mut *tx)
+            .await?;
         if !leader {
             return Ok(0);
         }
-        let changes: Vec<Change> = sqlx::query_as(
-            "SELECT h.id AS history_id, h.at, o.id, o.user_id, o.event_id, o.quantity, o.unit_price, o.total,
-                    o.currency, o.lines AS items, h.status, h.reason,
+        let changes: Vec<Change> = sqlx::query!(
+            r#"SELECT h.id AS history_id, h.at, o.id, o.user_id, o.event_id, o.quantity, o.unit_price, o.total,
+                    o.currency, o.lines AS "items: Json<Box<RawValue>>", h.status AS "status: OrderStatus", h.reason,
                     CASE WHEN h.status = 'REJECTED' THEN o.reason_ticket_type_id END AS reason_ticket_type_id,
                     o.created_at,
                     -- The hold's end belongs to the PENDING event; the QUEUED one predates it.
                     CASE WHEN h.status <> 'QUEUED' THEN o.expires_at END AS expires_at
              FROM order_history h JOIN orders o ON o.id = h.order_id
-             WHERE h.relayed_at IS NULL ORDER BY h.id LIMIT $1",
+             WHERE h.relayed_at IS NULL ORDER BY h.id LIMIT $1"#,
+            BATCH
         )
-        .bind(BATCH)
         .fetch_all(&mut *tx)
-        .await?;
+        .await?
+        .into_iter()
+        .map(|row| Change {
+            history_id: row.history_id,
+            at: row.at,
+            order: OrderSnapshot {
+                id: row.id,
+                user_id: row.user_id,
+                event_id: row.event_id,
+                quantity: row.quantity,
+                unit_price: row.unit_price,
+                total: row.total,
+                currency: row.currency,
+                items: row.items.0,
+                status: row.status,
+                reason: row.reason,
+                reason_ticket_type_id: row.reason_ticket_type_id,
+                created_at: row.created_at,
+                expires_at: row.expires_at,
+            },
+        })
+        .collect();
         // How far behind the relay is: the age of the oldest change not yet relayed.
         let lag = changes.first().map_or(0.0, |c| (Utc::now() - c.at).to_std().unwrap_or_default().as_secs_f64());
         metrics::gauge!("turnstile_relay_lag_seconds").set(lag);
@@ -110,8 +133,7 @@ impl Relay {
 
         self.publish(&notifications, &payloads).await?;
         create_deliveries(&mut tx, &notifications, &payloads).await?;
-        sqlx::query("UPDATE order_history SET relayed_at = now() WHERE id = ANY($1)")
-            .bind(&history_ids)
+        sqlx::query!("UPDATE order_history SET relayed_at = now() WHERE id = ANY($1)", &history_ids)
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
@@ -230,10 +252,12 @@ async fn create_deliveries(
 ) -> sqlx::Result<()> {
     let owners: Vec<Uuid> = notifications.iter().map(|n| n.data.user_id).collect();
     let endpoints: Vec<(Uuid, Uuid)> =
-        sqlx::query_as("SELECT id, user_id FROM webhook_endpoints WHERE enabled AND user_id = ANY($1)")
-            .bind(&owners)
+        sqlx::query!("SELECT id, user_id FROM webhook_endpoints WHERE enabled AND user_id = ANY($1)", &owners)
             .fetch_all(&mut *tx)
-            .await?;
+            .await?
+            .into_iter()
+            .map(|row| (row.id, row.user_id))
+            .collect();
     if endpoints.is_empty() {
         return Ok(());
     }
@@ -247,17 +271,17 @@ async fn create_deliveries(
             bodies.push(payload.as_str());
         }
     }
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO webhook_deliveries (id, endpoint_id, order_id, event_type, payload, next_attempt_at)
          SELECT d.id, d.endpoint_id, d.order_id, d.event_type, d.payload, now()
          FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[])
               AS d(id, endpoint_id, order_id, event_type, payload)",
+        &ids,
+        &endpoint_ids,
+        &order_ids,
+        &types as &[&str],
+        &bodies as &[&str]
     )
-    .bind(&ids)
-    .bind(&endpoint_ids)
-    .bind(&order_ids)
-    .bind(&types)
-    .bind(&bodies)
     .execute(&mut *tx)
     .await?;
     Ok(())

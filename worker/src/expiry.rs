@@ -47,13 +47,13 @@ impl Round for Expiry {
 /// Expires every hold that is due, one transaction per event, until none is left.
 async fn expire_due(db: &PgPool, offer_ttl: Duration, shutdown: &CancellationToken) -> sqlx::Result<()> {
     while !shutdown.is_cancelled() {
-        let events: Vec<Uuid> = sqlx::query_scalar(
-            "SELECT DISTINCT event_id FROM (
+        let events: Vec<Uuid> = sqlx::query_scalar!(
+            r#"SELECT DISTINCT event_id AS "event_id!" FROM (
                  SELECT event_id FROM orders WHERE status = 'PENDING' AND expires_at <= now()
                  ORDER BY expires_at LIMIT $1
-             ) due",
+             ) due"#,
+            BATCH
         )
-        .bind(BATCH)
         .fetch_all(db)
         .await?;
         if events.is_empty() {
@@ -81,8 +81,8 @@ async fn expire_due(db: &PgPool, offer_ttl: Duration, shutdown: &CancellationTok
 /// Refunds the paid orders of events deleted with `?refund=true` whose deletion was left
 /// unfinished, a batch per transaction, until each is done.
 async fn finish_deletions(db: &PgPool, shutdown: &CancellationToken) -> sqlx::Result<()> {
-    let events: Vec<Uuid> = sqlx::query_scalar(
-        "SELECT id FROM events WHERE refunding_since IS NOT NULL ORDER BY refunding_since LIMIT 100",
+    let events: Vec<Uuid> = sqlx::query_scalar!(
+        "SELECT id FROM events WHERE refunding_since IS NOT NULL ORDER BY refunding_since LIMIT 100"
     )
     .fetch_all(db)
     .await?;

@@ -44,8 +44,9 @@ impl Probe {
     /// Gauges read on demand, brought up to date before each scrape.
     async fn before_scrape(&self) {
         common::metrics::record_pool(&self.db);
-        let pending = sqlx::query_scalar::<_, i64>("SELECT count(*) FROM webhook_deliveries WHERE status = 'PENDING'")
-            .fetch_one(&self.db);
+        let pending =
+            sqlx::query_scalar!(r#"SELECT count(*) AS "pending!" FROM webhook_deliveries WHERE status = 'PENDING'"#)
+                .fetch_one(&self.db);
         if let Some(Ok(pending)) = common::metrics::bounded(CHECK_TIMEOUT, pending).await {
             metrics::gauge!("turnstile_webhook_deliveries_pending").set(pending as f64);
         }

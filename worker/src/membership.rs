@@ -60,7 +60,7 @@ pub async fn run(
     let mut heartbeat =
         Heartbeat { db: db.clone(), worker_id, hostname, expiry: interval * MISSED_HEARTBEATS, partitions, assignment };
     let result = crate::poll::every("heartbeat", interval, &shutdown, &mut heartbeat).await;
-    if let Err(err) = sqlx::query("DELETE FROM workers WHERE id = $1").bind(worker_id).execute(&db).await {
+    if let Err(err) = sqlx::query!("DELETE FROM workers WHERE id = $1", worker_id).execute(&db).await {
         tracing::warn!(error = %err, "could not remove this worker's heartbeat row; it expires by itself");
     }
     result
@@ -98,11 +98,12 @@ pub async fn check_health(config: common::config::WorkerConfig) -> anyhow::Resul
     let hostname = std::env::var("HOSTNAME").unwrap_or_default();
     let db = common::db::connect(&config.database).await?;
     let expiry = config.heartbeat() * MISSED_HEARTBEATS;
-    let alive: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM workers WHERE hostname = $1 AND heartbeat_at > now() - make_interval(secs => $2))",
+    let alive = sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM workers WHERE hostname = $1 AND heartbeat_at > now() - make_interval(secs => $2))
+           AS "alive!""#,
+        hostname,
+        expiry.as_secs_f64()
     )
-    .bind(&hostname)
-    .bind(expiry.as_secs_f64())
     .fetch_one(&db)
     .await?;
     anyhow::ensure!(alive, "no worker on host {hostname:?} has sent a heartbeat within {expiry:?}");
@@ -111,19 +112,18 @@ pub async fn check_health(config: common::config::WorkerConfig) -> anyhow::Resul
 
 async fn beat(db: &PgPool, worker_id: Uuid, hostname: &str, expiry: Duration) -> Result<Assignment, sqlx::Error> {
     let expiry_secs = expiry.as_secs_f64();
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO workers (id, hostname) VALUES ($1, $2)
          ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()",
+        worker_id,
+        hostname
     )
-    .bind(worker_id)
-    .bind(hostname)
     .execute(db)
     .await?;
-    sqlx::query("DELETE FROM workers WHERE heartbeat_at < now() - make_interval(secs => $1)")
-        .bind(expiry_secs)
+    sqlx::query!("DELETE FROM workers WHERE heartbeat_at < now() - make_interval(secs => $1)", expiry_secs)
         .execute(db)
         .await?;
-    let live: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM workers ORDER BY id").fetch_all(db).await?;
+    let live = sqlx::query_scalar!("SELECT id FROM workers ORDER BY id").fetch_all(db).await?;
     Ok(rank_of(worker_id, &live))
 }
 

@@ -79,7 +79,7 @@ async fn round(db: &PgPool, publisher: &Publisher, after: Duration, stale: Durat
             Vec::new()
         }
     };
-    let claimed: Vec<(Uuid, Uuid, Option<String>)> = sqlx::query_as(
+    let claimed = sqlx::query!(
         "UPDATE orders SET published_at = now()
          WHERE id IN (
              SELECT o.id FROM orders o LEFT JOIN partition_progress p ON p.partition = o.partition
@@ -94,11 +94,11 @@ async fn round(db: &PgPool, publisher: &Publisher, after: Duration, stale: Durat
              LIMIT $4
              FOR UPDATE OF o SKIP LOCKED)
          RETURNING id, event_id, traceparent",
+        after.as_secs_f64(),
+        stale.as_secs_f64(),
+        &idle,
+        ROUND
     )
-    .bind(after.as_secs_f64())
-    .bind(stale.as_secs_f64())
-    .bind(&idle)
-    .bind(ROUND)
     .fetch_all(db)
     .await?;
     if claimed.is_empty() {
@@ -107,17 +107,12 @@ async fn round(db: &PgPool, publisher: &Publisher, after: Duration, stale: Durat
     // Each order keeps its trace: its decision continues the request that placed it.
     let orders: Vec<PurchaseMessage> = claimed
         .iter()
-        .map(|(order_id, event_id, traceparent)| PurchaseMessage {
-            order_id: *order_id,
-            event_id: *event_id,
-            traceparent: traceparent.clone(),
-        })
+        .map(|row| PurchaseMessage { order_id: row.id, event_id: row.event_id, traceparent: row.traceparent.clone() })
         .collect();
     if let Err(err) = publisher.publish_purchases(&orders).await {
         tracing::debug!(orders = orders.len(), error = %err, "re-publish failed");
-        let ids: Vec<Uuid> = claimed.iter().map(|(id, ..)| *id).collect();
-        sqlx::query("UPDATE orders SET published_at = NULL WHERE id = ANY($1) AND status = 'QUEUED'")
-            .bind(&ids)
+        let ids: Vec<Uuid> = claimed.iter().map(|row| row.id).collect();
+        sqlx::query!("UPDATE orders SET published_at = NULL WHERE id = ANY($1) AND status = 'QUEUED'", &ids)
             .execute(db)
             .await?;
         return Ok((claimed.len(), 0));
