@@ -240,11 +240,12 @@ async fn create_admin(args: CreateAdminArgs) -> anyhow::Result<()> {
     let db = common::db::connect(&args.database).await.context("connecting to PostgreSQL")?;
     common::db::migrate(&db).await.context("applying migrations")?;
 
-    let promoted: Option<uuid::Uuid> =
-        sqlx::query_scalar("UPDATE users SET role = 'admin', updated_at = now() WHERE email = $1 RETURNING id")
-            .bind(email.as_str())
-            .fetch_optional(&db)
-            .await?;
+    let promoted: Option<uuid::Uuid> = sqlx::query_scalar!(
+        "UPDATE users SET role = 'admin', updated_at = now() WHERE email = $1 RETURNING id",
+        email.as_str()
+    )
+    .fetch_optional(&db)
+    .await?;
     if let Some(id) = promoted {
         println!("existing user {email} ({id}) now has the admin role; password unchanged");
         return Ok(());

@@ -41,7 +41,7 @@ impl Revocations {
         let current = if self.synced.load(Ordering::Acquire) {
             self.versions.read().unwrap_or_else(|e| e.into_inner()).get(&user).copied()
         } else {
-            sqlx::query_scalar("SELECT token_version FROM users WHERE id = $1").bind(user).fetch_optional(db).await?
+            sqlx::query_scalar!("SELECT token_version FROM users WHERE id = $1", user).fetch_optional(db).await?
         };
         match current {
             Some(current) if version < current => Err(REVOKED),
@@ -70,11 +70,12 @@ impl Revocations {
     /// Loads the whole list; to be called once the listener is connected, so that nothing
     /// announced after this read is missed.
     pub async fn reload(&self, db: &PgPool) -> Result<(), sqlx::Error> {
-        let rows: Vec<(Uuid, i32)> =
-            sqlx::query_as("SELECT id, token_version FROM users WHERE token_version_at > now() - interval '7 days'")
+        let rows =
+            sqlx::query!("SELECT id, token_version FROM users WHERE token_version_at > now() - interval '7 days'")
                 .fetch_all(db)
                 .await?;
-        *self.versions.write().unwrap_or_else(|e| e.into_inner()) = rows.into_iter().collect();
+        *self.versions.write().unwrap_or_else(|e| e.into_inner()) =
+            rows.into_iter().map(|row| (row.id, row.token_version)).collect();
         self.synced.store(true, Ordering::Release);
         Ok(())
     }

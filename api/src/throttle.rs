@@ -65,7 +65,7 @@ impl Throttle {
         // else read how long until it has (the row as it was: the refused update left it).
         // No row at all: refused, by a row this statement's snapshot does not show yet (the
         // key's first attempts arrived together); then the wait is one interval.
-        let wait_secs: Option<Option<f64>> = sqlx::query_scalar(
+        let wait_secs: Option<Option<f64>> = sqlx::query_scalar!(
             "WITH attempt AS (
                  INSERT INTO rate_limits AS r (name, key, tat)
                  VALUES ($1, $2, clock_timestamp() + make_interval(secs => $3))
@@ -80,11 +80,11 @@ impl Throttle {
              SELECT extract(epoch FROM tat + make_interval(secs => $3) - make_interval(secs => $4)
                                        - clock_timestamp())::float8
              FROM rate_limits WHERE name = $1 AND key = $2 AND NOT EXISTS (SELECT 1 FROM attempt)",
+            self.name,
+            &key,
+            self.interval.as_secs_f64(),
+            WINDOW.as_secs_f64()
         )
-        .bind(self.name)
-        .bind(&key)
-        .bind(self.interval.as_secs_f64())
-        .bind(WINDOW.as_secs_f64())
         .fetch_optional(db)
         .await
         .map_err(Refused::Database)?;
@@ -97,8 +97,7 @@ impl Throttle {
 
     /// Forgets the keys whose allowance is whole again, so that the table stays small.
     pub async fn forget_idle(&self, db: &PgPool) -> sqlx::Result<u64> {
-        let forgotten = sqlx::query("DELETE FROM rate_limits WHERE name = $1 AND tat < clock_timestamp()")
-            .bind(self.name)
+        let forgotten = sqlx::query!("DELETE FROM rate_limits WHERE name = $1 AND tat < clock_timestamp()", self.name)
             .execute(db)
             .await?;
         Ok(forgotten.rows_affected())

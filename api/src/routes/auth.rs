@@ -177,12 +177,13 @@ pub async fn login(
     // same hashing work) as an unknown one.
     let email = Email::parse(&req.email).ok();
     let account: Option<(Uuid, Role, String, i32)> = match &email {
-        Some(email) => {
-            sqlx::query_as("SELECT id, role, password_hash, token_version FROM users WHERE email = $1")
-                .bind(email.as_str())
-                .fetch_optional(&state.db)
-                .await?
-        }
+        Some(email) => sqlx::query!(
+            r#"SELECT id, role AS "role: Role", password_hash, token_version FROM users WHERE email = $1"#,
+            email.as_str()
+        )
+        .fetch_optional(&state.db)
+        .await?
+        .map(|row| (row.id, row.role, row.password_hash, row.token_version)),
         None => None,
     };
     let stored = account.as_ref().map(|(_, _, hash, _)| hash.clone());

@@ -513,21 +513,25 @@ pub async fn delete_event(
 ) -> Result<StatusCode, ApiError> {
     let refund = query.refund.unwrap_or(false);
     let mut tx = state.db.begin().await?;
-    let (deleted, refunding): (bool, bool) = sqlx::query_as(
-        "SELECT deleted_at IS NOT NULL, refunding_since IS NOT NULL FROM events WHERE id = $1 FOR NO KEY UPDATE",
+    let (deleted, refunding) = sqlx::query!(
+        r#"SELECT deleted_at IS NOT NULL AS "deleted!", refunding_since IS NOT NULL AS "refunding!"
+           FROM events WHERE id = $1 FOR NO KEY UPDATE"#,
+        id
     )
-    .bind(id)
     .fetch_optional(&mut *tx)
     .await?
+    .map(|row| (row.deleted, row.refunding))
     .ok_or(ApiError::NotFound("event"))?;
     if deleted && !(refund && refunding) {
         return Err(ApiError::NotFound("event"));
     }
     if !deleted {
-        let paid: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE event_id = $1 AND status = 'PAID'")
-            .bind(id)
-            .fetch_one(&mut *tx)
-            .await?;
+        let paid: i64 = sqlx::query_scalar!(
+            r#"SELECT count(*) AS "count!" FROM orders WHERE event_id = $1 AND status = 'PAID'"#,
+            id
+        )
+        .fetch_one(&mut *tx)
+        .await?;
         if paid > 0 && !refund {
             return Err(ApiError::conflict(
                 "event_has_paid_orders",
@@ -535,12 +539,12 @@ pub async fn delete_event(
             ));
         }
         let rejected = common::order_changes::withdraw_event(&mut tx, id).await?;
-        sqlx::query(
+        sqlx::query!(
             "UPDATE events SET deleted_at = now(), updated_at = now(), refunding_since = CASE WHEN $2 THEN now() END
              WHERE id = $1",
+            id,
+            paid > 0
         )
-        .bind(id)
-        .bind(paid > 0)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -694,16 +698,16 @@ pub async fn upload_image(
         ApiError::Unavailable
     })?;
     let url = format!("/api/v1/events/{id}/image");
-    let previous: Option<Option<String>> = sqlx::query_scalar(
+    let previous: Option<Option<String>> = sqlx::query_scalar!(
         "WITH old AS (SELECT image_key FROM events WHERE id = $1 FOR NO KEY UPDATE)
          UPDATE events e SET image_key = $2, image_content_type = $3, image_url = $4, updated_at = now()
          FROM old WHERE e.id = $1 AND e.deleted_at IS NULL
          RETURNING old.image_key",
+        id,
+        &key,
+        content_type,
+        &url
     )
-    .bind(id)
-    .bind(&key)
-    .bind(content_type)
-    .bind(&url)
     .fetch_optional(&state.db)
     .await?;
     let previous = previous.ok_or(ApiError::NotFound("event"))?;
@@ -734,13 +738,14 @@ pub async fn get_image(
 ) -> Result<axum::response::Response, ApiError> {
     use axum::http::{HeaderValue, header};
     use axum::response::IntoResponse;
-    let (key, content_type): (String, String) = sqlx::query_as(
-        "SELECT image_key, image_content_type FROM events
-         WHERE id = $1 AND deleted_at IS NULL AND image_key IS NOT NULL AND image_content_type IS NOT NULL",
+    let (key, content_type) = sqlx::query!(
+        r#"SELECT image_key AS "image_key!", image_content_type AS "image_content_type!" FROM events
+           WHERE id = $1 AND deleted_at IS NULL AND image_key IS NOT NULL AND image_content_type IS NOT NULL"#,
+        id
     )
-    .bind(id)
     .fetch_optional(&state.db)
     .await?
+    .map(|row| (row.image_key, row.image_content_type))
     .ok_or(ApiError::NotFound("image"))?;
     let etag = format!("\"{}\"", key.rsplit('/').next().unwrap_or_default());
     let cache = HeaderValue::from_static("public, max-age=300");

@@ -84,12 +84,11 @@ pub async fn update_me(
             "current_password_required",
             "changing email or password needs current_password",
         ))?;
-        let (email_now, stored): (String, String) =
-            sqlx::query_as("SELECT email, password_hash FROM users WHERE id = $1")
-                .bind(user.id)
-                .fetch_optional(&state.db)
-                .await?
-                .ok_or(ApiError::ACCOUNT_GONE)?;
+        let (email_now, stored) = sqlx::query!("SELECT email, password_hash FROM users WHERE id = $1", user.id)
+            .fetch_optional(&state.db)
+            .await?
+            .map(|row| (row.email, row.password_hash))
+            .ok_or(ApiError::ACCOUNT_GONE)?;
         // A token is not a licence to guess the password: these checks share the log-in's
         // per-account allowance.
         throttled(&state, &state.login_throttle, &email_now, "password checks").await?;

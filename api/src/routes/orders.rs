@@ -427,11 +427,11 @@ async fn tickets_left(state: &AppState, event_id: Uuid, quantity: i32) -> Result
     {
         return Ok(hint.available);
     }
-    let available: i32 = sqlx::query_scalar("SELECT capacity - sold FROM events WHERE id = $1")
-        .bind(event_id)
-        .fetch_optional(&state.db)
-        .await?
-        .ok_or(ApiError::NotFound("event"))?;
+    let available: i32 =
+        sqlx::query_scalar!(r#"SELECT capacity - sold AS "left!" FROM events WHERE id = $1"#, event_id)
+            .fetch_optional(&state.db)
+            .await?
+            .ok_or(ApiError::NotFound("event"))?;
     state.sold_out.record(event_id, available);
     Ok(available)
 }

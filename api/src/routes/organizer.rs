@@ -282,8 +282,7 @@ pub async fn attendees(
 
 /// 404 unless the event exists (deleted or not: its orders still matter to the organizer).
 async fn ensure_event(db: &PgPool, id: Uuid) -> Result<(), ApiError> {
-    sqlx::query_scalar::<_, i32>("SELECT 1 FROM events WHERE id = $1")
-        .bind(id)
+    sqlx::query_scalar!("SELECT 1 FROM events WHERE id = $1", id)
         .fetch_optional(db)
         .await?
         .ok_or(ApiError::NotFound("event"))?;

@@ -161,12 +161,14 @@ pub async fn payment_webhook(
             (status, Some(serde_json::to_value(body).map_err(anyhow::Error::from)?))
         }
     };
-    sqlx::query("UPDATE payment_webhooks SET status_code = $2, response = $3 WHERE webhook_id = $1")
-        .bind(verified.id)
-        .bind(i16::try_from(status.as_u16()).unwrap_or(i16::MAX))
-        .bind(&response)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query!(
+        "UPDATE payment_webhooks SET status_code = $2, response = $3 WHERE webhook_id = $1",
+        verified.id,
+        i16::try_from(status.as_u16()).unwrap_or(i16::MAX),
+        response
+    )
+    .execute(&mut *tx)
+    .await?;
     tx.commit().await?;
     tracing::info!(%order_id, webhook_id = verified.id, requested = request.status.as_str(),
         status = order.status.as_str(), code = status.as_u16(), "payment webhook applied");
@@ -205,12 +207,12 @@ fn parse_request(body: &[u8], order_id: Uuid) -> Result<PaymentStatusRequest, Ap
 /// Claims the webhook id for this transaction. A concurrent duplicate blocks here until the
 /// first commits (then finds the id taken) or rolls back (then claims it itself).
 async fn claim(tx: &mut PgConnection, webhook_id: &str, order_id: Uuid) -> Result<bool, ApiError> {
-    let claimed = sqlx::query(
+    let claimed = sqlx::query!(
         "INSERT INTO payment_webhooks (webhook_id, order_id, status_code) VALUES ($1, $2, 0)
          ON CONFLICT (webhook_id) DO NOTHING",
+        webhook_id,
+        order_id
     )
-    .bind(webhook_id)
-    .bind(order_id)
     .execute(&mut *tx)
     .await?;
     Ok(claimed.rows_affected() == 1)
@@ -218,11 +220,13 @@ async fn claim(tx: &mut PgConnection, webhook_id: &str, order_id: Uuid) -> Resul
 
 /// The answer given to the first delivery of this webhook id.
 async fn replay(state: &AppState, webhook_id: &str, order_id: Uuid) -> Result<Response, ApiError> {
-    let (first_order, status, response): (Uuid, i16, Option<serde_json::Value>) =
-        sqlx::query_as("SELECT order_id, status_code, response FROM payment_webhooks WHERE webhook_id = $1")
-            .bind(webhook_id)
-            .fetch_one(&state.db)
-            .await?;
+    let first = sqlx::query!(
+        r#"SELECT order_id, status_code AS "status_code!", response FROM payment_webhooks WHERE webhook_id = $1"#,
+        webhook_id
+    )
+    .fetch_one(&state.db)
+    .await?;
+    let (first_order, status, response) = (first.order_id, first.status_code, first.response);
     if first_order != order_id {
         return Err(ApiError::invalid("webhook_id_reused", "this webhook-id was already used for another order"));
     }
@@ -240,14 +244,14 @@ fn respond(status: StatusCode, body: Option<serde_json::Value>) -> Response {
 }
 
 async fn record_late_payment(tx: &mut PgConnection, order: &LockedOrder, webhook_id: &str) -> Result<(), ApiError> {
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO late_payments (id, order_id, webhook_id, order_status, amount) VALUES ($1, $2, $3, $4, $5)",
+        Uuid::now_v7(),
+        order.id,
+        webhook_id,
+        order.status.as_str(),
+        order.total
     )
-    .bind(Uuid::now_v7())
-    .bind(order.id)
-    .bind(webhook_id)
-    .bind(order.status)
-    .bind(order.total)
     .execute(&mut *tx)
     .await?;
     tracing::warn!(order_id = %order.id, webhook_id, status = order.status.as_str(), amount = %order.total,

@@ -214,9 +214,7 @@ pub async fn types_of(db: &sqlx::PgPool, event_id: Uuid, admin: bool) -> Result<
 
 /// The event (not deleted, or deleted for admins), or 404.
 async fn find_event(db: &sqlx::PgPool, id: Uuid, admin: bool) -> Result<(), ApiError> {
-    sqlx::query("SELECT 1 FROM events WHERE id = $1 AND (deleted_at IS NULL OR $2)")
-        .bind(id)
-        .bind(admin)
+    sqlx::query!("SELECT 1 AS found FROM events WHERE id = $1 AND (deleted_at IS NULL OR $2)", id, admin)
         .fetch_optional(db)
         .await?
         .map(|_| ())
@@ -295,8 +293,7 @@ async fn load<'c, E: sqlx::PgExecutor<'c>>(
 /// decisions) and returns its currency.
 async fn lock_event(tx: &mut sqlx::PgConnection, id: Uuid) -> Result<Currency, ApiError> {
     let code: String =
-        sqlx::query_scalar("SELECT currency FROM events WHERE id = $1 AND deleted_at IS NULL FOR NO KEY UPDATE")
-            .bind(id)
+        sqlx::query_scalar!("SELECT currency FROM events WHERE id = $1 AND deleted_at IS NULL FOR NO KEY UPDATE", id)
             .fetch_optional(&mut *tx)
             .await?
             .ok_or(ApiError::NotFound("event"))?;
@@ -325,10 +322,12 @@ pub async fn create_ticket_type(
     let mut tx = state.db.begin().await?;
     let currency = lock_event(&mut tx, id).await?;
     let new = req.validate(&currency)?;
-    let live: i64 = sqlx::query_scalar("SELECT count(*) FROM ticket_types WHERE event_id = $1 AND deleted_at IS NULL")
-        .bind(id)
-        .fetch_one(&mut *tx)
-        .await?;
+    let live: i64 = sqlx::query_scalar!(
+        r#"SELECT count(*) AS "count!" FROM ticket_types WHERE event_id = $1 AND deleted_at IS NULL"#,
+        id
+    )
+    .fetch_one(&mut *tx)
+    .await?;
     if live >= MAX_TYPES {
         return Err(ApiError::conflict(
             "too_many_ticket_types",
@@ -336,23 +335,23 @@ pub async fn create_ticket_type(
         ));
     }
     let type_id = Uuid::now_v7();
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO ticket_types (id, event_id, name, description, price, capacity, max_per_order, max_per_buyer,
                                    sales_start, sales_end, hidden, sort_order)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+        type_id,
+        id,
+        &new.name,
+        &new.description,
+        new.price,
+        new.capacity,
+        new.max_per_order,
+        new.max_per_buyer,
+        new.sales_start,
+        new.sales_end,
+        new.hidden,
+        new.sort_order
     )
-    .bind(type_id)
-    .bind(id)
-    .bind(&new.name)
-    .bind(&new.description)
-    .bind(new.price)
-    .bind(new.capacity)
-    .bind(new.max_per_order)
-    .bind(new.max_per_buyer)
-    .bind(new.sales_start)
-    .bind(new.sales_end)
-    .bind(new.hidden)
-    .bind(new.sort_order)
     .execute(&mut *tx)
     .await?;
     let created = load(&mut *tx, id, type_id, false, false).await?;
@@ -395,23 +394,23 @@ pub async fn update_ticket_type(
             format!("{} tickets of this type are sold or held; capacity cannot go below that", current.sold),
         ));
     }
-    sqlx::query(
+    sqlx::query!(
         "UPDATE ticket_types SET name = $2, description = $3, price = $4, capacity = $5, max_per_order = $6,
                 max_per_buyer = $7, sales_start = $8, sales_end = $9, hidden = $10, sort_order = $11,
                 updated_at = now()
          WHERE id = $1",
+        type_id,
+        &edited.name,
+        &edited.description,
+        edited.price,
+        edited.capacity,
+        edited.max_per_order,
+        edited.max_per_buyer,
+        edited.sales_start,
+        edited.sales_end,
+        edited.hidden,
+        edited.sort_order
     )
-    .bind(type_id)
-    .bind(&edited.name)
-    .bind(&edited.description)
-    .bind(edited.price)
-    .bind(edited.capacity)
-    .bind(edited.max_per_order)
-    .bind(edited.max_per_buyer)
-    .bind(edited.sales_start)
-    .bind(edited.sales_end)
-    .bind(edited.hidden)
-    .bind(edited.sort_order)
     .execute(&mut *tx)
     .await?;
     // Capacity raised (or a window or cap changed): the waiting list is offered what it can
@@ -454,24 +453,23 @@ pub async fn delete_ticket_type(
             format!("{} tickets of this type are sold or held; stop its sale with sales_end instead", current.sold),
         ));
     }
-    sqlx::query("UPDATE ticket_types SET deleted_at = now(), updated_at = now() WHERE id = $1")
-        .bind(type_id)
+    sqlx::query!("UPDATE ticket_types SET deleted_at = now(), updated_at = now() WHERE id = $1", type_id)
         .execute(&mut *tx)
         .await?;
     // Nobody waits for a type that is no longer sold (it holds no tickets, so no offers).
-    sqlx::query(
+    sqlx::query!(
         "UPDATE waitlist_entries SET status = 'CLOSED', updated_at = now()
          WHERE ticket_type_id = $1 AND status = 'WAITING'",
+        type_id
     )
-    .bind(type_id)
     .execute(&mut *tx)
     .await?;
-    sqlx::query(
+    sqlx::query!(
         "UPDATE events SET default_ticket_type_id = NULL, updated_at = now()
          WHERE id = $1 AND default_ticket_type_id = $2",
+        id,
+        type_id
     )
-    .bind(id)
-    .bind(type_id)
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;

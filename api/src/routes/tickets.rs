@@ -143,19 +143,19 @@ pub async fn check_in(
         return Err(refusal);
     }
     // The primary key decides concurrent scans: one insert wins, the others see its row.
-    let first: Option<DateTime<Utc>> = sqlx::query_scalar(
+    let first: Option<DateTime<Utc>> = sqlx::query_scalar!(
         "INSERT INTO check_ins (ticket_id, checked_in_by) VALUES ($1, $2)
          ON CONFLICT (ticket_id) DO NOTHING RETURNING checked_in_at",
+        ticket_id,
+        scanner.id
     )
-    .bind(ticket_id)
-    .bind(scanner.id)
     .fetch_optional(&mut *tx)
     .await?;
     if first.is_none() {
-        let at: DateTime<Utc> = sqlx::query_scalar("SELECT checked_in_at FROM check_ins WHERE ticket_id = $1")
-            .bind(ticket_id)
-            .fetch_one(&mut *tx)
-            .await?;
+        let at: DateTime<Utc> =
+            sqlx::query_scalar!("SELECT checked_in_at FROM check_ins WHERE ticket_id = $1", ticket_id)
+                .fetch_one(&mut *tx)
+                .await?;
         return Err(ApiError::AlreadyCheckedIn { at });
     }
     let check_in = sqlx::query_as::<_, CheckIn>(

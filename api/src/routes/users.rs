@@ -77,7 +77,7 @@ pub async fn set_role(
     let mut tx = state.db.begin().await?;
     // Locking the admins serialises concurrent demotions, so two cannot remove the last two.
     let admins: Vec<Uuid> =
-        sqlx::query_scalar("SELECT id FROM users WHERE role = 'admin' FOR UPDATE").fetch_all(&mut *tx).await?;
+        sqlx::query_scalar!("SELECT id FROM users WHERE role = 'admin' FOR UPDATE").fetch_all(&mut *tx).await?;
     if req.role != Role::Admin && admins == [id] {
         return Err(ApiError::conflict("last_admin", "this is the only admin; promote another account first"));
     }

@@ -117,23 +117,24 @@ pub async fn join(
     // release either happened before (and the tickets are to be bought) or comes after
     // (and its offer pass sees the entry).
     let mut tx = state.db.begin().await?;
-    let left: Option<(i32, Option<i32>)> = sqlx::query_as(
-        "SELECT e.capacity - e.sold, t.capacity - t.sold
-         FROM events e JOIN ticket_types t ON t.event_id = e.id AND t.id = $2 AND t.deleted_at IS NULL
-         WHERE e.id = $1 AND e.deleted_at IS NULL
-         FOR NO KEY UPDATE OF e",
+    let left = sqlx::query!(
+        r#"SELECT e.capacity - e.sold AS "venue_left!", t.capacity - t.sold AS "type_left"
+           FROM events e JOIN ticket_types t ON t.event_id = e.id AND t.id = $2 AND t.deleted_at IS NULL
+           WHERE e.id = $1 AND e.deleted_at IS NULL
+           FOR NO KEY UPDATE OF e"#,
+        event_id,
+        type_id
     )
-    .bind(event_id)
-    .bind(type_id)
     .fetch_optional(&mut *tx)
-    .await?;
+    .await?
+    .map(|row| (row.venue_left, row.type_left));
     let (venue_left, type_left) = left.ok_or(ApiError::NotFound("event"))?;
-    let waiting: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM waitlist_entries
-                        WHERE event_id = $1 AND user_id = $2 AND status IN ('WAITING', 'OFFERED'))",
+    let waiting: bool = sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM waitlist_entries
+                        WHERE event_id = $1 AND user_id = $2 AND status IN ('WAITING', 'OFFERED')) AS "exists!""#,
+        event_id,
+        user.id
     )
-    .bind(event_id)
-    .bind(user.id)
     .fetch_one(&mut *tx)
     .await?;
     if waiting {
@@ -147,10 +148,10 @@ pub async fn join(
             format!("{available} tickets are available: buy them with POST /api/v1/orders"),
         ));
     }
-    let open: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM waitlist_entries WHERE user_id = $1 AND status IN ('WAITING', 'OFFERED')",
+    let open: i64 = sqlx::query_scalar!(
+        r#"SELECT count(*) AS "count!" FROM waitlist_entries WHERE user_id = $1 AND status IN ('WAITING', 'OFFERED')"#,
+        user.id
     )
-    .bind(user.id)
     .fetch_one(&mut *tx)
     .await?;
     if open >= MAX_OPEN_ENTRIES {
@@ -160,14 +161,14 @@ pub async fn join(
         ));
     }
     let id = Uuid::now_v7();
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO waitlist_entries (id, event_id, ticket_type_id, user_id, quantity) VALUES ($1, $2, $3, $4, $5)",
+        id,
+        event_id,
+        type_id,
+        user.id,
+        line.quantity
     )
-    .bind(id)
-    .bind(event_id)
-    .bind(type_id)
-    .bind(user.id)
-    .bind(line.quantity)
     .execute(&mut *tx)
     .await
     .on_constraint("waitlist_one_per_buyer", already_waiting)?;
@@ -205,19 +206,21 @@ pub async fn leave(
     user: AuthUser,
     Path(event_id): Path<Uuid>,
 ) -> Result<StatusCode, ApiError> {
-    let open: Option<(Uuid, String, Option<Uuid>)> = sqlx::query_as(
-        "WITH left_now AS (
-             UPDATE waitlist_entries SET status = 'LEFT', updated_at = now()
-             WHERE event_id = $1 AND user_id = $2 AND status = 'WAITING' RETURNING id, status, order_id
-         )
-         SELECT id, status, order_id FROM left_now
-         UNION ALL
-         SELECT id, status, order_id FROM waitlist_entries WHERE event_id = $1 AND user_id = $2 AND status = 'OFFERED'",
+    let open = sqlx::query!(
+        r#"WITH left_now AS (
+               UPDATE waitlist_entries SET status = 'LEFT', updated_at = now()
+               WHERE event_id = $1 AND user_id = $2 AND status = 'WAITING' RETURNING id, status, order_id
+           )
+           SELECT id AS "id!", status AS "status!", order_id FROM left_now
+           UNION ALL
+           SELECT id, status, order_id FROM waitlist_entries
+           WHERE event_id = $1 AND user_id = $2 AND status = 'OFFERED'"#,
+        event_id,
+        user.id
     )
-    .bind(event_id)
-    .bind(user.id)
     .fetch_optional(&state.db)
-    .await?;
+    .await?
+    .map(|row| (row.id, row.status, row.order_id));
     match open {
         None => Err(ApiError::NotFound("waiting-list entry")),
         Some((_, status, order_id)) if status == "OFFERED" => Err(ApiError::conflict(
@@ -285,10 +288,10 @@ pub async fn event_waitlist(
     Query(query): Query<PageQuery>,
 ) -> Result<(HeaderMap, Json<Vec<WaitlistEntry>>), ApiError> {
     let limit = query.limit()?;
-    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM events WHERE id = $1)")
-        .bind(event_id)
-        .fetch_one(&state.db)
-        .await?;
+    let exists: bool =
+        sqlx::query_scalar!(r#"SELECT EXISTS (SELECT 1 FROM events WHERE id = $1) AS "exists!""#, event_id)
+            .fetch_one(&state.db)
+            .await?;
     if !exists {
         return Err(ApiError::NotFound("event"));
     }

@@ -103,15 +103,14 @@ pub async fn create_endpoint(
     let mut tx = state.db.begin().await?;
     // The account's row lock makes count-then-insert atomic: concurrent registrations of one
     // user take turns, so the limit holds exactly.
-    sqlx::query("SELECT 1 FROM users WHERE id = $1 FOR NO KEY UPDATE")
-        .bind(user.id)
+    sqlx::query!("SELECT 1 AS locked FROM users WHERE id = $1 FOR NO KEY UPDATE", user.id)
         .fetch_optional(&mut *tx)
         .await?
         .ok_or(ApiError::ACCOUNT_GONE)?;
-    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_endpoints WHERE user_id = $1")
-        .bind(user.id)
-        .fetch_one(&mut *tx)
-        .await?;
+    let count: i64 =
+        sqlx::query_scalar!(r#"SELECT count(*) AS "count!" FROM webhook_endpoints WHERE user_id = $1"#, user.id)
+            .fetch_one(&mut *tx)
+            .await?;
     if count >= MAX_ENDPOINTS_PER_USER {
         return Err(ApiError::invalid(
             "too_many_endpoints",
@@ -175,9 +174,7 @@ pub async fn delete_endpoint(
     user: AuthUser,
     Path(id): Path<Uuid>,
 ) -> Result<StatusCode, ApiError> {
-    let deleted = sqlx::query("DELETE FROM webhook_endpoints WHERE id = $1 AND user_id = $2")
-        .bind(id)
-        .bind(user.id)
+    let deleted = sqlx::query!("DELETE FROM webhook_endpoints WHERE id = $1 AND user_id = $2", id, user.id)
         .execute(&state.db)
         .await?;
     if deleted.rows_affected() == 0 {
@@ -232,12 +229,13 @@ pub async fn list_deliveries(
     Query(query): Query<PageQuery>,
 ) -> Result<(HeaderMap, Json<Vec<Delivery>>), ApiError> {
     let limit = query.limit()?;
-    let owned: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM webhook_endpoints WHERE id = $1 AND user_id = $2)")
-            .bind(id)
-            .bind(user.id)
-            .fetch_one(&state.db)
-            .await?;
+    let owned: bool = sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM webhook_endpoints WHERE id = $1 AND user_id = $2) AS "exists!""#,
+        id,
+        user.id
+    )
+    .fetch_one(&state.db)
+    .await?;
     if !owned {
         return Err(ApiError::NotFound("webhook endpoint"));
     }
