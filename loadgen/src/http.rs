@@ -57,96 +57,25 @@ struct Answer {
 /// `types`: the `tiers` scenario's ticket types per event (empty otherwise).
 pub async fn run(args: &RunArgs, db: &PgPool, events: &[Uuid], types: &[[Uuid; 3]]) -> anyhow::Result<Report> {
     let orders = args.orders();
-    let users = prepare::users(db, u64::from(args.users.max(1)).min(orders)).await?;
-    let tokens: Arc<[String]> = prepare::tokens(&users, &args.jwt_secret)?.into();
-    let client = reqwest::Client::builder()
+    let typed = !types.is_empty();
+    let http = reqwest::Client::builder()
         .pool_max_idle_per_host(args.concurrency.max(256))
         .timeout(Duration::from_secs(30))
         .build()?;
-    let route = if args.scenario == Scenario::Ceiling { "/api/v1/orders/quote" } else { "/api/v1/orders" };
-    let url: Arc<str> = format!("{}{route}", args.api.trim_end_matches('/')).into();
-    let http = client.clone();
-    let events_list: Arc<[Uuid]> = events.into();
-    let typed = !types.is_empty();
-    let types: Arc<[[Uuid; 3]]> = types.into();
-    let bar = progress(orders, "orders");
-    let send = move |i: u64, due: Option<Instant>| {
-        let (client, url, tokens, events, types, bar) =
-            (client.clone(), url.clone(), tokens.clone(), events_list.clone(), types.clone(), bar.clone());
-        async move {
-            if let Some(due) = due {
-                tokio::time::sleep_until(due.into()).await;
-            }
-            let sent = due.unwrap_or_else(Instant::now);
-            let token = &tokens[(i % tokens.len() as u64) as usize];
-            let index = (i % events.len() as u64) as usize;
-            let event = events[index];
-            let body = match types.get(index) {
-                Some(types) => tiers_order(event, types, i),
-                None => serde_json::json!({"event_id": event, "quantity": 1}),
-            };
-            let status = client
-                .post(&*url)
-                .bearer_auth(token)
-                .json(&body)
-                .send()
-                .await
-                .map_or(0, |response| response.status().as_u16());
-            bar.inc(1);
-            let micros = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX);
-            Answer { status, micros, answered_at: Utc::now() }
-        }
-    };
-
     let database = db.connect_options().get_database().unwrap_or("turnstile_bench").to_owned();
     let sampler = Sampler::start(&args.cost, args.api_pid, args.worker_pid, &database).await?;
     let started_at = Utc::now();
     let started = Instant::now();
-    let answers: Vec<Answer> = if args.scenario == Scenario::Rate {
-        let gap = Duration::from_secs_f64(1.0 / f64::from(args.rate.max(1)));
-        futures_util::stream::iter(0..orders)
-            .map(|i| send(i, Some(started + gap.mul_f64(i as f64))))
-            .buffer_unordered(RATE_MAX_OUTSTANDING)
-            .collect()
-            .await
-    } else {
-        futures_util::stream::iter(0..orders).map(|i| send(i, None)).buffer_unordered(args.concurrency).collect().await
-    };
+    let answers = send_all(args, db, &http, events, types, started).await?;
     let send_elapsed = started.elapsed().as_secs_f64();
-
-    let mut latency = Histogram::<u64>::new(3)?;
-    let (mut accepted, mut refused, mut errors) = (0, 0, 0);
-    let mut last_decision = started_at;
-    for answer in &answers {
-        match answer.status {
-            202 => {
-                accepted += 1;
-                latency.record(answer.micros)?;
-            }
-            // The ceiling's quote: answered, nothing to decide.
-            200 if args.scenario == Scenario::Ceiling => {
-                accepted += 1;
-                latency.record(answer.micros)?;
-            }
-            409 => {
-                refused += 1;
-                last_decision = last_decision.max(answer.answered_at);
-            }
-            _ => errors += 1,
+    let Tally { latency, accepted, refused, errors, mut last_decision } = tally(args, &answers, started_at)?;
+    let (drain, worker_peak) = match args.scenario {
+        Scenario::Backlog => {
+            let worker = args.worker.as_deref().context("--scenario backlog needs --worker PATH")?;
+            let (drain, peak) = drain(worker, args.api_pid, db, events, accepted).await?;
+            (Some(drain), peak)
         }
-    }
-    if errors > 0 {
-        eprintln!("{errors} requests were answered with neither 202 nor 409 (or not at all)");
-    }
-
-    let mut worker_peak = None;
-    let drain = if args.scenario == Scenario::Backlog {
-        let worker = args.worker.as_deref().context("--scenario backlog needs --worker PATH")?;
-        let (drain, peak) = drain(worker, args.api_pid, db, events, accepted).await?;
-        worker_peak = peak;
-        Some(drain)
-    } else {
-        None
+        _ => (None, None),
     };
     let lost = prepare::wait_until_decided(db, events, DECIDE_TIMEOUT).await?;
     let decided_count: i64 =
@@ -158,15 +87,7 @@ pub async fn run(args: &RunArgs, db: &PgPool, events: &[Uuid], types: &[[Uuid; 3
     let decided_orders = if ceiling { accepted } else { u64::try_from(decided_count).unwrap_or(0) + refused };
     let cost = sampler.finish(decided_orders, &http).await?;
 
-    // Accept → first decision, from the order's own history.
-    let decided: Vec<(DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
-        "SELECT o.created_at, min(h.at) FROM orders o
-         JOIN order_history h ON h.order_id = o.id AND h.status <> 'QUEUED'
-         WHERE o.event_id = ANY($1) GROUP BY o.id",
-    )
-    .bind(events)
-    .fetch_all(db)
-    .await?;
+    let decided = accept_to_decision(db, events).await?;
     let mut to_final = Histogram::<u64>::new(3)?;
     for (created, decided) in &decided {
         to_final.record(u64::try_from((*decided - *created).num_microseconds().unwrap_or(0).max(0))?)?;
@@ -212,6 +133,112 @@ pub async fn run(args: &RunArgs, db: &PgPool, events: &[Uuid], types: &[[Uuid; 3
         cost: Some(cost),
         timeline: Some(timeline),
     })
+}
+
+/// Sends the run's orders (closed loop: `concurrency` at a time; `rate`: on schedule) and
+/// returns every answer.
+async fn send_all(
+    args: &RunArgs,
+    db: &PgPool,
+    http: &reqwest::Client,
+    events: &[Uuid],
+    types: &[[Uuid; 3]],
+    started: Instant,
+) -> anyhow::Result<Vec<Answer>> {
+    let orders = args.orders();
+    let users = prepare::users(db, u64::from(args.users.max(1)).min(orders)).await?;
+    let tokens: Arc<[String]> = prepare::tokens(&users, &args.jwt_secret)?.into();
+    let route = if args.scenario == Scenario::Ceiling { "/api/v1/orders/quote" } else { "/api/v1/orders" };
+    let url: Arc<str> = format!("{}{route}", args.api.trim_end_matches('/')).into();
+    let events_list: Arc<[Uuid]> = events.into();
+    let types: Arc<[[Uuid; 3]]> = types.into();
+    let bar = progress(orders, "orders");
+    let send = move |i: u64, due: Option<Instant>| {
+        let (client, url, tokens, events, types, bar) =
+            (http.clone(), url.clone(), tokens.clone(), events_list.clone(), types.clone(), bar.clone());
+        async move {
+            if let Some(due) = due {
+                tokio::time::sleep_until(due.into()).await;
+            }
+            let sent = due.unwrap_or_else(Instant::now);
+            let token = &tokens[(i % tokens.len() as u64) as usize];
+            let index = (i % events.len() as u64) as usize;
+            let event = events[index];
+            let body = match types.get(index) {
+                Some(types) => tiers_order(event, types, i),
+                None => serde_json::json!({"event_id": event, "quantity": 1}),
+            };
+            let status = client
+                .post(&*url)
+                .bearer_auth(token)
+                .json(&body)
+                .send()
+                .await
+                .map_or(0, |response| response.status().as_u16());
+            bar.inc(1);
+            let micros = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX);
+            Answer { status, micros, answered_at: Utc::now() }
+        }
+    };
+    Ok(if args.scenario == Scenario::Rate {
+        let gap = Duration::from_secs_f64(1.0 / f64::from(args.rate.max(1)));
+        futures_util::stream::iter(0..orders)
+            .map(|i| send(i, Some(started + gap.mul_f64(i as f64))))
+            .buffer_unordered(RATE_MAX_OUTSTANDING)
+            .collect()
+            .await
+    } else {
+        futures_util::stream::iter(0..orders).map(|i| send(i, None)).buffer_unordered(args.concurrency).collect().await
+    })
+}
+
+/// The answers counted: accepted (with their latencies), refused, errors, and the last
+/// refusal (a refusal is a decision).
+struct Tally {
+    latency: Histogram<u64>,
+    accepted: u64,
+    refused: u64,
+    errors: u64,
+    last_decision: DateTime<Utc>,
+}
+
+fn tally(args: &RunArgs, answers: &[Answer], started_at: DateTime<Utc>) -> anyhow::Result<Tally> {
+    let mut tally =
+        Tally { latency: Histogram::<u64>::new(3)?, accepted: 0, refused: 0, errors: 0, last_decision: started_at };
+    for answer in answers {
+        match answer.status {
+            202 => {
+                tally.accepted += 1;
+                tally.latency.record(answer.micros)?;
+            }
+            // The ceiling's quote: answered, nothing to decide.
+            200 if args.scenario == Scenario::Ceiling => {
+                tally.accepted += 1;
+                tally.latency.record(answer.micros)?;
+            }
+            409 => {
+                tally.refused += 1;
+                tally.last_decision = tally.last_decision.max(answer.answered_at);
+            }
+            _ => tally.errors += 1,
+        }
+    }
+    if tally.errors > 0 {
+        eprintln!("{} requests were answered with neither 202 nor 409 (or not at all)", tally.errors);
+    }
+    Ok(tally)
+}
+
+/// Each decided order's acceptance and first decision, from its own history.
+async fn accept_to_decision(db: &PgPool, events: &[Uuid]) -> sqlx::Result<Vec<(DateTime<Utc>, DateTime<Utc>)>> {
+    sqlx::query_as(
+        "SELECT o.created_at, min(h.at) FROM orders o
+         JOIN order_history h ON h.order_id = o.id AND h.status <> 'QUEUED'
+         WHERE o.event_id = ANY($1) GROUP BY o.id",
+    )
+    .bind(events)
+    .fetch_all(db)
+    .await
 }
 
 /// `backlog`: starts a worker on the queued orders, samples memory every second until they

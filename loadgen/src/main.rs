@@ -28,6 +28,10 @@
 //!
 //! `summary DIR` turns the JSON files of several runs into medians and ratios.
 
+// Functions stay under 80 lines (clippy.toml) outside tests.
+#![warn(clippy::too_many_lines)]
+#![cfg_attr(test, allow(clippy::too_many_lines))]
+
 mod baseline;
 mod cost;
 mod http;

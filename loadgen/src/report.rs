@@ -189,9 +189,8 @@ fn median(mut values: Vec<f64>) -> Option<f64> {
     Some(if values.len() % 2 == 1 { values[mid] } else { (values[mid - 1] + values[mid]) / 2.0 })
 }
 
-/// Medians per (scenario, events, label) over every `*.json` in `dir`, with the ratio of
-/// each pipeline scenario to the baseline over the same number of events.
-pub fn summary(dir: &Path, markdown: Option<&Path>) -> anyhow::Result<()> {
+/// The reports in `dir` (every `*.json`), by (events, scenario, label).
+fn read_reports(dir: &Path) -> anyhow::Result<BTreeMap<(u32, Scenario, String), Vec<Report>>> {
     let mut groups: BTreeMap<(u32, Scenario, String), Vec<Report>> = BTreeMap::new();
     for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let path = entry?.path();
@@ -201,6 +200,35 @@ pub fn summary(dir: &Path, markdown: Option<&Path>) -> anyhow::Result<()> {
             groups.entry((report.events, report.scenario, report.label.clone())).or_default().push(report);
         }
     }
+    Ok(groups)
+}
+
+/// One line of the cost table: medians of the runs' costs.
+fn cost_row(name: &str, events: u32, runs: &[Report]) -> String {
+    let fmt = |v: Option<f64>, digits: usize| v.map_or("-".to_owned(), |v| format!("{v:.digits$}"));
+    let cost =
+        |f: &dyn Fn(&Cost) -> Option<f64>| median(runs.iter().filter_map(|r| r.cost.as_ref().and_then(f)).collect());
+    let per_order = |group: fn(&crate::cost::CpuSeconds) -> Option<f64>| {
+        cost(&|c| group(&c.cpu_seconds).map(|s| s * 1e6 / c.decided_orders.max(1) as f64))
+    };
+    format!(
+        "| {name} | {events} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+        fmt(cost(&|c| c.cpu_us_per_order), 0),
+        fmt(per_order(|c| c.api), 0),
+        fmt(per_order(|c| c.worker), 0),
+        fmt(per_order(|c| c.postgres), 0),
+        fmt(per_order(|c| c.rabbitmq), 0),
+        fmt(per_order(|c| c.loadgen), 0),
+        fmt(cost(&|c| c.statements_per_order), 2),
+        fmt(cost(&|c| c.rows_written_per_order), 2),
+        fmt(cost(&|c| c.messages_per_order), 3),
+    )
+}
+
+/// Medians per (scenario, events, label) over every `*.json` in `dir`, with the ratio of
+/// each pipeline scenario to the baseline over the same number of events.
+pub fn summary(dir: &Path, markdown: Option<&Path>) -> anyhow::Result<()> {
+    let groups = read_reports(dir)?;
     // Baselines by number of events, and by durability: a run is compared with the baseline
     // measured on the same kind of PostgreSQL.
     let durable = |label: &str| label.contains("durable");
@@ -272,23 +300,7 @@ pub fn summary(dir: &Path, markdown: Option<&Path>) -> anyhow::Result<()> {
             );
         }
         if runs.iter().any(|r| r.cost.is_some()) {
-            let cost = |f: &dyn Fn(&Cost) -> Option<f64>| med(&|r| r.cost.as_ref().and_then(f));
-            let per_order = |group: fn(&crate::cost::CpuSeconds) -> Option<f64>| {
-                cost(&|c| group(&c.cpu_seconds).map(|s| s * 1e6 / c.decided_orders.max(1) as f64))
-            };
-            let _ = writeln!(
-                costs,
-                "| {name} | {events} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-                fmt(cost(&|c| c.cpu_us_per_order), 0),
-                fmt(per_order(|c| c.api), 0),
-                fmt(per_order(|c| c.worker), 0),
-                fmt(per_order(|c| c.postgres), 0),
-                fmt(per_order(|c| c.rabbitmq), 0),
-                fmt(per_order(|c| c.loadgen), 0),
-                fmt(cost(&|c| c.statements_per_order), 2),
-                fmt(cost(&|c| c.rows_written_per_order), 2),
-                fmt(cost(&|c| c.messages_per_order), 3),
-            );
+            costs.push_str(&cost_row(&name, *events, runs));
         }
     }
     table.push_str("\nCost, medians of the runs (CPU time per process sampled from /proc during the run):\n\n");

@@ -20,12 +20,12 @@ use chrono::{DateTime, Utc};
 use common::amqp::{PurchaseMessage, declare_topology, decode_purchase, purchase_queue};
 use common::config::WorkerConfig;
 use common::domain::OrderStatus;
-use common::stock::{self, Decision, Request};
+use common::stock::{self, Decision, EventStock, Request};
 use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Consumer, message::Delivery};
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -393,11 +393,26 @@ struct LineRef {
 /// Returns each batch's outcome, in the order given.
 async fn allocate_batches(db: &PgPool, batches: &[(u16, &Groups)], hold_ttl: Duration) -> sqlx::Result<Vec<Outcome>> {
     let mut tx = db.begin().await?;
+    let (mut events, queued) = load(&mut tx, batches).await?;
+    let plan = plan(batches, &mut events, &queued);
+    if !plan.decided.is_empty() {
+        write(&mut tx, &plan, hold_ttl).await?;
+    }
+    tx.commit().await?;
+    Ok(plan.outcomes)
+}
+
+/// The `QUEUED` orders the batches name, by id, with the event each was placed for.
+type Queued = HashMap<Uuid, (Uuid, Request)>;
+
+/// Locks the batches' events and reads what they have left, the orders still `QUEUED`, and
+/// what their buyers already hold where a cap applies.
+async fn load(tx: &mut PgConnection, batches: &[(u16, &Groups)]) -> sqlx::Result<(HashMap<Uuid, EventStock>, Queued)> {
     let mut event_ids: Vec<Uuid> =
         batches.iter().flat_map(|(_, groups)| groups.iter().map(|(event, _)| *event)).collect();
     event_ids.sort();
     event_ids.dedup();
-    let mut events = stock::lock_and_load(&mut tx, &event_ids).await?;
+    let mut events = stock::lock_and_load(tx, &event_ids).await?;
     let order_ids: Vec<Uuid> =
         batches.iter().flat_map(|(_, groups)| groups.iter().flat_map(|(_, orders)| orders.iter().copied())).collect();
     let rows = sqlx::query!(
@@ -408,8 +423,7 @@ async fn allocate_batches(db: &PgPool, batches: &[(u16, &Groups)], hold_ttl: Dur
     )
     .fetch_all(&mut *tx)
     .await?;
-    // An order is allocated only under the event its message names.
-    let queued: HashMap<Uuid, (Uuid, Request)> = rows
+    let queued: Queued = rows
         .into_iter()
         .map(|row| {
             let lines = row.lines.0.into_iter().map(|l| (l.ticket_type_id, i64::from(l.quantity))).collect();
@@ -418,15 +432,29 @@ async fn allocate_batches(db: &PgPool, batches: &[(u16, &Groups)], hold_ttl: Dur
             (row.id, (row.event_id, request))
         })
         .collect();
-    stock::read_holdings(&mut tx, &mut events, queued.values().map(|(event_id, r)| (*event_id, r.user_id))).await?;
+    stock::read_holdings(tx, &mut events, queued.values().map(|(event_id, r)| (*event_id, r.user_id))).await?;
+    Ok((events, queued))
+}
 
-    let mut outcomes = Vec::with_capacity(batches.len());
-    let mut decided: Vec<Decision> = Vec::with_capacity(order_ids.len());
-    let (mut ticket_ids, mut ticket_orders, mut ticket_events, mut ticket_types) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut issued_per_event: HashMap<Uuid, i64> = HashMap::new();
-    let mut issued_per_type: HashMap<Uuid, i64> = HashMap::new();
-    let mut progress: HashMap<u16, DateTime<Utc>> = HashMap::new();
+/// What a transaction writes: every decision, the tickets issued, how many per event and
+/// per type, and how far each partition got.
+#[derive(Debug, Default)]
+struct Plan {
+    outcomes: Vec<Outcome>,
+    decided: Vec<Decision>,
+    /// One entry per ticket: (ticket id, order, event, ticket type).
+    tickets: Vec<(Uuid, Uuid, Uuid, Uuid)>,
+    issued_per_event: HashMap<Uuid, i64>,
+    issued_per_type: HashMap<Uuid, i64>,
+    progress: HashMap<u16, DateTime<Utc>>,
+}
+
+/// Decides the batches' orders, in order, against what the events have left (pure: the
+/// database is read before and written after). An order is decided only under the event
+/// its message names; one that is not `QUEUED` any more, or whose event does not exist, is
+/// skipped.
+fn plan(batches: &[(u16, &Groups)], events: &mut HashMap<Uuid, EventStock>, queued: &Queued) -> Plan {
+    let mut plan = Plan::default();
     for (partition, groups) in batches {
         let mut outcome = Outcome::default();
         for (event_id, orders) in groups.iter() {
@@ -441,38 +469,36 @@ async fn allocate_batches(db: &PgPool, batches: &[(u16, &Groups)], hold_ttl: Dur
                     continue;
                 };
                 let decision = stock.decide(request);
-                let seen = progress.entry(*partition).or_insert(request.created_at);
+                let seen = plan.progress.entry(*partition).or_insert(request.created_at);
                 *seen = (*seen).max(request.created_at);
                 outcome.decided.push((decision.clone(), request.created_at));
                 if matches!(decision.status, OrderStatus::Pending | OrderStatus::Paid) {
                     outcome.accepted += 1;
-                    *issued_per_event.entry(*event_id).or_default() += request.tickets();
+                    *plan.issued_per_event.entry(*event_id).or_default() += request.tickets();
                     for &(type_id, quantity) in &request.lines {
-                        *issued_per_type.entry(type_id).or_default() += quantity;
+                        *plan.issued_per_type.entry(type_id).or_default() += quantity;
                         for _ in 0..quantity {
-                            ticket_ids.push(Uuid::now_v7());
-                            ticket_orders.push(*order_id);
-                            ticket_events.push(*event_id);
-                            ticket_types.push(type_id);
+                            plan.tickets.push((Uuid::now_v7(), *order_id, *event_id, type_id));
                         }
                     }
                 } else {
                     outcome.rejected += 1;
                 }
-                decided.push(decision);
+                plan.decided.push(decision);
             }
         }
-        outcomes.push(outcome);
+        plan.outcomes.push(outcome);
     }
-    if decided.is_empty() {
-        tx.commit().await?;
-        return Ok(outcomes);
-    }
+    plan
+}
 
-    let ids: Vec<Uuid> = decided.iter().map(|d| d.order_id).collect();
-    let statuses: Vec<&str> = decided.iter().map(|d| d.status.as_str()).collect();
-    let reasons: Vec<Option<&str>> = decided.iter().map(|d| d.reason).collect();
-    let reason_types: Vec<Option<Uuid>> = decided.iter().map(|d| d.reason_type).collect();
+/// Writes a plan: the orders' new statuses, their tickets, `sold` per event and per type,
+/// the partitions' progress, and the announcement of the changed orders.
+async fn write(tx: &mut PgConnection, plan: &Plan, hold_ttl: Duration) -> sqlx::Result<()> {
+    let ids: Vec<Uuid> = plan.decided.iter().map(|d| d.order_id).collect();
+    let statuses: Vec<&str> = plan.decided.iter().map(|d| d.status.as_str()).collect();
+    let reasons: Vec<Option<&str>> = plan.decided.iter().map(|d| d.reason).collect();
+    let reason_types: Vec<Option<Uuid>> = plan.decided.iter().map(|d| d.reason_type).collect();
     sqlx::query!(
         "UPDATE orders o
          SET status = d.status, reason = d.reason, reason_ticket_type_id = d.reason_type, updated_at = now(),
@@ -487,7 +513,11 @@ async fn allocate_batches(db: &PgPool, batches: &[(u16, &Groups)], hold_ttl: Dur
     )
     .execute(&mut *tx)
     .await?;
-    if !ticket_ids.is_empty() {
+    if !plan.tickets.is_empty() {
+        let ticket_ids: Vec<Uuid> = plan.tickets.iter().map(|t| t.0).collect();
+        let ticket_orders: Vec<Uuid> = plan.tickets.iter().map(|t| t.1).collect();
+        let ticket_events: Vec<Uuid> = plan.tickets.iter().map(|t| t.2).collect();
+        let ticket_types: Vec<Uuid> = plan.tickets.iter().map(|t| t.3).collect();
         sqlx::query!(
             "INSERT INTO tickets (id, order_id, event_id, ticket_type_id)
              SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[])",
@@ -498,8 +528,10 @@ async fn allocate_batches(db: &PgPool, batches: &[(u16, &Groups)], hold_ttl: Dur
         )
         .execute(&mut *tx)
         .await?;
-        let (sold_events, sold_counts): (Vec<Uuid>, Vec<i64>) = issued_per_event.into_iter().unzip();
-        let (sold_types, type_counts): (Vec<Uuid>, Vec<i64>) = issued_per_type.into_iter().unzip();
+        let (sold_events, sold_counts): (Vec<Uuid>, Vec<i64>) =
+            plan.issued_per_event.iter().map(|(id, n)| (*id, *n)).unzip();
+        let (sold_types, type_counts): (Vec<Uuid>, Vec<i64>) =
+            plan.issued_per_type.iter().map(|(id, n)| (*id, *n)).unzip();
         sqlx::query!(
             "WITH types AS (
                  UPDATE ticket_types t SET sold = t.sold + s.issued
@@ -515,10 +547,8 @@ async fn allocate_batches(db: &PgPool, batches: &[(u16, &Groups)], hold_ttl: Dur
         .execute(&mut *tx)
         .await?;
     }
-    record_progress(&mut tx, &progress).await?;
-    common::db::notify_order_changes(&mut tx, &ids).await?;
-    tx.commit().await?;
-    Ok(outcomes)
+    record_progress(tx, &plan.progress).await?;
+    common::db::notify_order_changes(tx, &ids).await
 }
 
 /// How far each partition's consumer has got (see `republish`): it decided orders created
@@ -546,6 +576,61 @@ async fn record_progress(tx: &mut sqlx::PgConnection, progress: &HashMap<u16, Da
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_plan_decides_in_order_counts_the_tickets_and_skips_what_is_not_queued() {
+        let (event, other_event, missing_event, ga) =
+            (Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3), Uuid::from_u128(10));
+        let stock = |venue_left| EventStock {
+            open: true,
+            venue_left,
+            types: HashMap::from([(ga, stock::TypeStock::default())]),
+            ..Default::default()
+        };
+        let mut events = HashMap::from([(event, stock(3)), (other_event, stock(10))]);
+        let at = |s: i64| DateTime::<Utc>::from_timestamp(1_700_000_000 + s, 0).expect("a time");
+        let request = |n: u128, quantity: i64| Request {
+            order_id: Uuid::from_u128(100 + n),
+            user_id: Uuid::from_u128(200 + n),
+            created_at: at(i64::try_from(n).expect("small")),
+            free: false,
+            lines: vec![(ga, quantity)],
+        };
+        // Orders 1-5 for `event` (1, 2, 1, 1, 1 tickets: 3 fit); order 6 is queued for
+        // `other_event` but its message names `event`; order 7 is not queued any more.
+        let mut queued: Queued =
+            (1..=5).map(|n| (Uuid::from_u128(100 + n), (event, request(n, [1, 2, 1, 1, 1][n as usize - 1])))).collect();
+        queued.insert(Uuid::from_u128(106), (other_event, request(6, 1)));
+        let first: Groups = vec![(event, (1..=3).map(|n| Uuid::from_u128(100 + n)).collect())];
+        let second: Groups = vec![
+            (event, [4, 5, 6, 7].map(|n| Uuid::from_u128(100 + n)).to_vec()),
+            (missing_event, vec![Uuid::from_u128(108)]),
+        ];
+
+        let plan = plan(&[(0, &first), (3, &second)], &mut events, &queued);
+
+        let summary: Vec<(usize, usize, usize)> =
+            plan.outcomes.iter().map(|o| (o.accepted, o.rejected, o.skipped)).collect();
+        assert_eq!(summary, [(2, 1, 0), (0, 2, 3)], "order 3 and later are refused: 1 + 2 tickets leave none");
+        let statuses: Vec<(u128, OrderStatus)> =
+            plan.decided.iter().map(|d| (d.order_id.as_u128() - 100, d.status)).collect();
+        assert_eq!(
+            statuses,
+            [
+                (1, OrderStatus::Pending),
+                (2, OrderStatus::Pending),
+                (3, OrderStatus::Rejected),
+                (4, OrderStatus::Rejected),
+                (5, OrderStatus::Rejected)
+            ]
+        );
+        assert_eq!(plan.tickets.len(), 3);
+        assert!(plan.tickets.iter().all(|(_, _, e, t)| (*e, *t) == (event, ga)));
+        assert_eq!(plan.issued_per_event, HashMap::from([(event, 3)]));
+        assert_eq!(plan.issued_per_type, HashMap::from([(ga, 3)]));
+        assert_eq!(events[&event].venue_left, 0);
+        assert_eq!(plan.progress, HashMap::from([(0, at(3)), (3, at(5))]));
+    }
 
     fn ids(n: u128) -> Vec<Uuid> {
         (1..=n).map(Uuid::from_u128).collect()

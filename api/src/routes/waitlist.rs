@@ -117,49 +117,7 @@ pub async fn join(
     // release either happened before (and the tickets are to be bought) or comes after
     // (and its offer pass sees the entry).
     let mut tx = state.db.begin().await?;
-    let left = sqlx::query!(
-        r#"SELECT e.capacity - e.sold AS "venue_left!", t.capacity - t.sold AS "type_left"
-           FROM events e JOIN ticket_types t ON t.event_id = e.id AND t.id = $2 AND t.deleted_at IS NULL
-           WHERE e.id = $1 AND e.deleted_at IS NULL
-           FOR NO KEY UPDATE OF e"#,
-        event_id,
-        type_id
-    )
-    .fetch_optional(&mut *tx)
-    .await?
-    .map(|row| (row.venue_left, row.type_left));
-    let (venue_left, type_left) = left.ok_or(ApiError::NotFound("event"))?;
-    let waiting: bool = sqlx::query_scalar!(
-        r#"SELECT EXISTS (SELECT 1 FROM waitlist_entries
-                        WHERE event_id = $1 AND user_id = $2 AND status IN ('WAITING', 'OFFERED')) AS "exists!""#,
-        event_id,
-        user.id
-    )
-    .fetch_one(&mut *tx)
-    .await?;
-    if waiting {
-        return Err(already_waiting());
-    }
-    // A type without stock of its own (`capacity` null) is limited by the venue only.
-    let available = type_left.map_or(venue_left, |type_left| type_left.min(venue_left)).max(0);
-    if available >= line.quantity {
-        return Err(ApiError::conflict(
-            "tickets_available",
-            format!("{available} tickets are available: buy them with POST /api/v1/orders"),
-        ));
-    }
-    let open: i64 = sqlx::query_scalar!(
-        r#"SELECT count(*) AS "count!" FROM waitlist_entries WHERE user_id = $1 AND status IN ('WAITING', 'OFFERED')"#,
-        user.id
-    )
-    .fetch_one(&mut *tx)
-    .await?;
-    if open >= MAX_OPEN_ENTRIES {
-        return Err(ApiError::conflict(
-            "too_many_entries",
-            format!("at most {MAX_OPEN_ENTRIES} waiting-list entries may be open at once; leave one first"),
-        ));
-    }
+    may_join(&mut tx, event_id, type_id, user.id, line.quantity).await?;
     let id = Uuid::now_v7();
     sqlx::query!(
         "INSERT INTO waitlist_entries (id, event_id, ticket_type_id, user_id, quantity) VALUES ($1, $2, $3, $4, $5)",
@@ -185,6 +143,63 @@ pub async fn join(
     let mut headers = HeaderMap::new();
     headers.insert(header::LOCATION, header::HeaderValue::from_static("/api/v1/me/waitlist"));
     Ok((StatusCode::CREATED, headers, Json(entry)))
+}
+
+/// Whether `user_id` may join the waiting list of `event_id` for `quantity` tickets of
+/// `type_id`: the event and type exist, the buyer is not waiting already, the tickets are
+/// not to be had (else: buy them), and the buyer has room for another open entry. Takes the
+/// event's lock in `tx`.
+async fn may_join(
+    tx: &mut sqlx::PgConnection,
+    event_id: Uuid,
+    type_id: Uuid,
+    user_id: Uuid,
+    quantity: i32,
+) -> Result<(), ApiError> {
+    let left = sqlx::query!(
+        r#"SELECT e.capacity - e.sold AS "venue_left!", t.capacity - t.sold AS "type_left"
+           FROM events e JOIN ticket_types t ON t.event_id = e.id AND t.id = $2 AND t.deleted_at IS NULL
+           WHERE e.id = $1 AND e.deleted_at IS NULL
+           FOR NO KEY UPDATE OF e"#,
+        event_id,
+        type_id
+    )
+    .fetch_optional(&mut *tx)
+    .await?
+    .map(|row| (row.venue_left, row.type_left));
+    let (venue_left, type_left) = left.ok_or(ApiError::NotFound("event"))?;
+    let waiting: bool = sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM waitlist_entries
+                        WHERE event_id = $1 AND user_id = $2 AND status IN ('WAITING', 'OFFERED')) AS "exists!""#,
+        event_id,
+        user_id
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    if waiting {
+        return Err(already_waiting());
+    }
+    // A type without stock of its own (`capacity` null) is limited by the venue only.
+    let available = type_left.map_or(venue_left, |type_left| type_left.min(venue_left)).max(0);
+    if available >= quantity {
+        return Err(ApiError::conflict(
+            "tickets_available",
+            format!("{available} tickets are available: buy them with POST /api/v1/orders"),
+        ));
+    }
+    let open: i64 = sqlx::query_scalar!(
+        r#"SELECT count(*) AS "count!" FROM waitlist_entries WHERE user_id = $1 AND status IN ('WAITING', 'OFFERED')"#,
+        user_id
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    if open >= MAX_OPEN_ENTRIES {
+        return Err(ApiError::conflict(
+            "too_many_entries",
+            format!("at most {MAX_OPEN_ENTRIES} waiting-list entries may be open at once; leave one first"),
+        ));
+    }
+    Ok(())
 }
 
 fn already_waiting() -> ApiError {
