@@ -4,6 +4,8 @@
 //! whose fault it was. Unexpected errors are logged with their detail and answered with a
 //! generic 500; database outages become 503 so that clients retry instead of giving up.
 
+use std::panic::Location;
+
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::http::{HeaderValue, StatusCode, header};
@@ -60,8 +62,10 @@ pub enum ApiError {
     /// 503: too many password hashes (or image decodings) at once; retry in a moment.
     #[error("the server is busy with other log-ins; retry in a moment")]
     Busy,
+    /// A database error, and where in our code it was met (the `?` that turned it into
+    /// this), which the log line names.
     #[error("database error")]
-    Database(sqlx::Error),
+    Database(sqlx::Error, &'static Location<'static>),
     #[error("internal error")]
     Internal(#[from] anyhow::Error),
 }
@@ -131,9 +135,11 @@ impl ApiError {
             Self::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Self::Timeout => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
             Self::Busy => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
-            Self::Database(sqlx::Error::RowNotFound) => (StatusCode::NOT_FOUND, "not_found"),
-            Self::Database(err) if common::db::is_unavailable(err) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
-            Self::Database(_) | Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            Self::Database(sqlx::Error::RowNotFound, _) => (StatusCode::NOT_FOUND, "not_found"),
+            Self::Database(err, _) if common::db::is_unavailable(err) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+            }
+            Self::Database(..) | Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
 }
@@ -144,13 +150,13 @@ impl ApiError {
     pub fn to_body(&self) -> (StatusCode, ErrorBody) {
         let (status, code) = self.status_and_code();
         let message = match self {
-            Self::Database(sqlx::Error::RowNotFound) => "resource not found".to_owned(),
-            Self::Database(err) if common::db::is_unavailable(err) => {
-                tracing::warn!(error = %err, "database unavailable");
+            Self::Database(sqlx::Error::RowNotFound, _) => "resource not found".to_owned(),
+            Self::Database(err, at) if common::db::is_unavailable(err) => {
+                tracing::warn!(error = %err, %at, "database unavailable");
                 Self::Unavailable.to_string()
             }
-            Self::Database(err) => {
-                tracing::error!(error = %err, "database error");
+            Self::Database(err, at) => {
+                tracing::error!(error = %err, %at, "database error");
                 self.to_string()
             }
             Self::Internal(err) => {
@@ -199,7 +205,9 @@ impl From<sqlx::Error> for ApiError {
     /// What the database refuses because of the caller rather than a bug: a write on behalf
     /// of an account that was deleted after its token was issued is 401, like any other
     /// request with that token; text PostgreSQL cannot store (a NUL character, should a
-    /// check at the edge have missed it) is 422.
+    /// check at the edge have missed it) is 422. Any other error keeps the place it came
+    /// from (`?` passes its own location).
+    #[track_caller]
     fn from(err: sqlx::Error) -> Self {
         if let sqlx::Error::Database(db) = &err {
             if db.is_foreign_key_violation() && db.constraint().is_some_and(|name| USER_REFERENCES.contains(&name)) {
@@ -210,7 +218,7 @@ impl From<sqlx::Error> for ApiError {
                 return Self::invalid("invalid_text", "text must not contain NUL characters");
             }
         }
-        Self::Database(err)
+        Self::Database(err, Location::caller())
     }
 }
 
@@ -250,9 +258,12 @@ pub trait ResultExt<T> {
 }
 
 impl<T, E: Into<ApiError>> ResultExt<T> for Result<T, E> {
+    #[track_caller]
     fn on_constraint(self, name: &str, map: impl FnOnce() -> ApiError) -> Result<T, ApiError> {
+        let at = Location::caller();
         self.map_err(|err| match err.into() {
-            ApiError::Database(sqlx::Error::Database(db)) if db.constraint() == Some(name) => map(),
+            ApiError::Database(sqlx::Error::Database(db), _) if db.constraint() == Some(name) => map(),
+            ApiError::Database(err, _) => ApiError::Database(err, at),
             other => other,
         })
     }
@@ -274,4 +285,30 @@ pub async fn method_not_allowed() -> Response {
         },
     };
     (StatusCode::METHOD_NOT_ALLOWED, Json(body)).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failing_query() -> Result<(), sqlx::Error> {
+        Err(sqlx::Error::PoolTimedOut)
+    }
+
+    #[test]
+    fn a_database_error_names_the_place_it_was_met() {
+        let handler = || -> Result<(), ApiError> {
+            failing_query()?;
+            Ok(())
+        };
+        let line = line!() - 3;
+        let Err(ApiError::Database(_, at)) = handler() else { panic!("a database error") };
+        assert_eq!((at.file(), at.line()), (file!(), line));
+
+        let insert =
+            || -> Result<(), ApiError> { failing_query().on_constraint("some_constraint", || ApiError::Unavailable) };
+        let line = line!() - 1;
+        let Err(ApiError::Database(_, at)) = insert() else { panic!("a database error") };
+        assert_eq!((at.file(), at.line()), (file!(), line));
+    }
 }

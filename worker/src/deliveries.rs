@@ -91,6 +91,7 @@ impl Deliverer {
     }
 
     /// Takes a round of due deliveries under a fresh lease.
+    #[tracing::instrument(name = "claim deliveries", skip_all, err(level = "warn"))]
     async fn claim(&self) -> sqlx::Result<Vec<(Uuid, Due)>> {
         let lease_id = Uuid::new_v4();
         let due = sqlx::query_as!(

@@ -77,6 +77,7 @@ struct Relay {
 }
 
 impl Relay {
+    #[tracing::instrument(name = "relay batch", skip_all, err(level = "warn"))]
     async fn batch(&mut self) -> anyhow::Result<usize> {
         let mut tx = self.db.begin().await?;
         let leader = sqlx::query_scalar!(r#"SELECT pg_try_advisory_xact_lock($1) AS "leader!""#, RELAY_LOCK)

@@ -45,6 +45,7 @@ impl Round for Expiry {
 }
 
 /// Expires every hold that is due, one transaction per event, until none is left.
+#[tracing::instrument(skip_all, err(level = "warn"))]
 async fn expire_due(db: &PgPool, offer_ttl: Duration, shutdown: &CancellationToken) -> sqlx::Result<()> {
     while !shutdown.is_cancelled() {
         let events: Vec<Uuid> = sqlx::query_scalar!(
@@ -80,6 +81,7 @@ async fn expire_due(db: &PgPool, offer_ttl: Duration, shutdown: &CancellationTok
 
 /// Refunds the paid orders of events deleted with `?refund=true` whose deletion was left
 /// unfinished, a batch per transaction, until each is done.
+#[tracing::instrument(skip_all, err(level = "warn"))]
 async fn finish_deletions(db: &PgPool, shutdown: &CancellationToken) -> sqlx::Result<()> {
     let events: Vec<Uuid> = sqlx::query_scalar!(
         "SELECT id FROM events WHERE refunding_since IS NOT NULL ORDER BY refunding_since LIMIT 100"

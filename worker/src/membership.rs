@@ -110,6 +110,7 @@ pub async fn check_health(config: common::config::WorkerConfig) -> anyhow::Resul
     Ok(())
 }
 
+#[tracing::instrument(skip(db, hostname, expiry), err(level = "warn"))]
 async fn beat(db: &PgPool, worker_id: Uuid, hostname: &str, expiry: Duration) -> Result<Assignment, sqlx::Error> {
     let expiry_secs = expiry.as_secs_f64();
     sqlx::query!(

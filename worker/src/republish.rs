@@ -70,6 +70,7 @@ impl Round for Republisher {
 /// that no order row stays locked while the broker is slow; `SKIP LOCKED` lets several
 /// workers claim disjoint rounds), publishes them, and un-stamps them if the broker did not
 /// confirm, so the next round retries them.
+#[tracing::instrument(skip_all, err(level = "warn"))]
 async fn round(db: &PgPool, publisher: &Publisher, after: Duration, stale: Duration) -> sqlx::Result<(usize, usize)> {
     // Partitions whose queue holds nothing ready; unknown (broker down) counts as not idle.
     let idle: Vec<i16> = match publisher.ready_messages().await {
