@@ -442,11 +442,20 @@ async fn load(tx: &mut PgConnection, batches: &[(u16, &Groups)]) -> sqlx::Result
 struct Plan {
     outcomes: Vec<Outcome>,
     decided: Vec<Decision>,
-    /// One entry per ticket: (ticket id, order, event, ticket type).
-    tickets: Vec<(Uuid, Uuid, Uuid, Uuid)>,
+    /// The tickets issued, column by column as they are inserted.
+    tickets: Tickets,
     issued_per_event: HashMap<Uuid, i64>,
     issued_per_type: HashMap<Uuid, i64>,
     progress: HashMap<u16, DateTime<Utc>>,
+}
+
+/// Tickets issued by a plan: one entry per ticket in each column.
+#[derive(Debug, Default)]
+struct Tickets {
+    ids: Vec<Uuid>,
+    orders: Vec<Uuid>,
+    events: Vec<Uuid>,
+    types: Vec<Uuid>,
 }
 
 /// Decides the batches' orders, in order, against what the events have left (pure: the
@@ -478,7 +487,10 @@ fn plan(batches: &[(u16, &Groups)], events: &mut HashMap<Uuid, EventStock>, queu
                     for &(type_id, quantity) in &request.lines {
                         *plan.issued_per_type.entry(type_id).or_default() += quantity;
                         for _ in 0..quantity {
-                            plan.tickets.push((Uuid::now_v7(), *order_id, *event_id, type_id));
+                            plan.tickets.ids.push(Uuid::now_v7());
+                            plan.tickets.orders.push(*order_id);
+                            plan.tickets.events.push(*event_id);
+                            plan.tickets.types.push(type_id);
                         }
                     }
                 } else {
@@ -513,18 +525,15 @@ async fn write(tx: &mut PgConnection, plan: &Plan, hold_ttl: Duration) -> sqlx::
     )
     .execute(&mut *tx)
     .await?;
-    if !plan.tickets.is_empty() {
-        let ticket_ids: Vec<Uuid> = plan.tickets.iter().map(|t| t.0).collect();
-        let ticket_orders: Vec<Uuid> = plan.tickets.iter().map(|t| t.1).collect();
-        let ticket_events: Vec<Uuid> = plan.tickets.iter().map(|t| t.2).collect();
-        let ticket_types: Vec<Uuid> = plan.tickets.iter().map(|t| t.3).collect();
+    let tickets = &plan.tickets;
+    if !tickets.ids.is_empty() {
         sqlx::query!(
             "INSERT INTO tickets (id, order_id, event_id, ticket_type_id)
              SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[])",
-            &ticket_ids,
-            &ticket_orders,
-            &ticket_events,
-            &ticket_types
+            &tickets.ids,
+            &tickets.orders,
+            &tickets.events,
+            &tickets.types
         )
         .execute(&mut *tx)
         .await?;
@@ -624,8 +633,10 @@ mod tests {
                 (5, OrderStatus::Rejected)
             ]
         );
-        assert_eq!(plan.tickets.len(), 3);
-        assert!(plan.tickets.iter().all(|(_, _, e, t)| (*e, *t) == (event, ga)));
+        assert_eq!(plan.tickets.ids.len(), 3);
+        assert_eq!(plan.tickets.events, [event; 3]);
+        assert_eq!(plan.tickets.types, [ga; 3]);
+        assert_eq!(plan.tickets.orders, [101, 102, 102].map(Uuid::from_u128));
         assert_eq!(plan.issued_per_event, HashMap::from([(event, 3)]));
         assert_eq!(plan.issued_per_type, HashMap::from([(ga, 3)]));
         assert_eq!(events[&event].venue_left, 0);
