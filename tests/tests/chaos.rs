@@ -304,14 +304,20 @@ async fn wait_until_ready(app: &TestApp) {
 /// Stops or starts one of the services (`postgres`, `rabbitmq`) through scripts/services.sh.
 /// Only under `make chaos`, whose services are these tests' own.
 fn service(action: &str, which: &str) {
+    services_sh(&[action, which]);
+}
+
+/// Runs scripts/services.sh with `args` and requires it to succeed. Only under `make chaos`,
+/// whose services are these tests' own.
+fn services_sh(args: &[&str]) {
+    let what = args.join(" ");
     assert!(
         std::env::var_os("TURNSTILE_CHAOS").is_some(),
-        "this test stops and starts {which}: run it with `make chaos`, which gives it services of its own"
+        "this test runs `services.sh {what}`: run it with `make chaos`, which gives it services of its own"
     );
     let script = tests::workspace_root().join("scripts/services.sh");
-    let status = blocking(|| std::process::Command::new("bash").arg(script).args([action, which]).status())
-        .expect("services.sh");
-    assert!(status.success(), "services.sh {action} {which}: {status}");
+    let status = blocking(|| std::process::Command::new("bash").arg(script).args(args).status()).expect("services.sh");
+    assert!(status.success(), "services.sh {what}: {status}");
 }
 
 /// Runs `work`, which blocks (waiting for a process), without stalling the load's clients:
@@ -433,12 +439,7 @@ const PARTITIONS: u16 = 8;
 
 /// Kills (`kill -9`) or starts one RabbitMQ node of `make chaos`'s cluster, by node name.
 fn node(action: &str, name: &str) {
-    assert!(std::env::var_os("TURNSTILE_CHAOS").is_some(), "this test kills RabbitMQ nodes: run it with `make chaos`");
-    let script = tests::workspace_root().join("scripts/services.sh");
-    let status =
-        blocking(|| std::process::Command::new("bash").arg(script).args([action, "rabbitmq-node", name]).status())
-            .expect("services.sh");
-    assert!(status.success(), "services.sh {action} rabbitmq-node {name}: {status}");
+    services_sh(&[action, "rabbitmq-node", name]);
 }
 
 /// A partition queue's state as the management API reports it (from any live node).
