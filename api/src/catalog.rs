@@ -25,7 +25,7 @@ pub const CHANNEL: &str = "event_changes";
 /// Above this many remembered events, the catalog starts over (a bound on memory).
 const KEPT: usize = 100_000;
 
-#[derive(Clone, Debug, sqlx::FromRow)]
+#[derive(Clone, Debug)]
 pub struct EventForSale {
     pub name: String,
     pub starts_at: DateTime<Utc>,
@@ -36,8 +36,7 @@ pub struct EventForSale {
     /// The type `{event_id, quantity}` buys.
     pub default_ticket_type_id: Option<Uuid>,
     /// Its ticket types that are not withdrawn, in listing order.
-    #[sqlx(json)]
-    pub types: Vec<TypeForSale>,
+    pub types: sqlx::types::Json<Vec<TypeForSale>>,
 }
 
 #[derive(Clone, Debug, serde::Deserialize)]
@@ -86,17 +85,19 @@ impl EventCatalog {
         }
         let generation = self.generation.load(Ordering::Acquire);
         // One statement for the event and its types: a day of many events reads each once.
-        let event: Option<EventForSale> = sqlx::query_as(
-            "SELECT e.name, e.starts_at, e.currency, e.max_per_order, e.max_per_buyer, e.default_ticket_type_id,
+        let event = sqlx::query_as!(
+            EventForSale,
+            r#"SELECT e.name, e.starts_at, e.currency, e.max_per_order, e.max_per_buyer, e.default_ticket_type_id,
                     coalesce((SELECT json_agg(json_build_object(
                                   'id', t.id, 'name', t.name, 'price', t.price::text,
                                   'max_per_order', t.max_per_order, 'max_per_buyer', t.max_per_buyer,
                                   'sales_start', t.sales_start, 'sales_end', t.sales_end)
                                   ORDER BY t.sort_order, t.id)
-                              FROM ticket_types t WHERE t.event_id = e.id AND t.deleted_at IS NULL), '[]') AS types
-             FROM events e WHERE e.id = $1 AND e.deleted_at IS NULL",
+                              FROM ticket_types t WHERE t.event_id = e.id AND t.deleted_at IS NULL), '[]')
+                        AS "types!: sqlx::types::Json<Vec<TypeForSale>>"
+             FROM events e WHERE e.id = $1 AND e.deleted_at IS NULL"#,
+            id
         )
-        .bind(id)
         .fetch_optional(db)
         .await?;
         if let Some(event) = &event

@@ -155,7 +155,8 @@ async fn insert_orders(
 ) -> Result<HashMap<Uuid, (DateTime<Utc>, DateTime<Utc>)>, sqlx::Error> {
     let column = |f: fn(&NewOrder) -> Uuid| orders.iter().map(|o| f(o)).collect::<Vec<_>>();
     let partition = |o: &&NewOrder| partition_of(o.event_id, partitions) as i16;
-    let rows: Vec<(Uuid, DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
+    let lines = orders.iter().map(|o| lines_json(&o.lines)).collect::<Result<Vec<_>, _>>()?;
+    let rows = sqlx::query!(
         "INSERT INTO orders (id, user_id, event_id, quantity, unit_price, total, currency, idempotency_key, partition,
                              traceparent, lines)
          SELECT id, user_id, event_id, quantity, unit_price, total, currency, idempotency_key, partition, traceparent,
@@ -166,21 +167,21 @@ async fn insert_orders(
                    traceparent, lines)
          ON CONFLICT (user_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
          RETURNING id, created_at, updated_at",
+        &column(|o| o.id),
+        &column(|o| o.user_id),
+        &column(|o| o.event_id),
+        &orders.iter().map(|o| o.quantity).collect::<Vec<_>>(),
+        &orders.iter().map(|o| o.unit_price).collect::<Vec<_>>() as &[Option<Decimal>],
+        &orders.iter().map(|o| o.total).collect::<Vec<_>>(),
+        &orders.iter().map(|o| o.currency.as_str()).collect::<Vec<_>>() as &[&str],
+        &orders.iter().map(|o| o.idempotency_key.as_deref()).collect::<Vec<_>>() as &[Option<&str>],
+        &orders.iter().map(partition).collect::<Vec<_>>(),
+        &orders.iter().map(|o| o.traceparent.as_deref()).collect::<Vec<_>>() as &[Option<&str>],
+        &lines
     )
-    .bind(column(|o| o.id))
-    .bind(column(|o| o.user_id))
-    .bind(column(|o| o.event_id))
-    .bind(orders.iter().map(|o| o.quantity).collect::<Vec<_>>())
-    .bind(orders.iter().map(|o| o.unit_price).collect::<Vec<_>>())
-    .bind(orders.iter().map(|o| o.total).collect::<Vec<_>>())
-    .bind(orders.iter().map(|o| o.currency.as_str()).collect::<Vec<_>>())
-    .bind(orders.iter().map(|o| o.idempotency_key.as_deref()).collect::<Vec<_>>())
-    .bind(orders.iter().map(partition).collect::<Vec<_>>())
-    .bind(orders.iter().map(|o| o.traceparent.as_deref()).collect::<Vec<_>>())
-    .bind(orders.iter().map(|o| lines_json(&o.lines)).collect::<Result<Vec<_>, _>>()?)
     .fetch_all(db)
     .await?;
-    Ok(rows.into_iter().map(|(id, created, updated)| (id, (created, updated))).collect())
+    Ok(rows.into_iter().map(|row| (row.id, (row.created_at, row.updated_at))).collect())
 }
 
 /// An order's lines as stored (`orders.lines`).

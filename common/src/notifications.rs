@@ -46,7 +46,7 @@ pub struct OrderNotification {
 }
 
 /// The order as of the status change.
-#[derive(Clone, Debug, Serialize, utoipa::ToSchema, sqlx::FromRow)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct OrderSnapshot {
     pub id: Uuid,
     pub user_id: Uuid,
@@ -65,7 +65,6 @@ pub struct OrderSnapshot {
     pub currency: String,
     /// The order's lines, at the prices of the moment it was placed: passed on as stored
     /// (`orders.lines`, written from [`OrderLine`]s), without being read and written again.
-    #[sqlx(json)]
     #[schema(value_type = Vec<OrderLine>)]
     pub items: Box<RawValue>,
     pub status: OrderStatus,

@@ -226,7 +226,9 @@ pub async fn withdraw_event(tx: &mut PgConnection, event_id: Uuid) -> sqlx::Resu
 }
 
 /// Who asked for a refund.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, sqlx::Type, utoipa::ToSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+#[sqlx(type_name = "text", rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum RefundSource {
     /// The payment provider reported it: the money is back already.
     Provider,

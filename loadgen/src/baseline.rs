@@ -98,39 +98,45 @@ pub async fn run(args: &crate::RunArgs, db: &PgPool, events: &[Uuid]) -> anyhow:
 /// COMMIT. Returns whether a ticket was sold.
 async fn synchronous_purchase(db: &PgPool, event: Uuid, user: Uuid) -> anyhow::Result<bool> {
     let mut tx = db.begin().await?;
-    let (capacity, ticket_type): (i32, Uuid) =
-        sqlx::query_as("SELECT capacity, default_ticket_type_id FROM events WHERE id = $1 FOR UPDATE")
-            .bind(event)
-            .fetch_one(&mut *tx)
-            .await?;
-    let sold: i64 = sqlx::query_scalar("SELECT count(*) FROM tickets WHERE event_id = $1 AND status = 'ACTIVE'")
-        .bind(event)
-        .fetch_one(&mut *tx)
-        .await?;
+    let event_row = sqlx::query!(
+        r#"SELECT capacity, default_ticket_type_id AS "ticket_type!" FROM events WHERE id = $1 FOR UPDATE"#,
+        event
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    let (capacity, ticket_type) = (event_row.capacity, event_row.ticket_type);
+    let sold: i64 = sqlx::query_scalar!(
+        r#"SELECT count(*) AS "count!" FROM tickets WHERE event_id = $1 AND status = 'ACTIVE'"#,
+        event
+    )
+    .fetch_one(&mut *tx)
+    .await?;
     let order = Uuid::now_v7();
     let available = sold < i64::from(capacity);
     let (status, reason) = if available { ("PAID", None) } else { ("REJECTED", Some("SOLD_OUT")) };
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO orders (id, user_id, event_id, quantity, unit_price, total, status, reason, lines)
          VALUES ($1, $2, $3, 1, 10, 10, $4, $5, json_build_array(json_build_object(
                      'ticket_type_id', $6::uuid, 'name', 'General admission', 'quantity', 1, 'unit_price', '10.00')))",
+        order,
+        user,
+        event,
+        status,
+        reason,
+        ticket_type
     )
-    .bind(order)
-    .bind(user)
-    .bind(event)
-    .bind(status)
-    .bind(reason)
-    .bind(ticket_type)
     .execute(&mut *tx)
     .await?;
     if available {
-        sqlx::query("INSERT INTO tickets (id, order_id, event_id, ticket_type_id) VALUES ($1, $2, $3, $4)")
-            .bind(Uuid::now_v7())
-            .bind(order)
-            .bind(event)
-            .bind(ticket_type)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query!(
+            "INSERT INTO tickets (id, order_id, event_id, ticket_type_id) VALUES ($1, $2, $3, $4)",
+            Uuid::now_v7(),
+            order,
+            event,
+            ticket_type
+        )
+        .execute(&mut *tx)
+        .await?;
     }
     tx.commit().await?;
     Ok(available)

@@ -127,8 +127,7 @@ impl Sampler {
     ) -> anyhow::Result<Self> {
         if let Some(url) = &args.pg_superuser_url {
             let mut conn = PgConnection::connect(url).await.context("connecting as the PostgreSQL superuser")?;
-            sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements").execute(&mut conn).await?;
-            sqlx::query("SELECT pg_stat_statements_reset()").execute(&mut conn).await?;
+            reset_statements(&mut conn).await?;
         }
         let published_before = match &args.rabbit_management_url {
             Some(url) => published(&reqwest::Client::new(), url, &args.vhost, false).await.ok(),
@@ -294,7 +293,22 @@ fn writes(query: &str) -> bool {
     matches!(start.as_str(), "INSERT" | "UPDATE" | "DELETE") || query.to_ascii_uppercase().contains(") UPDATE ")
 }
 
+/// Starts pg_stat_statements' counts afresh.
+#[allow(
+    clippy::disallowed_methods,
+    reason = "pg_stat_statements is outside the schema the queries are checked against"
+)]
+async fn reset_statements(conn: &mut PgConnection) -> sqlx::Result<()> {
+    sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements").execute(&mut *conn).await?;
+    sqlx::query("SELECT pg_stat_statements_reset()").execute(&mut *conn).await?;
+    Ok(())
+}
+
 /// The database's statements, most time first.
+#[allow(
+    clippy::disallowed_methods,
+    reason = "pg_stat_statements is outside the schema the queries are checked against"
+)]
 async fn statements(url: &str, database: &str) -> anyhow::Result<Vec<Statement>> {
     let mut conn = PgConnection::connect(url).await?;
     let rows: Vec<(String, i64, i64, f64, bool)> = sqlx::query_as(

@@ -78,11 +78,12 @@ pub async fn run(args: &RunArgs, db: &PgPool, events: &[Uuid], types: &[[Uuid; 3
         _ => (None, None),
     };
     let lost = prepare::wait_until_decided(db, events, DECIDE_TIMEOUT).await?;
-    let decided_count: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM orders WHERE event_id = ANY($1) AND status <> 'QUEUED'")
-            .bind(events)
-            .fetch_one(db)
-            .await?;
+    let decided_count: i64 = sqlx::query_scalar!(
+        r#"SELECT count(*) AS "count!" FROM orders WHERE event_id = ANY($1) AND status <> 'QUEUED'"#,
+        events
+    )
+    .fetch_one(db)
+    .await?;
     let ceiling = args.scenario == Scenario::Ceiling;
     let decided_orders = if ceiling { accepted } else { u64::try_from(decided_count).unwrap_or(0) + refused };
     let cost = sampler.finish(decided_orders, &http).await?;
@@ -231,14 +232,15 @@ fn tally(args: &RunArgs, answers: &[Answer], started_at: DateTime<Utc>) -> anyho
 
 /// Each decided order's acceptance and first decision, from its own history.
 async fn accept_to_decision(db: &PgPool, events: &[Uuid]) -> sqlx::Result<Vec<(DateTime<Utc>, DateTime<Utc>)>> {
-    sqlx::query_as(
-        "SELECT o.created_at, min(h.at) FROM orders o
-         JOIN order_history h ON h.order_id = o.id AND h.status <> 'QUEUED'
-         WHERE o.event_id = ANY($1) GROUP BY o.id",
+    let rows = sqlx::query!(
+        r#"SELECT o.created_at, min(h.at) AS "decided!" FROM orders o
+           JOIN order_history h ON h.order_id = o.id AND h.status <> 'QUEUED'
+           WHERE o.event_id = ANY($1) GROUP BY o.id"#,
+        events
     )
-    .bind(events)
     .fetch_all(db)
-    .await
+    .await?;
+    Ok(rows.into_iter().map(|row| (row.created_at, row.decided)).collect())
 }
 
 /// `backlog`: starts a worker on the queued orders, samples memory every second until they

@@ -10,13 +10,13 @@ use uuid::Uuid;
 pub async fn events(db: &PgPool, n: u32, capacity: u32) -> anyhow::Result<Vec<Uuid>> {
     let ids: Vec<Uuid> = (0..n).map(|_| Uuid::now_v7()).collect();
     for chunk in ids.chunks(10_000) {
-        sqlx::query(
+        sqlx::query!(
             "INSERT INTO events (id, name, location, organization, starts_at, capacity, price, max_per_order)
              SELECT id, 'Load test', 'Bench', 'loadgen', now() + interval '30 days', $2, 10, 10
              FROM UNNEST($1::uuid[]) AS e(id)",
+            chunk,
+            i32::try_from(capacity)?
         )
-        .bind(chunk)
-        .bind(i32::try_from(capacity)?)
         .execute(db)
         .await?;
     }
@@ -30,24 +30,25 @@ pub async fn tiers(db: &PgPool, events: &[Uuid], capacity: u32) -> anyhow::Resul
     let mut types = Vec::with_capacity(events.len());
     for chunk in events.chunks(10_000) {
         let (vip, student): (Vec<Uuid>, Vec<Uuid>) = chunk.iter().map(|_| (Uuid::now_v7(), Uuid::now_v7())).unzip();
-        sqlx::query(
+        sqlx::query!(
             "INSERT INTO ticket_types (id, event_id, name, price, capacity, sort_order)
              SELECT v, e, 'VIP', 99, greatest($4 / 10, 1), 1 FROM UNNEST($1::uuid[], $2::uuid[]) AS t(e, v)
              UNION ALL
              SELECT s, e, 'Student', 5, greatest($4 / 5, 1), 2 FROM UNNEST($1::uuid[], $3::uuid[]) AS t(e, s)",
+            chunk,
+            &vip,
+            &student,
+            capacity
         )
-        .bind(chunk)
-        .bind(&vip)
-        .bind(&student)
-        .bind(capacity)
         .execute(db)
         .await?;
-        let defaults: Vec<(Uuid, Uuid)> =
-            sqlx::query_as("SELECT id, default_ticket_type_id FROM events WHERE id = ANY($1)")
-                .bind(chunk)
+        let defaults: std::collections::HashMap<Uuid, Uuid> =
+            sqlx::query!(r#"SELECT id, default_ticket_type_id AS "general!" FROM events WHERE id = ANY($1)"#, chunk)
                 .fetch_all(db)
-                .await?;
-        let defaults: std::collections::HashMap<Uuid, Uuid> = defaults.into_iter().collect();
+                .await?
+                .into_iter()
+                .map(|row| (row.id, row.general))
+                .collect();
         for (i, event) in chunk.iter().enumerate() {
             let general = *defaults.get(event).ok_or_else(|| anyhow::anyhow!("event {event} has no default type"))?;
             types.push([general, vip[i], student[i]]);
@@ -61,12 +62,12 @@ pub async fn users(db: &PgPool, n: u64) -> anyhow::Result<Vec<Uuid>> {
     let ids: Vec<Uuid> = (0..n).map(|_| Uuid::now_v7()).collect();
     for chunk in ids.chunks(10_000) {
         let emails: Vec<String> = chunk.iter().map(|id| format!("load-{}@example.com", id.simple())).collect();
-        sqlx::query(
+        sqlx::query!(
             "INSERT INTO users (id, email, name, password_hash)
              SELECT id, email, 'Load', 'not-a-password-hash' FROM UNNEST($1::uuid[], $2::text[]) AS u(id, email)",
+            chunk,
+            &emails
         )
-        .bind(chunk)
-        .bind(&emails)
         .execute(db)
         .await?;
     }
@@ -89,10 +90,12 @@ pub fn tokens(users: &[Uuid], jwt_secret: &str) -> anyhow::Result<Vec<String>> {
 
 /// Orders of these events still `QUEUED`.
 pub async fn queued(db: &PgPool, events: &[Uuid]) -> sqlx::Result<i64> {
-    sqlx::query_scalar("SELECT count(*) FROM orders WHERE event_id = ANY($1) AND status = 'QUEUED'")
-        .bind(events)
-        .fetch_one(db)
-        .await
+    sqlx::query_scalar!(
+        r#"SELECT count(*) AS "count!" FROM orders WHERE event_id = ANY($1) AND status = 'QUEUED'"#,
+        events
+    )
+    .fetch_one(db)
+    .await
 }
 
 /// Waits until no order of these events is `QUEUED`; returns how many are left at the timeout.
@@ -111,25 +114,26 @@ pub async fn wait_until_decided(db: &PgPool, events: &[Uuid], timeout: Duration)
 /// by how many ticket types exceed theirs, when `typed` (0 unless something is badly wrong).
 /// Untyped runs do not read `ticket_types`, so they can measure builds older than it.
 pub async fn sold_and_oversold(db: &PgPool, events: &[Uuid], typed: bool) -> sqlx::Result<(i64, i64)> {
-    let (sold, oversold): (Option<i64>, Option<i64>) = sqlx::query_as(
-        "SELECT sum(live)::int8, sum(greatest(live - capacity, 0))::int8 FROM (
+    let totals = sqlx::query!(
+        "SELECT sum(live)::int8 AS sold, sum(greatest(live - capacity, 0))::int8 AS oversold FROM (
              SELECT e.capacity, count(t.id) AS live
              FROM events e LEFT JOIN tickets t ON t.event_id = e.id AND t.status = 'ACTIVE'
              WHERE e.id = ANY($1) GROUP BY e.id) per_event",
+        events
     )
-    .bind(events)
     .fetch_one(db)
     .await?;
+    let (sold, oversold) = (totals.sold, totals.oversold);
     if !typed {
         return Ok((sold.unwrap_or(0), oversold.unwrap_or(0)));
     }
-    let types_oversold: Option<i64> = sqlx::query_scalar(
+    let types_oversold: Option<i64> = sqlx::query_scalar!(
         "SELECT sum(greatest(live - capacity, 0))::int8 FROM (
              SELECT tt.capacity, count(t.id) AS live
              FROM ticket_types tt LEFT JOIN tickets t ON t.ticket_type_id = tt.id AND t.status = 'ACTIVE'
              WHERE tt.event_id = ANY($1) AND tt.capacity IS NOT NULL GROUP BY tt.id) per_type",
+        events
     )
-    .bind(events)
     .fetch_one(db)
     .await?;
     Ok((sold.unwrap_or(0), oversold.unwrap_or(0) + types_oversold.unwrap_or(0)))

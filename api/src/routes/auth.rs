@@ -39,7 +39,7 @@ pub struct SignupRequest {
     pub password: String,
 }
 
-#[derive(Serialize, ToSchema, sqlx::FromRow)]
+#[derive(Serialize, ToSchema)]
 pub struct UserResponse {
     pub id: Uuid,
     pub name: String,
@@ -106,15 +106,16 @@ pub async fn insert_user(
     password_hash: &str,
     role: Role,
 ) -> Result<UserResponse, ApiError> {
-    sqlx::query_as::<_, UserResponse>(
-        "INSERT INTO users (id, name, email, password_hash, role) VALUES ($1, $2, $3, $4, $5)
-         RETURNING id, name, email, role, created_at",
+    sqlx::query_as!(
+        UserResponse,
+        r#"INSERT INTO users (id, name, email, password_hash, role) VALUES ($1, $2, $3, $4, $5)
+           RETURNING id, name, email, role AS "role: Role", created_at"#,
+        Uuid::now_v7(),
+        name,
+        email.as_str(),
+        password_hash,
+        role as Role
     )
-    .bind(Uuid::now_v7())
-    .bind(name)
-    .bind(email.as_str())
-    .bind(password_hash)
-    .bind(role)
     .fetch_one(db)
     .await
     .on_constraint("users_email_key", || ApiError::conflict("email_taken", "an account with this email already exists"))

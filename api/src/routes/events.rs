@@ -29,23 +29,14 @@ pub fn router() -> Router<AppState> {
         .route("/events/{id}/image", get(get_image))
 }
 
-/// The columns of [`Event`], for every query that returns events.
-macro_rules! event_columns {
-    () => {
-        "e.id, e.name, e.description, e.location, e.organization, e.rating, e.starts_at, \
-         e.capacity, e.capacity - e.sold AS tickets_available, e.price, e.currency, e.max_per_order, \
-         e.max_per_buyer, e.default_ticket_type_id, e.image_url, e.created_at, e.updated_at, e.deleted_at"
-    };
-}
-pub(crate) use event_columns;
-
 /// Largest price accepted: what `NUMERIC(12, 2)` holds.
 const MAX_PRICE: Decimal = Decimal::from_parts(3_567_587_327, 232, 0, false, 2); // 9,999,999,999.99
 pub(crate) const MAX_CAPACITY: i64 = 10_000_000;
 pub(crate) const MAX_PER_ORDER: i64 = 1_000;
 const DEFAULT_MAX_PER_ORDER: i64 = 10;
 
-#[derive(Serialize, ToSchema, sqlx::FromRow)]
+/// An event as listed: `GET /events` and the pages of `/me` return these.
+#[derive(Serialize, ToSchema)]
 pub struct Event {
     pub id: Uuid,
     pub name: String,
@@ -55,8 +46,6 @@ pub struct Event {
     /// Audience rating label, e.g. `all-ages`, `18+`.
     pub rating: Option<String>,
     /// When the event starts (RFC 3339, UTC).
-    #[serde(rename = "date")]
-    #[sqlx(rename = "starts_at")]
     pub date: DateTime<Utc>,
     /// Tickets over all its ticket types, at most (the venue cap).
     pub capacity: i32,
@@ -84,10 +73,23 @@ pub struct Event {
     /// When an admin deleted it; only admins see deleted events.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub deleted_at: Option<DateTime<Utc>>,
-    /// Its ticket types (hidden and withdrawn ones for admins only); not in `GET /events`.
-    #[sqlx(skip)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub ticket_types: Option<Vec<super::ticket_types::TicketType>>,
+}
+
+/// One event with its ticket types: what `GET`, `POST` and `PATCH` of one event answer.
+#[derive(Serialize, ToSchema)]
+pub struct EventDetail {
+    #[serde(flatten)]
+    pub event: Event,
+    /// Its ticket types (hidden and withdrawn ones for admins only).
+    pub ticket_types: Vec<super::ticket_types::TicketType>,
+}
+
+impl EventDetail {
+    /// `event` with its ticket types, read from `db`.
+    async fn of(db: &sqlx::PgPool, event: Event, admin: bool) -> Result<Self, ApiError> {
+        let ticket_types = super::ticket_types::types_of(db, event.id, admin).await?;
+        Ok(Self { event, ticket_types })
+    }
 }
 
 #[derive(Deserialize, Serialize, ToSchema)]
@@ -269,7 +271,7 @@ impl CreateEventRequest {
 #[utoipa::path(post, path = "/api/v1/events", tag = "events", request_body = CreateEventRequest,
     security(("bearer" = [])),
     responses(
-        (status = 201, description = "Event created", body = Event,
+        (status = 201, description = "Event created", body = EventDetail,
             headers(("Location" = String, description = "URL of the new event"))),
         (status = 400, description = "Malformed JSON", body = ErrorBody),
         (status = 401, description = "Missing or invalid token", body = ErrorBody),
@@ -281,34 +283,37 @@ pub async fn create_event(
     State(state): State<AppState>,
     AdminUser(admin): AdminUser,
     Json(req): Json<CreateEventRequest>,
-) -> Result<(StatusCode, HeaderMap, Json<Event>), ApiError> {
+) -> Result<(StatusCode, HeaderMap, Json<EventDetail>), ApiError> {
     let new = req.validate(Utc::now())?;
-    let mut event = sqlx::query_as::<_, Event>(concat!(
-        "INSERT INTO events AS e (id, name, description, location, organization, rating, starts_at,
-                                  capacity, price, currency, max_per_order, image_url, created_by, max_per_buyer)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
-         RETURNING ",
-        event_columns!()
-    ))
-    .bind(Uuid::now_v7())
-    .bind(&new.name)
-    .bind(&new.description)
-    .bind(&new.location)
-    .bind(&new.organization)
-    .bind(&new.rating)
-    .bind(new.date)
-    .bind(new.capacity)
-    .bind(new.price)
-    .bind(new.currency.code())
-    .bind(new.max_per_order)
-    .bind(&new.image_url)
-    .bind(admin.id)
-    .bind(new.max_per_buyer)
+    let event = sqlx::query_as!(
+        Event,
+        r#"INSERT INTO events AS e (id, name, description, location, organization, rating, starts_at,
+                                    capacity, price, currency, max_per_order, image_url, created_by, max_per_buyer)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+           RETURNING e.id, e.name, e.description, e.location, e.organization, e.rating, e.starts_at AS date,
+                     e.capacity, e.capacity - e.sold AS "tickets_available!", e.price, e.currency,
+                     e.max_per_order, e.max_per_buyer, e.default_ticket_type_id, e.image_url, e.created_at,
+                     e.updated_at, e.deleted_at"#,
+        Uuid::now_v7(),
+        &new.name,
+        &new.description,
+        &new.location,
+        &new.organization,
+        new.rating,
+        new.date,
+        new.capacity,
+        new.price,
+        new.currency.code(),
+        new.max_per_order,
+        new.image_url,
+        admin.id,
+        new.max_per_buyer
+    )
     .fetch_one(&state.db)
     .await?;
-    event.ticket_types = Some(super::ticket_types::types_of(&state.db, event.id, true).await?);
     tracing::info!(event_id = %event.id, capacity = event.capacity, "event created");
-    Ok((StatusCode::CREATED, super::location(&format!("/api/v1/events/{}", event.id)), Json(event)))
+    let location = super::location(&format!("/api/v1/events/{}", event.id));
+    Ok((StatusCode::CREATED, location, Json(EventDetail::of(&state.db, event, true).await?)))
 }
 
 /// List events, newest first, soft-deleted ones hidden.
@@ -328,16 +333,19 @@ pub async fn list_events(
 ) -> Result<(HeaderMap, Json<Vec<Event>>), ApiError> {
     let limit = query.limit()?;
     // One row more than asked tells whether another page follows.
-    let mut events = sqlx::query_as::<_, Event>(concat!(
-        "SELECT ",
-        event_columns!(),
-        " FROM events e
-          WHERE e.deleted_at IS NULL AND ($1::uuid IS NULL OR e.id < $1)
-          ORDER BY e.id DESC
-          LIMIT $2"
-    ))
-    .bind(query.cursor)
-    .bind(limit + 1)
+    let mut events = sqlx::query_as!(
+        Event,
+        r#"SELECT e.id, e.name, e.description, e.location, e.organization, e.rating, e.starts_at AS date,
+                  e.capacity, e.capacity - e.sold AS "tickets_available!", e.price, e.currency,
+                  e.max_per_order, e.max_per_buyer, e.default_ticket_type_id, e.image_url, e.created_at,
+                  e.updated_at, e.deleted_at
+           FROM events e
+           WHERE e.deleted_at IS NULL AND ($1::uuid IS NULL OR e.id < $1)
+           ORDER BY e.id DESC
+           LIMIT $2"#,
+        query.cursor,
+        limit + 1
+    )
     .fetch_all(&state.db)
     .await?;
     let headers = query.finish("/api/v1/events", &mut events, |event| event.id);
@@ -349,7 +357,7 @@ pub async fn list_events(
 #[utoipa::path(get, path = "/api/v1/events/{id}", tag = "events",
     params(("id" = Uuid, Path, description = "Event id")),
     responses(
-        (status = 200, description = "The event", body = Event),
+        (status = 200, description = "The event", body = EventDetail),
         (status = 401, description = "A token was sent but is invalid", body = ErrorBody),
         (status = 404, description = "No such event", body = ErrorBody),
     ))]
@@ -357,21 +365,23 @@ pub async fn get_event(
     State(state): State<AppState>,
     user: Option<AuthUser>,
     Path(id): Path<Uuid>,
-) -> Result<Json<Event>, ApiError> {
+) -> Result<Json<EventDetail>, ApiError> {
     let admin = user.is_some_and(|user| user.is_admin());
-    let mut event = load_event(&state.db, id, admin).await?;
-    event.ticket_types = Some(super::ticket_types::types_of(&state.db, id, admin).await?);
-    Ok(Json(event))
+    let event = load_event(&state.db, id, admin).await?;
+    Ok(Json(EventDetail::of(&state.db, event, admin).await?))
 }
 
 async fn load_event(db: &sqlx::PgPool, id: Uuid, include_deleted: bool) -> Result<Event, ApiError> {
-    sqlx::query_as::<_, Event>(concat!(
-        "SELECT ",
-        event_columns!(),
-        " FROM events e WHERE e.id = $1 AND (e.deleted_at IS NULL OR $2)"
-    ))
-    .bind(id)
-    .bind(include_deleted)
+    sqlx::query_as!(
+        Event,
+        r#"SELECT e.id, e.name, e.description, e.location, e.organization, e.rating, e.starts_at AS date,
+                  e.capacity, e.capacity - e.sold AS "tickets_available!", e.price, e.currency,
+                  e.max_per_order, e.max_per_buyer, e.default_ticket_type_id, e.image_url, e.created_at,
+                  e.updated_at, e.deleted_at
+           FROM events e WHERE e.id = $1 AND (e.deleted_at IS NULL OR $2)"#,
+        id,
+        include_deleted
+    )
     .fetch_optional(db)
     .await?
     .ok_or(ApiError::NotFound("event"))
@@ -385,7 +395,7 @@ async fn load_event(db: &sqlx::PgPool, id: Uuid, include_deleted: bool) -> Resul
 #[utoipa::path(patch, path = "/api/v1/events/{id}", tag = "events", request_body = Object,
     params(("id" = Uuid, Path, description = "Event id")), security(("bearer" = [])),
     responses(
-        (status = 200, description = "The event as edited", body = Event),
+        (status = 200, description = "The event as edited", body = EventDetail),
         (status = 400, description = "Malformed JSON", body = ErrorBody),
         (status = 401, description = "Missing or invalid token", body = ErrorBody),
         (status = 403, description = "Caller is not an admin", body = ErrorBody),
@@ -398,15 +408,18 @@ pub async fn update_event(
     AdminUser(admin): AdminUser,
     Path(id): Path<Uuid>,
     Json(patch): Json<BTreeMap<String, Box<RawValue>>>,
-) -> Result<Json<Event>, ApiError> {
+) -> Result<Json<EventDetail>, ApiError> {
     let mut tx = state.db.begin().await?;
     // The event row's lock orders this edit with the allocator, which reads `sold`.
-    let current = sqlx::query_as::<_, Event>(concat!(
-        "SELECT ",
-        event_columns!(),
-        " FROM events e WHERE e.id = $1 AND e.deleted_at IS NULL FOR NO KEY UPDATE"
-    ))
-    .bind(id)
+    let current = sqlx::query_as!(
+        Event,
+        r#"SELECT e.id, e.name, e.description, e.location, e.organization, e.rating, e.starts_at AS date,
+                  e.capacity, e.capacity - e.sold AS "tickets_available!", e.price, e.currency,
+                  e.max_per_order, e.max_per_buyer, e.default_ticket_type_id, e.image_url, e.created_at,
+                  e.updated_at, e.deleted_at
+           FROM events e WHERE e.id = $1 AND e.deleted_at IS NULL FOR NO KEY UPDATE"#,
+        id
+    )
     .fetch_optional(&mut *tx)
     .await?
     .ok_or(ApiError::NotFound("event"))?;
@@ -420,27 +433,30 @@ pub async fn update_event(
             format!("{sold} tickets are sold or held; capacity cannot go below that"),
         ));
     }
-    let mut event = sqlx::query_as::<_, Event>(concat!(
-        "UPDATE events AS e SET name = $2, description = $3, location = $4, organization = $5, rating = $6,
-                starts_at = $7, capacity = $8, price = $9, currency = $10, max_per_order = $11, image_url = $12,
-                max_per_buyer = $13, updated_at = now()
-         WHERE e.id = $1
-         RETURNING ",
-        event_columns!()
-    ))
-    .bind(id)
-    .bind(&edited.name)
-    .bind(&edited.description)
-    .bind(&edited.location)
-    .bind(&edited.organization)
-    .bind(&edited.rating)
-    .bind(edited.date)
-    .bind(edited.capacity)
-    .bind(edited.price)
-    .bind(edited.currency.code())
-    .bind(edited.max_per_order)
-    .bind(&edited.image_url)
-    .bind(edited.max_per_buyer)
+    let mut event = sqlx::query_as!(
+        Event,
+        r#"UPDATE events AS e SET name = $2, description = $3, location = $4, organization = $5, rating = $6,
+                  starts_at = $7, capacity = $8, price = $9, currency = $10, max_per_order = $11, image_url = $12,
+                  max_per_buyer = $13, updated_at = now()
+           WHERE e.id = $1
+           RETURNING e.id, e.name, e.description, e.location, e.organization, e.rating, e.starts_at AS date,
+                     e.capacity, e.capacity - e.sold AS "tickets_available!", e.price, e.currency,
+                     e.max_per_order, e.max_per_buyer, e.default_ticket_type_id, e.image_url, e.created_at,
+                     e.updated_at, e.deleted_at"#,
+        id,
+        &edited.name,
+        &edited.description,
+        &edited.location,
+        &edited.organization,
+        edited.rating,
+        edited.date,
+        edited.capacity,
+        edited.price,
+        edited.currency.code(),
+        edited.max_per_order,
+        edited.image_url,
+        edited.max_per_buyer
+    )
     .fetch_one(&mut *tx)
     .await?;
     // Capacity raised (or a cap lifted): the waiting list is offered what it can take first.
@@ -448,11 +464,10 @@ pub async fn update_event(
     let offered: i64 = offers.iter().map(|offer| offer.quantity).sum();
     event.tickets_available -= i32::try_from(offered).unwrap_or(0);
     tx.commit().await?;
-    event.ticket_types = Some(super::ticket_types::types_of(&state.db, id, true).await?);
     // Other api processes hear of it from the `event_changes` notification.
     state.catalog.forget(id);
     tracing::info!(event_id = %id, admin_id = %admin.id, fields = ?patch.keys().collect::<Vec<_>>(), "event edited");
-    Ok(Json(event))
+    Ok(Json(EventDetail::of(&state.db, event, true).await?))
 }
 
 impl From<&Event> for CreateEventRequest {

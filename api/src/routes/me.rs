@@ -3,11 +3,14 @@
 use axum::Router;
 use axum::extract::State;
 use axum::routing::get;
+use common::domain::Role;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use utoipa::ToSchema;
+use uuid::Uuid;
 
 use super::auth::{UserResponse, check_password, parse_email, parse_name, throttled};
-use super::events::{Event, event_columns};
+use super::events::Event;
 use super::page::PageQuery;
 use crate::auth::{AuthUser, hash_password, verify_password};
 use crate::error::{ApiError, ErrorBody, ResultExt};
@@ -29,12 +32,15 @@ pub fn router() -> Router<AppState> {
         (status = 401, description = "Missing, invalid or expired token, or the account is gone", body = ErrorBody),
     ))]
 pub async fn me(State(state): State<AppState>, user: AuthUser) -> Result<Json<UserResponse>, ApiError> {
-    sqlx::query_as::<_, UserResponse>("SELECT id, name, email, role, created_at FROM users WHERE id = $1")
-        .bind(user.id)
-        .fetch_optional(&state.db)
-        .await?
-        .map(Json)
-        .ok_or(ApiError::ACCOUNT_GONE)
+    sqlx::query_as!(
+        UserResponse,
+        r#"SELECT id, name, email, role AS "role: Role", created_at FROM users WHERE id = $1"#,
+        user.id
+    )
+    .fetch_optional(&state.db)
+    .await?
+    .map(Json)
+    .ok_or(ApiError::ACCOUNT_GONE)
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -105,16 +111,16 @@ pub async fn update_me(
     };
     // A new password hash raises the account's token version (a trigger): older tokens stop
     // working, here at once and in other api processes when the notification arrives.
-    let updated = sqlx::query_as::<_, WithTokenVersion>(
-        "UPDATE users SET name = coalesce($2, name), email = coalesce($3, email),
-                password_hash = coalesce($4, password_hash), updated_at = now()
-         WHERE id = $1
-         RETURNING id, name, email, role, created_at, token_version",
+    let updated = sqlx::query!(
+        r#"UPDATE users SET name = coalesce($2, name), email = coalesce($3, email),
+                  password_hash = coalesce($4, password_hash), updated_at = now()
+           WHERE id = $1
+           RETURNING id, name, email, role AS "role: Role", created_at, token_version"#,
+        user.id,
+        name,
+        email.as_ref().map(|email| email.as_str()),
+        password_hash
     )
-    .bind(user.id)
-    .bind(name)
-    .bind(email.as_ref().map(|email| email.as_str()))
-    .bind(password_hash)
     .fetch_optional(&state.db)
     .await
     .on_constraint("users_email_key", || {
@@ -122,26 +128,23 @@ pub async fn update_me(
     })?
     .ok_or(ApiError::ACCOUNT_GONE)?;
     state.revocations.record(user.id, updated.token_version);
-    let updated = updated.user;
+    let updated = UserResponse {
+        id: updated.id,
+        name: updated.name,
+        email: updated.email,
+        role: updated.role,
+        created_at: updated.created_at,
+    };
     if sensitive {
         tracing::info!(user_id = %user.id, "account credentials changed");
     }
     Ok(Json(updated))
 }
 
-/// An account as changed, with the token version its change left it at.
-#[derive(sqlx::FromRow)]
-pub struct WithTokenVersion {
-    #[sqlx(flatten)]
-    pub user: UserResponse,
-    pub token_version: i32,
-}
-
 /// An event together with how many live tickets the caller holds for it.
-#[derive(Serialize, ToSchema, sqlx::FromRow)]
+#[derive(Serialize, ToSchema)]
 pub struct MyEvent {
     #[serde(flatten)]
-    #[sqlx(flatten)]
     pub event: Event,
     /// The caller's tickets for this event in orders awaiting payment or paid.
     pub my_tickets: i64,
@@ -164,17 +167,20 @@ pub async fn my_events(
     Query(query): Query<PageQuery>,
 ) -> Result<(HeaderMap, Json<Vec<Event>>), ApiError> {
     let limit = query.limit()?;
-    let mut events = sqlx::query_as::<_, Event>(concat!(
-        "SELECT ",
-        event_columns!(),
-        " FROM events e
-          WHERE e.created_by = $1 AND e.deleted_at IS NULL AND ($2::uuid IS NULL OR e.id < $2)
-          ORDER BY e.id DESC
-          LIMIT $3"
-    ))
-    .bind(user.id)
-    .bind(query.cursor)
-    .bind(limit + 1)
+    let mut events = sqlx::query_as!(
+        Event,
+        r#"SELECT e.id, e.name, e.description, e.location, e.organization, e.rating, e.starts_at AS date,
+                  e.capacity, e.capacity - e.sold AS "tickets_available!", e.price, e.currency,
+                  e.max_per_order, e.max_per_buyer, e.default_ticket_type_id, e.image_url, e.created_at,
+                  e.updated_at, e.deleted_at
+           FROM events e
+           WHERE e.created_by = $1 AND e.deleted_at IS NULL AND ($2::uuid IS NULL OR e.id < $2)
+           ORDER BY e.id DESC
+           LIMIT $3"#,
+        user.id,
+        query.cursor,
+        limit + 1
+    )
     .fetch_all(&state.db)
     .await?;
     let headers = query.finish("/api/v1/me/events", &mut events, |event| event.id);
@@ -190,19 +196,32 @@ pub async fn my_events(
         (status = 401, description = "Missing, invalid or expired token", body = ErrorBody),
     ))]
 pub async fn my_tickets(State(state): State<AppState>, user: AuthUser) -> Result<Json<Vec<MyEvent>>, ApiError> {
-    let events = sqlx::query_as::<_, MyEvent>(concat!(
-        "SELECT ",
-        event_columns!(),
-        ", count(t.id) AS my_tickets
-         FROM orders o
-         JOIN tickets t ON t.order_id = o.id AND t.status = 'ACTIVE'
-         JOIN events e ON e.id = o.event_id AND e.deleted_at IS NULL
-         WHERE o.user_id = $1 AND o.status IN ('PENDING', 'PAID')
-         GROUP BY e.id
-         ORDER BY e.starts_at, e.id"
-    ))
-    .bind(user.id)
+    let held: HashMap<Uuid, i64> = sqlx::query!(
+        r#"SELECT o.event_id, count(t.id) AS "tickets!"
+           FROM orders o JOIN tickets t ON t.order_id = o.id AND t.status = 'ACTIVE'
+           WHERE o.user_id = $1 AND o.status IN ('PENDING', 'PAID')
+           GROUP BY o.event_id"#,
+        user.id
+    )
+    .fetch_all(&state.db)
+    .await?
+    .into_iter()
+    .map(|row| (row.event_id, row.tickets))
+    .collect();
+    let ids: Vec<Uuid> = held.keys().copied().collect();
+    let events = sqlx::query_as!(
+        Event,
+        r#"SELECT e.id, e.name, e.description, e.location, e.organization, e.rating, e.starts_at AS date,
+                  e.capacity, e.capacity - e.sold AS "tickets_available!", e.price, e.currency,
+                  e.max_per_order, e.max_per_buyer, e.default_ticket_type_id, e.image_url, e.created_at,
+                  e.updated_at, e.deleted_at
+           FROM events e
+           WHERE e.id = ANY($1) AND e.deleted_at IS NULL
+           ORDER BY e.starts_at, e.id"#,
+        &ids
+    )
     .fetch_all(&state.db)
     .await?;
+    let events = events.into_iter().map(|event| MyEvent { my_tickets: held[&event.id], event }).collect();
     Ok(Json(events))
 }

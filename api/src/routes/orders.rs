@@ -14,7 +14,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
-use common::domain::{OrderEvent, OrderLine, OrderStatus, Transition};
+use common::domain::{OrderEvent, OrderLine, OrderStatus, TicketStatus, Transition};
 use common::order_changes;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -41,17 +41,8 @@ pub(crate) const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempote
 pub(crate) const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 const MAX_WAIT_SECS: u64 = 30;
 
-/// The columns of [`Order`]: the order joined with its event's name and date.
-macro_rules! order_columns {
-    () => {
-        "o.id, o.event_id, e.name AS event_name, e.starts_at AS event_date, o.quantity, o.unit_price, \
-         o.total, o.total AS total_amount, o.currency, o.lines AS items, o.status, o.reason, \
-         o.reason_ticket_type_id, o.created_at, \
-         o.updated_at, o.expires_at"
-    };
-}
-
-#[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
+/// An order, with its event's name and date.
+#[derive(Debug, Serialize, ToSchema)]
 pub struct Order {
     pub id: Uuid,
     pub event_id: Uuid,
@@ -78,8 +69,8 @@ pub struct Order {
     pub currency: String,
     /// The order's lines: so many tickets of one type each, at the prices of the moment the
     /// order was placed.
-    #[sqlx(json)]
-    pub items: Vec<OrderLine>,
+    #[schema(value_type = Vec<OrderLine>)]
+    pub items: sqlx::types::Json<Vec<OrderLine>>,
     /// `QUEUED` → `PENDING` (tickets held until `expires_at`) → `PAID` (→ `REFUNDED`); or
     /// `REJECTED`, `EXPIRED`, `CANCELLED`.
     pub status: OrderStatus,
@@ -98,21 +89,20 @@ pub struct Order {
     pub expires_at: Option<DateTime<Utc>>,
 }
 
-#[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct Ticket {
     pub id: Uuid,
     pub ticket_type_id: Uuid,
     /// `ACTIVE`, or `CANCELLED` once the order stopped holding it.
-    pub status: String,
+    pub status: TicketStatus,
     /// The check-in code (also as a QR image at `/api/v1/tickets/{id}/qr.png`), once the
     /// order is `PAID`.
-    #[sqlx(skip)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub code: Option<String>,
 }
 
 /// One status an order has had.
-#[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct StatusChange {
     pub status: OrderStatus,
     pub reason: Option<String>,
@@ -273,7 +263,7 @@ async fn purchase(
         total,
         total_amount: total,
         currency: event.currency,
-        items: lines,
+        items: sqlx::types::Json(lines),
         status: OrderStatus::Queued,
         reason: None,
         reason_ticket_type_id: None,
@@ -506,13 +496,16 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 }
 
 async fn find_by_key(state: &AppState, user_id: Uuid, key: &str) -> Result<Option<Order>, ApiError> {
-    Ok(sqlx::query_as::<_, Order>(concat!(
-        "SELECT ",
-        order_columns!(),
-        " FROM orders o JOIN events e ON e.id = o.event_id WHERE o.user_id = $1 AND o.idempotency_key = $2"
-    ))
-    .bind(user_id)
-    .bind(key)
+    Ok(sqlx::query_as!(
+        Order,
+        r#"SELECT o.id, o.event_id, e.name AS event_name, e.starts_at AS event_date, o.quantity, o.unit_price,
+                  o.total, o.total AS "total_amount!", o.currency, o.lines AS "items: sqlx::types::Json<Vec<OrderLine>>",
+                  o.status AS "status: OrderStatus", o.reason, o.reason_ticket_type_id, o.created_at,
+                  o.updated_at, o.expires_at
+           FROM orders o JOIN events e ON e.id = o.event_id WHERE o.user_id = $1 AND o.idempotency_key = $2"#,
+        user_id,
+        key
+    )
     .fetch_optional(&state.db)
     .await?)
 }
@@ -560,17 +553,20 @@ pub async fn list_orders(
     Query(query): Query<PageQuery>,
 ) -> Result<(HeaderMap, Json<Vec<Order>>), ApiError> {
     let limit = query.limit()?;
-    let mut orders = sqlx::query_as::<_, Order>(concat!(
-        "SELECT ",
-        order_columns!(),
-        " FROM orders o JOIN events e ON e.id = o.event_id
-          WHERE o.user_id = $1 AND ($2::uuid IS NULL OR o.id < $2)
-          ORDER BY o.id DESC
-          LIMIT $3"
-    ))
-    .bind(user.id)
-    .bind(query.cursor)
-    .bind(limit + 1)
+    let mut orders = sqlx::query_as!(
+        Order,
+        r#"SELECT o.id, o.event_id, e.name AS event_name, e.starts_at AS event_date, o.quantity, o.unit_price,
+                  o.total, o.total AS "total_amount!", o.currency, o.lines AS "items: sqlx::types::Json<Vec<OrderLine>>",
+                  o.status AS "status: OrderStatus", o.reason, o.reason_ticket_type_id, o.created_at,
+                  o.updated_at, o.expires_at
+           FROM orders o JOIN events e ON e.id = o.event_id
+           WHERE o.user_id = $1 AND ($2::uuid IS NULL OR o.id < $2)
+           ORDER BY o.id DESC
+           LIMIT $3"#,
+        user.id,
+        query.cursor,
+        limit + 1
+    )
     .fetch_all(&state.db)
     .await?;
     let headers = query.finish("/api/v1/orders", &mut orders, |order| order.id);
@@ -622,20 +618,25 @@ pub async fn get_order(
 }
 
 async fn detail(state: &AppState, order: Order) -> Result<OrderDetail, ApiError> {
-    let mut tickets =
-        sqlx::query_as::<_, Ticket>("SELECT id, ticket_type_id, status FROM tickets WHERE order_id = $1 ORDER BY id")
-            .bind(order.id)
-            .fetch_all(&state.db)
-            .await?;
+    // `code` is derived from the ticket's id below, never stored.
+    let mut tickets = sqlx::query_as!(
+        Ticket,
+        r#"SELECT id, ticket_type_id, status AS "status: TicketStatus", NULL::text AS code
+           FROM tickets WHERE order_id = $1 ORDER BY id"#,
+        order.id
+    )
+    .fetch_all(&state.db)
+    .await?;
     if order.status == OrderStatus::Paid {
-        for ticket in tickets.iter_mut().filter(|t| t.status == "ACTIVE") {
+        for ticket in tickets.iter_mut().filter(|t| t.status == TicketStatus::Active) {
             ticket.code = Some(state.ticket_codes.code(ticket.id));
         }
     }
-    let history = sqlx::query_as::<_, StatusChange>(
-        "SELECT status, reason, at FROM order_history WHERE order_id = $1 ORDER BY id",
+    let history = sqlx::query_as!(
+        StatusChange,
+        r#"SELECT status AS "status: OrderStatus", reason, at FROM order_history WHERE order_id = $1 ORDER BY id"#,
+        order.id
     )
-    .bind(order.id)
     .fetch_all(&state.db)
     .await?;
     Ok(OrderDetail { order, tickets, history })
@@ -678,14 +679,17 @@ pub async fn cancel_order(
 }
 
 async fn load_visible(state: &AppState, user: AuthUser, id: Uuid) -> Result<Order, ApiError> {
-    sqlx::query_as::<_, Order>(concat!(
-        "SELECT ",
-        order_columns!(),
-        " FROM orders o JOIN events e ON e.id = o.event_id WHERE o.id = $1 AND (o.user_id = $2 OR $3)"
-    ))
-    .bind(id)
-    .bind(user.id)
-    .bind(user.is_admin())
+    sqlx::query_as!(
+        Order,
+        r#"SELECT o.id, o.event_id, e.name AS event_name, e.starts_at AS event_date, o.quantity, o.unit_price,
+                  o.total, o.total AS "total_amount!", o.currency, o.lines AS "items: sqlx::types::Json<Vec<OrderLine>>",
+                  o.status AS "status: OrderStatus", o.reason, o.reason_ticket_type_id, o.created_at,
+                  o.updated_at, o.expires_at
+           FROM orders o JOIN events e ON e.id = o.event_id WHERE o.id = $1 AND (o.user_id = $2 OR $3)"#,
+        id,
+        user.id,
+        user.is_admin()
+    )
     .fetch_optional(&state.db)
     .await?
     .ok_or(ApiError::NotFound("order"))

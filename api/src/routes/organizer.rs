@@ -33,7 +33,7 @@ pub fn router() -> Router<AppState> {
 const CSV_PAGE: i64 = 1_000;
 
 /// An order of the event, with its buyer.
-#[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct EventOrder {
     pub id: Uuid,
     pub user_id: Uuid,
@@ -57,7 +57,7 @@ pub struct EventOrder {
 }
 
 /// A ticket of a paid order: who holds it, and whether it was scanned at the door.
-#[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct Attendee {
     pub ticket_id: Uuid,
     pub order_id: Uuid,
@@ -203,18 +203,20 @@ pub async fn event_orders(
     let fetch: Fetch<EventOrder> = Arc::new(move |cursor, limit| {
         let (db, filter) = (db.clone(), filter.clone());
         Box::pin(async move {
-            sqlx::query_as::<_, EventOrder>(
-                "SELECT o.id, o.user_id, u.name AS buyer_name, u.email AS buyer_email, o.quantity, o.unit_price,
-                        o.total, o.currency, o.status, o.reason, o.created_at, o.updated_at, o.expires_at
-                 FROM orders o JOIN users u ON u.id = o.user_id
-                 WHERE o.event_id = $1 AND ($2::text[] IS NULL OR o.status = ANY($2))
-                   AND ($3::uuid IS NULL OR o.id < $3)
-                 ORDER BY o.id DESC LIMIT $4",
+            sqlx::query_as!(
+                EventOrder,
+                r#"SELECT o.id, o.user_id, u.name AS buyer_name, u.email AS buyer_email, o.quantity, o.unit_price,
+                          o.total, o.currency, o.status AS "status: OrderStatus", o.reason, o.created_at,
+                          o.updated_at, o.expires_at
+                   FROM orders o JOIN users u ON u.id = o.user_id
+                   WHERE o.event_id = $1 AND ($2::text[] IS NULL OR o.status = ANY($2))
+                     AND ($3::uuid IS NULL OR o.id < $3)
+                   ORDER BY o.id DESC LIMIT $4"#,
+                id,
+                filter.as_deref() as Option<&[&str]>,
+                cursor,
+                limit
             )
-            .bind(id)
-            .bind(filter)
-            .bind(cursor)
-            .bind(limit)
             .fetch_all(&db)
             .await
         })
@@ -257,21 +259,22 @@ pub async fn attendees(
     let fetch: Fetch<Attendee> = Arc::new(move |cursor, limit| {
         let db = db.clone();
         Box::pin(async move {
-            sqlx::query_as::<_, Attendee>(
-                "SELECT t.id AS ticket_id, o.id AS order_id, u.name AS holder_name, u.email AS holder_email,
-                        t.ticket_type_id, tt.name AS ticket_type, c.checked_in_at
-                 FROM tickets t JOIN orders o ON o.id = t.order_id JOIN users u ON u.id = o.user_id
-                      JOIN ticket_types tt ON tt.id = t.ticket_type_id
-                      LEFT JOIN check_ins c ON c.ticket_id = t.id
-                 WHERE t.event_id = $1 AND t.status = 'ACTIVE' AND o.status = 'PAID'
-                   AND ($2::bool IS NULL OR (c.ticket_id IS NOT NULL) = $2)
-                   AND ($3::uuid IS NULL OR t.id < $3)
-                 ORDER BY t.id DESC LIMIT $4",
+            sqlx::query_as!(
+                Attendee,
+                r#"SELECT t.id AS ticket_id, o.id AS order_id, u.name AS holder_name, u.email AS holder_email,
+                          t.ticket_type_id, tt.name AS ticket_type, c.checked_in_at AS "checked_in_at?"
+                   FROM tickets t JOIN orders o ON o.id = t.order_id JOIN users u ON u.id = o.user_id
+                        JOIN ticket_types tt ON tt.id = t.ticket_type_id
+                        LEFT JOIN check_ins c ON c.ticket_id = t.id
+                   WHERE t.event_id = $1 AND t.status = 'ACTIVE' AND o.status = 'PAID'
+                     AND ($2::bool IS NULL OR (c.ticket_id IS NOT NULL) = $2)
+                     AND ($3::uuid IS NULL OR t.id < $3)
+                   ORDER BY t.id DESC LIMIT $4"#,
+                id,
+                checked_in,
+                cursor,
+                limit
             )
-            .bind(id)
-            .bind(checked_in)
-            .bind(cursor)
-            .bind(limit)
             .fetch_all(&db)
             .await
         })

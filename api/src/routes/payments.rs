@@ -260,7 +260,7 @@ async fn record_late_payment(tx: &mut PgConnection, order: &LockedOrder, webhook
 }
 
 /// A payment confirmed for an order that no longer held tickets: to be refunded.
-#[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct LatePayment {
     pub id: Uuid,
     pub order_id: Uuid,
@@ -295,13 +295,15 @@ pub async fn list_late_payments(
     Query(query): Query<PageQuery>,
 ) -> Result<(HeaderMap, Json<Vec<LatePayment>>), ApiError> {
     let limit = query.limit()?;
-    let mut rows = sqlx::query_as::<_, LatePayment>(
-        "SELECT l.id, l.order_id, l.webhook_id, l.order_status, l.amount, o.currency, l.received_at, l.refunded_at
-         FROM late_payments l JOIN orders o ON o.id = l.order_id
-         WHERE ($1::uuid IS NULL OR l.id < $1) ORDER BY l.id DESC LIMIT $2",
+    let mut rows = sqlx::query_as!(
+        LatePayment,
+        r#"SELECT l.id, l.order_id, l.webhook_id, l.order_status AS "order_status: OrderStatus", l.amount,
+                  o.currency, l.received_at, l.refunded_at
+           FROM late_payments l JOIN orders o ON o.id = l.order_id
+           WHERE ($1::uuid IS NULL OR l.id < $1) ORDER BY l.id DESC LIMIT $2"#,
+        query.cursor,
+        limit + 1
     )
-    .bind(query.cursor)
-    .bind(limit + 1)
     .fetch_all(&state.db)
     .await?;
     let headers = query.finish("/api/v1/late-payments", &mut rows, |row| row.id);
@@ -323,12 +325,14 @@ pub async fn mark_refunded(
     _admin: AdminUser,
     Path(id): Path<Uuid>,
 ) -> Result<Json<LatePayment>, ApiError> {
-    let row = sqlx::query_as::<_, LatePayment>(
-        "UPDATE late_payments l SET refunded_at = coalesce(refunded_at, now()) FROM orders o
-         WHERE l.id = $1 AND o.id = l.order_id
-         RETURNING l.id, l.order_id, l.webhook_id, l.order_status, l.amount, o.currency, l.received_at, l.refunded_at",
+    let row = sqlx::query_as!(
+        LatePayment,
+        r#"UPDATE late_payments l SET refunded_at = coalesce(refunded_at, now()) FROM orders o
+           WHERE l.id = $1 AND o.id = l.order_id
+           RETURNING l.id, l.order_id, l.webhook_id, l.order_status AS "order_status: OrderStatus", l.amount,
+                     o.currency, l.received_at, l.refunded_at"#,
+        id
     )
-    .bind(id)
     .fetch_optional(&state.db)
     .await?
     .ok_or(ApiError::NotFound("late payment"))?;
@@ -336,7 +340,7 @@ pub async fn mark_refunded(
 }
 
 /// A paid order's refund: recorded when the order became `REFUNDED`, once per order.
-#[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct Refund {
     pub order_id: Uuid,
     #[schema(value_type = String, example = "99.80")]
@@ -347,21 +351,13 @@ pub struct Refund {
     pub currency: String,
     /// `PROVIDER` (the payment provider reported it), `ADMIN` (`POST /orders/{id}/refund`)
     /// or `EVENT_DELETED` (`DELETE /events/{id}?refund=true`).
-    #[schema(example = "ADMIN")]
-    pub source: String,
+    pub source: RefundSource,
     /// The admin who asked for it, when one did.
     pub requested_by: Option<Uuid>,
     pub created_at: DateTime<Utc>,
     /// When the payment provider reported the money returned; `null` while it is still to
     /// be executed.
     pub executed_at: Option<DateTime<Utc>>,
-}
-
-/// The columns of a [`Refund`], for `concat!` into static SQL.
-macro_rules! refund_columns {
-    () => {
-        "order_id, amount, currency, source, requested_by, created_at, executed_at"
-    };
 }
 
 /// Refund a paid order (admin): it becomes `REFUNDED`, its tickets are cancelled (a ticket
@@ -390,14 +386,15 @@ pub async fn refund_order(
     if transition == Transition::Impossible {
         return Err(ApiError::InvalidTransition { current: order.status, target: "REFUNDED" });
     }
-    let refund =
-        sqlx::query_as::<_, Refund>(concat!("SELECT ", refund_columns!(), " FROM refunds WHERE order_id = $1"))
-            .bind(order_id)
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or_else(|| {
-                ApiError::conflict("refunded_elsewhere", "the order was refunded before refunds were recorded")
-            })?;
+    let refund = sqlx::query_as!(
+        Refund,
+        r#"SELECT order_id, amount, currency, source AS "source: RefundSource", requested_by, created_at, executed_at
+           FROM refunds WHERE order_id = $1"#,
+        order_id
+    )
+    .fetch_optional(&mut *tx)
+    .await?
+    .ok_or_else(|| ApiError::conflict("refunded_elsewhere", "the order was refunded before refunds were recorded"))?;
     tx.commit().await?;
     if matches!(transition, Transition::Moves { .. }) {
         tracing::info!(%order_id, admin_id = %admin.id, amount = %refund.amount, "order refunded by an admin");
@@ -437,16 +434,16 @@ pub async fn list_refunds(
     let page = PageQuery { limit: query.limit, cursor: query.cursor };
     let limit = page.limit()?;
     let pending = query.pending.unwrap_or(false);
-    let mut rows = sqlx::query_as::<_, Refund>(concat!(
-        "SELECT ",
-        refund_columns!(),
-        " FROM refunds
-         WHERE ($1::uuid IS NULL OR order_id < $1) AND (NOT $2 OR executed_at IS NULL)
-         ORDER BY order_id DESC LIMIT $3"
-    ))
-    .bind(page.cursor)
-    .bind(pending)
-    .bind(limit + 1)
+    let mut rows = sqlx::query_as!(
+        Refund,
+        r#"SELECT order_id, amount, currency, source AS "source: RefundSource", requested_by, created_at, executed_at
+           FROM refunds
+           WHERE ($1::uuid IS NULL OR order_id < $1) AND (NOT $2 OR executed_at IS NULL)
+           ORDER BY order_id DESC LIMIT $3"#,
+        page.cursor,
+        pending,
+        limit + 1
+    )
     .fetch_all(&state.db)
     .await?;
     let path = if pending { "/api/v1/refunds?pending=true" } else { "/api/v1/refunds" };

@@ -38,21 +38,7 @@ pub fn router() -> Router<AppState> {
 pub const MAX_TYPES: i64 = 50;
 const MAX_SORT_ORDER: i64 = 1_000_000;
 
-/// The columns of [`TicketType`]; `t` is the type, `e` its event.
-macro_rules! ticket_type_columns {
-    () => {
-        "t.id, t.event_id, t.name, t.description, t.price, e.currency, t.capacity, t.sold, \
-         greatest(0, least(coalesce(t.capacity - t.sold, e.capacity - e.sold), e.capacity - e.sold)) \
-             AS tickets_available, \
-         t.max_per_order, t.max_per_buyer, t.sales_start, t.sales_end, t.hidden, t.sort_order, \
-         t.id IS NOT DISTINCT FROM e.default_ticket_type_id AS is_default, \
-         t.deleted_at IS NULL AND (t.sales_start IS NULL OR t.sales_start <= now()) \
-             AND (t.sales_end IS NULL OR now() < t.sales_end) AS on_sale, \
-         t.created_at, t.updated_at, t.deleted_at"
-    };
-}
-
-#[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct TicketType {
     pub id: Uuid,
     pub event_id: Uuid,
@@ -199,15 +185,41 @@ impl From<&TicketType> for TicketTypeRequest {
 
 /// An event's ticket types, in `sort_order`. Hidden and withdrawn types only for admins.
 pub async fn types_of(db: &sqlx::PgPool, event_id: Uuid, admin: bool) -> Result<Vec<TicketType>, ApiError> {
-    Ok(sqlx::query_as::<_, TicketType>(concat!(
-        "SELECT ",
-        ticket_type_columns!(),
-        " FROM ticket_types t JOIN events e ON e.id = t.event_id
-          WHERE t.event_id = $1 AND ((t.deleted_at IS NULL AND NOT t.hidden) OR $2)
-          ORDER BY t.sort_order, t.id"
-    ))
-    .bind(event_id)
-    .bind(admin)
+    select(db, event_id, None, Shown { hidden: admin, withdrawn: admin }).await
+}
+
+/// Which ticket types a read returns besides those listed and on offer.
+struct Shown {
+    hidden: bool,
+    withdrawn: bool,
+}
+
+/// The event's ticket types (`only`: that one, if it is the event's), in `sort_order`.
+async fn select<'c, E: sqlx::PgExecutor<'c>>(
+    db: E,
+    event_id: Uuid,
+    only: Option<Uuid>,
+    shown: Shown,
+) -> Result<Vec<TicketType>, ApiError> {
+    Ok(sqlx::query_as!(
+        TicketType,
+        r#"SELECT t.id, t.event_id, t.name, t.description, t.price, e.currency, t.capacity, t.sold,
+                  greatest(0, least(coalesce(t.capacity - t.sold, e.capacity - e.sold), e.capacity - e.sold))
+                      AS "tickets_available!",
+                  t.max_per_order, t.max_per_buyer, t.sales_start, t.sales_end, t.hidden, t.sort_order,
+                  t.id IS NOT DISTINCT FROM e.default_ticket_type_id AS "is_default!",
+                  t.deleted_at IS NULL AND (t.sales_start IS NULL OR t.sales_start <= now())
+                      AND (t.sales_end IS NULL OR now() < t.sales_end) AS "on_sale!",
+                  t.created_at, t.updated_at, t.deleted_at
+           FROM ticket_types t JOIN events e ON e.id = t.event_id
+           WHERE t.event_id = $1 AND ($2::uuid IS NULL OR t.id = $2)
+             AND (NOT t.hidden OR $3) AND (t.deleted_at IS NULL OR $4)
+           ORDER BY t.sort_order, t.id"#,
+        event_id,
+        only,
+        shown.hidden,
+        shown.withdrawn
+    )
     .fetch_all(db)
     .await?)
 }
@@ -255,38 +267,26 @@ pub async fn get_ticket_type(
 ) -> Result<Json<TicketType>, ApiError> {
     let admin = user.is_some_and(|user| user.is_admin());
     find_event(&state.db, id, admin).await?;
-    load(&state.db, id, type_id, admin, false).await.map(Json)
+    load(&state.db, id, type_id, admin).await.map(Json)
 }
 
+/// One ticket type of the event, hidden or not (withdrawn: if `include_withdrawn`), or 404.
 async fn load<'c, E: sqlx::PgExecutor<'c>>(
     db: E,
     event_id: Uuid,
     type_id: Uuid,
     include_withdrawn: bool,
-    lock: bool,
 ) -> Result<TicketType, ApiError> {
-    let query = if lock {
-        concat!(
-            "SELECT ",
-            ticket_type_columns!(),
-            " FROM ticket_types t JOIN events e ON e.id = t.event_id
-              WHERE t.id = $1 AND t.event_id = $2 AND (t.deleted_at IS NULL OR $3) FOR NO KEY UPDATE OF t"
-        )
-    } else {
-        concat!(
-            "SELECT ",
-            ticket_type_columns!(),
-            " FROM ticket_types t JOIN events e ON e.id = t.event_id
-              WHERE t.id = $1 AND t.event_id = $2 AND (t.deleted_at IS NULL OR $3)"
-        )
-    };
-    sqlx::query_as::<_, TicketType>(query)
-        .bind(type_id)
-        .bind(event_id)
-        .bind(include_withdrawn)
-        .fetch_optional(db)
-        .await?
-        .ok_or(ApiError::NotFound("ticket type"))
+    let shown = Shown { hidden: true, withdrawn: include_withdrawn };
+    select(db, event_id, Some(type_id), shown).await?.pop().ok_or(ApiError::NotFound("ticket type"))
+}
+
+/// [`load`] under the type's row lock, which orders this edit with others of the type.
+async fn load_locked(tx: &mut sqlx::PgConnection, event_id: Uuid, type_id: Uuid) -> Result<TicketType, ApiError> {
+    sqlx::query!("SELECT 1 AS locked FROM ticket_types WHERE id = $1 FOR NO KEY UPDATE", type_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+    load(&mut *tx, event_id, type_id, false).await
 }
 
 /// Locks the live event's row (the allocator's lock: it orders this change with the
@@ -354,7 +354,7 @@ pub async fn create_ticket_type(
     )
     .execute(&mut *tx)
     .await?;
-    let created = load(&mut *tx, id, type_id, false, false).await?;
+    let created = load(&mut *tx, id, type_id, false).await?;
     tx.commit().await?;
     state.catalog.forget(id);
     tracing::info!(event_id = %id, ticket_type_id = %type_id, admin_id = %admin.id, "ticket type created");
@@ -385,7 +385,7 @@ pub async fn update_ticket_type(
 ) -> Result<Json<TicketType>, ApiError> {
     let mut tx = state.db.begin().await?;
     let currency = lock_event(&mut tx, id).await?;
-    let current = load(&mut *tx, id, type_id, false, true).await?;
+    let current = load_locked(&mut tx, id, type_id).await?;
     let request = merge_patch(&TicketTypeRequest::from(&current), &patch)?;
     let edited = request.validate(&currency)?;
     if edited.capacity.is_some_and(|capacity| capacity < current.sold) {
@@ -416,7 +416,7 @@ pub async fn update_ticket_type(
     // Capacity raised (or a window or cap changed): the waiting list is offered what it can
     // take first.
     common::waitlist::offer(&mut tx, id, state.config.waitlist.offer_ttl()).await?;
-    let updated = load(&mut *tx, id, type_id, false, false).await?;
+    let updated = load(&mut *tx, id, type_id, false).await?;
     tx.commit().await?;
     state.catalog.forget(id);
     tracing::info!(event_id = %id, ticket_type_id = %type_id, admin_id = %admin.id,
@@ -446,7 +446,7 @@ pub async fn delete_ticket_type(
 ) -> Result<StatusCode, ApiError> {
     let mut tx = state.db.begin().await?;
     lock_event(&mut tx, id).await?;
-    let current = load(&mut *tx, id, type_id, false, true).await?;
+    let current = load_locked(&mut tx, id, type_id).await?;
     if current.sold > 0 {
         return Err(ApiError::conflict(
             "ticket_type_has_tickets",

@@ -6,6 +6,7 @@ use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
+use common::domain::{OrderStatus, TicketStatus};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -20,19 +21,18 @@ pub fn router() -> Router<AppState> {
 }
 
 /// What decides whether a ticket gets in.
-#[derive(sqlx::FromRow)]
 struct TicketState {
-    ticket_status: String,
-    order_status: String,
+    ticket_status: TicketStatus,
+    order_status: OrderStatus,
     event_deleted: bool,
 }
 
 impl TicketState {
     /// Why this ticket cannot be used, if it cannot.
     fn refusal(&self) -> Option<ApiError> {
-        if self.ticket_status != "ACTIVE" {
+        if self.ticket_status != TicketStatus::Active {
             Some(ApiError::invalid("ticket_cancelled", "this ticket was cancelled"))
-        } else if self.order_status != "PAID" {
+        } else if self.order_status != OrderStatus::Paid {
             Some(ApiError::invalid("not_paid", "this ticket's order is not paid"))
         } else if self.event_deleted {
             Some(ApiError::invalid("event_unavailable", "this ticket's event was deleted"))
@@ -57,13 +57,15 @@ pub async fn ticket_qr(
     user: AuthUser,
     Path(id): Path<Uuid>,
 ) -> Result<Response, ApiError> {
-    let ticket = sqlx::query_as::<_, TicketState>(
-        "SELECT t.status AS ticket_status, o.status AS order_status, e.deleted_at IS NOT NULL AS event_deleted
-         FROM tickets t JOIN orders o ON o.id = t.order_id JOIN events e ON e.id = t.event_id
-         WHERE t.id = $1 AND o.user_id = $2",
+    let ticket = sqlx::query_as!(
+        TicketState,
+        r#"SELECT t.status AS "ticket_status: TicketStatus", o.status AS "order_status: OrderStatus",
+                  e.deleted_at IS NOT NULL AS "event_deleted!"
+           FROM tickets t JOIN orders o ON o.id = t.order_id JOIN events e ON e.id = t.event_id
+           WHERE t.id = $1 AND o.user_id = $2"#,
+        id,
+        user.id
     )
-    .bind(id)
-    .bind(user.id)
     .fetch_optional(&state.db)
     .await?
     .ok_or(ApiError::NotFound("ticket"))?;
@@ -93,7 +95,7 @@ pub struct CheckInRequest {
     pub code: String,
 }
 
-#[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct CheckIn {
     pub ticket_id: Uuid,
     pub order_id: Uuid,
@@ -130,12 +132,14 @@ pub async fn check_in(
 ) -> Result<Json<CheckIn>, ApiError> {
     let ticket_id = state.ticket_codes.verify(&req.code).ok_or(ApiError::NotFound("ticket"))?;
     let mut tx = state.db.begin().await?;
-    let ticket = sqlx::query_as::<_, TicketState>(
-        "SELECT t.status AS ticket_status, o.status AS order_status, e.deleted_at IS NOT NULL AS event_deleted
-         FROM tickets t JOIN orders o ON o.id = t.order_id JOIN events e ON e.id = t.event_id
-         WHERE t.id = $1 FOR SHARE OF t",
+    let ticket = sqlx::query_as!(
+        TicketState,
+        r#"SELECT t.status AS "ticket_status: TicketStatus", o.status AS "order_status: OrderStatus",
+                  e.deleted_at IS NOT NULL AS "event_deleted!"
+           FROM tickets t JOIN orders o ON o.id = t.order_id JOIN events e ON e.id = t.event_id
+           WHERE t.id = $1 FOR SHARE OF t"#,
+        ticket_id
     )
-    .bind(ticket_id)
     .fetch_optional(&mut *tx)
     .await?
     .ok_or(ApiError::NotFound("ticket"))?;
@@ -158,7 +162,8 @@ pub async fn check_in(
                 .await?;
         return Err(ApiError::AlreadyCheckedIn { at });
     }
-    let check_in = sqlx::query_as::<_, CheckIn>(
+    let check_in = sqlx::query_as!(
+        CheckIn,
         "SELECT t.id AS ticket_id, o.id AS order_id, e.id AS event_id, e.name AS event_name,
                 e.starts_at AS event_date, t.ticket_type_id, tt.name AS ticket_type, u.name AS holder_name,
                 u.email AS holder_email, c.checked_in_at
@@ -166,8 +171,8 @@ pub async fn check_in(
               JOIN ticket_types tt ON tt.id = t.ticket_type_id
               JOIN users u ON u.id = o.user_id JOIN check_ins c ON c.ticket_id = t.id
          WHERE t.id = $1",
+        ticket_id
     )
-    .bind(ticket_id)
     .fetch_one(&mut *tx)
     .await?;
     tx.commit().await?;

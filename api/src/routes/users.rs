@@ -10,7 +10,6 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::auth::UserResponse;
-use super::me::WithTokenVersion;
 use super::page::PageQuery;
 use crate::auth::AdminUser;
 use crate::error::{ApiError, ErrorBody};
@@ -36,12 +35,13 @@ pub async fn list_users(
     Query(query): Query<PageQuery>,
 ) -> Result<(HeaderMap, Json<Vec<UserResponse>>), ApiError> {
     let limit = query.limit()?;
-    let mut users = sqlx::query_as::<_, UserResponse>(
-        "SELECT id, name, email, role, created_at FROM users
-         WHERE ($1::uuid IS NULL OR id < $1) ORDER BY id DESC LIMIT $2",
+    let mut users = sqlx::query_as!(
+        UserResponse,
+        r#"SELECT id, name, email, role AS "role: Role", created_at FROM users
+           WHERE ($1::uuid IS NULL OR id < $1) ORDER BY id DESC LIMIT $2"#,
+        query.cursor,
+        limit + 1
     )
-    .bind(query.cursor)
-    .bind(limit + 1)
     .fetch_all(&state.db)
     .await?;
     let headers = query.finish("/api/v1/users", &mut users, |user| user.id);
@@ -82,18 +82,24 @@ pub async fn set_role(
         return Err(ApiError::conflict("last_admin", "this is the only admin; promote another account first"));
     }
     // A different role raises the account's token version (a trigger): its tokens stop working.
-    let changed = sqlx::query_as::<_, WithTokenVersion>(
-        "UPDATE users SET role = $2, updated_at = now() WHERE id = $1
-         RETURNING id, name, email, role, created_at, token_version",
+    let changed = sqlx::query!(
+        r#"UPDATE users SET role = $2, updated_at = now() WHERE id = $1
+           RETURNING id, name, email, role AS "role: Role", created_at, token_version"#,
+        id,
+        req.role as Role
     )
-    .bind(id)
-    .bind(req.role)
     .fetch_optional(&mut *tx)
     .await?
     .ok_or(ApiError::NotFound("user"))?;
     tx.commit().await?;
     state.revocations.record(id, changed.token_version);
-    let user = changed.user;
+    let user = UserResponse {
+        id: changed.id,
+        name: changed.name,
+        email: changed.email,
+        role: changed.role,
+        created_at: changed.created_at,
+    };
     tracing::info!(user_id = %id, admin_id = %admin.id, role = ?req.role, "role changed");
     Ok(Json(user))
 }

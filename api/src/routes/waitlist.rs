@@ -8,6 +8,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::routing::get;
 use chrono::{DateTime, Utc};
+use common::domain::WaitlistStatus;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -41,7 +42,7 @@ pub struct JoinRequest {
 }
 
 /// A place on an event's waiting list.
-#[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct WaitlistEntry {
     pub id: Uuid,
     pub event_id: Uuid,
@@ -52,25 +53,13 @@ pub struct WaitlistEntry {
     /// its `expires_at`); `PURCHASED` (the offer was paid); `LAPSED` (the offer expired, was
     /// cancelled or its payment declined: the tickets went to the next entry); `LEFT`;
     /// `CLOSED` (the event was deleted).
-    #[schema(example = "WAITING")]
-    pub status: String,
+    pub status: WaitlistStatus,
     /// 1 for the next entry to be offered tickets, among those `WAITING`; `null` otherwise.
     pub position: Option<i64>,
     /// The offer's order, once tickets were offered.
     pub order_id: Option<Uuid>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
-}
-
-/// The columns of a [`WaitlistEntry`] read from `waitlist_entries w`, for `concat!`.
-macro_rules! entry_columns {
-    () => {
-        "w.id, w.event_id, w.ticket_type_id, w.user_id, w.quantity, w.status, w.order_id, w.created_at, w.updated_at,
-         CASE WHEN w.status = 'WAITING' THEN (
-             SELECT count(*) FROM waitlist_entries ahead
-             WHERE ahead.event_id = w.event_id AND ahead.status = 'WAITING' AND ahead.id <= w.id
-         ) END AS position"
-    };
 }
 
 /// Join an event's waiting list (one open entry per buyer and event).
@@ -130,12 +119,17 @@ pub async fn join(
     .execute(&mut *tx)
     .await
     .on_constraint("waitlist_one_per_buyer", already_waiting)?;
-    let entry = sqlx::query_as::<_, WaitlistEntry>(concat!(
-        "SELECT ",
-        entry_columns!(),
-        " FROM waitlist_entries w WHERE w.id = $1"
-    ))
-    .bind(id)
+    let entry = sqlx::query_as!(
+        WaitlistEntry,
+        r#"SELECT w.id, w.event_id, w.ticket_type_id, w.user_id, w.quantity, w.status AS "status: WaitlistStatus",
+                  w.order_id, w.created_at, w.updated_at,
+                  CASE WHEN w.status = 'WAITING' THEN (
+                      SELECT count(*) FROM waitlist_entries ahead
+                      WHERE ahead.event_id = w.event_id AND ahead.status = 'WAITING' AND ahead.id <= w.id
+                  ) END AS position
+           FROM waitlist_entries w WHERE w.id = $1"#,
+        id
+    )
     .fetch_one(&mut *tx)
     .await?;
     tx.commit().await?;
@@ -226,7 +220,7 @@ pub async fn leave(
                UPDATE waitlist_entries SET status = 'LEFT', updated_at = now()
                WHERE event_id = $1 AND user_id = $2 AND status = 'WAITING' RETURNING id, status, order_id
            )
-           SELECT id AS "id!", status AS "status!", order_id FROM left_now
+           SELECT id AS "id!", status AS "status!: WaitlistStatus", order_id FROM left_now
            UNION ALL
            SELECT id, status, order_id FROM waitlist_entries
            WHERE event_id = $1 AND user_id = $2 AND status = 'OFFERED'"#,
@@ -238,7 +232,7 @@ pub async fn leave(
     .map(|row| (row.id, row.status, row.order_id));
     match open {
         None => Err(ApiError::NotFound("waiting-list entry")),
-        Some((_, status, order_id)) if status == "OFFERED" => Err(ApiError::conflict(
+        Some((_, WaitlistStatus::Offered, order_id)) => Err(ApiError::conflict(
             "offer_pending",
             format!(
                 "tickets are held for you in order {}: pay it, or cancel it to pass them on",
@@ -268,15 +262,20 @@ pub async fn my_waitlist(
     Query(query): Query<PageQuery>,
 ) -> Result<(HeaderMap, Json<Vec<WaitlistEntry>>), ApiError> {
     let limit = query.limit()?;
-    let mut rows = sqlx::query_as::<_, WaitlistEntry>(concat!(
-        "SELECT ",
-        entry_columns!(),
-        " FROM waitlist_entries w WHERE w.user_id = $1 AND ($2::uuid IS NULL OR w.id < $2)
-         ORDER BY w.id DESC LIMIT $3"
-    ))
-    .bind(user.id)
-    .bind(query.cursor)
-    .bind(limit + 1)
+    let mut rows = sqlx::query_as!(
+        WaitlistEntry,
+        r#"SELECT w.id, w.event_id, w.ticket_type_id, w.user_id, w.quantity, w.status AS "status: WaitlistStatus",
+                  w.order_id, w.created_at, w.updated_at,
+                  CASE WHEN w.status = 'WAITING' THEN (
+                      SELECT count(*) FROM waitlist_entries ahead
+                      WHERE ahead.event_id = w.event_id AND ahead.status = 'WAITING' AND ahead.id <= w.id
+                  ) END AS position
+           FROM waitlist_entries w WHERE w.user_id = $1 AND ($2::uuid IS NULL OR w.id < $2)
+           ORDER BY w.id DESC LIMIT $3"#,
+        user.id,
+        query.cursor,
+        limit + 1
+    )
     .fetch_all(&state.db)
     .await?;
     let headers = query.finish("/api/v1/me/waitlist", &mut rows, |row| row.id);
@@ -310,16 +309,21 @@ pub async fn event_waitlist(
     if !exists {
         return Err(ApiError::NotFound("event"));
     }
-    let mut rows = sqlx::query_as::<_, WaitlistEntry>(concat!(
-        "SELECT ",
-        entry_columns!(),
-        " FROM waitlist_entries w
-         WHERE w.event_id = $1 AND w.status IN ('WAITING', 'OFFERED') AND ($2::uuid IS NULL OR w.id > $2)
-         ORDER BY w.id LIMIT $3"
-    ))
-    .bind(event_id)
-    .bind(query.cursor)
-    .bind(limit + 1)
+    let mut rows = sqlx::query_as!(
+        WaitlistEntry,
+        r#"SELECT w.id, w.event_id, w.ticket_type_id, w.user_id, w.quantity, w.status AS "status: WaitlistStatus",
+                  w.order_id, w.created_at, w.updated_at,
+                  CASE WHEN w.status = 'WAITING' THEN (
+                      SELECT count(*) FROM waitlist_entries ahead
+                      WHERE ahead.event_id = w.event_id AND ahead.status = 'WAITING' AND ahead.id <= w.id
+                  ) END AS position
+           FROM waitlist_entries w
+           WHERE w.event_id = $1 AND w.status IN ('WAITING', 'OFFERED') AND ($2::uuid IS NULL OR w.id > $2)
+           ORDER BY w.id LIMIT $3"#,
+        event_id,
+        query.cursor,
+        limit + 1
+    )
     .fetch_all(&state.db)
     .await?;
     let headers = query.finish(&format!("/api/v1/events/{event_id}/waitlist"), &mut rows, |row| row.id);

@@ -8,7 +8,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{delete, get, post};
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
-use common::domain::text;
+use common::domain::{DeliveryStatus, text};
 use common::webhook_targets::{TargetError, TargetPolicy};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -41,7 +41,7 @@ pub struct CreateEndpointRequest {
     pub description: Option<String>,
 }
 
-#[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct Endpoint {
     pub id: Uuid,
     pub url: String,
@@ -118,15 +118,16 @@ pub async fn create_endpoint(
         ));
     }
     let secret = format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>()));
-    let endpoint = sqlx::query_as::<_, Endpoint>(
+    let endpoint = sqlx::query_as!(
+        Endpoint,
         "INSERT INTO webhook_endpoints (id, user_id, url, description, secret) VALUES ($1, $2, $3, $4, $5)
          RETURNING id, url, description, enabled, disabled_reason, created_at",
+        Uuid::now_v7(),
+        user.id,
+        url.as_str(),
+        &description,
+        &secret
     )
-    .bind(Uuid::now_v7())
-    .bind(user.id)
-    .bind(url.as_str())
-    .bind(&description)
-    .bind(&secret)
     .fetch_one(&mut *tx)
     .await?;
     tx.commit().await?;
@@ -148,13 +149,14 @@ pub async fn list_endpoints(
     Query(query): Query<PageQuery>,
 ) -> Result<(HeaderMap, Json<Vec<Endpoint>>), ApiError> {
     let limit = query.limit()?;
-    let mut rows = sqlx::query_as::<_, Endpoint>(
+    let mut rows = sqlx::query_as!(
+        Endpoint,
         "SELECT id, url, description, enabled, disabled_reason, created_at FROM webhook_endpoints
          WHERE user_id = $1 AND ($2::uuid IS NULL OR id < $2) ORDER BY id DESC LIMIT $3",
+        user.id,
+        query.cursor,
+        limit + 1
     )
-    .bind(user.id)
-    .bind(query.cursor)
-    .bind(limit + 1)
     .fetch_all(&state.db)
     .await?;
     let headers = query.finish("/api/v1/webhook-endpoints", &mut rows, |row| row.id);
@@ -195,7 +197,7 @@ pub struct Attempt {
 }
 
 /// One event sent (or being sent) to the endpoint.
-#[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct Delivery {
     /// The `webhook-id` header of every attempt.
     pub id: Uuid,
@@ -204,12 +206,12 @@ pub struct Delivery {
     pub order_id: Uuid,
     /// `PENDING` (will be tried again at `next_attempt_at`), `SUCCEEDED`, `FAILED` (retries
     /// exhausted) or `ABANDONED` (endpoint disabled).
-    pub status: String,
+    pub status: DeliveryStatus,
     pub next_attempt_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     /// Every attempt so far, oldest first.
-    #[sqlx(json)]
-    pub attempts: Vec<Attempt>,
+    #[schema(value_type = Vec<Attempt>)]
+    pub attempts: sqlx::types::Json<Vec<Attempt>>,
 }
 
 /// The deliveries to one of the caller's endpoints, newest first, with their attempts.
@@ -239,18 +241,20 @@ pub async fn list_deliveries(
     if !owned {
         return Err(ApiError::NotFound("webhook endpoint"));
     }
-    let mut rows = sqlx::query_as::<_, Delivery>(
-        "SELECT d.id, d.event_type, d.order_id, d.status, d.next_attempt_at, d.created_at,
-                coalesce((SELECT json_agg(json_build_object('attempted_at', a.attempted_at, 'status_code', a.status_code,
-                                                            'latency_ms', a.latency_ms, 'error', a.error) ORDER BY a.id)
-                          FROM webhook_attempts a WHERE a.delivery_id = d.id), '[]') AS attempts
-         FROM webhook_deliveries d
-         WHERE d.endpoint_id = $1 AND ($2::uuid IS NULL OR d.id < $2)
-         ORDER BY d.id DESC LIMIT $3",
+    let mut rows = sqlx::query_as!(
+        Delivery,
+        r#"SELECT d.id, d.event_type, d.order_id, d.status AS "status: DeliveryStatus", d.next_attempt_at, d.created_at,
+                  coalesce((SELECT json_agg(json_build_object('attempted_at', a.attempted_at, 'status_code', a.status_code,
+                                                              'latency_ms', a.latency_ms, 'error', a.error) ORDER BY a.id)
+                            FROM webhook_attempts a WHERE a.delivery_id = d.id), '[]')
+                      AS "attempts!: sqlx::types::Json<Vec<Attempt>>"
+           FROM webhook_deliveries d
+           WHERE d.endpoint_id = $1 AND ($2::uuid IS NULL OR d.id < $2)
+           ORDER BY d.id DESC LIMIT $3"#,
+        id,
+        query.cursor,
+        limit + 1
     )
-    .bind(id)
-    .bind(query.cursor)
-    .bind(limit + 1)
     .fetch_all(&state.db)
     .await?;
     let headers = query.finish(&format!("/api/v1/webhook-endpoints/{id}/deliveries"), &mut rows, |row| row.id);

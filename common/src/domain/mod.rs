@@ -7,6 +7,7 @@ pub mod money;
 mod order;
 mod order_line;
 mod role;
+mod status;
 pub mod text;
 
 pub use currency::Currency;
@@ -14,3 +15,4 @@ pub use email::Email;
 pub use order::{OrderEvent, OrderStatus, Transition, reason};
 pub use order_line::OrderLine;
 pub use role::Role;
+pub use status::{DeliveryStatus, TicketStatus, WaitlistStatus};
