@@ -9,7 +9,7 @@ use argon2::{Algorithm, Argon2, Params, Version};
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
-use common::domain::Role;
+use common::domain::{Password, Role};
 use jsonwebtoken::{DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -91,10 +91,10 @@ impl HeavyWork {
 }
 
 /// Hashes a password (see [`HeavyWork`]).
-pub async fn hash_password(work: &HeavyWork, password: String) -> Result<String, ApiError> {
+pub async fn hash_password(work: &HeavyWork, password: Password) -> Result<String, ApiError> {
     work.run(move || {
         hasher()
-            .hash_password(password.as_bytes())
+            .hash_password(password.expose().as_bytes())
             .map(|hash| hash.to_string())
             .map_err(|err| ApiError::Internal(anyhow::anyhow!("hashing password: {err}")))
     })
@@ -286,7 +286,7 @@ mod tests {
     #[tokio::test]
     async fn passwords_hash_and_verify() {
         let work = HeavyWork::new(1);
-        let hash = hash_password(&work, "correct horse".into()).await.unwrap();
+        let hash = hash_password(&work, Password::parse("correct horse".into()).unwrap()).await.unwrap();
         assert!(hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{hash}");
         assert!(verify_password(&work, "correct horse".into(), Some(hash.clone())).await.unwrap());
         assert!(!verify_password(&work, "wrong horse".into(), Some(hash)).await.unwrap());

@@ -197,6 +197,13 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A domain value refused at the edge: 422 with the value's own code.
+impl From<common::domain::Refusal> for ApiError {
+    fn from(refusal: common::domain::Refusal) -> Self {
+        Self::invalid(refusal.code, refusal.message)
+    }
+}
+
 /// The foreign keys that point at `users`: violated when a token's account no longer exists.
 const USER_REFERENCES: [&str; 4] =
     ["events_created_by_fkey", "orders_user_id_fkey", "webhook_endpoints_user_id_fkey", "check_ins_checked_in_by_fkey"];

@@ -27,7 +27,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use common::amqp::Publisher;
 use common::config::{ApiConfig, DatabaseConfig, Secret};
-use common::domain::Role;
+use common::domain::{Password, Role, UserName};
 use common::standard_webhooks::SigningKey;
 use common::supervise::Tasks;
 
@@ -239,8 +239,7 @@ async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
 async fn create_admin(args: CreateAdminArgs) -> anyhow::Result<()> {
     let email = routes::auth::parse_email(&args.email).map_err(|e| anyhow::anyhow!("{e}"))?;
     let default_name = email.as_str().split('@').next().unwrap_or_default().to_owned();
-    let name =
-        routes::auth::parse_name(args.name.as_deref().unwrap_or(&default_name)).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let name = UserName::parse(args.name.as_deref().unwrap_or(&default_name))?;
     let db = common::db::connect(&args.database).await.context("connecting to PostgreSQL")?;
     common::db::migrate(&db).await.context("applying migrations")?;
 
@@ -258,7 +257,7 @@ async fn create_admin(args: CreateAdminArgs) -> anyhow::Result<()> {
         Some(password) => password,
         None => read_password()?,
     };
-    routes::auth::check_password(&password).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let password = Password::parse(password)?;
     let hash = auth::hash_password(&HeavyWork::new(1), password).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     let user =
         routes::auth::insert_user(&db, &name, &email, &hash, Role::Admin).await.map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use common::amqp::{Publisher, PurchaseMessage, partition_of};
-use common::domain::OrderLine;
+use common::domain::{IdempotencyKey, OrderLine};
 use rust_decimal::Decimal;
 use sqlx::PgPool;
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -35,7 +35,7 @@ pub struct NewOrder {
     pub total: Decimal,
     pub currency: String,
     pub lines: Vec<OrderLine>,
-    pub idempotency_key: Option<String>,
+    pub idempotency_key: Option<IdempotencyKey>,
     /// The W3C trace context of the request that placed it.
     pub traceparent: Option<String>,
 }
@@ -174,7 +174,8 @@ async fn insert_orders(
         &orders.iter().map(|o| o.unit_price).collect::<Vec<_>>() as &[Option<Decimal>],
         &orders.iter().map(|o| o.total).collect::<Vec<_>>(),
         &orders.iter().map(|o| o.currency.as_str()).collect::<Vec<_>>() as &[&str],
-        &orders.iter().map(|o| o.idempotency_key.as_deref()).collect::<Vec<_>>() as &[Option<&str>],
+        &orders.iter().map(|o| o.idempotency_key.as_ref().map(IdempotencyKey::as_str)).collect::<Vec<_>>()
+            as &[Option<&str>],
         &orders.iter().map(partition).collect::<Vec<_>>(),
         &orders.iter().map(|o| o.traceparent.as_deref()).collect::<Vec<_>>() as &[Option<&str>],
         &lines

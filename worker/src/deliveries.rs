@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use base64::Engine as _;
 use common::config::WorkerConfig;
+use common::domain::DeliveryStatus;
 use common::standard_webhooks::{self, SigningKey};
 use common::webhook_targets::TargetPolicy;
 use futures_util::future::join_all;
@@ -219,12 +220,12 @@ impl Deliverer {
         .await?;
         let attempts = delivery.attempts + 1;
         let (status, retry_in) = match outcome {
-            Outcome::Delivered(_) => ("SUCCEEDED", None),
-            Outcome::Gone => ("ABANDONED", None),
+            Outcome::Delivered(_) => (DeliveryStatus::Succeeded, None),
+            Outcome::Gone => (DeliveryStatus::Abandoned, None),
             Outcome::Failed { .. } => match self.schedule.get(usize::try_from(delivery.attempts).unwrap_or(usize::MAX))
             {
-                Some(wait) => ("PENDING", Some(with_jitter(*wait))),
-                None => ("FAILED", None),
+                Some(wait) => (DeliveryStatus::Pending, Some(with_jitter(*wait))),
+                None => (DeliveryStatus::Failed, None),
             },
         };
         sqlx::query!(
@@ -234,7 +235,7 @@ impl Deliverer {
              WHERE id = $1 AND lease_id = $2",
             delivery.id,
             lease_id,
-            status,
+            status as DeliveryStatus,
             attempts,
             retry_in.unwrap_or_default().as_secs_f64()
         )
@@ -263,11 +264,11 @@ impl Deliverer {
         let counted = match (outcome, status) {
             (Outcome::Delivered(_), _) => "delivered",
             (Outcome::Gone, _) => "gone",
-            (Outcome::Failed { .. }, "FAILED") => "given_up",
+            (Outcome::Failed { .. }, DeliveryStatus::Failed) => "given_up",
             (Outcome::Failed { .. }, _) => "retrying",
         };
         metrics::counter!("turnstile_webhook_deliveries_total", "outcome" => counted).increment(1);
-        tracing::info!(delivery_id = %delivery.id, attempts, status, code = status_code, latency_ms, "webhook attempt");
+        tracing::info!(delivery_id = %delivery.id, attempts, status = status.as_str(), code = status_code, latency_ms, "webhook attempt");
         Ok(())
     }
 }

@@ -3,13 +3,13 @@
 use axum::Router;
 use axum::extract::State;
 use axum::routing::get;
-use common::domain::Role;
+use common::domain::{Password, Role, UserName};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::auth::{UserResponse, check_password, parse_email, parse_name, throttled};
+use super::auth::{UserResponse, parse_email, throttled};
 use super::events::Event;
 use super::page::PageQuery;
 use crate::auth::{AuthUser, hash_password, verify_password};
@@ -79,12 +79,10 @@ pub async fn update_me(
     user: AuthUser,
     Json(req): Json<UpdateMeRequest>,
 ) -> Result<Json<UserResponse>, ApiError> {
-    let name = req.name.as_deref().map(parse_name).transpose()?;
+    let name = req.name.as_deref().map(UserName::parse).transpose()?;
     let email = req.email.as_deref().map(parse_email).transpose()?;
-    if let Some(password) = &req.password {
-        check_password(password)?;
-    }
-    let sensitive = email.is_some() || req.password.is_some();
+    let password = req.password.map(Password::parse).transpose()?;
+    let sensitive = email.is_some() || password.is_some();
     if sensitive {
         let current = req.current_password.clone().ok_or(ApiError::invalid(
             "current_password_required",
@@ -105,7 +103,7 @@ pub async fn update_me(
             });
         }
     }
-    let password_hash = match req.password {
+    let password_hash = match password {
         Some(password) => Some(hash_password(&state.heavy_work, password).await?),
         None => None,
     };
@@ -117,7 +115,7 @@ pub async fn update_me(
            WHERE id = $1
            RETURNING id, name, email, role AS "role: Role", created_at, token_version"#,
         user.id,
-        name,
+        name.as_ref().map(UserName::as_str),
         email.as_ref().map(|email| email.as_str()),
         password_hash
     )

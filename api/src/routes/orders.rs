@@ -14,7 +14,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
-use common::domain::{OrderEvent, OrderLine, OrderStatus, TicketStatus, Transition};
+use common::domain::{IdempotencyKey, OrderEvent, OrderLine, OrderStatus, TicketStatus, Transition};
 use common::order_changes;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -247,7 +247,7 @@ async fn purchase(
         Stored::Inserted(created_at, updated_at) => (created_at, updated_at),
         // The same key raced in from a concurrent request: answer like a replay.
         Stored::KeyTaken => {
-            let key = key.as_deref().unwrap_or_default();
+            let key = key.as_ref().ok_or(ApiError::Unavailable)?;
             let existing = find_by_key(&state, user.id, key).await?.ok_or(ApiError::Unavailable)?;
             return replay(existing, &req);
         }
@@ -482,20 +482,15 @@ fn location(order_id: Uuid) -> HeaderMap {
 }
 
 /// The `Idempotency-Key` header, if sent: 1 to 255 visible ASCII characters.
-fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+/// A malformed header is a 400, like other malformed requests.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<IdempotencyKey>, ApiError> {
     let Some(value) = headers.get(IDEMPOTENCY_KEY) else { return Ok(None) };
-    let bad = || ApiError::BadRequest {
-        code: "invalid_idempotency_key",
-        message: "Idempotency-Key must be 1 to 255 visible ASCII characters".into(),
-    };
-    let key = value.to_str().map_err(|_| bad())?;
-    if key.is_empty() || key.len() > 255 || !key.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(bad());
-    }
-    Ok(Some(key.to_owned()))
+    IdempotencyKey::parse(value.as_bytes())
+        .map(Some)
+        .map_err(|refusal| ApiError::BadRequest { code: refusal.code, message: refusal.message })
 }
 
-async fn find_by_key(state: &AppState, user_id: Uuid, key: &str) -> Result<Option<Order>, ApiError> {
+async fn find_by_key(state: &AppState, user_id: Uuid, key: &IdempotencyKey) -> Result<Option<Order>, ApiError> {
     Ok(sqlx::query_as!(
         Order,
         r#"SELECT o.id, o.event_id, e.name AS event_name, e.starts_at AS event_date, o.quantity, o.unit_price,
@@ -504,7 +499,7 @@ async fn find_by_key(state: &AppState, user_id: Uuid, key: &str) -> Result<Optio
                   o.updated_at, o.expires_at
            FROM orders o JOIN events e ON e.id = o.event_id WHERE o.user_id = $1 AND o.idempotency_key = $2"#,
         user_id,
-        key
+        key.as_str()
     )
     .fetch_optional(&state.db)
     .await?)
@@ -730,7 +725,7 @@ mod tests {
     #[test]
     fn idempotency_keys_are_checked() {
         assert_eq!(idempotency_key(&HeaderMap::new()).unwrap(), None);
-        assert_eq!(idempotency_key(&headers(b"order-42")).unwrap().as_deref(), Some("order-42"));
+        assert_eq!(idempotency_key(&headers(b"order-42")).unwrap().unwrap().as_str(), "order-42");
         assert!(idempotency_key(&headers(b"has space")).is_err());
         assert!(idempotency_key(&headers(&[b'k'; 256])).is_err());
         assert!(idempotency_key(&headers(b"caf\xc3\xa9")).is_err());

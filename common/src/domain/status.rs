@@ -26,6 +26,17 @@ pub enum DeliveryStatus {
     Abandoned,
 }
 
+impl DeliveryStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "PENDING",
+            Self::Succeeded => "SUCCEEDED",
+            Self::Failed => "FAILED",
+            Self::Abandoned => "ABANDONED",
+        }
+    }
+}
+
 /// A waiting-list entry: `WAITING` in line, `OFFERED` a held order, then `PURCHASED` (paid),
 /// `LAPSED` (the offer expired or was cancelled), `LEFT` (the buyer left the list) or
 /// `CLOSED` (the event was deleted).
@@ -51,5 +62,9 @@ mod tests {
         assert_eq!(serde_json::to_string(&DeliveryStatus::Abandoned).unwrap(), "\"ABANDONED\"");
         assert_eq!(serde_json::from_str::<WaitlistStatus>("\"OFFERED\"").unwrap(), WaitlistStatus::Offered);
         assert!(serde_json::from_str::<TicketStatus>("\"active\"").is_err());
+        use DeliveryStatus::*;
+        for status in [Pending, Succeeded, Failed, Abandoned] {
+            assert_eq!(serde_json::to_string(&status).unwrap(), format!("\"{}\"", status.as_str()));
+        }
     }
 }
