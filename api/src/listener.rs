@@ -13,7 +13,7 @@ use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{self, EventCatalog};
-use crate::pipeline::OrderWatch;
+use crate::order_watch::OrderWatch;
 use crate::revocations::{self, Revocations};
 
 /// Who is told what.

@@ -7,7 +7,8 @@ use utoipa::{Modify, OpenApi};
 
 use crate::error::{ErrorBody, ErrorDetail};
 use crate::routes::{
-    auth, events, health, me, orders, organizer, payments, ticket_types, tickets, users, waitlist, webhook_endpoints,
+    accounts, events, health, me, orders, organizer, payments, ticket_types, tickets, users, waitlist,
+    webhook_endpoints,
 };
 
 #[derive(OpenApi)]
@@ -18,7 +19,7 @@ use crate::routes::{
                        timestamps are RFC 3339 UTC; ids are UUID v7; money is a decimal string.",
     ),
     paths(
-        auth::signup, auth::login,
+        accounts::signup, accounts::login,
         me::me, me::update_me, me::my_events, me::my_tickets, users::list_users, users::set_role,
         events::list_events, events::create_event, events::get_event, events::update_event, events::delete_event,
         events::upload_image, events::get_image,

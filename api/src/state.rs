@@ -8,8 +8,10 @@ use sqlx::PgPool;
 
 use crate::auth::{HeavyWork, Tokens};
 use crate::catalog::EventCatalog;
-use crate::pipeline::{OrderInserter, OrderWatch, SoldOutHints};
+use crate::order_inserter::OrderInserter;
+use crate::order_watch::OrderWatch;
 use crate::revocations::Revocations;
+use crate::sold_out_hints::SoldOutHints;
 use crate::throttle::Throttle;
 use crate::ticket_codes::TicketCodes;
 
@@ -17,7 +19,7 @@ use crate::ticket_codes::TicketCodes;
 pub struct AppState {
     pub db: PgPool,
     pub amqp: common::amqp::Pool,
-    /// Stores new orders in shared batches and sends them to the broker (see `pipeline`).
+    /// Stores new orders in shared batches and sends them to the broker (see `order_inserter`).
     pub orders: OrderInserter,
     /// What purchases need of events, from memory (see `catalog`).
     pub catalog: Arc<EventCatalog>,

@@ -36,12 +36,21 @@ const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 /// Installs the process-wide recorder and sets `turnstile_build_info`. Every histogram
 /// whose name ends in `_seconds` gets [`LATENCY_BUCKETS`], every one ending in `_orders`
 /// gets [`BATCH_BUCKETS`]. Run [`upkeep`] beside it.
+///
+/// One recorder serves the process: a second call (an api and a worker built in one test
+/// process, or an api built again) returns the first one's handle.
 pub fn install(service: &'static str) -> anyhow::Result<PrometheusHandle> {
+    static INSTALLED: std::sync::Mutex<Option<PrometheusHandle>> = std::sync::Mutex::new(None);
+    let mut installed = INSTALLED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(handle) = installed.as_ref() {
+        return Ok(handle.clone());
+    }
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)?
         .set_buckets_for_metric(Matcher::Suffix("_orders".into()), BATCH_BUCKETS)?
         .install_recorder()
         .context("installing the metrics recorder")?;
+    *installed = Some(handle.clone());
     describe_common();
     metrics::gauge!(
         "turnstile_build_info",

@@ -18,7 +18,7 @@ use std::time::Duration;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::domain::{OrderEvent, OrderStatus, Transition, reason};
+use crate::domain::{OrderStatus, OrderTrigger, Transition, reason};
 
 /// An order locked for a status change, with what the rules need to know about it.
 #[derive(Debug)]
@@ -63,35 +63,35 @@ pub async fn lock(tx: &mut PgConnection, order_id: Uuid, owner: Option<Uuid>) ->
     .await
 }
 
-/// Applies `event` to a locked order and writes the outcome: the new status (and `reason`),
+/// Applies `trigger` to a locked order and writes the outcome: the new status (and `reason`),
 /// released tickets when the order gives up its hold, and a notification for long-polls.
 ///
-/// A hold that is over is expired first, whatever the event: a payment that arrives after
+/// A hold that is over is expired first, whatever the trigger: a payment that arrives after
 /// `expires_at` is late even if the expiry loop has not run yet, so the outcome depends on
 /// the clock, not on which process got the lock first. Tickets released are offered to the
 /// waiting list with holds of `offer_ttl`.
 pub async fn apply(
     tx: &mut PgConnection,
     order: &mut LockedOrder,
-    event: OrderEvent,
+    trigger: OrderTrigger,
     reason: Option<&str>,
     offer_ttl: Duration,
 ) -> sqlx::Result<Transition> {
-    if order.hold_over && event != OrderEvent::HoldExpired {
-        move_order(tx, order, OrderEvent::HoldExpired, None, offer_ttl).await?;
+    if order.hold_over && trigger != OrderTrigger::HoldExpired {
+        move_order(tx, order, OrderTrigger::HoldExpired, None, offer_ttl).await?;
     }
-    move_order(tx, order, event, reason, offer_ttl).await
+    move_order(tx, order, trigger, reason, offer_ttl).await
 }
 
 async fn move_order(
     tx: &mut PgConnection,
     order: &mut LockedOrder,
-    event: OrderEvent,
+    trigger: OrderTrigger,
     reason: Option<&str>,
     offer_ttl: Duration,
 ) -> sqlx::Result<Transition> {
     let ids = [order.id];
-    let transition = move_orders(tx, order.event_id, order.status, &ids, event, reason, Some(offer_ttl)).await?;
+    let transition = move_orders(tx, order.event_id, order.status, &ids, trigger, reason, Some(offer_ttl)).await?;
     if let Transition::Moves { to, .. } = transition {
         order.status = to;
         order.hold_over = false;
@@ -99,7 +99,7 @@ async fn move_order(
     Ok(transition)
 }
 
-/// Applies `event` to orders of one event that are all in status `from`, locked by the
+/// Applies `trigger` to orders of one event that are all in status `from`, locked by the
 /// caller: writes the new status, settles the waiting-list entries whose offers these
 /// orders were, releases the tickets when the transition says so (offering them to the
 /// waiting list when `offer_ttl` is given), and notifies long-polls on commit.
@@ -108,11 +108,11 @@ async fn move_orders(
     event_id: Uuid,
     from: OrderStatus,
     ids: &[Uuid],
-    event: OrderEvent,
+    trigger: OrderTrigger,
     reason: Option<&str>,
     offer_ttl: Option<Duration>,
 ) -> sqlx::Result<Transition> {
-    let transition = from.apply(event);
+    let transition = from.apply(trigger);
     if let Transition::Moves { to, releases_tickets } = transition {
         sqlx::query!(
             "UPDATE orders SET status = $2, reason = $3, updated_at = now() WHERE id = ANY($1)",
@@ -191,7 +191,7 @@ pub async fn expire_event(
     if ids.is_empty() {
         return Ok(ids);
     }
-    move_orders(tx, event_id, OrderStatus::Pending, &ids, OrderEvent::HoldExpired, None, Some(offer_ttl)).await?;
+    move_orders(tx, event_id, OrderStatus::Pending, &ids, OrderTrigger::HoldExpired, None, Some(offer_ttl)).await?;
     Ok(ids)
 }
 
@@ -211,7 +211,7 @@ pub async fn withdraw_event(tx: &mut PgConnection, event_id: Uuid) -> sqlx::Resu
         .await?;
         if !ids.is_empty() {
             let reason = Some(reason::EVENT_UNAVAILABLE);
-            move_orders(tx, event_id, status, &ids, OrderEvent::EventWithdrawn, reason, None).await?;
+            move_orders(tx, event_id, status, &ids, OrderTrigger::EventWithdrawn, reason, None).await?;
             rejected += ids.len();
         }
     }
@@ -267,7 +267,7 @@ pub async fn refund(
     requested_by: Option<Uuid>,
     offer_ttl: Duration,
 ) -> sqlx::Result<Transition> {
-    let transition = apply(tx, order, OrderEvent::Refunded, Some(source.reason()), offer_ttl).await?;
+    let transition = apply(tx, order, OrderTrigger::Refunded, Some(source.reason()), offer_ttl).await?;
     match transition {
         Transition::Moves { .. } => {
             record_refunds(tx, &[order.id], source, requested_by).await?;
@@ -335,7 +335,7 @@ pub async fn refund_deleted_event(
         return Ok(0);
     }
     let source = RefundSource::EventDeleted;
-    move_orders(tx, event_id, OrderStatus::Paid, &ids, OrderEvent::Refunded, Some(source.reason()), None).await?;
+    move_orders(tx, event_id, OrderStatus::Paid, &ids, OrderTrigger::Refunded, Some(source.reason()), None).await?;
     record_refunds(tx, &ids, source, requested_by).await?;
     Ok(ids.len())
 }

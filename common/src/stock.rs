@@ -10,9 +10,9 @@ use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::domain::{OrderEvent, OrderStatus, reason};
+use crate::domain::{OrderStatus, OrderTrigger, reason};
 
-/// What the allocator decided for one order: the status an [`OrderEvent`] leads to from
+/// What the allocator decided for one order: the status an [`OrderTrigger`] leads to from
 /// `QUEUED`, the only status it reads (a test checks this against the state machine), and
 /// the type a refusal is about.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -86,18 +86,18 @@ impl EventStock {
     /// nothing, so a later (smaller) order may still fit. An order that costs nothing is
     /// paid as it is allocated. Pure, so the rules are unit-tested.
     pub fn decide(&mut self, order: &Request) -> Decision {
-        let (event, reason, reason_type) = match self.refusal(order) {
-            Some((reason, reason_type)) => (OrderEvent::AllocationRejected, Some(reason), reason_type),
+        let (trigger, reason, reason_type) = match self.refusal(order) {
+            Some((reason, reason_type)) => (OrderTrigger::AllocationRejected, Some(reason), reason_type),
             None => {
                 self.take(order);
                 if order.free {
-                    (OrderEvent::AllocatedFree, Some(reason::FREE_ORDER), None)
+                    (OrderTrigger::AllocatedFree, Some(reason::FREE_ORDER), None)
                 } else {
-                    (OrderEvent::Allocated, None, None)
+                    (OrderTrigger::Allocated, None, None)
                 }
             }
         };
-        Decision { order_id: order.order_id, status: event.target(), reason, reason_type }
+        Decision { order_id: order.order_id, status: trigger.target(), reason, reason_type }
     }
 
     /// Why the order cannot have its tickets, if it cannot: the event is closed; a line's
@@ -297,9 +297,9 @@ mod tests {
         let (closed, _) = allocate(&mut seed_event(1, false), &[(id[2], 1, true)]);
         for decision in open.iter().chain(&closed) {
             let event = match decision.status {
-                OrderStatus::Pending => OrderEvent::Allocated,
-                OrderStatus::Paid => OrderEvent::AllocatedFree,
-                _ => OrderEvent::AllocationRejected,
+                OrderStatus::Pending => OrderTrigger::Allocated,
+                OrderStatus::Paid => OrderTrigger::AllocatedFree,
+                _ => OrderTrigger::AllocationRejected,
             };
             assert_eq!(
                 OrderStatus::Queued.apply(event),

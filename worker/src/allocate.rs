@@ -54,7 +54,7 @@ type Groups = Vec<(Uuid, Vec<Uuid>)>;
 pub struct Job {
     partition: u16,
     groups: Groups,
-    done: oneshot::Sender<Result<Outcome, String>>,
+    done: oneshot::Sender<Result<BatchOutcome, String>>,
 }
 
 /// The most partition batches decided in one transaction.
@@ -312,7 +312,7 @@ impl Allocator {
 
 /// The decisions of a committed batch: counted by status and reason, their latency from
 /// acceptance measured, and each logged with its order's trace id.
-fn record_decisions(outcome: &Outcome, traces: &HashMap<Uuid, String>) {
+fn record_decisions(outcome: &BatchOutcome, traces: &HashMap<Uuid, String>) {
     let now = Utc::now();
     let mut counts: HashMap<(&'static str, &'static str), u64> = HashMap::new();
     for (decision, created_at) in &outcome.decided {
@@ -366,8 +366,9 @@ fn group_by_event(messages: &[PurchaseMessage]) -> Groups {
     groups
 }
 
+/// What one batch transaction decided.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Outcome {
+pub struct BatchOutcome {
     accepted: usize,
     rejected: usize,
     /// Messages whose order was not `QUEUED` any more (redeliveries) or does not exist.
@@ -391,7 +392,11 @@ struct LineRef {
 /// type) takes its event's row lock first, so while the transaction holds its events' locks
 /// no one else can change them. That ordering also means this cannot deadlock with them.
 /// Returns each batch's outcome, in the order given.
-async fn allocate_batches(db: &PgPool, batches: &[(u16, &Groups)], hold_ttl: Duration) -> sqlx::Result<Vec<Outcome>> {
+async fn allocate_batches(
+    db: &PgPool,
+    batches: &[(u16, &Groups)],
+    hold_ttl: Duration,
+) -> sqlx::Result<Vec<BatchOutcome>> {
     let mut tx = db.begin().await?;
     let (mut events, queued) = load(&mut tx, batches).await?;
     let plan = plan(batches, &mut events, &queued);
@@ -440,7 +445,7 @@ async fn load(tx: &mut PgConnection, batches: &[(u16, &Groups)]) -> sqlx::Result
 /// per type, and how far each partition got.
 #[derive(Debug, Default)]
 struct Plan {
-    outcomes: Vec<Outcome>,
+    outcomes: Vec<BatchOutcome>,
     decided: Vec<Decision>,
     /// The tickets issued, column by column as they are inserted.
     tickets: Tickets,
@@ -465,7 +470,7 @@ struct Tickets {
 fn plan(batches: &[(u16, &Groups)], events: &mut HashMap<Uuid, EventStock>, queued: &Queued) -> Plan {
     let mut plan = Plan::default();
     for (partition, groups) in batches {
-        let mut outcome = Outcome::default();
+        let mut outcome = BatchOutcome::default();
         for (event_id, orders) in groups.iter() {
             let Some(stock) = events.get_mut(event_id) else {
                 tracing::warn!(%event_id, orders = orders.len(), "purchase messages for an unknown event; skipping");

@@ -54,7 +54,7 @@ struct Due {
 }
 
 /// What one attempt came to.
-enum Outcome {
+enum AttemptOutcome {
     Delivered(u16),
     Gone,
     Failed { status: Option<u16>, error: Option<String> },
@@ -155,10 +155,10 @@ impl Deliverer {
         }
     }
 
-    async fn send(&self, delivery: &Due) -> Outcome {
+    async fn send(&self, delivery: &Due) -> AttemptOutcome {
         let url = match self.policy.parse(&delivery.url) {
             Ok(url) => url,
-            Err(err) => return Outcome::Failed { status: None, error: Some(err.to_string()) },
+            Err(err) => return AttemptOutcome::Failed { status: None, error: Some(err.to_string()) },
         };
         // Literal addresses never reach the resolver: check them here.
         let literal = match url.host() {
@@ -168,7 +168,7 @@ impl Deliverer {
         };
         if let Some(ip) = literal.filter(|ip| !self.policy.permits(*ip)) {
             tracing::warn!(endpoint_id = %delivery.endpoint_id, "webhook endpoint's address is not allowed; {NOT_ALLOWED_HINT}");
-            return Outcome::Failed {
+            return AttemptOutcome::Failed {
                 status: None,
                 error: Some(format!("address {ip} is not allowed ({NOT_ALLOWED_HINT})")),
             };
@@ -177,7 +177,10 @@ impl Deliverer {
             match delivery.secret.strip_prefix("whsec_").map(|s| base64::engine::general_purpose::STANDARD.decode(s)) {
                 Some(Ok(key)) => SigningKey::new(key),
                 _ => {
-                    return Outcome::Failed { status: None, error: Some("the endpoint's secret is unreadable".into()) };
+                    return AttemptOutcome::Failed {
+                        status: None,
+                        error: Some("the endpoint's secret is unreadable".into()),
+                    };
                 }
             };
         let webhook_id = delivery.id.to_string();
@@ -194,19 +197,25 @@ impl Deliverer {
             .send()
             .await;
         match response {
-            Ok(response) if response.status().is_success() => Outcome::Delivered(response.status().as_u16()),
-            Ok(response) if response.status() == reqwest::StatusCode::GONE => Outcome::Gone,
-            Ok(response) => Outcome::Failed { status: Some(response.status().as_u16()), error: None },
-            Err(err) => Outcome::Failed { status: None, error: Some(describe(&err)) },
+            Ok(response) if response.status().is_success() => AttemptOutcome::Delivered(response.status().as_u16()),
+            Ok(response) if response.status() == reqwest::StatusCode::GONE => AttemptOutcome::Gone,
+            Ok(response) => AttemptOutcome::Failed { status: Some(response.status().as_u16()), error: None },
+            Err(err) => AttemptOutcome::Failed { status: None, error: Some(describe(&err)) },
         }
     }
 
     /// Writes the attempt and what follows from it, if this worker still holds the lease.
-    async fn record(&self, lease_id: Uuid, delivery: &Due, outcome: &Outcome, latency_ms: i32) -> sqlx::Result<()> {
+    async fn record(
+        &self,
+        lease_id: Uuid,
+        delivery: &Due,
+        outcome: &AttemptOutcome,
+        latency_ms: i32,
+    ) -> sqlx::Result<()> {
         let (status_code, error) = match outcome {
-            Outcome::Delivered(status) => (Some(*status), None),
-            Outcome::Gone => (Some(410), None),
-            Outcome::Failed { status, error } => (*status, error.clone()),
+            AttemptOutcome::Delivered(status) => (Some(*status), None),
+            AttemptOutcome::Gone => (Some(410), None),
+            AttemptOutcome::Failed { status, error } => (*status, error.clone()),
         };
         let mut tx = self.db.begin().await?;
         sqlx::query!(
@@ -220,13 +229,14 @@ impl Deliverer {
         .await?;
         let attempts = delivery.attempts + 1;
         let (status, retry_in) = match outcome {
-            Outcome::Delivered(_) => (DeliveryStatus::Succeeded, None),
-            Outcome::Gone => (DeliveryStatus::Abandoned, None),
-            Outcome::Failed { .. } => match self.schedule.get(usize::try_from(delivery.attempts).unwrap_or(usize::MAX))
-            {
-                Some(wait) => (DeliveryStatus::Pending, Some(with_jitter(*wait))),
-                None => (DeliveryStatus::Failed, None),
-            },
+            AttemptOutcome::Delivered(_) => (DeliveryStatus::Succeeded, None),
+            AttemptOutcome::Gone => (DeliveryStatus::Abandoned, None),
+            AttemptOutcome::Failed { .. } => {
+                match self.schedule.get(usize::try_from(delivery.attempts).unwrap_or(usize::MAX)) {
+                    Some(wait) => (DeliveryStatus::Pending, Some(with_jitter(*wait))),
+                    None => (DeliveryStatus::Failed, None),
+                }
+            }
         };
         sqlx::query!(
             "UPDATE webhook_deliveries
@@ -241,7 +251,7 @@ impl Deliverer {
         )
         .execute(&mut *tx)
         .await?;
-        if matches!(outcome, Outcome::Gone) {
+        if matches!(outcome, AttemptOutcome::Gone) {
             // The receiver says the endpoint is gone for good: stop sending to it.
             sqlx::query!(
                 "UPDATE webhook_endpoints SET enabled = false, disabled_reason = 'the endpoint answered 410 Gone',
@@ -262,10 +272,10 @@ impl Deliverer {
         }
         tx.commit().await?;
         let counted = match (outcome, status) {
-            (Outcome::Delivered(_), _) => "delivered",
-            (Outcome::Gone, _) => "gone",
-            (Outcome::Failed { .. }, DeliveryStatus::Failed) => "given_up",
-            (Outcome::Failed { .. }, _) => "retrying",
+            (AttemptOutcome::Delivered(_), _) => "delivered",
+            (AttemptOutcome::Gone, _) => "gone",
+            (AttemptOutcome::Failed { .. }, DeliveryStatus::Failed) => "given_up",
+            (AttemptOutcome::Failed { .. }, _) => "retrying",
         };
         metrics::counter!("turnstile_webhook_deliveries_total", "outcome" => counted).increment(1);
         tracing::info!(delivery_id = %delivery.id, attempts, status = status.as_str(), code = status_code, latency_ms, "webhook attempt");

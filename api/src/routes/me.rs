@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::auth::{UserResponse, parse_email, throttled};
+use super::accounts::{UserResponse, parse_email, throttled};
 use super::events::Event;
 use super::page::PageQuery;
 use crate::auth::{AuthUser, hash_password, verify_password};

@@ -1,7 +1,7 @@
 //! The HTTP surface: one module per resource, assembled here with the middleware every
 //! request goes through.
 
-pub mod auth;
+pub mod accounts;
 pub mod events;
 pub mod health;
 pub mod me;
@@ -48,7 +48,7 @@ pub fn app(state: AppState) -> Router {
     let body_limit = usize::try_from(state.config.body_limit_bytes).unwrap_or(usize::MAX);
     let timeout = state.config.request_timeout();
     let api = Router::new()
-        .merge(auth::router())
+        .merge(accounts::router())
         .merge(me::router())
         .merge(events::router())
         .merge(orders::router())

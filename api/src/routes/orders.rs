@@ -2,7 +2,7 @@
 //! buyer's view of how it turned out.
 //!
 //! `POST /orders` answers 202 as soon as the order is stored `QUEUED` and its message is
-//! handed to the broker (see `pipeline::OrderInserter`). The database write is the
+//! handed to the broker (see `order_inserter::OrderInserter`). The database write is the
 //! commitment: if the broker does not confirm, the client still gets 202 and the worker's
 //! re-publisher sends the message later; if the database write fails, the client gets 503
 //! and nothing was bought.
@@ -14,7 +14,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
-use common::domain::{IdempotencyKey, OrderEvent, OrderLine, OrderStatus, TicketStatus, Transition};
+use common::domain::{IdempotencyKey, OrderLine, OrderStatus, OrderTrigger, TicketStatus, Transition};
 use common::order_changes;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -26,7 +26,7 @@ use crate::auth::AuthUser;
 use crate::catalog::EventForSale;
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::{Json, Path, Query};
-use crate::pipeline::{NewOrder, Stored};
+use crate::order_inserter::{NewOrder, Stored};
 use crate::state::AppState;
 
 pub fn router() -> Router<AppState> {
@@ -659,7 +659,7 @@ pub async fn cancel_order(
     let transition = order_changes::apply(
         &mut tx,
         &mut order,
-        OrderEvent::CancelledByOwner,
+        OrderTrigger::CancelledByOwner,
         None,
         state.config.waitlist.offer_ttl(),
     )

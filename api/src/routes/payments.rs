@@ -15,7 +15,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
-use common::domain::{OrderEvent, OrderStatus, Transition, reason, text};
+use common::domain::{OrderStatus, OrderTrigger, Transition, reason, text};
 use common::order_changes::{self, LockedOrder, RefundSource};
 use common::standard_webhooks::{self, Headers};
 use rust_decimal::Decimal;
@@ -65,11 +65,11 @@ pub enum PaymentOutcome {
 }
 
 impl PaymentOutcome {
-    fn event(self) -> OrderEvent {
+    fn trigger(self) -> OrderTrigger {
         match self {
-            Self::Paid => OrderEvent::PaymentSucceeded,
-            Self::Rejected => OrderEvent::PaymentFailed,
-            Self::Refunded => OrderEvent::Refunded,
+            Self::Paid => OrderTrigger::PaymentSucceeded,
+            Self::Rejected => OrderTrigger::PaymentFailed,
+            Self::Refunded => OrderTrigger::Refunded,
         }
     }
 
@@ -138,13 +138,13 @@ pub async fn payment_webhook(
         return replay(&state, verified.id, order_id).await;
     }
     let mut order = order_changes::lock(&mut tx, order_id, None).await?.ok_or(ApiError::NotFound("order"))?;
-    let event = request.status.event();
+    let trigger = request.status.trigger();
     let offer_ttl = state.config.waitlist.offer_ttl();
     let transition = match request.status {
-        PaymentOutcome::Paid => order_changes::apply(&mut tx, &mut order, event, None, offer_ttl).await?,
+        PaymentOutcome::Paid => order_changes::apply(&mut tx, &mut order, trigger, None, offer_ttl).await?,
         PaymentOutcome::Rejected => {
             let reason = Some(request.reason.as_deref().unwrap_or(reason::PAYMENT_DECLINED));
-            order_changes::apply(&mut tx, &mut order, event, reason, offer_ttl).await?
+            order_changes::apply(&mut tx, &mut order, trigger, reason, offer_ttl).await?
         }
         PaymentOutcome::Refunded => {
             order_changes::refund(&mut tx, &mut order, RefundSource::Provider, None, offer_ttl).await?
@@ -153,7 +153,7 @@ pub async fn payment_webhook(
     let (status, response) = match transition {
         Transition::Moves { .. } | Transition::AlreadyThere => (StatusCode::NO_CONTENT, None),
         Transition::Impossible => {
-            if event == OrderEvent::PaymentSucceeded && order.status.is_final() {
+            if trigger == OrderTrigger::PaymentSucceeded && order.status.is_final() {
                 record_late_payment(&mut tx, &order, verified.id).await?;
             }
             let (status, body) =

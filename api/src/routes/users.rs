@@ -9,7 +9,7 @@ use serde::Deserialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::auth::UserResponse;
+use super::accounts::UserResponse;
 use super::page::PageQuery;
 use crate::auth::AdminUser;
 use crate::error::{ApiError, ErrorBody};

@@ -16,7 +16,7 @@ pub use account::{Password, UserName};
 pub use currency::Currency;
 pub use email::Email;
 pub use idempotency_key::IdempotencyKey;
-pub use order::{OrderEvent, OrderStatus, Transition, reason};
+pub use order::{OrderStatus, OrderTrigger, Transition, reason};
 pub use order_line::OrderLine;
 pub use role::Role;
 pub use status::{DeliveryStatus, TicketStatus, WaitlistStatus};

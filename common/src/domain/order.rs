@@ -42,7 +42,7 @@ impl OrderStatus {
 /// What can happen to an order. Every status change in the system goes through
 /// [`OrderStatus::apply`], so the rules live in one place.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum OrderEvent {
+pub enum OrderTrigger {
     /// The worker found tickets for it.
     Allocated,
     /// The worker found tickets for an order that costs nothing: there is nothing to pay,
@@ -65,8 +65,8 @@ pub enum OrderEvent {
     Refunded,
 }
 
-impl OrderEvent {
-    pub const ALL: [OrderEvent; 9] = [
+impl OrderTrigger {
+    pub const ALL: [OrderTrigger; 9] = [
         Self::Allocated,
         Self::AllocatedFree,
         Self::AllocationRejected,
@@ -78,7 +78,7 @@ impl OrderEvent {
         Self::Refunded,
     ];
 
-    /// The status this event leads to.
+    /// The status this trigger leads to.
     pub fn target(self) -> OrderStatus {
         match self {
             Self::Allocated => OrderStatus::Pending,
@@ -91,14 +91,14 @@ impl OrderEvent {
     }
 }
 
-/// The outcome of applying an [`OrderEvent`] to an order.
+/// The outcome of applying an [`OrderTrigger`] to an order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Transition {
     /// The order moves to this status. `releases_tickets`: it leaves `PENDING` for
     /// something other than `PAID`, or `PAID` for `REFUNDED`, so its tickets are cancelled
     /// and `sold` goes down in the same transaction.
     Moves { to: OrderStatus, releases_tickets: bool },
-    /// The order is already where the event leads (a retried webhook): nothing to do.
+    /// The order is already where the trigger leads (a retried webhook): nothing to do.
     AlreadyThere,
     /// Not allowed from the current status (e.g. paying an expired order).
     Impossible,
@@ -114,23 +114,23 @@ impl OrderStatus {
     /// never change. An event's deletion rejects its unpaid orders (`QUEUED` or `PENDING`).
     /// Only `PENDING` and `PAID` hold tickets, so leaving them for anything but `PAID`
     /// releases them.
-    pub fn apply(self, event: OrderEvent) -> Transition {
-        use OrderEvent as E;
+    pub fn apply(self, trigger: OrderTrigger) -> Transition {
         use OrderStatus as S;
+        use OrderTrigger as T;
         let allowed = matches!(
-            (self, event),
-            (S::Queued, E::Allocated | E::AllocatedFree | E::AllocationRejected | E::EventWithdrawn)
+            (self, trigger),
+            (S::Queued, T::Allocated | T::AllocatedFree | T::AllocationRejected | T::EventWithdrawn)
                 | (
                     S::Pending,
-                    E::PaymentSucceeded | E::PaymentFailed | E::HoldExpired | E::CancelledByOwner | E::EventWithdrawn
+                    T::PaymentSucceeded | T::PaymentFailed | T::HoldExpired | T::CancelledByOwner | T::EventWithdrawn
                 )
-                | (S::Paid, E::Refunded)
+                | (S::Paid, T::Refunded)
         );
         if allowed {
-            let to = event.target();
+            let to = trigger.target();
             let held = matches!(self, S::Pending | S::Paid);
             Transition::Moves { to, releases_tickets: held && to != S::Paid }
-        } else if self == event.target() {
+        } else if self == trigger.target() {
             Transition::AlreadyThere
         } else {
             Transition::Impossible
@@ -173,7 +173,7 @@ pub mod reason {
 
 #[cfg(test)]
 mod tests {
-    use super::{OrderEvent, OrderStatus, Transition};
+    use super::{OrderStatus, OrderTrigger, Transition};
 
     /// Every (status, event) pair, spelled out: the table is the specification.
     #[test]
@@ -195,8 +195,8 @@ mod tests {
         ];
         assert_eq!(table.len(), OrderStatus::ALL.len());
         for (status, outcomes) in table {
-            for (event, expected) in OrderEvent::ALL.into_iter().zip(outcomes) {
-                assert_eq!(status.apply(event), expected, "{status:?} + {event:?}");
+            for (trigger, expected) in OrderTrigger::ALL.into_iter().zip(outcomes) {
+                assert_eq!(status.apply(trigger), expected, "{status:?} + {trigger:?}");
             }
         }
     }
@@ -204,9 +204,13 @@ mod tests {
     #[test]
     fn final_states_never_move_but_paid_is_refunded() {
         for status in OrderStatus::ALL.into_iter().filter(|s| s.is_final()) {
-            for event in OrderEvent::ALL {
-                let refund = status == OrderStatus::Paid && event == OrderEvent::Refunded;
-                assert_eq!(matches!(status.apply(event), Transition::Moves { .. }), refund, "{status:?} on {event:?}");
+            for trigger in OrderTrigger::ALL {
+                let refund = status == OrderStatus::Paid && trigger == OrderTrigger::Refunded;
+                assert_eq!(
+                    matches!(status.apply(trigger), Transition::Moves { .. }),
+                    refund,
+                    "{status:?} on {trigger:?}"
+                );
             }
         }
     }

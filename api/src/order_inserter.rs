@@ -1,24 +1,17 @@
-//! The api's background helpers for the purchase pipeline:
-//!
-//! - [`OrderInserter`]: stores new `QUEUED` orders for concurrent purchase requests in
-//!   shared multi-row `INSERT`s, then sends the stored orders to the broker as one message
-//!   per partition, so a stampede costs the database one statement (one commit, one history
-//!   trigger) and the broker one message per partition per batch instead of one per request.
-//! - [`SoldOutHints`]: how many tickets recently read events had left, so that the
-//!   sold-out fast path refuses a stampede on a sold-out event without a database read.
-//! - [`OrderWatch`]: wakes long-polling `GET /orders/{id}?wait=N` requests when PostgreSQL
-//!   announces (`NOTIFY order_changes`, see `listener`) that their order changed.
+//! Stores new `QUEUED` orders for concurrent purchase requests in shared multi-row
+//! `INSERT`s, then sends the stored orders to the broker as one message per partition, so a
+//! stampede costs the database one statement (one commit, one history trigger) and the broker
+//! one message per partition per batch instead of one per request.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use common::amqp::{Publisher, PurchaseMessage, partition_of};
 use common::domain::{IdempotencyKey, OrderLine};
 use rust_decimal::Decimal;
 use sqlx::PgPool;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 /// Most orders one `INSERT` (and one message per partition) carries.
@@ -188,134 +181,4 @@ async fn insert_orders(
 /// An order's lines as stored (`orders.lines`).
 fn lines_json(lines: &[OrderLine]) -> Result<String, sqlx::Error> {
     serde_json::to_string(lines).map_err(|err| sqlx::Error::Encode(err.into()))
-}
-
-/// Tickets left per event as last read from the database, trusted for a short time. A
-/// hint, never the authority: it may only refuse (`409 sold_out`) what the database very
-/// recently said could not be sold; everything else is read afresh and decided by the worker.
-pub struct SoldOutHints {
-    ttl: Duration,
-    seen: Mutex<HashMap<Uuid, Hint>>,
-}
-
-#[derive(Clone, Copy)]
-pub struct Hint {
-    pub available: i32,
-    read_at: Instant,
-}
-
-/// Above this many remembered events, stale hints are dropped.
-const HINTS_KEPT: usize = 10_000;
-
-impl SoldOutHints {
-    pub fn new(ttl: Duration) -> Self {
-        Self { ttl, seen: Mutex::default() }
-    }
-
-    /// The event's hint, if it was read within the time to trust it.
-    pub fn get(&self, event_id: Uuid) -> Option<Hint> {
-        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        seen.get(&event_id).copied().filter(|hint| hint.read_at.elapsed() < self.ttl)
-    }
-
-    pub fn record(&self, event_id: Uuid, available: i32) {
-        if self.ttl.is_zero() {
-            return;
-        }
-        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        if seen.len() >= HINTS_KEPT {
-            seen.retain(|_, hint| hint.read_at.elapsed() < self.ttl);
-        }
-        seen.insert(event_id, Hint { available, read_at: Instant::now() });
-    }
-}
-
-/// Long-poll waiters by order id.
-#[derive(Default)]
-pub struct OrderWatch {
-    waiters: Mutex<HashMap<Uuid, Arc<Notify>>>,
-}
-
-/// One request's interest in one order; unregisters itself when dropped.
-pub struct Waiter {
-    watch: Arc<OrderWatch>,
-    order_id: Uuid,
-    notify: Arc<Notify>,
-}
-
-impl Waiter {
-    pub fn notify(&self) -> &Notify {
-        &self.notify
-    }
-}
-
-impl Drop for Waiter {
-    fn drop(&mut self) {
-        let mut waiters = self.watch.waiters.lock().unwrap_or_else(|e| e.into_inner());
-        // The map holds one reference and this waiter another: no one else is waiting.
-        if Arc::strong_count(&self.notify) <= 2 {
-            waiters.remove(&self.order_id);
-        }
-    }
-}
-
-impl OrderWatch {
-    pub fn watch(self: &Arc<Self>, order_id: Uuid) -> Waiter {
-        let notify = self.waiters.lock().unwrap_or_else(|e| e.into_inner()).entry(order_id).or_default().clone();
-        Waiter { watch: self.clone(), order_id, notify }
-    }
-
-    pub fn wake(&self, order_id: Uuid) {
-        if let Some(notify) = self.waiters.lock().unwrap_or_else(|e| e.into_inner()).get(&order_id) {
-            notify.notify_waiters();
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn wakes_waiters_of_that_order_only() {
-        let watch = Arc::new(OrderWatch::default());
-        let (a, b) = (Uuid::from_u128(1), Uuid::from_u128(2));
-        let waiter = watch.watch(a);
-        let other = watch.watch(b);
-        let notified = waiter.notify().notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        let unrelated = other.notify().notified();
-        tokio::pin!(unrelated);
-        unrelated.as_mut().enable();
-        watch.wake(a);
-        tokio::time::timeout(Duration::from_millis(100), notified).await.expect("waiter woken");
-        assert!(tokio::time::timeout(Duration::from_millis(50), unrelated).await.is_err());
-    }
-
-    #[test]
-    fn hints_are_trusted_for_their_time_only() {
-        let event = Uuid::from_u128(7);
-        let hints = SoldOutHints::new(Duration::from_millis(50));
-        assert!(hints.get(event).is_none());
-        hints.record(event, 0);
-        assert_eq!(hints.get(event).map(|h| h.available), Some(0));
-        std::thread::sleep(Duration::from_millis(60));
-        assert!(hints.get(event).is_none(), "stale");
-        let off = SoldOutHints::new(Duration::ZERO);
-        off.record(event, 0);
-        assert!(off.get(event).is_none(), "a zero time keeps nothing");
-    }
-
-    #[test]
-    fn dropped_waiters_unregister() {
-        let watch = Arc::new(OrderWatch::default());
-        let id = Uuid::from_u128(1);
-        let first = watch.watch(id);
-        let second = watch.watch(id);
-        drop(first);
-        assert_eq!(watch.waiters.lock().unwrap().len(), 1, "second still waits");
-        drop(second);
-        assert!(watch.waiters.lock().unwrap().is_empty());
-    }
 }
