@@ -1,6 +1,11 @@
-//! Test harness for the end-to-end tests: every test gets its own PostgreSQL database and
-//! its own `api` process (the real binary, on a random port), so tests run in parallel and
+//! Test harness for the end-to-end tests: every test gets its own PostgreSQL database, its
+//! own RabbitMQ virtual host and its own api on a random port, so tests run in parallel and
 //! leave nothing behind.
+//!
+//! The api runs in the test's own process ([`TestApp::spawn`]: `api::Application`, the
+//! library the binary runs), or as the real binary where a test needs a process: its logs,
+//! its metrics, its pid, signals, or several apis at once ([`TestApp::spawn_process`]).
+//! Workers are real processes ([`TestApp::spawn_worker`]), which tests kill and restart.
 //!
 //! The services come from `scripts/services.sh start` (which `make test` runs); their URLs
 //! are read from the environment or, failing that, from the env file that script writes.
@@ -13,6 +18,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use sqlx::{Connection, Executor, PgPool};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 pub const JWT_SECRET: &str = "test-jwt-secret-0123456789abcdef0123456789";
@@ -468,6 +474,74 @@ pub fn run(name: &str, args: &[&str], envs: &[(&str, String)], stdin: Option<&st
     )
 }
 
+/// An api built in the test's process, stopped when dropped.
+pub struct InProcessApi {
+    shutdown: CancellationToken,
+    running: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl InProcessApi {
+    /// Builds the api from `env` (the variables its binary would read) and starts it on
+    /// the test's runtime; returns it with its base URL.
+    async fn start(env: &[(String, String)]) -> (Self, String) {
+        let shutdown = CancellationToken::new();
+        let application =
+            api::Application::build(api_config(env), shutdown.clone()).await.expect("building the api in-process");
+        let base = format!("http://{}", application.addr());
+        let running = tokio::spawn(application.run_until_stopped());
+        (InProcessApi { shutdown, running: Some(running) }, base)
+    }
+
+    /// Stops it as SIGTERM would, and waits for its tasks; their result.
+    pub async fn stop(&mut self) -> Option<anyhow::Result<()>> {
+        self.shutdown.cancel();
+        let running = self.running.take()?;
+        Some(running.await.unwrap_or_else(|err| Err(anyhow::anyhow!("the api panicked: {err}"))))
+    }
+}
+
+impl Drop for InProcessApi {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(running) = self.running.take() {
+            running.abort();
+        }
+    }
+}
+
+/// The `ApiConfig` the api binary would read from `env`: each variable becomes the flag
+/// that reads it (so that the test's own environment cannot override it).
+fn api_config(env: &[(String, String)]) -> common::config::ApiConfig {
+    #[derive(clap::Parser)]
+    struct Flags {
+        #[command(flatten)]
+        config: common::config::ApiConfig,
+    }
+    let command = <Flags as clap::CommandFactory>::command();
+    // As in an environment, a variable set again replaces the earlier value.
+    let mut settings: Vec<(&str, &str)> = Vec::new();
+    for (key, value) in env {
+        settings.retain(|(set, _)| set != key);
+        settings.push((key, value));
+    }
+    let mut args = vec!["api".to_owned()];
+    for (key, value) in settings {
+        let flag = command
+            .get_arguments()
+            .find(|arg| arg.get_env() == Some(std::ffi::OsStr::new(key)))
+            .and_then(|arg| arg.get_long())
+            .unwrap_or_else(|| panic!("no api setting reads {key}: start the api as a process to pass it"));
+        args.push(format!("--{flag}={value}"));
+    }
+    <Flags as clap::Parser>::try_parse_from(args).unwrap_or_else(|err| panic!("api settings: {err}")).config
+}
+
+/// How a test's api runs.
+enum Api {
+    InProcess(InProcessApi),
+    Process(Process),
+}
+
 /// The api, serving a database of its own.
 pub struct TestApp {
     pub base: String,
@@ -475,7 +549,7 @@ pub struct TestApp {
     pub db: TestDb,
     pub broker: TestBroker,
     pub services: Services,
-    api: Process,
+    api: Api,
     /// The api's environment, to start it again.
     api_env: Vec<(String, String)>,
     /// The api's image store (a directory of this test's own), removed at the end.
@@ -489,12 +563,35 @@ impl Drop for TestApp {
 }
 
 impl TestApp {
+    /// The api in the test's process.
     pub async fn spawn() -> Self {
         Self::spawn_with(&[]).await
     }
 
-    /// Starts the api with extra environment variables (e.g. a small body limit).
+    /// The api in the test's process, with extra settings (e.g. a small body limit), named
+    /// by the environment variables the binary reads.
     pub async fn spawn_with(extra_env: &[(&str, String)]) -> Self {
+        let (mut app, env) = Self::prepare(extra_env).await;
+        let (api, base) = InProcessApi::start(&env).await;
+        (app.api, app.base) = (Api::InProcess(api), base);
+        app
+    }
+
+    /// The api as the real binary, in a process of its own.
+    pub async fn spawn_process() -> Self {
+        Self::spawn_process_with(&[]).await
+    }
+
+    /// The api binary, with extra environment variables.
+    pub async fn spawn_process_with(extra_env: &[(&str, String)]) -> Self {
+        let (mut app, env) = Self::prepare(extra_env).await;
+        let (api, base) = Self::start_api(&env);
+        (app.api, app.base) = (Api::Process(api), base);
+        app
+    }
+
+    /// The database, the virtual host and the api's settings; the api not started yet.
+    async fn prepare(extra_env: &[(&str, String)]) -> (Self, Vec<(String, String)>) {
         let services = Services::from_env();
         let db = TestDb::create(&services).await;
         let broker = TestBroker::create(&services).await;
@@ -508,14 +605,32 @@ impl TestApp {
             ("IMAGE_STORE", images.display().to_string()),
             ("BIND_ADDR", "127.0.0.1:0".to_owned()),
             ("DATABASE_MAX_CONNECTIONS", "10".to_owned()),
+            // Many apis at once: each serves its metrics on a port of its own.
+            ("METRICS_ADDR", "127.0.0.1:0".to_owned()),
             // Webhook receivers in tests listen on loopback.
             ("WEBHOOK_ALLOW_NETWORKS", "127.0.0.1/32".to_owned()),
         ];
         envs.extend(extra_env.iter().cloned());
         let api_env: Vec<(String, String)> = envs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
-        let (api, base) = Self::start_api(&api_env);
         let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().expect("http client");
-        TestApp { base, client, db, broker, services, api, api_env, images }
+        let api = Api::InProcess(InProcessApi { shutdown: CancellationToken::new(), running: None });
+        let app = TestApp { base: String::new(), client, db, broker, services, api, api_env: api_env.clone(), images };
+        (app, api_env)
+    }
+
+    /// The api's process, for what only a process has.
+    fn process(&self) -> &Process {
+        match &self.api {
+            Api::Process(process) => process,
+            Api::InProcess(_) => panic!("this needs the api's process: start the test with TestApp::spawn_process"),
+        }
+    }
+
+    fn process_mut(&mut self) -> &mut Process {
+        match &mut self.api {
+            Api::Process(process) => process,
+            Api::InProcess(_) => panic!("this needs the api's process: start the test with TestApp::spawn_process"),
+        }
     }
 
     /// Starts an api process and returns it with its base URL.
@@ -528,17 +643,17 @@ impl TestApp {
 
     /// The api's JSON log lines so far.
     pub fn api_logs(&self) -> Vec<Value> {
-        self.api.all_logs()
+        self.process().all_logs()
     }
 
     /// Where the api serves its metrics (`METRICS_ADDR`): `http://host:port`.
     pub fn api_metrics_base(&self) -> String {
-        self.api.metrics_base()
+        self.process().metrics_base()
     }
 
     /// The api's process id (e.g. to read its memory from `/proc`).
     pub fn api_pid(&self) -> u32 {
-        self.api.id()
+        self.process().id()
     }
 
     /// Starts another api process on this test's database and virtual host, as a second copy
@@ -557,18 +672,28 @@ impl TestApp {
 
     /// Waits (up to `timeout`) for the api to exit by itself; its exit status.
     pub async fn wait_for_api_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        self.api.wait_for_exit(timeout).await
+        self.process_mut().wait_for_exit(timeout).await
     }
 
     /// Stops the api with SIGTERM (a graceful shutdown) and returns its exit status.
     pub fn terminate_api(&mut self) -> Option<std::process::ExitStatus> {
-        self.api.terminate()
+        self.process_mut().terminate()
     }
 
-    /// Starts the api again, with the same settings (on a new port: `base` changes).
-    pub fn restart_api(&mut self) {
-        self.api.kill();
-        (self.api, self.base) = Self::start_api(&self.api_env);
+    /// Starts the api again, with the same settings (on a new port: `base` changes): the
+    /// process is killed first; the in-process api is stopped as on SIGTERM.
+    pub async fn restart_api(&mut self) {
+        self.stop_api().await;
+        (self.api, self.base) = match &self.api {
+            Api::Process(_) => {
+                let (process, base) = Self::start_api(&self.api_env);
+                (Api::Process(process), base)
+            }
+            Api::InProcess(_) => {
+                let (api, base) = InProcessApi::start(&self.api_env).await;
+                (Api::InProcess(api), base)
+            }
+        };
     }
 
     /// Starts a worker on this test's database and virtual host, with short intervals, and
@@ -759,9 +884,15 @@ impl TestApp {
         format!("{}{path}", self.base)
     }
 
-    /// Stops the api process (e.g. to check what survives it).
-    pub fn stop_api(&mut self) {
-        self.api.kill();
+    /// Stops the api (e.g. to check what survives it): the process is killed, the
+    /// in-process api stopped.
+    pub async fn stop_api(&mut self) {
+        match &mut self.api {
+            Api::Process(process) => process.kill(),
+            Api::InProcess(api) => {
+                api.stop().await;
+            }
+        }
     }
 
     pub async fn post(&self, path: &str, body: &Value, token: Option<&str>) -> Response {

@@ -117,7 +117,7 @@ async fn sql_looking_input_is_stored_verbatim() {
 
 #[tokio::test]
 async fn secrets_and_password_hashes_never_leave_the_api() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_process().await;
     let (email, password) = ("ada@example.com", "a password of this test only");
     let res = app.post("/api/v1/signup", &json!({"name": "Ada", "email": email, "password": password}), None).await;
     assert_eq!(res.status, 201, "{}", res.body);
@@ -170,7 +170,7 @@ fn peak_rss_mib(pid: u32) -> u64 {
 #[tokio::test]
 async fn concurrent_log_ins_cannot_exhaust_memory() {
     // The per-address limit is raised so that every request reaches the hasher.
-    let app = TestApp::spawn_with(&[("LOGIN_ATTEMPTS_PER_ADDRESS_PER_MINUTE", "100000".to_owned())]).await;
+    let app = TestApp::spawn_process_with(&[("LOGIN_ATTEMPTS_PER_ADDRESS_PER_MINUTE", "100000".to_owned())]).await;
     let before = peak_rss_mib(app.api_pid());
     let attempts = (0..400).map(|i| {
         let app = &app;
@@ -495,7 +495,7 @@ async fn images_are_decoded_before_they_are_stored() {
 /// id is echoed and logged only when short and printable.
 #[tokio::test]
 async fn every_response_carries_security_headers_and_request_ids_are_bounded() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_process().await;
     for (path, status) in [("/api/v1/events", 200), ("/api/v1/nowhere", 404), ("/docs/", 200), ("/health/live", 200)] {
         let res = app.get(path, None).await;
         assert_eq!(res.status, status, "{path}");

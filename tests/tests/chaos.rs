@@ -190,7 +190,7 @@ struct Chaos {
 
 impl Chaos {
     async fn new() -> Self {
-        let app = TestApp::spawn_with(&[
+        let app = TestApp::spawn_process_with(&[
             ("SOLD_OUT_FAST_PATH", "false".to_owned()),
             ("REQUEST_TIMEOUT_SECS", REQUEST_TIMEOUT_SECS.to_string()),
         ])
@@ -388,7 +388,7 @@ async fn api_stopped_with_sigterm() {
     // Clients keep trying while it is gone (and are refused), then it comes back.
     sleep(phase() / 2).await;
     let tally = load.stop().await;
-    blocking(|| chaos.app.restart_api());
+    chaos.app.restart_api().await;
     chaos.settle_and_check("SIGTERM api", tally, Some(0)).await;
 }
 

@@ -32,7 +32,7 @@ async fn scrape_until(base: &str, what: &str, done: impl Fn(&Exposition) -> bool
 #[tokio::test]
 async fn metrics_count_exactly_the_orders_placed() {
     // The fast path off: every well-formed purchase is accepted and decided by the worker.
-    let app = TestApp::spawn_with(&[("SOLD_OUT_FAST_PATH", "false".to_owned())]).await;
+    let app = TestApp::spawn_process_with(&[("SOLD_OUT_FAST_PATH", "false".to_owned())]).await;
     let worker = app.spawn_worker(&[]);
     let (api_metrics, worker_metrics) = (app.api_metrics_base(), worker.metrics_base());
     let admin = app.admin().await;
@@ -209,7 +209,7 @@ async fn api_trace_of(app: &TestApp, order: &str) -> String {
 
 #[tokio::test]
 async fn an_orders_trace_id_links_its_api_and_worker_log_lines() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_process().await;
     let worker = app.spawn_worker(&[]);
     let admin = app.admin().await;
     let event = app.event_with(&admin, 10, 10).await;
@@ -271,7 +271,7 @@ async fn an_orders_trace_id_links_its_api_and_worker_log_lines() {
 
 #[tokio::test]
 async fn metrics_and_worker_probes_stay_off_the_public_api() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_process().await;
     let worker = app.spawn_worker(&[]);
     // The public address has no /metrics; METRICS_ADDR has.
     app.get("/metrics", None).await.assert_error(404, "not_found");
@@ -326,7 +326,7 @@ async fn traces_are_exported_over_otlp_when_a_collector_is_configured() {
         ("OTEL_BSP_SCHEDULE_DELAY", "200".to_owned()),
         ("RUST_LOG", "warn,api=info,worker=info,api::routes=warn,worker::allocate=warn".to_owned()),
     ];
-    let app = TestApp::spawn_with(&otlp).await;
+    let app = TestApp::spawn_process_with(&otlp).await;
     let _worker = app.spawn_worker(&otlp);
     let admin = app.admin().await;
     let event = app.event_with(&admin, 10, 10).await;

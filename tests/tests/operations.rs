@@ -52,7 +52,7 @@ async fn api_refuses_to_start_without_valid_secrets() {
 
 #[tokio::test]
 async fn health_probes_report_dependencies() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_process().await;
     let live = app.get("/health/live", None).await;
     assert_eq!((live.status, live.json["status"].as_str()), (200, Some("ok")));
     let ready = app.get("/health/ready", None).await;
@@ -64,7 +64,7 @@ async fn health_probes_report_dependencies() {
 async fn readiness_fails_when_the_broker_is_unreachable() {
     // An AMQP URL nobody listens on: the api still starts (and serves what needs no broker),
     // but says it is not ready.
-    let app = TestApp::spawn_with(&[("AMQP_URL", "amqp://guest:guest@127.0.0.1:9/%2f".to_owned())]).await;
+    let app = TestApp::spawn_process_with(&[("AMQP_URL", "amqp://guest:guest@127.0.0.1:9/%2f".to_owned())]).await;
     let ready = app.get("/health/ready", None).await;
     assert_eq!(ready.status, 503, "{}", ready.body);
     assert_eq!(ready.json["checks"], json!({"database": "ok", "broker": "unavailable", "tasks": "ok"}));
@@ -76,7 +76,7 @@ async fn readiness_fails_when_the_broker_is_unreachable() {
 /// consuming and the order events relay alike; its credentials never reach the logs.
 #[tokio::test]
 async fn several_broker_addresses_are_tried_in_turn() {
-    let app = TestApp::spawn_with(&[("SOLD_OUT_FAST_PATH", "false".to_owned())]).await;
+    let app = TestApp::spawn_process_with(&[("SOLD_OUT_FAST_PATH", "false".to_owned())]).await;
     let both = format!("amqp://guest:not-logged@127.0.0.1:9/%2f, {}", app.broker.url);
     let (api, base) = app.spawn_another_api_with(&[("AMQP_URL", both.clone())]);
     let _worker = app.spawn_worker(&[("AMQP_URL", both)]);
@@ -105,7 +105,7 @@ async fn several_broker_addresses_are_tried_in_turn() {
 
 #[tokio::test]
 async fn openapi_document_and_swagger_ui_are_served() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_process().await;
     let doc = app.get("/api/v1/openapi.json", None).await;
     assert_eq!(doc.status, 200);
     assert!(doc.json["openapi"].as_str().unwrap().starts_with("3."));
@@ -134,7 +134,7 @@ async fn openapi_document_and_swagger_ui_are_served() {
 
 #[tokio::test]
 async fn unknown_routes_methods_and_oversized_bodies_get_json_errors() {
-    let app = TestApp::spawn_with(&[("BODY_LIMIT_BYTES", "2048".to_owned())]).await;
+    let app = TestApp::spawn_process_with(&[("BODY_LIMIT_BYTES", "2048".to_owned())]).await;
     app.get("/api/v1/nothing-here", None).await.assert_error(404, "not_found");
     let res = tests::Response::from(app.client.delete(app.url("/api/v1/signup")).send().await.unwrap()).await;
     res.assert_error(405, "method_not_allowed");
@@ -147,7 +147,7 @@ async fn unknown_routes_methods_and_oversized_bodies_get_json_errors() {
 
 #[tokio::test]
 async fn request_ids_are_generated_or_echoed() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_process().await;
     let generated = app.get("/health/live", None).await;
     let id = generated.header("x-request-id").expect("x-request-id");
     assert!(uuid::Uuid::parse_str(id).is_ok(), "{id}");
@@ -187,7 +187,7 @@ async fn migrate_subcommand_builds_the_schema_and_is_idempotent() {
 
 #[tokio::test]
 async fn api_shuts_down_gracefully_on_sigterm() {
-    let mut app = TestApp::spawn().await;
+    let mut app = TestApp::spawn_process().await;
     assert_eq!(app.get("/health/live", None).await.status, 200);
     // Covered in detail by the process helper; here: SIGTERM ends the process with success.
     let status = app.terminate_api();
@@ -209,7 +209,7 @@ async fn cors_is_off_by_default_and_opens_to_listed_origins_only() {
             .header("access-control-request-headers", "authorization, content-type, idempotency-key")
             .send()
     };
-    let app = TestApp::spawn_with(&[("CORS_ALLOWED_ORIGINS", format!("{shop},http://localhost:5173"))]).await;
+    let app = TestApp::spawn_process_with(&[("CORS_ALLOWED_ORIGINS", format!("{shop},http://localhost:5173"))]).await;
     let res = preflight(&app, shop).await.unwrap();
     assert!(res.status().is_success(), "{}", res.status());
     assert_eq!(res.headers()["access-control-allow-origin"], shop);
@@ -222,7 +222,7 @@ async fn cors_is_off_by_default_and_opens_to_listed_origins_only() {
     let other = preflight(&app, "https://evil.example.com").await.unwrap();
     assert!(other.headers().get("access-control-allow-origin").is_none(), "another origin was allowed");
 
-    let closed = TestApp::spawn().await;
+    let closed = TestApp::spawn_process().await;
     let get = closed.client.get(closed.url("/api/v1/events")).header("origin", shop).send().await.unwrap();
     assert!(get.headers().get("access-control-allow-origin").is_none(), "CORS is on without the setting");
 
@@ -246,7 +246,7 @@ async fn cors_is_off_by_default_and_opens_to_listed_origins_only() {
 /// host heartbeats, 1 for a host without one, and 1 again once that worker has stopped.
 #[tokio::test]
 async fn worker_health_follows_its_heartbeat() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_process().await;
     let host = format!("worker-host-{}", uuid::Uuid::new_v4().simple());
     let mut worker = app.spawn_worker(&[("HOSTNAME", host.clone())]);
     let check = |hostname: &str| {
@@ -277,7 +277,7 @@ async fn worker_health_follows_its_heartbeat() {
 /// that stopped and why, and exits non-zero, for its orchestrator to restart it.
 #[tokio::test]
 async fn a_task_whose_database_is_gone_stops_its_process_naming_the_task() {
-    let mut app = TestApp::spawn().await;
+    let mut app = TestApp::spawn_process().await;
     let mut worker = app.spawn_worker(&[]);
     app.db.drop_now().await;
 

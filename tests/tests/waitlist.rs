@@ -324,9 +324,11 @@ async fn refunds_under_a_stampede_and_a_waiting_list_never_oversell() {
 
 #[tokio::test]
 async fn deleting_with_refunds_killed_midway_finishes_with_every_order_refunded_once() {
-    let mut app =
-        TestApp::spawn_with(&[("SOLD_OUT_FAST_PATH", "false".to_owned()), ("DELETION_REFUND_BATCH", "3".to_owned())])
-            .await;
+    let mut app = TestApp::spawn_process_with(&[
+        ("SOLD_OUT_FAST_PATH", "false".to_owned()),
+        ("DELETION_REFUND_BATCH", "3".to_owned()),
+    ])
+    .await;
     let mut worker = app.spawn_worker(&worker_env());
     let admin = app.admin().await;
     let event = app.event_with(&admin, 300, 4).await;
@@ -360,7 +362,7 @@ async fn deleting_with_refunds_killed_midway_finishes_with_every_order_refunded_
         assert!(tokio::time::Instant::now() < deadline, "no refund started");
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    app.stop_api();
+    app.stop_api().await;
     let _ = deleting.await;
     let midway = count_refunded().await;
     assert!(midway > 0 && midway < 300, "killed midway: {midway} of 300 refunded");
@@ -401,7 +403,7 @@ async fn deleting_with_refunds_killed_midway_finishes_with_every_order_refunded_
     assert_eq!(sold, 0);
 
     // Once finished, the event is gone for good.
-    app.restart_api();
+    app.restart_api().await;
     app.delete(&format!("{path}?refund=true"), Some(&admin)).await.assert_error(404, "not_found");
     app.get(&path, None).await.assert_error(404, "not_found");
 }
