@@ -220,6 +220,9 @@ pub async fn my_tickets(State(state): State<AppState>, user: AuthUser) -> Result
     )
     .fetch_all(&state.db)
     .await?;
-    let events = events.into_iter().map(|event| MyEvent { my_tickets: held[&event.id], event }).collect();
+    let events = events
+        .into_iter()
+        .map(|event| MyEvent { my_tickets: held.get(&event.id).copied().unwrap_or_default(), event })
+        .collect();
     Ok(Json(events))
 }
