@@ -571,10 +571,7 @@ impl TestApp {
     /// The api in the test's process, with extra settings (e.g. a small body limit), named
     /// by the environment variables the binary reads.
     pub async fn spawn_with(extra_env: &[(&str, String)]) -> Self {
-        let (mut app, env) = Self::prepare(extra_env).await;
-        let (api, base) = InProcessApi::start(&env).await;
-        (app.api, app.base) = (Api::InProcess(api), base);
-        app
+        Self::start(extra_env, true).await
     }
 
     /// The api as the real binary, in a process of its own.
@@ -584,14 +581,11 @@ impl TestApp {
 
     /// The api binary, with extra environment variables.
     pub async fn spawn_process_with(extra_env: &[(&str, String)]) -> Self {
-        let (mut app, env) = Self::prepare(extra_env).await;
-        let (api, base) = Self::start_api(&env);
-        (app.api, app.base) = (Api::Process(api), base);
-        app
+        Self::start(extra_env, false).await
     }
 
-    /// The database, the virtual host and the api's settings; the api not started yet.
-    async fn prepare(extra_env: &[(&str, String)]) -> (Self, Vec<(String, String)>) {
+    /// A database and a virtual host of the test's own, and the api on them.
+    async fn start(extra_env: &[(&str, String)], in_process: bool) -> Self {
         let services = Services::from_env();
         let db = TestDb::create(&services).await;
         let broker = TestBroker::create(&services).await;
@@ -613,9 +607,19 @@ impl TestApp {
         envs.extend(extra_env.iter().cloned());
         let api_env: Vec<(String, String)> = envs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
         let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().expect("http client");
-        let api = Api::InProcess(InProcessApi { shutdown: CancellationToken::new(), running: None });
-        let app = TestApp { base: String::new(), client, db, broker, services, api, api_env: api_env.clone(), images };
-        (app, api_env)
+        let (api, base) = Self::launch(&api_env, in_process).await;
+        TestApp { base, client, db, broker, services, api, api_env, images }
+    }
+
+    /// Starts the api, in-process or as a process, with its base URL.
+    async fn launch(env: &[(String, String)], in_process: bool) -> (Api, String) {
+        if in_process {
+            let (api, base) = InProcessApi::start(env).await;
+            (Api::InProcess(api), base)
+        } else {
+            let (process, base) = Self::start_api(env);
+            (Api::Process(process), base)
+        }
     }
 
     /// The api's process, for what only a process has.
@@ -684,16 +688,8 @@ impl TestApp {
     /// process is killed first; the in-process api is stopped as on SIGTERM.
     pub async fn restart_api(&mut self) {
         self.stop_api().await;
-        (self.api, self.base) = match &self.api {
-            Api::Process(_) => {
-                let (process, base) = Self::start_api(&self.api_env);
-                (Api::Process(process), base)
-            }
-            Api::InProcess(_) => {
-                let (api, base) = InProcessApi::start(&self.api_env).await;
-                (Api::InProcess(api), base)
-            }
-        };
+        let in_process = matches!(self.api, Api::InProcess(_));
+        (self.api, self.base) = Self::launch(&self.api_env, in_process).await;
     }
 
     /// Starts a worker on this test's database and virtual host, with short intervals, and
