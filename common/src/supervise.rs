@@ -47,7 +47,7 @@ impl Tasks {
     pub fn spawn<F, T>(&mut self, name: impl Into<String>, task: F)
     where
         F: Future<Output = T> + Send + 'static,
-        T: Into<Outcome>,
+        T: Into<TaskEnd>,
     {
         let handle = self.set.spawn(async move { task.await.into().0 });
         self.names.insert(handle.id(), name.into());
@@ -92,15 +92,15 @@ fn panic_error(err: JoinError) -> anyhow::Error {
 }
 
 /// What a supervised task returns: nothing, or why it could not go on.
-pub struct Outcome(anyhow::Result<()>);
+pub struct TaskEnd(anyhow::Result<()>);
 
-impl From<()> for Outcome {
+impl From<()> for TaskEnd {
     fn from((): ()) -> Self {
         Self(Ok(()))
     }
 }
 
-impl From<anyhow::Result<()>> for Outcome {
+impl From<anyhow::Result<()>> for TaskEnd {
     fn from(result: anyhow::Result<()>) -> Self {
         Self(result)
     }
