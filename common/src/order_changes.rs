@@ -239,14 +239,6 @@ pub enum RefundSource {
 }
 
 impl RefundSource {
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::Provider => "PROVIDER",
-            Self::Admin => "ADMIN",
-            Self::EventDeleted => "EVENT_DELETED",
-        }
-    }
-
     fn reason(self) -> &'static str {
         match self {
             Self::Provider => reason::PROVIDER_REFUND,
@@ -294,7 +286,7 @@ async fn record_refunds(
          FROM orders WHERE id = ANY($1)
          ON CONFLICT (order_id) DO NOTHING",
         ids,
-        source.as_str(),
+        source as RefundSource,
         requested_by
     )
     .execute(&mut *tx)
