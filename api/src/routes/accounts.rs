@@ -43,6 +43,23 @@ pub struct UserResponse {
     pub created_at: DateTime<Utc>,
 }
 
+/// An account as a change left it, with the token version the change left it at (a new
+/// password or role raises it: older tokens stop working).
+pub struct ChangedUser {
+    pub id: Uuid,
+    pub name: String,
+    pub email: String,
+    pub role: Role,
+    pub created_at: DateTime<Utc>,
+    pub token_version: i32,
+}
+
+impl From<ChangedUser> for UserResponse {
+    fn from(user: ChangedUser) -> Self {
+        Self { id: user.id, name: user.name, email: user.email, role: user.role, created_at: user.created_at }
+    }
+}
+
 #[derive(Deserialize, ToSchema)]
 pub struct LoginRequest {
     #[schema(example = "ada@example.com")]

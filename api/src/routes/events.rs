@@ -285,16 +285,12 @@ pub async fn create_event(
     Json(req): Json<CreateEventRequest>,
 ) -> Result<(StatusCode, HeaderMap, Json<EventDetail>), ApiError> {
     let new = req.validate(Utc::now())?;
-    let event = sqlx::query_as!(
-        Event,
-        r#"INSERT INTO events AS e (id, name, description, location, organization, rating, starts_at,
-                                    capacity, price, currency, max_per_order, image_url, created_by, max_per_buyer)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
-           RETURNING e.id, e.name, e.description, e.location, e.organization, e.rating, e.starts_at AS date,
-                     e.capacity, e.capacity - e.sold AS "tickets_available!", e.price, e.currency,
-                     e.max_per_order, e.max_per_buyer, e.default_ticket_type_id, e.image_url, e.created_at,
-                     e.updated_at, e.deleted_at"#,
-        Uuid::now_v7(),
+    let id = Uuid::now_v7();
+    sqlx::query!(
+        "INSERT INTO events (id, name, description, location, organization, rating, starts_at, capacity, price,
+                             currency, max_per_order, image_url, created_by, max_per_buyer)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+        id,
         &new.name,
         &new.description,
         &new.location,
@@ -309,8 +305,9 @@ pub async fn create_event(
         admin.id,
         new.max_per_buyer
     )
-    .fetch_one(&state.db)
+    .execute(&state.db)
     .await?;
+    let event = load_event(&state.db, id, false).await?;
     tracing::info!(event_id = %event.id, capacity = event.capacity, "event created");
     let location = super::location(&format!("/api/v1/events/{}", event.id));
     Ok((StatusCode::CREATED, location, Json(EventDetail::of(&state.db, event, true).await?)))
@@ -333,21 +330,7 @@ pub async fn list_events(
 ) -> Result<(HeaderMap, Json<Vec<Event>>), ApiError> {
     let limit = query.limit()?;
     // One row more than asked tells whether another page follows.
-    let mut events = sqlx::query_as!(
-        Event,
-        r#"SELECT e.id, e.name, e.description, e.location, e.organization, e.rating, e.starts_at AS date,
-                  e.capacity, e.capacity - e.sold AS "tickets_available!", e.price, e.currency,
-                  e.max_per_order, e.max_per_buyer, e.default_ticket_type_id, e.image_url, e.created_at,
-                  e.updated_at, e.deleted_at
-           FROM events e
-           WHERE e.deleted_at IS NULL AND ($1::uuid IS NULL OR e.id < $1)
-           ORDER BY e.id DESC
-           LIMIT $2"#,
-        query.cursor,
-        limit + 1
-    )
-    .fetch_all(&state.db)
-    .await?;
+    let mut events = page_of_events(&state.db, None, query.cursor, limit + 1).await?;
     let headers = query.finish("/api/v1/events", &mut events, |event| event.id);
     Ok((headers, Json(events)))
 }
@@ -371,20 +354,57 @@ pub async fn get_event(
     Ok(Json(EventDetail::of(&state.db, event, admin).await?))
 }
 
-async fn load_event(db: &sqlx::PgPool, id: Uuid, include_deleted: bool) -> Result<Event, ApiError> {
-    sqlx::query_as!(
+async fn load_event<'c>(db: impl sqlx::PgExecutor<'c>, id: Uuid, include_deleted: bool) -> Result<Event, ApiError> {
+    events_by_id(db, &[id], include_deleted).await?.pop().ok_or(ApiError::NotFound("event"))
+}
+
+/// The events with these ids (deleted ones too, if `include_deleted`), soonest first: every
+/// read of events by id goes through here, as every listing goes through [`page_of_events`].
+pub(crate) async fn events_by_id<'c>(
+    db: impl sqlx::PgExecutor<'c>,
+    ids: &[Uuid],
+    include_deleted: bool,
+) -> Result<Vec<Event>, ApiError> {
+    Ok(sqlx::query_as!(
         Event,
         r#"SELECT e.id, e.name, e.description, e.location, e.organization, e.rating, e.starts_at AS date,
                   e.capacity, e.capacity - e.sold AS "tickets_available!", e.price, e.currency,
                   e.max_per_order, e.max_per_buyer, e.default_ticket_type_id, e.image_url, e.created_at,
                   e.updated_at, e.deleted_at
-           FROM events e WHERE e.id = $1 AND (e.deleted_at IS NULL OR $2)"#,
-        id,
+           FROM events e WHERE e.id = ANY($1) AND (e.deleted_at IS NULL OR $2)
+           ORDER BY e.starts_at, e.id"#,
+        ids,
         include_deleted
     )
-    .fetch_optional(db)
-    .await?
-    .ok_or(ApiError::NotFound("event"))
+    .fetch_all(db)
+    .await?)
+}
+
+/// Up to `limit` live events older than `cursor`, newest first; `created_by`: only those
+/// that account created.
+pub(crate) async fn page_of_events(
+    db: &sqlx::PgPool,
+    created_by: Option<Uuid>,
+    cursor: Option<Uuid>,
+    limit: i64,
+) -> Result<Vec<Event>, ApiError> {
+    Ok(sqlx::query_as!(
+        Event,
+        r#"SELECT e.id, e.name, e.description, e.location, e.organization, e.rating, e.starts_at AS date,
+                  e.capacity, e.capacity - e.sold AS "tickets_available!", e.price, e.currency,
+                  e.max_per_order, e.max_per_buyer, e.default_ticket_type_id, e.image_url, e.created_at,
+                  e.updated_at, e.deleted_at
+           FROM events e
+           WHERE e.deleted_at IS NULL AND ($1::uuid IS NULL OR e.created_by = $1)
+             AND ($2::uuid IS NULL OR e.id < $2)
+           ORDER BY e.id DESC
+           LIMIT $3"#,
+        created_by,
+        cursor,
+        limit
+    )
+    .fetch_all(db)
+    .await?)
 }
 
 /// Edit an event (admin): send any subset of the fields of `POST /events`; `null` clears
@@ -411,18 +431,11 @@ pub async fn update_event(
 ) -> Result<Json<EventDetail>, ApiError> {
     let mut tx = state.db.begin().await?;
     // The event row's lock orders this edit with the allocator, which reads `sold`.
-    let current = sqlx::query_as!(
-        Event,
-        r#"SELECT e.id, e.name, e.description, e.location, e.organization, e.rating, e.starts_at AS date,
-                  e.capacity, e.capacity - e.sold AS "tickets_available!", e.price, e.currency,
-                  e.max_per_order, e.max_per_buyer, e.default_ticket_type_id, e.image_url, e.created_at,
-                  e.updated_at, e.deleted_at
-           FROM events e WHERE e.id = $1 AND e.deleted_at IS NULL FOR NO KEY UPDATE"#,
-        id
-    )
-    .fetch_optional(&mut *tx)
-    .await?
-    .ok_or(ApiError::NotFound("event"))?;
+    sqlx::query!("SELECT 1 AS locked FROM events WHERE id = $1 AND deleted_at IS NULL FOR NO KEY UPDATE", id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(ApiError::NotFound("event"))?;
+    let current = load_event(&mut *tx, id, false).await?;
     let sold = current.capacity - current.tickets_available;
     let request = merge_patch(&CreateEventRequest::from(&current), &patch)?;
     let date_changed = patch.contains_key("date");
@@ -433,16 +446,11 @@ pub async fn update_event(
             format!("{sold} tickets are sold or held; capacity cannot go below that"),
         ));
     }
-    let mut event = sqlx::query_as!(
-        Event,
-        r#"UPDATE events AS e SET name = $2, description = $3, location = $4, organization = $5, rating = $6,
+    sqlx::query!(
+        "UPDATE events SET name = $2, description = $3, location = $4, organization = $5, rating = $6,
                   starts_at = $7, capacity = $8, price = $9, currency = $10, max_per_order = $11, image_url = $12,
                   max_per_buyer = $13, updated_at = now()
-           WHERE e.id = $1
-           RETURNING e.id, e.name, e.description, e.location, e.organization, e.rating, e.starts_at AS date,
-                     e.capacity, e.capacity - e.sold AS "tickets_available!", e.price, e.currency,
-                     e.max_per_order, e.max_per_buyer, e.default_ticket_type_id, e.image_url, e.created_at,
-                     e.updated_at, e.deleted_at"#,
+           WHERE id = $1",
         id,
         &edited.name,
         &edited.description,
@@ -457,12 +465,12 @@ pub async fn update_event(
         edited.image_url,
         edited.max_per_buyer
     )
-    .fetch_one(&mut *tx)
+    .execute(&mut *tx)
     .await?;
     // Capacity raised (or a cap lifted): the waiting list is offered what it can take first.
-    let offers = common::waitlist::offer(&mut tx, id, state.config.waitlist.offer_ttl()).await?;
-    let offered: i64 = offers.iter().map(|offer| offer.quantity).sum();
-    event.tickets_available -= i32::try_from(offered).unwrap_or(0);
+    common::waitlist::offer(&mut tx, id, state.config.waitlist.offer_ttl()).await?;
+    // Read after the offers, so that what they took is no longer available.
+    let event = load_event(&mut *tx, id, false).await?;
     tx.commit().await?;
     // Other api processes hear of it from the `event_changes` notification.
     state.catalog.forget(id);

@@ -9,8 +9,8 @@ use std::collections::HashMap;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::accounts::{UserResponse, parse_email, throttled};
-use super::events::Event;
+use super::accounts::{ChangedUser, UserResponse, parse_email, throttled};
+use super::events::{Event, events_by_id, page_of_events};
 use super::page::PageQuery;
 use crate::auth::{AuthUser, hash_password, verify_password};
 use crate::error::{ApiError, ErrorBody, ResultExt};
@@ -109,7 +109,8 @@ pub async fn update_me(
     };
     // A new password hash raises the account's token version (a trigger): older tokens stop
     // working, here at once and in other api processes when the notification arrives.
-    let updated = sqlx::query!(
+    let updated = sqlx::query_as!(
+        ChangedUser,
         r#"UPDATE users SET name = coalesce($2, name), email = coalesce($3, email),
                   password_hash = coalesce($4, password_hash), updated_at = now()
            WHERE id = $1
@@ -126,13 +127,7 @@ pub async fn update_me(
     })?
     .ok_or(ApiError::ACCOUNT_GONE)?;
     state.revocations.record(user.id, updated.token_version);
-    let updated = UserResponse {
-        id: updated.id,
-        name: updated.name,
-        email: updated.email,
-        role: updated.role,
-        created_at: updated.created_at,
-    };
+    let updated = UserResponse::from(updated);
     if sensitive {
         tracing::info!(user_id = %user.id, "account credentials changed");
     }
@@ -165,22 +160,7 @@ pub async fn my_events(
     Query(query): Query<PageQuery>,
 ) -> Result<(HeaderMap, Json<Vec<Event>>), ApiError> {
     let limit = query.limit()?;
-    let mut events = sqlx::query_as!(
-        Event,
-        r#"SELECT e.id, e.name, e.description, e.location, e.organization, e.rating, e.starts_at AS date,
-                  e.capacity, e.capacity - e.sold AS "tickets_available!", e.price, e.currency,
-                  e.max_per_order, e.max_per_buyer, e.default_ticket_type_id, e.image_url, e.created_at,
-                  e.updated_at, e.deleted_at
-           FROM events e
-           WHERE e.created_by = $1 AND e.deleted_at IS NULL AND ($2::uuid IS NULL OR e.id < $2)
-           ORDER BY e.id DESC
-           LIMIT $3"#,
-        user.id,
-        query.cursor,
-        limit + 1
-    )
-    .fetch_all(&state.db)
-    .await?;
+    let mut events = page_of_events(&state.db, Some(user.id), query.cursor, limit + 1).await?;
     let headers = query.finish("/api/v1/me/events", &mut events, |event| event.id);
     Ok((headers, Json(events)))
 }
@@ -207,19 +187,7 @@ pub async fn my_tickets(State(state): State<AppState>, user: AuthUser) -> Result
     .map(|row| (row.event_id, row.tickets))
     .collect();
     let ids: Vec<Uuid> = held.keys().copied().collect();
-    let events = sqlx::query_as!(
-        Event,
-        r#"SELECT e.id, e.name, e.description, e.location, e.organization, e.rating, e.starts_at AS date,
-                  e.capacity, e.capacity - e.sold AS "tickets_available!", e.price, e.currency,
-                  e.max_per_order, e.max_per_buyer, e.default_ticket_type_id, e.image_url, e.created_at,
-                  e.updated_at, e.deleted_at
-           FROM events e
-           WHERE e.id = ANY($1) AND e.deleted_at IS NULL
-           ORDER BY e.starts_at, e.id"#,
-        &ids
-    )
-    .fetch_all(&state.db)
-    .await?;
+    let events = events_by_id(&state.db, &ids, false).await?;
     let events = events
         .into_iter()
         .map(|event| MyEvent { my_tickets: held.get(&event.id).copied().unwrap_or_default(), event })

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::accounts::UserResponse;
+use super::accounts::{ChangedUser, UserResponse};
 use super::page::PageQuery;
 use crate::auth::AdminUser;
 use crate::error::{ApiError, ErrorBody};
@@ -82,7 +82,8 @@ pub async fn set_role(
         return Err(ApiError::conflict("last_admin", "this is the only admin; promote another account first"));
     }
     // A different role raises the account's token version (a trigger): its tokens stop working.
-    let changed = sqlx::query!(
+    let changed = sqlx::query_as!(
+        ChangedUser,
         r#"UPDATE users SET role = $2, updated_at = now() WHERE id = $1
            RETURNING id, name, email, role AS "role: Role", created_at, token_version"#,
         id,
@@ -93,13 +94,7 @@ pub async fn set_role(
     .ok_or(ApiError::NotFound("user"))?;
     tx.commit().await?;
     state.revocations.record(id, changed.token_version);
-    let user = UserResponse {
-        id: changed.id,
-        name: changed.name,
-        email: changed.email,
-        role: changed.role,
-        created_at: changed.created_at,
-    };
+    let user = UserResponse::from(changed);
     tracing::info!(user_id = %id, admin_id = %admin.id, role = ?req.role, "role changed");
     Ok(Json(user))
 }
