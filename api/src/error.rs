@@ -204,9 +204,17 @@ impl From<common::domain::Refusal> for ApiError {
     }
 }
 
-/// The foreign keys that point at `users`: violated when a token's account no longer exists.
-const USER_REFERENCES: [&str; 4] =
-    ["events_created_by_fkey", "orders_user_id_fkey", "webhook_endpoints_user_id_fkey", "check_ins_checked_in_by_fkey"];
+/// Every foreign key that points at `users`: violated when a token's account was deleted
+/// between the token's check and the write. A test (`accounts::every_user_reference_is_mapped`)
+/// compares the list with the schema, so a new reference cannot be forgotten.
+pub const USER_REFERENCES: [&str; 6] = [
+    "events_created_by_fkey",
+    "orders_user_id_fkey",
+    "webhook_endpoints_user_id_fkey",
+    "check_ins_checked_in_by_fkey",
+    "refunds_requested_by_fkey",
+    "waitlist_entries_user_id_fkey",
+];
 
 impl From<sqlx::Error> for ApiError {
     /// What the database refuses because of the caller rather than a bug: a write on behalf

@@ -11,6 +11,7 @@ mod auth;
 mod catalog;
 pub mod cli;
 mod error;
+pub use error::USER_REFERENCES;
 mod extract;
 mod listener;
 mod observability;
@@ -19,6 +20,7 @@ mod order_inserter;
 mod order_watch;
 mod revocations;
 mod routes;
+mod serve;
 mod sold_out_hints;
 mod state;
 mod throttle;
@@ -77,9 +79,13 @@ impl Application {
         tasks.spawn("metrics server", serving);
         let state = app_state(config, db.clone(), amqp.clone(), &mut tasks, &shutdown)?;
         tracing::info!(%addr, docs = %format!("http://{addr}/docs"), "listening");
-        let app = routes::app(state).into_make_service_with_connect_info::<SocketAddr>();
+        let limits = serve::ConnectionLimits {
+            header_timeout: state.config.http_header_timeout(),
+            max_connections: usize::try_from(state.config.http_max_connections).unwrap_or(usize::MAX),
+        };
+        let app = routes::app(state);
         tasks.spawn("http server", async move {
-            axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await.context("serving HTTP")
+            serve::serve(listener, app, limits, shutdown).await.context("serving HTTP")
         });
         Ok(Self { addr, tasks, db, amqp })
     }

@@ -39,7 +39,16 @@ pub fn describe() {
         "turnstile_waitlist_offers_total",
         "Waiting-list offers made from tickets this process released (a cancel, a declined payment, a refund, capacity raised)."
     );
+    describe_gauge!("turnstile_http_connections", "Client connections open now (at most HTTP_MAX_CONNECTIONS).");
+    describe_counter!(
+        "turnstile_http_connections_closed_total",
+        "Client connections the api closed to stay within HTTP_MAX_CONNECTIONS, by reason: idle_at_limit (the connection idle the longest, to make room), limit (a new one, every connection having a request in flight)."
+    );
     metrics::counter!("turnstile_waitlist_offers_total").increment(0);
+    metrics::gauge!("turnstile_http_connections").set(0.0);
+    for reason in ["idle_at_limit", "limit"] {
+        metrics::counter!("turnstile_http_connections_closed_total", "reason" => reason).increment(0);
+    }
     for outcome in ["accepted", "sold_out", "idempotent_replay", "rejected", "unavailable"] {
         metrics::counter!("turnstile_purchase_requests_total", "outcome" => outcome).increment(0);
     }

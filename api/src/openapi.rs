@@ -20,7 +20,7 @@ use crate::routes::{
     ),
     paths(
         accounts::signup, accounts::login,
-        me::me, me::update_me, me::my_events, me::my_tickets, users::list_users, users::set_role,
+        me::me, me::update_me, me::my_events, me::my_tickets, users::list_users, users::set_role, users::deactivate, users::reactivate, users::delete_user,
         events::list_events, events::create_event, events::get_event, events::update_event, events::delete_event,
         events::upload_image, events::get_image,
         ticket_types::list_ticket_types, ticket_types::create_ticket_type, ticket_types::get_ticket_type,

@@ -1,6 +1,7 @@
 //! Which access tokens no longer count. A token carries the account's `token_version` of the
-//! moment it was issued (`ver`); changing the account's role or password raises the version
-//! (a database trigger), and tokens with an older one are refused with 401.
+//! moment it was issued (`ver`); changing the account's role or password, or deactivating it,
+//! raises the version (a database trigger), and tokens with an older one are refused with 401.
+//! Deleting the account announces [`GONE`], a version no token carries (migration 0015).
 //!
 //! Checking the database on every request would put a read on the purchase path. Instead
 //! the api keeps in memory the accounts whose version rose within the longest token
@@ -24,8 +25,13 @@ use crate::error::ApiError;
 pub const CHANNEL: &str = "token_revocations";
 
 /// The refusal of a revoked token.
-pub const REVOKED: ApiError =
-    ApiError::Unauthorized("this access token was revoked by a change of password or role; log in again");
+pub const REVOKED: ApiError = ApiError::Unauthorized(
+    "this access token was revoked by a change of password or role, or its account was deactivated or deleted; \
+     log in again",
+);
+
+/// The version announced for a deleted account: above any token's, so all of them are refused.
+pub const GONE: i32 = i32::MAX;
 
 #[derive(Default)]
 pub struct Revocations {
@@ -41,7 +47,10 @@ impl Revocations {
         let current = if self.synced.load(Ordering::Acquire) {
             self.versions.read().unwrap_or_else(|e| e.into_inner()).get(&user).copied()
         } else {
-            sqlx::query_scalar!("SELECT token_version FROM users WHERE id = $1", user).fetch_optional(db).await?
+            // No row: the account was deleted.
+            let row =
+                sqlx::query_scalar!("SELECT token_version FROM users WHERE id = $1", user).fetch_optional(db).await?;
+            Some(row.unwrap_or(GONE))
         };
         match current {
             Some(current) if version < current => Err(REVOKED),
@@ -70,10 +79,15 @@ impl Revocations {
     /// Loads the whole list; to be called once the listener is connected, so that nothing
     /// announced after this read is missed.
     pub async fn reload(&self, db: &PgPool) -> Result<(), sqlx::Error> {
-        let rows =
-            sqlx::query!("SELECT id, token_version FROM users WHERE token_version_at > now() - interval '7 days'")
-                .fetch_all(db)
-                .await?;
+        let rows = sqlx::query!(
+            r#"SELECT id AS "id!", token_version AS "token_version!" FROM users
+                WHERE token_version_at > now() - interval '7 days'
+               UNION ALL
+               SELECT id, $1::int FROM deleted_users WHERE deleted_at > now() - interval '7 days'"#,
+            GONE
+        )
+        .fetch_all(db)
+        .await?;
         *self.versions.write().unwrap_or_else(|e| e.into_inner()) =
             rows.into_iter().map(|row| (row.id, row.token_version)).collect();
         self.synced.store(true, Ordering::Release);

@@ -178,6 +178,19 @@ pub struct ApiConfig {
     #[arg(long = "request-timeout-secs", env = "REQUEST_TIMEOUT_SECS", default_value_t = 35,
           value_parser = clap::value_parser!(u64).range(1..=300))]
     pub request_timeout_secs: u64,
+    /// Longest a connection may take to send a request's headers, in seconds, counted from
+    /// when it opened or its previous response was sent: it bounds slow headers (slowloris)
+    /// and idle keep-alive connections alike; past it the connection is closed.
+    #[arg(long = "http-header-timeout-secs", env = "HTTP_HEADER_TIMEOUT_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub http_header_timeout_secs: u64,
+    /// Most client connections held open at once. At the limit, a new connection closes the
+    /// one idle the longest (no request in flight: keep-alive or still sending headers); when
+    /// every connection has a request in flight, the new one is closed at once. Keep it well
+    /// below the process's open-file limit (`ulimit -n`), which the pools share.
+    #[arg(long = "http-max-connections", env = "HTTP_MAX_CONNECTIONS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(8..=1_000_000))]
+    pub http_max_connections: u64,
     /// Answer `409 sold_out` at once when the event has fewer tickets left than asked for
     /// (a hint; the worker stays the authority).
     #[arg(long = "sold-out-fast-path", env = "SOLD_OUT_FAST_PATH", default_value_t = true,
@@ -241,6 +254,10 @@ impl ApiConfig {
 
     pub fn request_timeout(&self) -> Duration {
         Duration::from_secs(self.request_timeout_secs)
+    }
+
+    pub fn http_header_timeout(&self) -> Duration {
+        Duration::from_secs(self.http_header_timeout_secs)
     }
 }
 

@@ -41,6 +41,9 @@ pub struct UserResponse {
     pub email: String,
     pub role: Role,
     pub created_at: DateTime<Utc>,
+    /// When an admin deactivated the account (`null`: active). A deactivated account cannot
+    /// log in, and its tokens are refused.
+    pub deactivated_at: Option<DateTime<Utc>>,
 }
 
 /// An account as a change left it, with the token version the change left it at (a new
@@ -51,12 +54,20 @@ pub struct ChangedUser {
     pub email: String,
     pub role: Role,
     pub created_at: DateTime<Utc>,
+    pub deactivated_at: Option<DateTime<Utc>>,
     pub token_version: i32,
 }
 
 impl From<ChangedUser> for UserResponse {
     fn from(user: ChangedUser) -> Self {
-        Self { id: user.id, name: user.name, email: user.email, role: user.role, created_at: user.created_at }
+        Self {
+            id: user.id,
+            name: user.name,
+            email: user.email,
+            role: user.role,
+            created_at: user.created_at,
+            deactivated_at: user.deactivated_at,
+        }
     }
 }
 
@@ -91,7 +102,7 @@ pub async fn insert_user(
     sqlx::query_as!(
         UserResponse,
         r#"INSERT INTO users (id, name, email, password_hash, role) VALUES ($1, $2, $3, $4, $5)
-           RETURNING id, name, email, role AS "role: Role", created_at"#,
+           RETURNING id, name, email, role AS "role: Role", created_at, deactivated_at"#,
         Uuid::now_v7(),
         name.as_str(),
         email.as_str(),
@@ -138,6 +149,8 @@ pub async fn signup(
         (status = 200, description = "Logged in", body = TokenResponse),
         (status = 400, description = "Malformed JSON", body = ErrorBody),
         (status = 401, description = "Wrong email or password (which one is not said)", body = ErrorBody),
+        (status = 403, description = "Right password, but an admin deactivated the account (`account_deactivated`)",
+            body = ErrorBody),
         (status = 422, description = "Missing fields", body = ErrorBody),
         (status = 429, description = "Too many attempts at this account, or from this address; retry after \
             `Retry-After` seconds", body = ErrorBody, headers(("Retry-After" = u64, description = "seconds to wait"))),
@@ -159,21 +172,29 @@ pub async fn login(
     // A malformed address cannot belong to an account; it gets the same answer (and the
     // same hashing work) as an unknown one.
     let email = Email::parse(&req.email).ok();
-    let account: Option<(Uuid, Role, String, i32)> = match &email {
+    let account = match &email {
         Some(email) => sqlx::query!(
-            r#"SELECT id, role AS "role: Role", password_hash, token_version FROM users WHERE email = $1"#,
+            r#"SELECT id, role AS "role: Role", password_hash, token_version, deactivated_at IS NOT NULL AS "deactivated!"
+               FROM users WHERE email = $1"#,
             email.as_str()
         )
         .fetch_optional(&state.db)
-        .await?
-        .map(|row| (row.id, row.role, row.password_hash, row.token_version)),
+        .await?,
         None => None,
     };
-    let stored = account.as_ref().map(|(_, _, hash, _)| hash.clone());
+    let stored = account.as_ref().map(|row| row.password_hash.clone());
     if !verify_password(&state.heavy_work, req.password, stored).await? {
         return Err(WRONG);
     }
-    let (id, role, _, version) = account.ok_or(WRONG)?;
+    let account = account.ok_or(WRONG)?;
+    // Said only to whoever knows the password.
+    if account.deactivated {
+        return Err(ApiError::Denied {
+            code: "account_deactivated",
+            message: "this account was deactivated by an admin".into(),
+        });
+    }
+    let (id, role, version) = (account.id, account.role, account.token_version);
     let access_token = state.tokens.issue(id, role, version)?;
     Ok(Json(TokenResponse { access_token, token_type: "Bearer", expires_in: state.tokens.ttl().as_secs() }))
 }

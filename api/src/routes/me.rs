@@ -34,7 +34,7 @@ pub fn router() -> Router<AppState> {
 pub async fn me(State(state): State<AppState>, user: AuthUser) -> Result<Json<UserResponse>, ApiError> {
     sqlx::query_as!(
         UserResponse,
-        r#"SELECT id, name, email, role AS "role: Role", created_at FROM users WHERE id = $1"#,
+        r#"SELECT id, name, email, role AS "role: Role", created_at, deactivated_at FROM users WHERE id = $1"#,
         user.id
     )
     .fetch_optional(&state.db)
@@ -114,7 +114,7 @@ pub async fn update_me(
         r#"UPDATE users SET name = coalesce($2, name), email = coalesce($3, email),
                   password_hash = coalesce($4, password_hash), updated_at = now()
            WHERE id = $1
-           RETURNING id, name, email, role AS "role: Role", created_at, token_version"#,
+           RETURNING id, name, email, role AS "role: Role", created_at, deactivated_at, token_version"#,
         user.id,
         name.as_ref().map(UserName::as_str),
         email.as_ref().map(|email| email.as_str()),

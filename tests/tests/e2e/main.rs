@@ -2,6 +2,7 @@
 //! database, virtual host and api (see the `tests` harness); the fault suite under load is
 //! `tests/tests/chaos.rs`, a binary of its own (`make chaos`).
 
+mod abuse;
 mod accounts;
 mod attacks;
 mod events;
