@@ -201,6 +201,11 @@ rabbit_env() {
   export RABBITMQ_CONF_ENV_FILE="$dir/rabbitmq-env.conf"
   export RABBITMQ_DIST_PORT=$((DIST_PORT + node))
   export ERL_EPMD_PORT="$EPMD_PORT"
+  # epmd and the Erlang distribution (node-to-node and CLI tools) on loopback only, like
+  # every other port here: by default both listen on every interface.
+  export ERL_EPMD_ADDRESS=127.0.0.1
+  export RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
+  export RABBITMQ_CTL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
   # A failed start writes its crash dump here, not into the working directory.
   export ERL_CRASH_DUMP="$dir/log/erl_crash.dump"
 }

@@ -138,6 +138,9 @@ pub struct Claims {
     pub ver: i32,
 }
 
+/// Clock difference tolerated between issuing and checking a token, in seconds.
+const LEEWAY_SECS: u64 = 5;
+
 /// Issues and checks access tokens. The algorithm is pinned to HS256: a token whose header
 /// names any other algorithm (including `none`) is refused.
 pub struct Tokens {
@@ -153,7 +156,9 @@ impl Tokens {
         let mut validation = Validation::new(jsonwebtoken::Algorithm::HS256);
         validation.set_issuer(&[issuer]);
         validation.set_required_spec_claims(&["exp", "iat", "iss", "sub"]);
-        validation.leeway = 5;
+        // A token not valid yet (`nbf` ahead) is refused, not taken.
+        validation.validate_nbf = true;
+        validation.leeway = LEEWAY_SECS;
         Self {
             encoding: EncodingKey::from_secret(secret),
             decoding: DecodingKey::from_secret(secret),
@@ -174,13 +179,28 @@ impl Tokens {
         Ok(jsonwebtoken::encode(&Header::new(jsonwebtoken::Algorithm::HS256), &claims, &self.encoding)?)
     }
 
+    /// The token's claims, if it is one this api would have issued: signed with the key,
+    /// HS256, this issuer, not expired and already valid (`nbf`), issued no later than now
+    /// and for no longer than `JWT_TTL_SECS`, and without a `crit` header (extensions that
+    /// must be understood, which none here are).
     pub fn verify(&self, token: &str) -> Result<Claims, ApiError> {
-        jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).map(|data| data.claims).map_err(|err| {
-            match err.kind() {
-                jsonwebtoken::errors::ErrorKind::ExpiredSignature => ApiError::Unauthorized("access token expired"),
-                _ => ApiError::Unauthorized("invalid access token"),
-            }
-        })
+        const INVALID: ApiError = ApiError::Unauthorized("invalid access token");
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).map_err(|err| match err
+            .kind()
+        {
+            jsonwebtoken::errors::ErrorKind::ExpiredSignature => ApiError::Unauthorized("access token expired"),
+            _ => INVALID,
+        })?;
+        if data.header.crit.is_some() {
+            return Err(INVALID);
+        }
+        let claims = data.claims;
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_err(anyhow::Error::from)?.as_secs();
+        let lifetime = claims.exp.saturating_sub(claims.iat);
+        if claims.iat > now + LEEWAY_SECS || lifetime > self.ttl.as_secs() + LEEWAY_SECS {
+            return Err(INVALID);
+        }
+        Ok(claims)
     }
 }
 
@@ -291,6 +311,29 @@ mod tests {
         assert!(verify_password(&work, "correct horse".into(), Some(hash.clone())).await.unwrap());
         assert!(!verify_password(&work, "wrong horse".into(), Some(hash)).await.unwrap());
         assert!(!verify_password(&work, "anything".into(), None).await.unwrap());
+    }
+
+    /// Finding 10 (issue 29): tokens this api would never issue are refused even when
+    /// signed with its key: not valid yet, issued in the future, living longer than
+    /// `JWT_TTL_SECS`, or naming critical extensions.
+    #[test]
+    fn tokens_the_api_would_not_issue_are_refused() {
+        let tokens = Tokens::new(SECRET, "turnstile", Duration::from_secs(60));
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let sign = |header: &Header, extra: serde_json::Value| {
+            let mut claims = serde_json::json!({"sub": Uuid::now_v7(), "role": "admin", "iss": "turnstile",
+                "iat": now, "exp": now + 60});
+            claims.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            jsonwebtoken::encode(header, &claims, &EncodingKey::from_secret(SECRET)).unwrap()
+        };
+        let hs256 = Header::new(jsonwebtoken::Algorithm::HS256);
+        assert!(tokens.verify(&sign(&hs256, serde_json::json!({}))).is_ok());
+        assert!(tokens.verify(&sign(&hs256, serde_json::json!({"nbf": now + 600}))).is_err());
+        assert!(tokens.verify(&sign(&hs256, serde_json::json!({"iat": now + 600, "exp": now + 660}))).is_err());
+        assert!(tokens.verify(&sign(&hs256, serde_json::json!({"exp": now + 86_400 * 365}))).is_err());
+        let mut critical = hs256.clone();
+        critical.crit = Some(vec!["exp".into()]);
+        assert!(tokens.verify(&sign(&critical, serde_json::json!({}))).is_err());
     }
 
     #[test]

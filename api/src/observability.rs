@@ -136,6 +136,10 @@ where
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
         let matched = request.extensions().get::<MatchedPath>().cloned();
+        if let Some(matched) = &matched {
+            // The request's span (`routes::request_span`) logs the route template.
+            tracing::Span::current().record("route", matched.as_str());
+        }
         let response = self.inner.call(request);
         Box::pin(async move {
             let mut result = response.await;

@@ -191,6 +191,12 @@ pub struct ApiConfig {
     #[arg(long = "http-max-connections", env = "HTTP_MAX_CONNECTIONS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(8..=1_000_000))]
     pub http_max_connections: u64,
+    /// The per-buyer cap (`max_per_buyer`) of events created without one; 0: the event's own
+    /// `max_per_order`. An event is uncapped only when created or edited with
+    /// `"max_per_buyer": null`.
+    #[arg(long = "default-max-per-buyer", env = "DEFAULT_MAX_PER_BUYER", default_value_t = 0,
+          value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
+    pub default_max_per_buyer: u64,
     /// Answer `409 sold_out` at once when the event has fewer tickets left than asked for
     /// (a hint; the worker stays the authority).
     #[arg(long = "sold-out-fast-path", env = "SOLD_OUT_FAST_PATH", default_value_t = true,
@@ -230,12 +236,25 @@ impl ApiConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         for origin in self.cors_allowed_origins.iter().filter(|o| o.as_str() != "*") {
             let parsed = url::Url::parse(origin).ok();
+            // A host of letters, digits, `-` and `.` (or an address): a pattern such as
+            // `http://*.example.com` parses as a URL but matches no browser's origin.
+            let plain_host = |url: &url::Url| match url.host() {
+                Some(url::Host::Domain(name)) => {
+                    name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+                }
+                Some(_) => true,
+                None => false,
+            };
             let valid = parsed.as_ref().is_some_and(|url| {
-                matches!(url.scheme(), "http" | "https") && url.path() == "/" && !origin.ends_with('/')
+                matches!(url.scheme(), "http" | "https")
+                    && url.path() == "/"
+                    && !origin.ends_with('/')
+                    && plain_host(url)
             });
             if !valid {
                 return Err(ConfigError(format!(
-                    "CORS_ALLOWED_ORIGINS: {origin:?} is not an origin (scheme://host[:port], no path)"
+                    "CORS_ALLOWED_ORIGINS: {origin:?} is not an origin (scheme://host[:port], no path, no wildcard: \
+                     list each origin, or `*` for any)"
                 )));
             }
         }

@@ -44,6 +44,11 @@ impl Request {
     }
 }
 
+/// Most unpaid (`PENDING`) orders one buyer may have for an event that caps its buyers
+/// (`max_per_buyer` set): with the cap, what stops one account from holding an event's
+/// stock in many small holds, renewed as they expire.
+pub const MAX_PENDING_ORDERS_PER_BUYER: i64 = 3;
+
 /// A ticket type under its event's lock.
 #[derive(Clone, Debug, Default)]
 pub struct TypeStock {
@@ -74,6 +79,8 @@ pub struct EventStock {
     /// Tickets each buyer holds of the event (`(user, None)`) and of each type
     /// (`(user, Some(type))`), in `PENDING` and `PAID` orders; read only when a cap exists.
     pub held: HashMap<(Uuid, Option<Uuid>), i64>,
+    /// `PENDING` orders of each buyer for the event; read only when the event caps buyers.
+    pub pending: HashMap<Uuid, i64>,
 }
 
 impl EventStock {
@@ -117,6 +124,10 @@ impl EventStock {
         if self.max_per_buyer.is_some_and(|cap| held(None) + total > cap) {
             return Some((reason::BUYER_LIMIT, None));
         }
+        let pending = self.pending.get(&order.user_id).copied().unwrap_or(0);
+        if self.max_per_buyer.is_some() && !order.free && pending >= MAX_PENDING_ORDERS_PER_BUYER {
+            return Some((reason::BUYER_LIMIT, None));
+        }
         for (type_id, quantity) in &order.lines {
             if self.types[type_id].max_per_buyer.is_some_and(|cap| held(Some(*type_id)) + quantity > cap) {
                 return Some((reason::BUYER_LIMIT, Some(*type_id)));
@@ -143,6 +154,9 @@ impl EventStock {
         let track = self.caps_buyers();
         if track {
             *self.held.entry((order.user_id, None)).or_default() += total;
+            if !order.free {
+                *self.pending.entry(order.user_id).or_default() += 1;
+            }
         }
         for (type_id, quantity) in &order.lines {
             if let Some(stock) = self.types.get_mut(type_id)
@@ -214,12 +228,18 @@ pub async fn read_holdings(
     pairs.sort();
     pairs.dedup();
     let (event_ids, user_ids): (Vec<Uuid>, Vec<Uuid>) = pairs.into_iter().unzip();
+    // Tickets per type (rows with a type), and `PENDING` orders (rows without one).
     let held = sqlx::query!(
-        r#"SELECT o.event_id, o.user_id, t.ticket_type_id, count(*) AS "count!"
-           FROM UNNEST($1::uuid[], $2::uuid[]) AS b(event_id, user_id)
-           JOIN orders o ON o.user_id = b.user_id AND o.event_id = b.event_id AND o.status IN ('PENDING', 'PAID')
-           JOIN tickets t ON t.order_id = o.id AND t.status = 'ACTIVE'
-           GROUP BY 1, 2, 3"#,
+        r#"WITH live AS (
+               SELECT o.id, o.event_id, o.user_id, o.status
+               FROM UNNEST($1::uuid[], $2::uuid[]) AS b(event_id, user_id)
+               JOIN orders o ON o.user_id = b.user_id AND o.event_id = b.event_id AND o.status IN ('PENDING', 'PAID'))
+           SELECT live.event_id AS "event_id!", live.user_id AS "user_id!", t.ticket_type_id AS "ticket_type_id?",
+                  count(*) AS "count!"
+           FROM live JOIN tickets t ON t.order_id = live.id AND t.status = 'ACTIVE'
+           GROUP BY 1, 2, 3
+           UNION ALL
+           SELECT event_id, user_id, NULL, count(*) FROM live WHERE status = 'PENDING' GROUP BY 1, 2"#,
         &event_ids,
         &user_ids
     )
@@ -228,9 +248,13 @@ pub async fn read_holdings(
     .into_iter()
     .map(|row| (row.event_id, row.user_id, row.ticket_type_id, row.count));
     for (event_id, user_id, type_id, count) in held {
-        if let Some(event) = events.get_mut(&event_id) {
-            *event.held.entry((user_id, None)).or_default() += count;
-            *event.held.entry((user_id, Some(type_id))).or_default() += count;
+        let Some(event) = events.get_mut(&event_id) else { continue };
+        match type_id {
+            Some(type_id) => {
+                *event.held.entry((user_id, None)).or_default() += count;
+                *event.held.entry((user_id, Some(type_id))).or_default() += count;
+            }
+            None => *event.pending.entry(user_id).or_default() += count,
         }
     }
     Ok(())
@@ -420,6 +444,27 @@ mod tests {
         .collect();
         let limit = |t| (OrderStatus::Rejected, Some(reason::BUYER_LIMIT), t);
         assert_eq!(outcomes(&decisions), [ACCEPTED, limit(Some(VIP)), limit(None), ACCEPTED, ACCEPTED]);
+    }
+
+    #[test]
+    fn a_capped_event_takes_at_most_three_unpaid_orders_per_buyer() {
+        let mut stock = tiered();
+        stock.venue_left = 100;
+        stock.max_per_buyer = Some(10);
+        stock.pending.insert(BUYER, 1);
+        let id = ids(4);
+        let free = Request { free: true, ..request(id[3], &[(GENERAL, 1)]) };
+        let decisions: Vec<_> =
+            [request(id[0], &[(GENERAL, 1)]), request(id[1], &[(GENERAL, 1)]), request(id[2], &[(GENERAL, 1)]), free]
+                .iter()
+                .map(|r| stock.decide(r))
+                .collect();
+        let limit = (OrderStatus::Rejected, Some(reason::BUYER_LIMIT), None);
+        let paid_at_once = (OrderStatus::Paid, Some(reason::FREE_ORDER), None);
+        assert_eq!(outcomes(&decisions), [ACCEPTED, ACCEPTED, limit, paid_at_once]);
+        // Uncapped on purpose: no limit on unpaid orders either.
+        stock.max_per_buyer = None;
+        assert_eq!(outcomes(&[stock.decide(&request(Uuid::from_u128(9), &[(GENERAL, 1)]))]), [ACCEPTED]);
     }
 
     #[test]

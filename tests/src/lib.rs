@@ -869,9 +869,12 @@ impl TestApp {
         Response::from(request.send().await.expect("request sent")).await
     }
 
-    /// Creates an event with `capacity` and `max_per_order` and returns its id.
+    /// Creates an event with `capacity` and `max_per_order`, without a buyer cap (lifted on
+    /// purpose: the stampedes that use it let few buyers place many orders), and returns its
+    /// id. [`TestApp::create_event`] leaves the cap to its default.
     pub async fn event_with(&self, admin_token: &str, capacity: i64, max_per_order: i64) -> Uuid {
-        let res = self.create_event(admin_token, json!({"capacity": capacity, "max_per_order": max_per_order})).await;
+        let body = json!({"capacity": capacity, "max_per_order": max_per_order, "max_per_buyer": null});
+        let res = self.create_event(admin_token, body).await;
         assert_eq!(res.status, 201, "{}", res.body);
         res.json["id"].as_str().expect("event id").parse().expect("uuid")
     }

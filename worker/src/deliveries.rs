@@ -30,6 +30,10 @@ use crate::poll::{Next, Round};
 
 /// Deliveries taken per round, sent concurrently.
 const ROUND: i64 = 32;
+/// Of them, at most this many to one target host (and port): endpoints of many users, or
+/// many endpoints of one, that point at one third party cannot turn each order into a burst
+/// at it; the rest wait for the next rounds.
+const PER_HOST: i64 = 4;
 /// Kept of an error message in the attempt log.
 const MAX_ERROR_CHARS: usize = 500;
 
@@ -101,16 +105,26 @@ impl Deliverer {
              SET lease_id = $1, leased_until = now() + make_interval(secs => $2)
              FROM webhook_endpoints e
              WHERE e.id = d.endpoint_id AND d.id IN (
-                 SELECT id FROM webhook_deliveries
-                 WHERE status = 'PENDING' AND next_attempt_at <= now()
-                   AND (leased_until IS NULL OR leased_until < now())
-                 ORDER BY next_attempt_at LIMIT $3
-                 FOR UPDATE SKIP LOCKED)
+                 SELECT id FROM (
+                     SELECT c.id, c.next_attempt_at,
+                            row_number() OVER (PARTITION BY lower(substring(ce.url FROM '^[^:]+://([^/?#]+)'))
+                                               ORDER BY c.next_attempt_at) AS nth
+                     FROM (SELECT id, endpoint_id, next_attempt_at FROM webhook_deliveries
+                           WHERE status = 'PENDING' AND next_attempt_at <= now()
+                             AND (leased_until IS NULL OR leased_until < now())
+                           ORDER BY next_attempt_at LIMIT $5
+                           FOR UPDATE SKIP LOCKED) c
+                     JOIN webhook_endpoints ce ON ce.id = c.endpoint_id
+                 ) candidates
+                 WHERE nth <= $4
+                 ORDER BY next_attempt_at LIMIT $3)
              RETURNING d.id, d.endpoint_id, d.attempts, d.payload, e.url, e.secret, e.enabled,
                        (SELECT o.traceparent FROM orders o WHERE o.id = d.order_id) AS traceparent",
             lease_id,
             self.lease.as_secs_f64(),
-            ROUND
+            ROUND,
+            PER_HOST,
+            ROUND * 8
         )
         .fetch_all(&self.db)
         .await?;

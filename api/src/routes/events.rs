@@ -122,9 +122,13 @@ pub struct CreateEventRequest {
     /// Most tickets one order may buy (default 10).
     #[schema(minimum = 1, maximum = 1000)]
     pub max_per_order: Option<i64>,
-    /// Most tickets one buyer may hold over all their live orders (default: no cap).
-    #[schema(minimum = 1)]
-    pub max_per_buyer: Option<i64>,
+    /// Most tickets one buyer may hold over all their live orders, and with it at most
+    /// [`MAX_PENDING_ORDERS_PER_BUYER`](common::stock::MAX_PENDING_ORDERS_PER_BUYER) unpaid
+    /// orders. Left out: the deployment's `DEFAULT_MAX_PER_BUYER`, or else the event's
+    /// `max_per_order`. `null`, sent on purpose: no cap at all.
+    #[schema(value_type = Option<i64>, minimum = 1)]
+    #[serde(default, deserialize_with = "given")]
+    pub max_per_buyer: Option<Option<i64>>,
     /// Absolute http(s) URL of an image.
     pub image_url: Option<String>,
 }
@@ -141,8 +145,15 @@ struct NewEvent {
     price: Decimal,
     currency: Currency,
     max_per_order: i32,
-    max_per_buyer: Option<i32>,
+    /// `None`: not given (the default applies); `Some(None)`: no cap, on purpose.
+    max_per_buyer: Option<Option<i32>>,
     image_url: Option<String>,
+}
+
+/// A field that was given, `null` included (`Some(None)`), apart from one left out (`None`,
+/// through `#[serde(default)]`).
+fn given<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(value: D) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(value).map(Some)
 }
 
 pub(crate) fn invalid(message: impl Into<String>) -> ApiError {
@@ -230,11 +241,11 @@ impl CreateEventRequest {
             return Err(invalid(format!("max_per_order must be between 1 and {MAX_PER_ORDER}")));
         }
         let max_per_buyer = match self.max_per_buyer {
-            Some(cap) if !(1..=MAX_CAPACITY).contains(&cap) => {
+            Some(Some(cap)) if !(1..=MAX_CAPACITY).contains(&cap) => {
                 return Err(invalid(format!("max_per_buyer must be between 1 and {MAX_CAPACITY}")));
             }
             // In range: checked above.
-            cap => cap.map(|cap| cap as i32),
+            cap => cap.map(|cap| cap.map(|cap| cap as i32)),
         };
         let image_url = optional_text("image_url", self.image_url.as_deref(), 2048)?;
         if let Some(url) = &image_url
@@ -285,6 +296,7 @@ pub async fn create_event(
     Json(req): Json<CreateEventRequest>,
 ) -> Result<(StatusCode, HeaderMap, Json<EventDetail>), ApiError> {
     let new = req.validate(Utc::now())?;
+    let max_per_buyer = new.max_per_buyer.unwrap_or_else(|| Some(default_max_per_buyer(&state, new.max_per_order)));
     let id = Uuid::now_v7();
     sqlx::query!(
         "INSERT INTO events (id, name, description, location, organization, rating, starts_at, capacity, price,
@@ -303,7 +315,7 @@ pub async fn create_event(
         new.max_per_order,
         new.image_url,
         admin.id,
-        new.max_per_buyer
+        max_per_buyer
     )
     .execute(&state.db)
     .await?;
@@ -311,6 +323,16 @@ pub async fn create_event(
     tracing::info!(event_id = %event.id, capacity = event.capacity, "event created");
     let location = super::location(&format!("/api/v1/events/{}", event.id));
     Ok((StatusCode::CREATED, location, Json(EventDetail::of(&state.db, event, true).await?)))
+}
+
+/// The buyer cap of an event created without one: `DEFAULT_MAX_PER_BUYER`, or the event's
+/// `max_per_order` when that is 0 (so that one account cannot take a whole event by default).
+fn default_max_per_buyer(state: &AppState, max_per_order: i32) -> i32 {
+    match i32::try_from(state.config.default_max_per_buyer) {
+        Ok(0) => max_per_order,
+        Ok(cap) => cap,
+        Err(_) => i32::MAX,
+    }
 }
 
 /// List events, newest first, soft-deleted ones hidden.
@@ -411,7 +433,8 @@ pub(crate) async fn page_of_events(
 /// `rating`, `image_url` or `description`. The same rules apply; a new `date` must be in
 /// the future; `capacity` never below the tickets sold or held (409 `capacity_below_sold`).
 /// A price or currency change applies to new orders only (orders keep the price and
-/// currency they were placed at).
+/// currency they were placed at); a currency that cannot express another live ticket type's
+/// price is refused (422 `invalid_price_for_currency`, naming the types).
 #[utoipa::path(patch, path = "/api/v1/events/{id}", tag = "events", request_body = Object,
     params(("id" = Uuid, Path, description = "Event id")), security(("bearer" = [])),
     responses(
@@ -421,7 +444,9 @@ pub(crate) async fn page_of_events(
         (status = 403, description = "Caller is not an admin", body = ErrorBody),
         (status = 404, description = "No such event (or deleted)", body = ErrorBody),
         (status = 409, description = "Capacity below the tickets sold or held (`capacity_below_sold`)", body = ErrorBody),
-        (status = 422, description = "A field breaks a rule (`validation_failed`) or is unknown (`invalid_body`)", body = ErrorBody),
+        (status = 422, description = "A field breaks a rule (`validation_failed`) or is unknown (`invalid_body`); a new \
+            currency cannot express the price of other ticket types (`invalid_price_for_currency`, naming them)",
+            body = ErrorBody),
     ))]
 pub async fn update_event(
     State(state): State<AppState>,
@@ -440,6 +465,9 @@ pub async fn update_event(
     let request = merge_patch(&CreateEventRequest::from(&current), &patch)?;
     let date_changed = patch.contains_key("date");
     let edited = request.validate_with(date_changed.then(Utc::now))?;
+    if edited.currency.code() != current.currency {
+        prices_fit(&mut tx, id, current.default_ticket_type_id, edited.currency).await?;
+    }
     if edited.capacity < sold {
         return Err(ApiError::conflict(
             "capacity_below_sold",
@@ -463,7 +491,8 @@ pub async fn update_event(
         edited.currency.code(),
         edited.max_per_order,
         edited.image_url,
-        edited.max_per_buyer
+        // The current cap is part of the merged request: always given.
+        edited.max_per_buyer.flatten()
     )
     .execute(&mut *tx)
     .await?;
@@ -476,6 +505,42 @@ pub async fn update_event(
     state.catalog.forget(id);
     tracing::info!(event_id = %id, admin_id = %admin.id, fields = ?patch.keys().collect::<Vec<_>>(), "event edited");
     Ok(Json(EventDetail::of(&state.db, event, true).await?))
+}
+
+/// 422 `invalid_price_for_currency`, naming them, when live ticket types of the event other
+/// than its default one (whose price is the event's, checked with it) have prices that
+/// `currency` cannot express: a change from EUR to JPY would otherwise sell a 199.50 VIP
+/// ticket at 199.50 yen. Their prices are to be changed first.
+async fn prices_fit(
+    tx: &mut sqlx::PgConnection,
+    event_id: Uuid,
+    default_type: Option<Uuid>,
+    currency: Currency,
+) -> Result<(), ApiError> {
+    let types = sqlx::query!(
+        "SELECT name, price FROM ticket_types
+         WHERE event_id = $1 AND deleted_at IS NULL AND id IS DISTINCT FROM $2 ORDER BY sort_order, id",
+        event_id,
+        default_type
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    let misfits: Vec<String> = types
+        .into_iter()
+        .filter(|t| currency.check(t.price).is_err())
+        .map(|t| format!("{} ({})", t.name, t.price))
+        .collect();
+    if misfits.is_empty() {
+        return Ok(());
+    }
+    Err(ApiError::invalid(
+        "invalid_price_for_currency",
+        format!(
+            "{currency} takes prices with at most {} decimal places; change the price of {} first",
+            currency.places(),
+            misfits.join(", ")
+        ),
+    ))
 }
 
 impl From<&Event> for CreateEventRequest {
@@ -491,7 +556,7 @@ impl From<&Event> for CreateEventRequest {
             price: AmountText::from(event.price),
             currency: Some(event.currency.clone()),
             max_per_order: Some(i64::from(event.max_per_order)),
-            max_per_buyer: event.max_per_buyer.map(i64::from),
+            max_per_buyer: Some(event.max_per_buyer.map(i64::from)),
             image_url: event.image_url.clone(),
         }
     }
@@ -606,9 +671,12 @@ const IMAGE_MAX_PIXELS: u64 = 25_000_000;
 /// Decodes the whole image (of the type its first bytes claim) within bounds on its
 /// dimensions and on the memory decoding may take: a file that only starts like an image
 /// (a PNG signature in front of HTML) is 415, one that claims more pixels than allowed 422
-/// `image_too_large`, before anything is stored. CPU-heavy: run it as `HeavyWork`.
-fn check_image(bytes: &[u8], content_type: &str) -> Result<(), ApiError> {
-    use image::{ImageError, ImageFormat, ImageReader, Limits};
+/// `image_too_large`, before anything is stored. Returns the image encoded anew in its
+/// format, which is what is stored and served: only its pixels (turned as its EXIF
+/// orientation says), never bytes appended to it or its metadata (a photo's location).
+/// CPU-heavy: run it as `HeavyWork`.
+fn check_image(bytes: &[u8], content_type: &str) -> Result<Vec<u8>, ApiError> {
+    use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader, Limits};
     let format = match content_type {
         "image/png" => ImageFormat::Png,
         "image/jpeg" => ImageFormat::Jpeg,
@@ -637,8 +705,21 @@ fn check_image(bytes: &[u8], content_type: &str) -> Result<(), ApiError> {
     if u64::from(width) * u64::from(height) > IMAGE_MAX_PIXELS {
         return Err(too_large());
     }
-    reader().decode().map_err(refused)?;
-    Ok(())
+    let mut decoder = reader().into_decoder().map_err(refused)?;
+    let orientation = decoder.orientation().map_err(refused)?;
+    let mut image = DynamicImage::from_decoder(decoder).map_err(refused)?;
+    image.apply_orientation(orientation);
+    let mut encoded = std::io::Cursor::new(Vec::new());
+    let written = match format {
+        // Quality 90: a re-encoded photo keeps its look.
+        ImageFormat::Jpeg => {
+            image.to_rgb8().write_with_encoder(image::codecs::jpeg::JpegEncoder::new_with_quality(&mut encoded, 90))
+        }
+        // PNG and (lossless) WebP keep every pixel.
+        format => image.write_to(&mut encoded, format),
+    };
+    written.map_err(|err| ApiError::Internal(anyhow::anyhow!("encoding an uploaded image again: {err}")))?;
+    Ok(encoded.into_inner())
 }
 
 // The form of `PUT /events/{id}/image`, for the API document (Swagger UI shows a file
@@ -663,7 +744,8 @@ pub fn image_upload_router(max_bytes: u64) -> Router<AppState> {
 
 /// Upload the event's image (admin): multipart form data with the file in a field named
 /// `image`. PNG, JPEG and WebP are accepted, recognised by their content (not the file name
-/// or the declared type) and decoded whole before they are stored; larger than
+/// or the declared type), decoded whole and stored encoded anew (so only the pixels are kept:
+/// nothing appended to the file, no metadata such as a photo's location); larger than
 /// `IMAGE_MAX_BYTES` is 413, more than 8000 pixels a side or 25 megapixels 422. The event's `image_url`
 /// then points at `GET /api/v1/events/{id}/image`.
 #[utoipa::path(put, path = "/api/v1/events/{id}/image", tag = "events",
@@ -712,7 +794,7 @@ pub async fn upload_image(
         .map(|kind| kind.mime_type())
         .filter(|mime| IMAGE_TYPES.contains(mime))
         .ok_or_else(|| ApiError::UnsupportedMediaType("the image must be a PNG, JPEG or WebP file".into()))?;
-    let bytes = state.heavy_work.run(move || check_image(&bytes, content_type).map(|()| bytes)).await??;
+    let bytes = state.heavy_work.run(move || check_image(&bytes, content_type)).await??;
 
     // A new key per upload: caches of the old image never serve the new one by mistake.
     let key = format!("events/{id}/{}", Uuid::new_v4().simple());

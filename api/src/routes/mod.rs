@@ -170,15 +170,32 @@ pub(crate) fn location(path: &str) -> HeaderMap {
     headers
 }
 
-/// The span of one request: its id, and its trace (the client's W3C `traceparent` continued
-/// when it sent a valid one, else a new trace), whose id every log line of the request
-/// carries as `trace_id`; a purchase records the order it created as `order_id`.
+/// The longest part of a request's path that its log lines carry: a client chooses the
+/// path, and a 60 KB one on every line of its request would let it fill the logs.
+const LOGGED_PATH_MAX: usize = 200;
+
+/// At most [`LOGGED_PATH_MAX`] bytes of `path` (cut at a character boundary), with `…` when
+/// cut.
+fn logged_path(path: &str) -> std::borrow::Cow<'_, str> {
+    if path.len() <= LOGGED_PATH_MAX {
+        return path.into();
+    }
+    let cut = (0..=LOGGED_PATH_MAX).rev().find(|i| path.is_char_boundary(*i)).unwrap_or(0);
+    format!("{}…", &path[..cut]).into()
+}
+
+/// The span of one request: its id, its route template (`route`, once routed; the path
+/// itself only up to [`LOGGED_PATH_MAX`] bytes), and its trace (the client's W3C
+/// `traceparent` continued when it sent a valid one, else a new trace), whose id every log
+/// line of the request carries as `trace_id`; a purchase records the order it created as
+/// `order_id`.
 fn request_span(request: &Request<Body>) -> tracing::Span {
     let request_id = request.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("-");
     let span = tracing::info_span!(
         "request",
         method = %request.method(),
-        path = %request.uri().path(),
+        route = tracing::field::Empty,
+        path = %logged_path(request.uri().path()),
         request_id,
         trace_id = tracing::field::Empty,
         order_id = tracing::field::Empty,
@@ -186,4 +203,17 @@ fn request_span(request: &Request<Body>) -> tracing::Span {
     let parent = request.headers().get(common::telemetry::TRACEPARENT).and_then(|v| v.to_str().ok());
     common::telemetry::continue_trace(&span, parent);
     span
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_paths_are_cut_for_the_logs() {
+        assert_eq!(logged_path("/api/v1/events"), "/api/v1/events");
+        let long = format!("/{}", "é".repeat(30_000));
+        let logged = logged_path(&long);
+        assert!(logged.len() <= LOGGED_PATH_MAX + '…'.len_utf8() && logged.ends_with('…'), "{}", logged.len());
+    }
 }

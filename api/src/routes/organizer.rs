@@ -124,11 +124,14 @@ impl Row for Attendee {
     }
 }
 
-/// A cell a spreadsheet would run as a formula (it starts with `=`, `+`, `-`, `@`, a tab
-/// or a carriage return) gets a leading `'`, so a buyer's name cannot become a formula in
-/// the organizer's spreadsheet (OWASP "CSV injection").
+/// A cell a spreadsheet would run as a formula (it starts with `=`, `+`, `-`, `@`, `|`, a
+/// tab or a carriage return, after any invisible characters such as a zero-width space or a
+/// byte-order mark, which spreadsheets skip) gets a leading `'`, so a buyer's name cannot
+/// become a formula in the organizer's spreadsheet (OWASP "CSV injection").
 fn spreadsheet_safe(text: String) -> String {
-    if text.starts_with(['=', '+', '-', '@', '\t', '\r']) { format!("'{text}") } else { text }
+    const INVISIBLE: [char; 5] = ['\u{200B}', '\u{200C}', '\u{200D}', '\u{2060}', '\u{FEFF}'];
+    let visible = text.trim_start_matches(|c: char| INVISIBLE.contains(&c) || c == ' ');
+    if visible.starts_with(['=', '+', '-', '@', '|', '\t', '\r']) { format!("'{text}") } else { text }
 }
 
 /// One page of a list, from `cursor` on (newest first), at most `limit` rows.
@@ -420,6 +423,11 @@ mod tests {
         assert_eq!(spreadsheet_safe("=HYPERLINK(\"x\")".into()), "'=HYPERLINK(\"x\")");
         assert_eq!(spreadsheet_safe("@SUM(A1)".into()), "'@SUM(A1)");
         assert_eq!(spreadsheet_safe("Ada Lovelace".into()), "Ada Lovelace");
+        // Finding 10 (issue 29): behind invisible characters, and a leading `|`.
+        assert_eq!(spreadsheet_safe("\u{200B}=1+1".into()), "'\u{200B}=1+1");
+        assert_eq!(spreadsheet_safe("\u{FEFF}=1+1".into()), "'\u{FEFF}=1+1");
+        assert_eq!(spreadsheet_safe("|calc".into()), "'|calc");
+        assert_eq!(spreadsheet_safe("Ada | Grace".into()), "Ada | Grace");
     }
 
     #[test]

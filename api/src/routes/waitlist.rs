@@ -181,6 +181,12 @@ async fn may_join(
             format!("{available} tickets are available: buy them with POST /api/v1/orders"),
         ));
     }
+    // Counted under the buyer's row lock (taken after the event's, as everywhere), so that
+    // concurrent joins to different events cannot each see room for one more.
+    sqlx::query!("SELECT 1 AS locked FROM users WHERE id = $1 FOR NO KEY UPDATE", user_id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(ApiError::ACCOUNT_GONE)?;
     let open: i64 = sqlx::query_scalar!(
         r#"SELECT count(*) AS "count!" FROM waitlist_entries WHERE user_id = $1 AND status IN ('WAITING', 'OFFERED')"#,
         user_id
@@ -215,6 +221,12 @@ pub async fn leave(
     user: AuthUser,
     Path(event_id): Path<Uuid>,
 ) -> Result<StatusCode, ApiError> {
+    // The event's lock first, as the offers take it: an offer made from released tickets
+    // either committed before (the entry is `OFFERED`: 409) or sees the entry `LEFT`.
+    let mut tx = state.db.begin().await?;
+    sqlx::query!("SELECT 1 AS locked FROM events WHERE id = $1 FOR NO KEY UPDATE", event_id)
+        .fetch_optional(&mut *tx)
+        .await?;
     let open = sqlx::query!(
         r#"WITH left_now AS (
                UPDATE waitlist_entries SET status = 'LEFT', updated_at = now()
@@ -227,9 +239,10 @@ pub async fn leave(
         event_id,
         user.id
     )
-    .fetch_optional(&state.db)
+    .fetch_optional(&mut *tx)
     .await?
     .map(|row| (row.id, row.status, row.order_id));
+    tx.commit().await?;
     match open {
         None => Err(ApiError::NotFound("waiting-list entry")),
         Some((_, WaitlistStatus::Offered, order_id)) => Err(ApiError::conflict(

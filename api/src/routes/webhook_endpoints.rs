@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use super::page::PageQuery;
 use crate::auth::AuthUser;
-use crate::error::{ApiError, ErrorBody};
+use crate::error::{ApiError, ErrorBody, ResultExt};
 use crate::extract::{Json, Path, Query};
 use crate::state::AppState;
 
@@ -77,6 +77,8 @@ pub struct CreatedEndpoint {
             headers(("Location" = String, description = "URL of the endpoint's deliveries"))),
         (status = 400, description = "Malformed JSON", body = ErrorBody),
         (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 409, description = "The caller has an endpoint with this URL already (`endpoint_exists`)",
+            body = ErrorBody),
         (status = 422, description = "Bad URL (`invalid_url`), a private or loopback target (`url_not_allowed`), \
             description too long (`invalid_description`), or 10 endpoints already (`too_many_endpoints`)", body = ErrorBody),
     ))]
@@ -129,7 +131,10 @@ pub async fn create_endpoint(
         &secret
     )
     .fetch_one(&mut *tx)
-    .await?;
+    .await
+    .on_constraint("webhook_endpoints_user_url_key", || {
+        ApiError::conflict("endpoint_exists", "you have an endpoint with this URL already")
+    })?;
     tx.commit().await?;
     let headers = super::location(&format!("/api/v1/webhook-endpoints/{}/deliveries", endpoint.id));
     Ok((StatusCode::CREATED, headers, Json(CreatedEndpoint { endpoint, secret })))

@@ -380,8 +380,8 @@ async fn tokens_of_deleted_accounts_are_401_everywhere() {
 async fn the_endpoint_limit_holds_under_concurrency() {
     let app = TestApp::spawn().await;
     let (user, token) = app.user("ada").await;
-    let body = json!({"url": "http://127.0.0.1:9/hooks"});
-    let attempts = (0..25).map(|_| app.post("/api/v1/webhook-endpoints", &body, Some(&token)));
+    let bodies: Vec<_> = (0..25).map(|n| json!({"url": format!("http://127.0.0.1:9/hooks/{n}")})).collect();
+    let attempts = bodies.iter().map(|body| app.post("/api/v1/webhook-endpoints", body, Some(&token)));
     let answers = futures_util::future::join_all(attempts).await;
     let created = answers.iter().filter(|res| res.status == 201).count();
     for res in answers.iter().filter(|res| res.status != 201) {

@@ -228,18 +228,21 @@ async fn cors_is_off_by_default_and_opens_to_listed_origins_only() {
 
     let services = Services::from_env();
     let strong = "s".repeat(32);
-    let env = vec![
-        ("DATABASE_URL", services.database_url.clone()),
-        ("AMQP_URL", services.amqp_url.clone()),
-        ("BIND_ADDR", "127.0.0.1:0".to_owned()),
-        ("JWT_SECRET", strong.clone()),
-        ("WEBHOOK_SECRET", strong.clone()),
-        ("TICKET_SECRET", strong),
-        ("CORS_ALLOWED_ORIGINS", "https://shop.example.com/checkout".to_owned()),
-    ];
-    let (ok, _, stderr) = tests::run("api", &["serve"], &env, None);
-    assert!(!ok, "started with a path for an origin");
-    assert!(stderr.contains("CORS_ALLOWED_ORIGINS"), "{stderr}");
+    // A path, and (issue 29) a wildcard pattern that no browser origin matches.
+    for origin in ["https://shop.example.com/checkout", "http://*.example.com"] {
+        let env = vec![
+            ("DATABASE_URL", services.database_url.clone()),
+            ("AMQP_URL", services.amqp_url.clone()),
+            ("BIND_ADDR", "127.0.0.1:0".to_owned()),
+            ("JWT_SECRET", strong.clone()),
+            ("WEBHOOK_SECRET", strong.clone()),
+            ("TICKET_SECRET", strong.clone()),
+            ("CORS_ALLOWED_ORIGINS", origin.to_owned()),
+        ];
+        let (ok, _, stderr) = tests::run("api", &["serve"], &env, None);
+        assert!(!ok, "started with {origin} for an origin");
+        assert!(stderr.contains("CORS_ALLOWED_ORIGINS"), "{stderr}");
+    }
 }
 
 /// `worker health` (docker-compose's health check of the worker): 0 while a worker on this

@@ -399,10 +399,10 @@ async fn endpoints_must_be_public_http_urls() {
     app.post("/api/v1/webhook-endpoints", &json!({"url": "http://192.0.2.10/"}), None)
         .await
         .assert_error(401, "unauthorized");
-    for _ in 1..10 {
-        assert_eq!(create("http://192.0.2.10/hooks").await.status, 201);
+    for n in 1..10 {
+        assert_eq!(create(&format!("http://192.0.2.10/hooks/{n}")).await.status, 201);
     }
-    create("http://192.0.2.10/hooks").await.assert_error(422, "too_many_endpoints");
+    create("http://192.0.2.10/hooks/10").await.assert_error(422, "too_many_endpoints");
 }
 
 /// Finding 2 of the security review: with `HTTP_PROXY`/`HTTPS_PROXY`/`ALL_PROXY` in the
