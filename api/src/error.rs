@@ -205,7 +205,7 @@ impl From<common::domain::Refusal> for ApiError {
 }
 
 /// Every foreign key that points at `users`: violated when a token's account was deleted
-/// between the token's check and the write. A test (`accounts::every_user_reference_is_mapped`)
+/// between the token's check and the write. A test (`abuse::every_foreign_key_to_users_answers_401`)
 /// compares the list with the schema, so a new reference cannot be forgotten.
 pub const USER_REFERENCES: [&str; 6] = [
     "events_created_by_fkey",

@@ -985,6 +985,20 @@ impl TestApp {
     }
 }
 
+/// `GET url` with `token` until it answers 401 (at most a second: a revocation reaches
+/// other api processes by notification); returns the last status.
+pub async fn refused_within_a_second(client: &reqwest::Client, url: &str, token: &str) -> u16 {
+    let mut status = 0;
+    for _ in 0..50 {
+        status = client.get(url).bearer_auth(token).send().await.unwrap().status().as_u16();
+        if status == 401 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    status
+}
+
 /// A Standard Webhooks signature, computed here independently of the api's code:
 /// `v1,` + base64(HMAC-SHA256(key, "{id}.{timestamp}.{body}")).
 pub fn sign_webhook(key: &[u8], id: &str, timestamp: i64, body: &str) -> String {

@@ -199,6 +199,17 @@ pub async fn login(
     Ok(Json(TokenResponse { access_token, token_type: "Bearer", expires_in: state.tokens.ttl().as_secs() }))
 }
 
+/// Locks the account's row in `tx` (`FOR NO KEY UPDATE`), so that a count of what it owns
+/// and the insert that follows are one step per account: concurrent requests of one user
+/// take turns, and a limit holds exactly. 401 when the account is gone.
+pub(crate) async fn lock_account(tx: &mut sqlx::PgConnection, user_id: Uuid) -> Result<(), ApiError> {
+    sqlx::query!("SELECT 1 AS locked FROM users WHERE id = $1 FOR NO KEY UPDATE", user_id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(ApiError::ACCOUNT_GONE)?;
+    Ok(())
+}
+
 /// Counts an attempt under `key`; over the limit, `429` with the seconds to wait. The
 /// limits hold across api processes (they are kept in PostgreSQL).
 pub(crate) async fn throttled(

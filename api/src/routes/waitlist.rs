@@ -183,10 +183,7 @@ async fn may_join(
     }
     // Counted under the buyer's row lock (taken after the event's, as everywhere), so that
     // concurrent joins to different events cannot each see room for one more.
-    sqlx::query!("SELECT 1 AS locked FROM users WHERE id = $1 FOR NO KEY UPDATE", user_id)
-        .fetch_optional(&mut *tx)
-        .await?
-        .ok_or(ApiError::ACCOUNT_GONE)?;
+    super::accounts::lock_account(tx, user_id).await?;
     let open: i64 = sqlx::query_scalar!(
         r#"SELECT count(*) AS "count!" FROM waitlist_entries WHERE user_id = $1 AND status IN ('WAITING', 'OFFERED')"#,
         user_id

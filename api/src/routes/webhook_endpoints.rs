@@ -103,12 +103,8 @@ pub async fn create_endpoint(
         _ => ApiError::invalid("invalid_url", err.to_string()),
     })?;
     let mut tx = state.db.begin().await?;
-    // The account's row lock makes count-then-insert atomic: concurrent registrations of one
-    // user take turns, so the limit holds exactly.
-    sqlx::query!("SELECT 1 AS locked FROM users WHERE id = $1 FOR NO KEY UPDATE", user.id)
-        .fetch_optional(&mut *tx)
-        .await?
-        .ok_or(ApiError::ACCOUNT_GONE)?;
+    // Count-then-insert under the account's lock: the limit holds exactly.
+    super::accounts::lock_account(&mut tx, user.id).await?;
     let count: i64 =
         sqlx::query_scalar!(r#"SELECT count(*) AS "count!" FROM webhook_endpoints WHERE user_id = $1"#, user.id)
             .fetch_one(&mut *tx)

@@ -9,19 +9,6 @@ use serde_json::{Value, json};
 use tests::{PASSWORD, TestApp};
 use uuid::Uuid;
 
-/// `GET url` with `token` until it answers 401 (at most a second); returns the last status.
-async fn refused_within_a_second(client: &reqwest::Client, url: &str, token: &str) -> u16 {
-    let mut status = 0;
-    for _ in 0..50 {
-        status = client.get(url).bearer_auth(token).send().await.unwrap().status().as_u16();
-        if status == 401 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    status
-}
-
 /// Finding 1: after `DELETE FROM users` an admin's token still changed roles, listed accounts
 /// and created ticket types; a buyer's read its orders. Deletion (by an operator or by
 /// `DELETE /users/{id}`) and deactivation now revoke every token, in every api process, and
@@ -41,9 +28,9 @@ async fn deleted_or_deactivated_accounts_lose_access_in_every_api_process() {
 
     // An operator removes the compromised admin in psql.
     sqlx::query("DELETE FROM users WHERE id = $1").bind(rogue).execute(&app.db.pool).await.unwrap();
-    let status = refused_within_a_second(&app.client, &app.url("/api/v1/users"), &rogue_token).await;
+    let status = tests::refused_within_a_second(&app.client, &app.url("/api/v1/users"), &rogue_token).await;
     assert_eq!(status, 401, "the deleted admin's token still lists accounts");
-    let status = refused_within_a_second(&app.client, &format!("{other_base}/api/v1/users"), &rogue_token).await;
+    let status = tests::refused_within_a_second(&app.client, &format!("{other_base}/api/v1/users"), &rogue_token).await;
     assert_eq!(status, 401, "the other api still takes the deleted admin's token");
     let res = app.patch(&format!("/api/v1/users/{victim}/role"), &json!({"role": "admin"}), Some(&rogue_token)).await;
     res.assert_error(401, "unauthorized");
@@ -59,7 +46,7 @@ async fn deleted_or_deactivated_accounts_lose_access_in_every_api_process() {
     assert_eq!(res.status, 200, "{}", res.body);
     assert!(res.json["deactivated_at"].is_string(), "{}", res.body);
     for base in [app.base.as_str(), other_base.as_str()] {
-        let status = refused_within_a_second(&app.client, &format!("{base}/api/v1/orders"), &victim_token).await;
+        let status = tests::refused_within_a_second(&app.client, &format!("{base}/api/v1/orders"), &victim_token).await;
         assert_eq!(status, 401, "{base} still takes a deactivated account's token");
     }
     app.login(&victim_email, PASSWORD).await.assert_error(403, "account_deactivated");
@@ -77,7 +64,7 @@ async fn deleted_or_deactivated_accounts_lose_access_in_every_api_process() {
     app.delete(&format!("/api/v1/users/{}", Uuid::now_v7()), Some(&admin)).await.assert_error(404, "not_found");
     assert_eq!(app.delete(&format!("/api/v1/users/{gone}"), Some(&admin)).await.status, 204);
     app.get("/api/v1/me", Some(&gone_token)).await.assert_error(401, "unauthorized");
-    let status = refused_within_a_second(&app.client, &format!("{other_base}/api/v1/me"), &gone_token).await;
+    let status = tests::refused_within_a_second(&app.client, &format!("{other_base}/api/v1/me"), &gone_token).await;
     assert_eq!(status, 401);
     app.login(&gone_email, PASSWORD).await.assert_error(401, "unauthorized");
     let event = app.event_with(&admin, 10, 2).await;

@@ -248,7 +248,8 @@ async fn demotion_and_password_change_revoke_earlier_tokens() {
         app.patch(&format!("/api/v1/users/{bob}/role"), &json!({"role": "admin"}), Some(&bob_admin_token)).await;
     regain.assert_error(401, "unauthorized");
     // The other api process learns of it from the notification, within moments.
-    let status = refused_within_a_second(&app.client, &format!("{other_base}/api/v1/users"), &bob_admin_token).await;
+    let status =
+        tests::refused_within_a_second(&app.client, &format!("{other_base}/api/v1/users"), &bob_admin_token).await;
     assert_eq!(status, 401, "the other api still took the demoted admin's token");
     let bob_user_token = app.token_for(&bob_email).await;
     app.get("/api/v1/users", Some(&bob_user_token)).await.assert_error(403, "forbidden");
@@ -263,7 +264,7 @@ async fn demotion_and_password_change_revoke_earlier_tokens() {
         app.get("/api/v1/me", Some(token)).await.assert_error(401, "unauthorized");
         // The other process hears of it by notification: within moments, not necessarily
         // before this request.
-        let status = refused_within_a_second(&app.client, &format!("{other_base}/api/v1/me"), token).await;
+        let status = tests::refused_within_a_second(&app.client, &format!("{other_base}/api/v1/me"), token).await;
         assert_eq!(status, 401, "the other api still took a token issued before the password change");
     }
     app.login(&carol_email, PASSWORD).await.assert_error(401, "unauthorized");
@@ -274,19 +275,6 @@ async fn demotion_and_password_change_revoke_earlier_tokens() {
     // A name change alone revokes nothing.
     assert_eq!(app.patch("/api/v1/me", &json!({"name": "Carol"}), Some(&fresh)).await.status, 200);
     assert_eq!(app.get("/api/v1/me", Some(&fresh)).await.status, 200);
-}
-
-/// `GET url` with `token` until it answers 401 (at most a second); returns the last status.
-async fn refused_within_a_second(client: &reqwest::Client, url: &str, token: &str) -> u16 {
-    let mut status = 0;
-    for _ in 0..50 {
-        status = client.get(url).bearer_auth(token).send().await.unwrap().status().as_u16();
-        if status == 401 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    status
 }
 
 /// Finding 4: `PATCH /me` checked `current_password` without limit for anyone holding a
