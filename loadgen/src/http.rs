@@ -148,7 +148,7 @@ async fn send_all(
 ) -> anyhow::Result<Vec<Answer>> {
     let orders = args.orders();
     let users = prepare::users(db, u64::from(args.users.max(1)).min(orders)).await?;
-    let tokens: Arc<[String]> = prepare::tokens(&users, &args.jwt_secret)?.into();
+    let tokens: Arc<[String]> = prepare::tokens(&users, &args.jwt_secret, args.jwt_ttl_secs)?.into();
     let route = if args.scenario == Scenario::Ceiling { "/api/v1/orders/quote" } else { "/api/v1/orders" };
     let url: Arc<str> = format!("{}{route}", args.api.trim_end_matches('/')).into();
     let events_list: Arc<[Uuid]> = events.into();

@@ -91,6 +91,10 @@ pub struct RunArgs {
     /// The api's token key, to sign the prepared users' tokens.
     #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: String,
+    /// The api's token lifetime: the tokens' `exp` is their `iat` plus this (the api refuses
+    /// tokens that would live longer than it issues them for).
+    #[arg(long, env = "JWT_TTL_SECS", default_value_t = 3600)]
+    pub jwt_ttl_secs: u64,
     /// Number of events; orders go to them in turn.
     #[arg(long, default_value_t = 1)]
     pub events: u32,

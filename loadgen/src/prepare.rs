@@ -74,15 +74,15 @@ pub async fn users(db: &PgPool, n: u64) -> anyhow::Result<Vec<Uuid>> {
     Ok(ids)
 }
 
-/// Bearer tokens for `users`, signed as the api signs them.
-pub fn tokens(users: &[Uuid], jwt_secret: &str) -> anyhow::Result<Vec<String>> {
+/// Bearer tokens for `users`, signed as the api signs them, valid for `ttl_secs`.
+pub fn tokens(users: &[Uuid], jwt_secret: &str, ttl_secs: u64) -> anyhow::Result<Vec<String>> {
     let key = jsonwebtoken::EncodingKey::from_secret(jwt_secret.as_bytes());
     let now = Utc::now().timestamp();
+    let exp = now.saturating_add(i64::try_from(ttl_secs).unwrap_or(i64::MAX));
     users
         .iter()
         .map(|id| {
-            let claims =
-                serde_json::json!({"sub": id, "role": "user", "iss": "turnstile", "iat": now, "exp": now + 7200});
+            let claims = serde_json::json!({"sub": id, "role": "user", "iss": "turnstile", "iat": now, "exp": exp});
             Ok(jsonwebtoken::encode(&jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256), &claims, &key)?)
         })
         .collect()
@@ -150,4 +150,23 @@ pub fn memory_mib(pid: u32) -> Option<(f64, f64)> {
             .map(|kib| kib / 1024.0)
     };
     Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The api refuses a token that would live longer than its `JWT_TTL_SECS`: the tokens
+    /// live exactly as long as they are told to.
+    #[test]
+    fn tokens_live_as_long_as_the_api_issues_them_for() {
+        let user = Uuid::now_v7();
+        let token = tokens(&[user], "a-secret-of-the-benchmark-only-0000", 3600).unwrap().pop().unwrap();
+        let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+        validation.set_issuer(&["turnstile"]);
+        let key = jsonwebtoken::DecodingKey::from_secret(b"a-secret-of-the-benchmark-only-0000");
+        let claims = jsonwebtoken::decode::<serde_json::Value>(&token, &key, &validation).unwrap().claims;
+        assert_eq!(claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(), 3600);
+        assert_eq!(claims["sub"], user.to_string());
+    }
 }
