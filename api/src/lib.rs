@@ -8,7 +8,6 @@
 #![cfg_attr(test, allow(clippy::too_many_lines))]
 
 mod auth;
-mod catalog;
 pub mod cli;
 mod error;
 pub use error::USER_REFERENCES;
@@ -16,12 +15,10 @@ mod extract;
 mod listener;
 mod observability;
 mod openapi;
-mod order_inserter;
-mod order_watch;
+mod purchase;
 mod revocations;
 mod routes;
 mod serve;
-mod sold_out_hints;
 mod state;
 mod throttle;
 mod ticket_codes;
@@ -38,7 +35,8 @@ use common::supervise::Tasks;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{HeavyWork, Tokens};
-use crate::order_watch::OrderWatch;
+use crate::purchase::order_watch::OrderWatch;
+use crate::purchase::{catalog, order_inserter, sold_out_hints};
 use crate::state::AppState;
 use crate::throttle::Throttle;
 use crate::ticket_codes::TicketCodes;

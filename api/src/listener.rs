@@ -12,8 +12,8 @@ use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::catalog::{self, EventCatalog};
-use crate::order_watch::OrderWatch;
+use crate::purchase::catalog::{self, EventCatalog};
+use crate::purchase::order_watch::OrderWatch;
 use crate::revocations::{self, Revocations};
 
 /// Who is told what.

@@ -7,11 +7,11 @@ use common::standard_webhooks::SigningKey;
 use sqlx::PgPool;
 
 use crate::auth::{HeavyWork, Tokens};
-use crate::catalog::EventCatalog;
-use crate::order_inserter::OrderInserter;
-use crate::order_watch::OrderWatch;
+use crate::purchase::catalog::EventCatalog;
+use crate::purchase::order_inserter::OrderInserter;
+use crate::purchase::order_watch::OrderWatch;
+use crate::purchase::sold_out_hints::SoldOutHints;
 use crate::revocations::Revocations;
-use crate::sold_out_hints::SoldOutHints;
 use crate::throttle::Throttle;
 use crate::ticket_codes::TicketCodes;
 

@@ -11,13 +11,11 @@ pub mod db;
 pub mod domain;
 pub mod metrics;
 pub mod notifications;
-pub mod order_changes;
+pub mod sales;
 pub mod shutdown;
 pub mod standard_webhooks;
-pub mod stock;
 pub mod supervise;
 pub mod telemetry;
-pub mod waitlist;
 pub mod webhook_targets;
 
 /// Runs a binary's async main on a multi-threaded runtime and turns its error into one

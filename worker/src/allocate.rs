@@ -1,15 +1,16 @@
-//! The partition consumers and the batch allocator: the only code that issues tickets.
+//! The partition consumers and the batch allocator.
 //!
 //! One task per partition queue consumes with a bounded prefetch and takes a batch
 //! (messages until they name about `BATCH_SIZE` orders, or what arrived within
 //! `BATCH_WAIT_MS` of the first; a message names the orders the api stored together). The
 //! batch goes to the decider, which decides every batch waiting at that moment in one
-//! transaction: lock their event rows, read their ticket types and still-`QUEUED` orders
-//! (and, for events with a buyer cap, what those buyers hold), decide each event's orders in
-//! arrival order, all lines or nothing, against each type's stock and the venue cap
-//! (`capacity - sold`), write the outcomes, insert the tickets, bump the events' and types'
-//! `sold` and record how far each partition has got with one statement each, commit. Only then is the batch acked, so a crash at any point leads to redelivery,
-//! and redelivery is harmless because an order that is no longer `QUEUED` is skipped.
+//! transaction: lock their event rows ([`common::sales::lock_events`]), read their ticket
+//! types and still-`QUEUED` orders (and, for events with a buyer cap, what those buyers
+//! hold), decide each event's orders in arrival order, all lines or nothing, against each
+//! type's stock and the venue cap (`capacity - sold`), write the outcomes with their tickets
+//! and `sold` ([`common::sales::allocate`]) and how far each partition has got, commit.
+//! Only then is the batch acked, so a crash at any point leads to redelivery, and
+//! redelivery is harmless because an order that is no longer `QUEUED` is skipped.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -19,13 +20,12 @@ use anyhow::Context;
 use chrono::{DateTime, Utc};
 use common::amqp::{PurchaseMessage, declare_topology, decode_purchase, purchase_queue};
 use common::config::WorkerConfig;
-use common::domain::OrderStatus;
-use common::stock::{self, Decision, EventStock, Request};
+use common::sales::{self, Decision, EventLock, EventStock, Request, Tickets, stock};
 use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Consumer, message::Delivery};
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -41,7 +41,7 @@ pub struct Allocator {
     pub config: Arc<WorkerConfig>,
     pub worker_id: Uuid,
     pub assignment: watch::Receiver<Assignment>,
-    /// The decider's queue (see [`spawn_decider`]).
+    /// The decider's queue (see [`decider`]).
     pub jobs: mpsc::Sender<Job>,
     /// Counts the subscribed partitions (readiness, `turnstile_partitions_subscribed`).
     pub probe: crate::health::Probe,
@@ -316,12 +316,12 @@ fn record_decisions(outcome: &BatchOutcome, traces: &HashMap<Uuid, String>) {
     let now = Utc::now();
     let mut counts: HashMap<(&'static str, &'static str), u64> = HashMap::new();
     for (decision, created_at) in &outcome.decided {
-        *counts.entry((decision.status.as_str(), decision.reason.unwrap_or("NONE"))).or_default() += 1;
+        *counts.entry((decision.status().as_str(), decision.reason.unwrap_or("NONE"))).or_default() += 1;
         let latency = (now - *created_at).to_std().unwrap_or_default();
         metrics::histogram!("turnstile_order_decision_latency_seconds").record(latency.as_secs_f64());
         tracing::info!(
             order_id = %decision.order_id,
-            status = decision.status.as_str(),
+            status = decision.status().as_str(),
             reason = decision.reason,
             trace_id = traces.get(&decision.order_id).map(String::as_str),
             "order decided"
@@ -384,13 +384,10 @@ struct LineRef {
     quantity: i32,
 }
 
-/// Partitions' batches in one transaction, whatever the number of events in them. Locks
-/// the batches' event rows, in id order (`FOR NO KEY UPDATE`: writers exclude each other,
-/// readers and inserts are not blocked). The orders and the events' ticket types are then
-/// read without locking them: every writer of an order's status or of a type's `sold` (this
-/// allocator, payments, cancellations, expiry, an event's deletion, an admin's edit of a
-/// type) takes its event's row lock first, so while the transaction holds its events' locks
-/// no one else can change them. That ordering also means this cannot deadlock with them.
+/// Partitions' batches in one transaction, whatever the number of events in them, under
+/// their events' locks ([`sales::lock_events`]). The orders and the events' ticket types
+/// are read without locking them: every writer of an order's status or of a type's `sold`
+/// holds its event's lock, so while the transaction holds it no one else can change them.
 /// Returns each batch's outcome, in the order given.
 async fn allocate_batches(
     db: &PgPool,
@@ -398,10 +395,13 @@ async fn allocate_batches(
     hold_ttl: Duration,
 ) -> sqlx::Result<Vec<BatchOutcome>> {
     let mut tx = db.begin().await?;
-    let (mut events, queued) = load(&mut tx, batches).await?;
+    let event_ids: Vec<Uuid> = batches.iter().flat_map(|(_, groups)| groups.iter().map(|(event, _)| *event)).collect();
+    let mut lock = sales::lock_events(&mut tx, &event_ids).await?;
+    let (mut events, queued) = load(&mut lock, batches).await?;
     let plan = plan(batches, &mut events, &queued);
     if !plan.decided.is_empty() {
-        write(&mut tx, &plan, hold_ttl).await?;
+        sales::allocate(&mut lock, &plan.decided, &plan.tickets, hold_ttl).await?;
+        record_progress(lock.conn(), &plan.progress).await?;
     }
     tx.commit().await?;
     Ok(plan.outcomes)
@@ -410,14 +410,13 @@ async fn allocate_batches(
 /// The `QUEUED` orders the batches name, by id, with the event each was placed for.
 type Queued = HashMap<Uuid, (Uuid, Request)>;
 
-/// Locks the batches' events and reads what they have left, the orders still `QUEUED`, and
-/// what their buyers already hold where a cap applies.
-async fn load(tx: &mut PgConnection, batches: &[(u16, &Groups)]) -> sqlx::Result<(HashMap<Uuid, EventStock>, Queued)> {
-    let mut event_ids: Vec<Uuid> =
-        batches.iter().flat_map(|(_, groups)| groups.iter().map(|(event, _)| *event)).collect();
-    event_ids.sort();
-    event_ids.dedup();
-    let mut events = stock::lock_and_load(tx, &event_ids).await?;
+/// Reads what the locked events have left, the orders still `QUEUED`, and what their buyers
+/// already hold where a cap applies.
+async fn load(
+    lock: &mut EventLock<'_>,
+    batches: &[(u16, &Groups)],
+) -> sqlx::Result<(HashMap<Uuid, EventStock>, Queued)> {
+    let mut events = stock::load(lock).await?;
     let order_ids: Vec<Uuid> =
         batches.iter().flat_map(|(_, groups)| groups.iter().flat_map(|(_, orders)| orders.iter().copied())).collect();
     let rows = sqlx::query!(
@@ -426,7 +425,7 @@ async fn load(tx: &mut PgConnection, batches: &[(u16, &Groups)]) -> sqlx::Result
            FROM orders WHERE id = ANY($1) AND status = 'QUEUED'"#,
         &order_ids
     )
-    .fetch_all(&mut *tx)
+    .fetch_all(lock.conn())
     .await?;
     let queued: Queued = rows
         .into_iter()
@@ -437,30 +436,18 @@ async fn load(tx: &mut PgConnection, batches: &[(u16, &Groups)]) -> sqlx::Result
             (row.id, (row.event_id, request))
         })
         .collect();
-    stock::read_holdings(tx, &mut events, queued.values().map(|(event_id, r)| (*event_id, r.user_id))).await?;
+    stock::read_holdings(lock, &mut events, queued.values().map(|(event_id, r)| (*event_id, r.user_id))).await?;
     Ok((events, queued))
 }
 
-/// What a transaction writes: every decision, the tickets issued, how many per event and
-/// per type, and how far each partition got.
+/// What a transaction writes: every decision, the tickets issued, and how far each
+/// partition got.
 #[derive(Debug, Default)]
 struct Plan {
     outcomes: Vec<BatchOutcome>,
     decided: Vec<Decision>,
-    /// The tickets issued, column by column as they are inserted.
     tickets: Tickets,
-    issued_per_event: HashMap<Uuid, i64>,
-    issued_per_type: HashMap<Uuid, i64>,
     progress: HashMap<u16, DateTime<Utc>>,
-}
-
-/// Tickets issued by a plan: one entry per ticket in each column.
-#[derive(Debug, Default)]
-struct Tickets {
-    ids: Vec<Uuid>,
-    orders: Vec<Uuid>,
-    events: Vec<Uuid>,
-    types: Vec<Uuid>,
 }
 
 /// Decides the batches' orders, in order, against what the events have left (pure: the
@@ -486,17 +473,10 @@ fn plan(batches: &[(u16, &Groups)], events: &mut HashMap<Uuid, EventStock>, queu
                 let seen = plan.progress.entry(*partition).or_insert(request.created_at);
                 *seen = (*seen).max(request.created_at);
                 outcome.decided.push((decision.clone(), request.created_at));
-                if matches!(decision.status, OrderStatus::Pending | OrderStatus::Paid) {
+                if decision.allocated() {
                     outcome.accepted += 1;
-                    *plan.issued_per_event.entry(*event_id).or_default() += request.tickets();
                     for &(type_id, quantity) in &request.lines {
-                        *plan.issued_per_type.entry(type_id).or_default() += quantity;
-                        for _ in 0..quantity {
-                            plan.tickets.ids.push(Uuid::now_v7());
-                            plan.tickets.orders.push(*order_id);
-                            plan.tickets.events.push(*event_id);
-                            plan.tickets.types.push(type_id);
-                        }
+                        plan.tickets.push(*order_id, *event_id, type_id, quantity);
                     }
                 } else {
                     outcome.rejected += 1;
@@ -507,62 +487,6 @@ fn plan(batches: &[(u16, &Groups)], events: &mut HashMap<Uuid, EventStock>, queu
         plan.outcomes.push(outcome);
     }
     plan
-}
-
-/// Writes a plan: the orders' new statuses, their tickets, `sold` per event and per type,
-/// the partitions' progress, and the announcement of the changed orders.
-async fn write(tx: &mut PgConnection, plan: &Plan, hold_ttl: Duration) -> sqlx::Result<()> {
-    let ids: Vec<Uuid> = plan.decided.iter().map(|d| d.order_id).collect();
-    let statuses: Vec<&str> = plan.decided.iter().map(|d| d.status.as_str()).collect();
-    let reasons: Vec<Option<&str>> = plan.decided.iter().map(|d| d.reason).collect();
-    let reason_types: Vec<Option<Uuid>> = plan.decided.iter().map(|d| d.reason_type).collect();
-    sqlx::query!(
-        "UPDATE orders o
-         SET status = d.status, reason = d.reason, reason_ticket_type_id = d.reason_type, updated_at = now(),
-             expires_at = CASE WHEN d.status = 'PENDING' THEN now() + make_interval(secs => $5) END
-         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::uuid[]) AS d(id, status, reason, reason_type)
-         WHERE o.id = d.id",
-        &ids,
-        &statuses as &[&str],
-        &reasons as &[Option<&str>],
-        &reason_types as &[Option<Uuid>],
-        hold_ttl.as_secs_f64()
-    )
-    .execute(&mut *tx)
-    .await?;
-    let tickets = &plan.tickets;
-    if !tickets.ids.is_empty() {
-        sqlx::query!(
-            "INSERT INTO tickets (id, order_id, event_id, ticket_type_id)
-             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[])",
-            &tickets.ids,
-            &tickets.orders,
-            &tickets.events,
-            &tickets.types
-        )
-        .execute(&mut *tx)
-        .await?;
-        let (sold_events, sold_counts): (Vec<Uuid>, Vec<i64>) =
-            plan.issued_per_event.iter().map(|(id, n)| (*id, *n)).unzip();
-        let (sold_types, type_counts): (Vec<Uuid>, Vec<i64>) =
-            plan.issued_per_type.iter().map(|(id, n)| (*id, *n)).unzip();
-        sqlx::query!(
-            "WITH types AS (
-                 UPDATE ticket_types t SET sold = t.sold + s.issued
-                 FROM UNNEST($3::uuid[], $4::int8[]) AS s(id, issued) WHERE t.id = s.id
-             )
-             UPDATE events e SET sold = e.sold + s.issued
-             FROM UNNEST($1::uuid[], $2::int8[]) AS s(id, issued) WHERE e.id = s.id",
-            &sold_events,
-            &sold_counts,
-            &sold_types,
-            &type_counts
-        )
-        .execute(&mut *tx)
-        .await?;
-    }
-    record_progress(tx, &plan.progress).await?;
-    common::db::notify_order_changes(tx, &ids).await
 }
 
 /// How far each partition's consumer has got (see `republish`): it decided orders created
@@ -590,6 +514,7 @@ async fn record_progress(tx: &mut sqlx::PgConnection, progress: &HashMap<u16, Da
 #[cfg(test)]
 mod tests {
     use super::*;
+    use common::domain::OrderStatus;
 
     #[test]
     fn a_plan_decides_in_order_counts_the_tickets_and_skips_what_is_not_queued() {
@@ -627,7 +552,7 @@ mod tests {
             plan.outcomes.iter().map(|o| (o.accepted, o.rejected, o.skipped)).collect();
         assert_eq!(summary, [(2, 1, 0), (0, 2, 3)], "order 3 and later are refused: 1 + 2 tickets leave none");
         let statuses: Vec<(u128, OrderStatus)> =
-            plan.decided.iter().map(|d| (d.order_id.as_u128() - 100, d.status)).collect();
+            plan.decided.iter().map(|d| (d.order_id.as_u128() - 100, d.status())).collect();
         assert_eq!(
             statuses,
             [
@@ -642,8 +567,8 @@ mod tests {
         assert_eq!(plan.tickets.events, [event; 3]);
         assert_eq!(plan.tickets.types, [ga; 3]);
         assert_eq!(plan.tickets.orders, [101, 102, 102].map(Uuid::from_u128));
-        assert_eq!(plan.issued_per_event, HashMap::from([(event, 3)]));
-        assert_eq!(plan.issued_per_type, HashMap::from([(ga, 3)]));
+        assert_eq!(plan.tickets.per_event(), HashMap::from([(event, 3)]));
+        assert_eq!(plan.tickets.per_type(), HashMap::from([(ga, 3)]));
         assert_eq!(events[&event].venue_left, 0);
         assert_eq!(plan.progress, HashMap::from([(0, at(3)), (3, at(5))]));
     }

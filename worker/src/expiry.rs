@@ -1,14 +1,14 @@
 //! Hold expiry: `PENDING` orders past `expires_at` become `EXPIRED` and give their tickets
 //! back, to the event's waiting list first, then to the next buyers. The same loop finishes
 //! deletions with refunds that their api process did not (it crashed or was stopped midway:
-//! `events.refunding_since` still set). Every worker process runs this loop; the shared code
-//! in `common::order_changes` takes the event's lock and re-checks under it, so two workers
+//! `events.refunding_since` still set). Every worker process runs this loop; each step
+//! takes the event's lock and `common::sales::changes` re-checks under it, so two workers
 //! never expire the same hold, or refund the same order, twice.
 
 use std::time::Duration;
 
 use anyhow::Context;
-use common::order_changes;
+use common::sales::{self, changes};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -63,7 +63,10 @@ async fn expire_due(db: &PgPool, offer_ttl: Duration, shutdown: &CancellationTok
         let mut expired = 0;
         for event_id in events {
             let mut tx = db.begin().await?;
-            let ids = order_changes::expire_event(&mut tx, event_id, BATCH, offer_ttl).await?;
+            let ids = match sales::lock_event(&mut tx, event_id).await? {
+                Some(mut lock) => changes::expire_event(&mut lock, event_id, BATCH, offer_ttl).await?,
+                None => Vec::new(),
+            };
             tx.commit().await?;
             metrics::counter!("turnstile_holds_expired_total").increment(ids.len() as u64);
             if !ids.is_empty() {
@@ -92,7 +95,10 @@ async fn finish_deletions(db: &PgPool, shutdown: &CancellationToken) -> sqlx::Re
         let mut refunded = 0;
         while !shutdown.is_cancelled() {
             let mut tx = db.begin().await?;
-            let done = order_changes::refund_deleted_event(&mut tx, event_id, BATCH, None).await?;
+            let done = match sales::lock_event(&mut tx, event_id).await? {
+                Some(mut lock) => changes::refund_deleted_event(&mut lock, event_id, BATCH, None).await?,
+                None => 0,
+            };
             tx.commit().await?;
             refunded += done;
             if done == 0 {

@@ -10,6 +10,7 @@ use chrono::{DateTime, Datelike, Utc};
 use common::domain::currency::{self, Currency};
 use common::domain::money::{self, AmountText};
 use common::domain::text;
+use common::sales;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -69,6 +70,7 @@ pub struct Event {
     pub default_ticket_type_id: Option<Uuid>,
     pub image_url: Option<String>,
     pub created_at: DateTime<Utc>,
+    /// When the event was last edited (sales, which change `tickets_available`, are not edits).
     pub updated_at: DateTime<Utc>,
     /// When an admin deleted it; only admins see deleted events.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -123,7 +125,7 @@ pub struct CreateEventRequest {
     #[schema(minimum = 1, maximum = 1000)]
     pub max_per_order: Option<i64>,
     /// Most tickets one buyer may hold over all their live orders, and with it at most
-    /// [`MAX_PENDING_ORDERS_PER_BUYER`](common::stock::MAX_PENDING_ORDERS_PER_BUYER) unpaid
+    /// [`MAX_PENDING_ORDERS_PER_BUYER`](common::sales::stock::MAX_PENDING_ORDERS_PER_BUYER) unpaid
     /// orders. Left out: the deployment's `DEFAULT_MAX_PER_BUYER`, or else the event's
     /// `max_per_order`. `null`, sent on purpose: no cap at all.
     #[schema(value_type = Option<i64>, minimum = 1)]
@@ -455,18 +457,15 @@ pub async fn update_event(
     Json(patch): Json<BTreeMap<String, Box<RawValue>>>,
 ) -> Result<Json<EventDetail>, ApiError> {
     let mut tx = state.db.begin().await?;
-    // The event row's lock orders this edit with the allocator, which reads `sold`.
-    sqlx::query!("SELECT 1 AS locked FROM events WHERE id = $1 AND deleted_at IS NULL FOR NO KEY UPDATE", id)
-        .fetch_optional(&mut *tx)
-        .await?
-        .ok_or(ApiError::NotFound("event"))?;
-    let current = load_event(&mut *tx, id, false).await?;
+    // The event's lock orders this edit with the allocator, which reads `sold`.
+    let mut lock = sales::lock_live_event(&mut tx, id).await?.ok_or(ApiError::NotFound("event"))?;
+    let current = load_event(lock.conn(), id, false).await?;
     let sold = current.capacity - current.tickets_available;
     let request = merge_patch(&CreateEventRequest::from(&current), &patch)?;
     let date_changed = patch.contains_key("date");
     let edited = request.validate_with(date_changed.then(Utc::now))?;
     if edited.currency.code() != current.currency {
-        prices_fit(&mut tx, id, current.default_ticket_type_id, edited.currency).await?;
+        prices_fit(lock.conn(), id, current.default_ticket_type_id, edited.currency).await?;
     }
     if edited.capacity < sold {
         return Err(ApiError::conflict(
@@ -494,12 +493,12 @@ pub async fn update_event(
         // The current cap is part of the merged request: always given.
         edited.max_per_buyer.flatten()
     )
-    .execute(&mut *tx)
+    .execute(lock.conn())
     .await?;
     // Capacity raised (or a cap lifted): the waiting list is offered what it can take first.
-    common::waitlist::offer(&mut tx, id, state.config.waitlist.offer_ttl()).await?;
+    sales::waitlist::offer(&mut lock, id, state.config.waitlist.offer_ttl()).await?;
     // Read after the offers, so that what they took is no longer available.
-    let event = load_event(&mut *tx, id, false).await?;
+    let event = load_event(lock.conn(), id, false).await?;
     tx.commit().await?;
     // Other api processes hear of it from the `event_changes` notification.
     state.catalog.forget(id);
@@ -601,15 +600,8 @@ pub async fn delete_event(
 ) -> Result<StatusCode, ApiError> {
     let refund = query.refund.unwrap_or(false);
     let mut tx = state.db.begin().await?;
-    let (deleted, refunding) = sqlx::query!(
-        r#"SELECT deleted_at IS NOT NULL AS "deleted!", refunding_since IS NOT NULL AS "refunding!"
-           FROM events WHERE id = $1 FOR NO KEY UPDATE"#,
-        id
-    )
-    .fetch_optional(&mut *tx)
-    .await?
-    .map(|row| (row.deleted, row.refunding))
-    .ok_or(ApiError::NotFound("event"))?;
+    let mut lock = sales::lock_event(&mut tx, id).await?.ok_or(ApiError::NotFound("event"))?;
+    let (deleted, refunding) = lock.event(id).map(|e| (e.deleted, e.refunding)).unwrap_or_default();
     if deleted && !(refund && refunding) {
         return Err(ApiError::NotFound("event"));
     }
@@ -618,7 +610,7 @@ pub async fn delete_event(
             r#"SELECT count(*) AS "count!" FROM orders WHERE event_id = $1 AND status = 'PAID'"#,
             id
         )
-        .fetch_one(&mut *tx)
+        .fetch_one(lock.conn())
         .await?;
         if paid > 0 && !refund {
             return Err(ApiError::conflict(
@@ -626,14 +618,14 @@ pub async fn delete_event(
                 format!("{paid} orders are paid; delete with ?refund=true to refund them, or postpone the event"),
             ));
         }
-        let rejected = common::order_changes::withdraw_event(&mut tx, id).await?;
+        let rejected = sales::changes::withdraw_event(&mut lock, id).await?;
         sqlx::query!(
             "UPDATE events SET deleted_at = now(), updated_at = now(), refunding_since = CASE WHEN $2 THEN now() END
              WHERE id = $1",
             id,
             paid > 0
         )
-        .execute(&mut *tx)
+        .execute(lock.conn())
         .await?;
         tx.commit().await?;
         state.catalog.forget(id);
@@ -647,7 +639,10 @@ pub async fn delete_event(
         loop {
             let mut tx = state.db.begin().await?;
             let batch = state.config.deletion_refund_batch;
-            let done = common::order_changes::refund_deleted_event(&mut tx, id, batch, Some(admin.id)).await?;
+            let done = match sales::lock_event(&mut tx, id).await? {
+                Some(mut lock) => sales::changes::refund_deleted_event(&mut lock, id, batch, Some(admin.id)).await?,
+                None => 0,
+            };
             tx.commit().await?;
             if done == 0 {
                 break;

@@ -2,7 +2,7 @@
 //! buyer's view of how it turned out.
 //!
 //! `POST /orders` answers 202 as soon as the order is stored `QUEUED` and its message is
-//! handed to the broker (see `order_inserter::OrderInserter`). The database write is the
+//! handed to the broker (see `purchase::order_inserter::OrderInserter`). The database write is the
 //! commitment: if the broker does not confirm, the client still gets 202 and the worker's
 //! re-publisher sends the message later; if the database write fails, the client gets 503
 //! and nothing was bought.
@@ -15,7 +15,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
 use common::domain::{IdempotencyKey, OrderLine, OrderStatus, OrderTrigger, TicketStatus, Transition};
-use common::order_changes;
+use common::sales::changes;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -23,10 +23,10 @@ use uuid::Uuid;
 
 use super::page::PageQuery;
 use crate::auth::AuthUser;
-use crate::catalog::EventForSale;
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::{Json, Path, Query};
-use crate::order_inserter::{NewOrder, Stored};
+use crate::purchase::order_inserter::{NewOrder, Stored};
+use crate::purchase::{self, CreateOrderRequest, Priced, Purchase};
 use crate::state::AppState;
 
 pub fn router() -> Router<AppState> {
@@ -120,35 +120,6 @@ pub struct OrderDetail {
     pub history: Vec<StatusChange>,
 }
 
-/// What to buy: `items` (tickets of one or more types), or `quantity` alone (the seed's
-/// shape: that many tickets of the event's default type, "General admission" unless the
-/// organizer changed it).
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CreateOrderRequest {
-    pub event_id: Uuid,
-    /// Number of tickets of the event's default type, 1 to the event's `max_per_order`.
-    /// Not with `items`.
-    #[schema(minimum = 1, example = 2)]
-    pub quantity: Option<i64>,
-    /// One line per ticket type, each type once, at most 20 lines; all of them are
-    /// allocated or none. Not with `quantity`.
-    #[schema(max_items = 20)]
-    pub items: Option<Vec<OrderItem>>,
-}
-
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct OrderItem {
-    pub ticket_type_id: Uuid,
-    /// Tickets of this type, 1 to the type's `max_per_order`.
-    #[schema(minimum = 1, example = 2)]
-    pub quantity: i64,
-}
-
-/// The most lines one order may have.
-const MAX_LINES: usize = 20;
-
 /// Buy tickets: the order is accepted at once and allocated in the background.
 ///
 /// Answers **202** with the order `QUEUED` and `Location: /api/v1/orders/{id}`; poll that
@@ -204,16 +175,16 @@ async fn purchase(
     req: CreateOrderRequest,
 ) -> Result<(StatusCode, HeaderMap, Json<Order>), ApiError> {
     let key = idempotency_key(&headers)?;
-    check_shape(&req)?;
+    let asked = Purchase::parse(&req)?;
     if let Some(key) = &key
         && let Some(existing) = find_by_key(&state, user.id, key).await?
     {
-        return replay(existing, &req);
+        return replay(existing, &asked);
     }
 
-    let priced = check_purchase(&state, &req).await?;
+    let priced = purchase::check(&state, &asked).await?;
     if state.config.sold_out_fast_path {
-        let available = tickets_left(&state, req.event_id, priced.quantity).await?;
+        let available = purchase::tickets_left(&state, req.event_id, priced.quantity).await?;
         if available < priced.quantity {
             return Err(sold_out(available));
         }
@@ -225,8 +196,8 @@ async fn purchase(
     let span = tracing::Span::current();
     span.record("order_id", tracing::field::display(order_id));
     let traceparent = common::telemetry::traceparent(&span);
+    let unit_price = priced.unit_price();
     let Priced { event, lines, quantity, total } = priced;
-    let unit_price = single_price(&lines);
     let stored = state
         .orders
         .insert(NewOrder {
@@ -249,7 +220,7 @@ async fn purchase(
         Stored::KeyTaken => {
             let key = key.as_ref().ok_or(ApiError::Unavailable)?;
             let existing = find_by_key(&state, user.id, key).await?.ok_or(ApiError::Unavailable)?;
-            return replay(existing, &req);
+            return replay(existing, &asked);
         }
     };
 
@@ -272,158 +243,6 @@ async fn purchase(
         expires_at: None,
     };
     Ok((StatusCode::ACCEPTED, location(order_id), Json(order)))
-}
-
-/// A purchase that passed the checks, priced: its event, its lines, its ticket count and total.
-pub(crate) struct Priced {
-    pub(crate) event: EventForSale,
-    pub(crate) lines: Vec<OrderLine>,
-    pub(crate) quantity: i32,
-    pub(crate) total: Decimal,
-}
-
-/// The price of one ticket of an order of one line (`unit_price`); `None` for several lines.
-fn single_price(lines: &[OrderLine]) -> Option<Decimal> {
-    match lines {
-        [line] => Some(line.unit_price),
-        _ => None,
-    }
-}
-
-/// The checks of the request's shape, before anything is read: `quantity` or `items`, not
-/// both; quantities at least 1; at most [`MAX_LINES`] lines, each type once.
-fn check_shape(req: &CreateOrderRequest) -> Result<(), ApiError> {
-    let items = |message: &str| ApiError::invalid("invalid_items", message.to_owned());
-    match (&req.quantity, &req.items) {
-        (Some(_), Some(_)) => {
-            return Err(ApiError::invalid("invalid_body", "give either quantity or items, not both"));
-        }
-        (None, None) => {
-            return Err(ApiError::invalid(
-                "invalid_body",
-                "quantity (tickets of the event's default type) or items is required",
-            ));
-        }
-        (Some(quantity), None) if *quantity < 1 => {
-            return Err(ApiError::invalid("invalid_quantity", "quantity must be at least 1"));
-        }
-        (Some(_), None) => {}
-        (None, Some(lines)) => {
-            if lines.is_empty() || lines.len() > MAX_LINES {
-                return Err(items(&format!("items must have 1 to {MAX_LINES} lines")));
-            }
-            if lines.iter().any(|line| line.quantity < 1) {
-                return Err(ApiError::invalid("invalid_quantity", "each line's quantity must be at least 1"));
-            }
-            let mut types: Vec<Uuid> = lines.iter().map(|line| line.ticket_type_id).collect();
-            types.sort();
-            types.dedup();
-            if types.len() != lines.len() {
-                return Err(items("each ticket type may appear in one line only"));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// The checks a purchase passes before anything is stored, all from memory: the event
-/// exists and is on sale, each line's type exists and is in its sale window, and the
-/// quantities are within the per-order limits and could ever fit the buyer caps (whether the
-/// buyer's earlier orders leave room is the worker's to decide). Returns the priced order.
-pub(crate) async fn check_purchase(state: &AppState, req: &CreateOrderRequest) -> Result<Priced, ApiError> {
-    check_shape(req)?;
-    let event = state.catalog.get(&state.db, req.event_id).await?.ok_or(ApiError::NotFound("event"))?;
-    if !event.on_sale(Utc::now()) {
-        return Err(ApiError::invalid("event_unavailable", "the event has started; tickets are no longer sold"));
-    }
-    let wanted: Vec<(Uuid, i64)> = match (&req.items, req.quantity) {
-        (Some(items), _) => items.iter().map(|item| (item.ticket_type_id, item.quantity)).collect(),
-        (None, quantity) => {
-            let default =
-                event.default_ticket_type_id.filter(|id| event.ticket_type(*id).is_some()).ok_or_else(|| {
-                    ApiError::invalid(
-                        "ticket_type_required",
-                        "this event has no default ticket type; name the ticket types in items",
-                    )
-                })?;
-            vec![(default, quantity.unwrap_or(1))]
-        }
-    };
-    let now = Utc::now();
-    let mut lines = Vec::with_capacity(wanted.len());
-    for (type_id, quantity) in wanted {
-        let ticket_type = event.ticket_type(type_id).ok_or_else(|| {
-            ApiError::invalid("unknown_ticket_type", format!("the event sells no ticket type {type_id}"))
-        })?;
-        if !ticket_type.on_sale(now) {
-            return Err(not_on_sale(ticket_type));
-        }
-        let limit = [ticket_type.max_per_order, ticket_type.max_per_buyer].into_iter().flatten().min();
-        if let Some(limit) = limit
-            && quantity > i64::from(limit)
-        {
-            return Err(ApiError::invalid(
-                "invalid_quantity",
-                format!("at most {limit} tickets of {} may be bought", ticket_type.name),
-            ));
-        }
-        // Bounded by the event's max_per_order (an i32) below; larger values fail there.
-        let quantity = i32::try_from(quantity).unwrap_or(i32::MAX);
-        lines.push(OrderLine {
-            ticket_type_id: type_id,
-            name: ticket_type.name.clone(),
-            quantity,
-            unit_price: ticket_type.price,
-        });
-    }
-    let total_tickets: i64 = lines.iter().map(|line| i64::from(line.quantity)).sum();
-    if total_tickets > i64::from(event.max_per_order) {
-        return Err(ApiError::invalid(
-            "invalid_quantity",
-            format!("quantity must be between 1 and {} for this event", event.max_per_order),
-        ));
-    }
-    if let Some(cap) = event.max_per_buyer
-        && total_tickets > i64::from(cap)
-    {
-        return Err(ApiError::invalid(
-            "invalid_quantity",
-            format!("a buyer may hold at most {cap} tickets of this event"),
-        ));
-    }
-    let total = lines.iter().map(OrderLine::amount).sum();
-    // In range: at most max_per_order (an i32).
-    Ok(Priced { event, lines, quantity: total_tickets as i32, total })
-}
-
-/// `422 not_on_sale`, with the type's sale window.
-fn not_on_sale(ticket_type: &crate::catalog::TypeForSale) -> ApiError {
-    let window = match (ticket_type.sales_start, ticket_type.sales_end) {
-        (Some(start), Some(end)) => format!("from {} until {}", start.to_rfc3339(), end.to_rfc3339()),
-        (Some(start), None) => format!("from {}", start.to_rfc3339()),
-        (None, Some(end)) => format!("until {}", end.to_rfc3339()),
-        (None, None) => "never".to_owned(),
-    };
-    ApiError::invalid("not_on_sale", format!("{} is on sale {window}", ticket_type.name))
-}
-
-/// The sold-out fast path's view of the tickets left (the venue cap; a type's own stock is
-/// the worker's to check): a recent reading that said too few is trusted (that is what
-/// spares the database a stampede on a sold-out event); anything else is read afresh, and
-/// remembered.
-async fn tickets_left(state: &AppState, event_id: Uuid, quantity: i32) -> Result<i32, ApiError> {
-    if let Some(hint) = state.sold_out.get(event_id)
-        && hint.available < quantity
-    {
-        return Ok(hint.available);
-    }
-    let available: i32 =
-        sqlx::query_scalar!(r#"SELECT capacity - sold AS "left!" FROM events WHERE id = $1"#, event_id)
-            .fetch_optional(&state.db)
-            .await?
-            .ok_or(ApiError::NotFound("event"))?;
-    state.sold_out.record(event_id, available);
-    Ok(available)
 }
 
 /// What an order would cost, without buying: the same checks as `POST /orders`.
@@ -463,8 +282,9 @@ pub async fn quote(
     _user: AuthUser,
     Json(req): Json<CreateOrderRequest>,
 ) -> Result<Json<Quote>, ApiError> {
-    let Priced { event, lines, quantity, total } = check_purchase(&state, &req).await?;
-    let unit_price = single_price(&lines);
+    let priced = purchase::check(&state, &Purchase::parse(&req)?).await?;
+    let unit_price = priced.unit_price();
+    let Priced { event, lines, quantity, total } = priced;
     Ok(Json(Quote { event_id: req.event_id, quantity, unit_price, total, currency: event.currency, items: lines }))
 }
 
@@ -505,24 +325,8 @@ async fn find_by_key(state: &AppState, user_id: Uuid, key: &IdempotencyKey) -> R
     .await?)
 }
 
-fn replay(existing: Order, req: &CreateOrderRequest) -> Result<(StatusCode, HeaderMap, Json<Order>), ApiError> {
-    let lines = |order: &Order| {
-        let mut lines: Vec<(Uuid, i64)> =
-            order.items.iter().map(|line| (line.ticket_type_id, i64::from(line.quantity))).collect();
-        lines.sort();
-        lines
-    };
-    let same = existing.event_id == req.event_id
-        && match (&req.items, req.quantity) {
-            (Some(items), _) => {
-                let mut asked: Vec<(Uuid, i64)> = items.iter().map(|i| (i.ticket_type_id, i.quantity)).collect();
-                asked.sort();
-                asked == lines(&existing)
-            }
-            // The seed's shape names no type: the same count in one line.
-            (None, quantity) => existing.items.len() == 1 && Some(i64::from(existing.quantity)) == quantity,
-        };
-    if !same {
+fn replay(existing: Order, asked: &Purchase) -> Result<(StatusCode, HeaderMap, Json<Order>), ApiError> {
+    if !asked.asks_for(existing.event_id, &existing.items, existing.quantity) {
         return Err(ApiError::invalid(
             "idempotency_key_reused",
             "this Idempotency-Key was used for a different request; use a new key for a new purchase",
@@ -655,19 +459,14 @@ pub async fn cancel_order(
     Path(id): Path<Uuid>,
 ) -> Result<Json<OrderDetail>, ApiError> {
     let mut tx = state.db.begin().await?;
-    let mut order = order_changes::lock(&mut tx, id, Some(user.id)).await?.ok_or(ApiError::NotFound("order"))?;
-    let transition = order_changes::apply(
-        &mut tx,
-        &mut order,
-        OrderTrigger::CancelledByOwner,
-        None,
-        state.config.waitlist.offer_ttl(),
-    )
-    .await?;
+    let mut locked = changes::lock(&mut tx, id, Some(user.id)).await?.ok_or(ApiError::NotFound("order"))?;
+    let offer_ttl = state.config.waitlist.offer_ttl();
+    let transition = changes::apply(&mut locked, OrderTrigger::CancelledByOwner, None, offer_ttl).await?;
+    let current = locked.order.status;
     // Committed whatever the outcome: a hold found over was expired on the way.
     tx.commit().await?;
     if transition == Transition::Impossible {
-        return Err(ApiError::InvalidTransition { current: order.status, target: "CANCELLED" });
+        return Err(ApiError::InvalidTransition { current, target: "CANCELLED" });
     }
     let order = load_visible(&state, user, id).await?;
     Ok(Json(detail(&state, order).await?))

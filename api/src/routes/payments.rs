@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
 use common::domain::{OrderStatus, OrderTrigger, Transition, reason, text};
-use common::order_changes::{self, LockedOrder, RefundSource};
+use common::sales::changes::{self, OrderRow, RefundSource};
 use common::standard_webhooks::{self, Headers};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -137,41 +137,41 @@ pub async fn payment_webhook(
         drop(tx);
         return replay(&state, verified.id, order_id).await;
     }
-    let mut order = order_changes::lock(&mut tx, order_id, None).await?.ok_or(ApiError::NotFound("order"))?;
+    let mut locked = changes::lock(&mut tx, order_id, None).await?.ok_or(ApiError::NotFound("order"))?;
     let trigger = request.status.trigger();
     let offer_ttl = state.config.waitlist.offer_ttl();
     let transition = match request.status {
-        PaymentOutcome::Paid => order_changes::apply(&mut tx, &mut order, trigger, None, offer_ttl).await?,
+        PaymentOutcome::Paid => changes::apply(&mut locked, trigger, None, offer_ttl).await?,
         PaymentOutcome::Rejected => {
             let reason = Some(request.reason.as_deref().unwrap_or(reason::PAYMENT_DECLINED));
-            order_changes::apply(&mut tx, &mut order, trigger, reason, offer_ttl).await?
+            changes::apply(&mut locked, trigger, reason, offer_ttl).await?
         }
-        PaymentOutcome::Refunded => {
-            order_changes::refund(&mut tx, &mut order, RefundSource::Provider, None, offer_ttl).await?
-        }
+        PaymentOutcome::Refunded => changes::refund(&mut locked, RefundSource::Provider, None, offer_ttl).await?,
     };
+    let order = &locked.order;
     let (status, response) = match transition {
         Transition::Moves { .. } | Transition::AlreadyThere => (StatusCode::NO_CONTENT, None),
         Transition::Impossible => {
             if trigger == OrderTrigger::PaymentSucceeded && order.status.is_final() {
-                record_late_payment(&mut tx, &order, verified.id).await?;
+                record_late_payment(locked.lock.conn(), &locked.order, verified.id).await?;
             }
-            let (status, body) =
-                ApiError::InvalidTransition { current: order.status, target: request.status.as_str() }.to_body();
+            let current = locked.order.status;
+            let (status, body) = ApiError::InvalidTransition { current, target: request.status.as_str() }.to_body();
             (status, Some(serde_json::to_value(body).map_err(anyhow::Error::from)?))
         }
     };
+    let final_status = locked.order.status;
     sqlx::query!(
         "UPDATE payment_webhooks SET status_code = $2, response = $3 WHERE webhook_id = $1",
         verified.id,
         i16::try_from(status.as_u16()).unwrap_or(i16::MAX),
         response
     )
-    .execute(&mut *tx)
+    .execute(locked.lock.conn())
     .await?;
     tx.commit().await?;
     tracing::info!(%order_id, webhook_id = verified.id, requested = request.status.as_str(),
-        status = order.status.as_str(), code = status.as_u16(), "payment webhook applied");
+        status = final_status.as_str(), code = status.as_u16(), "payment webhook applied");
     Ok(respond(status, response))
 }
 
@@ -243,7 +243,7 @@ fn respond(status: StatusCode, body: Option<serde_json::Value>) -> Response {
     }
 }
 
-async fn record_late_payment(tx: &mut PgConnection, order: &LockedOrder, webhook_id: &str) -> Result<(), ApiError> {
+async fn record_late_payment(tx: &mut PgConnection, order: &OrderRow, webhook_id: &str) -> Result<(), ApiError> {
     sqlx::query!(
         "INSERT INTO late_payments (id, order_id, webhook_id, order_status, amount) VALUES ($1, $2, $3, $4, $5)",
         Uuid::now_v7(),
@@ -380,12 +380,13 @@ pub async fn refund_order(
     Path(order_id): Path<Uuid>,
 ) -> Result<Json<Refund>, ApiError> {
     let mut tx = state.db.begin().await?;
-    let mut order = order_changes::lock(&mut tx, order_id, None).await?.ok_or(ApiError::NotFound("order"))?;
+    let mut locked = changes::lock(&mut tx, order_id, None).await?.ok_or(ApiError::NotFound("order"))?;
     let offer_ttl = state.config.waitlist.offer_ttl();
-    let transition = order_changes::refund(&mut tx, &mut order, RefundSource::Admin, Some(admin.id), offer_ttl).await?;
+    let transition = changes::refund(&mut locked, RefundSource::Admin, Some(admin.id), offer_ttl).await?;
     if transition == Transition::Impossible {
-        return Err(ApiError::InvalidTransition { current: order.status, target: "REFUNDED" });
+        return Err(ApiError::InvalidTransition { current: locked.order.status, target: "REFUNDED" });
     }
+    drop(locked);
     let refund = sqlx::query_as!(
         Refund,
         r#"SELECT order_id, amount, currency, source AS "source: RefundSource", requested_by, created_at, executed_at

@@ -15,6 +15,7 @@ use chrono::{DateTime, Datelike, Utc};
 use common::domain::Currency;
 use common::domain::money::AmountText;
 use common::domain::text;
+use common::sales::{self, EventLock};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -281,23 +282,14 @@ async fn load<'c, E: sqlx::PgExecutor<'c>>(
     select(db, event_id, Some(type_id), shown).await?.pop().ok_or(ApiError::NotFound("ticket type"))
 }
 
-/// [`load`] under the type's row lock, which orders this edit with others of the type.
-async fn load_locked(tx: &mut sqlx::PgConnection, event_id: Uuid, type_id: Uuid) -> Result<TicketType, ApiError> {
-    sqlx::query!("SELECT 1 AS locked FROM ticket_types WHERE id = $1 FOR NO KEY UPDATE", type_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-    load(&mut *tx, event_id, type_id, false).await
-}
-
-/// Locks the live event's row (the allocator's lock: it orders this change with the
-/// decisions) and returns its currency.
-async fn lock_event(tx: &mut sqlx::PgConnection, id: Uuid) -> Result<Currency, ApiError> {
-    let code: String =
-        sqlx::query_scalar!("SELECT currency FROM events WHERE id = $1 AND deleted_at IS NULL FOR NO KEY UPDATE", id)
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or(ApiError::NotFound("event"))?;
-    Currency::parse(&code).map_err(|err| ApiError::Internal(anyhow::anyhow!("stored currency {code}: {err}")))
+/// Locks the live event (the allocator's lock: it orders this change with the decisions
+/// and with other edits of its types) and returns its currency.
+async fn lock_event(tx: &mut sqlx::PgConnection, id: Uuid) -> Result<(EventLock<'_>, Currency), ApiError> {
+    let lock = sales::lock_live_event(tx, id).await?.ok_or(ApiError::NotFound("event"))?;
+    let code = lock.event(id).map(|event| event.currency.as_str()).unwrap_or_default();
+    let currency =
+        Currency::parse(code).map_err(|err| ApiError::Internal(anyhow::anyhow!("stored currency {code}: {err}")))?;
+    Ok((lock, currency))
 }
 
 /// Add a ticket type to an event (admin). The event's capacity stays the cap over all its
@@ -320,13 +312,13 @@ pub async fn create_ticket_type(
     Json(req): Json<TicketTypeRequest>,
 ) -> Result<(StatusCode, HeaderMap, Json<TicketType>), ApiError> {
     let mut tx = state.db.begin().await?;
-    let currency = lock_event(&mut tx, id).await?;
+    let (mut lock, currency) = lock_event(&mut tx, id).await?;
     let new = req.validate(&currency)?;
     let live: i64 = sqlx::query_scalar!(
         r#"SELECT count(*) AS "count!" FROM ticket_types WHERE event_id = $1 AND deleted_at IS NULL"#,
         id
     )
-    .fetch_one(&mut *tx)
+    .fetch_one(lock.conn())
     .await?;
     if live >= MAX_TYPES {
         return Err(ApiError::conflict(
@@ -352,9 +344,9 @@ pub async fn create_ticket_type(
         new.hidden,
         new.sort_order
     )
-    .execute(&mut *tx)
+    .execute(lock.conn())
     .await?;
-    let created = load(&mut *tx, id, type_id, false).await?;
+    let created = load(lock.conn(), id, type_id, false).await?;
     tx.commit().await?;
     state.catalog.forget(id);
     tracing::info!(event_id = %id, ticket_type_id = %type_id, admin_id = %admin.id, "ticket type created");
@@ -384,8 +376,8 @@ pub async fn update_ticket_type(
     Json(patch): Json<BTreeMap<String, Box<RawValue>>>,
 ) -> Result<Json<TicketType>, ApiError> {
     let mut tx = state.db.begin().await?;
-    let currency = lock_event(&mut tx, id).await?;
-    let current = load_locked(&mut tx, id, type_id).await?;
+    let (mut lock, currency) = lock_event(&mut tx, id).await?;
+    let current = load(lock.conn(), id, type_id, false).await?;
     let request = merge_patch(&TicketTypeRequest::from(&current), &patch)?;
     let edited = request.validate(&currency)?;
     if edited.capacity.is_some_and(|capacity| capacity < current.sold) {
@@ -411,12 +403,12 @@ pub async fn update_ticket_type(
         edited.hidden,
         edited.sort_order
     )
-    .execute(&mut *tx)
+    .execute(lock.conn())
     .await?;
     // Capacity raised (or a window or cap changed): the waiting list is offered what it can
     // take first.
-    common::waitlist::offer(&mut tx, id, state.config.waitlist.offer_ttl()).await?;
-    let updated = load(&mut *tx, id, type_id, false).await?;
+    sales::waitlist::offer(&mut lock, id, state.config.waitlist.offer_ttl()).await?;
+    let updated = load(lock.conn(), id, type_id, false).await?;
     tx.commit().await?;
     state.catalog.forget(id);
     tracing::info!(event_id = %id, ticket_type_id = %type_id, admin_id = %admin.id,
@@ -445,8 +437,8 @@ pub async fn delete_ticket_type(
     Path((id, type_id)): Path<(Uuid, Uuid)>,
 ) -> Result<StatusCode, ApiError> {
     let mut tx = state.db.begin().await?;
-    lock_event(&mut tx, id).await?;
-    let current = load_locked(&mut tx, id, type_id).await?;
+    let (mut lock, _) = lock_event(&mut tx, id).await?;
+    let current = load(lock.conn(), id, type_id, false).await?;
     if current.sold > 0 {
         return Err(ApiError::conflict(
             "ticket_type_has_tickets",
@@ -454,7 +446,7 @@ pub async fn delete_ticket_type(
         ));
     }
     sqlx::query!("UPDATE ticket_types SET deleted_at = now(), updated_at = now() WHERE id = $1", type_id)
-        .execute(&mut *tx)
+        .execute(lock.conn())
         .await?;
     // Nobody waits for a type that is no longer sold (it holds no tickets, so no offers).
     sqlx::query!(
@@ -462,7 +454,7 @@ pub async fn delete_ticket_type(
          WHERE ticket_type_id = $1 AND status = 'WAITING'",
         type_id
     )
-    .execute(&mut *tx)
+    .execute(lock.conn())
     .await?;
     sqlx::query!(
         "UPDATE events SET default_ticket_type_id = NULL, updated_at = now()
@@ -470,7 +462,7 @@ pub async fn delete_ticket_type(
         id,
         type_id
     )
-    .execute(&mut *tx)
+    .execute(lock.conn())
     .await?;
     tx.commit().await?;
     state.catalog.forget(id);

@@ -1,6 +1,6 @@
 //! The waiting list: buyers of a sold-out event (or ticket type) join it with the quantity
 //! they want; tickets released later are offered to them in join order, as orders of their
-//! own (`common::waitlist`). Joining is checked like a purchase (the same rules and
+//! own (`common::sales::waitlist`). Joining is checked like a purchase (the same rules and
 //! limits), and only while the tickets wanted are not to be had.
 
 use axum::Router;
@@ -9,15 +9,16 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::routing::get;
 use chrono::{DateTime, Utc};
 use common::domain::WaitlistStatus;
+use common::sales;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::orders::{CreateOrderRequest, OrderItem, check_purchase};
 use super::page::PageQuery;
 use crate::auth::{AdminUser, AuthUser};
 use crate::error::{ApiError, ErrorBody, ResultExt};
 use crate::extract::{Json, Path, Query};
+use crate::purchase::{self, CreateOrderRequest, OrderItem, Purchase};
 use crate::state::AppState;
 
 pub fn router() -> Router<AppState> {
@@ -93,12 +94,12 @@ pub async fn join(
         return Err(ApiError::invalid("invalid_quantity", "quantity must be at least 1"));
     }
     // The same checks as a purchase of these tickets.
-    let purchase = CreateOrderRequest {
+    let asked = CreateOrderRequest {
         event_id,
         quantity: req.ticket_type_id.is_none().then_some(req.quantity),
         items: req.ticket_type_id.map(|ticket_type_id| vec![OrderItem { ticket_type_id, quantity: req.quantity }]),
     };
-    let priced = check_purchase(&state, &purchase).await?;
+    let priced = purchase::check(&state, &Purchase::parse(&asked)?).await?;
     let line = priced.lines.first().ok_or(ApiError::invalid("invalid_quantity", "no tickets asked for"))?;
     let type_id = line.ticket_type_id;
 
@@ -150,32 +151,24 @@ async fn may_join(
     user_id: Uuid,
     quantity: i32,
 ) -> Result<(), ApiError> {
-    let left = sqlx::query!(
-        r#"SELECT e.capacity - e.sold AS "venue_left!", t.capacity - t.sold AS "type_left"
-           FROM events e JOIN ticket_types t ON t.event_id = e.id AND t.id = $2 AND t.deleted_at IS NULL
-           WHERE e.id = $1 AND e.deleted_at IS NULL
-           FOR NO KEY UPDATE OF e"#,
-        event_id,
-        type_id
-    )
-    .fetch_optional(&mut *tx)
-    .await?
-    .map(|row| (row.venue_left, row.type_left));
-    let (venue_left, type_left) = left.ok_or(ApiError::NotFound("event"))?;
+    let mut lock = sales::lock_live_event(tx, event_id).await?.ok_or(ApiError::NotFound("event"))?;
+    let events = sales::stock::load(&mut lock).await?;
+    let event = events.get(&event_id).ok_or(ApiError::NotFound("event"))?;
+    let type_stock = event.types.get(&type_id).filter(|t| !t.withdrawn).ok_or(ApiError::NotFound("event"))?;
     let waiting: bool = sqlx::query_scalar!(
         r#"SELECT EXISTS (SELECT 1 FROM waitlist_entries
                         WHERE event_id = $1 AND user_id = $2 AND status IN ('WAITING', 'OFFERED')) AS "exists!""#,
         event_id,
         user_id
     )
-    .fetch_one(&mut *tx)
+    .fetch_one(lock.conn())
     .await?;
     if waiting {
         return Err(already_waiting());
     }
     // A type without stock of its own (`capacity` null) is limited by the venue only.
-    let available = type_left.map_or(venue_left, |type_left| type_left.min(venue_left)).max(0);
-    if available >= quantity {
+    let available = type_stock.left.map_or(event.venue_left, |type_left| type_left.min(event.venue_left));
+    if available >= i64::from(quantity) {
         return Err(ApiError::conflict(
             "tickets_available",
             format!("{available} tickets are available: buy them with POST /api/v1/orders"),
@@ -183,12 +176,12 @@ async fn may_join(
     }
     // Counted under the buyer's row lock (taken after the event's, as everywhere), so that
     // concurrent joins to different events cannot each see room for one more.
-    super::accounts::lock_account(tx, user_id).await?;
+    super::accounts::lock_account(lock.conn(), user_id).await?;
     let open: i64 = sqlx::query_scalar!(
         r#"SELECT count(*) AS "count!" FROM waitlist_entries WHERE user_id = $1 AND status IN ('WAITING', 'OFFERED')"#,
         user_id
     )
-    .fetch_one(&mut *tx)
+    .fetch_one(lock.conn())
     .await?;
     if open >= MAX_OPEN_ENTRIES {
         return Err(ApiError::conflict(
@@ -221,9 +214,8 @@ pub async fn leave(
     // The event's lock first, as the offers take it: an offer made from released tickets
     // either committed before (the entry is `OFFERED`: 409) or sees the entry `LEFT`.
     let mut tx = state.db.begin().await?;
-    sqlx::query!("SELECT 1 AS locked FROM events WHERE id = $1 FOR NO KEY UPDATE", event_id)
-        .fetch_optional(&mut *tx)
-        .await?;
+    // No event, no entry.
+    let mut lock = sales::lock_event(&mut tx, event_id).await?.ok_or(ApiError::NotFound("waiting-list entry"))?;
     let open = sqlx::query!(
         r#"WITH left_now AS (
                UPDATE waitlist_entries SET status = 'LEFT', updated_at = now()
@@ -236,7 +228,7 @@ pub async fn leave(
         event_id,
         user.id
     )
-    .fetch_optional(&mut *tx)
+    .fetch_optional(lock.conn())
     .await?
     .map(|row| (row.id, row.status, row.order_id));
     tx.commit().await?;

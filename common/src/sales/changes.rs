@@ -1,28 +1,34 @@
 //! Status changes after allocation, in the database: payment, cancellation, hold expiry,
 //! refunds and an event's withdrawal. The api (payment webhook, cancel, refund, deletion)
-//! and the worker (expiry loop, unfinished deletions) both go through here, so the locking
-//! order, the release of tickets and the waiting list's offers are written once.
-//!
-//! **Locking order.** Every transaction that changes an order's status or an event's `sold`
-//! locks the event row first, then the order rows, the order the allocator uses too. Two
-//! such transactions can therefore only queue behind each other, never deadlock.
+//! and the worker (expiry loop, unfinished deletions) both go through here, each under an
+//! [`EventLock`], so the release of tickets and the waiting list's offers are written once.
 //!
 //! **Release.** An order that leaves `PENDING` for anything but `PAID`, or `PAID` for
 //! `REFUNDED`, cancels its tickets and gives them back to their ticket types' and the
-//! event's `sold` in the same transaction, so capacity is never lost and never
-//! double-counted; the released tickets are then offered to the event's waiting list
-//! (`crate::waitlist`), still in that transaction, before any purchase decided after it.
+//! event's `sold` in the same transaction ([`tickets::release`]), so capacity is never lost
+//! and never double-counted; the released tickets are then offered to the event's waiting
+//! list ([`waitlist`]), still in that transaction, before any purchase decided after it.
 
 use std::time::Duration;
 
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+use super::{EventLock, lock_event, tickets, waitlist};
 use crate::domain::{OrderStatus, OrderTrigger, Transition, reason};
 
-/// An order locked for a status change, with what the rules need to know about it.
+/// An order locked for a status change (its event's lock, then its row's), with what the
+/// rules need to know about it.
 #[derive(Debug)]
-pub struct LockedOrder {
+pub struct LockedOrder<'c> {
+    /// Its event's lock; further statements of the transaction go through `lock.conn()`.
+    pub lock: EventLock<'c>,
+    pub order: OrderRow,
+}
+
+/// The locked order's row.
+#[derive(Debug)]
+pub struct OrderRow {
     pub id: Uuid,
     pub user_id: Uuid,
     pub event_id: Uuid,
@@ -35,32 +41,36 @@ pub struct LockedOrder {
     pub hold_over: bool,
 }
 
-/// Locks the order (event row first, then the order row) inside `tx`. `None` when there is
-/// no such order, or when `owner` is given and the order is someone else's.
-pub async fn lock(tx: &mut PgConnection, order_id: Uuid, owner: Option<Uuid>) -> sqlx::Result<Option<LockedOrder>> {
+/// Locks the order (event row first, then the order row) inside the transaction on `conn`.
+/// `None` when there is no such order, or when `owner` is given and the order is someone
+/// else's.
+pub async fn lock(
+    conn: &mut PgConnection,
+    order_id: Uuid,
+    owner: Option<Uuid>,
+) -> sqlx::Result<Option<LockedOrder<'_>>> {
     // The event and owner of an order never change, so they can be read before the locks.
     let Some(event_id) = sqlx::query_scalar!(
         "SELECT event_id FROM orders WHERE id = $1 AND ($2::uuid IS NULL OR user_id = $2)",
         order_id,
         owner
     )
-    .fetch_optional(&mut *tx)
+    .fetch_optional(&mut *conn)
     .await?
     else {
         return Ok(None);
     };
-    sqlx::query!("SELECT 1 AS locked FROM events WHERE id = $1 FOR NO KEY UPDATE", event_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-    sqlx::query_as!(
-        LockedOrder,
+    let Some(mut lock) = lock_event(conn, event_id).await? else { return Ok(None) };
+    let order = sqlx::query_as!(
+        OrderRow,
         r#"SELECT id, user_id, event_id, status AS "status: OrderStatus", quantity, total, currency,
                   coalesce(status = 'PENDING' AND expires_at <= now(), false) AS "hold_over!"
            FROM orders WHERE id = $1 FOR UPDATE"#,
         order_id
     )
-    .fetch_optional(&mut *tx)
-    .await
+    .fetch_optional(lock.conn())
+    .await?;
+    Ok(order.map(|order| LockedOrder { lock, order }))
 }
 
 /// Applies `trigger` to a locked order and writes the outcome: the new status (and `reason`),
@@ -71,27 +81,27 @@ pub async fn lock(tx: &mut PgConnection, order_id: Uuid, owner: Option<Uuid>) ->
 /// the clock, not on which process got the lock first. Tickets released are offered to the
 /// waiting list with holds of `offer_ttl`.
 pub async fn apply(
-    tx: &mut PgConnection,
-    order: &mut LockedOrder,
+    locked: &mut LockedOrder<'_>,
     trigger: OrderTrigger,
     reason: Option<&str>,
     offer_ttl: Duration,
 ) -> sqlx::Result<Transition> {
-    if order.hold_over && trigger != OrderTrigger::HoldExpired {
-        move_order(tx, order, OrderTrigger::HoldExpired, None, offer_ttl).await?;
+    if locked.order.hold_over && trigger != OrderTrigger::HoldExpired {
+        move_order(locked, OrderTrigger::HoldExpired, None, offer_ttl).await?;
     }
-    move_order(tx, order, trigger, reason, offer_ttl).await
+    move_order(locked, trigger, reason, offer_ttl).await
 }
 
 async fn move_order(
-    tx: &mut PgConnection,
-    order: &mut LockedOrder,
+    locked: &mut LockedOrder<'_>,
     trigger: OrderTrigger,
     reason: Option<&str>,
     offer_ttl: Duration,
 ) -> sqlx::Result<Transition> {
+    let order = &mut locked.order;
     let ids = [order.id];
-    let transition = move_orders(tx, order.event_id, order.status, &ids, trigger, reason, Some(offer_ttl)).await?;
+    let transition =
+        move_orders(&mut locked.lock, order.event_id, order.status, &ids, trigger, reason, Some(offer_ttl)).await?;
     if let Transition::Moves { to, .. } = transition {
         order.status = to;
         order.hold_over = false;
@@ -99,12 +109,12 @@ async fn move_order(
     Ok(transition)
 }
 
-/// Applies `trigger` to orders of one event that are all in status `from`, locked by the
-/// caller: writes the new status, settles the waiting-list entries whose offers these
-/// orders were, releases the tickets when the transition says so (offering them to the
-/// waiting list when `offer_ttl` is given), and notifies long-polls on commit.
+/// Applies `trigger` to orders of one locked event that are all in status `from`, their
+/// rows locked by the caller: writes the new status, settles the waiting-list entries whose
+/// offers these orders were, releases the tickets when the transition says so (offering
+/// them to the waiting list when `offer_ttl` is given), and notifies long-polls on commit.
 async fn move_orders(
-    tx: &mut PgConnection,
+    lock: &mut EventLock<'_>,
     event_id: Uuid,
     from: OrderStatus,
     ids: &[Uuid],
@@ -112,6 +122,7 @@ async fn move_orders(
     reason: Option<&str>,
     offer_ttl: Option<Duration>,
 ) -> sqlx::Result<Transition> {
+    lock.check_holds(event_id)?;
     let transition = from.apply(trigger);
     if let Transition::Moves { to, releases_tickets } = transition {
         sqlx::query!(
@@ -120,7 +131,7 @@ async fn move_orders(
             to.as_str(),
             reason
         )
-        .execute(&mut *tx)
+        .execute(lock.conn())
         .await?;
         if from == OrderStatus::Pending {
             // An offer paid is a purchase; one that expired, was cancelled or declined has
@@ -132,53 +143,30 @@ async fn move_orders(
                 ids,
                 to.as_str()
             )
-            .execute(&mut *tx)
+            .execute(lock.conn())
             .await?;
         }
         if releases_tickets {
-            release(tx, event_id, ids).await?;
+            tickets::release(lock, event_id, ids).await?;
             if let Some(offer_ttl) = offer_ttl {
-                crate::waitlist::offer(tx, event_id, offer_ttl).await?;
+                waitlist::offer(lock, event_id, offer_ttl).await?;
             }
         }
-        crate::db::notify_order_changes(tx, ids).await?;
+        crate::db::notify_order_changes(lock.conn(), ids).await?;
     }
     Ok(transition)
 }
 
-/// Cancels the tickets of these orders of one event and gives them back to their types'
-/// and the event's `sold`, counted from the tickets cancelled (one statement). The caller
-/// holds the event's lock.
-async fn release(tx: &mut PgConnection, event_id: Uuid, ids: &[Uuid]) -> sqlx::Result<()> {
-    sqlx::query!(
-        "WITH cancelled AS (
-             UPDATE tickets SET status = 'CANCELLED' WHERE order_id = ANY($1) AND status = 'ACTIVE'
-             RETURNING ticket_type_id
-         ),
-         per_type AS (SELECT ticket_type_id AS id, count(*) AS released FROM cancelled GROUP BY 1),
-         types AS (UPDATE ticket_types t SET sold = t.sold - p.released FROM per_type p WHERE t.id = p.id)
-         UPDATE events SET sold = sold - (SELECT coalesce(sum(released), 0) FROM per_type), updated_at = now()
-         WHERE id = $2",
-        ids,
-        event_id
-    )
-    .execute(&mut *tx)
-    .await?;
-    Ok(())
-}
-
-/// Expires the holds of one event that are over, at most `limit` of them, in `tx`. Returns
+/// Expires the holds of one locked event that are over, at most `limit` of them. Returns
 /// the ids of the orders it expired. Safe to run from several workers at once: each waits
 /// for the event's lock and then sees only the holds still `PENDING`.
 pub async fn expire_event(
-    tx: &mut PgConnection,
+    lock: &mut EventLock<'_>,
     event_id: Uuid,
     limit: i64,
     offer_ttl: Duration,
 ) -> sqlx::Result<Vec<Uuid>> {
-    sqlx::query!("SELECT 1 AS locked FROM events WHERE id = $1 FOR NO KEY UPDATE", event_id)
-        .fetch_optional(&mut *tx)
-        .await?;
+    lock.check_holds(event_id)?;
     let ids: Vec<Uuid> = sqlx::query_scalar!(
         "SELECT id FROM orders
          WHERE event_id = $1 AND status = 'PENDING' AND expires_at <= now()
@@ -186,20 +174,20 @@ pub async fn expire_event(
         event_id,
         limit
     )
-    .fetch_all(&mut *tx)
+    .fetch_all(lock.conn())
     .await?;
     if ids.is_empty() {
         return Ok(ids);
     }
-    move_orders(tx, event_id, OrderStatus::Pending, &ids, OrderTrigger::HoldExpired, None, Some(offer_ttl)).await?;
+    move_orders(lock, event_id, OrderStatus::Pending, &ids, OrderTrigger::HoldExpired, None, Some(offer_ttl)).await?;
     Ok(ids)
 }
 
 /// Rejects every unpaid order of an event being deleted (`QUEUED` ones before the worker
 /// gets to them, `PENDING` ones releasing their tickets), with reason `EVENT_UNAVAILABLE`,
-/// and closes its waiting list. The caller holds the event's lock. Returns how many orders
-/// were rejected.
-pub async fn withdraw_event(tx: &mut PgConnection, event_id: Uuid) -> sqlx::Result<usize> {
+/// and closes its waiting list. Returns how many orders were rejected.
+pub async fn withdraw_event(lock: &mut EventLock<'_>, event_id: Uuid) -> sqlx::Result<usize> {
+    lock.check_holds(event_id)?;
     let mut rejected = 0;
     for status in [OrderStatus::Queued, OrderStatus::Pending] {
         let ids: Vec<Uuid> = sqlx::query_scalar!(
@@ -207,11 +195,11 @@ pub async fn withdraw_event(tx: &mut PgConnection, event_id: Uuid) -> sqlx::Resu
             event_id,
             status.as_str()
         )
-        .fetch_all(&mut *tx)
+        .fetch_all(lock.conn())
         .await?;
         if !ids.is_empty() {
             let reason = Some(reason::EVENT_UNAVAILABLE);
-            move_orders(tx, event_id, status, &ids, OrderTrigger::EventWithdrawn, reason, None).await?;
+            move_orders(lock, event_id, status, &ids, OrderTrigger::EventWithdrawn, reason, None).await?;
             rejected += ids.len();
         }
     }
@@ -220,7 +208,7 @@ pub async fn withdraw_event(tx: &mut PgConnection, event_id: Uuid) -> sqlx::Resu
          WHERE event_id = $1 AND status IN ('WAITING', 'OFFERED')",
         event_id
     )
-    .execute(&mut *tx)
+    .execute(lock.conn())
     .await?;
     Ok(rejected)
 }
@@ -253,20 +241,20 @@ impl RefundSource {
 /// by the order). A refund the provider reports for an order refunded already marks the
 /// recorded refund executed.
 pub async fn refund(
-    tx: &mut PgConnection,
-    order: &mut LockedOrder,
+    locked: &mut LockedOrder<'_>,
     source: RefundSource,
     requested_by: Option<Uuid>,
     offer_ttl: Duration,
 ) -> sqlx::Result<Transition> {
-    let transition = apply(tx, order, OrderTrigger::Refunded, Some(source.reason()), offer_ttl).await?;
+    let transition = apply(locked, OrderTrigger::Refunded, Some(source.reason()), offer_ttl).await?;
+    let id = locked.order.id;
     match transition {
         Transition::Moves { .. } => {
-            record_refunds(tx, &[order.id], source, requested_by).await?;
+            record_refunds(locked.lock.conn(), &[id], source, requested_by).await?;
         }
         Transition::AlreadyThere if source == RefundSource::Provider => {
-            sqlx::query!("UPDATE refunds SET executed_at = coalesce(executed_at, now()) WHERE order_id = $1", order.id)
-                .execute(&mut *tx)
+            sqlx::query!("UPDATE refunds SET executed_at = coalesce(executed_at, now()) WHERE order_id = $1", id)
+                .execute(locked.lock.conn())
                 .await?;
         }
         _ => {}
@@ -295,22 +283,16 @@ async fn record_refunds(
 }
 
 /// One step of deleting an event with refunds (see `events.refunding_since`): refunds up to
-/// `limit` of its paid orders, or, when none is left, marks the deletion finished. Locks
-/// the event; returns how many orders it refunded (0: finished, or nothing to do). Safe to
-/// run from several processes at once, and again after a crash: an order is refunded once.
+/// `limit` of its paid orders, or, when none is left, marks the deletion finished. Returns
+/// how many orders it refunded (0: finished, or nothing to do). Safe to run from several
+/// processes at once, and again after a crash: an order is refunded once.
 pub async fn refund_deleted_event(
-    tx: &mut PgConnection,
+    lock: &mut EventLock<'_>,
     event_id: Uuid,
     limit: i64,
     requested_by: Option<Uuid>,
 ) -> sqlx::Result<usize> {
-    let refunding: Option<bool> = sqlx::query_scalar!(
-        r#"SELECT refunding_since IS NOT NULL AS "refunding!" FROM events WHERE id = $1 FOR NO KEY UPDATE"#,
-        event_id
-    )
-    .fetch_optional(&mut *tx)
-    .await?;
-    if refunding != Some(true) {
+    if !lock.event(event_id).is_some_and(|event| event.refunding) {
         return Ok(0);
     }
     let ids: Vec<Uuid> = sqlx::query_scalar!(
@@ -318,16 +300,16 @@ pub async fn refund_deleted_event(
         event_id,
         limit
     )
-    .fetch_all(&mut *tx)
+    .fetch_all(lock.conn())
     .await?;
     if ids.is_empty() {
         sqlx::query!("UPDATE events SET refunding_since = NULL, updated_at = now() WHERE id = $1", event_id)
-            .execute(&mut *tx)
+            .execute(lock.conn())
             .await?;
         return Ok(0);
     }
     let source = RefundSource::EventDeleted;
-    move_orders(tx, event_id, OrderStatus::Paid, &ids, OrderTrigger::Refunded, Some(source.reason()), None).await?;
-    record_refunds(tx, &ids, source, requested_by).await?;
+    move_orders(lock, event_id, OrderStatus::Paid, &ids, OrderTrigger::Refunded, Some(source.reason()), None).await?;
+    record_refunds(lock.conn(), &ids, source, requested_by).await?;
     Ok(ids.len())
 }

@@ -35,7 +35,8 @@ pub struct NewOrder {
 
 /// What became of one [`NewOrder`].
 pub enum Stored {
-    /// Stored, and its message sent; its `(created_at, updated_at)`.
+    /// Stored, and its message handed to the broker (or, if that failed, left to the
+    /// re-publisher); its `(created_at, updated_at)`.
     Inserted(DateTime<Utc>, DateTime<Utc>),
     /// Not stored: the user already has an order under this `Idempotency-Key`.
     KeyTaken,
@@ -45,7 +46,8 @@ type Reply = oneshot::Sender<Result<Stored, sqlx::Error>>;
 
 /// Hands orders to a background task that stores them in batches and publishes them. Each
 /// request still learns its own outcome, and nothing is answered before its row is
-/// committed and its message sent.
+/// committed and its message's send was tried: the committed row is the promise, and a
+/// message that could not be sent is sent by the worker's re-publisher.
 ///
 /// One batch at a time: while one is stored and sent, the next gathers every request that
 /// arrives, so batches grow with the load (a stampede's are hundreds of orders) and stay

@@ -18,11 +18,11 @@ use std::time::Duration;
 
 use chrono::Utc;
 use rust_decimal::Decimal;
-use sqlx::PgConnection;
 use uuid::Uuid;
 
+use super::stock::{self, Decision, EventStock, Request};
+use super::{EventLock, Tickets, tickets};
 use crate::domain::{OrderLine, OrderStatus, reason};
-use crate::stock::{self, EventStock, Request};
 
 /// Waiting entries read per round of an offer pass.
 const PAGE: i64 = 500;
@@ -47,11 +47,11 @@ struct Waiting {
     currency: String,
 }
 
-/// Offers what the event has left to its waiting list, in join order (see the module's
-/// summary). The caller holds the event's lock (this takes it again, which costs nothing in
-/// the same transaction). Returns the offers made; none when nobody waits, which is one
-/// index probe.
-pub async fn offer(tx: &mut PgConnection, event_id: Uuid, offer_ttl: Duration) -> sqlx::Result<Vec<Offer>> {
+/// Offers what the locked event has left to its waiting list, in join order (see the
+/// module's summary). Returns the offers made; none when nobody waits, which is one index
+/// probe.
+pub async fn offer(lock: &mut EventLock<'_>, event_id: Uuid, offer_ttl: Duration) -> sqlx::Result<Vec<Offer>> {
+    lock.check_holds(event_id)?;
     let mut offers = Vec::new();
     let mut after: Option<Uuid> = None;
     let mut loaded: Option<HashMap<Uuid, EventStock>> = None;
@@ -68,18 +68,18 @@ pub async fn offer(tx: &mut PgConnection, event_id: Uuid, offer_ttl: Duration) -
             after,
             PAGE
         )
-        .fetch_all(&mut *tx)
+        .fetch_all(lock.conn())
         .await?;
         let Some(last) = waiting.last() else { break };
         after = Some(last.id);
         let events = match &mut loaded {
             Some(events) => events,
-            None => loaded.insert(stock::lock_and_load(tx, &[event_id]).await?),
+            None => loaded.insert(stock::load(lock).await?),
         };
         if !events.get(&event_id).is_some_and(|event| event.open && event.venue_left > 0) {
             break;
         }
-        stock::read_holdings(tx, events, waiting.iter().map(|entry| (event_id, entry.user_id))).await?;
+        stock::read_holdings(lock, events, waiting.iter().map(|entry| (event_id, entry.user_id))).await?;
         let Some(event) = events.get_mut(&event_id) else { break };
         let now = Utc::now();
         let mut made = Vec::new();
@@ -92,18 +92,18 @@ pub async fn offer(tx: &mut PgConnection, event_id: Uuid, offer_ttl: Duration) -
                 lines: vec![(entry.ticket_type_id, i64::from(entry.quantity))],
             };
             let decision = event.decide(&request);
-            if matches!(decision.status, OrderStatus::Pending | OrderStatus::Paid) {
-                made.push((entry, request.order_id, decision.status));
+            if decision.allocated() {
+                made.push((entry, decision));
             }
             if event.venue_left == 0 {
                 break;
             }
         }
         let exhausted = event.venue_left == 0;
-        write_offers(tx, event_id, &made, offer_ttl).await?;
-        offers.extend(made.iter().map(|(entry, order_id, _)| Offer {
+        write_offers(lock, event_id, &made, offer_ttl).await?;
+        offers.extend(made.iter().map(|(entry, decision)| Offer {
             entry_id: entry.id,
-            order_id: *order_id,
+            order_id: decision.order_id,
             user_id: entry.user_id,
             quantity: i64::from(entry.quantity),
         }));
@@ -118,38 +118,41 @@ pub async fn offer(tx: &mut PgConnection, event_id: Uuid, offer_ttl: Duration) -
     Ok(offers)
 }
 
-/// Writes the offers: an order per entry (`PENDING` with its hold, or `PAID` when it costs
-/// nothing), its tickets, the types' and the event's `sold`, and the entries `OFFERED`.
-/// The orders' history (a trigger) makes them `order.pending` events and webhooks.
+/// Writes the offers: an order per entry, made `QUEUED` and moved at once by its decision
+/// (to `PENDING` with its hold, or `PAID` when it costs nothing), its tickets
+/// ([`tickets::issue`]), and the entries `OFFERED`. The orders' history (a trigger) makes
+/// them `order.pending` events and webhooks.
 async fn write_offers(
-    tx: &mut PgConnection,
+    lock: &mut EventLock<'_>,
     event_id: Uuid,
-    made: &[(&Waiting, Uuid, OrderStatus)],
+    made: &[(&Waiting, Decision)],
     offer_ttl: Duration,
 ) -> sqlx::Result<()> {
     if made.is_empty() {
         return Ok(());
     }
     let mut columns = OfferColumns::default();
-    for (entry, order_id, status) in made {
+    let mut issued = Tickets::default();
+    for (entry, decision) in made {
+        let Some(status) = decision.moves_to() else { continue };
         let line = OrderLine {
             ticket_type_id: entry.ticket_type_id,
             name: entry.type_name.clone(),
             quantity: entry.quantity,
             unit_price: entry.price,
         };
-        columns.orders.push(*order_id);
+        columns.orders.push(decision.order_id);
         columns.entries.push(entry.id);
         columns.users.push(entry.user_id);
-        columns.types.push(entry.ticket_type_id);
         columns.quantities.push(entry.quantity);
         columns.prices.push(entry.price);
         columns.totals.push(line.amount());
         columns.currencies.push(entry.currency.clone());
         columns.statuses.push(status.as_str());
-        let paid = *status == OrderStatus::Paid;
+        let paid = status == OrderStatus::Paid;
         columns.reasons.push(if paid { reason::FREE_ORDER } else { reason::WAITLIST_OFFER });
         columns.lines.push(serde_json::to_string(&[line]).map_err(|err| sqlx::Error::Encode(Box::new(err)))?);
+        issued.push(decision.order_id, event_id, entry.ticket_type_id, i64::from(entry.quantity));
     }
     sqlx::query!(
         "INSERT INTO orders (id, user_id, event_id, quantity, unit_price, total, currency, status, reason, lines,
@@ -171,37 +174,18 @@ async fn write_offers(
         &columns.lines,
         offer_ttl.as_secs_f64()
     )
-    .execute(&mut *tx)
+    .execute(lock.conn())
     .await?;
-    let (mut ticket_ids, mut ticket_orders, mut ticket_types) = (Vec::new(), Vec::new(), Vec::new());
-    for ((order_id, type_id), quantity) in columns.orders.iter().zip(&columns.types).zip(&columns.quantities) {
-        for _ in 0..*quantity {
-            ticket_ids.push(Uuid::now_v7());
-            ticket_orders.push(*order_id);
-            ticket_types.push(*type_id);
-        }
-    }
-    sqlx::query!("WITH tickets AS (
-             INSERT INTO tickets (id, order_id, event_id, ticket_type_id)
-             SELECT id, order_id, $1, type_id FROM UNNEST($2::uuid[], $3::uuid[], $4::uuid[]) AS u(id, order_id, type_id)
-         ),
-         types AS (
-             UPDATE ticket_types t SET sold = t.sold + s.issued
-             FROM (SELECT type_id, count(*) AS issued FROM UNNEST($4::uuid[]) AS u(type_id) GROUP BY 1) s
-             WHERE t.id = s.type_id
-         )
-         UPDATE events SET sold = sold + cardinality($2::uuid[]), updated_at = now() WHERE id = $1", event_id, &ticket_ids, &ticket_orders, &ticket_types)
-    .execute(&mut *tx)
-    .await?;
+    tickets::issue(lock, &issued).await?;
     sqlx::query!(
         "UPDATE waitlist_entries w SET status = 'OFFERED', order_id = u.order_id, updated_at = now()
          FROM UNNEST($1::uuid[], $2::uuid[]) AS u(id, order_id) WHERE w.id = u.id",
         &columns.entries,
         &columns.orders
     )
-    .execute(&mut *tx)
+    .execute(lock.conn())
     .await?;
-    crate::db::notify_order_changes(tx, &columns.orders).await
+    crate::db::notify_order_changes(lock.conn(), &columns.orders).await
 }
 
 /// The offers' columns, for the statements' `UNNEST`.
@@ -210,7 +194,6 @@ struct OfferColumns {
     orders: Vec<Uuid>,
     entries: Vec<Uuid>,
     users: Vec<Uuid>,
-    types: Vec<Uuid>,
     quantities: Vec<i32>,
     prices: Vec<Decimal>,
     totals: Vec<Decimal>,

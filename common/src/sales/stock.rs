@@ -1,26 +1,46 @@
 //! What an event has left, under its row lock, and the rules that decide whether an order
 //! may have its tickets: the allocator's decisions (`worker`) and the waiting list's offers
 //! (`waitlist`) both go through [`EventStock::decide`], so a ticket is granted by one set
-//! of rules whoever asks. The rules are pure and unit-tested; [`lock_and_load`] and
-//! [`read_holdings`] read their inputs.
+//! of rules whoever asks. The rules are pure and unit-tested; [`load`] and
+//! [`read_holdings`] read their inputs under an [`EventLock`].
 
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::domain::{OrderStatus, OrderTrigger, reason};
+use super::EventLock;
+use crate::domain::{OrderStatus, OrderTrigger, Transition, reason};
 
-/// What the allocator decided for one order: the status an [`OrderTrigger`] leads to from
-/// `QUEUED`, the only status it reads (a test checks this against the state machine), and
-/// the type a refusal is about.
+/// What the rules decided for one order: the [`OrderTrigger`] that moves it from `QUEUED`
+/// (its status follows from [`OrderStatus::apply`]), and the type a refusal is about.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Decision {
     pub order_id: Uuid,
-    pub status: OrderStatus,
+    pub trigger: OrderTrigger,
     pub reason: Option<&'static str>,
     pub reason_type: Option<Uuid>,
+}
+
+impl Decision {
+    /// Where the decision moves its `QUEUED` order, by the state machine: `None` if it could
+    /// not move it (never, for what [`EventStock::decide`] makes; a test holds this).
+    pub fn moves_to(&self) -> Option<OrderStatus> {
+        match OrderStatus::Queued.apply(self.trigger) {
+            Transition::Moves { to, .. } => Some(to),
+            Transition::AlreadyThere | Transition::Impossible => None,
+        }
+    }
+
+    /// The order's status after the decision (`QUEUED` if it could not move it).
+    pub fn status(&self) -> OrderStatus {
+        self.moves_to().unwrap_or(OrderStatus::Queued)
+    }
+
+    /// Whether the order got its tickets (`PENDING`, or `PAID` when free).
+    pub fn allocated(&self) -> bool {
+        matches!(self.trigger, OrderTrigger::Allocated | OrderTrigger::AllocatedFree)
+    }
 }
 
 /// An order as the rules see it: a `QUEUED` order for the allocator, a waiting-list entry
@@ -104,7 +124,7 @@ impl EventStock {
                 }
             }
         };
-        Decision { order_id: order.order_id, status: trigger.target(), reason, reason_type }
+        Decision { order_id: order.order_id, trigger, reason, reason_type }
     }
 
     /// Why the order cannot have its tickets, if it cannot: the event is closed; a line's
@@ -171,41 +191,41 @@ impl EventStock {
     }
 }
 
-/// Locks these events' rows (in id order: `FOR NO KEY UPDATE`, so writers exclude each
-/// other while readers and inserts go on) and reads what they have left, with their ticket
-/// types. Events that do not exist are absent from the map.
-pub async fn lock_and_load(tx: &mut PgConnection, event_ids: &[Uuid]) -> sqlx::Result<HashMap<Uuid, EventStock>> {
-    let mut events: HashMap<Uuid, EventStock> = sqlx::query!(
-        r#"SELECT id, capacity, sold, coalesce(deleted_at IS NULL AND starts_at > now(), false) AS "open!",
-                  max_per_buyer
-           FROM events WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE"#,
-        event_ids
+/// What the locked events have left, with their ticket types, as the transaction sees them
+/// now (after its own releases or edits), in one statement.
+pub async fn load(lock: &mut EventLock<'_>) -> sqlx::Result<HashMap<Uuid, EventStock>> {
+    let event_ids = lock.ids();
+    // Rows in binary, an event's columns repeated on each of its types: cheaper, on a day of
+    // many events, than a JSON aggregate per event row.
+    let rows = sqlx::query!(
+        r#"SELECT e.id AS "id!", e.capacity - e.sold AS "venue_left!",
+                  coalesce(e.deleted_at IS NULL AND e.starts_at > now(), false) AS "open!",
+                  e.max_per_buyer AS event_cap, t.id AS "type_id?", t.capacity - t.sold AS "left",
+                  t.deleted_at IS NOT NULL AS "withdrawn?", t.sales_start AS "sales_start?",
+                  t.sales_end AS "sales_end?", t.max_per_buyer AS "type_cap?"
+           FROM events e LEFT JOIN ticket_types t ON t.event_id = e.id
+           WHERE e.id = ANY($1)"#,
+        &event_ids
     )
-    .fetch_all(&mut *tx)
-    .await?
-    .into_iter()
-    .map(|row| {
-        let venue_left = i64::from(row.capacity - row.sold).max(0);
-        let max_per_buyer = row.max_per_buyer.map(i64::from);
-        (row.id, EventStock { open: row.open, venue_left, max_per_buyer, ..Default::default() })
-    })
-    .collect();
-    // Their ticket types, in one statement for all the events (rows in binary: cheaper, on a
-    // day of many events, than a JSON aggregate per event row).
-    let types = sqlx::query!(
-        r#"SELECT id, event_id, capacity - sold AS "left", deleted_at IS NOT NULL AS "withdrawn!", sales_start,
-                  sales_end, max_per_buyer
-           FROM ticket_types WHERE event_id = ANY($1)"#,
-        event_ids
-    )
-    .fetch_all(&mut *tx)
+    .fetch_all(lock.conn())
     .await?;
-    for row in types {
-        if let Some(event) = events.get_mut(&row.event_id) {
-            let left = row.left.map(|left| i64::from(left).max(0));
-            let max_per_buyer = row.max_per_buyer.map(i64::from);
-            let (withdrawn, sales_start, sales_end) = (row.withdrawn, row.sales_start, row.sales_end);
-            event.types.insert(row.id, TypeStock { left, withdrawn, sales_start, sales_end, max_per_buyer });
+    let mut events: HashMap<Uuid, EventStock> = HashMap::with_capacity(event_ids.len());
+    for row in rows {
+        let event = events.entry(row.id).or_insert_with(|| EventStock {
+            open: row.open,
+            venue_left: i64::from(row.venue_left).max(0),
+            max_per_buyer: row.event_cap.map(i64::from),
+            ..Default::default()
+        });
+        if let Some(type_id) = row.type_id {
+            let stock = TypeStock {
+                left: row.left.map(|left| i64::from(left).max(0)),
+                withdrawn: row.withdrawn.unwrap_or(true),
+                sales_start: row.sales_start,
+                sales_end: row.sales_end,
+                max_per_buyer: row.type_cap.map(i64::from),
+            };
+            event.types.insert(type_id, stock);
         }
     }
     Ok(events)
@@ -216,7 +236,7 @@ pub async fn lock_and_load(tx: &mut PgConnection, event_ids: &[Uuid]) -> sqlx::R
 /// `PENDING` and `PAID` orders. Orders queued ahead of an order are decided before it and
 /// counted as they are (`EventStock::take`).
 pub async fn read_holdings(
-    tx: &mut sqlx::PgConnection,
+    lock: &mut EventLock<'_>,
     events: &mut HashMap<Uuid, EventStock>,
     buyers: impl Iterator<Item = (Uuid, Uuid)>,
 ) -> sqlx::Result<()> {
@@ -243,7 +263,7 @@ pub async fn read_holdings(
         &event_ids,
         &user_ids
     )
-    .fetch_all(&mut *tx)
+    .fetch_all(lock.conn())
     .await?
     .into_iter()
     .map(|row| (row.event_id, row.user_id, row.ticket_type_id, row.count));
@@ -298,7 +318,7 @@ mod tests {
     }
 
     fn outcomes(decisions: &[Decision]) -> Vec<(OrderStatus, Option<&'static str>, Option<Uuid>)> {
-        decisions.iter().map(|d| (d.status, d.reason, d.reason_type)).collect()
+        decisions.iter().map(|d| (d.status(), d.reason, d.reason_type)).collect()
     }
 
     const ACCEPTED: (OrderStatus, Option<&str>, Option<Uuid>) = (OrderStatus::Pending, None, None);
@@ -315,22 +335,20 @@ mod tests {
 
     #[test]
     fn decisions_are_moves_of_the_state_machine() {
-        use crate::domain::Transition;
         let id = ids(3);
         let (open, _) = allocate(&mut seed_event(2, true), &[(id[0], 1, false), (id[1], 1, true), (id[2], 1, false)]);
         let (closed, _) = allocate(&mut seed_event(1, false), &[(id[2], 1, true)]);
+        let mut seen = Vec::new();
         for decision in open.iter().chain(&closed) {
-            let event = match decision.status {
-                OrderStatus::Pending => OrderTrigger::Allocated,
-                OrderStatus::Paid => OrderTrigger::AllocatedFree,
-                _ => OrderTrigger::AllocationRejected,
-            };
             assert_eq!(
-                OrderStatus::Queued.apply(event),
-                Transition::Moves { to: decision.status, releases_tickets: false },
+                OrderStatus::Queued.apply(decision.trigger),
+                Transition::Moves { to: decision.status(), releases_tickets: false },
                 "{decision:?}"
             );
+            assert_eq!(decision.allocated(), matches!(decision.status(), OrderStatus::Pending | OrderStatus::Paid));
+            seen.push(decision.status());
         }
+        assert_eq!(seen, [OrderStatus::Pending, OrderStatus::Paid, OrderStatus::Rejected, OrderStatus::Rejected]);
     }
 
     #[test]
@@ -369,7 +387,7 @@ mod tests {
             assert!(issued <= available);
             let left = available - issued;
             for (decision, (_, quantity, _)) in decisions.iter().zip(&orders) {
-                if decision.status == OrderStatus::Rejected {
+                if decision.status() == OrderStatus::Rejected {
                     assert!(*quantity > left, "a rejected order would have fit");
                 }
             }

@@ -1,0 +1,45 @@
+//! The api's half of the purchase path, beside the HTTP routes that use it: the rules a
+//! purchase passes before it is stored ([`rules`], pure), the catalogue of events they read
+//! from memory ([`catalog`]), the sold-out fast path's hints ([`sold_out_hints`]), the
+//! inserter that stores orders `QUEUED` and sends their messages ([`order_inserter`]), and
+//! the watch that wakes long-polls when an order changes ([`order_watch`]).
+
+pub mod catalog;
+pub mod order_inserter;
+pub mod order_watch;
+pub mod rules;
+pub mod sold_out_hints;
+
+use chrono::Utc;
+use uuid::Uuid;
+
+pub use rules::{CreateOrderRequest, OrderItem, Priced, Purchase};
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// [`rules::price`] against the event as the catalogue has it now: 404 when there is no
+/// such event (or it was deleted).
+pub async fn check(state: &AppState, purchase: &Purchase) -> Result<Priced, ApiError> {
+    let event = state.catalog.get(&state.db, purchase.event_id).await?.ok_or(ApiError::NotFound("event"))?;
+    rules::price(event, purchase, Utc::now())
+}
+
+/// The sold-out fast path's view of the tickets left (the venue cap; a type's own stock is
+/// the worker's to check): a recent reading that said too few is trusted (that is what
+/// spares the database a stampede on a sold-out event); anything else is read afresh, and
+/// remembered.
+pub async fn tickets_left(state: &AppState, event_id: Uuid, quantity: i32) -> Result<i32, ApiError> {
+    if let Some(hint) = state.sold_out.get(event_id)
+        && hint.available < quantity
+    {
+        return Ok(hint.available);
+    }
+    let available: i32 =
+        sqlx::query_scalar!(r#"SELECT capacity - sold AS "left!" FROM events WHERE id = $1"#, event_id)
+            .fetch_optional(&state.db)
+            .await?
+            .ok_or(ApiError::NotFound("event"))?;
+    state.sold_out.record(event_id, available);
+    Ok(available)
+}
