@@ -47,6 +47,5 @@ docker-env: ## write .env with generated secrets for docker compose (once; kept 
 fmt: ## format the code
 	cargo fmt
 
-lint: ## formatting and clippy, as the test suite checks them
-	cargo fmt --check
-	cargo clippy --all-targets -- -D warnings
+lint: ## formatting, clippy, cargo doc and shellcheck, with warnings as errors, as the test suite checks them
+	@bash scripts/lint.sh

@@ -14,7 +14,7 @@ use jsonwebtoken::{DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, Required};
 use crate::state::AppState;
 
 /// OWASP's recommended argon2id parameters: 19 MiB of memory, 2 passes, 1 lane.
@@ -262,7 +262,7 @@ impl FromRequestParts<AppState> for AdminUser {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         let user = AuthUser::from_request_parts(parts, state).await?;
-        if user.is_admin() { Ok(AdminUser(user)) } else { Err(ApiError::Forbidden) }
+        if user.is_admin() { Ok(AdminUser(user)) } else { Err(ApiError::Forbidden(Required::Admin)) }
     }
 }
 
@@ -275,7 +275,7 @@ impl FromRequestParts<AppState> for DoorStaff {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         let user = AuthUser::from_request_parts(parts, state).await?;
-        if user.may_check_in() { Ok(DoorStaff(user)) } else { Err(ApiError::Forbidden) }
+        if user.may_check_in() { Ok(DoorStaff(user)) } else { Err(ApiError::Forbidden(Required::DoorStaff)) }
     }
 }
 

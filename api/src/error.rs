@@ -25,9 +25,9 @@ pub enum ApiError {
     /// 401: no valid credentials. The message never says which part was wrong.
     #[error("{0}")]
     Unauthorized(&'static str),
-    /// 403: authenticated, but not allowed.
-    #[error("this action requires the admin role")]
-    Forbidden,
+    /// 403: authenticated, but without a role the action requires.
+    #[error("this action requires the {0} role")]
+    Forbidden(Required),
     /// 403 with a reason of its own (e.g. a wrong current password).
     #[error("{message}")]
     Denied { code: &'static str, message: String },
@@ -91,6 +91,23 @@ pub struct ErrorDetail {
     pub checked_in_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
+/// The roles an action requires, named in its 403.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Required {
+    Admin,
+    /// Door staff (`staff`) or an admin: checking tickets in.
+    DoorStaff,
+}
+
+impl std::fmt::Display for Required {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Admin => "admin",
+            Self::DoorStaff => "staff or admin",
+        })
+    }
+}
+
 impl ApiError {
     /// 401 for a validly signed token whose account no longer exists.
     pub const ACCOUNT_GONE: ApiError = ApiError::Unauthorized("the account of this token no longer exists");
@@ -123,7 +140,7 @@ impl ApiError {
             Self::BadRequest { code, .. } => (StatusCode::BAD_REQUEST, code),
             Self::Invalid { code, .. } => (StatusCode::UNPROCESSABLE_ENTITY, code),
             Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
-            Self::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
+            Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             Self::Denied { code, .. } => (StatusCode::FORBIDDEN, code),
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Self::Conflict { code, .. } => (StatusCode::CONFLICT, code),

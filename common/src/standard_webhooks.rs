@@ -3,10 +3,13 @@
 //! Unix seconds and must be within [`TOLERANCE_SECS`] of now, and the signature header may
 //! carry several space-separated signatures (one per key while a key is being rotated).
 //!
-//! Written on the RustCrypto `hmac` and `sha2` crates rather than the `standardwebhooks`
-//! crate: that crate (1.0.1) compares signatures by zipping the two strings, so an empty or
-//! truncated signature (`v1,`) verifies. Here the comparison is `Mac::verify_slice`, which
-//! is constant-time and checks the length.
+//! Written on the RustCrypto `hmac` and `sha2` crates, with the official `standardwebhooks`
+//! crate (1.0.1) as the tests' reference rather than the code's: its `Webhook::verify`
+//! reads the system clock itself, so a webhook cannot be judged at a given time (the
+//! tolerance's edges are tested here at fixed times), it returns nothing of the message (the
+//! payment webhook de-duplicates by `webhook-id`), and it signs only UTF-8 bodies. Its
+//! comparison is sound (lengths first, then every byte); here it is `Mac::verify_slice`,
+//! constant-time and length-checked as well. The tests sign and verify both ways against it.
 
 use base64::Engine as _;
 use hmac::{KeyInit, Mac};
@@ -183,6 +186,26 @@ mod tests {
         assert!(key().verify(headers(&rotated), BODY, TS).is_ok());
         let without = format!("{old} v1,Mm7xgUVICxZfQ3bgf0h0Dof65L/IFx+PnZvnDWPCX6Q=");
         assert_eq!(key().verify(headers(&without), BODY, TS), Err(VerifyError::NoValidSignature));
+    }
+
+    /// The official crate signs as we do, accepts what we sign and we accept what it signs.
+    #[test]
+    fn agrees_with_the_official_crate() {
+        let official = standardwebhooks::Webhook::new(SECRET).unwrap();
+        assert_eq!(official.sign(ID, TS, BODY).unwrap(), key().sign(ID, TS, BODY));
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+        let ours = key().sign(ID, now, BODY);
+        let mut received = http::HeaderMap::new();
+        received.insert(HEADER_ID, ID.parse().unwrap());
+        received.insert(HEADER_TIMESTAMP, now.to_string().parse().unwrap());
+        received.insert(HEADER_SIGNATURE, ours.parse().unwrap());
+        assert!(official.verify(BODY, &received).is_ok());
+        assert!(official.verify(b"{}", &received).is_err());
+        let theirs = official.sign(ID, now, BODY).unwrap();
+        let timestamp = now.to_string();
+        let at_now = Headers { timestamp: Some(&timestamp), ..headers(&theirs) };
+        assert_eq!(key().verify(at_now, BODY, now), Ok(Verified { id: ID, timestamp: now }));
+        assert_eq!(key().verify(at_now, b"{}", now), Err(VerifyError::NoValidSignature));
     }
 
     #[test]

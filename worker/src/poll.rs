@@ -121,7 +121,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_unavailable_database_is_retried_until_shutdown() {
         // (A permanent refusal, which ends the loop, is a database error with its SQLSTATE,
-        // which only PostgreSQL makes: tests/tests/operations.rs drops a worker's database.)
+        // which only PostgreSQL makes: `tests/tests/e2e/operations.rs` drops a worker's database.)
         let shutdown = CancellationToken::new();
         let (mut work, rounds) =
             scripted((0..4).map(|_| Err(anyhow::Error::new(sqlx::Error::PoolTimedOut).context("a round"))).collect());

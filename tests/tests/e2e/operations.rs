@@ -158,7 +158,7 @@ async fn request_ids_are_generated_or_echoed() {
 #[tokio::test]
 async fn migrate_subcommand_builds_the_schema_and_is_idempotent() {
     let services = Services::from_env();
-    let db = TestDb::create(&services).await;
+    let db = TestDb::empty(&services).await;
     for _ in 0..2 {
         let (ok, stdout, stderr) = tests::run("api", &["migrate"], &[("DATABASE_URL", db.url.clone())], None);
         assert!(ok, "{stdout} {stderr}");

@@ -151,8 +151,10 @@ async fn door_staff_check_tickets_in_and_nothing_else() {
     let by: Uuid = sqlx::query_scalar("SELECT checked_in_by FROM check_ins").fetch_one(&app.db.pool).await.unwrap();
     assert_eq!(by, staff_id);
     app.post("/api/v1/check-ins", &json!({"code": code}), Some(&staff)).await.assert_error(409, "already_checked_in");
-    // A plain user still may not scan.
-    app.post("/api/v1/check-ins", &json!({"code": code}), Some(buyer)).await.assert_error(403, "forbidden");
+    // A plain user still may not scan, and is told who may.
+    let refused = app.post("/api/v1/check-ins", &json!({"code": code}), Some(buyer)).await;
+    refused.assert_error(403, "forbidden");
+    assert_eq!(refused.json["error"]["message"], "this action requires the staff or admin role");
 
     // Nothing an admin may do.
     let forbidden = [
@@ -167,6 +169,7 @@ async fn door_staff_check_tickets_in_and_nothing_else() {
     ];
     for res in forbidden {
         res.assert_error(403, "forbidden");
+        assert_eq!(res.json["error"]["message"], "this action requires the admin role");
     }
     // Staff are users otherwise: their own account and purchases.
     assert_eq!(app.get("/api/v1/me", Some(&staff)).await.json["role"], "staff");

@@ -447,7 +447,7 @@ async fn sale_windows_are_judged_by_arrival() {
 #[tokio::test]
 async fn existing_events_move_to_one_default_type_with_their_sales() {
     use sqlx::AssertSqlSafe;
-    let db = tests::TestDb::create(&tests::Services::from_env()).await;
+    let db = tests::TestDb::empty(&tests::Services::from_env()).await;
     let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(tests::workspace_root().join("migrations"))
         .unwrap()
         .map(|entry| entry.unwrap().path())
