@@ -121,11 +121,16 @@ impl TestDb {
             .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name} {options}")))
             .await
             .expect("create test database");
-        let (base, _) = services.database_url.rsplit_once('/').expect("DATABASE_URL has a database name");
-        let url = format!("{base}/{name}");
+        let url = database_url(&services.database_url, &name);
         let pool = sqlx::postgres::PgPoolOptions::new().max_connections(5).connect(&url).await.expect("connect");
         TestDb { url, pool, name, admin_url: services.database_url.clone() }
     }
+}
+
+/// The URL of database `name` on the server of `admin_url`.
+fn database_url(admin_url: &str, name: &str) -> String {
+    let (base, _) = admin_url.rsplit_once('/').expect("DATABASE_URL has a database name");
+    format!("{base}/{name}")
 }
 
 /// The name of a database migrated with these migrations (their versions and checksums
@@ -156,10 +161,9 @@ async fn migrated_template(admin_url: &str) -> String {
             .await
             .expect("drop an unfinished template");
         admin.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {building}"))).await.expect("create the template");
-        let (base, _) = admin_url.rsplit_once('/').expect("DATABASE_URL has a database name");
         let pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(1)
-            .connect(&format!("{base}/{building}"))
+            .connect(&database_url(admin_url, &building))
             .await
             .expect("connect to the template");
         common::db::MIGRATOR.run(&pool).await.expect("migrate the template");

@@ -41,18 +41,9 @@ impl<'c> EventLock<'c> {
         self.conn
     }
 
-    /// The locked events, in id order (events that do not exist are absent).
-    pub fn events(&self) -> &[LockedEvent] {
-        &self.events
-    }
-
     /// One of the locked events, as the lock read it.
     pub fn event(&self, event_id: Uuid) -> Option<&LockedEvent> {
         self.events.binary_search_by_key(&event_id, |e| e.id).ok().map(|i| &self.events[i])
-    }
-
-    pub fn holds(&self, event_id: Uuid) -> bool {
-        self.event(event_id).is_some()
     }
 
     /// The ids of the locked events, in id order.
@@ -62,7 +53,7 @@ impl<'c> EventLock<'c> {
 
     /// Refuses (as a protocol error, which is a bug) a write for an event this lock does not hold.
     pub(crate) fn check_holds(&self, event_id: Uuid) -> sqlx::Result<()> {
-        if self.holds(event_id) {
+        if self.event(event_id).is_some() {
             Ok(())
         } else {
             Err(sqlx::Error::Protocol(format!("event {event_id} is changed without its lock")))
@@ -83,7 +74,7 @@ pub async fn lock_live_event(conn: &mut PgConnection, event_id: Uuid) -> sqlx::R
 
 /// Locks these events' rows, in id order, whatever order they are given in (so two
 /// transactions locking overlapping sets cannot deadlock). Events that do not exist are
-/// absent from [`EventLock::events`].
+/// absent from the lock.
 pub async fn lock_events<'c>(conn: &'c mut PgConnection, event_ids: &[Uuid]) -> sqlx::Result<EventLock<'c>> {
     let mut ids = event_ids.to_vec();
     ids.sort_unstable();
