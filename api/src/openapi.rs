@@ -1,15 +1,12 @@
-//! The OpenAPI document, assembled from the handlers' annotations and served at
-//! `/api/v1/openapi.json` (Swagger UI at `/docs`).
+//! The OpenAPI document, served at `/api/v1/openapi.json` (Swagger UI at `/docs`): what
+//! every route shares is declared here, the paths come from the routers themselves
+//! ([`crate::routes::api`]), which declare each route once, with its handler's annotation.
 
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, Ref, RefOr, Response, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
 use crate::error::{ErrorBody, ErrorDetail};
-use crate::routes::{
-    accounts, events, health, me, orders, organizer, payments, ticket_types, tickets, users, waitlist,
-    webhook_endpoints,
-};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -18,25 +15,8 @@ use crate::routes::{
         description = "Ticket sales that survive a stampede. Errors are `{\"error\": {\"code\", \"message\"}}`; \
                        timestamps are RFC 3339 UTC; ids are UUID v7; money is a decimal string.",
     ),
-    paths(
-        accounts::signup, accounts::login,
-        me::me, me::update_me, me::my_events, me::my_tickets, users::list_users, users::set_role, users::deactivate, users::reactivate, users::delete_user,
-        events::list_events, events::create_event, events::get_event, events::update_event, events::delete_event,
-        events::upload_image, events::get_image,
-        ticket_types::list_ticket_types, ticket_types::create_ticket_type, ticket_types::get_ticket_type,
-        ticket_types::update_ticket_type, ticket_types::delete_ticket_type,
-        organizer::event_orders, organizer::attendees,
-        tickets::ticket_qr, tickets::check_in,
-        orders::create_order, orders::quote, orders::list_orders, orders::get_order, orders::cancel_order,
-        payments::payment_webhook, payments::list_late_payments, payments::mark_refunded,
-        payments::refund_order, payments::list_refunds,
-        waitlist::join, waitlist::leave, waitlist::my_waitlist, waitlist::event_waitlist,
-        webhook_endpoints::create_endpoint, webhook_endpoints::list_endpoints, webhook_endpoints::delete_endpoint,
-        webhook_endpoints::list_deliveries,
-        health::live, health::ready,
-    ),
     components(schemas(ErrorBody, ErrorDetail, common::notifications::OrderNotification)),
-    modifiers(&BearerAuth, &CommonErrors),
+    modifiers(&BearerAuth),
     tags(
         (name = "accounts", description = "Sign-up, log-in and the caller's own account"),
         (name = "events", description = "The event catalogue, and each event's ticket types"),
@@ -108,8 +88,21 @@ fn error_response(description: &str) -> RefOr<Response> {
     ResponseBuilder::new().description(description).content("application/json", body).build().into()
 }
 
-pub fn document() -> utoipa::openapi::OpenApi {
+/// The document's parts that are not paths: information, shared schemas, security, tags.
+pub fn base() -> utoipa::openapi::OpenApi {
     ApiDoc::openapi()
+}
+
+/// `document` (the routers' paths on [`base`]) with the answers every operation shares.
+pub fn finish(mut document: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
+    CommonErrors.modify(&mut document);
+    document
+}
+
+/// The whole document, as served (for the tests).
+#[cfg(test)]
+pub fn document() -> utoipa::openapi::OpenApi {
+    finish(crate::routes::api(0).split_for_parts().1)
 }
 
 #[cfg(test)]

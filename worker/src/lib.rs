@@ -86,7 +86,7 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::R
         "order events relay",
         relay::run(
             db.clone(),
-            amqp.clone(),
+            common::amqp::ConfirmChannel::new(amqp.clone(), partitions),
             config.events_relay_interval(),
             config.order_events_format,
             shutdown.clone(),

@@ -20,11 +20,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
-use common::amqp::{CONFIRM_TIMEOUT, ORDER_EVENTS_EXCHANGE};
+use common::amqp::{CONFIRM_TIMEOUT, ConfirmChannel, ORDER_EVENTS_EXCHANGE};
 use common::config::EventsFormat;
 use common::domain::OrderStatus;
 use common::notifications::{OrderNotification, OrderSnapshot};
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Channel, Confirmation};
 use serde_json::value::RawValue;
 use sqlx::PgPool;
@@ -48,12 +48,12 @@ struct Change {
 /// Relays new status changes every `interval` until shutdown.
 pub async fn run(
     db: PgPool,
-    amqp: common::amqp::Pool,
+    channel: ConfirmChannel,
     interval: Duration,
     format: EventsFormat,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut relay = Relay { db, amqp, format, channel: None };
+    let mut relay = Relay { db, channel, format, failed: false };
     crate::poll::every("order events relay", interval, &shutdown, &mut relay).await
 }
 
@@ -64,16 +64,17 @@ impl Round for Relay {
     }
 
     fn failed(&mut self) {
-        self.channel = None;
+        self.failed = true;
     }
 }
 
 struct Relay {
     db: PgPool,
-    amqp: common::amqp::Pool,
+    /// Kept across batches.
+    channel: ConfirmChannel,
     format: EventsFormat,
-    /// A confirm-mode channel, kept across batches.
-    channel: Option<(common::amqp::Object, Channel)>,
+    /// The last round failed: its channel is reset before the next publish.
+    failed: bool,
 }
 
 impl Relay {
@@ -189,16 +190,10 @@ impl Relay {
     }
 
     async fn channel(&mut self) -> anyhow::Result<Channel> {
-        if let Some((_, channel)) = &self.channel
-            && channel.status().connected()
-        {
-            return Ok(channel.clone());
+        if std::mem::take(&mut self.failed) {
+            self.channel.reset().await;
         }
-        let connection = self.amqp.get().await?;
-        let channel = connection.create_channel().await?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await?;
-        self.channel = Some((connection, channel.clone()));
-        Ok(channel)
+        Ok(self.channel.get().await?)
     }
 }
 

@@ -2,14 +2,14 @@
 
 use std::net::SocketAddr;
 
-use axum::Router;
 use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
-use axum::routing::post;
 use chrono::{DateTime, Utc};
 use common::domain::{Email, Password, Role, UserName};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::auth::{hash_password, verify_password};
@@ -18,8 +18,8 @@ use crate::extract::Json;
 use crate::state::AppState;
 use crate::throttle::{Refused, Throttle};
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/signup", post(signup)).route("/login", post(login))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(signup)).routes(routes!(login))
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -115,7 +115,7 @@ pub async fn insert_user(
 }
 
 /// Create an account (role `user`).
-#[utoipa::path(post, path = "/api/v1/signup", tag = "accounts", request_body = SignupRequest,
+#[utoipa::path(post, path = "/signup", tag = "accounts", request_body = SignupRequest,
     responses(
         (status = 201, description = "Account created", body = UserResponse),
         (status = 400, description = "Malformed JSON", body = ErrorBody),
@@ -144,7 +144,7 @@ pub async fn signup(
 }
 
 /// Exchange email and password for an access token.
-#[utoipa::path(post, path = "/api/v1/login", tag = "accounts", request_body = LoginRequest,
+#[utoipa::path(post, path = "/login", tag = "accounts", request_body = LoginRequest,
     responses(
         (status = 200, description = "Logged in", body = TokenResponse),
         (status = 400, description = "Malformed JSON", body = ErrorBody),

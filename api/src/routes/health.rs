@@ -2,10 +2,8 @@
 
 use std::time::Duration;
 
-use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::get;
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -14,8 +12,8 @@ use crate::state::AppState;
 
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/health/live", get(live)).route("/health/ready", get(ready))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(live)).routes(routes!(ready))
 }
 
 #[derive(Serialize, ToSchema)]
@@ -68,3 +66,5 @@ async fn broker_ok(state: &AppState) -> bool {
         _ => false,
     }
 }
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;

@@ -1,12 +1,12 @@
 //! The caller's own account, the events they created and the events they hold tickets for.
 
-use axum::Router;
 use axum::extract::State;
-use axum::routing::get;
 use common::domain::{Password, Role, UserName};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
 use super::accounts::{ChangedUser, UserResponse, parse_email, throttled};
@@ -18,15 +18,12 @@ use crate::extract::{Json, Query};
 use crate::state::AppState;
 use axum::http::HeaderMap;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/me", get(me).patch(update_me))
-        .route("/me/events", get(my_events))
-        .route("/me/tickets", get(my_tickets))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(me, update_me)).routes(routes!(my_events)).routes(routes!(my_tickets))
 }
 
 /// The caller's account.
-#[utoipa::path(get, path = "/api/v1/me", tag = "accounts", security(("bearer" = [])),
+#[utoipa::path(get, path = "/me", tag = "accounts", security(("bearer" = [])),
     responses(
         (status = 200, description = "The caller", body = UserResponse),
         (status = 401, description = "Missing, invalid or expired token, or the account is gone", body = ErrorBody),
@@ -61,7 +58,7 @@ pub struct UpdateMeRequest {
 /// account's log-in attempts (429 beyond them). Fields left out stay as they are.
 /// Changing the password revokes every access token of the account, this one included:
 /// log in again with the new password.
-#[utoipa::path(patch, path = "/api/v1/me", tag = "accounts", request_body = UpdateMeRequest, security(("bearer" = [])),
+#[utoipa::path(patch, path = "/me", tag = "accounts", request_body = UpdateMeRequest, security(("bearer" = [])),
     responses(
         (status = 200, description = "The account as edited", body = UserResponse),
         (status = 400, description = "Malformed JSON", body = ErrorBody),
@@ -146,7 +143,7 @@ pub struct MyEvent {
 /// Events the caller created (the Go API's meaning), newest first, deleted ones left out;
 /// paginated like `GET /events`. Only admins create events, so for other accounts the list
 /// is empty; the events a buyer holds tickets for are `GET /me/tickets`.
-#[utoipa::path(get, path = "/api/v1/me/events", tag = "accounts", params(PageQuery), security(("bearer" = [])),
+#[utoipa::path(get, path = "/me/events", tag = "accounts", params(PageQuery), security(("bearer" = [])),
     responses(
         (status = 200, description = "One page of the events the caller created", body = [Event],
             headers(("Link" = String, description = "`<url>; rel=\"next\"` when more follow"),
@@ -168,7 +165,7 @@ pub async fn my_events(
 /// Events the caller holds tickets for (orders `PENDING` or `PAID`), soonest first, with how
 /// many tickets they hold of each. (`GET /me/events` answered this before it took the Go
 /// API's meaning.)
-#[utoipa::path(get, path = "/api/v1/me/tickets", tag = "accounts", security(("bearer" = [])),
+#[utoipa::path(get, path = "/me/tickets", tag = "accounts", security(("bearer" = [])),
     responses(
         (status = 200, description = "The events the caller holds tickets for", body = [MyEvent]),
         (status = 401, description = "Missing, invalid or expired token", body = ErrorBody),

@@ -4,6 +4,7 @@
 pub mod accounts;
 pub mod events;
 pub mod health;
+mod input;
 pub mod me;
 pub mod orders;
 pub mod organizer;
@@ -29,6 +30,7 @@ use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
+use utoipa_axum::router::OpenApiRouter;
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::error::{self, ApiError};
@@ -43,14 +45,14 @@ async fn to_swagger_ui() -> axum::response::Redirect {
     axum::response::Redirect::permanent("/docs/")
 }
 
-/// Builds the whole application: routes, docs, fallbacks and middleware.
-pub fn app(state: AppState) -> Router {
-    let body_limit = usize::try_from(state.config.body_limit_bytes).unwrap_or(usize::MAX);
-    let timeout = state.config.request_timeout();
-    let api = Router::new()
+/// Every route of the API, with the OpenAPI document of the same declarations: a route
+/// cannot be served without being documented (or documented without being served).
+/// `image_max_bytes`: the body limit of image uploads.
+pub fn api(image_max_bytes: u64) -> OpenApiRouter<AppState> {
+    let v1 = OpenApiRouter::new()
         .merge(accounts::router())
         .merge(me::router())
-        .merge(events::router())
+        .merge(events::router(image_max_bytes))
         .merge(orders::router())
         .merge(organizer::router())
         .merge(payments::router())
@@ -59,15 +61,21 @@ pub fn app(state: AppState) -> Router {
         .merge(tickets::router())
         .merge(ticket_types::router())
         .merge(waitlist::router())
-        .merge(events::image_upload_router(state.config.image_max_bytes))
-        // The Go API documented its Swagger UI here; it lives at /docs.
+        // The Go API documented its Swagger UI here; it lives at /docs (redirects, not in
+        // the document).
         .route("/swagger", axum::routing::get(to_swagger_ui))
         .route("/swagger/", axum::routing::get(to_swagger_ui))
         .route("/swagger/index.html", axum::routing::get(to_swagger_ui));
-    Router::new()
-        .nest("/api/v1", api)
-        .merge(health::router())
-        .merge(SwaggerUi::new("/docs").url("/api/v1/openapi.json", openapi::document()))
+    OpenApiRouter::with_openapi(openapi::base()).nest("/api/v1", v1).merge(health::router())
+}
+
+/// Builds the whole application: routes, docs, fallbacks and middleware.
+pub fn app(state: AppState) -> Router {
+    let body_limit = usize::try_from(state.config.body_limit_bytes).unwrap_or(usize::MAX);
+    let timeout = state.config.request_timeout();
+    let (routes, document) = api(state.config.image_max_bytes).split_for_parts();
+    routes
+        .merge(SwaggerUi::new("/docs").url("/api/v1/openapi.json", openapi::finish(document)))
         .route_layer(tower::layer::layer_fn(observability::route))
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)

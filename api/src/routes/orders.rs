@@ -9,16 +9,16 @@
 
 use std::time::Duration;
 
-use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
-use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
 use common::domain::{IdempotencyKey, OrderLine, OrderStatus, OrderTrigger, TicketStatus, Transition};
 use common::sales::changes;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
 use super::page::PageQuery;
@@ -29,12 +29,12 @@ use crate::purchase::order_inserter::{NewOrder, Stored};
 use crate::purchase::{self, CreateOrderRequest, Priced, Purchase};
 use crate::state::AppState;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/orders", post(create_order).get(list_orders))
-        .route("/orders/quote", post(quote))
-        .route("/orders/{id}", get(get_order))
-        .route("/orders/{id}/cancel", post(cancel_order))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create_order, list_orders))
+        .routes(routes!(quote))
+        .routes(routes!(get_order))
+        .routes(routes!(cancel_order))
 }
 
 pub(crate) const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
@@ -131,7 +131,7 @@ pub struct OrderDetail {
 /// With an `Idempotency-Key` header, a retry with the same key and body returns the same
 /// order (its current state, with `Idempotent-Replayed: true`) and buys nothing more; the
 /// same key with a different body is refused with 422. Keys are scoped to the caller.
-#[utoipa::path(post, path = "/api/v1/orders", tag = "orders", request_body = CreateOrderRequest,
+#[utoipa::path(post, path = "/orders", tag = "orders", request_body = CreateOrderRequest,
     security(("bearer" = [])),
     params(("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters")),
     responses(
@@ -267,7 +267,7 @@ pub struct Quote {
 /// event exists and is on sale, the types are on sale, the quantities are within their
 /// limits), the prices it would be bought at now. Nothing is stored or reserved; whether
 /// tickets are left is not said (the purchase itself decides that).
-#[utoipa::path(post, path = "/api/v1/orders/quote", tag = "orders", request_body = CreateOrderRequest,
+#[utoipa::path(post, path = "/orders/quote", tag = "orders", request_body = CreateOrderRequest,
     security(("bearer" = [])),
     responses(
         (status = 200, description = "What the purchase would cost now", body = Quote),
@@ -338,7 +338,7 @@ fn replay(existing: Order, asked: &Purchase) -> Result<(StatusCode, HeaderMap, J
 }
 
 /// The caller's orders, newest first.
-#[utoipa::path(get, path = "/api/v1/orders", tag = "orders", params(PageQuery), security(("bearer" = [])),
+#[utoipa::path(get, path = "/orders", tag = "orders", params(PageQuery), security(("bearer" = [])),
     responses(
         (status = 200, description = "One page of the caller's orders", body = [Order],
             headers(("Link" = String, description = "`<url>; rel=\"next\"` when more follow"),
@@ -387,7 +387,7 @@ pub struct WaitQuery {
 }
 
 /// One order with its tickets and history (its owner, or an admin; anyone else gets 404).
-#[utoipa::path(get, path = "/api/v1/orders/{id}", tag = "orders", security(("bearer" = [])),
+#[utoipa::path(get, path = "/orders/{id}", tag = "orders", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "Order id"), WaitQuery),
     responses(
         (status = 200, description = "The order", body = OrderDetail),
@@ -443,7 +443,7 @@ async fn detail(state: &AppState, order: Order) -> Result<OrderDetail, ApiError>
 
 /// Cancel a `PENDING` order (its owner only): its tickets are released at once for other
 /// buyers. Cancelling a cancelled order again answers 200 as well.
-#[utoipa::path(post, path = "/api/v1/orders/{id}/cancel", tag = "orders", security(("bearer" = [])),
+#[utoipa::path(post, path = "/orders/{id}/cancel", tag = "orders", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "Order id")),
     responses(
         (status = 200, description = "The order, `CANCELLED`", body = OrderDetail),

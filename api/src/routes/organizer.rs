@@ -3,12 +3,10 @@
 
 use std::sync::Arc;
 
-use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use chrono::{DateTime, Utc};
 use common::domain::OrderStatus;
 use futures_util::future::BoxFuture;
@@ -16,6 +14,8 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
 use super::page::PageQuery;
@@ -24,8 +24,8 @@ use crate::error::{ApiError, ErrorBody};
 use crate::extract::{Json, Path, Query};
 use crate::state::AppState;
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/events/{id}/orders", get(event_orders)).route("/events/{id}/attendees", get(attendees))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(event_orders)).routes(routes!(attendees))
 }
 
 /// Rows one query of a CSV export reads: the export is read in pages this size, so memory
@@ -174,7 +174,7 @@ pub struct AttendeesQuery {
 /// Deleted events keep their lists. JSON pages like `GET /events`, or, with `format=csv`
 /// or `Accept: text/csv`, every matching order as one CSV file (a header row; amounts as
 /// in JSON; text cells that a spreadsheet would run as a formula start with `'`).
-#[utoipa::path(get, path = "/api/v1/events/{id}/orders", tag = "organizers", security(("bearer" = [])),
+#[utoipa::path(get, path = "/events/{id}/orders", tag = "organizers", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "Event id"), OrdersQuery),
     responses(
         (status = 200, description = "One page of orders (JSON), or all of them (CSV)",
@@ -231,7 +231,7 @@ pub async fn event_orders(
 /// The event's attendees (admin): one row per ticket of its paid orders, newest first, with
 /// the holder and the check-in time; filter by `checked_in`. Cancelled tickets are not
 /// attendees. JSON pages, or every matching ticket as one CSV file (see the orders list).
-#[utoipa::path(get, path = "/api/v1/events/{id}/attendees", tag = "organizers", security(("bearer" = [])),
+#[utoipa::path(get, path = "/events/{id}/attendees", tag = "organizers", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "Event id"), AttendeesQuery),
     responses(
         (status = 200, description = "One page of attendees (JSON), or all of them (CSV)",

@@ -7,13 +7,11 @@
 //! applies it, so a retried or concurrent duplicate waits for the first, changes nothing,
 //! and gets the answer the first one got.
 
-use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
 use common::domain::{OrderStatus, OrderTrigger, Transition, reason, text};
 use common::sales::changes::{self, OrderRow, RefundSource};
@@ -22,6 +20,8 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use sqlx::PgConnection;
 use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
 use super::page::PageQuery;
@@ -30,13 +30,13 @@ use crate::error::{ApiError, ErrorBody};
 use crate::extract::{Json, Path, Query};
 use crate::state::AppState;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/orders/{id}/status", post(payment_webhook))
-        .route("/late-payments", get(list_late_payments))
-        .route("/late-payments/{id}/refund", post(mark_refunded))
-        .route("/orders/{id}/refund", post(refund_order))
-        .route("/refunds", get(list_refunds))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(payment_webhook))
+        .routes(routes!(list_late_payments))
+        .routes(routes!(mark_refunded))
+        .routes(routes!(refund_order))
+        .routes(routes!(list_refunds))
 }
 
 /// The longest `reason` a provider may give for a declined payment.
@@ -97,7 +97,7 @@ impl PaymentOutcome {
 /// allow answers 409 with `current_status`; a payment for an order that no longer holds
 /// tickets (hold expired, cancelled, rejected) is also recorded as a late payment for
 /// refund. A `webhook-id` already processed gets the first answer again and changes nothing.
-#[utoipa::path(post, path = "/api/v1/orders/{id}/status", tag = "payments", request_body = PaymentStatusRequest,
+#[utoipa::path(post, path = "/orders/{id}/status", tag = "payments", request_body = PaymentStatusRequest,
     params(
         ("id" = Uuid, Path, description = "Order id"),
         ("webhook-id" = String, Header, description = "Message id, 1 to 255 characters"),
@@ -280,7 +280,7 @@ pub struct LatePayment {
 }
 
 /// Late payments, newest first (admin): payments for orders that no longer held tickets.
-#[utoipa::path(get, path = "/api/v1/late-payments", tag = "payments", params(PageQuery), security(("bearer" = [])),
+#[utoipa::path(get, path = "/late-payments", tag = "payments", params(PageQuery), security(("bearer" = [])),
     responses(
         (status = 200, description = "One page of late payments", body = [LatePayment],
             headers(("Link" = String, description = "`<url>; rel=\"next\"` when more follow"),
@@ -312,7 +312,7 @@ pub async fn list_late_payments(
 
 /// Marks a late payment refunded (admin). Refunding happens at the payment provider; this
 /// records that it was done. Repeating it keeps the first time.
-#[utoipa::path(post, path = "/api/v1/late-payments/{id}/refund", tag = "payments", security(("bearer" = [])),
+#[utoipa::path(post, path = "/late-payments/{id}/refund", tag = "payments", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "Late payment id")),
     responses(
         (status = 200, description = "The late payment, with `refunded_at`", body = LatePayment),
@@ -365,7 +365,7 @@ pub struct Refund {
 /// that it is cancelled) and released to the event's waiting list or back on sale, and the
 /// refund is recorded for the payment provider to execute (`GET /refunds?pending=true`; the
 /// provider's `REFUNDED` webhook marks it executed). Asking again answers the same refund.
-#[utoipa::path(post, path = "/api/v1/orders/{id}/refund", tag = "payments", security(("bearer" = [])),
+#[utoipa::path(post, path = "/orders/{id}/refund", tag = "payments", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "Order id")),
     responses(
         (status = 200, description = "The refund (also when the order was refunded already)", body = Refund),
@@ -418,7 +418,7 @@ pub struct RefundsQuery {
 
 /// Refunds, newest order first (admin); with `pending=true`, those the payment provider
 /// still has to execute.
-#[utoipa::path(get, path = "/api/v1/refunds", tag = "payments", params(RefundsQuery), security(("bearer" = [])),
+#[utoipa::path(get, path = "/refunds", tag = "payments", params(RefundsQuery), security(("bearer" = [])),
     responses(
         (status = 200, description = "One page of refunds", body = [Refund],
             headers(("Link" = String, description = "`<url>; rel=\"next\"` when more follow"),

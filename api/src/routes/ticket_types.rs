@@ -7,10 +7,8 @@
 
 use std::collections::BTreeMap;
 
-use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
-use axum::routing::get;
 use chrono::{DateTime, Datelike, Utc};
 use common::domain::Currency;
 use common::domain::money::AmountText;
@@ -20,19 +18,22 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
-use super::events::{MAX_CAPACITY, MAX_PER_ORDER, invalid, merge_patch, required_text, valid_price};
+use super::input::{MAX_CAPACITY, MAX_PER_ORDER, invalid, merge_patch, required_text, valid_price};
 use crate::auth::{AdminUser, AuthUser};
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::{Json, Path};
 use crate::state::AppState;
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/events/{id}/ticket-types", get(list_ticket_types).post(create_ticket_type)).route(
-        "/events/{id}/ticket-types/{type_id}",
-        get(get_ticket_type).patch(update_ticket_type).delete(delete_ticket_type),
-    )
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(list_ticket_types, create_ticket_type)).routes(routes!(
+        get_ticket_type,
+        update_ticket_type,
+        delete_ticket_type
+    ))
 }
 
 /// The most ticket types an event may have on sale at once.
@@ -236,7 +237,7 @@ async fn find_event(db: &sqlx::PgPool, id: Uuid, admin: bool) -> Result<(), ApiE
 
 /// An event's ticket types, with what is left of each, in `sort_order`. Hidden and
 /// withdrawn types are listed to admins only.
-#[utoipa::path(get, path = "/api/v1/events/{id}/ticket-types", tag = "events",
+#[utoipa::path(get, path = "/events/{id}/ticket-types", tag = "events",
     params(("id" = Uuid, Path, description = "Event id")),
     responses(
         (status = 200, description = "The event's ticket types", body = [TicketType]),
@@ -254,7 +255,7 @@ pub async fn list_ticket_types(
 }
 
 /// One ticket type. A hidden one is shown to whoever has its id; a withdrawn one to admins.
-#[utoipa::path(get, path = "/api/v1/events/{id}/ticket-types/{type_id}", tag = "events",
+#[utoipa::path(get, path = "/events/{id}/ticket-types/{type_id}", tag = "events",
     params(("id" = Uuid, Path, description = "Event id"), ("type_id" = Uuid, Path, description = "Ticket type id")),
     responses(
         (status = 200, description = "The ticket type", body = TicketType),
@@ -294,7 +295,7 @@ async fn lock_event(tx: &mut sqlx::PgConnection, id: Uuid) -> Result<(EventLock<
 
 /// Add a ticket type to an event (admin). The event's capacity stays the cap over all its
 /// types: types' capacities may add up to more (whichever runs out first stops the sale).
-#[utoipa::path(post, path = "/api/v1/events/{id}/ticket-types", tag = "events", request_body = TicketTypeRequest,
+#[utoipa::path(post, path = "/events/{id}/ticket-types", tag = "events", request_body = TicketTypeRequest,
     params(("id" = Uuid, Path, description = "Event id")), security(("bearer" = [])),
     responses(
         (status = 201, description = "Ticket type created", body = TicketType,
@@ -358,7 +359,7 @@ pub async fn create_ticket_type(
 /// `capacity`, the limits or the sale window. `capacity` never below the type's tickets sold
 /// or held (409 `capacity_below_sold`). A price change applies to new orders only; the
 /// default type's price is the event's `price`, so changing one changes the other.
-#[utoipa::path(patch, path = "/api/v1/events/{id}/ticket-types/{type_id}", tag = "events", request_body = Object,
+#[utoipa::path(patch, path = "/events/{id}/ticket-types/{type_id}", tag = "events", request_body = Object,
     params(("id" = Uuid, Path, description = "Event id"), ("type_id" = Uuid, Path, description = "Ticket type id")),
     security(("bearer" = [])),
     responses(
@@ -421,7 +422,7 @@ pub async fn update_ticket_type(
 /// has). Orders for it still queued are refused (`NOT_ON_SALE`). If it was the default type,
 /// the event has none after it: `{event_id, quantity}` orders are refused
 /// (`ticket_type_required`) and buyers name types in `items`.
-#[utoipa::path(delete, path = "/api/v1/events/{id}/ticket-types/{type_id}", tag = "events",
+#[utoipa::path(delete, path = "/events/{id}/ticket-types/{type_id}", tag = "events",
     params(("id" = Uuid, Path, description = "Event id"), ("type_id" = Uuid, Path, description = "Ticket type id")),
     security(("bearer" = [])),
     responses(

@@ -1,14 +1,14 @@
 //! Tickets at the door: the holder's QR code, and the door staff's check-in scan.
 
-use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
 use common::domain::{OrderStatus, TicketStatus};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::auth::{AuthUser, DoorStaff};
@@ -16,8 +16,8 @@ use crate::error::{ApiError, ErrorBody};
 use crate::extract::{Json, Path};
 use crate::state::AppState;
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/tickets/{id}/qr.png", get(ticket_qr)).route("/check-ins", post(check_in))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(ticket_qr)).routes(routes!(check_in))
 }
 
 /// What decides whether a ticket gets in.
@@ -43,7 +43,7 @@ impl TicketState {
 }
 
 /// The ticket's check-in code as a QR image (PNG), for its holder; the order must be paid.
-#[utoipa::path(get, path = "/api/v1/tickets/{id}/qr.png", tag = "tickets", security(("bearer" = [])),
+#[utoipa::path(get, path = "/tickets/{id}/qr.png", tag = "tickets", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "Ticket id")),
     responses(
         (status = 200, description = "PNG image of the code", content_type = "image/png", body = Vec<u8>),
@@ -114,7 +114,7 @@ pub struct CheckIn {
 /// and records the check-in; every later scan answers 409 `already_checked_in` with the
 /// time of the first (of concurrent scans of one code, exactly one gets 200). A forged or
 /// altered code is 404 without a database lookup.
-#[utoipa::path(post, path = "/api/v1/check-ins", tag = "tickets", request_body = CheckInRequest,
+#[utoipa::path(post, path = "/check-ins", tag = "tickets", request_body = CheckInRequest,
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Checked in", body = CheckIn),

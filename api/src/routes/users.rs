@@ -1,14 +1,14 @@
 //! Administration of accounts: list them, change a role, deactivate, reactivate or delete one.
 //! Each of the last three revokes the account's tokens in every api process (migration 0015).
 
-use axum::Router;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::http::StatusCode;
-use axum::routing::{delete, get, patch, post};
 use common::domain::Role;
 use serde::Deserialize;
 use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
 use super::accounts::{ChangedUser, UserResponse};
@@ -18,17 +18,17 @@ use crate::error::{ApiError, ErrorBody};
 use crate::extract::{Json, Path, Query};
 use crate::state::AppState;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/users", get(list_users))
-        .route("/users/{id}", delete(delete_user))
-        .route("/users/{id}/role", patch(set_role))
-        .route("/users/{id}/deactivate", post(deactivate))
-        .route("/users/{id}/reactivate", post(reactivate))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_users))
+        .routes(routes!(delete_user))
+        .routes(routes!(set_role))
+        .routes(routes!(deactivate))
+        .routes(routes!(reactivate))
 }
 
 /// Every account, newest first (admin).
-#[utoipa::path(get, path = "/api/v1/users", tag = "accounts", params(PageQuery), security(("bearer" = [])),
+#[utoipa::path(get, path = "/users", tag = "accounts", params(PageQuery), security(("bearer" = [])),
     responses(
         (status = 200, description = "One page of accounts", body = [UserResponse],
             headers(("Link" = String, description = "`<url>; rel=\"next\"` when more follow"))),
@@ -65,7 +65,7 @@ pub struct SetRoleRequest {
 /// admin may do) or `user` role (admin). A change revokes the account's access
 /// tokens at once (they carry the role); it applies from its next log-in. The last admin
 /// cannot be demoted (409 `last_admin`).
-#[utoipa::path(patch, path = "/api/v1/users/{id}/role", tag = "accounts", request_body = SetRoleRequest,
+#[utoipa::path(patch, path = "/users/{id}/role", tag = "accounts", request_body = SetRoleRequest,
     params(("id" = Uuid, Path, description = "User id")), security(("bearer" = [])),
     responses(
         (status = 200, description = "The account with its new role", body = UserResponse),
@@ -121,7 +121,7 @@ async fn keep_an_admin(tx: &mut sqlx::PgConnection, id: Uuid) -> Result<(), ApiE
 /// log in (403 `account_deactivated`), and every token issued to it is refused at once, in
 /// every api process. Deactivating an account that is already deactivated changes nothing.
 /// The last active admin cannot be deactivated (409 `last_admin`).
-#[utoipa::path(post, path = "/api/v1/users/{id}/deactivate", tag = "accounts",
+#[utoipa::path(post, path = "/users/{id}/deactivate", tag = "accounts",
     params(("id" = Uuid, Path, description = "User id")), security(("bearer" = [])),
     responses(
         (status = 200, description = "The account, deactivated", body = UserResponse),
@@ -140,7 +140,7 @@ pub async fn deactivate(
 
 /// Reactivate a deactivated account (admin): it may log in again; tokens issued before the
 /// deactivation stay refused.
-#[utoipa::path(post, path = "/api/v1/users/{id}/reactivate", tag = "accounts",
+#[utoipa::path(post, path = "/users/{id}/reactivate", tag = "accounts",
     params(("id" = Uuid, Path, description = "User id")), security(("bearer" = [])),
     responses(
         (status = 200, description = "The account, active", body = UserResponse),
@@ -186,7 +186,7 @@ async fn set_active(state: &AppState, admin: AuthUser, id: Uuid, active: bool) -
 /// `account_has_records` (deactivate it instead: its records stay, it loses access). Its
 /// tokens are refused at once, in every api process. The last active admin cannot be deleted
 /// (409 `last_admin`).
-#[utoipa::path(delete, path = "/api/v1/users/{id}", tag = "accounts",
+#[utoipa::path(delete, path = "/users/{id}", tag = "accounts",
     params(("id" = Uuid, Path, description = "User id")), security(("bearer" = [])),
     responses(
         (status = 204, description = "Deleted"),

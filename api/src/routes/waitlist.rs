@@ -3,15 +3,15 @@
 //! own (`common::sales::waitlist`). Joining is checked like a purchase (the same rules and
 //! limits), and only while the tickets wanted are not to be had.
 
-use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
-use axum::routing::get;
 use chrono::{DateTime, Utc};
 use common::domain::WaitlistStatus;
 use common::sales;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
 use super::page::PageQuery;
@@ -21,10 +21,8 @@ use crate::extract::{Json, Path, Query};
 use crate::purchase::{self, CreateOrderRequest, OrderItem, Purchase};
 use crate::state::AppState;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/events/{id}/waitlist", get(event_waitlist).post(join).delete(leave))
-        .route("/me/waitlist", get(my_waitlist))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(event_waitlist, join, leave)).routes(routes!(my_waitlist))
 }
 
 /// The most waiting-list entries one buyer may have open (waiting or offered) at once,
@@ -71,7 +69,7 @@ pub struct WaitlistEntry {
 /// entries in join order, each entry that fits getting an order of its own in `PENDING`
 /// (reason `WAITLIST_OFFER`), held for `WAITLIST_OFFER_TTL_SECS`: an `order.pending` event
 /// and webhook tell the buyer. An entry that does not fit keeps its place.
-#[utoipa::path(post, path = "/api/v1/events/{id}/waitlist", tag = "waitlist", request_body = JoinRequest,
+#[utoipa::path(post, path = "/events/{id}/waitlist", tag = "waitlist", request_body = JoinRequest,
     params(("id" = Uuid, Path, description = "Event id")), security(("bearer" = [])),
     responses(
         (status = 201, description = "On the list", body = WaitlistEntry,
@@ -198,7 +196,7 @@ fn already_waiting() -> ApiError {
 
 /// Leave an event's waiting list. An entry holding an offer is not left this way: pay the
 /// offer's order or cancel it (`POST /orders/{id}/cancel`), which passes the tickets on.
-#[utoipa::path(delete, path = "/api/v1/events/{id}/waitlist", tag = "waitlist",
+#[utoipa::path(delete, path = "/events/{id}/waitlist", tag = "waitlist",
     params(("id" = Uuid, Path, description = "Event id")), security(("bearer" = [])),
     responses(
         (status = 204, description = "Left"),
@@ -250,7 +248,7 @@ pub async fn leave(
 
 /// The caller's waiting-list entries, newest first (all statuses, with the position of those
 /// still waiting).
-#[utoipa::path(get, path = "/api/v1/me/waitlist", tag = "waitlist", params(PageQuery), security(("bearer" = [])),
+#[utoipa::path(get, path = "/me/waitlist", tag = "waitlist", params(PageQuery), security(("bearer" = [])),
     responses(
         (status = 200, description = "One page of the caller's entries", body = [WaitlistEntry],
             headers(("Link" = String, description = "`<url>; rel=\"next\"` when more follow"),
@@ -286,7 +284,7 @@ pub async fn my_waitlist(
 
 /// An event's open waiting list in join order (admin): the entries waiting, with their
 /// positions, and those holding an offer. Deleted events keep their lists (closed).
-#[utoipa::path(get, path = "/api/v1/events/{id}/waitlist", tag = "waitlist",
+#[utoipa::path(get, path = "/events/{id}/waitlist", tag = "waitlist",
     params(("id" = Uuid, Path, description = "Event id"), PageQuery), security(("bearer" = [])),
     responses(
         (status = 200, description = "One page of entries, first in line first", body = [WaitlistEntry],

@@ -2,16 +2,16 @@
 //! orders, signed per Standard Webhooks with the endpoint's own secret (shown once, at
 //! registration), and the log of those deliveries.
 
-use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
-use axum::routing::{delete, get, post};
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use common::domain::{DeliveryStatus, text};
 use common::webhook_targets::{TargetError, TargetPolicy};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
 use super::page::PageQuery;
@@ -20,11 +20,11 @@ use crate::error::{ApiError, ErrorBody, ResultExt};
 use crate::extract::{Json, Path, Query};
 use crate::state::AppState;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/webhook-endpoints", post(create_endpoint).get(list_endpoints))
-        .route("/webhook-endpoints/{id}", delete(delete_endpoint))
-        .route("/webhook-endpoints/{id}/deliveries", get(list_deliveries))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create_endpoint, list_endpoints))
+        .routes(routes!(delete_endpoint))
+        .routes(routes!(list_deliveries))
 }
 
 /// Most endpoints one user may register.
@@ -70,7 +70,7 @@ pub struct CreatedEndpoint {
 /// retry of one delivery), `webhook-timestamp` and `webhook-signature`. Answer 2xx to
 /// acknowledge; other answers and timeouts (10 s) are retried with exponential back-off;
 /// 410 Gone disables the endpoint. Deliveries are not ordered: use `timestamp`.
-#[utoipa::path(post, path = "/api/v1/webhook-endpoints", tag = "webhooks", request_body = CreateEndpointRequest,
+#[utoipa::path(post, path = "/webhook-endpoints", tag = "webhooks", request_body = CreateEndpointRequest,
     security(("bearer" = [])),
     responses(
         (status = 201, description = "Registered; the secret is in this answer only", body = CreatedEndpoint,
@@ -137,7 +137,7 @@ pub async fn create_endpoint(
 }
 
 /// The caller's endpoints, newest first (secrets are never shown again).
-#[utoipa::path(get, path = "/api/v1/webhook-endpoints", tag = "webhooks", params(PageQuery), security(("bearer" = [])),
+#[utoipa::path(get, path = "/webhook-endpoints", tag = "webhooks", params(PageQuery), security(("bearer" = [])),
     responses(
         (status = 200, description = "One page of the caller's endpoints", body = [Endpoint],
             headers(("Link" = String, description = "`<url>; rel=\"next\"` when more follow"))),
@@ -165,7 +165,7 @@ pub async fn list_endpoints(
 }
 
 /// Delete one of the caller's endpoints; its pending deliveries are dropped.
-#[utoipa::path(delete, path = "/api/v1/webhook-endpoints/{id}", tag = "webhooks", security(("bearer" = [])),
+#[utoipa::path(delete, path = "/webhook-endpoints/{id}", tag = "webhooks", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "Endpoint id")),
     responses(
         (status = 204, description = "Deleted"),
@@ -216,7 +216,7 @@ pub struct Delivery {
 }
 
 /// The deliveries to one of the caller's endpoints, newest first, with their attempts.
-#[utoipa::path(get, path = "/api/v1/webhook-endpoints/{id}/deliveries", tag = "webhooks",
+#[utoipa::path(get, path = "/webhook-endpoints/{id}/deliveries", tag = "webhooks",
     params(("id" = Uuid, Path, description = "Endpoint id"), PageQuery), security(("bearer" = [])),
     responses(
         (status = 200, description = "One page of deliveries", body = [Delivery],

@@ -1,0 +1,184 @@
+//! Events: the public catalogue and the admin's way to add to it. This module holds the
+//! model and the reads; [`edit`] creates, edits and deletes, [`image`] uploads and serves
+//! an event's image.
+
+mod edit;
+mod image;
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::Serialize;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use uuid::Uuid;
+
+use super::page::PageQuery;
+use crate::auth::AuthUser;
+use crate::error::{ApiError, ErrorBody};
+use crate::extract::{Json, Path, Query};
+use crate::state::AppState;
+
+/// The routes of events, their edits and their images (`image_max_bytes`: the upload's own
+/// body limit).
+pub fn router(image_max_bytes: u64) -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_events, edit::create_event))
+        .routes(routes!(get_event, edit::update_event, edit::delete_event))
+        .routes(routes!(image::get_image))
+        .merge(image::upload_router(image_max_bytes))
+}
+
+/// An event as listed: `GET /events` and the pages of `/me` return these.
+#[derive(Serialize, ToSchema)]
+pub struct Event {
+    pub id: Uuid,
+    pub name: String,
+    pub description: String,
+    pub location: String,
+    pub organization: String,
+    /// Audience rating label, e.g. `all-ages`, `18+`.
+    pub rating: Option<String>,
+    /// When the event starts (RFC 3339, UTC).
+    pub date: DateTime<Utc>,
+    /// Tickets over all its ticket types, at most (the venue cap).
+    pub capacity: i32,
+    /// Tickets not yet sold or held: `capacity - sold`.
+    pub tickets_available: i32,
+    /// Price of one ticket of the default type, a decimal string with at most 2 decimal
+    /// places (editing one edits the other).
+    #[schema(value_type = String, example = "49.90")]
+    #[serde(serialize_with = "common::domain::money::serialize")]
+    pub price: Decimal,
+    /// ISO 4217 code of `price`.
+    #[schema(example = "EUR")]
+    pub currency: String,
+    /// Most tickets one order may buy, over all its lines.
+    pub max_per_order: i32,
+    /// Most tickets one buyer may hold over all their live (`PENDING`, `PAID`) orders;
+    /// `null`: no cap.
+    pub max_per_buyer: Option<i32>,
+    /// The ticket type `{event_id, quantity}` orders buy ("General admission", made with the
+    /// event); `null` once withdrawn.
+    pub default_ticket_type_id: Option<Uuid>,
+    pub image_url: Option<String>,
+    pub created_at: DateTime<Utc>,
+    /// When the event was last edited (sales, which change `tickets_available`, are not edits).
+    pub updated_at: DateTime<Utc>,
+    /// When an admin deleted it; only admins see deleted events.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deleted_at: Option<DateTime<Utc>>,
+}
+
+/// One event with its ticket types: what `GET`, `POST` and `PATCH` of one event answer.
+#[derive(Serialize, ToSchema)]
+pub struct EventDetail {
+    #[serde(flatten)]
+    pub event: Event,
+    /// Its ticket types (hidden and withdrawn ones for admins only).
+    pub ticket_types: Vec<super::ticket_types::TicketType>,
+}
+
+impl EventDetail {
+    /// `event` with its ticket types, read from `db`.
+    async fn of(db: &sqlx::PgPool, event: Event, admin: bool) -> Result<Self, ApiError> {
+        let ticket_types = super::ticket_types::types_of(db, event.id, admin).await?;
+        Ok(Self { event, ticket_types })
+    }
+}
+
+/// List events, newest first, soft-deleted ones hidden.
+///
+/// Paginated: when more events follow, the response carries `Link: <…>; rel="next"` and
+/// `X-Next-Cursor`; pass that cursor back as `cursor`.
+#[utoipa::path(get, path = "/events", tag = "events", params(PageQuery),
+    responses(
+        (status = 200, description = "One page of events", body = [Event],
+            headers(("Link" = String, description = "`<url>; rel=\"next\"` when more follow"),
+                    ("X-Next-Cursor" = String, description = "Cursor of the next page, when more follow"))),
+        (status = 400, description = "Bad query string (`invalid_query`)", body = ErrorBody),
+    ))]
+pub async fn list_events(
+    State(state): State<AppState>,
+    Query(query): Query<PageQuery>,
+) -> Result<(HeaderMap, Json<Vec<Event>>), ApiError> {
+    let limit = query.limit()?;
+    // One row more than asked tells whether another page follows.
+    let mut events = page_of_events(&state.db, None, query.cursor, limit + 1).await?;
+    let headers = query.finish("/api/v1/events", &mut events, |event| event.id);
+    Ok((headers, Json(events)))
+}
+
+/// One event, with its ticket types and what is left of each. A deleted event is 404,
+/// except for admins (it then has `deleted_at`).
+#[utoipa::path(get, path = "/events/{id}", tag = "events",
+    params(("id" = Uuid, Path, description = "Event id")),
+    responses(
+        (status = 200, description = "The event", body = EventDetail),
+        (status = 401, description = "A token was sent but is invalid", body = ErrorBody),
+        (status = 404, description = "No such event", body = ErrorBody),
+    ))]
+pub async fn get_event(
+    State(state): State<AppState>,
+    user: Option<AuthUser>,
+    Path(id): Path<Uuid>,
+) -> Result<Json<EventDetail>, ApiError> {
+    let admin = user.is_some_and(|user| user.is_admin());
+    let event = load_event(&state.db, id, admin).await?;
+    Ok(Json(EventDetail::of(&state.db, event, admin).await?))
+}
+
+async fn load_event<'c>(db: impl sqlx::PgExecutor<'c>, id: Uuid, include_deleted: bool) -> Result<Event, ApiError> {
+    events_by_id(db, &[id], include_deleted).await?.pop().ok_or(ApiError::NotFound("event"))
+}
+
+/// The events with these ids (deleted ones too, if `include_deleted`), soonest first: every
+/// read of events by id goes through here, as every listing goes through [`page_of_events`].
+pub(crate) async fn events_by_id<'c>(
+    db: impl sqlx::PgExecutor<'c>,
+    ids: &[Uuid],
+    include_deleted: bool,
+) -> Result<Vec<Event>, ApiError> {
+    Ok(sqlx::query_as!(
+        Event,
+        r#"SELECT e.id, e.name, e.description, e.location, e.organization, e.rating, e.starts_at AS date,
+                  e.capacity, e.capacity - e.sold AS "tickets_available!", e.price, e.currency,
+                  e.max_per_order, e.max_per_buyer, e.default_ticket_type_id, e.image_url, e.created_at,
+                  e.updated_at, e.deleted_at
+           FROM events e WHERE e.id = ANY($1) AND (e.deleted_at IS NULL OR $2)
+           ORDER BY e.starts_at, e.id"#,
+        ids,
+        include_deleted
+    )
+    .fetch_all(db)
+    .await?)
+}
+
+/// Up to `limit` live events older than `cursor`, newest first; `created_by`: only those
+/// that account created.
+pub(crate) async fn page_of_events(
+    db: &sqlx::PgPool,
+    created_by: Option<Uuid>,
+    cursor: Option<Uuid>,
+    limit: i64,
+) -> Result<Vec<Event>, ApiError> {
+    Ok(sqlx::query_as!(
+        Event,
+        r#"SELECT e.id, e.name, e.description, e.location, e.organization, e.rating, e.starts_at AS date,
+                  e.capacity, e.capacity - e.sold AS "tickets_available!", e.price, e.currency,
+                  e.max_per_order, e.max_per_buyer, e.default_ticket_type_id, e.image_url, e.created_at,
+                  e.updated_at, e.deleted_at
+           FROM events e
+           WHERE e.deleted_at IS NULL AND ($1::uuid IS NULL OR e.created_by = $1)
+             AND ($2::uuid IS NULL OR e.id < $2)
+           ORDER BY e.id DESC
+           LIMIT $3"#,
+        created_by,
+        cursor,
+        limit
+    )
+    .fetch_all(db)
+    .await?)
+}
