@@ -5,7 +5,9 @@
 //! The api runs in the test's own process ([`TestApp::spawn`]: `api::Application`, the
 //! library the binary runs), or as the real binary where a test needs a process: its logs,
 //! its metrics, its pid, signals, or several apis at once ([`TestApp::spawn_process`]).
-//! Workers are real processes ([`TestApp::spawn_worker`]), which tests kill and restart.
+//! Workers too: in-process ([`TestApp::worker`]: `worker::Worker`, with settings changed by
+//! type and polling loops a test can step), or as processes ([`TestApp::spawn_worker`]),
+//! which tests kill, signal and read the logs and metrics of.
 //!
 //! The services come from `scripts/services.sh start` (which `make test` runs); their URLs
 //! are read from the environment or, failing that, from the env file that script writes.
@@ -573,31 +575,81 @@ impl Drop for InProcessApi {
     }
 }
 
-/// The `ApiConfig` the api binary would read from `env`: each variable becomes the flag
-/// that reads it (so that the test's own environment cannot override it).
+/// The `ApiConfig` the api binary would read from `env` (see [`config_from_env`]).
 fn api_config(env: &[(String, String)]) -> common::config::ApiConfig {
+    config_from_env("api", env)
+}
+
+/// The configuration a binary would read from `env`: each variable becomes the flag that
+/// reads it (so that the test's own environment cannot override it).
+fn config_from_env<C: clap::Args>(binary: &str, env: &[(String, String)]) -> C {
     #[derive(clap::Parser)]
-    struct Flags {
+    struct Flags<C: clap::Args> {
         #[command(flatten)]
-        config: common::config::ApiConfig,
+        config: C,
     }
-    let command = <Flags as clap::CommandFactory>::command();
+    let command = <Flags<C> as clap::CommandFactory>::command();
     // As in an environment, a variable set again replaces the earlier value.
     let mut settings: Vec<(&str, &str)> = Vec::new();
     for (key, value) in env {
         settings.retain(|(set, _)| set != key);
         settings.push((key, value));
     }
-    let mut args = vec!["api".to_owned()];
+    let mut args = vec![binary.to_owned()];
     for (key, value) in settings {
         let flag = command
             .get_arguments()
             .find(|arg| arg.get_env() == Some(std::ffi::OsStr::new(key)))
             .and_then(|arg| arg.get_long())
-            .unwrap_or_else(|| panic!("no api setting reads {key}: start the api as a process to pass it"));
+            .unwrap_or_else(|| panic!("no {binary} setting reads {key}: start the {binary} as a process to pass it"));
         args.push(format!("--{flag}={value}"));
     }
-    <Flags as clap::Parser>::try_parse_from(args).unwrap_or_else(|err| panic!("api settings: {err}")).config
+    <Flags<C> as clap::Parser>::try_parse_from(args).unwrap_or_else(|err| panic!("{binary} settings: {err}")).config
+}
+
+/// A worker built in the test's process (`worker::Worker`, the library the binary runs),
+/// stopped when dropped: for tests where a worker's decisions, not its process, are the
+/// point. Its polling loops can be stepped ([`Self::steps`]) instead of slept past.
+pub struct InProcessWorker {
+    shutdown: CancellationToken,
+    running: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    steps: worker::Steps,
+}
+
+impl InProcessWorker {
+    /// Builds the worker, starts it on the test's runtime and waits until it is subscribed
+    /// to every partition.
+    async fn start(config: common::config::WorkerConfig) -> Self {
+        let shutdown = CancellationToken::new();
+        let built = worker::Worker::build(config, shutdown.clone()).await.expect("building the worker in-process");
+        let (steps, mut ready) = (built.steps(), built.ready());
+        let running = tokio::spawn(built.run_until_stopped());
+        let subscribed = tokio::time::timeout(Duration::from_secs(60), ready.wait_for(|ready| *ready)).await;
+        assert!(subscribed.is_ok_and(|r| r.is_ok()), "the worker did not subscribe to its partitions within 60 s");
+        InProcessWorker { shutdown, running: Some(running), steps }
+    }
+
+    /// Runs rounds of its polling loops now: `worker.steps().expiry().await` returns once
+    /// the holds due are expired.
+    pub fn steps(&self) -> &worker::Steps {
+        &self.steps
+    }
+
+    /// Stops it as SIGTERM would, and waits for its tasks; their result.
+    pub async fn stop(&mut self) -> Option<anyhow::Result<()>> {
+        self.shutdown.cancel();
+        let running = self.running.take()?;
+        Some(running.await.unwrap_or_else(|err| Err(anyhow::anyhow!("the worker panicked: {err}"))))
+    }
+}
+
+impl Drop for InProcessWorker {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(running) = self.running.take() {
+            running.abort();
+        }
+    }
 }
 
 /// How a test's api runs.
@@ -756,10 +808,9 @@ impl TestApp {
         (self.api, self.base) = Self::launch(&self.api_env, in_process).await;
     }
 
-    /// Starts a worker on this test's database and virtual host, with short intervals, and
-    /// waits until it is subscribed to every partition. `extra_env` overrides settings.
-    pub fn spawn_worker(&self, extra_env: &[(&str, String)]) -> Process {
-        let mut envs = vec![
+    /// The settings of this test's workers: its database and virtual host, short intervals.
+    fn worker_env(&self) -> Vec<(&'static str, String)> {
+        vec![
             ("DATABASE_URL", self.db.url.clone()),
             ("AMQP_URL", self.broker.url.clone()),
             ("DATABASE_MAX_CONNECTIONS", "10".to_owned()),
@@ -770,9 +821,34 @@ impl TestApp {
             ("WEBHOOK_POLL_INTERVAL_MS", "50".to_owned()),
             ("WEBHOOK_RETRY_SCHEDULE", "300ms,300ms,300ms".to_owned()),
             ("WEBHOOK_ALLOW_NETWORKS", "127.0.0.1/32".to_owned()),
-        ];
+        ]
+    }
+
+    /// Starts a worker process on this test's database and virtual host, with short
+    /// intervals, and waits until it is subscribed to every partition. `extra_env`
+    /// overrides settings. For tests that need the process: its logs, its metrics, signals,
+    /// kills; otherwise [`Self::worker`].
+    pub fn spawn_worker(&self, extra_env: &[(&str, String)]) -> Process {
+        let mut envs = self.worker_env();
         envs.extend(extra_env.iter().cloned());
         Process::spawn("worker", &[], &envs, Some("worker ready")).0
+    }
+
+    /// A worker in the test's process with the settings of [`Self::spawn_worker`], ready
+    /// (subscribed to every partition).
+    pub async fn worker(&self) -> InProcessWorker {
+        self.worker_with(|_| {}).await
+    }
+
+    /// A worker in the test's process whose settings `configure` changes first, e.g.
+    /// `app.worker_with(|c| c.batch_size = 5)`.
+    pub async fn worker_with(&self, configure: impl FnOnce(&mut common::config::WorkerConfig)) -> InProcessWorker {
+        let env: Vec<(String, String)> = self.worker_env().into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+        let mut config: common::config::WorkerConfig = config_from_env("worker", &env);
+        // Many workers in parallel tests: each serves its metrics on a port of its own.
+        config.metrics_addr = "127.0.0.1:0".parse().expect("an address");
+        configure(&mut config);
+        InProcessWorker::start(config).await
     }
 
     /// `n` users inserted straight into the database (skipping argon2, which is not what

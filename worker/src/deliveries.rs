@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::poll::{Next, Round};
+use crate::poll::{Next, Round, Steps};
 
 /// Deliveries taken per round, sent concurrently.
 const ROUND: i64 = 32;
@@ -90,9 +90,14 @@ impl Deliverer {
     }
 
     /// Sends due deliveries every `interval` until shutdown.
-    pub async fn run(self: Arc<Self>, interval: Duration, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pub async fn run(
+        self: Arc<Self>,
+        interval: Duration,
+        steps: Steps,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
         let mut rounds = Rounds(self);
-        crate::poll::every("webhook deliverer", interval, &shutdown, &mut rounds).await
+        crate::poll::every("webhook deliverer", interval, &shutdown, &mut rounds, steps).await
     }
 
     /// Takes a round of due deliveries under a fresh lease.

@@ -13,7 +13,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::poll::{Next, Round};
+use crate::poll::{Next, Round, Steps};
 
 /// Most holds expired per event and per transaction, and most due holds read per scan.
 const BATCH: i64 = 1_000;
@@ -23,10 +23,11 @@ pub async fn run(
     db: PgPool,
     interval: Duration,
     offer_ttl: Duration,
+    steps: Steps,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut expiry = Expiry { db, offer_ttl, shutdown: shutdown.clone() };
-    crate::poll::every("expiry", interval, &shutdown, &mut expiry).await
+    crate::poll::every("expiry", interval, &shutdown, &mut expiry, steps).await
 }
 
 /// The loop's round: expire what is due, then finish deletions left unfinished.

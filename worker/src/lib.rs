@@ -1,11 +1,12 @@
 //! Turnstile's worker as a library: [`run`] is the whole process but its command line
-//! ([`cli`]). It consumes the purchase partitions and allocates tickets ([`allocate`]),
-//! shares the partitions with other workers ([`membership`]), re-publishes orders whose
-//! message may be missing ([`republish`]), expires unpaid holds ([`expiry`]), relays order
-//! events to the exchange and to webhook deliveries ([`relay`]) and sends those
-//! ([`deliveries`]), all under one shutdown token: once it is cancelled (SIGTERM or Ctrl-C
-//! in the binary) it stops consuming, lets the batch in hand finish (or leaves it unacked for
-//! redelivery) and returns.
+//! ([`cli`]), and [`Worker`] the same in parts, for tests that run it in their own process.
+//! It consumes the purchase partitions and allocates tickets ([`allocate`]), shares the
+//! partitions with other workers ([`membership`]), re-publishes orders whose message may be
+//! missing ([`republish`]), expires unpaid holds ([`expiry`]), relays order events to the
+//! exchange and to webhook deliveries ([`relay`]) and sends those ([`deliveries`]), all
+//! under one shutdown token: once it is cancelled (SIGTERM or Ctrl-C in the binary) it stops
+//! consuming, lets the batch in hand finish (or leaves it unacked for redelivery) and
+//! returns.
 
 // Functions stay under 80 lines (clippy.toml) outside tests.
 #![warn(clippy::too_many_lines)]
@@ -36,81 +37,179 @@ use crate::membership::Assignment;
 
 /// Runs the worker until `shutdown` is cancelled (or a task ends early: the error names it).
 pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let metrics = common::metrics::install("worker")?;
-    describe_metrics();
-    let db = common::db::connect(&config.database).await.context("connecting to PostgreSQL")?;
-    common::db::migrate(&db).await.context("applying migrations")?;
-    // Each partition consumer holds a connection of its own (one broken connection costs
-    // one partition a reconnect); the re-publisher and the events relay borrow one more each.
-    let amqp = common::amqp::pool(&config.broker, usize::from(config.broker.partitions) + 3)
-        .context("creating the AMQP pool")?;
-    let mut tasks = Tasks::new(shutdown.clone());
-    let config = Arc::new(config);
-    let partitions = config.broker.partitions;
-    let worker_id = Uuid::now_v7();
-    let probe = health::Probe::new(db.clone(), partitions, tasks.failed());
-    tasks.spawn("metrics upkeep", common::metrics::upkeep(metrics.clone(), shutdown.clone()));
-    let serving =
-        common::metrics::serve(config.metrics_addr, health::router(probe.clone(), metrics), shutdown.clone()).await?;
-    tasks.spawn("metrics server", serving);
-    metrics::gauge!("turnstile_partitions").set(f64::from(partitions));
+    Worker::build(config, shutdown).await?.run_until_stopped().await
+}
 
-    declare_topology(&amqp, partitions, &shutdown).await;
+/// A worker with every task started: what [`run`] runs, and what tests run in their own
+/// process, where they can also wait for it to be [`ready`](Self::ready) and [`step`](Steps)
+/// its polling loops instead of sleeping past their intervals.
+pub struct Worker {
+    tasks: Tasks,
+    db: sqlx::PgPool,
+    amqp: common::amqp::Pool,
+    worker_id: Uuid,
+    partitions: u16,
+    subscribed: Arc<Semaphore>,
+    ready: watch::Sender<bool>,
+    steps: Steps,
+    shutdown: CancellationToken,
+}
 
-    let (assignment_tx, assignment) = watch::channel(Assignment::ALONE);
-    tasks.spawn(
-        "membership",
-        membership::run(db.clone(), worker_id, config.heartbeat(), partitions, assignment_tx, shutdown.clone()),
-    );
+/// Runs a round of one of a worker's polling loops now (see [`poll::Stepper::step`]): each
+/// returns once a round begun after the call found nothing more to do, `false` if the loop
+/// has stopped.
+#[derive(Clone)]
+pub struct Steps {
+    expiry: poll::Stepper,
+    republish: poll::Stepper,
+    relay: poll::Stepper,
+    deliveries: poll::Stepper,
+}
 
-    // The decider ends once every partition consumer has (they hold its queue's senders).
-    let (jobs, decider) = allocate::decider(db.clone(), config.hold_ttl());
-    tasks.spawn("allocation decider", decider);
-    let allocator =
-        Arc::new(Allocator { amqp: amqp.clone(), config: config.clone(), worker_id, assignment, jobs, probe });
-    let subscribed = Arc::new(Semaphore::new(0));
-    for partition in 0..partitions {
-        tasks.spawn(
-            format!("partition {partition} consumer"),
-            allocator.clone().run_partition(partition, subscribed.clone(), shutdown.clone()),
-        );
+impl Steps {
+    /// Expires the holds that are due (and finishes deletions left unfinished).
+    pub async fn expiry(&self) -> bool {
+        self.expiry.step().await
     }
-    drop(allocator);
-    let publisher = common::amqp::Publisher::new(amqp.clone(), partitions);
-    tasks.spawn("re-publisher", republish::run(db.clone(), publisher, config.clone(), shutdown.clone()));
-    tasks.spawn(
-        "expiry",
-        expiry::run(db.clone(), config.expiry_interval(), config.waitlist.offer_ttl(), shutdown.clone()),
-    );
-    tasks.spawn(
-        "order events relay",
-        relay::run(
-            db.clone(),
-            common::amqp::ConfirmChannel::new(amqp.clone(), partitions),
-            config.events_relay_interval(),
-            config.order_events_format,
-            shutdown.clone(),
-        ),
-    );
-    let deliverer = Arc::new(deliveries::Deliverer::new(db.clone(), &config).context("building the webhook client")?);
-    tasks.spawn("webhook deliverer", deliverer.run(config.webhook_poll_interval(), shutdown.clone()));
 
-    let announce_ready = async {
-        tokio::select! {
-            _ = shutdown.cancelled() => {}
-            permits = subscribed.acquire_many(u32::from(partitions)) => {
-                drop(permits);
-                tracing::info!(%worker_id, partitions, "worker ready");
-            }
+    /// Re-publishes the `QUEUED` orders whose message may be missing.
+    pub async fn republish(&self) -> bool {
+        self.republish.step().await
+    }
+
+    /// Relays every status change not yet relayed (to `orders.events` and webhook deliveries).
+    pub async fn relay(&self) -> bool {
+        self.relay.step().await
+    }
+
+    /// Sends the webhook deliveries that are due.
+    pub async fn deliveries(&self) -> bool {
+        self.deliveries.step().await
+    }
+}
+
+impl Worker {
+    /// Connects, migrates, declares the queues, binds the metrics address and starts every
+    /// task. Cancelling `shutdown` stops them as SIGTERM does.
+    pub async fn build(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::Result<Self> {
+        let metrics = common::metrics::install("worker")?;
+        describe_metrics();
+        let db = common::db::connect(&config.database).await.context("connecting to PostgreSQL")?;
+        common::db::migrate(&db).await.context("applying migrations")?;
+        // Each partition consumer holds a connection of its own (one broken connection costs
+        // one partition a reconnect); the re-publisher and the events relay hold one more each.
+        let amqp = common::amqp::pool(&config.broker, usize::from(config.broker.partitions) + 3)
+            .context("creating the AMQP pool")?;
+        let mut tasks = Tasks::new(shutdown.clone());
+        let config = Arc::new(config);
+        let partitions = config.broker.partitions;
+        let worker_id = Uuid::now_v7();
+        let probe = health::Probe::new(db.clone(), partitions, tasks.failed());
+        tasks.spawn("metrics upkeep", common::metrics::upkeep(metrics.clone(), shutdown.clone()));
+        let serving =
+            common::metrics::serve(config.metrics_addr, health::router(probe.clone(), metrics), shutdown.clone())
+                .await?;
+        tasks.spawn("metrics server", serving);
+        metrics::gauge!("turnstile_partitions").set(f64::from(partitions));
+
+        declare_topology(&amqp, partitions, &shutdown).await;
+
+        let (assignment_tx, assignment) = watch::channel(Assignment::ALONE);
+        tasks.spawn(
+            "membership",
+            membership::run(db.clone(), worker_id, config.heartbeat(), partitions, assignment_tx, shutdown.clone()),
+        );
+
+        // The decider ends once every partition consumer has (they hold its queue's senders).
+        let (jobs, decider) = allocate::decider(db.clone(), config.hold_ttl());
+        tasks.spawn("allocation decider", decider);
+        let allocator =
+            Arc::new(Allocator { amqp: amqp.clone(), config: config.clone(), worker_id, assignment, jobs, probe });
+        let subscribed = Arc::new(Semaphore::new(0));
+        for partition in 0..partitions {
+            tasks.spawn(
+                format!("partition {partition} consumer"),
+                allocator.clone().run_partition(partition, subscribed.clone(), shutdown.clone()),
+            );
         }
-        shutdown.cancelled().await;
-        tracing::info!("shutting down: finishing the batches in hand");
-    };
-    let (supervised, ()) = tokio::join!(tasks.supervise(), announce_ready);
-    amqp.close();
-    db.close().await;
-    tracing::info!("worker stopped");
-    supervised
+        drop(allocator);
+        let steps = Self::spawn_loops(&mut tasks, &db, &amqp, &config, &shutdown)?;
+        let (ready, _) = watch::channel(false);
+        Ok(Self { tasks, db, amqp, worker_id, partitions, subscribed, ready, steps, shutdown })
+    }
+
+    /// Starts the polling loops; the handles that step them.
+    fn spawn_loops(
+        tasks: &mut Tasks,
+        db: &sqlx::PgPool,
+        amqp: &common::amqp::Pool,
+        config: &Arc<WorkerConfig>,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Steps> {
+        let partitions = config.broker.partitions;
+        let (republish, republish_steps) = poll::Steps::new();
+        let publisher = common::amqp::Publisher::new(amqp.clone(), partitions);
+        tasks.spawn(
+            "re-publisher",
+            republish::run(db.clone(), publisher, config.clone(), republish_steps, shutdown.clone()),
+        );
+        let (expiry, expiry_steps) = poll::Steps::new();
+        let (interval, offer_ttl) = (config.expiry_interval(), config.waitlist.offer_ttl());
+        tasks.spawn("expiry", expiry::run(db.clone(), interval, offer_ttl, expiry_steps, shutdown.clone()));
+        let (relay, relay_steps) = poll::Steps::new();
+        tasks.spawn(
+            "order events relay",
+            relay::run(
+                db.clone(),
+                common::amqp::ConfirmChannel::new(amqp.clone(), partitions),
+                config.events_relay_interval(),
+                config.order_events_format,
+                relay_steps,
+                shutdown.clone(),
+            ),
+        );
+        let (deliveries, delivery_steps) = poll::Steps::new();
+        let deliverer =
+            Arc::new(deliveries::Deliverer::new(db.clone(), config).context("building the webhook client")?);
+        tasks.spawn(
+            "webhook deliverer",
+            deliverer.run(config.webhook_poll_interval(), delivery_steps, shutdown.clone()),
+        );
+        Ok(Steps { expiry, republish, relay, deliveries })
+    }
+
+    /// Its polling loops' step handles.
+    pub fn steps(&self) -> Steps {
+        self.steps.clone()
+    }
+
+    /// `true` once it is subscribed to every partition (when it logs "worker ready").
+    pub fn ready(&self) -> watch::Receiver<bool> {
+        self.ready.subscribe()
+    }
+
+    /// Runs until shutdown (or until a task ends early: the error names it), then closes
+    /// its connections.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let Self { tasks, db, amqp, worker_id, partitions, subscribed, ready, shutdown, .. } = self;
+        let announce_ready = async {
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                permits = subscribed.acquire_many(u32::from(partitions)) => {
+                    drop(permits);
+                    tracing::info!(%worker_id, partitions, "worker ready");
+                    ready.send_replace(true);
+                }
+            }
+            shutdown.cancelled().await;
+            tracing::info!("shutting down: finishing the batches in hand");
+        };
+        let (supervised, ()) = tokio::join!(tasks.supervise(), announce_ready);
+        amqp.close();
+        db.close().await;
+        tracing::info!("worker stopped");
+        supervised
+    }
 }
 
 fn describe_metrics() {

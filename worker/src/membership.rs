@@ -59,7 +59,7 @@ pub async fn run(
     let hostname = std::env::var("HOSTNAME").unwrap_or_default();
     let mut heartbeat =
         Heartbeat { db: db.clone(), worker_id, hostname, expiry: interval * MISSED_HEARTBEATS, partitions, assignment };
-    let result = crate::poll::every("heartbeat", interval, &shutdown, &mut heartbeat).await;
+    let result = crate::poll::every("heartbeat", interval, &shutdown, &mut heartbeat, crate::poll::Steps::none()).await;
     if let Err(err) = sqlx::query!("DELETE FROM workers WHERE id = $1", worker_id).execute(&db).await {
         tracing::warn!(error = %err, "could not remove this worker's heartbeat row; it expires by itself");
     }

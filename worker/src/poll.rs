@@ -8,6 +8,7 @@
 use std::future::Future;
 use std::time::Duration;
 
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::retry::Backoff;
@@ -30,20 +31,65 @@ pub trait Round: Send {
     fn failed(&mut self) {}
 }
 
-/// Runs `work` every `interval` until shutdown (see the module's documentation); `name`
-/// labels its log lines.
+/// Asks a polling loop for a round now, and hears when it is done: the handle a test holds
+/// instead of sleeping past an interval (see [`crate::Steps`]).
+#[derive(Clone)]
+pub struct Stepper(mpsc::Sender<oneshot::Sender<()>>);
+
+/// The loop's end of a [`Stepper`]; [`Steps::none`] for a loop nobody steps.
+pub struct Steps(Option<mpsc::Receiver<oneshot::Sender<()>>>);
+
+impl Steps {
+    /// A loop that runs on its interval only.
+    pub fn none() -> Self {
+        Self(None)
+    }
+
+    /// A loop that a [`Stepper`] can also wake.
+    pub fn new() -> (Stepper, Self) {
+        let (requests, steps) = mpsc::channel(16);
+        (Stepper(requests), Self(Some(steps)))
+    }
+
+    /// The next request for a round, or never.
+    async fn requested(&mut self) -> Option<oneshot::Sender<()>> {
+        match &mut self.0 {
+            Some(steps) => steps.recv().await,
+            None => std::future::pending().await,
+        }
+    }
+}
+
+impl Stepper {
+    /// Runs a round of the loop now (it does not wait for its interval), and returns once a
+    /// round begun after this call has found nothing more to do (rounds that come back full
+    /// go again first; a failed one is retried as usual). `false`: the loop has stopped.
+    pub async fn step(&self) -> bool {
+        let (done, answer) = oneshot::channel();
+        self.0.send(done).await.is_ok() && answer.await.is_ok()
+    }
+}
+
+/// Runs `work` every `interval` until shutdown (see the module's documentation), and at once
+/// when `steps` asks; `name` labels its log lines.
 pub async fn every(
     name: &'static str,
     interval: Duration,
     shutdown: &CancellationToken,
     work: &mut impl Round,
+    mut steps: Steps,
 ) -> anyhow::Result<()> {
     let mut backoff = Backoff::default();
+    // Step requests waiting for a round that ends with nothing more to do.
+    let mut stepping: Vec<oneshot::Sender<()>> = Vec::new();
     // The first round at once (a heartbeat, work left by a predecessor).
     let mut pause = Duration::ZERO;
     loop {
-        if shutdown.run_until_cancelled(tokio::time::sleep(pause)).await.is_none() {
-            return Ok(());
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return Ok(()),
+            Some(step) = steps.requested() => stepping.push(step),
+            () = tokio::time::sleep(pause) => {}
         }
         pause = match work.round().await {
             Ok(Next::Again) if !shutdown.is_cancelled() => {
@@ -52,6 +98,9 @@ pub async fn every(
             }
             Ok(_) => {
                 backoff.reset();
+                for step in stepping.drain(..) {
+                    let _ = step.send(());
+                }
                 interval
             }
             Err(err) if common::db::is_permanent_anyhow(&err) => return Err(err),
@@ -111,7 +160,7 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(15)).await;
             stop.cancel();
         });
-        every("test", Duration::from_secs(10), &shutdown, &mut work).await.expect("stopped by shutdown");
+        every("test", Duration::from_secs(10), &shutdown, &mut work, Steps::none()).await.expect("stopped by shutdown");
         watcher.await.expect("watcher");
         assert_eq!(rounds.load(Ordering::SeqCst), 5);
         assert_eq!(work.failures, 1);
@@ -130,8 +179,33 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(60)).await;
             stop.cancel();
         });
-        every("test", Duration::from_secs(1), &shutdown, &mut work).await.expect("retried, then stopped by shutdown");
+        every("test", Duration::from_secs(1), &shutdown, &mut work, Steps::none())
+            .await
+            .expect("retried, then stopped by shutdown");
         assert_eq!(work.failures, 4);
         assert!(rounds.load(Ordering::SeqCst) > 4, "went on after the failures");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_step_runs_rounds_now_until_one_finds_nothing_more() {
+        let shutdown = CancellationToken::new();
+        let (mut work, rounds) = scripted(vec![Ok(Next::Wait), Ok(Next::Again), Ok(Next::Wait)]);
+        let (stepper, steps) = Steps::new();
+        let stop = shutdown.clone();
+        let started = tokio::time::Instant::now();
+        let test = tokio::spawn(async move {
+            // Let the first round (at start) run, then step long before the hour is up.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            assert_eq!(rounds.load(Ordering::SeqCst), 1);
+            assert!(stepper.step().await, "the loop answers");
+            // The step's rounds: one came back full, so it went again.
+            assert_eq!(rounds.load(Ordering::SeqCst), 3);
+            assert!(started.elapsed() < Duration::from_secs(2), "stepped, not waited out");
+            stop.cancel();
+            stepper
+        });
+        every("test", Duration::from_secs(3600), &shutdown, &mut work, steps).await.expect("stopped by shutdown");
+        let stepper = test.await.expect("the test task");
+        assert!(!stepper.step().await, "a stopped loop says so");
     }
 }

@@ -32,7 +32,7 @@ use sqlx::types::Json;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::poll::{Next, Round};
+use crate::poll::{Next, Round, Steps};
 
 /// Status changes relayed per transaction.
 const BATCH: i64 = 500;
@@ -51,10 +51,11 @@ pub async fn run(
     channel: ConfirmChannel,
     interval: Duration,
     format: EventsFormat,
+    steps: Steps,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut relay = Relay { db, channel, format, failed: false };
-    crate::poll::every("order events relay", interval, &shutdown, &mut relay).await
+    crate::poll::every("order events relay", interval, &shutdown, &mut relay, steps).await
 }
 
 impl Round for Relay {

@@ -26,7 +26,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::poll::{Next, Round};
+use crate::poll::{Next, Round, Steps};
 
 /// Orders claimed per round.
 const ROUND: i64 = 500;
@@ -36,6 +36,7 @@ pub async fn run(
     db: PgPool,
     publisher: Publisher,
     config: std::sync::Arc<WorkerConfig>,
+    steps: Steps,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut republisher = Republisher {
@@ -45,7 +46,7 @@ pub async fn run(
         stale: Duration::from_secs(config.republish_stale_secs),
     };
     let interval = Duration::from_millis(config.republish_interval_ms);
-    crate::poll::every("re-publisher", interval, &shutdown, &mut republisher).await
+    crate::poll::every("re-publisher", interval, &shutdown, &mut republisher, steps).await
 }
 
 /// The loop's round; full rounds go again at once (a broker outage may have left many).

@@ -105,7 +105,7 @@ async fn every_foreign_key_to_users_answers_401() {
 
     // The two that were missing, met by a token of an account that never existed (so that no
     // revocation refuses it first).
-    let _worker = app.spawn_worker(&[]);
+    let _worker = app.worker().await;
     let admin = app.admin().await;
     let event = app.event_with(&admin, 2, 2).await;
     let (_, buyer) = app.user("ada").await;
@@ -208,7 +208,7 @@ async fn outcomes(app: &TestApp, event: Uuid) -> Vec<(String, Option<String>, i6
 #[tokio::test]
 async fn one_account_cannot_take_or_hold_a_whole_event_by_default() {
     let app = TestApp::spawn().await;
-    let _worker = app.spawn_worker(&[]);
+    let _worker = app.worker().await;
     let admin = app.admin().await;
     let (_, hoarder) = app.user("hoarder").await;
     let create = |overrides: Value| {
@@ -308,7 +308,7 @@ async fn a_currency_change_cannot_leave_prices_the_currency_cannot_express() {
 #[tokio::test]
 async fn leaving_the_waiting_list_never_races_its_offers() {
     let app = TestApp::spawn_with(&[("SOLD_OUT_FAST_PATH", "false".to_owned())]).await;
-    let _worker = app.spawn_worker(&[("HOLD_TTL_SECS", "3600".to_owned())]);
+    let _worker = app.worker_with(|c| c.hold_ttl_secs = 3600).await;
     let admin = app.admin().await;
     let event = app.event_with(&admin, 40, 1).await;
     let holders = app.buyers(40).await;
@@ -468,7 +468,7 @@ async fn webhooks_cannot_be_turned_into_a_flood_at_one_host() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
     let app = TestApp::spawn().await;
-    let _worker = app.spawn_worker(&[("WEBHOOK_POLL_INTERVAL_MS", "50".to_owned())]);
+    let _worker = app.worker().await;
     // A slow third party that counts the requests it is sent at once.
     let (now, most, total) =
         (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));

@@ -303,7 +303,7 @@ async fn current_password_guessing_is_throttled_with_log_ins() {
 #[tokio::test]
 async fn control_characters_in_text_are_refused_with_422() {
     let app = TestApp::spawn().await;
-    let _worker = app.spawn_worker(&[]);
+    let _worker = app.worker().await;
     let admin = app.admin().await;
     let (_, token) = app.user("ada").await;
     let event = app.event_with(&admin, 10, 4).await;
@@ -338,7 +338,7 @@ async fn control_characters_in_text_are_refused_with_422() {
 #[tokio::test]
 async fn tokens_of_deleted_accounts_are_401_everywhere() {
     let app = TestApp::spawn().await;
-    let _worker = app.spawn_worker(&[]);
+    let _worker = app.worker().await;
     let admin = app.admin().await;
     let event = app.event_with(&admin, 10, 4).await;
     let (_, buyer) = app.user("ada").await;

@@ -146,7 +146,7 @@ async fn unknown_events_are_404() {
 #[tokio::test]
 async fn admins_edit_events_within_the_rules() {
     let app = TestApp::spawn().await;
-    let _worker = app.spawn_worker(&[]);
+    let _worker = app.worker().await;
     let admin = app.admin().await;
     let event = app.event_with(&admin, 10, 4).await;
     let buyers = app.buyers(2).await;
@@ -218,7 +218,7 @@ async fn deleting_an_event_rejects_its_unpaid_orders_and_hides_it() {
     }
     assert_eq!(app.assert_consistent(event).await, (10, 0));
     // The queued order's message is still in its queue: the worker skips it.
-    let _worker = app.spawn_worker(&[]);
+    let _worker = app.worker().await;
     app.wait_until_final(std::time::Duration::from_secs(30)).await;
     assert_eq!(app.assert_consistent(event).await, (10, 0));
 

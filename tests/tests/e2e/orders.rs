@@ -44,7 +44,7 @@ fn key(status: &str, reason: Option<&str>) -> (String, Option<String>) {
 async fn two_hundred_buyers_race_for_a_hundred_tickets() {
     // The fast path is off so that every buyer gets an order and the counts are exact.
     let app = TestApp::spawn_with(&[("SOLD_OUT_FAST_PATH", "false".to_owned())]).await;
-    let _worker = app.spawn_worker(&[]);
+    let _worker = app.worker().await;
     let admin = app.admin().await;
     let event = app.event_with(&admin, 100, 4).await;
     let buyers = app.buyers(200).await;
@@ -85,7 +85,7 @@ async fn batches_spanning_many_events_sell_each_out_exactly() {
         join_all(buyers.iter().enumerate().map(|(i, (_, token))| app.order(token, events[i % events.len()], 1, None)))
             .await;
     assert!(responses.iter().all(|r| r.status == 202), "{responses:?}");
-    let _worker = app.spawn_worker(&[("BATCH_SIZE", "200".to_owned())]);
+    let _worker = app.worker_with(|c| c.batch_size = 200).await;
     app.wait_until_final(SETTLE).await;
     // Capacities differ, so a batch that mixed up its events' rows would show.
     for (capacity, event) in (5..).zip(&events) {
@@ -100,7 +100,7 @@ async fn batches_spanning_many_events_sell_each_out_exactly() {
 #[tokio::test]
 async fn random_quantities_sell_out_exactly() {
     let app = TestApp::spawn_with(&[("SOLD_OUT_FAST_PATH", "false".to_owned())]).await;
-    let _worker = app.spawn_worker(&[("BATCH_SIZE", "16".to_owned())]);
+    let _worker = app.worker_with(|c| c.batch_size = 16).await;
     let admin = app.admin().await;
     let event = app.event_with(&admin, 150, 4).await;
     let buyers = app.buyers(150).await;
@@ -142,7 +142,7 @@ async fn one_events_orders_are_decided_in_arrival_order() {
         assert_eq!(res.status, 202, "{}", res.body);
         accepted.push(res.json["id"].as_str().unwrap().parse::<Uuid>().unwrap());
     }
-    let _worker = app.spawn_worker(&[("BATCH_SIZE", "3".to_owned())]);
+    let _worker = app.worker_with(|c| c.batch_size = 3).await;
     app.wait_until_final(SETTLE).await;
     let mut statuses = Vec::new();
     for id in &accepted {
@@ -160,7 +160,7 @@ async fn one_events_orders_are_decided_in_arrival_order() {
 #[tokio::test]
 async fn an_accepted_order_can_be_followed_to_its_outcome() {
     let app = TestApp::spawn().await;
-    let _worker = app.spawn_worker(&[]);
+    let _worker = app.worker().await;
     let admin = app.admin().await;
     let event = app.event_with(&admin, 10, 4).await;
     let (_, buyer) = app.user("Buyer").await;
@@ -222,7 +222,7 @@ async fn long_poll_returns_when_the_worker_decides() {
     let poll = app.get(&path, Some(&buyer));
     let worker = async {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        app.spawn_worker(&[])
+        app.worker().await
     };
     let started = std::time::Instant::now();
     let (res, _worker) = tokio::join!(poll, worker);
@@ -377,7 +377,7 @@ async fn quotes_price_a_purchase_and_follow_event_changes() {
 #[tokio::test]
 async fn a_known_sold_out_event_is_refused_at_once() {
     let app = TestApp::spawn().await;
-    let _worker = app.spawn_worker(&[]);
+    let _worker = app.worker().await;
     let admin = app.admin().await;
     let event = app.event_with(&admin, 2, 4).await;
     let (_, buyer) = app.user("Buyer").await;
@@ -396,7 +396,7 @@ async fn a_known_sold_out_event_is_refused_at_once() {
 async fn the_sold_out_hint_is_trusted_for_its_time_only() {
     let hint = Duration::from_secs(3);
     let app = TestApp::spawn_with(&[("SOLD_OUT_HINT_MS", hint.as_millis().to_string())]).await;
-    let _worker = app.spawn_worker(&[]);
+    let _worker = app.worker().await;
     let admin = app.admin().await;
     let event = app.event_with(&admin, 2, 4).await;
     let (_, buyer) = app.user("buyer").await;
@@ -423,7 +423,7 @@ async fn the_sold_out_hint_is_trusted_for_its_time_only() {
 #[tokio::test]
 async fn idempotency_key_replays_the_same_order() {
     let app = TestApp::spawn().await;
-    let _worker = app.spawn_worker(&[]);
+    let _worker = app.worker().await;
     let admin = app.admin().await;
     let event = app.event_with(&admin, 10, 4).await;
     let (_, buyer) = app.user("Buyer").await;
@@ -463,7 +463,7 @@ async fn idempotency_key_replays_the_same_order() {
 #[tokio::test]
 async fn one_bad_order_does_not_fail_its_batch() {
     let app = TestApp::spawn().await;
-    let _worker = app.spawn_worker(&[]);
+    let _worker = app.worker().await;
     let admin = app.admin().await;
     let event = app.event_with(&admin, 100, 1).await;
     let mut buyers = Vec::new();
@@ -556,7 +556,7 @@ async fn orders_accepted_while_the_worker_is_down_complete_when_it_returns() {
         .unwrap();
     assert_eq!(queued, 40, "nothing is decided without a worker");
 
-    let _worker = app.spawn_worker(&[]);
+    let _worker = app.worker().await;
     app.wait_until_final(SETTLE).await;
     for event in events {
         assert_eq!(app.assert_consistent(event).await, (30, 20));
@@ -592,7 +592,7 @@ async fn orders_whose_message_never_reached_the_broker_are_republished() {
 #[tokio::test]
 async fn undecodable_messages_are_dead_lettered_without_blocking_the_partition() {
     let app = TestApp::spawn().await;
-    let _worker = app.spawn_worker(&[]);
+    let _worker = app.worker().await;
     let admin = app.admin().await;
     let event = app.event_with(&admin, 10, 4).await;
     let (_, buyer) = app.user("Buyer").await;
@@ -696,7 +696,7 @@ async fn a_worker_stopped_with_sigterm_under_load_loses_nothing() {
 #[tokio::test]
 async fn long_polls_are_woken_by_changes_made_on_another_api_process() {
     let app = TestApp::spawn().await;
-    let _worker = app.spawn_worker(&[]);
+    let _worker = app.worker().await;
     let (_other, other_base) = app.spawn_another_api();
     let admin = app.admin().await;
     let event = app.event_with(&admin, 10, 4).await;

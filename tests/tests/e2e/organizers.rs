@@ -23,7 +23,7 @@ async fn decided(app: &TestApp, token: &str, order: Uuid) -> Value {
 #[tokio::test]
 async fn free_orders_are_paid_when_their_tickets_are_allocated() {
     let app = TestApp::spawn().await;
-    let _worker = app.spawn_worker(&[]);
+    let _worker = app.worker().await;
     let connection = app.broker.connect().await;
     let mut consumer = tests::bind_order_events(&connection, "order.paid").await;
 
@@ -85,7 +85,7 @@ async fn free_orders_are_paid_when_their_tickets_are_allocated() {
 #[tokio::test]
 async fn prices_carry_an_iso_currency() {
     let app = TestApp::spawn().await;
-    let _worker = app.spawn_worker(&[]);
+    let _worker = app.worker().await;
     let admin = app.admin().await;
 
     let euros = app.create_event(&admin, json!({})).await;
@@ -135,7 +135,7 @@ async fn door_staff(app: &TestApp, admin: &str) -> (Uuid, String) {
 #[tokio::test]
 async fn door_staff_check_tickets_in_and_nothing_else() {
     let app = TestApp::spawn().await;
-    let _worker = app.spawn_worker(&[]);
+    let _worker = app.worker().await;
     let admin = app.admin().await;
     let event = app.event_with(&admin, 10, 4).await;
     let (staff_id, staff) = door_staff(&app, &admin).await;
@@ -198,7 +198,7 @@ async fn get_accept(app: &TestApp, path: &str, token: &str, accept: &str) -> (u1
 #[tokio::test]
 async fn admins_list_and_export_an_events_orders_and_attendees() {
     let app = TestApp::spawn().await;
-    let _worker = app.spawn_worker(&[]);
+    let _worker = app.worker().await;
     let admin = app.admin().await;
     let event = app.event_with(&admin, 100, 4).await;
     let other_event = app.event_with(&admin, 100, 4).await;

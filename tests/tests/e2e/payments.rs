@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use common::config::WorkerConfig;
 use futures_util::future::join_all;
 use serde_json::{Value, json};
 use tests::{Response, TestApp, WEBHOOK_SECRET, sign_webhook};
@@ -11,8 +12,8 @@ use uuid::Uuid;
 
 /// Worker settings for tests about holds: three-second holds (long enough to act on a
 /// loaded machine), expired within 50 ms.
-fn short_holds() -> Vec<(&'static str, String)> {
-    vec![("HOLD_TTL_SECS", "3".to_owned()), ("EXPIRY_INTERVAL_MS", "50".to_owned())]
+fn short_holds(config: &mut WorkerConfig) {
+    (config.hold_ttl_secs, config.expiry_interval_ms) = (3, 50);
 }
 
 fn now() -> i64 {
@@ -71,7 +72,7 @@ fn assert_transition_refused(res: &Response, current: &str) {
 #[tokio::test]
 async fn payment_webhooks_must_be_signed() {
     let app = TestApp::spawn().await;
-    let _worker = app.spawn_worker(&[]);
+    let _worker = app.worker().await;
     let admin = app.admin().await;
     let event = app.event_with(&admin, 10, 4).await;
     let buyers = app.buyers(3).await;
@@ -139,7 +140,7 @@ async fn payment_webhooks_must_be_signed() {
 #[tokio::test]
 async fn payment_webhook_bodies_are_validated() {
     let app = TestApp::spawn().await;
-    let _worker = app.spawn_worker(&[]);
+    let _worker = app.worker().await;
     let admin = app.admin().await;
     let event = app.event_with(&admin, 10, 4).await;
     let buyers = app.buyers(1).await;
@@ -182,7 +183,7 @@ async fn every_transition_over_http() {
         &app.post(&format!("/api/v1/orders/{queued}/cancel"), &json!({}), Some(token(0))).await,
         "QUEUED",
     );
-    let _worker = app.spawn_worker(&[]);
+    let _worker = app.worker().await;
     wait_for_status(&app, token(0), queued, "PENDING").await;
 
     // PENDING → PAID; PAID again is a no-op 204; REJECTED or cancel after PAID are refused.
@@ -239,7 +240,7 @@ async fn every_transition_over_http() {
 #[tokio::test]
 async fn expired_holds_are_sold_again_and_late_payments_recorded() {
     let app = TestApp::spawn_with(&[("SOLD_OUT_FAST_PATH", "false".to_owned())]).await;
-    let _worker = app.spawn_worker(&short_holds());
+    let _worker = app.worker_with(short_holds).await;
     let admin = app.admin().await;
     let event = app.event_with(&admin, 3, 4).await;
     let buyers = app.buyers(2).await;
@@ -295,7 +296,7 @@ async fn expired_holds_are_sold_again_and_late_payments_recorded() {
 #[tokio::test]
 async fn a_hold_past_its_time_is_over_before_the_expiry_loop_runs() {
     let app = TestApp::spawn().await;
-    let _worker = app.spawn_worker(&[("HOLD_TTL_SECS", "1".to_owned()), ("EXPIRY_INTERVAL_MS", "3600000".to_owned())]);
+    let _worker = app.worker_with(|c| (c.hold_ttl_secs, c.expiry_interval_ms) = (1, 3_600_000)).await;
     let admin = app.admin().await;
     let event = app.event_with(&admin, 10, 4).await;
     let buyers = app.buyers(2).await;
@@ -320,9 +321,9 @@ async fn a_hold_past_its_time_is_over_before_the_expiry_loop_runs() {
 async fn paid_webhook_races_hold_expiry() {
     const ORDERS: usize = 80;
     let app = TestApp::spawn_with(&[("SOLD_OUT_FAST_PATH", "false".to_owned())]).await;
-    let holds = [("HOLD_TTL_SECS", "3".to_owned()), ("EXPIRY_INTERVAL_MS", "10".to_owned())];
-    let _first = app.spawn_worker(&holds);
-    let _second = app.spawn_worker(&holds);
+    let holds = |c: &mut WorkerConfig| (c.hold_ttl_secs, c.expiry_interval_ms) = (3, 10);
+    let first = app.worker_with(holds).await;
+    let second = app.worker_with(holds).await;
     let admin = app.admin().await;
     let event = app.event_with(&admin, ORDERS as i64, 1).await;
     let buyers = app.buyers(ORDERS).await;
@@ -351,8 +352,9 @@ async fn paid_webhook_races_hold_expiry() {
     }))
     .await;
 
-    // Let the expiry loop finish whatever it was doing, then check every order.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Both expiry loops finish whatever they were doing (a round begun after the last
+    // answer, done), then every order is checked.
+    assert!(first.steps().expiry().await && second.steps().expiry().await);
     let (mut paid, mut expired) = (0, 0);
     for (id, answer) in &answers {
         let (status,): (String,) =
@@ -382,7 +384,7 @@ async fn paid_webhook_races_hold_expiry() {
 #[tokio::test]
 async fn concurrent_duplicate_webhooks_have_one_effect() {
     let app = TestApp::spawn_with(&[("SOLD_OUT_FAST_PATH", "false".to_owned())]).await;
-    let _worker = app.spawn_worker(&short_holds());
+    let _worker = app.worker_with(short_holds).await;
     let admin = app.admin().await;
     let event = app.event_with(&admin, 10, 4).await;
     let buyers = app.buyers(3).await;
@@ -418,7 +420,7 @@ async fn concurrent_duplicate_webhooks_have_one_effect() {
 #[tokio::test]
 async fn sign_webhook_prints_headers_the_api_accepts() {
     let app = TestApp::spawn().await;
-    let _worker = app.spawn_worker(&[]);
+    let _worker = app.worker().await;
     let admin = app.admin().await;
     let event = app.event_with(&admin, 10, 4).await;
     let buyers = app.buyers(1).await;

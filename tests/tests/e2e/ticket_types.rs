@@ -129,7 +129,7 @@ async fn seed_shaped_events_get_a_default_type_and_admins_manage_types() {
     app.patch(&format!("{path}/{vip}"), &json!({"name": "VIP"}), Some(&buyer)).await.assert_error(403, "forbidden");
 
     // A type with tickets cannot shrink below them nor be withdrawn; one without can.
-    let _worker = app.spawn_worker(&[]);
+    let _worker = app.worker().await;
     let order = id_of(&order_items(&app, &buyer, event, &[(vip, 2)]).await);
     assert_eq!(outcome(&app, &buyer, order).await["status"], "PENDING");
     app.patch(&format!("{path}/{vip}"), &json!({"capacity": 1}), Some(&admin))
@@ -234,7 +234,7 @@ async fn order_lines_are_checked_before_anything_is_stored() {
 #[tokio::test]
 async fn a_stampede_over_two_types_stops_at_the_venue_cap() {
     let app = TestApp::spawn_with(&[("SOLD_OUT_FAST_PATH", "false".to_owned())]).await;
-    let _worker = app.spawn_worker(&[("BATCH_SIZE", "32".to_owned())]);
+    let _worker = app.worker_with(|c| c.batch_size = 32).await;
     let admin = app.admin().await;
     let event = app.event_with(&admin, 60, 4).await;
     let a = add_type(&app, &admin, event, json!({"name": "Floor", "price": 50, "capacity": 40})).await;
@@ -283,7 +283,7 @@ async fn a_stampede_over_two_types_stops_at_the_venue_cap() {
 #[tokio::test]
 async fn one_buyer_cannot_pass_the_cap_with_concurrent_orders() {
     let app = TestApp::spawn_with(&[("SOLD_OUT_FAST_PATH", "false".to_owned())]).await;
-    let _worker = app.spawn_worker(&[("BATCH_SIZE", "4".to_owned())]);
+    let _worker = app.worker_with(|c| c.batch_size = 4).await;
     let admin = app.admin().await;
     let res = app.create_event(&admin, json!({"capacity": 100, "max_per_buyer": 4})).await;
     let event = id_of(&res);
@@ -338,7 +338,7 @@ async fn one_buyer_cannot_pass_the_cap_with_concurrent_orders() {
 #[tokio::test]
 async fn multi_line_orders_are_all_or_nothing_and_releases_return_per_type() {
     let app = TestApp::spawn_with(&[("SOLD_OUT_FAST_PATH", "false".to_owned())]).await;
-    let _worker = app.spawn_worker(&[("HOLD_TTL_SECS", "3".to_owned()), ("EXPIRY_INTERVAL_MS", "50".to_owned())]);
+    let worker = app.worker_with(|c| (c.hold_ttl_secs, c.expiry_interval_ms) = (3, 3_600_000)).await;
     let admin = app.admin().await;
     let (_, buyer) = app.user("Buyer").await;
     let event = app.event_with(&admin, 10, 10).await;
@@ -383,7 +383,15 @@ async fn multi_line_orders_are_all_or_nothing_and_releases_return_per_type() {
     assert_eq!(app.post(&format!("/api/v1/orders/{first_id}/cancel"), &json!({}), Some(&buyer)).await.status, 200);
     assert_eq!((type_sold(&app, vip).await, type_sold(&app, general).await), (1, 6));
     app.assert_consistent(event).await;
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // The other hold runs out; the expiry loop (an hour apart here) is stepped past it.
+    let ends: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT max(expires_at) FROM orders WHERE event_id = $1 AND status = 'PENDING'")
+            .bind(event)
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    tokio::time::sleep((ends - chrono::Utc::now()).to_std().unwrap_or_default() + Duration::from_millis(50)).await;
+    assert!(worker.steps().expiry().await);
     let expired: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE event_id = $1 AND status = 'EXPIRED'")
         .bind(event)
         .fetch_one(&app.db.pool)
@@ -420,7 +428,7 @@ async fn sale_windows_are_judged_by_arrival() {
     assert_eq!((patched.status, &patched.json["on_sale"]), (200, &json!(false)), "{}", patched.body);
     order_items(&app, &buyer, event, &[(presale, 1)]).await.assert_error(422, "not_on_sale");
 
-    let _worker = app.spawn_worker(&[]);
+    let _worker = app.worker().await;
     let early = outcome(&app, &buyer, early["id"].as_str().unwrap().parse().unwrap()).await;
     let late = outcome(&app, &buyer, late["id"].as_str().unwrap().parse().unwrap()).await;
     assert_eq!(early["status"], "PENDING", "arrived in time: {early}");

@@ -27,7 +27,7 @@ async fn tickets_of(app: &TestApp, token: &str, order: Uuid) -> Vec<Value> {
 #[tokio::test]
 async fn paid_tickets_check_in_exactly_once() {
     let app = TestApp::spawn().await;
-    let _worker = app.spawn_worker(&[]);
+    let _worker = app.worker().await;
     let admin = app.admin().await;
     let event = app.event_with(&admin, 10, 4).await;
     let buyers = app.buyers(2).await;

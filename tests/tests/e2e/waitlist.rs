@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use common::config::WorkerConfig;
 use futures_util::future::join_all;
 use serde_json::{Value, json};
 use tests::{Response, TestApp};
@@ -12,9 +13,15 @@ use uuid::Uuid;
 
 const SETTLE: Duration = Duration::from_secs(60);
 
-/// The tests' short intervals, and holds that do not run out on their own.
+/// The tests' short intervals, and holds that do not run out on their own: for the worker
+/// process of the test that kills it.
 fn worker_env() -> Vec<(&'static str, String)> {
     vec![("EXPIRY_INTERVAL_MS", "100".to_owned()), ("HOLD_TTL_SECS", "3600".to_owned())]
+}
+
+/// The same, for workers in the test's process.
+fn worker_settings(config: &mut WorkerConfig) {
+    (config.expiry_interval_ms, config.hold_ttl_secs) = (100, 3600);
 }
 
 async fn join(app: &TestApp, token: &str, event: Uuid, body: Value) -> Response {
@@ -40,19 +47,6 @@ async fn entries(app: &TestApp, event: Uuid) -> Vec<(Uuid, String, i32, Option<U
         .unwrap()
 }
 
-/// Waits until `done` holds (panics after `SETTLE`).
-async fn wait_for<F, Fut>(what: &str, mut done: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + SETTLE;
-    while !done().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// The entries the offers should go to: in join order, each that fits what is left.
 fn greedy(waiting: &[(Uuid, i32)], mut left: i32) -> Vec<Uuid> {
     let mut offered = Vec::new();
@@ -68,7 +62,7 @@ fn greedy(waiting: &[(Uuid, i32)], mut left: i32) -> Vec<Uuid> {
 #[tokio::test]
 async fn released_tickets_go_to_the_waiting_list_in_join_order_and_lapsed_offers_pass_on() {
     let app = TestApp::spawn_with(&[("SOLD_OUT_FAST_PATH", "false".to_owned())]).await;
-    let _worker = app.spawn_worker(&worker_env());
+    let worker = app.worker_with(worker_settings).await;
     let admin = app.admin().await;
     let event = app.event_with(&admin, 20, 4).await;
     let holders = app.buyers(10).await;
@@ -91,7 +85,9 @@ async fn released_tickets_go_to_the_waiting_list_in_join_order_and_lapsed_offers
     end_holds(&app, &holds).await;
     let ids: Vec<(Uuid, i32)> = entries(&app, event).await.iter().map(|(id, _, q, _)| (*id, *q)).collect();
     let expected = greedy(&ids, 20);
-    wait_for("the offers", || async { entries(&app, event).await.iter().any(|e| e.1 == "OFFERED") }).await;
+    // One round of the expiry loop, begun after the holds ended: it releases them and
+    // makes the offers in one transaction.
+    assert!(worker.steps().expiry().await);
     let after = entries(&app, event).await;
     let offered: Vec<Uuid> = after.iter().filter(|e| e.1 == "OFFERED").map(|e| e.0).collect();
     assert_eq!(offered, expected, "offers in join order to the entries that fit");
@@ -119,11 +115,9 @@ async fn released_tickets_go_to_the_waiting_list_in_join_order_and_lapsed_offers
     end_holds(&app, &[first.3.unwrap()]).await;
     let waiting: Vec<(Uuid, i32)> = after.iter().filter(|e| e.1 == "WAITING").map(|e| (e.0, e.2)).collect();
     let expected_next = greedy(&waiting, 20 - offered_tickets + first.2);
-    wait_for("the lapsed offer", || async {
-        entries(&app, event).await.iter().any(|e| e.0 == first.0 && e.1 == "LAPSED")
-    })
-    .await;
+    assert!(worker.steps().expiry().await);
     let now = entries(&app, event).await;
+    assert_eq!(now.iter().find(|e| e.0 == first.0).map(|e| e.1.as_str()), Some("LAPSED"));
     let newly: Vec<Uuid> = now.iter().filter(|e| e.1 == "OFFERED" && !offered.contains(&e.0)).map(|e| e.0).collect();
     assert_eq!(newly, expected_next);
     app.assert_consistent(event).await;
@@ -144,7 +138,7 @@ async fn released_tickets_go_to_the_waiting_list_in_join_order_and_lapsed_offers
 #[tokio::test]
 async fn joining_and_leaving_the_waiting_list_are_checked() {
     let app = TestApp::spawn_with(&[("SOLD_OUT_FAST_PATH", "false".to_owned())]).await;
-    let _worker = app.spawn_worker(&worker_env());
+    let _worker = app.worker_with(worker_settings).await;
     let admin = app.admin().await;
     let (_, buyer) = app.user("Buyer").await;
     let event = app.event_with(&admin, 2, 4).await;
@@ -231,7 +225,7 @@ async fn pay_all(app: &TestApp, orders: &[Uuid]) {
 #[tokio::test]
 async fn refunds_under_a_stampede_and_a_waiting_list_never_oversell() {
     let app = TestApp::spawn_with(&[("SOLD_OUT_FAST_PATH", "false".to_owned())]).await;
-    let _worker = app.spawn_worker(&worker_env());
+    let _worker = app.worker_with(worker_settings).await;
     let admin = app.admin().await;
     let event = app.event_with(&admin, 50, 4).await;
     let buyers = app.buyers(50).await;
@@ -375,15 +369,15 @@ async fn deleting_with_refunds_killed_midway_finishes_with_every_order_refunded_
             .await
             .unwrap();
     assert!(refunding);
-    let _worker = app.spawn_worker(&worker_env());
-    let done = || async {
-        sqlx::query_scalar::<_, bool>("SELECT refunding_since IS NULL FROM events WHERE id = $1")
-            .bind(event)
-            .fetch_one(&app.db.pool)
-            .await
-            .unwrap()
-    };
-    wait_for("the deletion to finish", done).await;
+    let worker = app.worker_with(worker_settings).await;
+    // The expiry loop's rounds finish deletions left unfinished, a batch at a time.
+    assert!(worker.steps().expiry().await);
+    let done: bool = sqlx::query_scalar("SELECT refunding_since IS NULL FROM events WHERE id = $1")
+        .bind(event)
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert!(done, "the deletion is finished");
 
     // Every paid order refunded exactly once: one REFUNDED change and one refund each.
     let (refunded, changes, refunds, live): (i64, i64, i64, i64) = sqlx::query_as(

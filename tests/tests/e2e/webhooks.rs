@@ -9,6 +9,7 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode};
 use base64::Engine as _;
+use common::config::EventsFormat;
 use futures_util::StreamExt;
 use lapin::options::BasicAckOptions;
 use serde_json::{Value, json};
@@ -118,7 +119,7 @@ async fn deliveries(app: &TestApp, token: &str, endpoint: Uuid) -> Vec<Value> {
 #[tokio::test]
 async fn status_changes_reach_webhooks_and_queue_consumers() {
     let app = TestApp::spawn().await;
-    let _worker = app.spawn_worker(&[]);
+    let _worker = app.worker().await;
     let admin = app.admin().await;
     let event = app.event_with(&admin, 10, 4).await;
     let buyers = app.buyers(2).await;
@@ -220,7 +221,7 @@ async fn consume_events(consumer: &mut lapin::Consumer, order: Uuid, version: u6
 #[tokio::test]
 async fn order_events_can_be_sent_one_per_message() {
     let app = TestApp::spawn().await;
-    let _worker = app.spawn_worker(&[("ORDER_EVENTS_FORMAT", "single".to_owned())]);
+    let _worker = app.worker_with(|c| c.order_events_format = EventsFormat::Single).await;
     let admin = app.admin().await;
     let event = app.event_with(&admin, 10, 4).await;
     let buyers = app.buyers(1).await;
@@ -238,7 +239,7 @@ async fn order_events_can_be_sent_one_per_message() {
 #[tokio::test]
 async fn failed_deliveries_are_retried_under_the_same_id() {
     let app = TestApp::spawn().await;
-    let _worker = app.spawn_worker(&[]);
+    let _worker = app.worker().await;
     let admin = app.admin().await;
     let event = app.event_with(&admin, 10, 4).await;
     let buyers = app.buyers(1).await;
@@ -281,7 +282,7 @@ async fn failed_deliveries_are_retried_under_the_same_id() {
 #[tokio::test]
 async fn an_endpoint_answering_410_is_disabled() {
     let app = TestApp::spawn().await;
-    let _worker = app.spawn_worker(&[]);
+    let _worker = app.worker().await;
     let admin = app.admin().await;
     let event = app.event_with(&admin, 10, 4).await;
     let buyers = app.buyers(1).await;
@@ -477,8 +478,8 @@ async fn the_guard_holds_with_proxy_variables_in_the_environment() {
 #[tokio::test]
 async fn two_workers_send_each_delivery_once() {
     let app = TestApp::spawn().await;
-    let _first = app.spawn_worker(&[]);
-    let _second = app.spawn_worker(&[]);
+    let first = app.worker().await;
+    let second = app.worker().await;
     let admin = app.admin().await;
     let event = app.event_with(&admin, 100, 4).await;
     let buyers = app.buyers(1).await;
@@ -491,7 +492,9 @@ async fn two_workers_send_each_delivery_once() {
     app.wait_until_final(Duration::from_secs(30)).await;
     // 15 orders, each QUEUED then PENDING: 30 deliveries.
     let requests = receiver.wait_for("30 deliveries", |r| r.len() >= 30).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Each worker's deliverer runs a round to its end: a second send of any delivery would
+    // have reached the receiver by then.
+    assert!(first.steps().deliveries().await && second.steps().deliveries().await);
     let requests = if receiver.requests().len() > requests.len() { receiver.requests() } else { requests };
     let mut per_id: HashMap<&str, usize> = HashMap::new();
     for request in &requests {
