@@ -1,0 +1,92 @@
+//! What must hold whatever happened: every order final, every event consistent.
+
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use crate::TestApp;
+
+impl TestApp {
+    /// Waits until no order of this test's database is `QUEUED` (panics after `timeout`).
+    pub async fn wait_until_final(&self, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE status = 'QUEUED'")
+                .fetch_one(&self.db.pool)
+                .await
+                .expect("count queued orders");
+            if queued == 0 {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{queued} orders still QUEUED after {timeout:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The invariants that must hold for every event whatever happened: `sold` equals the
+    /// live tickets and stays within capacity, every `PENDING` or `PAID` order holds exactly
+    /// its quantity of live tickets, no other order holds any, and no ticket id repeats.
+    /// Returns (capacity, sold).
+    pub async fn assert_consistent(&self, event: Uuid) -> (i64, i64) {
+        let (capacity, sold): (i32, i32) = sqlx::query_as("SELECT capacity, sold FROM events WHERE id = $1")
+            .bind(event)
+            .fetch_one(&self.db.pool)
+            .await
+            .expect("read event");
+        let (tickets, distinct): (i64, i64) = sqlx::query_as(
+            "SELECT count(*), count(DISTINCT id) FROM tickets WHERE event_id = $1 AND status = 'ACTIVE'",
+        )
+        .bind(event)
+        .fetch_one(&self.db.pool)
+        .await
+        .expect("count tickets");
+        assert_eq!(tickets, distinct, "duplicate ticket ids");
+        assert_eq!(i64::from(sold), tickets, "sold counter differs from live tickets");
+        assert!(sold <= capacity, "oversold: {sold} > {capacity}");
+        let mismatched: Vec<(Uuid, String, i32, i64)> = sqlx::query_as(
+            "SELECT o.id, o.status, o.quantity, count(t.id) FILTER (WHERE t.status = 'ACTIVE')
+             FROM orders o LEFT JOIN tickets t ON t.order_id = o.id
+             WHERE o.event_id = $1 GROUP BY o.id
+             HAVING count(t.id) FILTER (WHERE t.status = 'ACTIVE')
+                    <> CASE WHEN o.status IN ('PENDING', 'PAID') THEN o.quantity ELSE 0 END",
+        )
+        .bind(event)
+        .fetch_all(&self.db.pool)
+        .await
+        .expect("compare tickets with orders");
+        assert!(mismatched.is_empty(), "orders whose live tickets do not match their status: {mismatched:?}");
+        // Per ticket type: `sold` equals its live tickets, within its own capacity, and the
+        // types' `sold` add up to the event's.
+        let types: Vec<(Uuid, Option<i32>, i32, i64)> = sqlx::query_as(
+            "SELECT tt.id, tt.capacity, tt.sold, count(t.id) FILTER (WHERE t.status = 'ACTIVE')
+             FROM ticket_types tt LEFT JOIN tickets t ON t.ticket_type_id = tt.id
+             WHERE tt.event_id = $1 GROUP BY tt.id",
+        )
+        .bind(event)
+        .fetch_all(&self.db.pool)
+        .await
+        .expect("count tickets per type");
+        for (id, capacity, type_sold, live) in &types {
+            assert_eq!(i64::from(*type_sold), *live, "type {id}: sold differs from its live tickets");
+            assert!(capacity.is_none_or(|c| *type_sold <= c), "type {id} oversold: {type_sold} > {capacity:?}");
+        }
+        let types_sold: i64 = types.iter().map(|(_, _, sold, _)| i64::from(*sold)).sum();
+        assert_eq!(types_sold, i64::from(sold), "the types' sold do not add up to the event's");
+        // Every live order holds its lines' tickets, type by type, and its quantity is their sum.
+        let off_lines: Vec<(Uuid,)> = sqlx::query_as(
+            "SELECT o.id FROM orders o
+             WHERE o.event_id = $1 AND o.status IN ('PENDING', 'PAID')
+               AND (o.quantity <> (SELECT sum((l->>'quantity')::int) FROM json_array_elements(o.lines) l)
+                    OR EXISTS (
+                        SELECT 1 FROM json_array_elements(o.lines) l
+                        WHERE (l->>'quantity')::int <> (SELECT count(*) FROM tickets t WHERE t.order_id = o.id
+                              AND t.status = 'ACTIVE' AND t.ticket_type_id = (l->>'ticket_type_id')::uuid)))",
+        )
+        .bind(event)
+        .fetch_all(&self.db.pool)
+        .await
+        .expect("compare tickets with order lines");
+        assert!(off_lines.is_empty(), "orders whose tickets do not match their lines: {off_lines:?}");
+        (i64::from(capacity), i64::from(sold))
+    }
+}
