@@ -5,11 +5,41 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-/// An api built in the test's process, stopped when dropped.
-pub struct InProcessApi {
+/// A service running on the test's runtime until stopped or dropped, as on SIGTERM.
+struct Running {
+    what: &'static str,
     shutdown: CancellationToken,
-    running: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
+
+impl Running {
+    fn spawn(
+        what: &'static str,
+        shutdown: CancellationToken,
+        run: impl Future<Output = anyhow::Result<()>> + Send + 'static,
+    ) -> Self {
+        Self { what, shutdown, task: Some(tokio::spawn(run)) }
+    }
+
+    /// Cancels its shutdown token and waits for its tasks; their result.
+    async fn stop(&mut self) -> Option<anyhow::Result<()>> {
+        self.shutdown.cancel();
+        let task = self.task.take()?;
+        Some(task.await.unwrap_or_else(|err| Err(anyhow::anyhow!("the {} panicked: {err}", self.what))))
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// An api built in the test's process, stopped when dropped.
+pub struct InProcessApi(Running);
 
 impl InProcessApi {
     /// Builds the api from `env` (the variables its binary would read) and starts it on
@@ -19,24 +49,12 @@ impl InProcessApi {
         let application =
             api::Application::build(api_config(env), shutdown.clone()).await.expect("building the api in-process");
         let base = format!("http://{}", application.addr());
-        let running = tokio::spawn(application.run_until_stopped());
-        (InProcessApi { shutdown, running: Some(running) }, base)
+        (InProcessApi(Running::spawn("api", shutdown, application.run_until_stopped())), base)
     }
 
     /// Stops it as SIGTERM would, and waits for its tasks; their result.
     pub async fn stop(&mut self) -> Option<anyhow::Result<()>> {
-        self.shutdown.cancel();
-        let running = self.running.take()?;
-        Some(running.await.unwrap_or_else(|err| Err(anyhow::anyhow!("the api panicked: {err}"))))
-    }
-}
-
-impl Drop for InProcessApi {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-        if let Some(running) = self.running.take() {
-            running.abort();
-        }
+        self.0.stop().await
     }
 }
 
@@ -76,8 +94,7 @@ pub(crate) fn config_from_env<C: clap::Args>(binary: &str, env: &[(String, Strin
 /// stopped when dropped: for tests where a worker's decisions, not its process, are the
 /// point. Its polling loops can be stepped ([`Self::steps`]) instead of slept past.
 pub struct InProcessWorker {
-    shutdown: CancellationToken,
-    running: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    running: Running,
     steps: worker::Steps,
 }
 
@@ -88,10 +105,10 @@ impl InProcessWorker {
         let shutdown = CancellationToken::new();
         let built = worker::Worker::build(config, shutdown.clone()).await.expect("building the worker in-process");
         let (steps, mut ready) = (built.steps(), built.ready());
-        let running = tokio::spawn(built.run_until_stopped());
+        let running = Running::spawn("worker", shutdown, built.run_until_stopped());
         let subscribed = tokio::time::timeout(Duration::from_secs(60), ready.wait_for(|ready| *ready)).await;
         assert!(subscribed.is_ok_and(|r| r.is_ok()), "the worker did not subscribe to its partitions within 60 s");
-        InProcessWorker { shutdown, running: Some(running), steps }
+        InProcessWorker { running, steps }
     }
 
     /// Runs rounds of its polling loops now: `worker.steps().expiry().await` returns once
@@ -102,17 +119,6 @@ impl InProcessWorker {
 
     /// Stops it as SIGTERM would, and waits for its tasks; their result.
     pub async fn stop(&mut self) -> Option<anyhow::Result<()>> {
-        self.shutdown.cancel();
-        let running = self.running.take()?;
-        Some(running.await.unwrap_or_else(|err| Err(anyhow::anyhow!("the worker panicked: {err}"))))
-    }
-}
-
-impl Drop for InProcessWorker {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-        if let Some(running) = self.running.take() {
-            running.abort();
-        }
+        self.running.stop().await
     }
 }
