@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
-.PHONY: help run test chaos fuzz bench observe services cluster stop status admin docker-env fmt lint
+.PHONY: help run test chaos fuzz bench observe services cluster ha stop status admin docker-env fmt lint
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -13,8 +13,8 @@ run: ## start PostgreSQL + RabbitMQ, migrate, run api + worker on http://127.0.0
 test: ## the whole suite: fmt, clippy, unit and end-to-end tests against real services
 	@bash scripts/test.sh
 
-chaos: ## the fault suite alone: kill -9 / SIGTERM of api and worker, RabbitMQ and PostgreSQL restarts, RabbitMQ cluster nodes killed, under load
-	@bash scripts/chaos.sh
+chaos: ## the fault suite alone, under load: kill -9 / SIGTERM of api and worker, RabbitMQ and PostgreSQL restarts, RabbitMQ cluster nodes killed, Patroni leader and standby killed, frozen, switched over (CHAOS_ARGS=--async-replication: the leader kill on asynchronous standbys)
+	@bash scripts/chaos.sh $(CHAOS_ARGS)
 
 fuzz: ## schemathesis (installed from PyPI into .local/) against the served OpenAPI document, as an admin
 	@bash scripts/fuzz.sh
@@ -31,7 +31,10 @@ services: ## start only PostgreSQL + RabbitMQ (installed from Debian packages if
 cluster: ## like services, with RabbitMQ as a cluster of three nodes (AMQP on 56720-56722; the env file lists all three)
 	@TURNSTILE_RABBIT_NODES=3 bash scripts/services.sh start
 
-stop: ## stop the services that `make services`/`make run`/`make test` started
+ha: ## like services, with PostgreSQL as three Patroni members (synchronous replication, etcd) behind HAProxy on the usual port
+	@TURNSTILE_PG_HA=1 bash scripts/services.sh start
+
+stop: ## stop the services that `make services`/`make ha`/`make cluster`/`make run`/`make test` started
 	@bash scripts/services.sh stop
 
 status: ## are the local services, and make run's api and worker, running?

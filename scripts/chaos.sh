@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# `make chaos`: the fault suite (tests/tests/chaos.rs) under a steady purchase load: the
+# `make chaos`: the fault suite (tests/tests/chaos/) under a steady purchase load: the
 # worker killed mid-batch, one of two workers killed, api and worker stopped with SIGTERM,
 # RabbitMQ restarted, PostgreSQL restarted; then, on RabbitMQ as a cluster of three nodes
 # with two api processes and three workers, the node leading the hot partition killed, then
-# another node, then an api process. Prints one summary line per fault.
+# another node, then an api process; then, on PostgreSQL as a Patroni cluster of three
+# members behind HAProxy (scripts/ha.sh) with two api processes and two workers, the
+# database faults (the leader killed, ...). Prints one summary line per fault.
 #
 # The restarts need services nobody else is using, so this starts a PostgreSQL and a
 # RabbitMQ of its own (state under <services state dir>/chaos, ports beside the usual
@@ -11,8 +13,14 @@
 # nodes (ports + 1 and + 2), and stops them at the end.
 #
 #   scripts/chaos.sh                  every fault
-#   scripts/chaos.sh --restarts-only  only the service restarts and the cluster faults
-#                                     (`make test` has run the rest)
+#   scripts/chaos.sh --restarts-only  only the service restarts, the cluster faults and
+#                                     the PostgreSQL leader kill (`make test` has run the
+#                                     process faults)
+#   scripts/chaos.sh --async-replication
+#                                     only the PostgreSQL leader kill, on a Patroni cluster
+#                                     with asynchronous standbys: acknowledged orders may be
+#                                     lost, and the summary reports what the checker saw
+#                                     (the checker's own test; it does not fail on losses)
 #
 # Settings: CHAOS_PHASE_SECS  how long the load runs before, during and after each fault
 #                             (default 2)
@@ -34,29 +42,59 @@ trap 'bash scripts/services.sh stop' EXIT
 # shellcheck disable=SC1090
 source "$TURNSTILE_ENV_FILE"
 
-which=all
-[ "${1:-}" = --restarts-only ] && which=only
+which=all mode=all
+case "${1:-}" in
+  --restarts-only) which=only mode=restarts ;;
+  --async-replication) mode=async ;;
+  "") ;;
+  *) echo "usage: $0 [--restarts-only|--async-replication]" >&2; exit 2 ;;
+esac
 
 summary="$TURNSTILE_STATE_DIR/summary.txt"
 : > "$summary"
 export TURNSTILE_CHAOS=1 TURNSTILE_CHAOS_SUMMARY="$summary"
 
 cargo build --workspace --bins --locked
-# faults FILTER: the fault tests whose names FILTER (`cluster`, or `!cluster` for the others) selects.
+# faults FILTER: the fault tests FILTER selects, a nextest filter expression.
 faults() {
   if cargo nextest --version >/dev/null 2>&1; then
-    local expr="test(/cluster/)"
-    [ "$1" = cluster ] || expr="not $expr"
-    cargo nextest run --workspace --test chaos --locked --no-fail-fast --run-ignored "$which" --test-threads 1 -E "$expr"
+    cargo nextest run --workspace --test chaos --locked --no-fail-fast --run-ignored "$which" --test-threads 1 -E "$1"
   else
-    local select=(cluster)
-    [ "$1" = cluster ] || select=(--skip cluster)
-    cargo test --workspace --test chaos --locked --no-fail-fast -- "$([ $which = all ] && echo --include-ignored || echo --ignored)" --test-threads 1 "${select[@]}"
+    # Without nextest: cargo test's name filter (the expression's first /pattern/).
+    local pattern
+    pattern="$(sed -E 's|.*test\(/([^/]*)/\).*|\1|' <<<"$1")"
+    cargo test --workspace --test chaos --locked --no-fail-fast -- "$([ $which = all ] && echo --include-ignored || echo --ignored)" --test-threads 1 "$pattern"
   fi
 }
+
+# The PostgreSQL faults: PostgreSQL as a fresh Patroni cluster (HAProxy on the same port),
+# the faults FILTER selects on it; it is stopped afterwards.
+database_faults() {
+  echo "== PostgreSQL as a Patroni cluster of three ($TURNSTILE_PG_HA_SYNC replication; HAProxy :$TURNSTILE_PG_PORT)"
+  bash scripts/services.sh stop postgres
+  rm -rf "$TURNSTILE_STATE_DIR/ha"
+  export TURNSTILE_PG_HA=1
+  bash scripts/services.sh start postgres
+  # shellcheck disable=SC1090
+  source "$TURNSTILE_ENV_FILE"
+  echo "== faults on the Patroni cluster"
+  faults "$1" || status=$?
+  bash scripts/services.sh stop postgres
+  export TURNSTILE_PG_HA=0
+}
+
 status=0
+if [ "$mode" = async ]; then
+  export TURNSTILE_PG_HA_SYNC=off
+  database_faults 'test(/patroni_leader_killed/)'
+  echo "== fault summary"
+  cat "$summary"
+  exit "$status"
+fi
+export TURNSTILE_PG_HA_SYNC=quorum
+
 echo "== faults under load"
-faults '!cluster' || status=$?
+faults 'not test(/cluster/) and not test(/patroni/)' || status=$?
 
 echo "== RabbitMQ as a cluster of three nodes (ports $TURNSTILE_AMQP_PORT-$((TURNSTILE_AMQP_PORT + 2)))"
 bash scripts/services.sh stop rabbitmq
@@ -66,7 +104,14 @@ bash scripts/services.sh start
 # shellcheck disable=SC1090
 source "$TURNSTILE_ENV_FILE"
 echo "== faults on the cluster"
-faults cluster || status=$?
+faults 'test(/cluster/)' || status=$?
+
+# `make test` runs the leader kill; `make chaos` every database fault.
+if [ "$mode" = restarts ]; then
+  database_faults 'test(/patroni_leader_killed/)'
+else
+  database_faults 'test(/patroni/)'
+fi
 echo "== fault summary"
 cat "$summary"
 exit "$status"

@@ -25,7 +25,9 @@
 #   `make cluster`; the env file's AMQP_URL then lists all three),
 #   TURNSTILE_PG_BIN (PostgreSQL's bin directory; default: the version that made the data
 #   directory, else the newest installed under /usr/lib/postgresql, else the distribution's
-#   `postgresql` package is installed)
+#   `postgresql` package is installed),
+#   TURNSTILE_PG_HA (0, or 1 for PostgreSQL as a Patroni cluster of three members behind
+#   HAProxy on TURNSTILE_PG_PORT: `make ha`, see scripts/ha.sh; one of the two runs at a time)
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -110,9 +112,20 @@ check_pg_version() {
 
 # --- PostgreSQL ---------------------------------------------------------------------------
 
-pg_running() { [ -f "$PG_DIR/data/postmaster.pid" ] && as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR/data" status >/dev/null 2>&1; }
+PG_HA="${TURNSTILE_PG_HA:-0}"
+case "$PG_HA" in 0 | 1) ;; *) die "TURNSTILE_PG_HA must be 0 or 1 (got '$PG_HA')" ;; esac
+ha() { bash "$REPO/scripts/ha.sh" "$@"; }
+
+single_pg_running() { [ -f "$PG_DIR/data/postmaster.pid" ] && as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR/data" status >/dev/null 2>&1; }
+pg_running() { if [ "$PG_HA" = 1 ]; then ha running; else single_pg_running; fi; }
 
 start_postgres() {
+  if [ "$PG_HA" = 1 ]; then
+    single_pg_running && die "the single PostgreSQL runs on port $PG_PORT: stop it first (make stop)"
+    ha start
+    return
+  fi
+  ha running 2>/dev/null && die "PostgreSQL HA runs on port $PG_PORT: stop it first (make stop)"
   mkdir -p "$PG_DIR/socket"
   is_root && chown postgres:postgres "$PG_DIR" "$PG_DIR/socket"
   if [ ! -f "$PG_DIR/data/PG_VERSION" ]; then
@@ -158,7 +171,9 @@ SQL
 }
 
 stop_postgres() {
-  if pg_running; then
+  # Whichever runs: `make stop` stops what `make services` or `make ha` started.
+  ha stop
+  if single_pg_running; then
     log "stopping PostgreSQL"
     as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -m fast -w stop >/dev/null
   fi
@@ -382,6 +397,17 @@ management_urls() {
   (IFS=,; echo "${urls[*]}")
 }
 
+# The PostgreSQL processes' pid files, for measurements: the server's, or every member's
+# and HAProxy's.
+pg_pid_files() {
+  if [ "$PG_HA" = 1 ]; then
+    local ha="$STATE/ha"
+    echo "$ha/pg0/data/postmaster.pid,$ha/pg1/data/postmaster.pid,$ha/pg2/data/postmaster.pid,$ha/haproxy.pid"
+  else
+    echo "$PG_DIR/data/postmaster.pid"
+  fi
+}
+
 write_env() {
   cat > "$ENV_FILE" <<ENV
 # Written by scripts/services.sh: connection URLs of the local services.
@@ -390,7 +416,7 @@ export AMQP_URL=$(amqp_urls)
 export RABBITMQ_MANAGEMENT_URL=http://guest:guest@127.0.0.1:$MGMT_PORT
 export RABBITMQ_MANAGEMENT_URLS=$(management_urls)
 # For measurements (make bench): the services' processes and the database superuser.
-export TURNSTILE_PG_PID_FILE=$PG_DIR/data/postmaster.pid
+export TURNSTILE_PG_PID_FILE=$(pg_pid_files)
 export TURNSTILE_RABBIT_PID_FILE=$RABBIT_DIR/rabbitmq.pid
 export TURNSTILE_PG_SUPERUSER_URL=postgres://postgres@127.0.0.1:$PG_PORT/postgres
 ENV
@@ -431,7 +457,14 @@ cmd_stop() {
 }
 
 cmd_status() {
-  if pg_running; then echo "postgres: running on 127.0.0.1:$PG_PORT"; else echo "postgres: stopped"; fi
+  if ha running 2>/dev/null; then
+    echo "postgres: running as a Patroni cluster behind HAProxy on 127.0.0.1:$PG_PORT"
+    ha status
+  elif single_pg_running; then
+    echo "postgres: running on 127.0.0.1:$PG_PORT"
+  else
+    echo "postgres: stopped"
+  fi
   local node
   for node in $(node_indexes); do
     local label=rabbitmq
@@ -479,5 +512,6 @@ case "${1:-}:${2:-}" in
   start:* | stop:*) mkdir -p "$STATE"; one_service "$1" "$2" ;;
   status:) cmd_status ;;
   env:) echo "$ENV_FILE" ;;
+  state-dir:) echo "$STATE" ;;
   *) echo "usage: $0 start|stop [postgres|rabbitmq] | kill|start rabbitmq-node NODE | status | env" >&2; exit 2 ;;
 esac

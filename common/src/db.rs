@@ -17,8 +17,20 @@ const CONNECT_PATIENCE: Duration = Duration::from_secs(30);
 
 /// Connects the pool, retrying for a while so that a process started together with its
 /// database does not fail on the first attempt.
+///
+/// Every connection the pool hands out is on a primary: a new one is refused if its server
+/// is a standby, and an idle one is checked before it is lent (instead of sqlx's ping, in
+/// the same round trip) and dropped if its server was demoted or went away since. After a
+/// failover behind a proxy (HAProxy routing to the Patroni leader) the pool thus reconnects
+/// to the new primary rather than lending connections left on the old one, whose writes
+/// would fail with `25006 read_only_sql_transaction`.
 pub async fn connect(config: &DatabaseConfig) -> Result<PgPool, sqlx::Error> {
-    let options = PgPoolOptions::new().max_connections(config.max_connections).acquire_timeout(Duration::from_secs(5));
+    let options = PgPoolOptions::new()
+        .max_connections(config.max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .test_before_acquire(false)
+        .after_connect(|conn, _| Box::pin(async move { on_a_primary(conn).await }))
+        .before_acquire(|conn, _| Box::pin(async move { Ok(on_a_primary(conn).await.is_ok()) }));
     let deadline = tokio::time::Instant::now() + CONNECT_PATIENCE;
     loop {
         match options.clone().connect(config.url.expose()).await {
@@ -30,6 +42,19 @@ pub async fn connect(config: &DatabaseConfig) -> Result<PgPool, sqlx::Error> {
             Err(err) => return Err(err),
         }
     }
+}
+
+/// `Ok` if the connection's server is a primary (it can write); an error that
+/// [`is_unavailable`] counts as the database being unreachable if it is a standby.
+async fn on_a_primary(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+    let standby = sqlx::query_scalar!(r#"SELECT pg_is_in_recovery() AS "standby!""#).fetch_one(conn).await?;
+    if standby {
+        return Err(sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "connected to a standby (read-only) server, not the primary",
+        )));
+    }
+    Ok(())
 }
 
 fn is_transient(err: &sqlx::Error) -> bool {
@@ -67,9 +92,13 @@ pub fn is_permanent_anyhow(err: &anyhow::Error) -> bool {
 pub fn is_unavailable(err: &sqlx::Error) -> bool {
     match err {
         sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => true,
-        // Connection exceptions (class 08) and operator intervention (class 57: the server
-        // shutting down or starting up, e.g. `57P01 admin_shutdown`, `57P03 cannot_connect_now`).
-        sqlx::Error::Database(db) => db.code().is_some_and(|code| code.starts_with("08") || code.starts_with("57P")),
+        // Connection exceptions (class 08), operator intervention (class 57: the server
+        // shutting down or starting up, e.g. `57P01 admin_shutdown`, `57P03 cannot_connect_now`)
+        // and `25006 read_only_sql_transaction` (a primary demoted under the connection, in a
+        // failover).
+        sqlx::Error::Database(db) => {
+            db.code().is_some_and(|code| code.starts_with("08") || code.starts_with("57P") || code == "25006")
+        }
         _ => false,
     }
 }

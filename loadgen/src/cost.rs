@@ -21,8 +21,10 @@ const SAMPLE_EVERY: Duration = Duration::from_millis(250);
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct CostArgs {
     /// PostgreSQL's `postmaster.pid`: the postmaster and every backend (its children).
-    #[arg(long, env = "TURNSTILE_PG_PID_FILE")]
-    pub pg_pid_file: Option<PathBuf>,
+    /// Several, comma-separated, for a cluster: each member's, and the proxy's pid file
+    /// (`make ha`: three Patroni members and HAProxy count as PostgreSQL).
+    #[arg(long, env = "TURNSTILE_PG_PID_FILE", value_delimiter = ',')]
+    pub pg_pid_file: Vec<PathBuf>,
     /// RabbitMQ's pid file (the `beam.smp` process and its children).
     #[arg(long, env = "TURNSTILE_RABBIT_PID_FILE")]
     pub rabbit_pid_file: Option<PathBuf>,
@@ -225,16 +227,16 @@ impl Sampler {
 struct Groups {
     api: Option<u32>,
     worker: Option<u32>,
-    pg: Option<PathBuf>,
+    pg: Vec<PathBuf>,
     rabbit: Option<PathBuf>,
 }
 
 /// Reads the CPU ticks of every process of every group.
 fn sample(groups: &Groups, ticks: &Mutex<Ticks>, first: bool) {
     let processes = all_processes();
-    let pid_file = |path: &Option<PathBuf>| {
-        path.as_ref()
-            .and_then(|p| std::fs::read_to_string(p).ok())
+    let pid_file = |path: &std::path::Path| {
+        std::fs::read_to_string(path)
+            .ok()
             .and_then(|text| text.lines().next().and_then(|line| line.trim().parse::<u32>().ok()))
     };
     let mut seen: Vec<(&'static str, u32, u64)> = Vec::new();
@@ -248,8 +250,10 @@ fn sample(groups: &Groups, ticks: &Mutex<Ticks>, first: bool) {
     };
     with_children("api", groups.api);
     with_children("worker", groups.worker);
-    with_children("postgres", pid_file(&groups.pg));
-    with_children("rabbitmq", pid_file(&groups.rabbit));
+    for file in &groups.pg {
+        with_children("postgres", pid_file(file));
+    }
+    with_children("rabbitmq", groups.rabbit.as_deref().and_then(pid_file));
     with_children("loadgen", Some(std::process::id()));
     let mut ticks = ticks.lock().unwrap_or_else(|e| e.into_inner());
     for (group, pid, cpu) in seen {

@@ -1,6 +1,6 @@
 //! The end-to-end tests, one module per area, in one test binary. Each test gets its own
 //! database, virtual host and api (see the `tests` harness); the fault suite under load is
-//! `tests/tests/chaos.rs`, a binary of its own (`make chaos`).
+//! `tests/tests/chaos/`, a binary of its own (`make chaos`).
 
 mod abuse;
 mod accounts;
