@@ -25,6 +25,8 @@
 #   DURABLE       1: restart the local PostgreSQL with the server's default durability
 #                 (fsync, synchronous_commit, full_page_writes on) for these runs, and
 #                 restart it as it was afterwards
+#   TURNSTILE_PG_HA  1: on PostgreSQL as `make ha`'s Patroni cluster (started if need be;
+#                 its PostgreSQL column counts the three members and HAProxy)
 #
 # Every run also reports its cost (CPU per process, statements, rows written and broker
 # messages per decided order) and draws a picture (an SVG next to its JSON).
@@ -66,6 +68,8 @@ export IMAGE_STORE="$PWD/.local/bench-images"
 export METRICS_ADDR=127.0.0.1:0 BIND_ADDR="$addr" SOLD_OUT_FAST_PATH="$fast_path" RUST_LOG="${RUST_LOG:-warn}"
 durable_label=""
 if [ "$durable" = 1 ]; then durable_label="durable"; fi
+# `TURNSTILE_PG_HA=1 make bench`: on `make ha`'s Patroni cluster (durable, replicated).
+if [ "${TURNSTILE_PG_HA:-0}" = 1 ]; then durable_label="patroni, durable, synchronous replication"; fi
 label="fast-path-$([ "$fast_path" = true ] && echo on || echo off)${durable_label:+, $durable_label}"
 
 out="bench-results/$(date -u +%Y%m%dT%H%M%SZ)"
