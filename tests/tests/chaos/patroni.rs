@@ -284,6 +284,8 @@ async fn fault_under_load(fault: &str, inject: Inject) {
     let window = probe.stop().await;
     let tallies = load.stop().await;
     let new_leader = leader(&healed).expect("a leader").name.clone();
+    // Once every order is decided nothing writes to what is compared.
+    chaos.app.wait_until_final(SETTLE).await;
     let agreed = members_agree(&chaos, &healed).await;
     summary(&format!(
         "{fault}: leader {old_leader} -> {new_leader}, leading {:.1} s after the fault; writes unavailable for {:.1} s; \
