@@ -230,6 +230,8 @@ struct Struck {
     deposed: Option<String>,
     /// Processes stopped with SIGSTOP, continued once another member leads.
     frozen: Vec<i32>,
+    /// Whether writes stop until another member leads (the api then reports itself not ready).
+    outage: bool,
 }
 
 /// Waits until a leader runs that is not `deposed`; its name.
@@ -266,6 +268,10 @@ async fn fault_under_load(fault: &str, inject: Inject) {
     sleep(phase()).await;
     let struck = blocking(|| inject(&before));
     sleep(phase()).await;
+    if struck.outage {
+        let ready = chaos.app.get("/health/ready", None).await;
+        assert_eq!(ready.status, 503, "{fault}: the api reports its database gone: {}", ready.body);
+    }
     // A failover waits out the leader key's ttl (20 s) first.
     let failover = Instant::now();
     wait_for_leader(struck.deposed.as_deref()).await;
@@ -306,7 +312,7 @@ fn kill_leader(members: &[Member]) -> Struck {
     let leader = leader(members).expect("a leader").name.clone();
     let (patroni, postmaster) = pids(&leader);
     kill("KILL", &[patroni, postmaster]);
-    Struck { restart: Some(leader.clone()), deposed: Some(leader), frozen: Vec::new() }
+    Struck { restart: Some(leader.clone()), deposed: Some(leader), frozen: Vec::new(), outage: true }
 }
 
 /// `kill -9` of the leader's postmaster alone: its Patroni sees PostgreSQL gone and starts
@@ -315,7 +321,7 @@ fn kill_leader_postmaster(members: &[Member]) -> Struck {
     let leader = leader(members).expect("a leader").name.clone();
     let (_, postmaster) = pids(&leader);
     kill("KILL", &[postmaster]);
-    Struck { restart: None, deposed: None, frozen: Vec::new() }
+    Struck { restart: None, deposed: None, frozen: Vec::new(), outage: false }
 }
 
 /// `kill -9` of a synchronous standby's Patroni and postmaster: the other standby acknowledges
@@ -329,7 +335,7 @@ fn kill_sync_standby(members: &[Member]) -> Struck {
         .clone();
     let (patroni, postmaster) = pids(&standby);
     kill("KILL", &[patroni, postmaster]);
-    Struck { restart: Some(standby), deposed: None, frozen: Vec::new() }
+    Struck { restart: Some(standby), deposed: None, frozen: Vec::new(), outage: false }
 }
 
 /// The leader's Patroni and all of its PostgreSQL processes stopped with SIGSTOP past the
@@ -341,7 +347,7 @@ fn freeze_leader(members: &[Member]) -> Struck {
     let mut frozen = vec![patroni, postmaster];
     frozen.extend(String::from_utf8_lossy(&children.stdout).split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
     kill("STOP", &frozen);
-    Struck { restart: None, deposed: Some(leader), frozen }
+    Struck { restart: None, deposed: Some(leader), frozen, outage: true }
 }
 
 /// A planned switchover (`patronictl switchover`) to a synchronous standby.
@@ -350,7 +356,7 @@ fn switchover(members: &[Member]) -> Struck {
     let candidate =
         members.iter().find(|m| m.name != leader && m.state == "streaming").expect("a standby").name.clone();
     ha_sh(&["patronictl", "switchover", "--leader", &leader, "--candidate", &candidate, "--force"]);
-    Struck { restart: None, deposed: Some(leader), frozen: Vec::new() }
+    Struck { restart: None, deposed: Some(leader), frozen: Vec::new(), outage: false }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
