@@ -40,9 +40,6 @@ case "$SYNC" in quorum | off) ;; *) echo "TURNSTILE_PG_HA_SYNC must be quorum or
 MEMBERS=(pg0 pg1 pg2)
 SCOPE=turnstile
 PATRONI_VERSION=4.1.5
-APP_USER=turnstile
-APP_PASSWORD=turnstile
-APP_DB=turnstile
 
 log() { printf '[ha] %s\n' "$*" >&2; }
 die() { printf '[ha] error: %s\n' "$*" >&2; exit 1; }
@@ -270,24 +267,11 @@ CFG
 create_app_database() {
   local url="postgres://postgres@127.0.0.1:$PG_PORT/postgres"
   for _ in $(seq 1 60); do
-    if app_database "$url" 2>"$HA/create-db.log"; then return 0; fi
+    if bash "$REPO/scripts/services.sh" app-database "$url" 2>"$HA/create-db.log"; then return 0; fi
     sleep 1
   done
   cat "$HA/create-db.log" >&2
-  die "could not create the role and database $APP_DB through HAProxy"
-}
-
-app_database() {
-  psql -q "$1" -v ON_ERROR_STOP=1 >/dev/null <<SQL || return 1
-DO \$\$ BEGIN
-  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$APP_USER') THEN
-    CREATE ROLE $APP_USER LOGIN CREATEDB PASSWORD '$APP_PASSWORD';
-  END IF;
-END \$\$;
-SQL
-  if ! psql -tA "$1" -c "SELECT 1 FROM pg_database WHERE datname = '$APP_DB'" | grep -q 1; then
-    psql -q "$1" -c "CREATE DATABASE $APP_DB OWNER $APP_USER" >/dev/null || return 1
-  fi
+  die "could not create the app's role and database through HAProxy"
 }
 
 cmd_start() {

@@ -156,18 +156,23 @@ start_postgres() {
     sleep 0.5
   done
   "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT" || die "PostgreSQL is not ready"
-  # The app role may create databases so that every test gets a fresh one.
-  psql -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -v ON_ERROR_STOP=1 <<SQL >/dev/null
+  app_database "postgres://postgres@127.0.0.1:$PG_PORT/postgres" || die "could not create the role and database $APP_DB"
+  log "PostgreSQL ready"
+}
+
+# app_database SUPERUSER_URL: the app's role and database, made if missing. The role may
+# create databases, so that every test gets a fresh one. (scripts/ha.sh uses it too.)
+app_database() {
+  psql -q "$1" -v ON_ERROR_STOP=1 <<SQL >/dev/null || return 1
 DO \$\$ BEGIN
   IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$APP_USER') THEN
     CREATE ROLE $APP_USER LOGIN CREATEDB PASSWORD '$APP_PASSWORD';
   END IF;
 END \$\$;
 SQL
-  if ! psql -tA -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -c "SELECT 1 FROM pg_database WHERE datname = '$APP_DB'" | grep -q 1; then
-    psql -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -c "CREATE DATABASE $APP_DB OWNER $APP_USER" >/dev/null
+  if ! psql -tA "$1" -c "SELECT 1 FROM pg_database WHERE datname = '$APP_DB'" | grep -q 1; then
+    psql -q "$1" -c "CREATE DATABASE $APP_DB OWNER $APP_USER" >/dev/null || return 1
   fi
-  log "PostgreSQL ready"
 }
 
 stop_postgres() {
@@ -513,5 +518,6 @@ case "${1:-}:${2:-}" in
   status:) cmd_status ;;
   env:) echo "$ENV_FILE" ;;
   state-dir:) echo "$STATE" ;;
-  *) echo "usage: $0 start|stop [postgres|rabbitmq] | kill|start rabbitmq-node NODE | status | env" >&2; exit 2 ;;
+  app-database:*) app_database "${2:?a superuser URL}" ;;
+  *) echo "usage: $0 start|stop [postgres|rabbitmq] | kill|start rabbitmq-node NODE | status | env | state-dir | app-database SUPERUSER_URL" >&2; exit 2 ;;
 esac
