@@ -65,18 +65,7 @@ install() {
   # Python (a Python under root's home is not readable by it).
   /usr/bin/python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
   if [ ${#missing[@]} -gt 0 ]; then
-    is_root || die "missing packages (${missing[*]}); run as root or: apt-get install ${missing[*]}"
-    log "installing ${missing[*]} from Debian packages (once)"
-    # Keep the packages' post-install scripts from starting their system services.
-    local policy=/usr/sbin/policy-rc.d backup="" rc=0
-    if [ -e "$policy" ]; then backup="$(mktemp)"; cp -p "$policy" "$backup"; fi
-    printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod 755 "$policy"
-    {
-      DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
-      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
-    } >"$STATE/apt-ha.log" 2>&1 || rc=$?
-    if [ -n "$backup" ]; then mv "$backup" "$policy"; else rm -f "$policy"; fi
-    [ $rc -eq 0 ] || { tail -20 "$STATE/apt-ha.log" >&2; die "apt-get failed (see $STATE/apt-ha.log)"; }
+    bash "$REPO/scripts/services.sh" apt-install "${missing[@]}"
   fi
   if ! "$VENV/bin/patroni" --version 2>/dev/null | grep -q "$PATRONI_VERSION"; then
     log "installing Patroni $PATRONI_VERSION from PyPI into $VENV (once)"
@@ -197,9 +186,6 @@ start_member() {
   as_pg bash -c 'nohup "$0" "$1" >>"$2" 2>&1 & echo $!' "$VENV/bin/patroni" "$HA/$name/patroni.yml" \
     "$HA/$name/patroni.out" > "$HA/$name/patroni.pid"
 }
-
-# The member's REST API: role and state (JSON), or nothing.
-member_json() { curl -fsS -m 1 "http://127.0.0.1:$(rest_port "$1")/patroni" 2>/dev/null || true; }
 
 # The members, as Patroni's REST API reports them (`/cluster` of any member that answers).
 cluster_json() {

@@ -84,20 +84,25 @@ install_packages() {
   # Prometheus: `promtool` checks the metrics in `make test`; `make observe` runs the server.
   command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
   [ ${#missing[@]} -eq 0 ] && return 0
-  is_root || die "missing packages (${missing[*]}); run as root or install them: apt-get install ${missing[*]}"
-  log "installing ${missing[*]} from Debian packages (once)"
-  # Keep the packages' post-install scripts from starting their default system services.
-  local policy=/usr/sbin/policy-rc.d backup=""
+  apt_install "${missing[@]}"
+  PG_BIN="$(find_pg_bin)"
+}
+
+# apt_install PACKAGE...: installs them from the distribution's packages (as root), keeping
+# their post-install scripts from starting their default system services. (scripts/ha.sh
+# uses it too, through `services.sh apt-install`.)
+apt_install() {
+  is_root || die "missing packages ($*); run as root or install them: apt-get install $*"
+  log "installing $* from Debian packages (once)"
+  local policy=/usr/sbin/policy-rc.d backup="" rc=0
   if [ -e "$policy" ]; then backup="$(mktemp)"; cp -p "$policy" "$backup"; fi
   printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod 755 "$policy"
-  local rc=0
   {
     DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"
   } >"$STATE/apt.log" 2>&1 || rc=$?
   if [ -n "$backup" ]; then mv "$backup" "$policy"; else rm -f "$policy"; fi
   [ $rc -eq 0 ] || { tail -20 "$STATE/apt.log" >&2; die "apt-get failed (see $STATE/apt.log)"; }
-  PG_BIN="$(find_pg_bin)"
 }
 
 # Turnstile needs PostgreSQL 15 or newer.
@@ -519,5 +524,6 @@ case "${1:-}:${2:-}" in
   env:) echo "$ENV_FILE" ;;
   state-dir:) echo "$STATE" ;;
   app-database:*) app_database "${2:?a superuser URL}" ;;
-  *) echo "usage: $0 start|stop [postgres|rabbitmq] | kill|start rabbitmq-node NODE | status | env | state-dir | app-database SUPERUSER_URL" >&2; exit 2 ;;
+  apt-install:*) mkdir -p "$STATE"; shift; apt_install "$@" ;;
+  *) echo "usage: $0 start|stop [postgres|rabbitmq] | kill|start rabbitmq-node NODE | status | env | state-dir | app-database SUPERUSER_URL | apt-install PACKAGE..." >&2; exit 2 ;;
 esac
