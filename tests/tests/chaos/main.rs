@@ -56,6 +56,18 @@ struct Tally {
 }
 
 impl Tally {
+    /// What every api process's clients saw, together, and the longest 5xx blip of any one
+    /// process (blips are per process: one copy answering 5xx while another answers is
+    /// still a blip).
+    fn total(tallies: Vec<Tally>) -> (Tally, Duration) {
+        let blip = tallies.iter().map(Tally::longest_blip).max().unwrap_or_default();
+        let mut total = Tally::default();
+        for tally in tallies {
+            total.merge(tally);
+        }
+        (total, blip)
+    }
+
     fn merge(&mut self, other: Tally) {
         self.accepted.extend(other.accepted);
         for (status, n) in other.statuses {
@@ -66,27 +78,33 @@ impl Tally {
         self.answers.extend(other.answers);
     }
 
-    /// The longest time this api answered nothing but 5xx: from the sending of the first
-    /// request of a run of 5xx answers to the sending of the next request answered otherwise.
+    /// The longest time this api answered nothing but 5xx (see [`longest_failing_run`]).
     fn longest_blip(&self) -> Duration {
-        let mut answers = self.answers.clone();
-        answers.sort_by_key(|(sent, _)| *sent);
-        let (mut longest, mut run_start) = (Duration::ZERO, None);
-        for (sent, failed) in &answers {
-            match (failed, run_start) {
-                (true, None) => run_start = Some(*sent),
-                (false, Some(start)) => {
-                    longest = longest.max(sent.duration_since(start));
-                    run_start = None;
-                }
-                _ => {}
-            }
-        }
-        if let (Some(start), Some((last, _))) = (run_start, answers.last()) {
-            longest = longest.max(last.duration_since(start));
-        }
-        longest
+        longest_failing_run(&self.answers)
     }
+}
+
+/// The longest run of failures among `attempts` (when each was made, whether it failed):
+/// from the first failed attempt of a run to the next attempt that succeeded, or to the
+/// last attempt if none did.
+fn longest_failing_run(attempts: &[(Instant, bool)]) -> Duration {
+    let mut attempts = attempts.to_vec();
+    attempts.sort_by_key(|(at, _)| *at);
+    let (mut longest, mut run_start) = (Duration::ZERO, None);
+    for (at, failed) in &attempts {
+        match (failed, run_start) {
+            (true, None) => run_start = Some(*at),
+            (false, Some(start)) => {
+                longest = longest.max(at.duration_since(start));
+                run_start = None;
+            }
+            _ => {}
+        }
+    }
+    if let (Some(start), Some((last, _))) = (run_start, attempts.last()) {
+        longest = longest.max(last.duration_since(start));
+    }
+    longest
 }
 
 /// Buyers ordering one ticket at a time until stopped, each request to the next api
@@ -223,12 +241,8 @@ impl Chaos {
         wait_until_ready(app).await;
         app.wait_until_final(SETTLE).await;
 
-        let blip = tallies.iter().map(Tally::longest_blip).max().unwrap_or_default();
         let dropped: Vec<u64> = tallies.iter().map(|t| t.unanswered).collect();
-        let mut tally = Tally::default();
-        for t in tallies {
-            tally.merge(t);
-        }
+        let (tally, blip) = Tally::total(tallies);
         let ids: Vec<Uuid> = tally.accepted.iter().map(|(id, _)| *id).collect();
         let verdict = Verdict::of(&app.db.pool, &ids).await;
         summary(&verdict.line(fault, &tally, blip));
@@ -264,11 +278,7 @@ impl Chaos {
     async fn report(&self, fault: &str, tallies: Vec<Tally>) {
         wait_until_ready(&self.app).await;
         self.app.wait_until_final(SETTLE).await;
-        let blip = tallies.iter().map(Tally::longest_blip).max().unwrap_or_default();
-        let mut tally = Tally::default();
-        for t in tallies {
-            tally.merge(t);
-        }
+        let (tally, blip) = Tally::total(tallies);
         let ids: Vec<Uuid> = tally.accepted.iter().map(|(id, _)| *id).collect();
         let verdict = Verdict::of(&self.app.db.pool, &ids).await;
         summary(&format!("{} (reported, not asserted)", verdict.line(fault, &tally, blip)));

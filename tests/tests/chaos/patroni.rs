@@ -18,7 +18,7 @@ use serde_json::Value;
 use sqlx::Connection;
 use tests::Process;
 
-use super::{Chaos, SETTLE, blocking, phase, sleep, summary};
+use super::{Chaos, SETTLE, blocking, longest_failing_run, phase, sleep, summary};
 
 /// scripts/ha.sh with `args`, which must succeed; what it printed. Only under `make chaos`,
 /// whose cluster this is.
@@ -120,6 +120,7 @@ impl WriteProbe {
         let stop = Arc::new(AtomicBool::new(false));
         let (url, stopped) = (url.to_owned(), stop.clone());
         let task = tokio::spawn(async move {
+            // When each commit was tried, and whether it failed.
             let mut commits = Vec::new();
             let mut conn: Option<sqlx::PgConnection> = None;
             while !stopped.load(Ordering::Relaxed) {
@@ -133,11 +134,11 @@ impl WriteProbe {
                     sqlx::query("SELECT txid_current()").execute(conn).await.map(|_| ())
                 })
                 .await;
-                let ok = matches!(committed, Ok(Ok(())));
-                if !ok {
+                let failed = !matches!(committed, Ok(Ok(())));
+                if failed {
                     conn = None;
                 }
-                commits.push((at, ok));
+                commits.push((at, failed));
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             commits
@@ -146,22 +147,10 @@ impl WriteProbe {
     }
 
     /// Stops it; the write-unavailable window, from the first failed commit of the longest
-    /// run of failures to the next successful one.
+    /// run of failures to the next successful one (or to the last, if none succeeded).
     async fn stop(self) -> Duration {
         self.stop.store(true, Ordering::Relaxed);
-        let commits = self.task.await.expect("write probe");
-        let (mut longest, mut failing_since) = (Duration::ZERO, None);
-        for (at, ok) in commits {
-            match (ok, failing_since) {
-                (false, None) => failing_since = Some(at),
-                (true, Some(since)) => {
-                    longest = longest.max(at.duration_since(since));
-                    failing_since = None;
-                }
-                _ => {}
-            }
-        }
-        longest
+        longest_failing_run(&self.task.await.expect("write probe"))
     }
 }
 
