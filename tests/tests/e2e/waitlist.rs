@@ -13,15 +13,18 @@ use uuid::Uuid;
 
 const SETTLE: Duration = Duration::from_secs(60);
 
-/// The tests' short intervals, and holds that do not run out on their own: for the worker
-/// process of the test that kills it.
+/// The tests' short expiry interval, and holds that do not run out on their own.
+const EXPIRY_INTERVAL_MS: u64 = 100;
+const HOLD_TTL_SECS: u64 = 3600;
+
+/// Those settings for the worker process of the test that kills it.
 fn worker_env() -> Vec<(&'static str, String)> {
-    vec![("EXPIRY_INTERVAL_MS", "100".to_owned()), ("HOLD_TTL_SECS", "3600".to_owned())]
+    vec![("EXPIRY_INTERVAL_MS", EXPIRY_INTERVAL_MS.to_string()), ("HOLD_TTL_SECS", HOLD_TTL_SECS.to_string())]
 }
 
 /// The same, for workers in the test's process.
 fn worker_settings(config: &mut WorkerConfig) {
-    (config.expiry_interval_ms, config.hold_ttl_secs) = (100, 3600);
+    (config.expiry_interval_ms, config.hold_ttl_secs) = (EXPIRY_INTERVAL_MS, HOLD_TTL_SECS);
 }
 
 async fn join(app: &TestApp, token: &str, event: Uuid, body: Value) -> Response {
