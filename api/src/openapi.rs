@@ -19,7 +19,7 @@ use crate::error::{ErrorBody, ErrorDetail};
     modifiers(&BearerAuth),
     tags(
         (name = "accounts", description = "Sign-up, log-in and the caller's own account"),
-        (name = "events", description = "The event catalogue, and each event's ticket types"),
+        (name = "events", description = "The event catalogue, and each event's ticket types and promo codes"),
         (name = "orders", description = "Buying tickets and following an order to its outcome"),
         (name = "organizers", description = "An event's orders and attendees, as JSON pages or a CSV export (admin)"),
         (name = "tickets", description = "Ticket QR codes and check-in at the door (door staff: the `staff` role)"),

@@ -27,6 +27,21 @@ impl TestApp {
     /// live tickets and stays within capacity, every `PENDING` or `PAID` order holds exactly
     /// its quantity of live tickets, no other order holds any, and no ticket id repeats.
     /// Returns (capacity, sold).
+    /// Sleeps until every `PENDING` hold of the event is past its `expires_at` (for a test that
+    /// then steps the worker's expiry loop).
+    pub async fn wait_past_holds(&self, event: Uuid) {
+        let ends: Option<chrono::DateTime<chrono::Utc>> =
+            sqlx::query_scalar("SELECT max(expires_at) FROM orders WHERE event_id = $1 AND status = 'PENDING'")
+                .bind(event)
+                .fetch_one(&self.db.pool)
+                .await
+                .expect("read the holds");
+        if let Some(ends) = ends {
+            let left = (ends - chrono::Utc::now()).to_std().unwrap_or_default();
+            tokio::time::sleep(left + Duration::from_millis(50)).await;
+        }
+    }
+
     pub async fn assert_consistent(&self, event: Uuid) -> (i64, i64) {
         let (capacity, sold): (i32, i32) = sqlx::query_as("SELECT capacity, sold FROM events WHERE id = $1")
             .bind(event)
@@ -87,6 +102,34 @@ impl TestApp {
         .await
         .expect("compare tickets with order lines");
         assert!(off_lines.is_empty(), "orders whose tickets do not match their lines: {off_lines:?}");
+        // Per promo code: `uses` equals its live tickets, within `max_uses`, and each of them
+        // is on a line of an order placed with the code that the code applied to.
+        let codes: Vec<(Uuid, Option<i32>, i32, i64)> = sqlx::query_as(
+            "SELECT c.id, c.max_uses, c.uses, count(t.id) FILTER (WHERE t.status = 'ACTIVE')
+             FROM promo_codes c LEFT JOIN tickets t ON t.promo_code_id = c.id
+             WHERE c.event_id = $1 GROUP BY c.id",
+        )
+        .bind(event)
+        .fetch_all(&self.db.pool)
+        .await
+        .expect("count tickets per promo code");
+        for (id, max_uses, uses, live) in &codes {
+            assert_eq!(i64::from(*uses), *live, "promo code {id}: uses differ from its live tickets");
+            assert!(max_uses.is_none_or(|max| *uses <= max), "promo code {id} over-redeemed: {uses} > {max_uses:?}");
+        }
+        let misfiled: Vec<(Uuid,)> = sqlx::query_as(
+            "SELECT t.id FROM tickets t JOIN orders o ON o.id = t.order_id
+             WHERE t.event_id = $1 AND t.status = 'ACTIVE'
+               AND (t.promo_code_id IS DISTINCT FROM CASE WHEN EXISTS (
+                        SELECT 1 FROM json_array_elements(o.lines) l
+                        WHERE (l->>'ticket_type_id')::uuid = t.ticket_type_id AND l->>'list_price' IS NOT NULL)
+                    THEN o.promo_code_id END)",
+        )
+        .bind(event)
+        .fetch_all(&self.db.pool)
+        .await
+        .expect("compare tickets with their orders' promo codes");
+        assert!(misfiled.is_empty(), "tickets not under the code their line was sold under: {misfiled:?}");
         (i64::from(capacity), i64::from(sold))
     }
 }

@@ -71,6 +71,11 @@ impl TestApp {
         Response::from(request.send().await.expect("request sent")).await
     }
 
+    /// Waits (long-polls, up to 30 s) for the order to leave `QUEUED` and returns its JSON.
+    pub async fn outcome(&self, token: &str, order_id: Uuid) -> Value {
+        self.get(&format!("/api/v1/orders/{order_id}?wait=30&status=QUEUED"), Some(token)).await.json
+    }
+
     /// `POST /api/v1/orders` with an optional Idempotency-Key.
     pub async fn order(&self, token: &str, event_id: Uuid, quantity: i64, key: Option<&str>) -> Response {
         let mut request = self

@@ -1,7 +1,7 @@
-//! What the purchase path needs to know of an event (its name, date, price, currency, limits
-//! and ticket types, and that it is not deleted), kept in memory so that accepting an order costs the
+//! What the purchase path needs to know of an event (its name, date, price, currency, limits,
+//! ticket types and promo codes, and that it is not deleted), kept in memory so that accepting an order costs the
 //! database no read. An event is read once; the `event_changes` notification (triggers on
-//! `events` and `ticket_types`, for any change but `sold` and `capacity`) drops it again, in every api process, within
+//! `events`, `ticket_types` and `promo_codes`, for any change but `sold`, `capacity` and `uses`) drops it again, in every api process, within
 //! milliseconds of the commit. While the listener is disconnected (notifications may be
 //! missed), every lookup reads the database, as before.
 //!
@@ -37,6 +37,21 @@ pub struct EventForSale {
     pub default_ticket_type_id: Option<Uuid>,
     /// Its ticket types that are not withdrawn, in listing order.
     pub types: sqlx::types::Json<Vec<TypeForSale>>,
+    /// Its live (not withdrawn) promo codes.
+    pub codes: sqlx::types::Json<Vec<CodeForSale>>,
+}
+
+/// A promo code as the purchase rules see it; its uses are the worker's to count.
+#[derive(Clone, Debug, serde::Deserialize)]
+pub struct CodeForSale {
+    pub id: Uuid,
+    pub code: String,
+    pub percent_off: Option<Decimal>,
+    pub amount_off: Option<Decimal>,
+    /// `None`: every type of the event.
+    pub ticket_type_ids: Option<Vec<Uuid>>,
+    pub valid_from: Option<DateTime<Utc>>,
+    pub valid_until: Option<DateTime<Utc>>,
 }
 
 #[derive(Clone, Debug, serde::Deserialize)]
@@ -57,6 +72,18 @@ impl EventForSale {
 
     pub fn ticket_type(&self, id: Uuid) -> Option<&TypeForSale> {
         self.types.iter().find(|t| t.id == id)
+    }
+
+    /// The live code of this name, whatever its case.
+    pub fn promo_code(&self, code: &str) -> Option<&CodeForSale> {
+        self.codes.iter().find(|c| c.code.eq_ignore_ascii_case(code))
+    }
+}
+
+impl CodeForSale {
+    /// Whether it applies to tickets of this type.
+    pub fn applies_to(&self, type_id: Uuid) -> bool {
+        self.ticket_type_ids.as_ref().is_none_or(|ids| ids.contains(&type_id))
     }
 }
 
@@ -94,7 +121,13 @@ impl EventCatalog {
                                   'sales_start', t.sales_start, 'sales_end', t.sales_end)
                                   ORDER BY t.sort_order, t.id)
                               FROM ticket_types t WHERE t.event_id = e.id AND t.deleted_at IS NULL), '[]')
-                        AS "types!: sqlx::types::Json<Vec<TypeForSale>>"
+                        AS "types!: sqlx::types::Json<Vec<TypeForSale>>",
+                    coalesce((SELECT json_agg(json_build_object(
+                                  'id', c.id, 'code', c.code, 'percent_off', c.percent_off::text,
+                                  'amount_off', c.amount_off::text, 'ticket_type_ids', c.ticket_type_ids,
+                                  'valid_from', c.valid_from, 'valid_until', c.valid_until))
+                              FROM promo_codes c WHERE c.event_id = e.id AND c.withdrawn_at IS NULL), '[]')
+                        AS "codes!: sqlx::types::Json<Vec<CodeForSale>>"
              FROM events e WHERE e.id = $1 AND e.deleted_at IS NULL"#,
             id
         )

@@ -19,10 +19,34 @@ use crate::error::ApiError;
 use crate::state::AppState;
 
 /// [`rules::price`] against the event as the catalogue has it now: 404 when there is no
-/// such event (or it was deleted).
+/// such event (or it was deleted). A promo code the catalogue does not know is looked up to
+/// say whether it was withdrawn.
 pub async fn check(state: &AppState, purchase: &Purchase) -> Result<Priced, ApiError> {
     let event = state.catalog.get(&state.db, purchase.event_id).await?.ok_or(ApiError::NotFound("event"))?;
+    if let Some(code) = &purchase.promo_code
+        && event.promo_code(code).is_none()
+    {
+        return Err(unknown_promo_code(state, purchase.event_id, code).await?);
+    }
     rules::price(event, purchase, Utc::now())
+}
+
+/// `422 invalid_promo_code` for a code that is not live: withdrawn, or never made.
+async fn unknown_promo_code(state: &AppState, event_id: Uuid, code: &str) -> Result<ApiError, ApiError> {
+    let withdrawn = sqlx::query_scalar!(
+        r#"SELECT true AS "withdrawn!" FROM promo_codes
+           WHERE event_id = $1 AND lower(code) = lower($2) AND withdrawn_at IS NOT NULL LIMIT 1"#,
+        event_id,
+        code
+    )
+    .fetch_optional(&state.db)
+    .await?
+    .is_some();
+    Ok(rules::invalid_promo_code(if withdrawn {
+        format!("the promo code {code} was withdrawn")
+    } else {
+        format!("{code} is not a promo code of this event")
+    }))
 }
 
 /// The sold-out fast path's view of the tickets left (the venue cap; a type's own stock is

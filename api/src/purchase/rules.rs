@@ -3,16 +3,18 @@
 //! ([`price`]): the event exists and is on sale, each line's type exists and is in its sale
 //! window, the quantities are within the per-order limits and could ever fit the buyer caps
 //! (whether the buyer's earlier orders leave room is the worker's to decide, under the
-//! event's lock). The waiting list's joins pass the same rules.
+//! event's lock), and a promo code, if given, is live, in its window and names one of the
+//! lines' types (whether it has uses left is the worker's to decide, likewise). The waiting
+//! list's joins pass the same rules.
 
 use chrono::{DateTime, Utc};
-use common::domain::OrderLine;
-use rust_decimal::Decimal;
+use common::domain::{Currency, OrderLine};
+use rust_decimal::{Decimal, RoundingStrategy};
 use serde::Deserialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::catalog::{EventForSale, TypeForSale};
+use super::catalog::{CodeForSale, EventForSale, TypeForSale};
 use crate::error::ApiError;
 
 /// What to buy: `items` (tickets of one or more types), or `quantity` alone (the seed's
@@ -30,6 +32,10 @@ pub struct CreateOrderRequest {
     /// allocated or none. Not with `quantity`.
     #[schema(max_items = 20)]
     pub items: Option<Vec<OrderItem>>,
+    /// A promo code of the event (matched whatever its case): its discount applies to the
+    /// lines of the types it names, and each of their tickets is one of its uses.
+    #[schema(example = "EARLYBIRD", min_length = 3, max_length = 64, pattern = "^[A-Za-z0-9_-]+$")]
+    pub promo_code: Option<String>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -49,6 +55,18 @@ pub const MAX_LINES: usize = 20;
 pub struct Purchase {
     pub event_id: Uuid,
     wanted: Wanted,
+    /// The promo code as sent, of a valid shape.
+    pub promo_code: Option<String>,
+}
+
+/// Whether `code` has the shape of a promo code: 3 to 64 letters, digits, `-` and `_`.
+pub fn promo_code_shape(code: &str) -> bool {
+    (3..=64).contains(&code.len()) && code.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// `422 invalid_promo_code`.
+pub fn invalid_promo_code(message: String) -> ApiError {
+    ApiError::invalid("invalid_promo_code", message)
 }
 
 /// The tickets asked for.
@@ -95,13 +113,25 @@ impl Purchase {
                 Wanted::Items(lines.iter().map(|line| (line.ticket_type_id, line.quantity)).collect())
             }
         };
-        Ok(Self { event_id: req.event_id, wanted })
+        if let Some(code) = &req.promo_code
+            && !promo_code_shape(code)
+        {
+            return Err(invalid_promo_code(
+                "promo_code must be 3 to 64 letters, digits, '-' and '_'; this event has no such code".to_owned(),
+            ));
+        }
+        Ok(Self { event_id: req.event_id, wanted, promo_code: req.promo_code.clone() })
     }
 
-    /// Whether an order stored earlier (its event, its lines and its ticket count) is what
-    /// this purchase asks for: an `Idempotency-Key`'s replay answers only the same request.
-    pub fn asks_for(&self, event_id: Uuid, lines: &[OrderLine], quantity: i32) -> bool {
-        if event_id != self.event_id {
+    /// Whether an order stored earlier (its event, its lines, its ticket count and its promo
+    /// code) is what this purchase asks for: an `Idempotency-Key`'s replay answers only the
+    /// same request.
+    pub fn asks_for(&self, event_id: Uuid, lines: &[OrderLine], quantity: i32, promo_code: Option<&str>) -> bool {
+        let same_code = match (self.promo_code.as_deref(), promo_code) {
+            (Some(asked), Some(stored)) => asked.eq_ignore_ascii_case(stored),
+            (asked, stored) => asked.is_none() && stored.is_none(),
+        };
+        if event_id != self.event_id || !same_code {
             return false;
         }
         match &self.wanted {
@@ -119,13 +149,16 @@ impl Purchase {
     }
 }
 
-/// A purchase that passed the rules, priced: its event, its lines, its ticket count and total.
+/// A purchase that passed the rules, priced: its event, its lines (after its promo code),
+/// its ticket count, total and discount, and its code (id, as the organizer wrote it).
 #[derive(Debug)]
 pub struct Priced {
     pub event: EventForSale,
     pub lines: Vec<OrderLine>,
     pub quantity: i32,
     pub total: Decimal,
+    pub discount: Decimal,
+    pub promo_code: Option<(Uuid, String)>,
 }
 
 impl Priced {
@@ -180,6 +213,7 @@ pub fn price(event: EventForSale, purchase: &Purchase, now: DateTime<Utc>) -> Re
             name: ticket_type.name.clone(),
             quantity,
             unit_price: ticket_type.price,
+            list_price: None,
         });
     }
     let total_tickets: i64 = lines.iter().map(|line| i64::from(line.quantity)).sum();
@@ -197,9 +231,61 @@ pub fn price(event: EventForSale, purchase: &Purchase, now: DateTime<Utc>) -> Re
             format!("a buyer may hold at most {cap} tickets of this event"),
         ));
     }
+    let promo_code = match &purchase.promo_code {
+        Some(name) => {
+            let code = live_code(&event, name, &lines, now)?;
+            let places = Currency::parse(&event.currency).map_or(common::domain::money::SCALE, Currency::places);
+            for line in lines.iter_mut().filter(|line| code.applies_to(line.ticket_type_id)) {
+                line.list_price = Some(line.unit_price);
+                line.unit_price = discounted(line.unit_price, code, places);
+            }
+            Some((code.id, code.code.clone()))
+        }
+        None => None,
+    };
     let total = lines.iter().map(OrderLine::amount).sum();
+    let discount = lines.iter().map(OrderLine::discount).sum();
     // In range: at most max_per_order (an i32).
-    Ok(Priced { event, lines, quantity: total_tickets as i32, total })
+    Ok(Priced { event, lines, quantity: total_tickets as i32, total, discount, promo_code })
+}
+
+/// The event's live code `name`, if it may be used `now` on these lines: in its window, and
+/// naming one of their types.
+fn live_code<'e>(
+    event: &'e EventForSale,
+    name: &str,
+    lines: &[OrderLine],
+    now: DateTime<Utc>,
+) -> Result<&'e CodeForSale, ApiError> {
+    let code = event
+        .promo_code(name)
+        .ok_or_else(|| invalid_promo_code(format!("{name} is not a promo code of this event")))?;
+    if let Some(from) = code.valid_from
+        && now < from
+    {
+        return Err(invalid_promo_code(format!("the promo code {name} is valid from {}", from.to_rfc3339())));
+    }
+    if let Some(until) = code.valid_until
+        && now >= until
+    {
+        return Err(invalid_promo_code(format!("the promo code {name} expired at {}", until.to_rfc3339())));
+    }
+    if !lines.iter().any(|line| code.applies_to(line.ticket_type_id)) {
+        return Err(invalid_promo_code(format!("the promo code {name} applies to none of the ticket types ordered")));
+    }
+    Ok(code)
+}
+
+/// One ticket's price under a code: a percentage off, rounded half-up to the currency's
+/// minor unit (`places`), or an amount off; never below zero.
+pub fn discounted(price: Decimal, code: &CodeForSale, places: u32) -> Decimal {
+    let price = match (code.percent_off, code.amount_off) {
+        (Some(percent), _) => (price * (Decimal::ONE_HUNDRED - percent) / Decimal::ONE_HUNDRED)
+            .round_dp_with_strategy(places, RoundingStrategy::MidpointAwayFromZero),
+        (None, Some(amount)) => price - amount,
+        (None, None) => price,
+    };
+    price.max(Decimal::ZERO)
 }
 
 /// `422 not_on_sale`, with the type's sale window.
@@ -252,6 +338,7 @@ mod tests {
             max_per_buyer: Some(5),
             default_ticket_type_id: Some(GENERAL),
             types: sqlx::types::Json(vec![kind(GENERAL, "General", money("20.00")), vip]),
+            codes: sqlx::types::Json(vec![]),
         }
     }
 
@@ -259,7 +346,7 @@ mod tests {
         let items = items.map(|items| {
             items.iter().map(|&(ticket_type_id, quantity)| OrderItem { ticket_type_id, quantity }).collect()
         });
-        CreateOrderRequest { event_id: EVENT, quantity, items }
+        CreateOrderRequest { event_id: EVENT, quantity, items, promo_code: None }
     }
 
     fn refusal<T: std::fmt::Debug>(result: Result<T, ApiError>) -> &'static str {
@@ -310,6 +397,79 @@ mod tests {
         assert_eq!(refusal(price(without_default, &purchase, at(11))), "ticket_type_required");
     }
 
+    fn code(name: &str, percent_off: Option<&str>, amount_off: Option<&str>, types: Option<Vec<Uuid>>) -> CodeForSale {
+        CodeForSale {
+            id: Uuid::from_u128(0xC0DE),
+            code: name.to_owned(),
+            percent_off: percent_off.map(money),
+            amount_off: amount_off.map(money),
+            ticket_type_ids: types,
+            valid_from: Some(at(9)),
+            valid_until: Some(at(12)),
+        }
+    }
+
+    fn with_code(promo_code: &str, quantity: Option<i64>, items: Option<&[(Uuid, i64)]>) -> Purchase {
+        Purchase::parse(&CreateOrderRequest { promo_code: Some(promo_code.to_owned()), ..request(quantity, items) })
+            .unwrap()
+    }
+
+    #[test]
+    fn a_code_discounts_the_lines_it_names_rounded_half_up_per_ticket() {
+        let mut event = event();
+        event.codes.0 = vec![code("Spring_25", Some("12.5"), None, Some(vec![GENERAL]))];
+        // 20.00 - 12.5% = 17.50; VIP is not named.
+        let priced =
+            price(event.clone(), &with_code("SPRING_25", None, Some(&[(VIP, 1), (GENERAL, 3)])), at(11)).unwrap();
+        assert_eq!(priced.promo_code, Some((Uuid::from_u128(0xC0DE), "Spring_25".to_owned())));
+        assert_eq!((priced.lines[0].unit_price, priced.lines[0].list_price), (money("99.50"), None));
+        assert_eq!((priced.lines[1].unit_price, priced.lines[1].list_price), (money("17.50"), Some(money("20.00"))));
+        assert_eq!((priced.total, priced.discount), (money("152.00"), money("7.50")));
+        // 99.50 × 66.67% = 66.33835 → 66.34 (half-up at the cent); 99.50 × 0.5 = 49.75 exactly.
+        let vip = |percent| {
+            let mut event = event.clone();
+            event.codes.0 = vec![code("VIPDEAL", Some(percent), None, None)];
+            price(event, &with_code("vipdeal", None, Some(&[(VIP, 1)])), at(11)).unwrap().total
+        };
+        assert_eq!(vip("33.33"), money("66.34"));
+        assert_eq!(vip("50"), money("49.75"));
+        assert_eq!(vip("100"), money("0"));
+        // 66.665 → 66.67: a midpoint rounds up.
+        let cents = code("X-Y", Some("33.33"), None, None);
+        assert_eq!(discounted(money("99.98"), &cents, 2), money("66.66"));
+        assert_eq!(discounted(money("0.03"), &code("X-Y", Some("50"), None, None), 2), money("0.02"));
+        assert_eq!(discounted(money("101"), &code("X-Y", Some("50"), None, None), 0), money("51"), "whole yen");
+        // An amount off never takes a price below zero; an access code takes nothing off.
+        assert_eq!(discounted(money("20.00"), &code("X-Y", None, Some("25.00"), None), 2), money("0"));
+        assert_eq!(discounted(money("20.00"), &code("X-Y", None, Some("5.5"), None), 2), money("14.50"));
+        assert_eq!(discounted(money("20.00"), &code("X-Y", None, None, None), 2), money("20.00"));
+    }
+
+    #[test]
+    fn a_code_is_refused_with_what_is_wrong_with_it() {
+        let mut event = event();
+        // VIP is on sale from 10:00 to 12:00, the code valid from 10:30 to 11:30.
+        let half_past = |hour| at(hour) + chrono::Duration::minutes(30);
+        let window = CodeForSale {
+            valid_from: Some(half_past(10)),
+            valid_until: Some(half_past(11)),
+            ..code("VIPONLY", Some("10"), None, Some(vec![VIP]))
+        };
+        event.codes.0 = vec![window];
+        let refused = |purchase: Purchase, now| price(event.clone(), &purchase, now).expect_err("refused").to_string();
+        assert!(refused(with_code("NOPE", Some(1), None), at(11)).contains("not a promo code"));
+        assert!(refused(with_code("viponly", Some(1), None), at(11)).contains("none of the ticket types"));
+        assert!(refused(with_code("viponly", None, Some(&[(VIP, 1)])), at(10)).contains("valid from"));
+        assert!(refused(with_code("viponly", None, Some(&[(VIP, 1)])), half_past(11)).contains("expired"));
+        let refusal = |code: &str| {
+            refusal(Purchase::parse(&CreateOrderRequest { promo_code: Some(code.into()), ..request(Some(1), None) }))
+        };
+        assert_eq!(refusal("AB"), "invalid_promo_code");
+        assert_eq!(refusal("has space"), "invalid_promo_code");
+        assert_eq!(refusal(&"A".repeat(65)), "invalid_promo_code");
+        assert!(price(event, &with_code("VIPONLY", None, Some(&[(VIP, 1)])), at(11)).is_ok());
+    }
+
     #[test]
     fn a_replay_answers_only_the_same_request() {
         let line = |ticket_type_id, quantity| OrderLine {
@@ -317,15 +477,22 @@ mod tests {
             name: String::new(),
             quantity,
             unit_price: money("1"),
+            list_price: None,
         };
         let stored = [line(GENERAL, 3), line(VIP, 2)];
         let items = Purchase::parse(&request(None, Some(&[(VIP, 2), (GENERAL, 3)]))).unwrap();
-        assert!(items.asks_for(EVENT, &stored, 5));
-        assert!(!items.asks_for(Uuid::from_u128(2), &stored, 5));
-        assert!(!items.asks_for(EVENT, &stored[..1], 3));
+        assert!(items.asks_for(EVENT, &stored, 5, None));
+        assert!(!items.asks_for(Uuid::from_u128(2), &stored, 5, None));
+        assert!(!items.asks_for(EVENT, &stored[..1], 3, None));
+        assert!(!items.asks_for(EVENT, &stored, 5, Some("SPRING")), "the same lines with a code are another order");
         let seed = Purchase::parse(&request(Some(3), None)).unwrap();
-        assert!(seed.asks_for(EVENT, &stored[..1], 3));
-        assert!(!seed.asks_for(EVENT, &stored[..1], 2));
-        assert!(!seed.asks_for(EVENT, &stored, 5));
+        assert!(seed.asks_for(EVENT, &stored[..1], 3, None));
+        assert!(!seed.asks_for(EVENT, &stored[..1], 2, None));
+        assert!(!seed.asks_for(EVENT, &stored, 5, None));
+        let coded =
+            Purchase::parse(&CreateOrderRequest { promo_code: Some("spring".into()), ..request(Some(3), None) })
+                .unwrap();
+        assert!(coded.asks_for(EVENT, &stored[..1], 3, Some("SPRING")), "codes match whatever their case");
+        assert!(!coded.asks_for(EVENT, &stored[..1], 3, None));
     }
 }

@@ -10,6 +10,7 @@ pub mod orders;
 pub mod organizer;
 mod page;
 pub mod payments;
+pub mod promo_codes;
 pub mod ticket_types;
 pub mod tickets;
 pub mod users;
@@ -56,6 +57,7 @@ pub fn api(image_max_bytes: u64) -> OpenApiRouter<AppState> {
         .merge(orders::router())
         .merge(organizer::router())
         .merge(payments::router())
+        .merge(promo_codes::router())
         .merge(webhook_endpoints::router())
         .merge(users::router())
         .merge(tickets::router())

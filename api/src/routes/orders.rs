@@ -56,7 +56,7 @@ pub struct Order {
     #[schema(value_type = Option<String>, example = "49.90")]
     #[serde(serialize_with = "common::domain::money::serialize_option")]
     pub unit_price: Option<Decimal>,
-    /// The sum of the lines.
+    /// The sum of the lines (after the promo code's discount).
     #[schema(value_type = String, example = "99.80")]
     #[serde(serialize_with = "common::domain::money::serialize")]
     pub total: Decimal,
@@ -71,11 +71,19 @@ pub struct Order {
     /// order was placed.
     #[schema(value_type = Vec<OrderLine>)]
     pub items: sqlx::types::Json<Vec<OrderLine>>,
+    /// The promo code the order was placed with, as the organizer wrote it.
+    #[schema(example = "EARLYBIRD")]
+    pub promo_code: Option<String>,
+    /// What the promo code took off the total (`0.00` without one).
+    #[schema(value_type = String, example = "10.00")]
+    #[serde(serialize_with = "common::domain::money::serialize")]
+    pub discount: Decimal,
     /// `QUEUED` → `PENDING` (tickets held until `expires_at`) → `PAID` (→ `REFUNDED`); or
     /// `REJECTED`, `EXPIRED`, `CANCELLED`.
     pub status: OrderStatus,
     /// Why the order was rejected: `SOLD_OUT` (a type ran out), `VENUE_FULL` (the event's
-    /// capacity did), `BUYER_LIMIT`, `NOT_ON_SALE`, `EVENT_UNAVAILABLE`, or the payment
+    /// capacity did), `BUYER_LIMIT`, `PROMO_CODE_USED_UP`, `PROMO_CODE_BUYER_LIMIT`,
+    /// `NOT_ON_SALE`, `EVENT_UNAVAILABLE`, or the payment
     /// provider's reason; `FREE_ORDER` on a `PAID` order that cost nothing (paid when its
     /// tickets were allocated, without a payment step); `WAITLIST_OFFER` on a `PENDING` order
     /// made for the buyer's waiting-list entry; `PROVIDER_REFUND`, `ADMIN_REFUND` or
@@ -125,8 +133,8 @@ pub struct OrderDetail {
 /// Answers **202** with the order `QUEUED` and `Location: /api/v1/orders/{id}`; poll that
 /// URL (with `?wait=N` to long-poll) or register a webhook endpoint to learn the outcome:
 /// `PENDING` (tickets held until `expires_at`, awaiting payment) or `REJECTED` (`SOLD_OUT`,
-/// `VENUE_FULL`, `BUYER_LIMIT`, `NOT_ON_SALE`, `EVENT_UNAVAILABLE`). An order's lines are
-/// allocated all together or not at all.
+/// `VENUE_FULL`, `BUYER_LIMIT`, `PROMO_CODE_USED_UP`, `PROMO_CODE_BUYER_LIMIT`, `NOT_ON_SALE`,
+/// `EVENT_UNAVAILABLE`). An order's lines are allocated all together or not at all.
 ///
 /// With an `Idempotency-Key` header, a retry with the same key and body returns the same
 /// order (its current state, with `Idempotent-Replayed: true`) and buys nothing more; the
@@ -146,7 +154,9 @@ pub struct OrderDetail {
         (status = 422, description = "Neither or both of `quantity` and `items` (`invalid_body`), bad lines \
             (`invalid_items`, `unknown_ticket_type`), no default type for `quantity` (`ticket_type_required`), a \
             type outside its sale window (`not_on_sale`), a quantity out of range (`invalid_quantity`), event \
-            over (`event_unavailable`), or Idempotency-Key reused with another body (`idempotency_key_reused`)",
+            over (`event_unavailable`), a promo code that is unknown, withdrawn, outside its window or names none \
+            of the types ordered (`invalid_promo_code`), or Idempotency-Key reused with another body \
+            (`idempotency_key_reused`)",
             body = ErrorBody),
         (status = 503, description = "The order could not be stored; nothing was bought, retry", body = ErrorBody),
     ))]
@@ -197,7 +207,7 @@ async fn purchase(
     span.record("order_id", tracing::field::display(order_id));
     let traceparent = common::telemetry::traceparent(&span);
     let unit_price = priced.unit_price();
-    let Priced { event, lines, quantity, total } = priced;
+    let Priced { event, lines, quantity, total, discount, promo_code } = priced;
     let stored = state
         .orders
         .insert(NewOrder {
@@ -209,6 +219,8 @@ async fn purchase(
             total,
             currency: event.currency.clone(),
             lines: lines.clone(),
+            promo_code: promo_code.clone(),
+            discount,
             idempotency_key: key.clone(),
             traceparent,
         })
@@ -235,6 +247,8 @@ async fn purchase(
         total_amount: total,
         currency: event.currency,
         items: sqlx::types::Json(lines),
+        promo_code: promo_code.map(|(_, code)| code),
+        discount,
         status: OrderStatus::Queued,
         reason: None,
         reason_ticket_type_id: None,
@@ -261,6 +275,12 @@ pub struct Quote {
     #[schema(example = "EUR")]
     pub currency: String,
     pub items: Vec<OrderLine>,
+    /// The promo code applied, as the organizer wrote it.
+    pub promo_code: Option<String>,
+    /// What the promo code takes off the total.
+    #[schema(value_type = String, example = "10.00")]
+    #[serde(serialize_with = "common::domain::money::serialize")]
+    pub discount: Decimal,
 }
 
 /// Price a purchase without making it: the body of `POST /orders`, the same checks (the
@@ -274,8 +294,9 @@ pub struct Quote {
         (status = 401, description = "Missing or invalid token", body = ErrorBody),
         (status = 404, description = "No such event", body = ErrorBody),
         (status = 422, description = "Quantity out of range (`invalid_quantity`), bad lines (`invalid_items`, \
-            `unknown_ticket_type`, `ticket_type_required`), a type outside its sale window (`not_on_sale`) \
-            or event over (`event_unavailable`)", body = ErrorBody),
+            `unknown_ticket_type`, `ticket_type_required`), a type outside its sale window (`not_on_sale`), \
+            event over (`event_unavailable`), or a promo code that cannot be used (`invalid_promo_code`)",
+            body = ErrorBody),
     ))]
 pub async fn quote(
     State(state): State<AppState>,
@@ -284,8 +305,17 @@ pub async fn quote(
 ) -> Result<Json<Quote>, ApiError> {
     let priced = purchase::check(&state, &Purchase::parse(&req)?).await?;
     let unit_price = priced.unit_price();
-    let Priced { event, lines, quantity, total } = priced;
-    Ok(Json(Quote { event_id: req.event_id, quantity, unit_price, total, currency: event.currency, items: lines }))
+    let Priced { event, lines, quantity, total, discount, promo_code } = priced;
+    Ok(Json(Quote {
+        event_id: req.event_id,
+        quantity,
+        unit_price,
+        total,
+        currency: event.currency,
+        items: lines,
+        promo_code: promo_code.map(|(_, code)| code),
+        discount,
+    }))
 }
 
 /// The fast path's refusal: fewer tickets left than asked for.
@@ -315,8 +345,8 @@ async fn find_by_key(state: &AppState, user_id: Uuid, key: &IdempotencyKey) -> R
         Order,
         r#"SELECT o.id, o.event_id, e.name AS event_name, e.starts_at AS event_date, o.quantity, o.unit_price,
                   o.total, o.total AS "total_amount!", o.currency, o.lines AS "items: sqlx::types::Json<Vec<OrderLine>>",
-                  o.status AS "status: OrderStatus", o.reason, o.reason_ticket_type_id, o.created_at,
-                  o.updated_at, o.expires_at
+                  o.promo_code, o.discount, o.status AS "status: OrderStatus", o.reason, o.reason_ticket_type_id,
+                  o.created_at, o.updated_at, o.expires_at
            FROM orders o JOIN events e ON e.id = o.event_id WHERE o.user_id = $1 AND o.idempotency_key = $2"#,
         user_id,
         key.as_str()
@@ -326,7 +356,7 @@ async fn find_by_key(state: &AppState, user_id: Uuid, key: &IdempotencyKey) -> R
 }
 
 fn replay(existing: Order, asked: &Purchase) -> Result<(StatusCode, HeaderMap, Json<Order>), ApiError> {
-    if !asked.asks_for(existing.event_id, &existing.items, existing.quantity) {
+    if !asked.asks_for(existing.event_id, &existing.items, existing.quantity, existing.promo_code.as_deref()) {
         return Err(ApiError::invalid(
             "idempotency_key_reused",
             "this Idempotency-Key was used for a different request; use a new key for a new purchase",
@@ -356,8 +386,8 @@ pub async fn list_orders(
         Order,
         r#"SELECT o.id, o.event_id, e.name AS event_name, e.starts_at AS event_date, o.quantity, o.unit_price,
                   o.total, o.total AS "total_amount!", o.currency, o.lines AS "items: sqlx::types::Json<Vec<OrderLine>>",
-                  o.status AS "status: OrderStatus", o.reason, o.reason_ticket_type_id, o.created_at,
-                  o.updated_at, o.expires_at
+                  o.promo_code, o.discount, o.status AS "status: OrderStatus", o.reason, o.reason_ticket_type_id,
+                  o.created_at, o.updated_at, o.expires_at
            FROM orders o JOIN events e ON e.id = o.event_id
            WHERE o.user_id = $1 AND ($2::uuid IS NULL OR o.id < $2)
            ORDER BY o.id DESC
@@ -477,8 +507,8 @@ async fn load_visible(state: &AppState, user: AuthUser, id: Uuid) -> Result<Orde
         Order,
         r#"SELECT o.id, o.event_id, e.name AS event_name, e.starts_at AS event_date, o.quantity, o.unit_price,
                   o.total, o.total AS "total_amount!", o.currency, o.lines AS "items: sqlx::types::Json<Vec<OrderLine>>",
-                  o.status AS "status: OrderStatus", o.reason, o.reason_ticket_type_id, o.created_at,
-                  o.updated_at, o.expires_at
+                  o.promo_code, o.discount, o.status AS "status: OrderStatus", o.reason, o.reason_ticket_type_id,
+                  o.created_at, o.updated_at, o.expires_at
            FROM orders o JOIN events e ON e.id = o.event_id WHERE o.id = $1 AND (o.user_id = $2 OR $3)"#,
         id,
         user.id,

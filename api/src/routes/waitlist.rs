@@ -96,6 +96,7 @@ pub async fn join(
         event_id,
         quantity: req.ticket_type_id.is_none().then_some(req.quantity),
         items: req.ticket_type_id.map(|ticket_type_id| vec![OrderItem { ticket_type_id, quantity: req.quantity }]),
+        promo_code: None,
     };
     let priced = purchase::check(&state, &Purchase::parse(&asked)?).await?;
     let line = priced.lines.first().ok_or(ApiError::invalid("invalid_quantity", "no tickets asked for"))?;

@@ -151,6 +151,12 @@ pub mod reason {
     /// The buyer would hold more tickets of the event (or of the named type) than its
     /// `max_per_buyer` allows, counting their `PENDING` and `PAID` orders.
     pub const BUYER_LIMIT: &str = "BUYER_LIMIT";
+    /// The order's promo code has fewer uses left (`max_uses`, counting the tickets held or
+    /// paid under it) than the order's tickets under it.
+    pub const PROMO_CODE_USED_UP: &str = "PROMO_CODE_USED_UP";
+    /// The buyer would hold more tickets under the order's promo code than its
+    /// `max_uses_per_buyer` allows.
+    pub const PROMO_CODE_BUYER_LIMIT: &str = "PROMO_CODE_BUYER_LIMIT";
     /// The order arrived outside the named type's sale window, or the type was withdrawn.
     pub const NOT_ON_SALE: &str = "NOT_ON_SALE";
     /// The event was deleted or had started by the time the order was processed.

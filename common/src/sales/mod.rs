@@ -28,7 +28,7 @@ use std::time::Duration;
 use uuid::Uuid;
 
 pub use lock::{EventLock, LockedEvent, lock_event, lock_events, lock_live_event};
-pub use stock::{Decision, EventStock, Request};
+pub use stock::{Decision, EventStock, PromoUse, Request};
 pub use tickets::Tickets;
 
 /// Writes the rules' decisions for `QUEUED` orders of the locked events: each order moves

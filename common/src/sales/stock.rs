@@ -56,12 +56,42 @@ pub struct Request {
     pub free: bool,
     /// (ticket type, quantity) per line.
     pub lines: Vec<(Uuid, i64)>,
+    /// The promo code it was placed with, if any.
+    pub promo_code: Option<PromoUse>,
+}
+
+/// An order's promo code, and the types of its lines the code applied to when the order was
+/// accepted: their tickets are issued under the code, each one of its uses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PromoUse {
+    pub code: Uuid,
+    pub types: Vec<Uuid>,
 }
 
 impl Request {
     pub fn tickets(&self) -> i64 {
         self.lines.iter().map(|(_, quantity)| quantity).sum()
     }
+
+    /// The code its tickets of this type are issued under, if any.
+    pub fn code_for(&self, type_id: Uuid) -> Option<Uuid> {
+        self.promo_code.as_ref().filter(|used| used.types.contains(&type_id)).map(|used| used.code)
+    }
+
+    /// Its promo code and the uses it takes: its tickets of the types the code applies to.
+    pub fn code_uses(&self) -> Option<(Uuid, i64)> {
+        let used = self.promo_code.as_ref()?;
+        let uses = self.lines.iter().filter(|(type_id, _)| used.types.contains(type_id)).map(|(_, q)| q).sum();
+        Some((used.code, uses))
+    }
+}
+
+/// A promo code under its event's lock: the uses left, and its per-buyer limit.
+#[derive(Clone, Debug, Default)]
+pub struct CodeStock {
+    /// `max_uses - uses`, when it has a limit.
+    pub left: Option<i64>,
+    pub max_uses_per_buyer: Option<i64>,
 }
 
 /// Most unpaid (`PENDING`) orders one buyer may have for an event that caps its buyers
@@ -101,6 +131,11 @@ pub struct EventStock {
     pub held: HashMap<(Uuid, Option<Uuid>), i64>,
     /// `PENDING` orders of each buyer for the event; read only when the event caps buyers.
     pub pending: HashMap<Uuid, i64>,
+    /// The promo codes the orders being decided carry ([`read_codes`]).
+    pub codes: HashMap<Uuid, CodeStock>,
+    /// Tickets each buyer holds under each code (`(user, code)`), in `PENDING` and `PAID`
+    /// orders; read only for codes with a per-buyer limit.
+    pub code_held: HashMap<(Uuid, Uuid), i64>,
 }
 
 impl EventStock {
@@ -128,8 +163,9 @@ impl EventStock {
     }
 
     /// Why the order cannot have its tickets, if it cannot: the event is closed; a line's
-    /// type is not on sale at the order's arrival; the buyer would pass a cap; a type is out
-    /// of stock; the venue is full. In that order.
+    /// type is not on sale at the order's arrival; the buyer would pass a cap; the buyer
+    /// would pass the promo code's per-buyer limit; the code has too few uses left; a type
+    /// is out of stock; the venue is full. In that order.
     fn refusal(&self, order: &Request) -> Option<(&'static str, Option<Uuid>)> {
         if !self.open {
             return Some((reason::EVENT_UNAVAILABLE, None));
@@ -151,6 +187,16 @@ impl EventStock {
         for (type_id, quantity) in &order.lines {
             if self.types[type_id].max_per_buyer.is_some_and(|cap| held(Some(*type_id)) + quantity > cap) {
                 return Some((reason::BUYER_LIMIT, Some(*type_id)));
+            }
+        }
+        if let Some((code_id, uses)) = order.code_uses() {
+            let code = self.codes.get(&code_id).cloned().unwrap_or_default();
+            let held = self.code_held.get(&(order.user_id, code_id)).copied().unwrap_or(0);
+            if code.max_uses_per_buyer.is_some_and(|cap| held + uses > cap) {
+                return Some((reason::PROMO_CODE_BUYER_LIMIT, None));
+            }
+            if code.left.is_some_and(|left| uses > left) {
+                return Some((reason::PROMO_CODE_USED_UP, None));
             }
         }
         for (type_id, quantity) in &order.lines {
@@ -186,6 +232,16 @@ impl EventStock {
             }
             if track {
                 *self.held.entry((order.user_id, Some(*type_id))).or_default() += quantity;
+            }
+        }
+        if let Some((code_id, uses)) = order.code_uses()
+            && let Some(code) = self.codes.get_mut(&code_id)
+        {
+            if let Some(left) = code.left.as_mut() {
+                *left -= uses;
+            }
+            if code.max_uses_per_buyer.is_some() {
+                *self.code_held.entry((order.user_id, code_id)).or_default() += uses;
             }
         }
     }
@@ -280,6 +336,70 @@ pub async fn read_holdings(
     Ok(())
 }
 
+/// The promo codes these (buyer, code) orders carry, with what each has left, and for
+/// the codes with a per-buyer limit what each of these buyers holds under them (two
+/// statements at most, none when no order carries a code). Withdrawn codes are read too:
+/// orders placed with them keep them.
+pub async fn read_codes(
+    lock: &mut EventLock<'_>,
+    events: &mut HashMap<Uuid, EventStock>,
+    uses: impl Iterator<Item = (Uuid, Uuid)>,
+) -> sqlx::Result<()> {
+    let mut uses: Vec<(Uuid, Uuid)> = uses.collect();
+    if uses.is_empty() {
+        return Ok(());
+    }
+    uses.sort();
+    uses.dedup();
+    let mut code_ids: Vec<Uuid> = uses.iter().map(|(_, code)| *code).collect();
+    code_ids.sort();
+    code_ids.dedup();
+    let event_ids = lock.ids();
+    let codes = sqlx::query!(
+        r#"SELECT id, event_id, max_uses - uses AS "left", max_uses_per_buyer
+           FROM promo_codes WHERE id = ANY($1) AND event_id = ANY($2)"#,
+        &code_ids,
+        &event_ids
+    )
+    .fetch_all(lock.conn())
+    .await?;
+    let mut per_buyer_capped = Vec::new();
+    for row in codes {
+        let Some(event) = events.get_mut(&row.event_id) else { continue };
+        if row.max_uses_per_buyer.is_some() {
+            per_buyer_capped.push(row.id);
+        }
+        let code = CodeStock {
+            left: row.left.map(|left| i64::from(left).max(0)),
+            max_uses_per_buyer: row.max_uses_per_buyer.map(i64::from),
+        };
+        event.codes.insert(row.id, code);
+    }
+    let (buyers, capped_codes): (Vec<Uuid>, Vec<Uuid>) =
+        uses.into_iter().filter(|(_, code)| per_buyer_capped.contains(code)).unzip();
+    if buyers.is_empty() {
+        return Ok(());
+    }
+    let held = sqlx::query!(
+        r#"SELECT o.event_id, o.user_id, o.promo_code_id AS "promo_code_id!", count(*) AS "count!"
+           FROM UNNEST($1::uuid[], $2::uuid[]) AS b(user_id, promo_code_id)
+           JOIN orders o ON o.promo_code_id = b.promo_code_id AND o.user_id = b.user_id
+                         AND o.status IN ('PENDING', 'PAID')
+           JOIN tickets t ON t.order_id = o.id AND t.status = 'ACTIVE' AND t.promo_code_id = o.promo_code_id
+           GROUP BY 1, 2, 3"#,
+        &buyers,
+        &capped_codes
+    )
+    .fetch_all(lock.conn())
+    .await?;
+    for row in held {
+        if let Some(event) = events.get_mut(&row.event_id) {
+            *event.code_held.entry((row.user_id, row.promo_code_id)).or_default() += row.count;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -304,7 +424,7 @@ mod tests {
     }
 
     fn request(order_id: Uuid, lines: &[(Uuid, i64)]) -> Request {
-        Request { order_id, user_id: BUYER, created_at: at(0), free: false, lines: lines.to_vec() }
+        Request { order_id, user_id: BUYER, created_at: at(0), free: false, lines: lines.to_vec(), promo_code: None }
     }
 
     /// Seed-shaped orders (id, quantity, free) against `stock`: the decisions and the tickets issued.
@@ -462,6 +582,52 @@ mod tests {
         .collect();
         let limit = |t| (OrderStatus::Rejected, Some(reason::BUYER_LIMIT), t);
         assert_eq!(outcomes(&decisions), [ACCEPTED, limit(Some(VIP)), limit(None), ACCEPTED, ACCEPTED]);
+    }
+
+    #[test]
+    fn a_code_is_never_used_past_its_limits_and_refused_orders_take_no_use() {
+        const CODE: Uuid = Uuid::from_u128(0xC0DE);
+        let mut stock = tiered();
+        stock.venue_left = 100;
+        stock.types.get_mut(&VIP).unwrap().left = Some(50);
+        stock.codes.insert(CODE, CodeStock { left: Some(5), max_uses_per_buyer: Some(3) });
+        stock.code_held.insert((BUYER, CODE), 1);
+        let other = Uuid::from_u128(0x999);
+        let id = ids(8);
+        let coded = |id, user, lines: &[(Uuid, i64)], types: &[Uuid]| Request {
+            user_id: user,
+            promo_code: Some(PromoUse { code: CODE, types: types.to_vec() }),
+            ..request(id, lines)
+        };
+        let decisions: Vec<_> = [
+            coded(id[0], BUYER, &[(VIP, 2), (GENERAL, 3)], &[VIP]), // the code on VIP only: holds 3 under it, 3 left
+            coded(id[1], BUYER, &[(VIP, 1)], &[VIP]),               // 4 > the buyer's 3
+            coded(id[2], other, &[(VIP, 3)], &[VIP]),               // 0 left
+            coded(id[3], Uuid::from_u128(0x997), &[(GENERAL, 1)], &[GENERAL]), // used up
+            request(id[4], &[(GENERAL, 1)]),                        // no code: not counted
+            coded(id[5], other, &[(VIP, 200)], &[GENERAL]),         // sold out, and no VIP ticket under the code ...
+            coded(id[6], other, &[(VIP, 1)], &[GENERAL]),           // ... so this one takes no use either
+            coded(id[7], Uuid::from_u128(0x998), &[(VIP, 1)], &[VIP]),
+        ]
+        .iter()
+        .map(|r| stock.decide(r))
+        .collect();
+        let rejected = |reason, t| (OrderStatus::Rejected, Some(reason), t);
+        assert_eq!(
+            outcomes(&decisions),
+            [
+                ACCEPTED,
+                rejected(reason::PROMO_CODE_BUYER_LIMIT, None),
+                ACCEPTED,
+                rejected(reason::PROMO_CODE_USED_UP, None),
+                ACCEPTED,
+                rejected(reason::SOLD_OUT, Some(VIP)),
+                ACCEPTED,
+                rejected(reason::PROMO_CODE_USED_UP, None),
+            ]
+        );
+        assert_eq!(stock.codes[&CODE].left, Some(0));
+        assert_eq!(stock.code_held[&(BUYER, CODE)], 3);
     }
 
     #[test]

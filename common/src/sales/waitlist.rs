@@ -90,6 +90,7 @@ pub async fn offer(lock: &mut EventLock<'_>, event_id: Uuid, offer_ttl: Duration
                 created_at: now,
                 free: entry.price.is_zero(),
                 lines: vec![(entry.ticket_type_id, i64::from(entry.quantity))],
+                promo_code: None,
             };
             let decision = event.decide(&request);
             if decision.allocated() {
@@ -140,6 +141,7 @@ async fn write_offers(
             name: entry.type_name.clone(),
             quantity: entry.quantity,
             unit_price: entry.price,
+            list_price: None,
         };
         columns.orders.push(decision.order_id);
         columns.entries.push(entry.id);
@@ -152,7 +154,8 @@ async fn write_offers(
         let paid = status == OrderStatus::Paid;
         columns.reasons.push(if paid { reason::FREE_ORDER } else { reason::WAITLIST_OFFER });
         columns.lines.push(serde_json::to_string(&[line]).map_err(|err| sqlx::Error::Encode(Box::new(err)))?);
-        issued.push(decision.order_id, event_id, entry.ticket_type_id, i64::from(entry.quantity));
+        // Offered at the type's price, under no promo code.
+        issued.push(decision.order_id, event_id, entry.ticket_type_id, i64::from(entry.quantity), None);
     }
     sqlx::query!(
         "INSERT INTO orders (id, user_id, event_id, quantity, unit_price, total, currency, status, reason, lines,

@@ -11,6 +11,7 @@ mod operations;
 mod orders;
 mod organizers;
 mod payments;
+mod promo_codes;
 mod ticket_types;
 mod tickets;
 mod waitlist;

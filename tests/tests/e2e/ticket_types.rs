@@ -27,11 +27,6 @@ async fn order_items(app: &TestApp, token: &str, event: Uuid, items: &[(Uuid, i6
     app.post("/api/v1/orders", &json!({"event_id": event, "items": items}), Some(token)).await
 }
 
-/// Waits for the order's outcome and returns its JSON.
-async fn outcome(app: &TestApp, token: &str, order: Uuid) -> Value {
-    app.get(&format!("/api/v1/orders/{order}?wait=30&status=QUEUED"), Some(token)).await.json
-}
-
 async fn type_sold(app: &TestApp, type_id: Uuid) -> i32 {
     sqlx::query_scalar("SELECT sold FROM ticket_types WHERE id = $1")
         .bind(type_id)
@@ -131,7 +126,7 @@ async fn seed_shaped_events_get_a_default_type_and_admins_manage_types() {
     // A type with tickets cannot shrink below them nor be withdrawn; one without can.
     let _worker = app.worker().await;
     let order = id_of(&order_items(&app, &buyer, event, &[(vip, 2)]).await);
-    assert_eq!(outcome(&app, &buyer, order).await["status"], "PENDING");
+    assert_eq!(app.outcome(&buyer, order).await["status"], "PENDING");
     app.patch(&format!("{path}/{vip}"), &json!({"capacity": 1}), Some(&admin))
         .await
         .assert_error(409, "capacity_below_sold");
@@ -302,7 +297,7 @@ async fn one_buyer_cannot_pass_the_cap_with_concurrent_orders() {
 
     // Another buyer is not affected; a released hold makes room again.
     let fans = id_of(&app.order(fan, event, 4, None).await);
-    assert_eq!(outcome(&app, fan, fans).await["status"], "PENDING");
+    assert_eq!(app.outcome(fan, fans).await["status"], "PENDING");
     let held: Uuid =
         sqlx::query_scalar("SELECT id FROM orders WHERE event_id = $1 AND status = 'PENDING' AND user_id = $2 LIMIT 1")
             .bind(event)
@@ -312,9 +307,9 @@ async fn one_buyer_cannot_pass_the_cap_with_concurrent_orders() {
             .unwrap();
     assert_eq!(app.post(&format!("/api/v1/orders/{held}/cancel"), &json!({}), Some(scalper)).await.status, 200);
     let again = id_of(&app.order(scalper, event, 2, None).await);
-    assert_eq!(outcome(&app, scalper, again).await["status"], "PENDING");
+    assert_eq!(app.outcome(scalper, again).await["status"], "PENDING");
     let too_many = id_of(&app.order(scalper, event, 1, None).await);
-    let refused = outcome(&app, scalper, too_many).await;
+    let refused = app.outcome(scalper, too_many).await;
     assert_eq!((&refused["status"], &refused["reason"]), (&json!("REJECTED"), &json!("BUYER_LIMIT")));
     assert_eq!(app.assert_consistent(event).await, (100, 8));
 
@@ -324,12 +319,12 @@ async fn one_buyer_cannot_pass_the_cap_with_concurrent_orders() {
     let second = id_of(&order_items(&app, newcomer, event, &[(vip, 1)]).await);
     let general = id_of(&app.order(newcomer, event, 3, None).await);
     let over = id_of(&app.order(newcomer, event, 1, None).await);
-    assert_eq!(outcome(&app, newcomer, first).await["status"], "PENDING");
-    assert_eq!(outcome(&app, newcomer, general).await["status"], "PENDING");
-    let refused = outcome(&app, newcomer, over).await;
+    assert_eq!(app.outcome(newcomer, first).await["status"], "PENDING");
+    assert_eq!(app.outcome(newcomer, general).await["status"], "PENDING");
+    let refused = app.outcome(newcomer, over).await;
     assert_eq!((&refused["reason"], &refused["reason_ticket_type_id"]), (&json!("BUYER_LIMIT"), &Value::Null));
-    assert_eq!(outcome(&app, fan, fans).await["status"], "PENDING");
-    let refused = outcome(&app, newcomer, second).await;
+    assert_eq!(app.outcome(fan, fans).await["status"], "PENDING");
+    let refused = app.outcome(newcomer, second).await;
     assert_eq!((&refused["reason"], &refused["reason_ticket_type_id"]), (&json!("BUYER_LIMIT"), &json!(vip)));
 }
 
@@ -350,32 +345,32 @@ async fn multi_line_orders_are_all_or_nothing_and_releases_return_per_type() {
     let vip = add_type(&app, &admin, event, json!({"name": "VIP", "price": 100, "capacity": 2})).await;
 
     let first = id_of(&order_items(&app, &buyer, event, &[(vip, 1), (general, 2)]).await);
-    let first = outcome(&app, &buyer, first).await;
+    let first = app.outcome(&buyer, first).await;
     assert_eq!((&first["status"], &first["total"]), (&json!("PENDING"), &json!("199.80")), "{first}");
     let tickets: Vec<&Value> = first["tickets"].as_array().unwrap().iter().collect();
     assert_eq!(tickets.iter().filter(|t| t["ticket_type_id"] == json!(vip)).count(), 1);
     assert_eq!(tickets.iter().filter(|t| t["ticket_type_id"] == json!(general)).count(), 2);
 
     let too_big = id_of(&order_items(&app, &buyer, event, &[(general, 1), (vip, 2)]).await);
-    let too_big = outcome(&app, &buyer, too_big).await;
+    let too_big = app.outcome(&buyer, too_big).await;
     assert_eq!(
         (&too_big["status"], &too_big["reason"], &too_big["reason_ticket_type_id"]),
         (&json!("REJECTED"), &json!("SOLD_OUT"), &json!(vip))
     );
     assert_eq!((type_sold(&app, vip).await, type_sold(&app, general).await), (1, 2), "nothing taken");
     let smaller = id_of(&order_items(&app, &buyer, event, &[(vip, 1), (general, 6)]).await);
-    assert_eq!(outcome(&app, &buyer, smaller).await["status"], "PENDING");
+    assert_eq!(app.outcome(&buyer, smaller).await["status"], "PENDING");
     assert_eq!(app.assert_consistent(event).await, (10, 10));
 
     // The venue is full: a General order is sold out (General has no stock of its own); a
     // VIP order would be VIP's own refusal first (VIP is also out).
     let full = id_of(&app.order(&buyer, event, 1, None).await);
-    let full = outcome(&app, &buyer, full).await;
+    let full = app.outcome(&buyer, full).await;
     assert_eq!((&full["reason"], &full["reason_ticket_type_id"]), (&json!("SOLD_OUT"), &json!(general)));
     // Raising VIP's stock does not raise the venue: VENUE_FULL.
     app.patch(&format!("/api/v1/events/{event}/ticket-types/{vip}"), &json!({"capacity": 5}), Some(&admin)).await;
     let venue = id_of(&order_items(&app, &buyer, event, &[(vip, 1)]).await);
-    let venue = outcome(&app, &buyer, venue).await;
+    let venue = app.outcome(&buyer, venue).await;
     assert_eq!((&venue["reason"], &venue["reason_ticket_type_id"]), (&json!("VENUE_FULL"), &Value::Null));
 
     // Cancelling gives back to each type what it took; expiry too.
@@ -384,13 +379,7 @@ async fn multi_line_orders_are_all_or_nothing_and_releases_return_per_type() {
     assert_eq!((type_sold(&app, vip).await, type_sold(&app, general).await), (1, 6));
     app.assert_consistent(event).await;
     // The other hold runs out; the expiry loop (an hour apart here) is stepped past it.
-    let ends: chrono::DateTime<chrono::Utc> =
-        sqlx::query_scalar("SELECT max(expires_at) FROM orders WHERE event_id = $1 AND status = 'PENDING'")
-            .bind(event)
-            .fetch_one(&app.db.pool)
-            .await
-            .unwrap();
-    tokio::time::sleep((ends - chrono::Utc::now()).to_std().unwrap_or_default() + Duration::from_millis(50)).await;
+    app.wait_past_holds(event).await;
     assert!(worker.steps().expiry().await);
     let expired: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE event_id = $1 AND status = 'EXPIRED'")
         .bind(event)
@@ -429,8 +418,8 @@ async fn sale_windows_are_judged_by_arrival() {
     order_items(&app, &buyer, event, &[(presale, 1)]).await.assert_error(422, "not_on_sale");
 
     let _worker = app.worker().await;
-    let early = outcome(&app, &buyer, early["id"].as_str().unwrap().parse().unwrap()).await;
-    let late = outcome(&app, &buyer, late["id"].as_str().unwrap().parse().unwrap()).await;
+    let early = app.outcome(&buyer, early["id"].as_str().unwrap().parse().unwrap()).await;
+    let late = app.outcome(&buyer, late["id"].as_str().unwrap().parse().unwrap()).await;
     assert_eq!(early["status"], "PENDING", "arrived in time: {early}");
     assert_eq!(
         (&late["status"], &late["reason"], &late["reason_ticket_type_id"]),
@@ -445,7 +434,7 @@ async fn sale_windows_are_judged_by_arrival() {
     let wait = (start - chrono::Utc::now()).to_std().unwrap_or_default();
     tokio::time::sleep(wait + Duration::from_millis(100)).await;
     let opened = id_of(&order_items(&app, &buyer, event, &[(door, 1)]).await);
-    assert_eq!(outcome(&app, &buyer, opened).await["status"], "PENDING");
+    assert_eq!(app.outcome(&buyer, opened).await["status"], "PENDING");
     app.assert_consistent(event).await;
 }
 
@@ -550,6 +539,7 @@ async fn existing_events_move_to_one_default_type_with_their_sales() {
             name: "General admission".into(),
             quantity,
             unit_price: "25.50".parse().unwrap(),
+            list_price: None,
         };
         assert_eq!(lines.0, [expected]);
     }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use common::sales::{self, Decision, EventLock, EventStock, Request, Tickets, stock};
+use common::sales::{self, Decision, EventLock, EventStock, PromoUse, Request, Tickets, stock};
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
@@ -76,6 +76,9 @@ pub struct BatchOutcome {
 struct LineRef {
     ticket_type_id: Uuid,
     quantity: i32,
+    /// Present on the lines the order's promo code applies to.
+    #[serde(default)]
+    list_price: Option<serde_json::Value>,
 }
 
 /// Partitions' batches in one transaction, whatever the number of events in them, under
@@ -105,7 +108,7 @@ async fn allocate_batches(
 type Queued = HashMap<Uuid, (Uuid, Request)>;
 
 /// Reads what the locked events have left, the orders still `QUEUED`, and what their buyers
-/// already hold where a cap applies.
+/// already hold where a cap applies, and the promo codes the orders carry.
 async fn load(
     lock: &mut EventLock<'_>,
     batches: &[(u16, &Groups)],
@@ -114,7 +117,7 @@ async fn load(
     let order_ids: Vec<Uuid> =
         batches.iter().flat_map(|(_, groups)| groups.iter().flat_map(|(_, orders)| orders.iter().copied())).collect();
     let rows = sqlx::query!(
-        r#"SELECT id, event_id, user_id, total = 0 AS "free!", created_at,
+        r#"SELECT id, event_id, user_id, total = 0 AS "free!", created_at, promo_code_id,
                   lines AS "lines: sqlx::types::Json<Vec<LineRef>>"
            FROM orders WHERE id = ANY($1) AND status = 'QUEUED'"#,
         &order_ids
@@ -124,13 +127,25 @@ async fn load(
     let queued: Queued = rows
         .into_iter()
         .map(|row| {
+            let promo_code = row.promo_code_id.map(|code| PromoUse {
+                code,
+                types: row.lines.iter().filter(|l| l.list_price.is_some()).map(|l| l.ticket_type_id).collect(),
+            });
             let lines = row.lines.0.into_iter().map(|l| (l.ticket_type_id, i64::from(l.quantity))).collect();
-            let request =
-                Request { order_id: row.id, user_id: row.user_id, created_at: row.created_at, free: row.free, lines };
+            let request = Request {
+                order_id: row.id,
+                user_id: row.user_id,
+                created_at: row.created_at,
+                free: row.free,
+                lines,
+                promo_code,
+            };
             (row.id, (row.event_id, request))
         })
         .collect();
     stock::read_holdings(lock, &mut events, queued.values().map(|(event_id, r)| (*event_id, r.user_id))).await?;
+    let uses = queued.values().filter_map(|(_, r)| r.promo_code.as_ref().map(|used| (r.user_id, used.code)));
+    stock::read_codes(lock, &mut events, uses).await?;
     Ok((events, queued))
 }
 
@@ -170,7 +185,7 @@ fn plan(batches: &[(u16, &Groups)], events: &mut HashMap<Uuid, EventStock>, queu
                 if decision.allocated() {
                     outcome.accepted += 1;
                     for &(type_id, quantity) in &request.lines {
-                        plan.tickets.push(*order_id, *event_id, type_id, quantity);
+                        plan.tickets.push(*order_id, *event_id, type_id, quantity, request.code_for(type_id));
                     }
                 } else {
                     outcome.rejected += 1;
@@ -228,6 +243,7 @@ mod tests {
             created_at: at(i64::try_from(n).expect("small")),
             free: false,
             lines: vec![(ga, quantity)],
+            promo_code: None,
         };
         // Orders 1-5 for `event` (1, 2, 1, 1, 1 tickets: 3 fit); order 6 is queued for
         // `other_event` but its message names `event`; order 7 is not queued any more.
