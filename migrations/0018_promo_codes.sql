@@ -54,6 +54,21 @@ ALTER TABLE orders ADD CONSTRAINT orders_discount_non_negative CHECK (discount >
 -- A buyer's tickets under a code (the per-buyer limit), found from the code.
 CREATE INDEX orders_promo_code_buyer ON orders (promo_code_id, user_id) WHERE promo_code_id IS NOT NULL;
 
+-- A type sold only on orders that carry a live code naming it (an access code's types),
+-- listed only to admins and to holders of such a code.
+ALTER TABLE ticket_types ADD COLUMN requires_promo_code BOOLEAN NOT NULL DEFAULT false;
+DROP TRIGGER ticket_types_announce_change ON ticket_types;
+CREATE TRIGGER ticket_types_announce_change
+    AFTER UPDATE OF name, price, max_per_order, max_per_buyer, sales_start, sales_end, hidden, deleted_at,
+                    requires_promo_code
+    ON ticket_types
+    FOR EACH ROW
+    WHEN ((OLD.name, OLD.price, OLD.max_per_order, OLD.max_per_buyer, OLD.sales_start, OLD.sales_end,
+           OLD.hidden, OLD.deleted_at, OLD.requires_promo_code)
+          IS DISTINCT FROM (NEW.name, NEW.price, NEW.max_per_order, NEW.max_per_buyer, NEW.sales_start,
+                            NEW.sales_end, NEW.hidden, NEW.deleted_at, NEW.requires_promo_code))
+    EXECUTE FUNCTION announce_ticket_type_change();
+
 -- The code a ticket was issued under (the tickets of the lines the code applies to): a
 -- release gives each code back exactly the uses its tickets took.
 ALTER TABLE tickets ADD COLUMN promo_code_id UUID;

@@ -4,7 +4,7 @@
 //! ```json
 //! {"type": "order.paid", "version": 1, "id": "evt_1234", "timestamp": "…",
 //!  "data": {"id": "…", "user_id": "…", "event_id": "…", "quantity": 2, "unit_price": "49.90",
-//!           "total": "99.80", "currency": "EUR",
+//!           "total": "99.80", "currency": "EUR", "promo_code": null, "discount": "0.00",
 //!           "items": [{"ticket_type_id": "…", "name": "General admission", "quantity": 2, "unit_price": "49.90"}],
 //!           "status": "PAID", "reason": null, "reason_ticket_type_id": null, "created_at": "…",
 //!           "expires_at": "…"}}
@@ -67,6 +67,12 @@ pub struct OrderSnapshot {
     /// (`orders.lines`, written from [`OrderLine`]s), without being read and written again.
     #[schema(value_type = Vec<OrderLine>)]
     pub items: Box<RawValue>,
+    /// The promo code the order was placed with, as the organizer wrote it.
+    pub promo_code: Option<String>,
+    /// What the promo code took off the total (`0.00` without one).
+    #[schema(value_type = String, example = "0.00")]
+    #[serde(serialize_with = "crate::domain::money::serialize")]
+    pub discount: Decimal,
     pub status: OrderStatus,
     pub reason: Option<String>,
     /// On `order.rejected`: the ticket type the reason is about, when there is one.

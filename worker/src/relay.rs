@@ -90,7 +90,8 @@ impl Relay {
         }
         let changes: Vec<Change> = sqlx::query!(
             r#"SELECT h.id AS history_id, h.at, o.id, o.user_id, o.event_id, o.quantity, o.unit_price, o.total,
-                    o.currency, o.lines AS "items: Json<Box<RawValue>>", h.status AS "status: OrderStatus", h.reason,
+                    o.currency, o.lines AS "items: Json<Box<RawValue>>", o.promo_code, o.discount,
+                    h.status AS "status: OrderStatus", h.reason,
                     CASE WHEN h.status = 'REJECTED' THEN o.reason_ticket_type_id END AS reason_ticket_type_id,
                     o.created_at,
                     -- The hold's end belongs to the PENDING event; the QUEUED one predates it.
@@ -114,6 +115,8 @@ impl Relay {
                 total: row.total,
                 currency: row.currency,
                 items: row.items.0,
+                promo_code: row.promo_code,
+                discount: row.discount,
                 status: row.status,
                 reason: row.reason,
                 reason_ticket_type_id: row.reason_ticket_type_id,
@@ -300,6 +303,8 @@ mod tests {
             total: rust_decimal::Decimal::ONE,
             currency: "EUR".to_owned(),
             items: serde_json::value::RawValue::from_string("[]".to_owned()).unwrap(),
+            promo_code: None,
+            discount: rust_decimal::Decimal::ZERO,
             status,
             reason: None,
             reason_ticket_type_id: None,

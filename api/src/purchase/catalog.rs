@@ -63,6 +63,8 @@ pub struct TypeForSale {
     pub max_per_buyer: Option<i32>,
     pub sales_start: Option<DateTime<Utc>>,
     pub sales_end: Option<DateTime<Utc>>,
+    /// Sold only under a promo code that names it.
+    pub requires_promo_code: bool,
 }
 
 impl EventForSale {
@@ -118,7 +120,8 @@ impl EventCatalog {
                     coalesce((SELECT json_agg(json_build_object(
                                   'id', t.id, 'name', t.name, 'price', t.price::text,
                                   'max_per_order', t.max_per_order, 'max_per_buyer', t.max_per_buyer,
-                                  'sales_start', t.sales_start, 'sales_end', t.sales_end)
+                                  'sales_start', t.sales_start, 'sales_end', t.sales_end,
+                                  'requires_promo_code', t.requires_promo_code)
                                   ORDER BY t.sort_order, t.id)
                               FROM ticket_types t WHERE t.event_id = e.id AND t.deleted_at IS NULL), '[]')
                         AS "types!: sqlx::types::Json<Vec<TypeForSale>>",

@@ -243,6 +243,14 @@ pub fn price(event: EventForSale, purchase: &Purchase, now: DateTime<Utc>) -> Re
         }
         None => None,
     };
+    if let Some(locked) = lines.iter().find(|line| {
+        !line.under_promo_code() && event.ticket_type(line.ticket_type_id).is_some_and(|t| t.requires_promo_code)
+    }) {
+        return Err(ApiError::invalid(
+            "promo_code_required",
+            format!("{} is sold only with a promo code that names it", locked.name),
+        ));
+    }
     let total = lines.iter().map(OrderLine::amount).sum();
     let discount = lines.iter().map(OrderLine::discount).sum();
     // In range: at most max_per_order (an i32).
@@ -319,7 +327,17 @@ mod tests {
 
     fn kind(id: Uuid, name: &str, price: Decimal) -> TypeForSale {
         let (max_per_order, max_per_buyer, sales_start, sales_end) = (None, None, None, None);
-        TypeForSale { id, name: name.to_owned(), price, max_per_order, max_per_buyer, sales_start, sales_end }
+        let requires_promo_code = false;
+        TypeForSale {
+            id,
+            name: name.to_owned(),
+            price,
+            max_per_order,
+            max_per_buyer,
+            sales_start,
+            sales_end,
+            requires_promo_code,
+        }
     }
 
     /// An event at 20:00 with General (20.00, the default) and VIP (99.50, on sale from 10:00 to 12:00, 2 per order).
@@ -461,13 +479,24 @@ mod tests {
         assert!(refused(with_code("viponly", Some(1), None), at(11)).contains("none of the ticket types"));
         assert!(refused(with_code("viponly", None, Some(&[(VIP, 1)])), at(10)).contains("valid from"));
         assert!(refused(with_code("viponly", None, Some(&[(VIP, 1)])), half_past(11)).contains("expired"));
-        let refusal = |code: &str| {
+        let shape_refusal = |code: &str| {
             refusal(Purchase::parse(&CreateOrderRequest { promo_code: Some(code.into()), ..request(Some(1), None) }))
         };
-        assert_eq!(refusal("AB"), "invalid_promo_code");
-        assert_eq!(refusal("has space"), "invalid_promo_code");
-        assert_eq!(refusal(&"A".repeat(65)), "invalid_promo_code");
-        assert!(price(event, &with_code("VIPONLY", None, Some(&[(VIP, 1)])), at(11)).is_ok());
+        assert_eq!(shape_refusal("AB"), "invalid_promo_code");
+        assert_eq!(shape_refusal("has space"), "invalid_promo_code");
+        assert_eq!(shape_refusal(&"A".repeat(65)), "invalid_promo_code");
+        assert!(price(event.clone(), &with_code("VIPONLY", None, Some(&[(VIP, 1)])), at(11)).is_ok());
+        // A type that requires a code: refused without one, or with one that does not name it.
+        event.types.0[1].requires_promo_code = true;
+        event.codes.0.push(code("GENERAL-ONLY", None, None, Some(vec![GENERAL])));
+        let vip_line = Some(&[(VIP, 1), (GENERAL, 1)][..]);
+        let items = Purchase::parse(&request(None, vip_line)).unwrap();
+        assert_eq!(refusal(price(event.clone(), &items, at(11))), "promo_code_required");
+        assert_eq!(
+            refusal(price(event.clone(), &with_code("general-only", None, vip_line), at(11))),
+            "promo_code_required"
+        );
+        assert!(price(event.clone(), &with_code("viponly", None, vip_line), at(11)).is_ok());
     }
 
     #[test]

@@ -82,14 +82,15 @@ pub struct Order {
     /// `REJECTED`, `EXPIRED`, `CANCELLED`.
     pub status: OrderStatus,
     /// Why the order was rejected: `SOLD_OUT` (a type ran out), `VENUE_FULL` (the event's
-    /// capacity did), `BUYER_LIMIT`, `PROMO_CODE_USED_UP`, `PROMO_CODE_BUYER_LIMIT`,
-    /// `NOT_ON_SALE`, `EVENT_UNAVAILABLE`, or the payment
+    /// capacity did), `BUYER_LIMIT`, `PROMO_CODE_REQUIRED`, `PROMO_CODE_USED_UP`,
+    /// `PROMO_CODE_BUYER_LIMIT`, `NOT_ON_SALE`, `EVENT_UNAVAILABLE`, or the payment
     /// provider's reason; `FREE_ORDER` on a `PAID` order that cost nothing (paid when its
     /// tickets were allocated, without a payment step); `WAITLIST_OFFER` on a `PENDING` order
     /// made for the buyer's waiting-list entry; `PROVIDER_REFUND`, `ADMIN_REFUND` or
     /// `EVENT_DELETED` on a `REFUNDED` one.
     pub reason: Option<String>,
-    /// The ticket type a `SOLD_OUT`, `BUYER_LIMIT` or `NOT_ON_SALE` is about.
+    /// The ticket type a `SOLD_OUT`, `BUYER_LIMIT`, `PROMO_CODE_REQUIRED` or `NOT_ON_SALE` is
+    /// about.
     pub reason_ticket_type_id: Option<Uuid>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -133,8 +134,9 @@ pub struct OrderDetail {
 /// Answers **202** with the order `QUEUED` and `Location: /api/v1/orders/{id}`; poll that
 /// URL (with `?wait=N` to long-poll) or register a webhook endpoint to learn the outcome:
 /// `PENDING` (tickets held until `expires_at`, awaiting payment) or `REJECTED` (`SOLD_OUT`,
-/// `VENUE_FULL`, `BUYER_LIMIT`, `PROMO_CODE_USED_UP`, `PROMO_CODE_BUYER_LIMIT`, `NOT_ON_SALE`,
-/// `EVENT_UNAVAILABLE`). An order's lines are allocated all together or not at all.
+/// `VENUE_FULL`, `BUYER_LIMIT`, `PROMO_CODE_REQUIRED`, `PROMO_CODE_USED_UP`,
+/// `PROMO_CODE_BUYER_LIMIT`, `NOT_ON_SALE`, `EVENT_UNAVAILABLE`). An order's lines are
+/// allocated all together or not at all.
 ///
 /// With an `Idempotency-Key` header, a retry with the same key and body returns the same
 /// order (its current state, with `Idempotent-Replayed: true`) and buys nothing more; the
@@ -155,7 +157,8 @@ pub struct OrderDetail {
             (`invalid_items`, `unknown_ticket_type`), no default type for `quantity` (`ticket_type_required`), a \
             type outside its sale window (`not_on_sale`), a quantity out of range (`invalid_quantity`), event \
             over (`event_unavailable`), a promo code that is unknown, withdrawn, outside its window or names none \
-            of the types ordered (`invalid_promo_code`), or Idempotency-Key reused with another body \
+            of the types ordered (`invalid_promo_code`), a type sold only with a code naming it ordered without \
+            one (`promo_code_required`), or Idempotency-Key reused with another body \
             (`idempotency_key_reused`)",
             body = ErrorBody),
         (status = 503, description = "The order could not be stored; nothing was bought, retry", body = ErrorBody),
@@ -295,7 +298,8 @@ pub struct Quote {
         (status = 404, description = "No such event", body = ErrorBody),
         (status = 422, description = "Quantity out of range (`invalid_quantity`), bad lines (`invalid_items`, \
             `unknown_ticket_type`, `ticket_type_required`), a type outside its sale window (`not_on_sale`), \
-            event over (`event_unavailable`), or a promo code that cannot be used (`invalid_promo_code`)",
+            event over (`event_unavailable`), or a promo code that cannot be used (`invalid_promo_code`, \
+            `promo_code_required`)",
             body = ErrorBody),
     ))]
 pub async fn quote(

@@ -49,6 +49,12 @@ pub struct EventOrder {
     pub total: Decimal,
     #[schema(example = "EUR")]
     pub currency: String,
+    /// The promo code the order was placed with, as the organizer wrote it.
+    pub promo_code: Option<String>,
+    /// What the promo code took off the total.
+    #[schema(value_type = String, example = "0.00")]
+    #[serde(serialize_with = "common::domain::money::serialize")]
+    pub discount: Decimal,
     pub status: OrderStatus,
     pub reason: Option<String>,
     pub created_at: DateTime<Utc>,
@@ -66,6 +72,8 @@ pub struct Attendee {
     pub ticket_type_id: Uuid,
     /// The ticket type's name now.
     pub ticket_type: String,
+    /// The promo code the ticket was sold under, if any.
+    pub promo_code: Option<String>,
     /// When the ticket was first scanned at the door; `null` while it was not.
     pub checked_in_at: Option<DateTime<Utc>>,
 }
@@ -89,6 +97,8 @@ impl Row for EventOrder {
         "unit_price",
         "total",
         "currency",
+        "promo_code",
+        "discount",
         "status",
         "reason",
         "created_at",
@@ -103,14 +113,24 @@ impl Row for EventOrder {
             buyer_name: spreadsheet_safe(self.buyer_name),
             buyer_email: spreadsheet_safe(self.buyer_email),
             reason: self.reason.map(spreadsheet_safe),
+            // A code may start with `-`.
+            promo_code: self.promo_code.map(spreadsheet_safe),
             ..self
         }
     }
 }
 
 impl Row for Attendee {
-    const CSV_HEADER: &'static [&'static str] =
-        &["ticket_id", "order_id", "holder_name", "holder_email", "ticket_type_id", "ticket_type", "checked_in_at"];
+    const CSV_HEADER: &'static [&'static str] = &[
+        "ticket_id",
+        "order_id",
+        "holder_name",
+        "holder_email",
+        "ticket_type_id",
+        "ticket_type",
+        "promo_code",
+        "checked_in_at",
+    ];
     fn key(&self) -> Uuid {
         self.ticket_id
     }
@@ -119,6 +139,7 @@ impl Row for Attendee {
             holder_name: spreadsheet_safe(self.holder_name),
             holder_email: spreadsheet_safe(self.holder_email),
             ticket_type: spreadsheet_safe(self.ticket_type),
+            promo_code: self.promo_code.map(spreadsheet_safe),
             ..self
         }
     }
@@ -209,8 +230,8 @@ pub async fn event_orders(
             sqlx::query_as!(
                 EventOrder,
                 r#"SELECT o.id, o.user_id, u.name AS buyer_name, u.email AS buyer_email, o.quantity, o.unit_price,
-                          o.total, o.currency, o.status AS "status: OrderStatus", o.reason, o.created_at,
-                          o.updated_at, o.expires_at
+                          o.total, o.currency, o.promo_code, o.discount, o.status AS "status: OrderStatus",
+                          o.reason, o.created_at, o.updated_at, o.expires_at
                    FROM orders o JOIN users u ON u.id = o.user_id
                    WHERE o.event_id = $1 AND ($2::text[] IS NULL OR o.status = ANY($2))
                      AND ($3::uuid IS NULL OR o.id < $3)
@@ -265,7 +286,9 @@ pub async fn attendees(
             sqlx::query_as!(
                 Attendee,
                 r#"SELECT t.id AS ticket_id, o.id AS order_id, u.name AS holder_name, u.email AS holder_email,
-                          t.ticket_type_id, tt.name AS ticket_type, c.checked_in_at AS "checked_in_at?"
+                          t.ticket_type_id, tt.name AS ticket_type,
+                          CASE WHEN t.promo_code_id IS NOT NULL THEN o.promo_code END AS promo_code,
+                          c.checked_in_at AS "checked_in_at?"
                    FROM tickets t JOIN orders o ON o.id = t.order_id JOIN users u ON u.id = o.user_id
                         JOIN ticket_types tt ON tt.id = t.ticket_type_id
                         LEFT JOIN check_ins c ON c.ticket_id = t.id
@@ -399,6 +422,8 @@ mod tests {
             unit_price: Some(Decimal::ONE),
             total: Decimal::ONE,
             currency: "EUR".into(),
+            promo_code: Some("-SPRING".into()),
+            discount: Decimal::ZERO,
             status: OrderStatus::Paid,
             reason: None,
             created_at: Utc::now(),
@@ -413,6 +438,7 @@ mod tests {
             holder_email: "ada@example.com".into(),
             ticket_type_id: Uuid::nil(),
             ticket_type: "General admission".into(),
+            promo_code: None,
             checked_in_at: None,
         };
         assert_eq!(header_of(attendee), Attendee::CSV_HEADER.join(","));

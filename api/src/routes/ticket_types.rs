@@ -25,7 +25,7 @@ use uuid::Uuid;
 use super::input::{MAX_CAPACITY, MAX_PER_ORDER, invalid, merge_patch, required_text, valid_price};
 use crate::auth::{AdminUser, AuthUser};
 use crate::error::{ApiError, ErrorBody};
-use crate::extract::{Json, Path};
+use crate::extract::{Json, Path, Query};
 use crate::state::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -70,6 +70,10 @@ pub struct TicketType {
     pub sales_end: Option<DateTime<Utc>>,
     /// Left out of public listings; still sold to whoever has its id (a link you share).
     pub hidden: bool,
+    /// Sold only on orders carrying a live promo code that names it (422
+    /// `promo_code_required` otherwise); listed only to admins and to requests whose
+    /// `?promo_code=` is such a code.
+    pub requires_promo_code: bool,
     /// Listing order, lowest first.
     pub sort_order: i32,
     /// The type `{event_id, quantity}` orders buy.
@@ -105,6 +109,9 @@ pub struct TicketTypeRequest {
     pub sales_end: Option<DateTime<Utc>>,
     #[serde(default)]
     pub hidden: bool,
+    /// Sold only with a promo code that names it (default false).
+    #[serde(default)]
+    pub requires_promo_code: bool,
     /// -1,000,000 to 1,000,000 (default 0).
     #[serde(default)]
     pub sort_order: i64,
@@ -121,6 +128,7 @@ struct NewTicketType {
     sales_start: Option<DateTime<Utc>>,
     sales_end: Option<DateTime<Utc>>,
     hidden: bool,
+    requires_promo_code: bool,
     sort_order: i32,
 }
 
@@ -163,6 +171,7 @@ impl TicketTypeRequest {
             sales_start: self.sales_start,
             sales_end: self.sales_end,
             hidden: self.hidden,
+            requires_promo_code: self.requires_promo_code,
             sort_order: bounded("sort_order", Some(self.sort_order), -MAX_SORT_ORDER, MAX_SORT_ORDER)?.unwrap_or(0),
         })
     }
@@ -180,20 +189,42 @@ impl From<&TicketType> for TicketTypeRequest {
             sales_start: t.sales_start,
             sales_end: t.sales_end,
             hidden: t.hidden,
+            requires_promo_code: t.requires_promo_code,
             sort_order: i64::from(t.sort_order),
         }
     }
 }
 
-/// An event's ticket types, in `sort_order`. Hidden and withdrawn types only for admins.
-pub async fn types_of(db: &sqlx::PgPool, event_id: Uuid, admin: bool) -> Result<Vec<TicketType>, ApiError> {
-    select(db, event_id, None, Shown { hidden: admin, withdrawn: admin }).await
+/// An event's ticket types, in `sort_order`. Hidden and withdrawn types only for admins;
+/// types that require a promo code for admins, and for holders of a live code (`promo_code`)
+/// that names them.
+pub async fn types_of(
+    db: &sqlx::PgPool,
+    event_id: Uuid,
+    admin: bool,
+    promo_code: Option<&str>,
+) -> Result<Vec<TicketType>, ApiError> {
+    let shown = Shown { hidden: admin, withdrawn: admin, code_only: admin, code: promo_code };
+    select(db, event_id, None, shown).await
+}
+
+/// `?promo_code=` of a listing: the code whose types that require one are shown.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct CodeQuery {
+    /// A promo code of the event: the types that require a code and that it names are
+    /// listed too.
+    pub promo_code: Option<String>,
 }
 
 /// Which ticket types a read returns besides those listed and on offer.
-struct Shown {
+struct Shown<'a> {
     hidden: bool,
     withdrawn: bool,
+    /// Every type that requires a promo code.
+    code_only: bool,
+    /// The types that require a promo code and that this live code names.
+    code: Option<&'a str>,
 }
 
 /// The event's ticket types (`only`: that one, if it is the event's), in `sort_order`.
@@ -201,14 +232,15 @@ async fn select<'c, E: sqlx::PgExecutor<'c>>(
     db: E,
     event_id: Uuid,
     only: Option<Uuid>,
-    shown: Shown,
+    shown: Shown<'_>,
 ) -> Result<Vec<TicketType>, ApiError> {
     Ok(sqlx::query_as!(
         TicketType,
         r#"SELECT t.id, t.event_id, t.name, t.description, t.price, e.currency, t.capacity, t.sold,
                   greatest(0, least(coalesce(t.capacity - t.sold, e.capacity - e.sold), e.capacity - e.sold))
                       AS "tickets_available!",
-                  t.max_per_order, t.max_per_buyer, t.sales_start, t.sales_end, t.hidden, t.sort_order,
+                  t.max_per_order, t.max_per_buyer, t.sales_start, t.sales_end, t.hidden, t.requires_promo_code,
+                  t.sort_order,
                   t.id IS NOT DISTINCT FROM e.default_ticket_type_id AS "is_default!",
                   t.deleted_at IS NULL AND (t.sales_start IS NULL OR t.sales_start <= now())
                       AND (t.sales_end IS NULL OR now() < t.sales_end) AS "on_sale!",
@@ -216,11 +248,19 @@ async fn select<'c, E: sqlx::PgExecutor<'c>>(
            FROM ticket_types t JOIN events e ON e.id = t.event_id
            WHERE t.event_id = $1 AND ($2::uuid IS NULL OR t.id = $2)
              AND (NOT t.hidden OR $3) AND (t.deleted_at IS NULL OR $4)
+             AND (NOT t.requires_promo_code OR $5 OR EXISTS (
+                     SELECT 1 FROM promo_codes c
+                     WHERE c.event_id = t.event_id AND lower(c.code) = lower($6) AND c.withdrawn_at IS NULL
+                       AND (c.ticket_type_ids IS NULL OR t.id = ANY(c.ticket_type_ids))
+                       AND (c.valid_from IS NULL OR c.valid_from <= now())
+                       AND (c.valid_until IS NULL OR now() < c.valid_until)))
            ORDER BY t.sort_order, t.id"#,
         event_id,
         only,
         shown.hidden,
-        shown.withdrawn
+        shown.withdrawn,
+        shown.code_only,
+        shown.code
     )
     .fetch_all(db)
     .await?)
@@ -236,9 +276,10 @@ async fn find_event(db: &sqlx::PgPool, id: Uuid, admin: bool) -> Result<(), ApiE
 }
 
 /// An event's ticket types, with what is left of each, in `sort_order`. Hidden and
-/// withdrawn types are listed to admins only.
+/// withdrawn types are listed to admins only; types that require a promo code to admins and
+/// with `?promo_code=` a live code that names them.
 #[utoipa::path(get, path = "/events/{id}/ticket-types", tag = "events",
-    params(("id" = Uuid, Path, description = "Event id")),
+    params(("id" = Uuid, Path, description = "Event id"), CodeQuery),
     responses(
         (status = 200, description = "The event's ticket types", body = [TicketType]),
         (status = 401, description = "A token was sent but is invalid", body = ErrorBody),
@@ -248,13 +289,15 @@ pub async fn list_ticket_types(
     State(state): State<AppState>,
     user: Option<AuthUser>,
     Path(id): Path<Uuid>,
+    Query(query): Query<CodeQuery>,
 ) -> Result<Json<Vec<TicketType>>, ApiError> {
     let admin = user.is_some_and(|user| user.is_admin());
     find_event(&state.db, id, admin).await?;
-    Ok(Json(types_of(&state.db, id, admin).await?))
+    Ok(Json(types_of(&state.db, id, admin, query.promo_code.as_deref()).await?))
 }
 
-/// One ticket type. A hidden one is shown to whoever has its id; a withdrawn one to admins.
+/// One ticket type. A hidden one (or one that requires a promo code) is shown to whoever has
+/// its id; a withdrawn one to admins.
 #[utoipa::path(get, path = "/events/{id}/ticket-types/{type_id}", tag = "events",
     params(("id" = Uuid, Path, description = "Event id"), ("type_id" = Uuid, Path, description = "Ticket type id")),
     responses(
@@ -279,7 +322,7 @@ async fn load<'c, E: sqlx::PgExecutor<'c>>(
     type_id: Uuid,
     include_withdrawn: bool,
 ) -> Result<TicketType, ApiError> {
-    let shown = Shown { hidden: true, withdrawn: include_withdrawn };
+    let shown = Shown { hidden: true, withdrawn: include_withdrawn, code_only: true, code: None };
     select(db, event_id, Some(type_id), shown).await?.pop().ok_or(ApiError::NotFound("ticket type"))
 }
 
@@ -330,8 +373,8 @@ pub async fn create_ticket_type(
     let type_id = Uuid::now_v7();
     sqlx::query!(
         "INSERT INTO ticket_types (id, event_id, name, description, price, capacity, max_per_order, max_per_buyer,
-                                   sales_start, sales_end, hidden, sort_order)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+                                   sales_start, sales_end, hidden, sort_order, requires_promo_code)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
         type_id,
         id,
         &new.name,
@@ -343,7 +386,8 @@ pub async fn create_ticket_type(
         new.sales_start,
         new.sales_end,
         new.hidden,
-        new.sort_order
+        new.sort_order,
+        new.requires_promo_code
     )
     .execute(lock.conn())
     .await?;
@@ -390,7 +434,7 @@ pub async fn update_ticket_type(
     sqlx::query!(
         "UPDATE ticket_types SET name = $2, description = $3, price = $4, capacity = $5, max_per_order = $6,
                 max_per_buyer = $7, sales_start = $8, sales_end = $9, hidden = $10, sort_order = $11,
-                updated_at = now()
+                requires_promo_code = $12, updated_at = now()
          WHERE id = $1",
         type_id,
         &edited.name,
@@ -402,7 +446,8 @@ pub async fn update_ticket_type(
         edited.sales_start,
         edited.sales_end,
         edited.hidden,
-        edited.sort_order
+        edited.sort_order,
+        edited.requires_promo_code
     )
     .execute(lock.conn())
     .await?;

@@ -79,8 +79,8 @@ pub struct WaitlistEntry {
         (status = 409, description = "Tickets are available: buy them instead (`tickets_available`); already on \
             this event's list (`already_waiting`); too many open entries (`too_many_entries`)", body = ErrorBody),
         (status = 422, description = "Quantity out of range (`invalid_quantity`), unknown or withdrawn type \
-            (`unknown_ticket_type`, `ticket_type_required`), type outside its sale window (`not_on_sale`), event over \
-            (`event_unavailable`)", body = ErrorBody),
+            (`unknown_ticket_type`, `ticket_type_required`), type outside its sale window (`not_on_sale`), a type \
+            sold only with a promo code (`promo_code_required`), event over (`event_unavailable`)", body = ErrorBody),
     ))]
 pub async fn join(
     State(state): State<AppState>,

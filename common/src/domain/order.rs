@@ -151,6 +151,9 @@ pub mod reason {
     /// The buyer would hold more tickets of the event (or of the named type) than its
     /// `max_per_buyer` allows, counting their `PENDING` and `PAID` orders.
     pub const BUYER_LIMIT: &str = "BUYER_LIMIT";
+    /// The named type is sold only with a promo code that names it, and the order carries
+    /// none (the type came to require one after the order was accepted).
+    pub const PROMO_CODE_REQUIRED: &str = "PROMO_CODE_REQUIRED";
     /// The order's promo code has fewer uses left (`max_uses`, counting the tickets held or
     /// paid under it) than the order's tickets under it.
     pub const PROMO_CODE_USED_UP: &str = "PROMO_CODE_USED_UP";

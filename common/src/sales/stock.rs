@@ -108,6 +108,8 @@ pub struct TypeStock {
     pub sales_start: Option<DateTime<Utc>>,
     pub sales_end: Option<DateTime<Utc>>,
     pub max_per_buyer: Option<i64>,
+    /// Sold only under a promo code that names it.
+    pub requires_promo_code: bool,
 }
 
 impl TypeStock {
@@ -163,7 +165,8 @@ impl EventStock {
     }
 
     /// Why the order cannot have its tickets, if it cannot: the event is closed; a line's
-    /// type is not on sale at the order's arrival; the buyer would pass a cap; the buyer
+    /// type is not on sale at the order's arrival, or is sold only under a promo code and
+    /// the line is not under one; the buyer would pass a cap; the buyer
     /// would pass the promo code's per-buyer limit; the code has too few uses left; a type
     /// is out of stock; the venue is full. In that order.
     fn refusal(&self, order: &Request) -> Option<(&'static str, Option<Uuid>)> {
@@ -173,6 +176,11 @@ impl EventStock {
         for (type_id, _) in &order.lines {
             if !self.types.get(type_id).is_some_and(|t| t.on_sale_at(order.created_at)) {
                 return Some((reason::NOT_ON_SALE, Some(*type_id)));
+            }
+        }
+        for (type_id, _) in &order.lines {
+            if self.types[type_id].requires_promo_code && order.code_for(*type_id).is_none() {
+                return Some((reason::PROMO_CODE_REQUIRED, Some(*type_id)));
             }
         }
         let total = order.tickets();
@@ -258,7 +266,8 @@ pub async fn load(lock: &mut EventLock<'_>) -> sqlx::Result<HashMap<Uuid, EventS
                   coalesce(e.deleted_at IS NULL AND e.starts_at > now(), false) AS "open!",
                   e.max_per_buyer AS event_cap, t.id AS "type_id?", t.capacity - t.sold AS "left",
                   t.deleted_at IS NOT NULL AS "withdrawn?", t.sales_start AS "sales_start?",
-                  t.sales_end AS "sales_end?", t.max_per_buyer AS "type_cap?"
+                  t.sales_end AS "sales_end?", t.max_per_buyer AS "type_cap?",
+                  t.requires_promo_code AS "requires_promo_code?"
            FROM events e LEFT JOIN ticket_types t ON t.event_id = e.id
            WHERE e.id = ANY($1)"#,
         &event_ids
@@ -280,6 +289,7 @@ pub async fn load(lock: &mut EventLock<'_>) -> sqlx::Result<HashMap<Uuid, EventS
                 sales_start: row.sales_start,
                 sales_end: row.sales_end,
                 max_per_buyer: row.type_cap.map(i64::from),
+                requires_promo_code: row.requires_promo_code.unwrap_or(false),
             };
             event.types.insert(type_id, stock);
         }
@@ -628,6 +638,29 @@ mod tests {
         );
         assert_eq!(stock.codes[&CODE].left, Some(0));
         assert_eq!(stock.code_held[&(BUYER, CODE)], 3);
+    }
+
+    #[test]
+    fn a_type_that_requires_a_code_is_sold_only_on_lines_under_one() {
+        const CODE: Uuid = Uuid::from_u128(0xC0DE);
+        let mut stock = tiered();
+        stock.types.get_mut(&VIP).unwrap().requires_promo_code = true;
+        let id = ids(4);
+        let under = |id, types: &[Uuid]| Request {
+            promo_code: Some(PromoUse { code: CODE, types: types.to_vec() }),
+            ..request(id, &[(VIP, 1), (GENERAL, 1)])
+        };
+        let decisions: Vec<_> = [
+            request(id[0], &[(VIP, 1)]),     // no code
+            under(id[1], &[GENERAL]),        // a code, but not on the VIP line
+            under(id[2], &[VIP]),            // under the code
+            request(id[3], &[(GENERAL, 1)]), // the other type needs none
+        ]
+        .iter()
+        .map(|r| stock.decide(r))
+        .collect();
+        let required = (OrderStatus::Rejected, Some(reason::PROMO_CODE_REQUIRED), Some(VIP));
+        assert_eq!(outcomes(&decisions), [required, required, ACCEPTED, ACCEPTED]);
     }
 
     #[test]

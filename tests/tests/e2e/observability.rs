@@ -122,6 +122,39 @@ async fn metrics_count_exactly_the_orders_placed() {
     }
 }
 
+/// Promo code uses counted by outcome: taken, or refused for the code's limit.
+#[tokio::test]
+async fn the_worker_counts_promo_code_uses_by_outcome() {
+    let app = TestApp::spawn_with(&[("SOLD_OUT_FAST_PATH", "false".to_owned())]).await;
+    let worker = app.spawn_worker(&[]);
+    let admin = app.admin().await;
+    let event = app.event_with(&admin, 100, 4).await;
+    let created = app
+        .post(&format!("/api/v1/events/{event}/promo-codes"), &json!({"code": "THREE", "max_uses": 3}), Some(&admin))
+        .await;
+    assert_eq!(created.status, 201, "{}", created.body);
+    let buyers = app.buyers(3).await;
+    let before = Exposition::scrape(&worker.metrics_base()).await;
+    // 2 taken, then 2 refused (1 left), then 1 taken; one after another.
+    for ((_, token), (quantity, status)) in buyers.iter().zip([(2, "PENDING"), (2, "REJECTED"), (1, "PENDING")]) {
+        let body = json!({"event_id": event, "quantity": quantity, "promo_code": "three"});
+        let placed = app.post("/api/v1/orders", &body, Some(token)).await;
+        assert_eq!(placed.status, 202, "{}", placed.body);
+        let order: Uuid = placed.json["id"].as_str().unwrap().parse().unwrap();
+        assert_eq!(app.outcome(token, order).await["status"], status);
+    }
+    let after = scrape_until(&worker.metrics_base(), "three uses taken", |now| {
+        delta(&before, now, "turnstile_promo_code_uses_total", &[("outcome", "taken")]) >= 3.0
+    })
+    .await;
+    let uses = |outcome| delta(&before, &after, "turnstile_promo_code_uses_total", &[("outcome", outcome)]);
+    assert_eq!((uses("taken"), uses("used_up"), uses("buyer_limit")), (3.0, 2.0, 0.0));
+    let decided = |reason| delta(&before, &after, "turnstile_orders_decided_total", &[("reason", reason)]);
+    assert_eq!(decided("PROMO_CODE_USED_UP"), 1.0);
+    let documented = documented_metrics();
+    assert_eq!(documented.get("turnstile_promo_code_uses_total").map(String::as_str), Some("counter"));
+}
+
 /// The metrics the README's Observability table lists, with their types.
 fn documented_metrics() -> std::collections::HashMap<String, String> {
     let readme = std::fs::read_to_string(tests::workspace_root().join("README.md")).expect("README.md");

@@ -255,11 +255,12 @@ async fn admins_list_and_export_an_events_orders_and_attendees() {
     let lines: Vec<&str> = csv.lines().collect();
     assert_eq!(
         lines[0],
-        "id,user_id,buyer_name,buyer_email,quantity,unit_price,total,currency,status,reason,created_at,updated_at,expires_at"
+        "id,user_id,buyer_name,buyer_email,quantity,unit_price,total,currency,promo_code,discount,status,reason,created_at,updated_at,\
+         expires_at"
     );
     assert_eq!(lines.len(), 4, "{csv}");
     assert!(lines[1].starts_with(&format!("{},{},\"'=HYPERLINK(", paid[2], buyers[2].0)), "defused: {}", lines[1]);
-    assert!(lines[1].contains(",3,49.90,149.70,EUR,PAID,,"), "{}", lines[1]);
+    assert!(lines[1].contains(",3,49.90,149.70,EUR,,0.00,PAID,,"), "{}", lines[1]);
     let (_, _, by_format) = get_accept(&app, &format!("{path}?status=PAID&format=csv"), &admin, "*/*").await;
     assert_eq!(by_format, csv);
 
@@ -282,7 +283,7 @@ async fn admins_list_and_export_an_events_orders_and_attendees() {
     assert_eq!(status, 200);
     assert_eq!(
         csv.lines().next(),
-        Some("ticket_id,order_id,holder_name,holder_email,ticket_type_id,ticket_type,checked_in_at")
+        Some("ticket_id,order_id,holder_name,holder_email,ticket_type_id,ticket_type,promo_code,checked_in_at")
     );
     assert_eq!(inside.json[0]["ticket_type"], "General admission");
     assert_eq!(csv.lines().count(), 7, "{csv}");
@@ -291,7 +292,10 @@ async fn admins_list_and_export_an_events_orders_and_attendees() {
     let empty = app.event_with(&admin, 5, 1).await;
     assert_eq!(app.get(&format!("/api/v1/events/{empty}/orders"), Some(&admin)).await.json, json!([]));
     let (_, _, csv) = get_accept(&app, &format!("/api/v1/events/{empty}/attendees?format=csv"), &admin, "*/*").await;
-    assert_eq!(csv, "ticket_id,order_id,holder_name,holder_email,ticket_type_id,ticket_type,checked_in_at\n");
+    assert_eq!(
+        csv,
+        "ticket_id,order_id,holder_name,holder_email,ticket_type_id,ticket_type,promo_code,checked_in_at\n"
+    );
 
     // Refusals.
     let buyer = buyers[0].1.as_str();

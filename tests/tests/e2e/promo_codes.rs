@@ -207,6 +207,9 @@ async fn a_code_prices_the_lines_it_names_and_a_code_that_cannot_be_used_is_refu
         .await
         .unwrap();
     assert_eq!(uses(&app, code_id).await, 2, "the two VIP tickets, not the General one");
+    // The organizer's export names the code, and the discount.
+    let csv = app.get(&format!("/api/v1/events/{event}/orders?format=csv"), Some(&admin)).await.body;
+    assert!(csv.contains(",209.90,EUR,VIP-THIRD,80.00,PENDING,"), "{csv}");
 
     // A code that takes a line's whole price makes it free; a free order is paid at once.
     let free = order_with(&app, &buyer, event, 2, "FREEBIE").await;
@@ -330,5 +333,78 @@ async fn a_buyer_cannot_pass_the_per_buyer_limit_and_released_uses_return() {
     let after = id_of(&order_with(&app, third, event, 1, "PAIR").await);
     assert_eq!(app.outcome(third, after).await["status"], "PENDING");
     assert_eq!(uses(&app, code).await, 1);
+    app.assert_consistent(event).await;
+}
+
+/// A type that requires a code: listed only to admins and with `?promo_code=` a live code
+/// naming it; refused at accept without such a code, even bought by its id, and by the
+/// worker when it came to require one after the order was accepted.
+#[tokio::test]
+async fn a_type_that_requires_a_code_is_listed_and_sold_only_with_one() {
+    let app = TestApp::spawn().await;
+    let admin = app.admin().await;
+    let (_, buyer) = app.user("Buyer").await;
+    let event = app.event_with(&admin, 100, 4).await;
+    let types_path = format!("/api/v1/events/{event}/ticket-types");
+    let crew_body = json!({"name": "Crew", "price": "0", "requires_promo_code": true});
+    let crew = id_of(&app.post(&types_path, &crew_body, Some(&admin)).await);
+    let vip = id_of(&app.post(&types_path, &json!({"name": "VIP", "price": "100"}), Some(&admin)).await);
+    add_code(&app, &admin, event, json!({"code": "CREW-2026", "ticket_type_ids": [crew]})).await;
+    add_code(&app, &admin, event, json!({"code": "VIPDEAL", "percent_off": 10, "ticket_type_ids": [vip]})).await;
+
+    // Listed to admins, and to holders of a code naming it; by its id to whoever has it.
+    let names = |listed: &Value| -> Vec<String> {
+        listed.as_array().expect("types").iter().map(|t| t["name"].as_str().unwrap().to_owned()).collect()
+    };
+    let event_path = format!("/api/v1/events/{event}");
+    for (query, token, crew_listed) in [
+        ("", None, false),
+        ("", Some(buyer.as_str()), false),
+        ("?promo_code=vipdeal", None, false),
+        ("?promo_code=NOSUCH", None, false),
+        ("?promo_code=crew-2026", None, true),
+        ("", Some(admin.as_str()), true),
+    ] {
+        let listed = names(&app.get(&format!("{types_path}{query}"), token).await.json);
+        let detail = names(&app.get(&format!("{event_path}{query}"), token).await.json["ticket_types"]);
+        assert_eq!(listed.contains(&"Crew".to_owned()), crew_listed, "{query} {listed:?}");
+        assert_eq!(detail, listed, "{query}");
+    }
+    let by_id = app.get(&format!("{types_path}/{crew}"), None).await;
+    assert_eq!((by_id.status, &by_id.json["requires_promo_code"]), (200, &json!(true)));
+
+    // Refused at accept without a code naming it, whatever the route.
+    let crew_line = json!([{"ticket_type_id": crew, "quantity": 1}, {"ticket_type_id": vip, "quantity": 1}]);
+    for code in [None, Some("VIPDEAL")] {
+        let body = json!({"event_id": event, "items": crew_line, "promo_code": code});
+        app.post("/api/v1/orders", &body, Some(&buyer)).await.assert_error(422, "promo_code_required");
+        app.post("/api/v1/orders/quote", &body, Some(&buyer)).await.assert_error(422, "promo_code_required");
+    }
+    app.post(&format!("{event_path}/waitlist"), &json!({"ticket_type_id": crew, "quantity": 1}), Some(&buyer))
+        .await
+        .assert_error(422, "promo_code_required");
+    let body =
+        json!({"event_id": event, "items": [{"ticket_type_id": crew, "quantity": 2}], "promo_code": "crew-2026"});
+    let crew_order = id_of(&app.post("/api/v1/orders", &body, Some(&buyer)).await);
+
+    // A VIP order accepted before VIP came to require a code is refused by the worker.
+    let vip_order = id_of(
+        &app.post(
+            "/api/v1/orders",
+            &json!({"event_id": event, "items": [{"ticket_type_id": vip, "quantity": 1}]}),
+            Some(&buyer),
+        )
+        .await,
+    );
+    let patched = app.patch(&format!("{types_path}/{vip}"), &json!({"requires_promo_code": true}), Some(&admin)).await;
+    assert_eq!(patched.status, 200, "{}", patched.body);
+    let _worker = app.worker().await;
+    let refused = app.outcome(&buyer, vip_order).await;
+    assert_eq!(
+        (&refused["status"], &refused["reason"], &refused["reason_ticket_type_id"]),
+        (&json!("REJECTED"), &json!("PROMO_CODE_REQUIRED"), &json!(vip))
+    );
+    let crew_order = app.outcome(&buyer, crew_order).await;
+    assert_eq!((&crew_order["status"], &crew_order["reason"]), (&json!("PAID"), &json!("FREE_ORDER")));
     app.assert_consistent(event).await;
 }

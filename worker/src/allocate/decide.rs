@@ -69,6 +69,9 @@ pub struct BatchOutcome {
     pub(super) skipped: usize,
     /// What was decided, in order, with when each order was accepted.
     pub(super) decided: Vec<(Decision, DateTime<Utc>)>,
+    /// Promo code uses asked for by the decided orders, by outcome: `taken` (issued),
+    /// `used_up`, `buyer_limit`, or `refused` (the order was refused for another reason).
+    pub(super) promo_uses: HashMap<&'static str, u64>,
 }
 
 /// An order's lines as the allocator reads them from `orders.lines`.
@@ -179,6 +182,15 @@ fn plan(batches: &[(u16, &Groups)], events: &mut HashMap<Uuid, EventStock>, queu
                     continue;
                 };
                 let decision = stock.decide(request);
+                if let Some((_, uses)) = request.code_uses() {
+                    let kind = match decision.reason {
+                        _ if decision.allocated() => "taken",
+                        Some(common::domain::reason::PROMO_CODE_USED_UP) => "used_up",
+                        Some(common::domain::reason::PROMO_CODE_BUYER_LIMIT) => "buyer_limit",
+                        _ => "refused",
+                    };
+                    *outcome.promo_uses.entry(kind).or_default() += u64::try_from(uses).unwrap_or(0);
+                }
                 let seen = plan.progress.entry(*partition).or_insert(request.created_at);
                 *seen = (*seen).max(request.created_at);
                 outcome.decided.push((decision.clone(), request.created_at));

@@ -288,6 +288,9 @@ fn record_decisions(outcome: &BatchOutcome, traces: &HashMap<Uuid, String>) {
     if outcome.skipped > 0 {
         metrics::counter!("turnstile_orders_skipped_total").increment(outcome.skipped as u64);
     }
+    for (&kind, &uses) in &outcome.promo_uses {
+        metrics::counter!("turnstile_promo_code_uses_total", "outcome" => kind).increment(uses);
+    }
 }
 
 /// About how many orders a message names (its JSON objects with an `order_id`), without

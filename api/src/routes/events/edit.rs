@@ -212,7 +212,7 @@ pub async fn create_event(
     let event = load_event(&state.db, id, false).await?;
     tracing::info!(event_id = %event.id, capacity = event.capacity, "event created");
     let location = crate::routes::location(&format!("/api/v1/events/{}", event.id));
-    Ok((StatusCode::CREATED, location, Json(EventDetail::of(&state.db, event, true).await?)))
+    Ok((StatusCode::CREATED, location, Json(EventDetail::of(&state.db, event, true, None).await?)))
 }
 
 /// The buyer cap of an event created without one: `DEFAULT_MAX_PER_BUYER`, or the event's
@@ -297,7 +297,7 @@ pub async fn update_event(
     // Other api processes hear of it from the `event_changes` notification.
     state.catalog.forget(id);
     tracing::info!(event_id = %id, admin_id = %admin.id, fields = ?patch.keys().collect::<Vec<_>>(), "event edited");
-    Ok(Json(EventDetail::of(&state.db, event, true).await?))
+    Ok(Json(EventDetail::of(&state.db, event, true, None).await?))
 }
 
 /// 422 `invalid_price_for_currency`, naming them, when live ticket types of the event other

@@ -77,14 +77,15 @@ pub struct Event {
 pub struct EventDetail {
     #[serde(flatten)]
     pub event: Event,
-    /// Its ticket types (hidden and withdrawn ones for admins only).
+    /// Its ticket types (hidden and withdrawn ones for admins only; those that require a
+    /// promo code for admins and with `?promo_code=` a live code that names them).
     pub ticket_types: Vec<super::ticket_types::TicketType>,
 }
 
 impl EventDetail {
-    /// `event` with its ticket types, read from `db`.
-    async fn of(db: &sqlx::PgPool, event: Event, admin: bool) -> Result<Self, ApiError> {
-        let ticket_types = super::ticket_types::types_of(db, event.id, admin).await?;
+    /// `event` with its ticket types, read from `db` (see [`super::ticket_types::types_of`]).
+    async fn of(db: &sqlx::PgPool, event: Event, admin: bool, promo_code: Option<&str>) -> Result<Self, ApiError> {
+        let ticket_types = super::ticket_types::types_of(db, event.id, admin, promo_code).await?;
         Ok(Self { event, ticket_types })
     }
 }
@@ -114,7 +115,7 @@ pub async fn list_events(
 /// One event, with its ticket types and what is left of each. A deleted event is 404,
 /// except for admins (it then has `deleted_at`).
 #[utoipa::path(get, path = "/events/{id}", tag = "events",
-    params(("id" = Uuid, Path, description = "Event id")),
+    params(("id" = Uuid, Path, description = "Event id"), super::ticket_types::CodeQuery),
     responses(
         (status = 200, description = "The event", body = EventDetail),
         (status = 401, description = "A token was sent but is invalid", body = ErrorBody),
@@ -124,10 +125,11 @@ pub async fn get_event(
     State(state): State<AppState>,
     user: Option<AuthUser>,
     Path(id): Path<Uuid>,
+    Query(query): Query<super::ticket_types::CodeQuery>,
 ) -> Result<Json<EventDetail>, ApiError> {
     let admin = user.is_some_and(|user| user.is_admin());
     let event = load_event(&state.db, id, admin).await?;
-    Ok(Json(EventDetail::of(&state.db, event, admin).await?))
+    Ok(Json(EventDetail::of(&state.db, event, admin, query.promo_code.as_deref()).await?))
 }
 
 async fn load_event<'c>(db: impl sqlx::PgExecutor<'c>, id: Uuid, include_deleted: bool) -> Result<Event, ApiError> {
