@@ -154,6 +154,7 @@ async fn send_all(
     let events_list: Arc<[Uuid]> = events.into();
     let types: Arc<[[Uuid; 3]]> = types.into();
     let bar = progress(orders, "orders");
+    let promo_code = args.promo_code;
     let send = move |i: u64, due: Option<Instant>| {
         let (client, url, tokens, events, types, bar) =
             (http.clone(), url.clone(), tokens.clone(), events_list.clone(), types.clone(), bar.clone());
@@ -165,10 +166,13 @@ async fn send_all(
             let token = &tokens[(i % tokens.len() as u64) as usize];
             let index = (i % events.len() as u64) as usize;
             let event = events[index];
-            let body = match types.get(index) {
+            let mut body = match types.get(index) {
                 Some(types) => tiers_order(event, types, i),
                 None => serde_json::json!({"event_id": event, "quantity": 1}),
             };
+            if promo_code {
+                body["promo_code"] = prepare::PROMO_CODE.into();
+            }
             let status = client
                 .post(&*url)
                 .bearer_auth(token)

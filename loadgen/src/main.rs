@@ -125,6 +125,11 @@ pub struct RunArgs {
     /// What the api was started with, recorded in the result (e.g. `fast-path-off`).
     #[arg(long, default_value = "")]
     pub label: String,
+    /// Every order carries a promo code of its event (10% off every type, `max_uses` the
+    /// event's capacity, `max_uses_per_buyer` 10: the allocator counts both limits); the
+    /// result's label says so.
+    #[arg(long)]
+    pub promo_code: bool,
     /// Directory for the JSON result of this run.
     #[arg(long, default_value = "bench-results")]
     pub out: PathBuf,
@@ -146,7 +151,15 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<()> {
+async fn run(mut args: RunArgs) -> anyhow::Result<()> {
+    if args.promo_code {
+        args.label = [args.label.as_str(), "promo code"]
+            .iter()
+            .filter(|s| !s.is_empty())
+            .copied()
+            .collect::<Vec<_>>()
+            .join(", ");
+    }
     let db = sqlx::postgres::PgPoolOptions::new()
         .max_connections(u32::try_from(args.concurrency).unwrap_or(64).clamp(4, 90))
         .connect(&args.database_url)
@@ -155,6 +168,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let events = prepare::events(&db, args.events, args.capacity).await?;
     let types =
         if args.scenario == Scenario::Tiers { prepare::tiers(&db, &events, args.capacity).await? } else { Vec::new() };
+    if args.promo_code {
+        prepare::promo_codes(&db, &events, args.capacity).await?;
+    }
     let report = match args.scenario {
         Scenario::Baseline => baseline::run(&args, &db, &events).await?,
         _ => http::run(&args, &db, &events, &types).await?,

@@ -57,6 +57,27 @@ pub async fn tiers(db: &PgPool, events: &[Uuid], capacity: u32) -> anyhow::Resul
     Ok(types)
 }
 
+/// The code every order carries with `--promo-code`, one per event.
+pub const PROMO_CODE: &str = "BENCH10";
+
+/// A promo code for each event: 10% off every type, at most `capacity` uses, 10 per buyer.
+pub async fn promo_codes(db: &PgPool, events: &[Uuid], capacity: u32) -> anyhow::Result<()> {
+    for chunk in events.chunks(10_000) {
+        let ids: Vec<Uuid> = chunk.iter().map(|_| Uuid::now_v7()).collect();
+        sqlx::query!(
+            "INSERT INTO promo_codes (id, event_id, code, percent_off, max_uses, max_uses_per_buyer)
+             SELECT id, e, $3, 10, $4, 10 FROM UNNEST($1::uuid[], $2::uuid[]) AS c(id, e)",
+            &ids,
+            chunk,
+            PROMO_CODE,
+            i32::try_from(capacity)?
+        )
+        .execute(db)
+        .await?;
+    }
+    Ok(())
+}
+
 /// `n` users straight into the database (no password hash: argon2 is not measured).
 pub async fn users(db: &PgPool, n: u64) -> anyhow::Result<Vec<Uuid>> {
     let ids: Vec<Uuid> = (0..n).map(|_| Uuid::now_v7()).collect();
