@@ -69,6 +69,10 @@ CREATE TRIGGER ticket_types_announce_change
                             NEW.sales_end, NEW.hidden, NEW.deleted_at, NEW.requires_promo_code))
     EXECUTE FUNCTION announce_ticket_type_change();
 
+-- A waiting-list entry may carry a code: its offer is priced under it, if the code is still
+-- live then, and takes its uses like an order.
+ALTER TABLE waitlist_entries ADD COLUMN promo_code_id UUID REFERENCES promo_codes (id);
+
 -- The code a ticket was issued under (the tickets of the lines the code applies to): a
 -- release gives each code back exactly the uses its tickets took.
 ALTER TABLE tickets ADD COLUMN promo_code_id UUID;

@@ -8,8 +8,8 @@
 //! list's joins pass the same rules.
 
 use chrono::{DateTime, Utc};
-use common::domain::{Currency, OrderLine};
-use rust_decimal::{Decimal, RoundingStrategy};
+use common::domain::{Currency, OrderLine, money};
+use rust_decimal::Decimal;
 use serde::Deserialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -234,7 +234,7 @@ pub fn price(event: EventForSale, purchase: &Purchase, now: DateTime<Utc>) -> Re
     let promo_code = match &purchase.promo_code {
         Some(name) => {
             let code = live_code(&event, name, &lines, now)?;
-            let places = Currency::parse(&event.currency).map_or(common::domain::money::SCALE, Currency::places);
+            let places = Currency::parse(&event.currency).map_or(money::SCALE, Currency::places);
             for line in lines.iter_mut().filter(|line| code.applies_to(line.ticket_type_id)) {
                 line.list_price = Some(line.unit_price);
                 line.unit_price = discounted(line.unit_price, code, places);
@@ -284,16 +284,9 @@ fn live_code<'e>(
     Ok(code)
 }
 
-/// One ticket's price under a code: a percentage off, rounded half-up to the currency's
-/// minor unit (`places`), or an amount off; never below zero.
+/// One ticket's price under a code ([`money::discounted`]).
 pub fn discounted(price: Decimal, code: &CodeForSale, places: u32) -> Decimal {
-    let price = match (code.percent_off, code.amount_off) {
-        (Some(percent), _) => (price * (Decimal::ONE_HUNDRED - percent) / Decimal::ONE_HUNDRED)
-            .round_dp_with_strategy(places, RoundingStrategy::MidpointAwayFromZero),
-        (None, Some(amount)) => price - amount,
-        (None, None) => price,
-    };
-    price.max(Decimal::ZERO)
+    money::discounted(price, code.percent_off, code.amount_off, places)
 }
 
 /// `422 not_on_sale`, with the type's sale window.

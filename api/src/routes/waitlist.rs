@@ -38,6 +38,9 @@ pub struct JoinRequest {
     pub quantity: i64,
     /// The ticket type wanted; the event's default type when left out.
     pub ticket_type_id: Option<Uuid>,
+    /// A promo code of the event that names the type (checked as for a purchase): the
+    /// offer is priced and counted under it, if it is still live then.
+    pub promo_code: Option<String>,
 }
 
 /// A place on an event's waiting list.
@@ -57,6 +60,8 @@ pub struct WaitlistEntry {
     pub position: Option<i64>,
     /// The offer's order, once tickets were offered.
     pub order_id: Option<Uuid>,
+    /// The promo code the entry carries, as the organizer wrote it.
+    pub promo_code: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -80,7 +85,8 @@ pub struct WaitlistEntry {
             this event's list (`already_waiting`); too many open entries (`too_many_entries`)", body = ErrorBody),
         (status = 422, description = "Quantity out of range (`invalid_quantity`), unknown or withdrawn type \
             (`unknown_ticket_type`, `ticket_type_required`), type outside its sale window (`not_on_sale`), a type \
-            sold only with a promo code (`promo_code_required`), event over (`event_unavailable`)", body = ErrorBody),
+            sold only with a promo code (`promo_code_required`), a promo code that cannot be used \
+            (`invalid_promo_code`), event over (`event_unavailable`)", body = ErrorBody),
     ))]
 pub async fn join(
     State(state): State<AppState>,
@@ -96,11 +102,12 @@ pub async fn join(
         event_id,
         quantity: req.ticket_type_id.is_none().then_some(req.quantity),
         items: req.ticket_type_id.map(|ticket_type_id| vec![OrderItem { ticket_type_id, quantity: req.quantity }]),
-        promo_code: None,
+        promo_code: req.promo_code.clone(),
     };
     let priced = purchase::check(&state, &Purchase::parse(&asked)?).await?;
     let line = priced.lines.first().ok_or(ApiError::invalid("invalid_quantity", "no tickets asked for"))?;
     let type_id = line.ticket_type_id;
+    let promo_code_id = priced.promo_code.as_ref().map(|(id, _)| *id);
 
     // Under the event's lock: what is left cannot change until the entry is in, so a
     // release either happened before (and the tickets are to be bought) or comes after
@@ -109,12 +116,14 @@ pub async fn join(
     may_join(&mut tx, event_id, type_id, user.id, line.quantity).await?;
     let id = Uuid::now_v7();
     sqlx::query!(
-        "INSERT INTO waitlist_entries (id, event_id, ticket_type_id, user_id, quantity) VALUES ($1, $2, $3, $4, $5)",
+        "INSERT INTO waitlist_entries (id, event_id, ticket_type_id, user_id, quantity, promo_code_id)
+         VALUES ($1, $2, $3, $4, $5, $6)",
         id,
         event_id,
         type_id,
         user.id,
-        line.quantity
+        line.quantity,
+        promo_code_id
     )
     .execute(&mut *tx)
     .await
@@ -122,12 +131,12 @@ pub async fn join(
     let entry = sqlx::query_as!(
         WaitlistEntry,
         r#"SELECT w.id, w.event_id, w.ticket_type_id, w.user_id, w.quantity, w.status AS "status: WaitlistStatus",
-                  w.order_id, w.created_at, w.updated_at,
+                  w.order_id, c.code AS "promo_code?", w.created_at, w.updated_at,
                   CASE WHEN w.status = 'WAITING' THEN (
                       SELECT count(*) FROM waitlist_entries ahead
                       WHERE ahead.event_id = w.event_id AND ahead.status = 'WAITING' AND ahead.id <= w.id
                   ) END AS position
-           FROM waitlist_entries w WHERE w.id = $1"#,
+           FROM waitlist_entries w LEFT JOIN promo_codes c ON c.id = w.promo_code_id WHERE w.id = $1"#,
         id
     )
     .fetch_one(&mut *tx)
@@ -266,12 +275,13 @@ pub async fn my_waitlist(
     let mut rows = sqlx::query_as!(
         WaitlistEntry,
         r#"SELECT w.id, w.event_id, w.ticket_type_id, w.user_id, w.quantity, w.status AS "status: WaitlistStatus",
-                  w.order_id, w.created_at, w.updated_at,
+                  w.order_id, c.code AS "promo_code?", w.created_at, w.updated_at,
                   CASE WHEN w.status = 'WAITING' THEN (
                       SELECT count(*) FROM waitlist_entries ahead
                       WHERE ahead.event_id = w.event_id AND ahead.status = 'WAITING' AND ahead.id <= w.id
                   ) END AS position
-           FROM waitlist_entries w WHERE w.user_id = $1 AND ($2::uuid IS NULL OR w.id < $2)
+           FROM waitlist_entries w LEFT JOIN promo_codes c ON c.id = w.promo_code_id
+           WHERE w.user_id = $1 AND ($2::uuid IS NULL OR w.id < $2)
            ORDER BY w.id DESC LIMIT $3"#,
         user.id,
         query.cursor,
@@ -313,12 +323,12 @@ pub async fn event_waitlist(
     let mut rows = sqlx::query_as!(
         WaitlistEntry,
         r#"SELECT w.id, w.event_id, w.ticket_type_id, w.user_id, w.quantity, w.status AS "status: WaitlistStatus",
-                  w.order_id, w.created_at, w.updated_at,
+                  w.order_id, c.code AS "promo_code?", w.created_at, w.updated_at,
                   CASE WHEN w.status = 'WAITING' THEN (
                       SELECT count(*) FROM waitlist_entries ahead
                       WHERE ahead.event_id = w.event_id AND ahead.status = 'WAITING' AND ahead.id <= w.id
                   ) END AS position
-           FROM waitlist_entries w
+           FROM waitlist_entries w LEFT JOIN promo_codes c ON c.id = w.promo_code_id
            WHERE w.event_id = $1 AND w.status IN ('WAITING', 'OFFERED') AND ($2::uuid IS NULL OR w.id > $2)
            ORDER BY w.id LIMIT $3"#,
         event_id,

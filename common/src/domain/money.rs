@@ -25,6 +25,19 @@ pub fn serialize_option<S: Serializer>(amount: &Option<Decimal>, serializer: S) 
     }
 }
 
+/// One ticket's price under a promo code: `percent_off` taken off, rounded half-up to
+/// `places` (the currency's minor unit), or `amount_off` taken off; never below zero.
+/// Neither (an access code) leaves the price as it is.
+pub fn discounted(price: Decimal, percent_off: Option<Decimal>, amount_off: Option<Decimal>, places: u32) -> Decimal {
+    let price = match (percent_off, amount_off) {
+        (Some(percent), _) => (price * (Decimal::ONE_HUNDRED - percent) / Decimal::ONE_HUNDRED)
+            .round_dp_with_strategy(places, rust_decimal::RoundingStrategy::MidpointAwayFromZero),
+        (None, Some(amount)) => price - amount,
+        (None, None) => price,
+    };
+    price.max(Decimal::ZERO)
+}
+
 /// The longest amount text looked at (digits, a sign, a point and trailing zeros).
 const MAX_TEXT: usize = 40;
 

@@ -5,7 +5,9 @@
 //! buyer caps, the type's stock and the venue cap) gets an order of its own in `PENDING`,
 //! with reason `WAITLIST_OFFER` and a hold of `WAITLIST_OFFER_TTL_SECS`; an entry that does
 //! not fit keeps its place and the next one is tried. Whatever no entry takes goes back on
-//! sale.
+//! sale. An entry that carries a promo code is offered its tickets under it (priced and
+//! counted as an order placed with it), if the code is still live and names the type then;
+//! otherwise at the type's price.
 //!
 //! **Order with purchases.** The offers are made before the transaction commits, so the
 //! released tickets reach the waiting list before any purchase request decided after the
@@ -20,9 +22,9 @@ use chrono::Utc;
 use rust_decimal::Decimal;
 use uuid::Uuid;
 
-use super::stock::{self, Decision, EventStock, Request};
+use super::stock::{self, Decision, EventStock, PromoUse, Request};
 use super::{EventLock, Tickets, tickets};
-use crate::domain::{OrderLine, OrderStatus, reason};
+use crate::domain::{Currency, OrderLine, OrderStatus, money, reason};
 
 /// Waiting entries read per round of an offer pass.
 const PAGE: i64 = 500;
@@ -36,7 +38,8 @@ pub struct Offer {
     pub quantity: i64,
 }
 
-/// One waiting entry, with what its order would cost.
+/// One waiting entry, with what its order would cost, and its promo code if that is live
+/// now and names the type.
 struct Waiting {
     id: Uuid,
     user_id: Uuid,
@@ -45,6 +48,23 @@ struct Waiting {
     type_name: String,
     price: Decimal,
     currency: String,
+    promo_code_id: Option<Uuid>,
+    promo_code: Option<String>,
+    percent_off: Option<Decimal>,
+    amount_off: Option<Decimal>,
+}
+
+impl Waiting {
+    /// The price of one ticket of the offer: under the entry's code, if it has one.
+    fn unit_price(&self) -> Decimal {
+        match self.promo_code_id {
+            Some(_) => {
+                let places = Currency::parse(&self.currency).map_or(money::SCALE, Currency::places);
+                money::discounted(self.price, self.percent_off, self.amount_off, places)
+            }
+            None => self.price,
+        }
+    }
 }
 
 /// Offers what the locked event has left to its waiting list, in join order (see the
@@ -58,12 +78,16 @@ pub async fn offer(lock: &mut EventLock<'_>, event_id: Uuid, offer_ttl: Duration
     loop {
         let waiting: Vec<Waiting> = sqlx::query_as!(
             Waiting,
-            "SELECT w.id, w.user_id, w.ticket_type_id, w.quantity, t.name AS type_name, t.price, e.currency
-             FROM waitlist_entries w
-             JOIN ticket_types t ON t.id = w.ticket_type_id
-             JOIN events e ON e.id = w.event_id
-             WHERE w.event_id = $1 AND w.status = 'WAITING' AND ($2::uuid IS NULL OR w.id > $2)
-             ORDER BY w.id LIMIT $3",
+            r#"SELECT w.id, w.user_id, w.ticket_type_id, w.quantity, t.name AS type_name, t.price, e.currency,
+                      c.id AS "promo_code_id?", c.code AS "promo_code?", c.percent_off, c.amount_off
+               FROM waitlist_entries w
+               JOIN ticket_types t ON t.id = w.ticket_type_id
+               JOIN events e ON e.id = w.event_id
+               LEFT JOIN promo_codes c ON c.id = w.promo_code_id AND c.withdrawn_at IS NULL
+                    AND (c.valid_from IS NULL OR c.valid_from <= now()) AND (c.valid_until IS NULL OR now() < c.valid_until)
+                    AND (c.ticket_type_ids IS NULL OR w.ticket_type_id = ANY(c.ticket_type_ids))
+               WHERE w.event_id = $1 AND w.status = 'WAITING' AND ($2::uuid IS NULL OR w.id > $2)
+               ORDER BY w.id LIMIT $3"#,
             event_id,
             after,
             PAGE
@@ -80,6 +104,8 @@ pub async fn offer(lock: &mut EventLock<'_>, event_id: Uuid, offer_ttl: Duration
             break;
         }
         stock::read_holdings(lock, events, waiting.iter().map(|entry| (event_id, entry.user_id))).await?;
+        let uses = waiting.iter().filter_map(|entry| entry.promo_code_id.map(|code| (entry.user_id, code)));
+        stock::read_codes(lock, events, uses).await?;
         let Some(event) = events.get_mut(&event_id) else { break };
         let now = Utc::now();
         let mut made = Vec::new();
@@ -88,9 +114,9 @@ pub async fn offer(lock: &mut EventLock<'_>, event_id: Uuid, offer_ttl: Duration
                 order_id: Uuid::now_v7(),
                 user_id: entry.user_id,
                 created_at: now,
-                free: entry.price.is_zero(),
+                free: entry.unit_price().is_zero(),
                 lines: vec![(entry.ticket_type_id, i64::from(entry.quantity))],
-                promo_code: None,
+                promo_code: entry.promo_code_id.map(|code| PromoUse { code, types: vec![entry.ticket_type_id] }),
             };
             let decision = event.decide(&request);
             if decision.allocated() {
@@ -140,31 +166,35 @@ async fn write_offers(
             ticket_type_id: entry.ticket_type_id,
             name: entry.type_name.clone(),
             quantity: entry.quantity,
-            unit_price: entry.price,
-            list_price: None,
+            unit_price: entry.unit_price(),
+            list_price: entry.promo_code_id.map(|_| entry.price),
         };
         columns.orders.push(decision.order_id);
         columns.entries.push(entry.id);
         columns.users.push(entry.user_id);
         columns.quantities.push(entry.quantity);
-        columns.prices.push(entry.price);
+        columns.prices.push(line.unit_price);
         columns.totals.push(line.amount());
+        columns.discounts.push(line.discount());
+        columns.code_ids.push(entry.promo_code_id);
+        columns.codes.push(entry.promo_code.clone());
         columns.currencies.push(entry.currency.clone());
         columns.statuses.push(status.as_str());
         let paid = status == OrderStatus::Paid;
         columns.reasons.push(if paid { reason::FREE_ORDER } else { reason::WAITLIST_OFFER });
         columns.lines.push(serde_json::to_string(&[line]).map_err(|err| sqlx::Error::Encode(Box::new(err)))?);
-        // Offered at the type's price, under no promo code.
-        issued.push(decision.order_id, event_id, entry.ticket_type_id, i64::from(entry.quantity), None);
+        issued.push(decision.order_id, event_id, entry.ticket_type_id, i64::from(entry.quantity), entry.promo_code_id);
     }
     sqlx::query!(
         "INSERT INTO orders (id, user_id, event_id, quantity, unit_price, total, currency, status, reason, lines,
-                             published_at, expires_at)
+                             published_at, expires_at, discount, promo_code_id, promo_code)
          SELECT id, user_id, $1, quantity, unit_price, total, currency, status, reason, lines::json, now(),
-                CASE WHEN status = 'PENDING' THEN now() + make_interval(secs => $11) END
+                CASE WHEN status = 'PENDING' THEN now() + make_interval(secs => $11) END, discount, promo_code_id,
+                promo_code
          FROM UNNEST($2::uuid[], $3::uuid[], $4::int4[], $5::numeric[], $6::numeric[], $7::text[], $8::text[],
-                     $9::text[], $10::text[])
-              AS u(id, user_id, quantity, unit_price, total, currency, status, reason, lines)",
+                     $9::text[], $10::text[], $12::numeric[], $13::uuid[], $14::text[])
+              AS u(id, user_id, quantity, unit_price, total, currency, status, reason, lines, discount, promo_code_id,
+                   promo_code)",
         event_id,
         &columns.orders,
         &columns.users,
@@ -175,7 +205,10 @@ async fn write_offers(
         &columns.statuses as &[&str],
         &columns.reasons as &[&str],
         &columns.lines,
-        offer_ttl.as_secs_f64()
+        offer_ttl.as_secs_f64(),
+        &columns.discounts,
+        &columns.code_ids as &[Option<Uuid>],
+        &columns.codes as &[Option<String>]
     )
     .execute(lock.conn())
     .await?;
@@ -204,4 +237,7 @@ struct OfferColumns {
     statuses: Vec<&'static str>,
     reasons: Vec<&'static str>,
     lines: Vec<String>,
+    discounts: Vec<Decimal>,
+    code_ids: Vec<Option<Uuid>>,
+    codes: Vec<Option<String>>,
 }

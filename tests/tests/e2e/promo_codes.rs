@@ -408,3 +408,48 @@ async fn a_type_that_requires_a_code_is_listed_and_sold_only_with_one() {
     assert_eq!((&crew_order["status"], &crew_order["reason"]), (&json!("PAID"), &json!("FREE_ORDER")));
     app.assert_consistent(event).await;
 }
+
+/// A waiting-list entry that carries a code is offered its tickets under it (priced and
+/// counted like an order placed with it); an entry without one at the type's price.
+#[tokio::test]
+async fn a_waiting_list_entry_with_a_code_is_offered_under_it() {
+    let app = TestApp::spawn().await;
+    let _worker = app.worker().await;
+    let admin = app.admin().await;
+    let buyers = app.buyers(3).await;
+    let (first, coded, plain) = (&buyers[0].1, &buyers[1].1, &buyers[2].1);
+    let event = app.event_with(&admin, 3, 4).await; // General at 49.90
+    let code = add_code(&app, &admin, event, json!({"code": "WAIT50", "percent_off": 50, "max_uses": 2})).await;
+    let held = app.pending_order(first, event, 3).await;
+
+    let waitlist = format!("/api/v1/events/{event}/waitlist");
+    let joined = app.post(&waitlist, &json!({"quantity": 1, "promo_code": "wait50"}), Some(coded)).await;
+    assert_eq!((joined.status, &joined.json["promo_code"]), (201, &json!("WAIT50")), "{}", joined.body);
+    app.post(&waitlist, &json!({"quantity": 1, "promo_code": "NOSUCH"}), Some(plain))
+        .await
+        .assert_error(422, "invalid_promo_code");
+    let joined = app.post(&waitlist, &json!({"quantity": 1}), Some(plain)).await;
+    assert_eq!((joined.status, &joined.json["promo_code"]), (201, &Value::Null), "{}", joined.body);
+
+    // The hold is cancelled: both entries are offered a ticket, one under the code.
+    assert_eq!(app.post(&format!("/api/v1/orders/{held}/cancel"), &json!({}), Some(first)).await.status, 200);
+    let offers: Vec<(Uuid, Uuid)> = sqlx::query_as(
+        "SELECT w.user_id, w.order_id FROM waitlist_entries w WHERE w.event_id = $1 AND w.status = 'OFFERED'",
+    )
+    .bind(event)
+    .fetch_all(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(offers.len(), 2, "{offers:?}");
+    let offer_of = |user: Uuid| offers.iter().find(|(u, _)| *u == user).map(|(_, order)| *order).expect("an offer");
+    let under_code = app.outcome(coded, offer_of(buyers[1].0)).await;
+    assert_eq!(
+        (&under_code["status"], &under_code["reason"], &under_code["total"], &under_code["discount"]),
+        (&json!("PENDING"), &json!("WAITLIST_OFFER"), &json!("24.95"), &json!("24.95"))
+    );
+    assert_eq!((&under_code["promo_code"], &under_code["items"][0]["list_price"]), (&json!("WAIT50"), &json!("49.90")));
+    let at_price = app.outcome(plain, offer_of(buyers[2].0)).await;
+    assert_eq!((&at_price["total"], &at_price["promo_code"]), (&json!("49.90"), &Value::Null));
+    assert_eq!(uses(&app, code).await, 1);
+    app.assert_consistent(event).await;
+}
