@@ -49,10 +49,16 @@ CREATE INDEX promo_codes_event ON promo_codes (event_id, id);
 ALTER TABLE orders ADD COLUMN promo_code_id UUID REFERENCES promo_codes (id);
 ALTER TABLE orders ADD COLUMN promo_code TEXT;
 ALTER TABLE orders ADD COLUMN discount NUMERIC(12, 2) NOT NULL DEFAULT 0;
+-- Its tickets under the code (those of the lines the code applies to): the uses it takes
+-- while it is PENDING or PAID.
+ALTER TABLE orders ADD COLUMN promo_uses INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE orders ADD CONSTRAINT orders_promo_code_named CHECK ((promo_code_id IS NULL) = (promo_code IS NULL));
 ALTER TABLE orders ADD CONSTRAINT orders_discount_non_negative CHECK (discount >= 0);
--- A buyer's tickets under a code (the per-buyer limit), found from the code.
-CREATE INDEX orders_promo_code_buyer ON orders (promo_code_id, user_id) WHERE promo_code_id IS NOT NULL;
+ALTER TABLE orders ADD CONSTRAINT orders_promo_uses_coded
+    CHECK (promo_uses >= 0 AND (promo_code_id IS NOT NULL OR promo_uses = 0));
+-- A buyer's uses of a code (the per-buyer limit), read from this index alone.
+CREATE INDEX orders_promo_code_buyer ON orders (promo_code_id, user_id) INCLUDE (event_id, status, promo_uses)
+    WHERE promo_code_id IS NOT NULL;
 
 -- A type sold only on orders that carry a live code naming it (an access code's types),
 -- listed only to admins and to holders of such a code.

@@ -130,6 +130,20 @@ impl TestApp {
         .await
         .expect("compare tickets with their orders' promo codes");
         assert!(misfiled.is_empty(), "tickets not under the code their line was sold under: {misfiled:?}");
+        let miscounted: Vec<(Uuid, i32, i64)> = sqlx::query_as(
+            "SELECT o.id, o.promo_uses, count(t.id) FILTER (WHERE t.promo_code_id IS NOT NULL)
+             FROM orders o LEFT JOIN tickets t ON t.order_id = o.id AND t.status = 'ACTIVE'
+             WHERE o.event_id = $1 AND o.status IN ('PENDING', 'PAID') GROUP BY o.id
+             HAVING o.promo_uses <> count(t.id) FILTER (WHERE t.promo_code_id IS NOT NULL)",
+        )
+        .bind(event)
+        .fetch_all(&self.db.pool)
+        .await
+        .expect("compare orders' promo uses with their tickets");
+        assert!(
+            miscounted.is_empty(),
+            "orders whose promo_uses differ from their tickets under the code: {miscounted:?}"
+        );
         (i64::from(capacity), i64::from(sold))
     }
 }

@@ -32,6 +32,8 @@ pub struct NewOrder {
     pub promo_code: Option<(Uuid, String)>,
     /// What the code took off the total.
     pub discount: Decimal,
+    /// Its tickets under the code (of the lines the code applies to).
+    pub promo_uses: i32,
     pub idempotency_key: Option<IdempotencyKey>,
     /// The W3C trace context of the request that placed it.
     pub traceparent: Option<String>,
@@ -157,13 +159,14 @@ async fn insert_orders(
     let lines = orders.iter().map(|o| lines_json(&o.lines)).collect::<Result<Vec<_>, _>>()?;
     let rows = sqlx::query!(
         "INSERT INTO orders (id, user_id, event_id, quantity, unit_price, total, currency, idempotency_key, partition,
-                             traceparent, lines, promo_code_id, promo_code, discount)
+                             traceparent, lines, promo_code_id, promo_code, discount, promo_uses)
          SELECT id, user_id, event_id, quantity, unit_price, total, currency, idempotency_key, partition, traceparent,
-                lines::json, promo_code_id, promo_code, discount
+                lines::json, promo_code_id, promo_code, discount, promo_uses
          FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::int4[], $5::numeric[], $6::numeric[], $7::text[],
-                     $8::text[], $9::int2[], $10::text[], $11::text[], $12::uuid[], $13::text[], $14::numeric[])
+                     $8::text[], $9::int2[], $10::text[], $11::text[], $12::uuid[], $13::text[], $14::numeric[],
+                     $15::int4[])
               AS u(id, user_id, event_id, quantity, unit_price, total, currency, idempotency_key, partition,
-                   traceparent, lines, promo_code_id, promo_code, discount)
+                   traceparent, lines, promo_code_id, promo_code, discount, promo_uses)
          ON CONFLICT (user_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
          RETURNING id, created_at, updated_at",
         &column(|o| o.id),
@@ -181,7 +184,8 @@ async fn insert_orders(
         &orders.iter().map(|o| o.promo_code.as_ref().map(|(id, _)| *id)).collect::<Vec<_>>() as &[Option<Uuid>],
         &orders.iter().map(|o| o.promo_code.as_ref().map(|(_, code)| code.as_str())).collect::<Vec<_>>()
             as &[Option<&str>],
-        &orders.iter().map(|o| o.discount).collect::<Vec<_>>()
+        &orders.iter().map(|o| o.discount).collect::<Vec<_>>(),
+        &orders.iter().map(|o| o.promo_uses).collect::<Vec<_>>()
     )
     .fetch_all(db)
     .await?;

@@ -187,10 +187,10 @@ async fn write_offers(
     }
     sqlx::query!(
         "INSERT INTO orders (id, user_id, event_id, quantity, unit_price, total, currency, status, reason, lines,
-                             published_at, expires_at, discount, promo_code_id, promo_code)
+                             published_at, expires_at, discount, promo_code_id, promo_code, promo_uses)
          SELECT id, user_id, $1, quantity, unit_price, total, currency, status, reason, lines::json, now(),
                 CASE WHEN status = 'PENDING' THEN now() + make_interval(secs => $11) END, discount, promo_code_id,
-                promo_code
+                promo_code, CASE WHEN promo_code_id IS NOT NULL THEN quantity ELSE 0 END
          FROM UNNEST($2::uuid[], $3::uuid[], $4::int4[], $5::numeric[], $6::numeric[], $7::text[], $8::text[],
                      $9::text[], $10::text[], $12::numeric[], $13::uuid[], $14::text[])
               AS u(id, user_id, quantity, unit_price, total, currency, status, reason, lines, discount, promo_code_id,
