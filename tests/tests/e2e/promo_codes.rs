@@ -158,6 +158,17 @@ async fn admins_manage_promo_codes_and_every_refusal_has_its_code() {
     app.patch(&format!("{path}/{access}"), &json!({"max_uses": 3}), Some(&admin)).await.assert_error(404, "not_found");
     add_code(&app, &admin, event, json!({"code": "Backstage"})).await;
     assert_eq!(app.get(&path, Some(&admin)).await.json.as_array().unwrap().len(), 3);
+
+    // At most 1,000 live codes per event (the api keeps them in memory with the event).
+    sqlx::query(
+        "INSERT INTO promo_codes (id, event_id, code)
+         SELECT gen_random_uuid(), $1, 'BULK-' || n FROM generate_series(1, 998) AS n",
+    )
+    .bind(event)
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    app.post(&path, &json!({"code": "ONE-TOO-MANY"}), Some(&admin)).await.assert_error(409, "too_many_promo_codes");
 }
 
 #[tokio::test]
