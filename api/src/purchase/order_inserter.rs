@@ -105,9 +105,7 @@ async fn store(db: &PgPool, publisher: &Publisher, partitions: u16, batch: Vec<(
             }
             let mut outcomes = Vec::with_capacity(orders.len());
             for order in &orders {
-                outcomes.push(
-                    insert_orders(db, &[order], partitions).await.map(|mut stored| outcome(&mut stored, order.id)),
-                );
+                outcomes.push(store_one(db, order, partitions).await);
             }
             outcomes
         }
@@ -141,6 +139,19 @@ async fn store(db: &PgPool, publisher: &Publisher, partitions: u16, batch: Vec<(
     for ((_, reply), outcome) in batch.into_iter().zip(outcomes) {
         let _ = reply.send(outcome);
     }
+}
+
+/// One order of a batch whose statement failed. The failure may have come after the commit
+/// (a connection lost while the server committed, a primary that crashed after writing the
+/// commit): an unknown outcome, so the order is read before it is inserted again, and one
+/// that the batch did store is stored.
+async fn store_one(db: &PgPool, order: &NewOrder, partitions: u16) -> Result<Stored, sqlx::Error> {
+    let earlier =
+        sqlx::query!("SELECT created_at, updated_at FROM orders WHERE id = $1", order.id).fetch_optional(db).await?;
+    if let Some(row) = earlier {
+        return Ok(Stored::Inserted(row.created_at, row.updated_at));
+    }
+    insert_orders(db, &[order], partitions).await.map(|mut stored| outcome(&mut stored, order.id))
 }
 
 fn outcome(stored: &mut HashMap<Uuid, (DateTime<Utc>, DateTime<Utc>)>, id: Uuid) -> Stored {
