@@ -32,11 +32,17 @@ pub struct NewOrder {
     pub promo_code: Option<(Uuid, String)>,
     /// What the code took off the total.
     pub discount: Decimal,
-    /// Its tickets under the code (of the lines the code applies to).
-    pub promo_uses: i32,
     pub idempotency_key: Option<IdempotencyKey>,
     /// The W3C trace context of the request that placed it.
     pub traceparent: Option<String>,
+}
+
+impl NewOrder {
+    /// Its tickets under its promo code (those of the lines the code applies to): the uses
+    /// it takes (`orders.promo_uses`).
+    fn promo_uses(&self) -> i32 {
+        self.lines.iter().filter(|line| line.under_promo_code()).map(|line| line.quantity).sum()
+    }
 }
 
 /// What became of one [`NewOrder`].
@@ -196,7 +202,7 @@ async fn insert_orders(
         &orders.iter().map(|o| o.promo_code.as_ref().map(|(_, code)| code.as_str())).collect::<Vec<_>>()
             as &[Option<&str>],
         &orders.iter().map(|o| o.discount).collect::<Vec<_>>(),
-        &orders.iter().map(|o| o.promo_uses).collect::<Vec<_>>()
+        &orders.iter().map(|o| o.promo_uses()).collect::<Vec<_>>()
     )
     .fetch_all(db)
     .await?;

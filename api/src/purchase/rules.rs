@@ -436,7 +436,7 @@ mod tests {
         assert_eq!((priced.lines[0].unit_price, priced.lines[0].list_price), (money("99.50"), None));
         assert_eq!((priced.lines[1].unit_price, priced.lines[1].list_price), (money("17.50"), Some(money("20.00"))));
         assert_eq!((priced.total, priced.discount), (money("152.00"), money("7.50")));
-        // 99.50 × 66.67% = 66.33835 → 66.34 (half-up at the cent); 99.50 × 0.5 = 49.75 exactly.
+        // 99.50 × 66.67% = 66.33665 → 66.34 (at the cent); 99.50 × 0.5 = 49.75 exactly.
         let vip = |percent| {
             let mut event = event.clone();
             event.codes.0 = vec![code("VIPDEAL", Some(percent), None, None)];
@@ -445,7 +445,7 @@ mod tests {
         assert_eq!(vip("33.33"), money("66.34"));
         assert_eq!(vip("50"), money("49.75"));
         assert_eq!(vip("100"), money("0"));
-        // 66.665 → 66.67: a midpoint rounds up.
+        // 99.98 × 66.67% = 66.656666 → 66.66; 0.03 × 50% = 0.015, a midpoint, rounds up.
         let cents = code("X-Y", Some("33.33"), None, None);
         assert_eq!(discounted(money("99.98"), &cents, 2), money("66.66"));
         assert_eq!(discounted(money("0.03"), &code("X-Y", Some("50"), None, None), 2), money("0.02"));

@@ -224,7 +224,6 @@ async fn purchase(
             lines: lines.clone(),
             promo_code: promo_code.clone(),
             discount,
-            promo_uses: lines.iter().filter(|line| line.under_promo_code()).map(|line| line.quantity).sum(),
             idempotency_key: key.clone(),
             traceparent,
         })

@@ -15,7 +15,7 @@ use axum::http::{HeaderMap, StatusCode};
 use chrono::{DateTime, Datelike, Utc};
 use common::domain::Currency;
 use common::domain::money::{self, AmountText};
-use common::sales::{self, EventLock};
+use common::sales::EventLock;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -26,6 +26,7 @@ use uuid::Uuid;
 
 use super::input::{MAX_CAPACITY, MAX_PRICE, invalid, merge_patch};
 use super::page::PageQuery;
+use super::ticket_types::find_event;
 use crate::auth::AdminUser;
 use crate::error::{ApiError, ErrorBody, ResultExt};
 use crate::extract::{Json, Path, Query};
@@ -255,13 +256,10 @@ async fn load<'c, E: sqlx::PgExecutor<'c>>(
         .ok_or(ApiError::NotFound("promo code"))
 }
 
-/// Locks the live event (the allocator's lock: it orders a code's change with the
-/// decisions that count its uses) and returns its currency and live ticket types.
+/// Locks the live event (the allocator's lock, as for ticket types: it orders a code's change
+/// with the decisions that count its uses) and returns its currency and live ticket types.
 async fn lock_event(tx: &mut sqlx::PgConnection, id: Uuid) -> Result<(EventLock<'_>, Currency, Vec<Uuid>), ApiError> {
-    let mut lock = sales::lock_live_event(tx, id).await?.ok_or(ApiError::NotFound("event"))?;
-    let code = lock.event(id).map(|event| event.currency.clone()).unwrap_or_default();
-    let currency =
-        Currency::parse(&code).map_err(|err| ApiError::Internal(anyhow::anyhow!("stored currency {code}: {err}")))?;
+    let (mut lock, currency) = super::ticket_types::lock_event(tx, id).await?;
     let types = sqlx::query_scalar!("SELECT id FROM ticket_types WHERE event_id = $1 AND deleted_at IS NULL", id)
         .fetch_all(lock.conn())
         .await?;
@@ -270,15 +268,6 @@ async fn lock_event(tx: &mut sqlx::PgConnection, id: Uuid) -> Result<(EventLock<
 
 fn code_taken() -> ApiError {
     ApiError::conflict("promo_code_exists", "the event already has a live promo code of this name (whatever its case)")
-}
-
-/// The event (not deleted), or 404.
-async fn find_event(db: &sqlx::PgPool, id: Uuid) -> Result<(), ApiError> {
-    sqlx::query!("SELECT 1 AS found FROM events WHERE id = $1 AND deleted_at IS NULL", id)
-        .fetch_optional(db)
-        .await?
-        .map(|_| ())
-        .ok_or(ApiError::NotFound("event"))
 }
 
 /// An event's promo codes (admin), newest first, withdrawn ones included, each with its
@@ -301,7 +290,7 @@ pub async fn list_promo_codes(
     Query(query): Query<PageQuery>,
 ) -> Result<(HeaderMap, Json<Vec<PromoCode>>), ApiError> {
     let limit = query.limit()?;
-    find_event(&state.db, id).await?;
+    find_event(&state.db, id, false).await?;
     let mut codes = select(&state.db, id, None, query.cursor, limit + 1).await?;
     let headers = query.finish(&format!("/api/v1/events/{id}/promo-codes"), &mut codes, |code| code.id);
     Ok((headers, Json(codes)))
@@ -322,7 +311,7 @@ pub async fn get_promo_code(
     AdminUser(_admin): AdminUser,
     Path((id, code_id)): Path<(Uuid, Uuid)>,
 ) -> Result<Json<PromoCode>, ApiError> {
-    find_event(&state.db, id).await?;
+    find_event(&state.db, id, false).await?;
     load(&state.db, id, code_id, true).await.map(Json)
 }
 

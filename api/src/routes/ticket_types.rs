@@ -267,7 +267,7 @@ async fn select<'c, E: sqlx::PgExecutor<'c>>(
 }
 
 /// The event (not deleted, or deleted for admins), or 404.
-async fn find_event(db: &sqlx::PgPool, id: Uuid, admin: bool) -> Result<(), ApiError> {
+pub(super) async fn find_event(db: &sqlx::PgPool, id: Uuid, admin: bool) -> Result<(), ApiError> {
     sqlx::query!("SELECT 1 AS found FROM events WHERE id = $1 AND (deleted_at IS NULL OR $2)", id, admin)
         .fetch_optional(db)
         .await?
@@ -328,7 +328,7 @@ async fn load<'c, E: sqlx::PgExecutor<'c>>(
 
 /// Locks the live event (the allocator's lock: it orders this change with the decisions
 /// and with other edits of its types) and returns its currency.
-async fn lock_event(tx: &mut sqlx::PgConnection, id: Uuid) -> Result<(EventLock<'_>, Currency), ApiError> {
+pub(super) async fn lock_event(tx: &mut sqlx::PgConnection, id: Uuid) -> Result<(EventLock<'_>, Currency), ApiError> {
     let lock = sales::lock_live_event(tx, id).await?.ok_or(ApiError::NotFound("event"))?;
     let code = lock.event(id).map(|event| event.currency.as_str()).unwrap_or_default();
     let currency =
