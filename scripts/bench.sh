@@ -18,6 +18,8 @@
 #   FAST_PATH     the api's SOLD_OUT_FAST_PATH (default false: every order goes through the
 #                 queue and the worker, the path being measured; true answers 409 at once
 #                 once the event is known sold out)
+#   QUEUE_DEMAND_FACTOR  the api's queue-full factor (default 0, off, for the same reason:
+#                 hot's stampede asks for more than three times its capacity on purpose)
 #   BENCH_ADDR    where the api listens (default 127.0.0.1:8089, beside `make run`'s 8080)
 #   BENCH_BINARIES  a directory with other `api` and `worker` binaries to measure (e.g. an
 #                 earlier build kept aside, to compare two builds in one session); default
@@ -66,6 +68,7 @@ export AMQP_URL="${AMQP_URL%/*}/turnstile_bench"
 random_secrets
 export IMAGE_STORE="$PWD/.local/bench-images"
 export METRICS_ADDR=127.0.0.1:0 BIND_ADDR="$addr" SOLD_OUT_FAST_PATH="$fast_path" RUST_LOG="${RUST_LOG:-warn}"
+export QUEUE_DEMAND_FACTOR="${QUEUE_DEMAND_FACTOR:-0}"
 durable_label=""
 if [ "$durable" = 1 ]; then durable_label="durable"; fi
 # `TURNSTILE_PG_HA=1 make bench`: on `make ha`'s Patroni cluster (durable, replicated).

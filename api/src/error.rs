@@ -41,6 +41,14 @@ pub enum ApiError {
     /// names the status it is in.
     #[error("the order is {} and cannot become {target}", current.as_str())]
     InvalidTransition { current: OrderStatus, target: &'static str },
+    /// 409 `queue_full`: the event's queued orders already ask for more than its queue
+    /// may hold (`QUEUE_DEMAND_FACTOR` times what is left); the body gives both counts and
+    /// the waiting list to join instead.
+    #[error(
+        "the event has {left} tickets left and its queued orders already ask for {queued}; join its waiting list \
+         to be offered tickets that come back"
+    )]
+    QueueFull { event_id: uuid::Uuid, left: i64, queued: i64 },
     /// 409 `already_checked_in`: the ticket was scanned before, at `at`.
     #[error("this ticket was checked in at {}", at.to_rfc3339())]
     AlreadyCheckedIn { at: chrono::DateTime<chrono::Utc> },
@@ -76,7 +84,7 @@ pub struct ErrorBody {
     pub error: ErrorDetail,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Default, Serialize, ToSchema)]
 pub struct ErrorDetail {
     /// Stable, machine-readable code, e.g. `email_taken`, `validation_failed`.
     #[schema(example = "email_taken")]
@@ -89,6 +97,16 @@ pub struct ErrorDetail {
     /// With `already_checked_in`: when the ticket was first scanned.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub checked_in_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// With `queue_full`: the event's tickets not yet sold or held.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tickets_left: Option<i64>,
+    /// With `queue_full`: the tickets the event's queued orders ask for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tickets_queued: Option<i64>,
+    /// With `queue_full`: where to join the event's waiting list (`POST`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(example = "/api/v1/events/0190f1a2-0000-7000-8000-000000000000/waitlist")]
+    pub waitlist_url: Option<String>,
 }
 
 /// The roles an action requires, named in its 403.
@@ -146,6 +164,7 @@ impl ApiError {
             Self::Conflict { code, .. } => (StatusCode::CONFLICT, code),
             Self::InvalidTransition { .. } => (StatusCode::CONFLICT, "invalid_transition"),
             Self::AlreadyCheckedIn { .. } => (StatusCode::CONFLICT, "already_checked_in"),
+            Self::QueueFull { .. } => (StatusCode::CONFLICT, "queue_full"),
             Self::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Self::UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
             Self::TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, "too_many_requests"),
@@ -190,7 +209,22 @@ impl ApiError {
             Self::AlreadyCheckedIn { at } => Some(*at),
             _ => None,
         };
-        (status, ErrorBody { error: ErrorDetail { code: code.to_owned(), message, current_status, checked_in_at } })
+        let (tickets_left, tickets_queued, waitlist_url) = match self {
+            Self::QueueFull { event_id, left, queued } => {
+                (Some(*left), Some(*queued), Some(format!("/api/v1/events/{event_id}/waitlist")))
+            }
+            _ => (None, None, None),
+        };
+        let error = ErrorDetail {
+            code: code.to_owned(),
+            message,
+            current_status,
+            checked_in_at,
+            tickets_left,
+            tickets_queued,
+            waitlist_url,
+        };
+        (status, ErrorBody { error })
     }
 }
 
@@ -312,8 +346,7 @@ pub async fn method_not_allowed() -> Response {
         error: ErrorDetail {
             code: "method_not_allowed".into(),
             message: "this route does not accept that method".into(),
-            current_status: None,
-            checked_in_at: None,
+            ..ErrorDetail::default()
         },
     };
     (StatusCode::METHOD_NOT_ALLOWED, Json(body)).into_response()

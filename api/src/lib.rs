@@ -136,7 +136,9 @@ fn app_state(
     };
     let publisher = Arc::new(Publisher::new(amqp.clone(), config.broker.partitions));
     // The inserter's task ends once the HTTP server (which holds the inserter) has.
-    let (orders, inserter) = order_inserter::OrderInserter::new(db.clone(), publisher, config.broker.partitions);
+    let settings =
+        order_inserter::Settings { partitions: config.broker.partitions, demand_factor: config.queue_demand_factor };
+    let (orders, inserter) = order_inserter::OrderInserter::new(db.clone(), publisher, settings);
     tasks.spawn("order inserter", inserter);
     Ok(AppState {
         db,

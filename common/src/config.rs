@@ -202,6 +202,13 @@ pub struct ApiConfig {
     #[arg(long = "sold-out-fast-path", env = "SOLD_OUT_FAST_PATH", default_value_t = true,
           action = clap::ArgAction::Set, value_name = "BOOL")]
     pub sold_out_fast_path: bool,
+    /// Queue full: a new order is refused at once with `409 queue_full` when the tickets
+    /// asked for by its event's queued orders (its own included) would pass this many times
+    /// what the event has left. Decimals allowed (at least 1, at most 10000); 0 turns it off.
+    /// An event's `queue_demand_factor` overrides it.
+    #[arg(long = "queue-demand-factor", env = "QUEUE_DEMAND_FACTOR", default_value_t = 3.0,
+          value_parser = parse_demand_factor)]
+    pub queue_demand_factor: f64,
     /// How long the fast path trusts an event's tickets-left count read from the database,
     /// in milliseconds, before reading it again. During that time a sold-out event costs
     /// the database nothing, and tickets released meanwhile may be refused; 0 reads on every
@@ -418,6 +425,14 @@ fn check_secret(name: &str, bytes: &[u8]) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// `QUEUE_DEMAND_FACTOR`: 0 (off), or 1 to 10000.
+fn parse_demand_factor(value: &str) -> Result<f64, String> {
+    match value.trim().parse::<f64>() {
+        Ok(factor) if factor == 0.0 || (1.0..=10_000.0).contains(&factor) => Ok(factor),
+        _ => Err("expected 0 (off) or a number from 1 to 10000".to_owned()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -477,6 +492,20 @@ mod tests {
         cfg.validate().unwrap();
         assert_eq!(cfg.broker.partitions, 8);
         assert!(!format!("{cfg:?}").contains(GOOD));
+    }
+
+    #[test]
+    fn the_queue_demand_factor_is_off_or_at_least_one() {
+        let factor = |value: &str| {
+            parse(&["--jwt-secret", GOOD, "--webhook-secret", GOOD, "--queue-demand-factor", value])
+                .map(|cfg| cfg.queue_demand_factor)
+        };
+        assert_eq!(parse(&["--jwt-secret", GOOD, "--webhook-secret", GOOD]).unwrap().queue_demand_factor, 3.0);
+        assert_eq!(factor("0").unwrap(), 0.0);
+        assert_eq!(factor("1.5").unwrap(), 1.5);
+        for refused in ["0.5", "-1", "10001", "NaN", "inf", "three"] {
+            assert!(factor(refused).is_err(), "{refused}");
+        }
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //!           "total": "99.80", "currency": "EUR", "promo_code": null, "discount": "0.00",
 //!           "items": [{"ticket_type_id": "…", "name": "General admission", "quantity": 2, "unit_price": "49.90"}],
 //!           "status": "PAID", "reason": null, "reason_ticket_type_id": null, "created_at": "…",
-//!           "expires_at": "…"}}
+//!           "expires_at": "…", "queue_number": 42}}
 //! ```
 //!
 //! `id` is unique per status change (the same on a re-publish, so consumers can drop
@@ -80,6 +80,8 @@ pub struct OrderSnapshot {
     pub created_at: DateTime<Utc>,
     /// Until when `PENDING` tickets are held.
     pub expires_at: Option<DateTime<Utc>>,
+    /// The order's number in its event's queue (1, 2, 3… as its event's orders arrived).
+    pub queue_number: Option<i64>,
 }
 
 /// The event type (and routing key) of a status: `order.<status in lower case>`.

@@ -36,6 +36,13 @@ impl Drop for TestApp {
     }
 }
 
+/// Settings for an api that refuses nothing at the door for lack of tickets (neither the
+/// sold-out fast path nor queue full): every order is stored and the worker decides it,
+/// which is what tests of the worker's decisions need.
+pub fn worker_decides() -> Vec<(&'static str, String)> {
+    vec![("SOLD_OUT_FAST_PATH", "false".to_owned()), ("QUEUE_DEMAND_FACTOR", "0".to_owned())]
+}
+
 impl TestApp {
     /// The api in the test's process.
     pub async fn spawn() -> Self {

@@ -22,7 +22,7 @@ mod process;
 mod requests;
 mod services;
 
-pub use app::TestApp;
+pub use app::{TestApp, worker_decides};
 pub use broker::{Management, TestBroker, bind_order_events};
 pub use db::TestDb;
 pub use in_process::{InProcessApi, InProcessWorker};

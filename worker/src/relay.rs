@@ -95,7 +95,7 @@ impl Relay {
                     CASE WHEN h.status = 'REJECTED' THEN o.reason_ticket_type_id END AS reason_ticket_type_id,
                     o.created_at,
                     -- The hold's end belongs to the PENDING event; the QUEUED one predates it.
-                    CASE WHEN h.status <> 'QUEUED' THEN o.expires_at END AS expires_at
+                    CASE WHEN h.status <> 'QUEUED' THEN o.expires_at END AS expires_at, o.queue_number
              FROM order_history h JOIN orders o ON o.id = h.order_id
              WHERE h.relayed_at IS NULL ORDER BY h.id LIMIT $1"#,
             BATCH
@@ -122,6 +122,7 @@ impl Relay {
                 reason_ticket_type_id: row.reason_ticket_type_id,
                 created_at: row.created_at,
                 expires_at: row.expires_at,
+                queue_number: row.queue_number,
             },
         })
         .collect();
@@ -310,6 +311,7 @@ mod tests {
             reason_ticket_type_id: None,
             created_at: chrono::Utc::now(),
             expires_at: None,
+            queue_number: Some(1),
         };
         OrderNotification::new(history_id, chrono::Utc::now(), snapshot)
     }

@@ -45,13 +45,25 @@ impl NewOrder {
     }
 }
 
+/// How orders are stored.
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    /// The broker's partition queues.
+    pub partitions: u16,
+    /// `QUEUE_DEMAND_FACTOR` (0: no queue-full refusals, unless an event sets its own).
+    pub demand_factor: f64,
+}
+
 /// What became of one [`NewOrder`].
 pub enum Stored {
     /// Stored, and its message handed to the broker (or, if that failed, left to the
-    /// re-publisher); its `(created_at, updated_at)`.
-    Inserted(DateTime<Utc>, DateTime<Utc>),
+    /// re-publisher).
+    Inserted(Placed),
     /// Not stored: the user already has an order under this `Idempotency-Key`.
     KeyTaken,
+    /// Not stored: the event's queue asks for too many tickets already (queue full). What
+    /// its queued orders ask for, and what the event has left.
+    QueueFull { queued: i64, left: i64 },
 }
 
 type Reply = oneshot::Sender<Result<Stored, sqlx::Error>>;
@@ -75,13 +87,13 @@ impl OrderInserter {
     pub fn new(
         db: PgPool,
         publisher: Arc<Publisher>,
-        partitions: u16,
+        settings: Settings,
     ) -> (Self, impl std::future::Future<Output = ()> + Send + 'static) {
         let (queue, mut rx) = mpsc::channel::<(NewOrder, Reply)>(INSERT_BATCH * 4);
         let task = async move {
             let mut batch = Vec::with_capacity(INSERT_BATCH);
             while rx.recv_many(&mut batch, INSERT_BATCH).await > 0 {
-                store(&db, &publisher, partitions, std::mem::take(&mut batch)).await;
+                store(&db, &publisher, settings, std::mem::take(&mut batch)).await;
             }
         };
         (Self { queue }, task)
@@ -100,10 +112,10 @@ impl OrderInserter {
 /// partition. The answers wait for the messages to be sent but not for the broker's
 /// confirms: the stored order is the promise (the orders table is the outbox), and an order
 /// whose confirm never comes is sent again by the worker's re-publisher.
-async fn store(db: &PgPool, publisher: &Publisher, partitions: u16, batch: Vec<(NewOrder, Reply)>) {
+async fn store(db: &PgPool, publisher: &Publisher, settings: Settings, batch: Vec<(NewOrder, Reply)>) {
     metrics::histogram!("turnstile_accept_batch_orders").record(batch.len() as f64);
     let orders: Vec<&NewOrder> = batch.iter().map(|(order, _)| order).collect();
-    let outcomes: Vec<Result<Stored, sqlx::Error>> = match insert_orders(db, &orders, partitions).await {
+    let outcomes: Vec<Result<Stored, sqlx::Error>> = match insert_orders(db, &orders, settings).await {
         Ok(mut stored) => orders.iter().map(|order| Ok(outcome(&mut stored, order.id))).collect(),
         Err(err) => {
             if batch.len() > 1 {
@@ -111,7 +123,7 @@ async fn store(db: &PgPool, publisher: &Publisher, partitions: u16, batch: Vec<(
             }
             let mut outcomes = Vec::with_capacity(orders.len());
             for order in &orders {
-                outcomes.push(store_one(db, order, partitions).await);
+                outcomes.push(store_one(db, order, settings).await);
             }
             outcomes
         }
@@ -151,62 +163,216 @@ async fn store(db: &PgPool, publisher: &Publisher, partitions: u16, batch: Vec<(
 /// (a connection lost while the server committed, a primary that crashed after writing the
 /// commit): an unknown outcome, so the order is read before it is inserted again, and one
 /// that the batch did store is stored.
-async fn store_one(db: &PgPool, order: &NewOrder, partitions: u16) -> Result<Stored, sqlx::Error> {
-    let earlier =
-        sqlx::query!("SELECT created_at, updated_at FROM orders WHERE id = $1", order.id).fetch_optional(db).await?;
+async fn store_one(db: &PgPool, order: &NewOrder, settings: Settings) -> Result<Stored, sqlx::Error> {
+    let earlier = sqlx::query!(
+        r#"SELECT o.created_at, o.updated_at, o.queue_number,
+                  queue_position(o.status, o.queue_number, e.queue_decided) AS queue_position,
+                  queue_wait_secs(o.status, o.queue_number, e.queue_decided, e.queue_rate) AS estimated_wait_secs
+           FROM orders o JOIN events e ON e.id = o.event_id WHERE o.id = $1"#,
+        order.id
+    )
+    .fetch_optional(db)
+    .await?;
     if let Some(row) = earlier {
-        return Ok(Stored::Inserted(row.created_at, row.updated_at));
+        return Ok(Stored::Inserted(Placed {
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+            queue_number: row.queue_number,
+            queue_position: row.queue_position,
+            estimated_wait_secs: row.estimated_wait_secs,
+        }));
     }
-    insert_orders(db, &[order], partitions).await.map(|mut stored| outcome(&mut stored, order.id))
+    insert_orders(db, &[order], settings).await.map(|mut stored| outcome(&mut stored, order.id))
 }
 
-fn outcome(stored: &mut HashMap<Uuid, (DateTime<Utc>, DateTime<Utc>)>, id: Uuid) -> Stored {
-    stored.remove(&id).map_or(Stored::KeyTaken, |(created, updated)| Stored::Inserted(created, updated))
+/// One order's outcome; an order the statement did not look at had a key its user had used.
+fn outcome(stored: &mut HashMap<Uuid, Stored>, id: Uuid) -> Stored {
+    stored.remove(&id).unwrap_or(Stored::KeyTaken)
 }
 
-/// Inserts the orders in one statement; returns the timestamps of those stored. An order
-/// whose `Idempotency-Key` the user already used (even earlier in the same batch) is skipped.
+/// An order as its insert statement stored it.
+#[derive(Clone, Copy, Debug)]
+pub struct Placed {
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    /// Its number in its event's queue.
+    pub queue_number: Option<i64>,
+    /// Its place in line when it was stored (1: the next of its event to be decided).
+    pub queue_position: Option<i64>,
+    /// Seconds until it is decided, at its event's recent rate; `None` while unknown.
+    pub estimated_wait_secs: Option<i64>,
+}
+
+/// Inserts the orders in one statement, each numbered in its event's queue in the order
+/// given; returns what became of each. The statement:
+///
+/// - `u`: leaves out an order whose `Idempotency-Key` its user already used (even earlier in
+///   the batch): it is answered as a replay;
+/// - `queues`: locks the rows of the batch's events in `event_queues` (in event order, so two
+///   statements never wait for each other in a cycle) until it commits, so the counting and
+///   the refusals below are exact under concurrency;
+/// - `admitted`: queue full, leaves out an order that would make its event's queue ask for
+///   more than `factor` times what is left (`QUEUE_DEMAND_FACTOR`, 0 for none, unless the
+///   event has its own); never while nothing is left, which is the sold-out answers' case;
+/// - `stored`, `counted`: inserts the others, numbered after the last number given, and
+///   raises the queue's last number and tickets by what was stored.
+///
+/// Should a concurrent statement take a key between the check and the insert, that order's
+/// number is left unused: places are counted from the worker's highest decided number, so
+/// the gap closes once the worker passes it.
 async fn insert_orders(
     db: &PgPool,
     orders: &[&NewOrder],
-    partitions: u16,
-) -> Result<HashMap<Uuid, (DateTime<Utc>, DateTime<Utc>)>, sqlx::Error> {
-    let column = |f: fn(&NewOrder) -> Uuid| orders.iter().map(|o| f(o)).collect::<Vec<_>>();
-    let partition = |o: &&NewOrder| partition_of(o.event_id, partitions) as i16;
-    let lines = orders.iter().map(|o| lines_json(&o.lines)).collect::<Result<Vec<_>, _>>()?;
-    let rows = sqlx::query!(
-        "INSERT INTO orders (id, user_id, event_id, quantity, unit_price, total, currency, idempotency_key, partition,
-                             traceparent, lines, promo_code_id, promo_code, discount, promo_uses)
-         SELECT id, user_id, event_id, quantity, unit_price, total, currency, idempotency_key, partition, traceparent,
-                lines::json, promo_code_id, promo_code, discount, promo_uses
-         FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::int4[], $5::numeric[], $6::numeric[], $7::text[],
-                     $8::text[], $9::int2[], $10::text[], $11::text[], $12::uuid[], $13::text[], $14::numeric[],
-                     $15::int4[])
-              AS u(id, user_id, event_id, quantity, unit_price, total, currency, idempotency_key, partition,
-                   traceparent, lines, promo_code_id, promo_code, discount, promo_uses)
-         ON CONFLICT (user_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-         RETURNING id, created_at, updated_at",
-        &column(|o| o.id),
-        &column(|o| o.user_id),
-        &column(|o| o.event_id),
-        &orders.iter().map(|o| o.quantity).collect::<Vec<_>>(),
-        &orders.iter().map(|o| o.unit_price).collect::<Vec<_>>() as &[Option<Decimal>],
-        &orders.iter().map(|o| o.total).collect::<Vec<_>>(),
-        &orders.iter().map(|o| o.currency.as_str()).collect::<Vec<_>>() as &[&str],
-        &orders.iter().map(|o| o.idempotency_key.as_ref().map(IdempotencyKey::as_str)).collect::<Vec<_>>()
-            as &[Option<&str>],
-        &orders.iter().map(partition).collect::<Vec<_>>(),
-        &orders.iter().map(|o| o.traceparent.as_deref()).collect::<Vec<_>>() as &[Option<&str>],
-        &lines,
-        &orders.iter().map(|o| o.promo_code.as_ref().map(|(id, _)| *id)).collect::<Vec<_>>() as &[Option<Uuid>],
-        &orders.iter().map(|o| o.promo_code.as_ref().map(|(_, code)| code.as_str())).collect::<Vec<_>>()
-            as &[Option<&str>],
-        &orders.iter().map(|o| o.discount).collect::<Vec<_>>(),
-        &orders.iter().map(|o| o.promo_uses()).collect::<Vec<_>>()
+    settings: Settings,
+) -> Result<HashMap<Uuid, Stored>, sqlx::Error> {
+    let c = Columns::of(orders, settings.partitions)?;
+    let rows = sqlx::query_as!(
+        Row,
+        r#"WITH given AS (
+             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::int4[], $5::numeric[], $6::numeric[],
+                                  $7::text[], $8::text[], $9::int2[], $10::text[], $11::text[], $12::uuid[],
+                                  $13::text[], $14::numeric[], $15::int4[]) WITH ORDINALITY
+                  AS g(id, user_id, event_id, quantity, unit_price, total, currency, idempotency_key, partition,
+                       traceparent, lines, promo_code_id, promo_code, discount, promo_uses, arrival)
+         ),
+         u AS (
+             SELECT DISTINCT ON (g.user_id, coalesce(g.idempotency_key, g.id::text)) g.* FROM given g
+             WHERE g.idempotency_key IS NULL
+                OR NOT EXISTS (SELECT FROM orders o WHERE o.user_id = g.user_id AND o.idempotency_key = g.idempotency_key)
+             ORDER BY g.user_id, coalesce(g.idempotency_key, g.id::text), g.arrival
+         ),
+         queues AS MATERIALIZED (
+             SELECT q.event_id, q.issued, q.tickets FROM event_queues q
+             WHERE q.event_id IN (SELECT event_id FROM u) ORDER BY q.event_id FOR NO KEY UPDATE
+         ),
+         ranked AS (
+             SELECT u.*, q.issued, greatest(q.tickets - e.queue_tickets_decided, 0) AS queued,
+                    (e.capacity - e.sold)::int8 AS left_, coalesce(e.queue_demand_factor, $16) AS factor,
+                    sum(u.quantity) OVER (PARTITION BY u.event_id ORDER BY u.arrival) AS asked
+             FROM u JOIN queues q USING (event_id) JOIN events e ON e.id = u.event_id
+         ),
+         admitted AS (
+             SELECT * FROM ranked r WHERE r.factor IS NULL OR r.left_ <= 0 OR r.queued + r.asked <= r.factor * r.left_
+         ),
+         stored AS (
+             INSERT INTO orders (id, user_id, event_id, quantity, unit_price, total, currency, idempotency_key,
+                                 partition, traceparent, lines, promo_code_id, promo_code, discount, promo_uses,
+                                 queue_number)
+             SELECT id, user_id, event_id, quantity, unit_price, total, currency, idempotency_key, partition,
+                    traceparent, lines::json, promo_code_id, promo_code, discount, promo_uses,
+                    issued + row_number() OVER (PARTITION BY event_id ORDER BY arrival)
+             FROM admitted ORDER BY arrival
+             ON CONFLICT (user_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+             RETURNING id, event_id, quantity, created_at, updated_at, queue_number
+         ),
+         counted AS (
+             UPDATE event_queues q SET issued = greatest(q.issued, c.last), tickets = q.tickets + c.tickets
+             FROM (SELECT event_id, max(queue_number) AS last, sum(quantity) AS tickets FROM stored GROUP BY event_id) c
+             WHERE q.event_id = c.event_id
+         )
+         SELECT r.id AS "id!", s.created_at AS "created_at?", s.updated_at AS "updated_at?", s.queue_number,
+                queue_position('QUEUED', s.queue_number, e.queue_decided) AS queue_position,
+                queue_wait_secs('QUEUED', s.queue_number, e.queue_decided, e.queue_rate) AS estimated_wait_secs,
+                r.queued + coalesce(t.tickets, 0) AS "queued!", r.left_ AS "left!", a.id IS NOT NULL AS "admitted!"
+         FROM ranked r JOIN events e ON e.id = r.event_id LEFT JOIN stored s ON s.id = r.id
+              LEFT JOIN admitted a ON a.id = r.id
+              LEFT JOIN (SELECT event_id, sum(quantity) AS tickets FROM admitted GROUP BY 1) t ON t.event_id = r.event_id"#,
+        &c.ids,
+        &c.user_ids,
+        &c.event_ids,
+        &c.quantities,
+        &c.unit_prices as &[Option<Decimal>],
+        &c.totals,
+        &c.currencies as &[&str],
+        &c.keys as &[Option<&str>],
+        &c.partitions,
+        &c.traceparents as &[Option<&str>],
+        &c.lines,
+        &c.code_ids as &[Option<Uuid>],
+        &c.codes as &[Option<&str>],
+        &c.discounts,
+        &c.promo_uses,
+        (settings.demand_factor > 0.0).then_some(settings.demand_factor)
     )
     .fetch_all(db)
     .await?;
-    Ok(rows.into_iter().map(|row| (row.id, (row.created_at, row.updated_at))).collect())
+    Ok(rows.into_iter().map(Row::outcome).collect())
+}
+
+/// A batch of orders as [`insert_orders`]'s statement takes them: an array per column.
+struct Columns<'a> {
+    ids: Vec<Uuid>,
+    user_ids: Vec<Uuid>,
+    event_ids: Vec<Uuid>,
+    quantities: Vec<i32>,
+    unit_prices: Vec<Option<Decimal>>,
+    totals: Vec<Decimal>,
+    currencies: Vec<&'a str>,
+    keys: Vec<Option<&'a str>>,
+    partitions: Vec<i16>,
+    traceparents: Vec<Option<&'a str>>,
+    lines: Vec<String>,
+    code_ids: Vec<Option<Uuid>>,
+    codes: Vec<Option<&'a str>>,
+    discounts: Vec<Decimal>,
+    promo_uses: Vec<i32>,
+}
+
+impl<'a> Columns<'a> {
+    fn of(orders: &[&'a NewOrder], partitions: u16) -> Result<Self, sqlx::Error> {
+        fn each<'a, T>(orders: &[&'a NewOrder], f: impl Fn(&'a NewOrder) -> T) -> Vec<T> {
+            orders.iter().map(|o| f(o)).collect()
+        }
+        Ok(Self {
+            ids: each(orders, |o| o.id),
+            user_ids: each(orders, |o| o.user_id),
+            event_ids: each(orders, |o| o.event_id),
+            quantities: each(orders, |o| o.quantity),
+            unit_prices: each(orders, |o| o.unit_price),
+            totals: each(orders, |o| o.total),
+            currencies: each(orders, |o| o.currency.as_str()),
+            keys: each(orders, |o| o.idempotency_key.as_ref().map(IdempotencyKey::as_str)),
+            partitions: each(orders, |o| partition_of(o.event_id, partitions) as i16),
+            traceparents: each(orders, |o| o.traceparent.as_deref()),
+            lines: orders.iter().map(|o| lines_json(&o.lines)).collect::<Result<_, _>>()?,
+            code_ids: each(orders, |o| o.promo_code.as_ref().map(|(id, _)| *id)),
+            codes: each(orders, |o| o.promo_code.as_ref().map(|(_, code)| code.as_str())),
+            discounts: each(orders, |o| o.discount),
+            promo_uses: each(orders, NewOrder::promo_uses),
+        })
+    }
+}
+
+/// One order as [`insert_orders`]'s statement answers for it.
+struct Row {
+    id: Uuid,
+    created_at: Option<DateTime<Utc>>,
+    updated_at: Option<DateTime<Utc>>,
+    queue_number: Option<i64>,
+    queue_position: Option<i64>,
+    estimated_wait_secs: Option<i64>,
+    /// What its event's queued orders ask for after the statement, and what it has left.
+    queued: i64,
+    left: i64,
+    /// Passed queue full (stored unless its key was taken meanwhile).
+    admitted: bool,
+}
+
+impl Row {
+    fn outcome(self) -> (Uuid, Stored) {
+        let stored = match (self.created_at, self.updated_at) {
+            (Some(created_at), Some(updated_at)) => Stored::Inserted(Placed {
+                created_at,
+                updated_at,
+                queue_number: self.queue_number,
+                queue_position: self.queue_position,
+                estimated_wait_secs: self.estimated_wait_secs,
+            }),
+            _ if self.admitted => Stored::KeyTaken,
+            _ => Stored::QueueFull { queued: self.queued, left: self.left },
+        };
+        (self.id, stored)
+    }
 }
 
 /// An order's lines as stored (`orders.lines`).

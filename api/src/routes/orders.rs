@@ -96,6 +96,17 @@ pub struct Order {
     pub updated_at: DateTime<Utc>,
     /// Until when `PENDING` tickets are held for payment.
     pub expires_at: Option<DateTime<Utc>>,
+    /// The order's number in its event's queue: its event's orders are numbered 1, 2, 3…
+    /// as they arrive (`null` for orders placed before numbering existed).
+    pub queue_number: Option<i64>,
+    /// While `QUEUED`: its place in line, 1 being the next of its event's orders to be
+    /// decided; `null` once decided.
+    #[schema(example = 42)]
+    pub queue_position: Option<i64>,
+    /// While `QUEUED`: about how many seconds until it is decided, from the event's recent
+    /// decision rate; `null` while that rate is unknown, and once decided.
+    #[schema(example = 1)]
+    pub estimated_wait_secs: Option<i64>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -151,7 +162,10 @@ pub struct OrderDetail {
         (status = 400, description = "Malformed JSON or Idempotency-Key", body = ErrorBody),
         (status = 401, description = "Missing or invalid token", body = ErrorBody),
         (status = 404, description = "No such event", body = ErrorBody),
-        (status = 409, description = "The event has fewer tickets left than asked for (`sold_out`)", body = ErrorBody),
+        (status = 409, description = "The event has fewer tickets left than asked for (`sold_out`), or its queued \
+            orders already ask for more than `QUEUE_DEMAND_FACTOR` (or the event's `queue_demand_factor`) times what \
+            is left (`queue_full`, with `tickets_left`, `tickets_queued` and the `waitlist_url` to join instead)",
+            body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 422, description = "Neither or both of `quantity` and `items` (`invalid_body`), bad lines \
             (`invalid_items`, `unknown_ticket_type`), no default type for `quantity` (`ticket_type_required`), a \
@@ -229,14 +243,15 @@ async fn purchase(
         })
         // A validly signed token whose account is gone: 401 (`ApiError::from`).
         .await?;
-    let (created_at, updated_at) = match stored {
-        Stored::Inserted(created_at, updated_at) => (created_at, updated_at),
+    let placed = match stored {
+        Stored::Inserted(placed) => placed,
         // The same key raced in from a concurrent request: answer like a replay.
         Stored::KeyTaken => {
             let key = key.as_ref().ok_or(ApiError::Unavailable)?;
             let existing = find_by_key(&state, user.id, key).await?.ok_or(ApiError::Unavailable)?;
             return replay(existing, &asked);
         }
+        Stored::QueueFull { queued, left } => return Err(ApiError::QueueFull { event_id: req.event_id, left, queued }),
     };
 
     let order = Order {
@@ -255,9 +270,12 @@ async fn purchase(
         status: OrderStatus::Queued,
         reason: None,
         reason_ticket_type_id: None,
-        created_at,
-        updated_at,
+        created_at: placed.created_at,
+        updated_at: placed.updated_at,
         expires_at: None,
+        queue_number: placed.queue_number,
+        queue_position: placed.queue_position,
+        estimated_wait_secs: placed.estimated_wait_secs,
     };
     Ok((StatusCode::ACCEPTED, location(order_id), Json(order)))
 }
@@ -350,7 +368,9 @@ async fn find_by_key(state: &AppState, user_id: Uuid, key: &IdempotencyKey) -> R
         r#"SELECT o.id, o.event_id, e.name AS event_name, e.starts_at AS event_date, o.quantity, o.unit_price,
                   o.total, o.total AS "total_amount!", o.currency, o.lines AS "items: sqlx::types::Json<Vec<OrderLine>>",
                   o.promo_code, o.discount, o.status AS "status: OrderStatus", o.reason, o.reason_ticket_type_id,
-                  o.created_at, o.updated_at, o.expires_at
+                  o.created_at, o.updated_at, o.expires_at, o.queue_number,
+                  queue_position(o.status, o.queue_number, e.queue_decided) AS queue_position,
+                  queue_wait_secs(o.status, o.queue_number, e.queue_decided, e.queue_rate) AS estimated_wait_secs
            FROM orders o JOIN events e ON e.id = o.event_id WHERE o.user_id = $1 AND o.idempotency_key = $2"#,
         user_id,
         key.as_str()
@@ -391,7 +411,9 @@ pub async fn list_orders(
         r#"SELECT o.id, o.event_id, e.name AS event_name, e.starts_at AS event_date, o.quantity, o.unit_price,
                   o.total, o.total AS "total_amount!", o.currency, o.lines AS "items: sqlx::types::Json<Vec<OrderLine>>",
                   o.promo_code, o.discount, o.status AS "status: OrderStatus", o.reason, o.reason_ticket_type_id,
-                  o.created_at, o.updated_at, o.expires_at
+                  o.created_at, o.updated_at, o.expires_at, o.queue_number,
+                  queue_position(o.status, o.queue_number, e.queue_decided) AS queue_position,
+                  queue_wait_secs(o.status, o.queue_number, e.queue_decided, e.queue_rate) AS estimated_wait_secs
            FROM orders o JOIN events e ON e.id = o.event_id
            WHERE o.user_id = $1 AND ($2::uuid IS NULL OR o.id < $2)
            ORDER BY o.id DESC
@@ -512,7 +534,9 @@ async fn load_visible(state: &AppState, user: AuthUser, id: Uuid) -> Result<Orde
         r#"SELECT o.id, o.event_id, e.name AS event_name, e.starts_at AS event_date, o.quantity, o.unit_price,
                   o.total, o.total AS "total_amount!", o.currency, o.lines AS "items: sqlx::types::Json<Vec<OrderLine>>",
                   o.promo_code, o.discount, o.status AS "status: OrderStatus", o.reason, o.reason_ticket_type_id,
-                  o.created_at, o.updated_at, o.expires_at
+                  o.created_at, o.updated_at, o.expires_at, o.queue_number,
+                  queue_position(o.status, o.queue_number, e.queue_decided) AS queue_position,
+                  queue_wait_secs(o.status, o.queue_number, e.queue_decided, e.queue_rate) AS estimated_wait_secs
            FROM orders o JOIN events e ON e.id = o.event_id WHERE o.id = $1 AND (o.user_id = $2 OR $3)"#,
         id,
         user.id,

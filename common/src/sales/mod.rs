@@ -34,7 +34,8 @@ pub use tickets::Tickets;
 /// Writes the rules' decisions for `QUEUED` orders of the locked events: each order moves
 /// where [`OrderStatus::apply`](crate::domain::OrderStatus::apply) takes it from `QUEUED`
 /// (with a hold of `hold_ttl` when `PENDING`), the tickets of those that got them are
-/// issued, and long-polls are told on commit. The decisions are of orders read `QUEUED`
+/// issued, their events' serving counters move (see `migrations/0019_queue_positions.sql`),
+/// and long-polls are told on commit. The decisions are of orders read `QUEUED`
 /// under this lock, of its events (so no one else can have moved them since).
 pub async fn allocate(
     lock: &mut EventLock<'_>,
@@ -55,20 +56,46 @@ pub async fn allocate(
         reasons.push(decision.reason);
         reason_types.push(decision.reason_type);
     }
+    // The events' `sold` rises here, with their serving counters (the highest queue number
+    // decided), the tickets their decided orders asked for (what the queue asks for is what
+    // was numbered less what was decided), and their decision rates (smoothed; unknown again
+    // after 30 s without a decision): one update of each event row per batch.
+    let (events, sold): (Vec<Uuid>, Vec<i64>) = tickets.per_event().into_iter().unzip();
     sqlx::query!(
-        "UPDATE orders o
-         SET status = d.status, reason = d.reason, reason_ticket_type_id = d.reason_type, updated_at = now(),
-             expires_at = CASE WHEN d.status = 'PENDING' THEN now() + make_interval(secs => $5) END
-         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::uuid[]) AS d(id, status, reason, reason_type)
-         WHERE o.id = d.id",
+        "WITH moved AS (
+             UPDATE orders o
+             SET status = d.status, reason = d.reason, reason_ticket_type_id = d.reason_type, updated_at = now(),
+                 expires_at = CASE WHEN d.status = 'PENDING' THEN now() + make_interval(secs => $5) END
+             FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::uuid[]) AS d(id, status, reason, reason_type)
+             WHERE o.id = d.id
+             RETURNING o.event_id, o.queue_number, o.quantity
+         ),
+         served AS (
+             SELECT event_id, max(queue_number) AS last, count(*) AS decided,
+                    coalesce(sum(quantity) FILTER (WHERE queue_number IS NOT NULL), 0) AS tickets
+             FROM moved GROUP BY event_id
+         )
+         UPDATE events e
+         SET sold = e.sold + coalesce(t.issued, 0),
+             queue_decided = greatest(e.queue_decided, coalesce(s.last, 0)),
+             queue_tickets_decided = e.queue_tickets_decided + s.tickets,
+             queue_rate = CASE WHEN e.queue_decided_at > now() - interval '30 seconds' THEN
+                 coalesce(0.7 * e.queue_rate, 0.0) + CASE WHEN e.queue_rate IS NULL THEN 1.0 ELSE 0.3 END
+                     * s.decided / greatest(extract(epoch FROM now() - e.queue_decided_at)::float8, 0.001)
+             END,
+             queue_decided_at = now()
+         FROM served s LEFT JOIN UNNEST($6::uuid[], $7::int8[]) AS t(id, issued) ON t.id = s.event_id
+         WHERE e.id = s.event_id",
         &ids,
         &statuses as &[&str],
         &reasons as &[Option<&str>],
         &reason_types as &[Option<Uuid>],
-        hold_ttl.as_secs_f64()
+        hold_ttl.as_secs_f64(),
+        &events,
+        &sold
     )
     .execute(lock.conn())
     .await?;
-    tickets::issue(lock, tickets).await?;
+    tickets::issue_for_orders(lock, tickets).await?;
     crate::db::notify_order_changes(lock.conn(), &ids).await
 }

@@ -64,12 +64,26 @@ fn count<'a>(ids: impl IntoIterator<Item = &'a Uuid>) -> HashMap<Uuid, i64> {
 /// Issues the tickets and raises their types' and events' `sold`, and their codes' `uses`, by
 /// as many, in one statement. Every event named must be held by `lock`.
 pub async fn issue(lock: &mut EventLock<'_>, tickets: &Tickets) -> sqlx::Result<()> {
+    write(lock, tickets, true).await
+}
+
+/// [`issue`] for the allocator's decisions, which raise their events' `sold` in the statement
+/// that moves their orders (so each event row is updated once per batch).
+pub(super) async fn issue_for_orders(lock: &mut EventLock<'_>, tickets: &Tickets) -> sqlx::Result<()> {
+    write(lock, tickets, false).await
+}
+
+async fn write(lock: &mut EventLock<'_>, tickets: &Tickets, events_sold: bool) -> sqlx::Result<()> {
     if tickets.is_empty() {
         return Ok(());
     }
-    let (events, event_counts): (Vec<Uuid>, Vec<i64>) = tickets.per_event().into_iter().unzip();
+    let (mut events, mut event_counts): (Vec<Uuid>, Vec<i64>) = tickets.per_event().into_iter().unzip();
     for event_id in &events {
         lock.check_holds(*event_id)?;
+    }
+    if !events_sold {
+        events.clear();
+        event_counts.clear();
     }
     let (types, type_counts): (Vec<Uuid>, Vec<i64>) = tickets.per_type().into_iter().unzip();
     let (codes, code_counts): (Vec<Uuid>, Vec<i64>) = tickets.per_code().into_iter().unzip();

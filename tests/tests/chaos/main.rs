@@ -212,6 +212,7 @@ impl Chaos {
     async fn new() -> Self {
         let app = TestApp::spawn_process_with(&[
             ("SOLD_OUT_FAST_PATH", "false".to_owned()),
+            ("QUEUE_DEMAND_FACTOR", "0".to_owned()),
             ("REQUEST_TIMEOUT_SECS", REQUEST_TIMEOUT_SECS.to_string()),
         ])
         .await;

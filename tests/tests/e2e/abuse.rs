@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tests::{PASSWORD, TestApp};
+use tests::{PASSWORD, TestApp, worker_decides};
 use uuid::Uuid;
 
 /// Finding 1: after `DELETE FROM users` an admin's token still changed roles, listed accounts
@@ -307,7 +307,7 @@ async fn a_currency_change_cannot_leave_prices_the_currency_cannot_express() {
 /// was offered first answers 409 `offer_pending`.
 #[tokio::test]
 async fn leaving_the_waiting_list_never_races_its_offers() {
-    let app = TestApp::spawn_with(&[("SOLD_OUT_FAST_PATH", "false".to_owned())]).await;
+    let app = TestApp::spawn_with(&worker_decides()).await;
     let _worker = app.worker_with(|c| c.hold_ttl_secs = 3600).await;
     let admin = app.admin().await;
     let event = app.event_with(&admin, 40, 1).await;

@@ -2,7 +2,7 @@
 //! listing and lookup.
 
 use serde_json::json;
-use tests::TestApp;
+use tests::{TestApp, worker_decides};
 use uuid::Uuid;
 
 #[tokio::test]
@@ -186,7 +186,7 @@ async fn admins_edit_events_within_the_rules() {
 
 #[tokio::test]
 async fn deleting_an_event_rejects_its_unpaid_orders_and_hides_it() {
-    let app = TestApp::spawn_with(&[("SOLD_OUT_FAST_PATH", "false".to_owned())]).await;
+    let app = TestApp::spawn_with(&worker_decides()).await;
     let mut worker = app.spawn_worker(&[]);
     let admin = app.admin().await;
     let buyers = app.buyers(3).await;

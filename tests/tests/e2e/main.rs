@@ -12,6 +12,7 @@ mod orders;
 mod organizers;
 mod payments;
 mod promo_codes;
+mod queue;
 mod ticket_types;
 mod tickets;
 mod waitlist;

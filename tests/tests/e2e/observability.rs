@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use serde_json::{Value, json};
-use tests::{Exposition, TestApp};
+use tests::{Exposition, TestApp, worker_decides};
 use uuid::Uuid;
 
 const ORDERS: (&str, &str) = ("http_route", "/api/v1/orders");
@@ -32,7 +32,7 @@ async fn scrape_until(base: &str, what: &str, done: impl Fn(&Exposition) -> bool
 #[tokio::test]
 async fn metrics_count_exactly_the_orders_placed() {
     // The fast path off: every well-formed purchase is accepted and decided by the worker.
-    let app = TestApp::spawn_process_with(&[("SOLD_OUT_FAST_PATH", "false".to_owned())]).await;
+    let app = TestApp::spawn_process_with(&worker_decides()).await;
     let worker = app.spawn_worker(&[]);
     let (api_metrics, worker_metrics) = (app.api_metrics_base(), worker.metrics_base());
     let admin = app.admin().await;
@@ -125,7 +125,7 @@ async fn metrics_count_exactly_the_orders_placed() {
 /// Promo code uses counted by outcome: taken, or refused for the code's limit.
 #[tokio::test]
 async fn the_worker_counts_promo_code_uses_by_outcome() {
-    let app = TestApp::spawn_with(&[("SOLD_OUT_FAST_PATH", "false".to_owned())]).await;
+    let app = TestApp::spawn_with(&worker_decides()).await;
     let worker = app.spawn_worker(&[]);
     let admin = app.admin().await;
     let event = app.event_with(&admin, 100, 4).await;

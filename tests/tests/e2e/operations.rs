@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use serde_json::json;
-use tests::{Services, TestApp, TestDb};
+use tests::{Services, TestApp, TestDb, worker_decides};
 
 #[tokio::test]
 async fn api_refuses_to_start_without_valid_secrets() {
@@ -76,7 +76,7 @@ async fn readiness_fails_when_the_broker_is_unreachable() {
 /// consuming and the order events relay alike; its credentials never reach the logs.
 #[tokio::test]
 async fn several_broker_addresses_are_tried_in_turn() {
-    let app = TestApp::spawn_process_with(&[("SOLD_OUT_FAST_PATH", "false".to_owned())]).await;
+    let app = TestApp::spawn_process_with(&worker_decides()).await;
     let both = format!("amqp://guest:not-logged@127.0.0.1:9/%2f, {}", app.broker.url);
     let (api, base) = app.spawn_another_api_with(&[("AMQP_URL", both.clone())]);
     let _worker = app.spawn_worker(&[("AMQP_URL", both)]);

@@ -9,7 +9,7 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Connection};
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
-use tests::{Response, TestApp, mint_token};
+use tests::{Response, TestApp, mint_token, worker_decides};
 use uuid::Uuid;
 
 const SETTLE: Duration = Duration::from_secs(60);
@@ -43,7 +43,7 @@ fn key(status: &str, reason: Option<&str>) -> (String, Option<String>) {
 #[tokio::test]
 async fn two_hundred_buyers_race_for_a_hundred_tickets() {
     // The fast path is off so that every buyer gets an order and the counts are exact.
-    let app = TestApp::spawn_with(&[("SOLD_OUT_FAST_PATH", "false".to_owned())]).await;
+    let app = TestApp::spawn_with(&worker_decides()).await;
     let _worker = app.worker().await;
     let admin = app.admin().await;
     let event = app.event_with(&admin, 100, 4).await;
@@ -73,7 +73,7 @@ async fn two_hundred_buyers_race_for_a_hundred_tickets() {
 /// of events in it, in one transaction, and every event must still sell out exactly.
 #[tokio::test]
 async fn batches_spanning_many_events_sell_each_out_exactly() {
-    let app = TestApp::spawn_with(&[("SOLD_OUT_FAST_PATH", "false".to_owned())]).await;
+    let app = TestApp::spawn_with(&worker_decides()).await;
     let admin = app.admin().await;
     let mut events = Vec::new();
     for i in 0..12 {
@@ -99,7 +99,7 @@ async fn batches_spanning_many_events_sell_each_out_exactly() {
 
 #[tokio::test]
 async fn random_quantities_sell_out_exactly() {
-    let app = TestApp::spawn_with(&[("SOLD_OUT_FAST_PATH", "false".to_owned())]).await;
+    let app = TestApp::spawn_with(&worker_decides()).await;
     let _worker = app.worker_with(|c| c.batch_size = 16).await;
     let admin = app.admin().await;
     let event = app.event_with(&admin, 150, 4).await;
@@ -132,7 +132,7 @@ async fn random_quantities_sell_out_exactly() {
 /// tickets, whatever the batches.
 #[tokio::test]
 async fn one_events_orders_are_decided_in_arrival_order() {
-    let app = TestApp::spawn_with(&[("SOLD_OUT_FAST_PATH", "false".to_owned())]).await;
+    let app = TestApp::spawn_with(&worker_decides()).await;
     let admin = app.admin().await;
     let event = app.event_with(&admin, 8, 1).await;
     let buyers = app.buyers(20).await;
@@ -541,7 +541,7 @@ async fn a_redelivered_message_issues_tickets_once() {
 
 #[tokio::test]
 async fn orders_accepted_while_the_worker_is_down_complete_when_it_returns() {
-    let app = TestApp::spawn_with(&[("SOLD_OUT_FAST_PATH", "false".to_owned())]).await;
+    let app = TestApp::spawn_with(&worker_decides()).await;
     let admin = app.admin().await;
     let events = [app.event_with(&admin, 30, 4).await, app.event_with(&admin, 30, 4).await];
     let buyers = app.buyers(40).await;
@@ -613,7 +613,7 @@ async fn undecodable_messages_are_dead_lettered_without_blocking_the_partition()
 
 #[tokio::test]
 async fn two_workers_share_the_partitions_and_survive_one_dying() {
-    let app = TestApp::spawn_with(&[("SOLD_OUT_FAST_PATH", "false".to_owned())]).await;
+    let app = TestApp::spawn_with(&worker_decides()).await;
     let mut first = app.spawn_worker(&[]);
     let second = app.spawn_worker(&[]);
     for worker in [&first, &second] {
@@ -671,7 +671,7 @@ async fn two_workers_share_the_partitions_and_survive_one_dying() {
 
 #[tokio::test]
 async fn a_worker_stopped_with_sigterm_under_load_loses_nothing() {
-    let app = TestApp::spawn_with(&[("SOLD_OUT_FAST_PATH", "false".to_owned())]).await;
+    let app = TestApp::spawn_with(&worker_decides()).await;
     let admin = app.admin().await;
     let event = app.event_with(&admin, 300, 4).await;
     let buyers = app.buyers(400).await;

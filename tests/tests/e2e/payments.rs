@@ -7,7 +7,7 @@ use std::time::Duration;
 use common::config::WorkerConfig;
 use futures_util::future::join_all;
 use serde_json::{Value, json};
-use tests::{Response, TestApp, WEBHOOK_SECRET, sign_webhook};
+use tests::{Response, TestApp, WEBHOOK_SECRET, sign_webhook, worker_decides};
 use uuid::Uuid;
 
 /// Worker settings for tests about holds: three-second holds (long enough to act on a
@@ -169,7 +169,7 @@ async fn payment_webhook_bodies_are_validated() {
 
 #[tokio::test]
 async fn every_transition_over_http() {
-    let app = TestApp::spawn_with(&[("SOLD_OUT_FAST_PATH", "false".to_owned())]).await;
+    let app = TestApp::spawn_with(&worker_decides()).await;
     let admin = app.admin().await;
     let event = app.event_with(&admin, 6, 4).await;
     let buyers = app.buyers(5).await;
@@ -239,7 +239,7 @@ async fn every_transition_over_http() {
 
 #[tokio::test]
 async fn expired_holds_are_sold_again_and_late_payments_recorded() {
-    let app = TestApp::spawn_with(&[("SOLD_OUT_FAST_PATH", "false".to_owned())]).await;
+    let app = TestApp::spawn_with(&worker_decides()).await;
     let _worker = app.worker_with(short_holds).await;
     let admin = app.admin().await;
     let event = app.event_with(&admin, 3, 4).await;
@@ -320,7 +320,7 @@ async fn a_hold_past_its_time_is_over_before_the_expiry_loop_runs() {
 #[tokio::test]
 async fn paid_webhook_races_hold_expiry() {
     const ORDERS: usize = 80;
-    let app = TestApp::spawn_with(&[("SOLD_OUT_FAST_PATH", "false".to_owned())]).await;
+    let app = TestApp::spawn_with(&worker_decides()).await;
     let holds = |c: &mut WorkerConfig| (c.hold_ttl_secs, c.expiry_interval_ms) = (3, 10);
     let first = app.worker_with(holds).await;
     let second = app.worker_with(holds).await;
@@ -383,7 +383,7 @@ async fn paid_webhook_races_hold_expiry() {
 /// The provider retries, and sometimes sends the same thing twice at once: one effect only.
 #[tokio::test]
 async fn concurrent_duplicate_webhooks_have_one_effect() {
-    let app = TestApp::spawn_with(&[("SOLD_OUT_FAST_PATH", "false".to_owned())]).await;
+    let app = TestApp::spawn_with(&worker_decides()).await;
     let _worker = app.worker_with(short_holds).await;
     let admin = app.admin().await;
     let event = app.event_with(&admin, 10, 4).await;

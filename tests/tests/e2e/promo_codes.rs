@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use serde_json::{Value, json};
-use tests::{Response, TestApp};
+use tests::{Response, TestApp, worker_decides};
 use uuid::Uuid;
 
 const SETTLE: Duration = Duration::from_secs(60);
@@ -263,7 +263,7 @@ async fn a_code_prices_the_lines_it_names_and_a_code_that_cannot_be_used_is_refu
 /// under the code, 250 orders `PROMO_CODE_USED_UP`; then orders of 1 to 3 tickets: never 51.
 #[tokio::test]
 async fn a_stampede_never_redeems_a_code_past_its_limit() {
-    let app = TestApp::spawn_with(&[("SOLD_OUT_FAST_PATH", "false".to_owned())]).await;
+    let app = TestApp::spawn_with(&worker_decides()).await;
     let _worker = app.worker_with(|c| c.batch_size = 32).await;
     let admin = app.admin().await;
     let buyers = app.buyers(300).await;
@@ -298,7 +298,7 @@ async fn a_stampede_never_redeems_a_code_past_its_limit() {
 /// uses come back when holds are cancelled or expire, to the next orders in line.
 #[tokio::test]
 async fn a_buyer_cannot_pass_the_per_buyer_limit_and_released_uses_return() {
-    let app = TestApp::spawn_with(&[("SOLD_OUT_FAST_PATH", "false".to_owned())]).await;
+    let app = TestApp::spawn_with(&worker_decides()).await;
     let worker = app.worker_with(|c| (c.batch_size, c.hold_ttl_secs, c.expiry_interval_ms) = (4, 3, 3_600_000)).await;
     let admin = app.admin().await;
     let buyers = app.buyers(3).await;

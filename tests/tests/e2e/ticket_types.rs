@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use serde_json::{Value, json};
-use tests::{Response, TestApp};
+use tests::{Response, TestApp, worker_decides};
 use uuid::Uuid;
 
 const SETTLE: Duration = Duration::from_secs(60);
@@ -228,7 +228,7 @@ async fn order_lines_are_checked_before_anything_is_stored() {
 /// both, at once. The venue sells out exactly; neither type passes its own capacity.
 #[tokio::test]
 async fn a_stampede_over_two_types_stops_at_the_venue_cap() {
-    let app = TestApp::spawn_with(&[("SOLD_OUT_FAST_PATH", "false".to_owned())]).await;
+    let app = TestApp::spawn_with(&worker_decides()).await;
     let _worker = app.worker_with(|c| c.batch_size = 32).await;
     let admin = app.admin().await;
     let event = app.event_with(&admin, 60, 4).await;
@@ -277,7 +277,7 @@ async fn a_stampede_over_two_types_stops_at_the_venue_cap() {
 /// buyer, `abuse.rs`.)
 #[tokio::test]
 async fn one_buyer_cannot_pass_the_cap_with_concurrent_orders() {
-    let app = TestApp::spawn_with(&[("SOLD_OUT_FAST_PATH", "false".to_owned())]).await;
+    let app = TestApp::spawn_with(&worker_decides()).await;
     let _worker = app.worker_with(|c| c.batch_size = 4).await;
     let admin = app.admin().await;
     let res = app.create_event(&admin, json!({"capacity": 100, "max_per_buyer": 4})).await;
@@ -332,7 +332,7 @@ async fn one_buyer_cannot_pass_the_cap_with_concurrent_orders() {
 /// and later smaller orders still fit; releases give back to the type they came from.
 #[tokio::test]
 async fn multi_line_orders_are_all_or_nothing_and_releases_return_per_type() {
-    let app = TestApp::spawn_with(&[("SOLD_OUT_FAST_PATH", "false".to_owned())]).await;
+    let app = TestApp::spawn_with(&worker_decides()).await;
     let worker = app.worker_with(|c| (c.hold_ttl_secs, c.expiry_interval_ms) = (3, 3_600_000)).await;
     let admin = app.admin().await;
     let (_, buyer) = app.user("Buyer").await;
@@ -396,7 +396,7 @@ async fn multi_line_orders_are_all_or_nothing_and_releases_return_per_type() {
 /// outside it and keeps those that arrived inside.
 #[tokio::test]
 async fn sale_windows_are_judged_by_arrival() {
-    let app = TestApp::spawn_with(&[("SOLD_OUT_FAST_PATH", "false".to_owned())]).await;
+    let app = TestApp::spawn_with(&worker_decides()).await;
     let admin = app.admin().await;
     let (_, buyer) = app.user("Buyer").await;
     let event = app.event_with(&admin, 100, 4).await;

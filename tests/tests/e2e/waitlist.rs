@@ -8,7 +8,7 @@ use std::time::Duration;
 use common::config::WorkerConfig;
 use futures_util::future::join_all;
 use serde_json::{Value, json};
-use tests::{Response, TestApp};
+use tests::{Response, TestApp, worker_decides};
 use uuid::Uuid;
 
 const SETTLE: Duration = Duration::from_secs(60);
@@ -64,7 +64,7 @@ fn greedy(waiting: &[(Uuid, i32)], mut left: i32) -> Vec<Uuid> {
 
 #[tokio::test]
 async fn released_tickets_go_to_the_waiting_list_in_join_order_and_lapsed_offers_pass_on() {
-    let app = TestApp::spawn_with(&[("SOLD_OUT_FAST_PATH", "false".to_owned())]).await;
+    let app = TestApp::spawn_with(&worker_decides()).await;
     let worker = app.worker_with(worker_settings).await;
     let admin = app.admin().await;
     let event = app.event_with(&admin, 20, 4).await;
@@ -140,7 +140,7 @@ async fn released_tickets_go_to_the_waiting_list_in_join_order_and_lapsed_offers
 
 #[tokio::test]
 async fn joining_and_leaving_the_waiting_list_are_checked() {
-    let app = TestApp::spawn_with(&[("SOLD_OUT_FAST_PATH", "false".to_owned())]).await;
+    let app = TestApp::spawn_with(&worker_decides()).await;
     let _worker = app.worker_with(worker_settings).await;
     let admin = app.admin().await;
     let (_, buyer) = app.user("Buyer").await;
@@ -227,7 +227,7 @@ async fn pay_all(app: &TestApp, orders: &[Uuid]) {
 
 #[tokio::test]
 async fn refunds_under_a_stampede_and_a_waiting_list_never_oversell() {
-    let app = TestApp::spawn_with(&[("SOLD_OUT_FAST_PATH", "false".to_owned())]).await;
+    let app = TestApp::spawn_with(&worker_decides()).await;
     let _worker = app.worker_with(worker_settings).await;
     let admin = app.admin().await;
     let event = app.event_with(&admin, 50, 4).await;
@@ -323,6 +323,7 @@ async fn refunds_under_a_stampede_and_a_waiting_list_never_oversell() {
 async fn deleting_with_refunds_killed_midway_finishes_with_every_order_refunded_once() {
     let mut app = TestApp::spawn_process_with(&[
         ("SOLD_OUT_FAST_PATH", "false".to_owned()),
+        ("QUEUE_DEMAND_FACTOR", "0".to_owned()),
         ("DELETION_REFUND_BATCH", "3".to_owned()),
     ])
     .await;

@@ -65,6 +65,12 @@ pub struct CreateEventRequest {
     pub max_per_buyer: Option<Option<i64>>,
     /// Absolute http(s) URL of an image.
     pub image_url: Option<String>,
+    /// Queue full: new orders are refused (`409 queue_full`) while the tickets its queued
+    /// orders ask for would pass this many times what is left; 1 to 10000. Left out or
+    /// `null`: the deployment's `QUEUE_DEMAND_FACTOR`.
+    #[schema(value_type = Option<f64>, minimum = 1, maximum = 10000, example = 3)]
+    #[serde(default, deserialize_with = "given")]
+    pub queue_demand_factor: Option<Option<f64>>,
 }
 
 /// A [`CreateEventRequest`] that passed every rule.
@@ -82,6 +88,7 @@ struct NewEvent {
     /// `None`: not given (the default applies); `Some(None)`: no cap, on purpose.
     max_per_buyer: Option<Option<i32>>,
     image_url: Option<String>,
+    queue_demand_factor: Option<f64>,
 }
 
 impl CreateEventRequest {
@@ -118,6 +125,10 @@ impl CreateEventRequest {
             // In range: checked above.
             cap => cap.map(|cap| cap.map(|cap| cap as i32)),
         };
+        let queue_demand_factor = self.queue_demand_factor.flatten();
+        if queue_demand_factor.is_some_and(|factor| !(1.0..=10_000.0).contains(&factor)) {
+            return Err(invalid("queue_demand_factor must be between 1 and 10000, or null for the deployment's"));
+        }
         let image_url = optional_text("image_url", self.image_url.as_deref(), 2048)?;
         if let Some(url) = &image_url
             && !(url.starts_with("https://") || url.starts_with("http://"))
@@ -145,6 +156,7 @@ impl CreateEventRequest {
             max_per_order: max_per_order as i32,
             max_per_buyer,
             image_url,
+            queue_demand_factor,
         })
     }
 }
@@ -164,6 +176,7 @@ impl From<&Event> for CreateEventRequest {
             max_per_order: Some(i64::from(event.max_per_order)),
             max_per_buyer: Some(event.max_per_buyer.map(i64::from)),
             image_url: event.image_url.clone(),
+            queue_demand_factor: Some(event.queue_demand_factor),
         }
     }
 }
@@ -190,8 +203,8 @@ pub async fn create_event(
     let id = Uuid::now_v7();
     sqlx::query!(
         "INSERT INTO events (id, name, description, location, organization, rating, starts_at, capacity, price,
-                             currency, max_per_order, image_url, created_by, max_per_buyer)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+                             currency, max_per_order, image_url, created_by, max_per_buyer, queue_demand_factor)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
         id,
         &new.name,
         &new.description,
@@ -205,7 +218,8 @@ pub async fn create_event(
         new.max_per_order,
         new.image_url,
         admin.id,
-        max_per_buyer
+        max_per_buyer,
+        new.queue_demand_factor
     )
     .execute(&state.db)
     .await?;
@@ -270,7 +284,7 @@ pub async fn update_event(
     sqlx::query!(
         "UPDATE events SET name = $2, description = $3, location = $4, organization = $5, rating = $6,
                   starts_at = $7, capacity = $8, price = $9, currency = $10, max_per_order = $11, image_url = $12,
-                  max_per_buyer = $13, updated_at = now()
+                  max_per_buyer = $13, queue_demand_factor = $14, updated_at = now()
            WHERE id = $1",
         id,
         &edited.name,
@@ -285,7 +299,8 @@ pub async fn update_event(
         edited.max_per_order,
         edited.image_url,
         // The current cap is part of the merged request: always given.
-        edited.max_per_buyer.flatten()
+        edited.max_per_buyer.flatten(),
+        edited.queue_demand_factor
     )
     .execute(lock.conn())
     .await?;
@@ -449,6 +464,18 @@ mod tests {
             max_per_order: None,
             max_per_buyer: None,
             image_url: None,
+            queue_demand_factor: None,
+        }
+    }
+
+    #[test]
+    fn a_queue_demand_factor_is_1_to_10000_or_the_deployments() {
+        let now = Utc::now();
+        let with = |factor| CreateEventRequest { queue_demand_factor: Some(factor), ..request("1", 5) };
+        assert_eq!(with(Some(1.5)).validate(now).ok().and_then(|e| e.queue_demand_factor), Some(1.5));
+        assert_eq!(with(None).validate(now).ok().map(|e| e.queue_demand_factor), Some(None));
+        for refused in [0.0, 0.99, 10_000.5, f64::NAN] {
+            assert!(with(Some(refused)).validate(now).is_err(), "{refused}");
         }
     }
 

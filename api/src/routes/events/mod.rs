@@ -64,6 +64,10 @@ pub struct Event {
     /// event); `null` once withdrawn.
     pub default_ticket_type_id: Option<Uuid>,
     pub image_url: Option<String>,
+    /// Queue full: new orders are refused (`409 queue_full`) while the tickets the event's
+    /// queued orders ask for would pass this many times what is left; `null`: the
+    /// deployment's `QUEUE_DEMAND_FACTOR`.
+    pub queue_demand_factor: Option<f64>,
     pub created_at: DateTime<Utc>,
     /// When the event was last edited (sales, which change `tickets_available`, are not edits).
     pub updated_at: DateTime<Utc>,
@@ -80,14 +84,42 @@ pub struct EventDetail {
     /// Its ticket types (hidden and withdrawn ones for admins only; those that require a
     /// promo code for admins and with `?promo_code=` a live code that names them).
     pub ticket_types: Vec<super::ticket_types::TicketType>,
+    /// Its purchase queue now (admins only, on `GET /events/{id}`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue: Option<QueueState>,
+}
+
+/// An event's purchase queue: what is waiting for the worker, and how fast it goes.
+#[derive(Serialize, ToSchema)]
+pub struct QueueState {
+    /// Orders numbered and not yet decided (from the last queue number given and the
+    /// highest decided: an order whose number was skipped counts until the worker passes it).
+    pub orders: i64,
+    /// Tickets those orders ask for.
+    pub tickets: i64,
+    /// Orders decided per second lately; `null` when none were decided in the last 30 s.
+    pub decided_per_sec: Option<f64>,
 }
 
 impl EventDetail {
     /// `event` with its ticket types, read from `db` (see [`super::ticket_types::types_of`]).
     async fn of(db: &sqlx::PgPool, event: Event, admin: bool, promo_code: Option<&str>) -> Result<Self, ApiError> {
         let ticket_types = super::ticket_types::types_of(db, event.id, admin, promo_code).await?;
-        Ok(Self { event, ticket_types })
+        Ok(Self { event, ticket_types, queue: None })
     }
+}
+
+async fn queue_state(db: &sqlx::PgPool, event_id: Uuid) -> Result<QueueState, ApiError> {
+    Ok(sqlx::query_as!(
+        QueueState,
+        r#"SELECT greatest(q.issued - e.queue_decided, 0) AS "orders!",
+                  greatest(q.tickets - e.queue_tickets_decided, 0) AS "tickets!",
+                  CASE WHEN e.queue_decided_at > now() - interval '30 seconds' THEN e.queue_rate END AS decided_per_sec
+           FROM events e JOIN event_queues q ON q.event_id = e.id WHERE e.id = $1"#,
+        event_id
+    )
+    .fetch_one(db)
+    .await?)
 }
 
 /// List events, newest first, soft-deleted ones hidden.
@@ -129,7 +161,11 @@ pub async fn get_event(
 ) -> Result<Json<EventDetail>, ApiError> {
     let admin = user.is_some_and(|user| user.is_admin());
     let event = load_event(&state.db, id, admin).await?;
-    Ok(Json(EventDetail::of(&state.db, event, admin, query.promo_code.as_deref()).await?))
+    let mut detail = EventDetail::of(&state.db, event, admin, query.promo_code.as_deref()).await?;
+    if admin {
+        detail.queue = Some(queue_state(&state.db, id).await?);
+    }
+    Ok(Json(detail))
 }
 
 async fn load_event<'c>(db: impl sqlx::PgExecutor<'c>, id: Uuid, include_deleted: bool) -> Result<Event, ApiError> {
@@ -147,7 +183,8 @@ pub(crate) async fn events_by_id<'c>(
         Event,
         r#"SELECT e.id, e.name, e.description, e.location, e.organization, e.rating, e.starts_at AS date,
                   e.capacity, e.capacity - e.sold AS "tickets_available!", e.price, e.currency,
-                  e.max_per_order, e.max_per_buyer, e.default_ticket_type_id, e.image_url, e.created_at,
+                  e.max_per_order, e.max_per_buyer, e.default_ticket_type_id, e.image_url, e.queue_demand_factor,
+                  e.created_at,
                   e.updated_at, e.deleted_at
            FROM events e WHERE e.id = ANY($1) AND (e.deleted_at IS NULL OR $2)
            ORDER BY e.starts_at, e.id"#,
@@ -170,7 +207,8 @@ pub(crate) async fn page_of_events(
         Event,
         r#"SELECT e.id, e.name, e.description, e.location, e.organization, e.rating, e.starts_at AS date,
                   e.capacity, e.capacity - e.sold AS "tickets_available!", e.price, e.currency,
-                  e.max_per_order, e.max_per_buyer, e.default_ticket_type_id, e.image_url, e.created_at,
+                  e.max_per_order, e.max_per_buyer, e.default_ticket_type_id, e.image_url, e.queue_demand_factor,
+                  e.created_at,
                   e.updated_at, e.deleted_at
            FROM events e
            WHERE e.deleted_at IS NULL AND ($1::uuid IS NULL OR e.created_by = $1)
