@@ -49,6 +49,10 @@ pub enum ApiError {
          to be offered tickets that come back"
     )]
     QueueFull { event_id: uuid::Uuid, left: i64, queued: i64 },
+    /// 409 `already_queued`: the buyer already has an open entry in the event's pre-sale
+    /// queue (`order_id`).
+    #[error("you already have an order in this event's pre-sale queue ({order_id}); cancel it to place another")]
+    AlreadyQueued { order_id: uuid::Uuid },
     /// 409 `already_checked_in`: the ticket was scanned before, at `at`.
     #[error("this ticket was checked in at {}", at.to_rfc3339())]
     AlreadyCheckedIn { at: chrono::DateTime<chrono::Utc> },
@@ -103,6 +107,9 @@ pub struct ErrorDetail {
     /// With `queue_full`: the tickets the event's queued orders ask for.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tickets_queued: Option<i64>,
+    /// With `already_queued`: the open pre-sale entry.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub order_id: Option<uuid::Uuid>,
     /// With `queue_full`: where to join the event's waiting list (`POST`).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(example = "/api/v1/events/0190f1a2-0000-7000-8000-000000000000/waitlist")]
@@ -165,6 +172,7 @@ impl ApiError {
             Self::InvalidTransition { .. } => (StatusCode::CONFLICT, "invalid_transition"),
             Self::AlreadyCheckedIn { .. } => (StatusCode::CONFLICT, "already_checked_in"),
             Self::QueueFull { .. } => (StatusCode::CONFLICT, "queue_full"),
+            Self::AlreadyQueued { .. } => (StatusCode::CONFLICT, "already_queued"),
             Self::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Self::UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
             Self::TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, "too_many_requests"),
@@ -215,6 +223,10 @@ impl ApiError {
             }
             _ => (None, None, None),
         };
+        let order_id = match self {
+            Self::AlreadyQueued { order_id } => Some(*order_id),
+            _ => None,
+        };
         let error = ErrorDetail {
             code: code.to_owned(),
             message,
@@ -222,6 +234,7 @@ impl ApiError {
             checked_in_at,
             tickets_left,
             tickets_queued,
+            order_id,
             waitlist_url,
         };
         (status, ErrorBody { error })

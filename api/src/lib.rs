@@ -138,12 +138,13 @@ fn app_state(
     // The inserter's task ends once the HTTP server (which holds the inserter) has.
     let settings =
         order_inserter::Settings { partitions: config.broker.partitions, demand_factor: config.queue_demand_factor };
-    let (orders, inserter) = order_inserter::OrderInserter::new(db.clone(), publisher, settings);
+    let (orders, inserter) = order_inserter::OrderInserter::new(db.clone(), publisher.clone(), settings);
     tasks.spawn("order inserter", inserter);
     Ok(AppState {
         db,
         amqp,
         orders,
+        publisher,
         catalog,
         sold_out: Arc::new(sold_out_hints::SoldOutHints::new(config.sold_out_hint())),
         order_watch,

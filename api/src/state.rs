@@ -21,6 +21,8 @@ pub struct AppState {
     pub amqp: common::amqp::Pool,
     /// Stores new orders in shared batches and sends them to the broker (see `order_inserter`).
     pub orders: OrderInserter,
+    /// Sends purchase messages (the inserter's, shared): a pre-sale drawn by this process.
+    pub publisher: Arc<common::amqp::Publisher>,
     /// What purchases need of events, from memory (see `catalog`).
     pub catalog: Arc<EventCatalog>,
     /// Tickets left per event, recently read (the sold-out fast path's hint).

@@ -15,6 +15,7 @@
 mod allocate;
 pub mod cli;
 mod deliveries;
+mod draws;
 mod expiry;
 mod health;
 mod membership;
@@ -60,6 +61,7 @@ pub struct Worker {
 /// has stopped.
 #[derive(Clone)]
 pub struct Steps {
+    draws: poll::Stepper,
     expiry: poll::Stepper,
     republish: poll::Stepper,
     relay: poll::Stepper,
@@ -67,6 +69,11 @@ pub struct Steps {
 }
 
 impl Steps {
+    /// Draws the pre-sales that are due.
+    pub async fn draws(&self) -> bool {
+        self.draws.step().await
+    }
+
     /// Expires the holds that are due (and finishes deletions left unfinished).
     pub async fn expiry(&self) -> bool {
         self.expiry.step().await
@@ -153,6 +160,11 @@ impl Worker {
             "re-publisher",
             republish::run(db.clone(), publisher, config.clone(), republish_steps, shutdown.clone()),
         );
+        let (draws, draw_steps) = poll::Steps::new();
+        let publisher = common::amqp::Publisher::new(amqp.clone(), partitions);
+        // As often as holds expire: a pre-sale is drawn within that of its opening.
+        let interval = config.expiry_interval();
+        tasks.spawn("draws", draws::run(db.clone(), publisher, partitions, interval, draw_steps, shutdown.clone()));
         let (expiry, expiry_steps) = poll::Steps::new();
         let (interval, offer_ttl) = (config.expiry_interval(), config.waitlist.offer_ttl());
         tasks.spawn("expiry", expiry::run(db.clone(), interval, offer_ttl, expiry_steps, shutdown.clone()));
@@ -175,7 +187,7 @@ impl Worker {
             "webhook deliverer",
             deliverer.run(config.webhook_poll_interval(), delivery_steps, shutdown.clone()),
         );
-        Ok(Steps { expiry, republish, relay, deliveries })
+        Ok(Steps { draws, expiry, republish, relay, deliveries })
     }
 
     /// Its polling loops' step handles.
@@ -261,6 +273,16 @@ fn describe_allocation_metrics() {
     describe_gauge!("turnstile_partitions_subscribed", "Partition queues this worker's consumers are subscribed to.");
     describe_counter!("turnstile_orders_republished_total", "QUEUED orders whose purchase message was sent again.");
     describe_counter!("turnstile_holds_expired_total", "PENDING orders expired (unpaid holds released).");
+    describe_gauge!(
+        "turnstile_queued_orders",
+        "Orders numbered in their event's queue and not yet decided, by partition (read every 5 draw rounds)."
+    );
+    describe_histogram!(
+        "turnstile_draw_duration_seconds",
+        metrics::Unit::Seconds,
+        "One pre-sale draw: numbering an event's entries in draw order (the transaction)."
+    );
+    describe_counter!("turnstile_draw_entries_total", "Pre-sale entries numbered by draws.");
     describe_counter!(
         "turnstile_waitlist_offers_total",
         "Waiting-list offers made from tickets this process released (expired holds)."
@@ -303,6 +325,7 @@ fn start_at_zero() {
         "turnstile_orders_skipped_total",
         "turnstile_orders_republished_total",
         "turnstile_holds_expired_total",
+        "turnstile_draw_entries_total",
         "turnstile_waitlist_offers_total",
         "turnstile_order_events_published_total",
         "turnstile_order_event_messages_published_total",

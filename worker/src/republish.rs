@@ -86,6 +86,8 @@ async fn round(db: &PgPool, publisher: &Publisher, after: Duration, stale: Durat
          WHERE id IN (
              SELECT o.id FROM orders o LEFT JOIN partition_progress p ON p.partition = o.partition
              WHERE o.status = 'QUEUED'
+               -- A pre-sale entry has no message until its draw (which sends it).
+               AND NOT (o.presale_entry AND o.queue_number IS NULL)
                AND o.created_at < now() - make_interval(secs => $1)
                AND (o.published_at IS NULL OR o.published_at < now() - make_interval(secs => $1))
                AND (o.created_at < now() - make_interval(secs => $2)

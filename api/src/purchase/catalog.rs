@@ -29,6 +29,10 @@ const KEPT: usize = 100_000;
 pub struct EventForSale {
     pub name: String,
     pub starts_at: DateTime<Utc>,
+    /// No ticket type sells before it.
+    pub sales_start: Option<DateTime<Utc>>,
+    /// From when orders join the pre-sale queue, drawn by lot at `sales_start`.
+    pub prequeue_opens_at: Option<DateTime<Utc>>,
     pub currency: String,
     /// Most tickets in one order, over all its lines.
     pub max_per_order: i32,
@@ -67,9 +71,32 @@ pub struct TypeForSale {
     pub requires_promo_code: bool,
 }
 
+/// Where an event's sale stands at a moment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SalePhase {
+    /// Before `sales_start`, with no pre-sale queue open (yet).
+    NotYet,
+    /// Between `prequeue_opens_at` and `sales_start`: orders are pre-sale entries.
+    PreQueue,
+    /// From `sales_start` (or always, without one) until the event starts.
+    Open,
+    /// The event has started.
+    Over,
+}
+
 impl EventForSale {
     pub fn on_sale(&self, now: DateTime<Utc>) -> bool {
         self.starts_at > now
+    }
+
+    pub fn phase(&self, now: DateTime<Utc>) -> SalePhase {
+        match (self.sales_start, self.prequeue_opens_at) {
+            _ if !self.on_sale(now) => SalePhase::Over,
+            (Some(start), _) if now >= start => SalePhase::Open,
+            (Some(_), Some(opens)) if now >= opens => SalePhase::PreQueue,
+            (Some(_), _) => SalePhase::NotYet,
+            (None, _) => SalePhase::Open,
+        }
     }
 
     pub fn ticket_type(&self, id: Uuid) -> Option<&TypeForSale> {
@@ -116,7 +143,7 @@ impl EventCatalog {
         // One statement for the event and its types: a day of many events reads each once.
         let event = sqlx::query_as!(
             EventForSale,
-            r#"SELECT e.name, e.starts_at, e.currency, e.max_per_order, e.max_per_buyer, e.default_ticket_type_id,
+            r#"SELECT e.name, e.starts_at, e.sales_start, e.prequeue_opens_at, e.currency, e.max_per_order, e.max_per_buyer, e.default_ticket_type_id,
                     coalesce((SELECT json_agg(json_build_object(
                                   'id', t.id, 'name', t.name, 'price', t.price::text,
                                   'max_per_order', t.max_per_order, 'max_per_buyer', t.max_per_buyer,

@@ -18,6 +18,7 @@ use uuid::Uuid;
 const INSERT_BATCH: usize = 1_000;
 
 /// A purchase request's order, validated and priced, to be stored `QUEUED`.
+#[derive(Clone)]
 pub struct NewOrder {
     pub id: Uuid,
     pub user_id: Uuid,
@@ -35,6 +36,9 @@ pub struct NewOrder {
     pub idempotency_key: Option<IdempotencyKey>,
     /// The W3C trace context of the request that placed it.
     pub traceparent: Option<String>,
+    /// Placed in its event's pre-sale window: stored as an entry of the pre-sale queue while
+    /// the event's draw is pending (numbered, like any order, once it has happened).
+    pub presale_entry: bool,
 }
 
 impl NewOrder {
@@ -64,6 +68,12 @@ pub enum Stored {
     /// Not stored: the event's queue asks for too many tickets already (queue full). What
     /// its queued orders ask for, and what the event has left.
     QueueFull { queued: i64, left: i64 },
+    /// Not stored: the event's pre-sale draw has not happened, and this order is not an
+    /// entry (it arrived after the opening): the draw is to be run, then the order stored.
+    DrawPending,
+    /// Not stored: a pre-sale entry whose buyer already has an open entry for the event (or,
+    /// with a concurrent request, whose `Idempotency-Key` was just taken).
+    EntryTaken,
 }
 
 type Reply = oneshot::Sender<Result<Stored, sqlx::Error>>;
@@ -131,7 +141,7 @@ async fn store(db: &PgPool, publisher: &Publisher, settings: Settings, batch: Ve
     let sent: Vec<PurchaseMessage> = orders
         .iter()
         .zip(&outcomes)
-        .filter(|(_, outcome)| matches!(outcome, Ok(Stored::Inserted(..))))
+        .filter(|(_, outcome)| matches!(outcome, Ok(Stored::Inserted(placed)) if !placed.presale_entry))
         .map(|(order, _)| PurchaseMessage {
             order_id: order.id,
             event_id: order.event_id,
@@ -165,7 +175,7 @@ async fn store(db: &PgPool, publisher: &Publisher, settings: Settings, batch: Ve
 /// that the batch did store is stored.
 async fn store_one(db: &PgPool, order: &NewOrder, settings: Settings) -> Result<Stored, sqlx::Error> {
     let earlier = sqlx::query!(
-        r#"SELECT o.created_at, o.updated_at, o.queue_number,
+        r#"SELECT o.created_at, o.updated_at, o.queue_number, o.presale_entry AND o.queue_number IS NULL AS "entry!",
                   queue_position(o.status, o.queue_number, e.queue_decided) AS queue_position,
                   queue_wait_secs(o.status, o.queue_number, e.queue_decided, e.queue_rate) AS estimated_wait_secs
            FROM orders o JOIN events e ON e.id = o.event_id WHERE o.id = $1"#,
@@ -180,6 +190,7 @@ async fn store_one(db: &PgPool, order: &NewOrder, settings: Settings) -> Result<
             queue_number: row.queue_number,
             queue_position: row.queue_position,
             estimated_wait_secs: row.estimated_wait_secs,
+            presale_entry: row.entry,
         }));
     }
     insert_orders(db, &[order], settings).await.map(|mut stored| outcome(&mut stored, order.id))
@@ -201,24 +212,30 @@ pub struct Placed {
     pub queue_position: Option<i64>,
     /// Seconds until it is decided, at its event's recent rate; `None` while unknown.
     pub estimated_wait_secs: Option<i64>,
+    /// Stored as a pre-sale entry: no number and no message until the draw.
+    pub presale_entry: bool,
 }
 
 /// Inserts the orders in one statement, each numbered in its event's queue in the order
 /// given; returns what became of each. The statement:
 ///
-/// - `u`: leaves out an order whose `Idempotency-Key` its user already used (even earlier in
-///   the batch): it is answered as a replay;
+/// - `u`: leaves out an order whose `Idempotency-Key` its user already used: it is answered
+///   as a replay (as is one whose key an order earlier in the batch took, skipped on insert);
 /// - `queues`: locks the rows of the batch's events in `event_queues` (in event order, so two
 ///   statements never wait for each other in a cycle) until it commits, so the counting and
 ///   the refusals below are exact under concurrency;
 /// - `admitted`: queue full, leaves out an order that would make its event's queue ask for
 ///   more than `factor` times what is left (`QUEUE_DEMAND_FACTOR`, 0 for none, unless the
 ///   event has its own); never while nothing is left, which is the sold-out answers' case;
+/// - `admitted`, pre-sale: while the event's draw is pending, only entries are stored, and
+///   without a number (the draw numbers them); an order that is not an entry waits for the
+///   draw ([`Stored::DrawPending`]);
 /// - `stored`, `counted`: inserts the others, numbered after the last number given, and
-///   raises the queue's last number and tickets by what was stored.
+///   raises the queue's last number and tickets by what was numbered. Any unique index
+///   skips an order: a used key, or a buyer's second open entry.
 ///
-/// Should a concurrent statement take a key between the check and the insert, that order's
-/// number is left unused: places are counted from the worker's highest decided number, so
+/// Should a key be taken between the check and the insert (earlier in the batch, or by a
+/// concurrent statement), that order's number is left unused: places are counted from the worker's highest decided number, so
 /// the gap closes once the worker passes it.
 async fn insert_orders(
     db: &PgPool,
@@ -231,52 +248,56 @@ async fn insert_orders(
         r#"WITH given AS (
              SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::int4[], $5::numeric[], $6::numeric[],
                                   $7::text[], $8::text[], $9::int2[], $10::text[], $11::text[], $12::uuid[],
-                                  $13::text[], $14::numeric[], $15::int4[]) WITH ORDINALITY
+                                  $13::text[], $14::numeric[], $15::int4[], $16::bool[]) WITH ORDINALITY
                   AS g(id, user_id, event_id, quantity, unit_price, total, currency, idempotency_key, partition,
-                       traceparent, lines, promo_code_id, promo_code, discount, promo_uses, arrival)
+                       traceparent, lines, promo_code_id, promo_code, discount, promo_uses, entry, arrival)
          ),
          u AS (
-             SELECT DISTINCT ON (g.user_id, coalesce(g.idempotency_key, g.id::text)) g.* FROM given g
-             WHERE g.idempotency_key IS NULL
+             SELECT * FROM given g WHERE g.idempotency_key IS NULL
                 OR NOT EXISTS (SELECT FROM orders o WHERE o.user_id = g.user_id AND o.idempotency_key = g.idempotency_key)
-             ORDER BY g.user_id, coalesce(g.idempotency_key, g.id::text), g.arrival
          ),
          queues AS MATERIALIZED (
-             SELECT q.event_id, q.issued, q.tickets FROM event_queues q
-             WHERE q.event_id IN (SELECT event_id FROM u) ORDER BY q.event_id FOR NO KEY UPDATE
+             SELECT q.* FROM event_queues q WHERE q.event_id IN (SELECT event_id FROM u)
+             ORDER BY q.event_id FOR NO KEY UPDATE
          ),
          ranked AS (
-             SELECT u.*, q.issued, greatest(q.tickets - e.queue_tickets_decided, 0) AS queued,
-                    (e.capacity - e.sold)::int8 AS left_, coalesce(e.queue_demand_factor, $16) AS factor,
+             SELECT u.*, q.issued, q.draw_pending, greatest(q.tickets - e.queue_tickets_decided, 0) AS queued,
+                    (e.capacity - e.sold)::int8 AS left_, coalesce(e.queue_demand_factor, $17) AS factor,
                     sum(u.quantity) OVER (PARTITION BY u.event_id ORDER BY u.arrival) AS asked
              FROM u JOIN queues q USING (event_id) JOIN events e ON e.id = u.event_id
          ),
          admitted AS (
-             SELECT * FROM ranked r WHERE r.factor IS NULL OR r.left_ <= 0 OR r.queued + r.asked <= r.factor * r.left_
+             SELECT * FROM ranked r
+             WHERE CASE WHEN r.draw_pending THEN r.entry
+                        ELSE r.factor IS NULL OR r.left_ <= 0 OR r.queued + r.asked <= r.factor * r.left_ END
          ),
          stored AS (
              INSERT INTO orders (id, user_id, event_id, quantity, unit_price, total, currency, idempotency_key,
                                  partition, traceparent, lines, promo_code_id, promo_code, discount, promo_uses,
-                                 queue_number)
+                                 queue_number, presale_entry)
              SELECT id, user_id, event_id, quantity, unit_price, total, currency, idempotency_key, partition,
                     traceparent, lines::json, promo_code_id, promo_code, discount, promo_uses,
-                    issued + row_number() OVER (PARTITION BY event_id ORDER BY arrival)
+                    CASE WHEN NOT draw_pending THEN issued + row_number() OVER (PARTITION BY event_id ORDER BY arrival) END,
+                    draw_pending
              FROM admitted ORDER BY arrival
-             ON CONFLICT (user_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+             ON CONFLICT DO NOTHING
              RETURNING id, event_id, quantity, created_at, updated_at, queue_number
          ),
          counted AS (
              UPDATE event_queues q SET issued = greatest(q.issued, c.last), tickets = q.tickets + c.tickets
-             FROM (SELECT event_id, max(queue_number) AS last, sum(quantity) AS tickets FROM stored GROUP BY event_id) c
+             FROM (SELECT event_id, max(queue_number) AS last, sum(quantity) AS tickets
+                   FROM stored WHERE queue_number IS NOT NULL GROUP BY event_id) c
              WHERE q.event_id = c.event_id
          )
          SELECT r.id AS "id!", s.created_at AS "created_at?", s.updated_at AS "updated_at?", s.queue_number,
                 queue_position('QUEUED', s.queue_number, e.queue_decided) AS queue_position,
                 queue_wait_secs('QUEUED', s.queue_number, e.queue_decided, e.queue_rate) AS estimated_wait_secs,
-                r.queued + coalesce(t.tickets, 0) AS "queued!", r.left_ AS "left!", a.id IS NOT NULL AS "admitted!"
+                r.queued + coalesce(t.tickets, 0) AS "queued!", r.left_ AS "left!", a.id IS NOT NULL AS "admitted!",
+                r.draw_pending AS "draw_pending!", r.entry AS "entry!"
          FROM ranked r JOIN events e ON e.id = r.event_id LEFT JOIN stored s ON s.id = r.id
-              LEFT JOIN admitted a ON a.id = r.id
-              LEFT JOIN (SELECT event_id, sum(quantity) AS tickets FROM admitted GROUP BY 1) t ON t.event_id = r.event_id"#,
+              LEFT JOIN admitted a ON a.id = r.id LEFT JOIN (
+                  SELECT event_id, sum(quantity) AS tickets FROM admitted WHERE NOT draw_pending GROUP BY 1
+              ) t ON t.event_id = r.event_id"#,
         &c.ids,
         &c.user_ids,
         &c.event_ids,
@@ -292,6 +313,7 @@ async fn insert_orders(
         &c.codes as &[Option<&str>],
         &c.discounts,
         &c.promo_uses,
+        &c.entries,
         (settings.demand_factor > 0.0).then_some(settings.demand_factor)
     )
     .fetch_all(db)
@@ -316,6 +338,7 @@ struct Columns<'a> {
     codes: Vec<Option<&'a str>>,
     discounts: Vec<Decimal>,
     promo_uses: Vec<i32>,
+    entries: Vec<bool>,
 }
 
 impl<'a> Columns<'a> {
@@ -339,6 +362,7 @@ impl<'a> Columns<'a> {
             codes: each(orders, |o| o.promo_code.as_ref().map(|(_, code)| code.as_str())),
             discounts: each(orders, |o| o.discount),
             promo_uses: each(orders, NewOrder::promo_uses),
+            entries: each(orders, |o| o.presale_entry),
         })
     }
 }
@@ -354,8 +378,13 @@ struct Row {
     /// What its event's queued orders ask for after the statement, and what it has left.
     queued: i64,
     left: i64,
-    /// Passed queue full (stored unless its key was taken meanwhile).
+    /// Passed queue full, or a pre-sale entry while the draw is pending (stored unless its
+    /// key, or its buyer's entry, was taken meanwhile).
     admitted: bool,
+    /// Its event's draw is pending.
+    draw_pending: bool,
+    /// Placed as a pre-sale entry.
+    entry: bool,
 }
 
 impl Row {
@@ -367,7 +396,10 @@ impl Row {
                 queue_number: self.queue_number,
                 queue_position: self.queue_position,
                 estimated_wait_secs: self.estimated_wait_secs,
+                presale_entry: self.draw_pending,
             }),
+            _ if self.draw_pending && !self.entry => Stored::DrawPending,
+            _ if self.draw_pending => Stored::EntryTaken,
             _ if self.admitted => Stored::KeyTaken,
             _ => Stored::QueueFull { queued: self.queued, left: self.left },
         };

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::catalog::{CodeForSale, EventForSale, TypeForSale};
+use super::catalog::{CodeForSale, EventForSale, SalePhase, TypeForSale};
 use crate::error::ApiError;
 
 /// What to buy: `items` (tickets of one or more types), or `quantity` alone (the seed's
@@ -159,6 +159,8 @@ pub struct Priced {
     pub total: Decimal,
     pub discount: Decimal,
     pub promo_code: Option<(Uuid, String)>,
+    /// Placed in the event's pre-sale window: a pre-sale entry, numbered by the draw.
+    pub presale_entry: bool,
 }
 
 impl Priced {
@@ -172,10 +174,12 @@ impl Priced {
 }
 
 /// The purchase's lines against its event at `now` (see the module's summary).
+///
+/// In the event's pre-sale window the purchase is a pre-sale entry, judged as if placed at
+/// `sales_start` (the types' windows and the codes' as they will be at the opening); before
+/// the window, it is refused `not_on_sale`.
 pub fn price(event: EventForSale, purchase: &Purchase, now: DateTime<Utc>) -> Result<Priced, ApiError> {
-    if !event.on_sale(now) {
-        return Err(ApiError::invalid("event_unavailable", "the event has started; tickets are no longer sold"));
-    }
+    let (now, presale_entry) = judged_at(&event, now)?;
     let wanted: Vec<(Uuid, i64)> = match &purchase.wanted {
         Wanted::Items(items) => items.clone(),
         Wanted::Default(quantity) => {
@@ -254,7 +258,37 @@ pub fn price(event: EventForSale, purchase: &Purchase, now: DateTime<Utc>) -> Re
     let total = lines.iter().map(OrderLine::amount).sum();
     let discount = lines.iter().map(OrderLine::discount).sum();
     // In range: at most max_per_order (an i32).
-    Ok(Priced { event, lines, quantity: total_tickets as i32, total, discount, promo_code })
+    Ok(Priced { event, lines, quantity: total_tickets as i32, total, discount, promo_code, presale_entry })
+}
+
+/// When a purchase placed `now` is judged, and whether it is a pre-sale entry: now while
+/// the sale is open, at `sales_start` in the pre-sale window; refused before the window and
+/// once the event has started.
+fn judged_at(event: &EventForSale, now: DateTime<Utc>) -> Result<(DateTime<Utc>, bool), ApiError> {
+    match event.phase(now) {
+        SalePhase::Over => {
+            Err(ApiError::invalid("event_unavailable", "the event has started; tickets are no longer sold"))
+        }
+        SalePhase::NotYet => Err(event_not_on_sale(event)),
+        SalePhase::PreQueue => Ok((event.sales_start.unwrap_or(now), true)),
+        SalePhase::Open => Ok((now, false)),
+    }
+}
+
+/// `422 not_on_sale` for an event whose sale (or pre-sale queue) has not opened.
+fn event_not_on_sale(event: &EventForSale) -> ApiError {
+    let message = match (event.sales_start, event.prequeue_opens_at) {
+        (Some(start), Some(opens)) => format!(
+            "the pre-sale queue opens at {} and the sale at {}",
+            opens.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            start.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        ),
+        (Some(start), None) => {
+            format!("the sale opens at {}", start.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        }
+        _ => "the event is not on sale".to_owned(),
+    };
+    ApiError::invalid("not_on_sale", message)
 }
 
 /// The event's live code `name`, if it may be used `now` on these lines: in its window, and
@@ -344,6 +378,8 @@ mod tests {
         EventForSale {
             name: "Concert".to_owned(),
             starts_at: at(20),
+            sales_start: None,
+            prequeue_opens_at: None,
             currency: "EUR".to_owned(),
             max_per_order: 6,
             max_per_buyer: Some(5),
@@ -362,6 +398,23 @@ mod tests {
 
     fn refusal<T: std::fmt::Debug>(result: Result<T, ApiError>) -> &'static str {
         result.expect_err("refused").code()
+    }
+
+    #[test]
+    fn before_sales_start_orders_are_refused_or_pre_sale_entries_judged_at_the_opening() {
+        let presale = EventForSale { sales_start: Some(at(11)), prequeue_opens_at: Some(at(9)), ..event() };
+        let vip = || request(None, Some(&[(VIP, 1)]));
+        let priced = |event: &EventForSale, now| price(event.clone(), &Purchase::parse(&vip()).unwrap(), now);
+        assert_eq!(refusal(priced(&presale, at(8))), "not_on_sale", "the pre-sale queue is not open yet");
+        let entry = priced(&presale, at(9)).expect("an entry");
+        assert!(entry.presale_entry, "VIP opens at 10, but the entry is judged at the opening, 11");
+        let open = priced(&presale, at(11)).expect("on sale");
+        assert!(!open.presale_entry);
+        assert_eq!(refusal(priced(&presale, at(20))), "event_unavailable");
+        let no_queue = EventForSale { prequeue_opens_at: None, ..presale.clone() };
+        assert_eq!(refusal(priced(&no_queue, at(10))), "not_on_sale", "no ticket type sells before sales_start");
+        let late = EventForSale { sales_start: Some(at(13)), ..presale };
+        assert_eq!(refusal(priced(&late, at(10))), "not_on_sale", "VIP's window closes at 12, before the opening");
     }
 
     #[test]

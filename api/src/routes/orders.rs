@@ -13,7 +13,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use chrono::{DateTime, Utc};
 use common::domain::{IdempotencyKey, OrderLine, OrderStatus, OrderTrigger, TicketStatus, Transition};
-use common::sales::changes;
+use common::sales::{self, changes};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -107,6 +107,11 @@ pub struct Order {
     /// decision rate; `null` while that rate is unknown, and once decided.
     #[schema(example = 1)]
     pub estimated_wait_secs: Option<i64>,
+    /// Placed in the event's pre-sale window and not drawn yet: it has no number or place
+    /// until the draw at `sales_start`.
+    pub presale_entry: bool,
+    /// For an entry not drawn yet: when the draw gives it its place.
+    pub sales_start: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -224,26 +229,23 @@ async fn purchase(
     span.record("order_id", tracing::field::display(order_id));
     let traceparent = common::telemetry::traceparent(&span);
     let unit_price = priced.unit_price();
-    let Priced { event, lines, quantity, total, discount, promo_code } = priced;
-    let stored = state
-        .orders
-        .insert(NewOrder {
-            id: order_id,
-            user_id: user.id,
-            event_id: req.event_id,
-            quantity,
-            unit_price,
-            total,
-            currency: event.currency.clone(),
-            lines: lines.clone(),
-            promo_code: promo_code.clone(),
-            discount,
-            idempotency_key: key.clone(),
-            traceparent,
-        })
-        // A validly signed token whose account is gone: 401 (`ApiError::from`).
-        .await?;
-    let placed = match stored {
+    let Priced { event, lines, quantity, total, discount, promo_code, presale_entry } = priced;
+    let new_order = NewOrder {
+        id: order_id,
+        user_id: user.id,
+        event_id: req.event_id,
+        quantity,
+        unit_price,
+        total,
+        currency: event.currency.clone(),
+        lines: lines.clone(),
+        promo_code: promo_code.clone(),
+        discount,
+        idempotency_key: key.clone(),
+        traceparent,
+        presale_entry,
+    };
+    let placed = match store(&state, new_order, event.sales_start.is_some()).await? {
         Stored::Inserted(placed) => placed,
         // The same key raced in from a concurrent request: answer like a replay.
         Stored::KeyTaken => {
@@ -251,7 +253,9 @@ async fn purchase(
             let existing = find_by_key(&state, user.id, key).await?.ok_or(ApiError::Unavailable)?;
             return replay(existing, &asked);
         }
+        Stored::EntryTaken => return Err(entry_taken(&state, user.id, key.as_ref(), &asked).await?),
         Stored::QueueFull { queued, left } => return Err(ApiError::QueueFull { event_id: req.event_id, left, queued }),
+        Stored::DrawPending => return Err(ApiError::Unavailable),
     };
 
     let order = Order {
@@ -276,8 +280,62 @@ async fn purchase(
         queue_number: placed.queue_number,
         queue_position: placed.queue_position,
         estimated_wait_secs: placed.estimated_wait_secs,
+        presale_entry: placed.presale_entry,
+        sales_start: event.sales_start.filter(|_| placed.presale_entry),
     };
     Ok((StatusCode::ACCEPTED, location(order_id), Json(order)))
+}
+
+/// Stores the order. One that arrives after the opening of a pre-sale whose draw has not
+/// happened yet runs the draw first (exactly once whoever runs it: `sales::draw`) and is
+/// then stored behind the drawn entries; should the database's clock say the opening has
+/// not come after all, it is stored as an entry. `may_wait_for_draw`: the event has a
+/// `sales_start` (only then is the order kept for a second try).
+async fn store(state: &AppState, order: NewOrder, may_wait_for_draw: bool) -> Result<Stored, ApiError> {
+    if !may_wait_for_draw {
+        return Ok(state.orders.insert(order).await?);
+    }
+    let mut order = order;
+    for _ in 0..3 {
+        match state.orders.insert(order.clone()).await? {
+            Stored::DrawPending => {
+                let drawn = sales::draw::draw_and_send(&state.db, &state.publisher, order.event_id).await?;
+                if drawn == sales::draw::Drawn::NotYet {
+                    order.presale_entry = true;
+                }
+            }
+            stored => return Ok(stored),
+        }
+    }
+    Ok(Stored::DrawPending)
+}
+
+/// A pre-sale entry refused by the one-open-entry rule: `409 already_queued` with the open
+/// entry, or, when it was the `Idempotency-Key` that a concurrent request took, a replay's
+/// refusal if the bodies differ (an identical replay is answered by the caller's first check).
+async fn entry_taken(
+    state: &AppState,
+    user_id: Uuid,
+    key: Option<&IdempotencyKey>,
+    asked: &Purchase,
+) -> Result<ApiError, ApiError> {
+    let open = sqlx::query_scalar!(
+        "SELECT id FROM orders
+         WHERE event_id = $1 AND user_id = $2 AND presale_entry AND queue_number IS NULL AND status = 'QUEUED'",
+        asked.event_id,
+        user_id
+    )
+    .fetch_optional(&state.db)
+    .await?;
+    if let Some(order_id) = open {
+        return Ok(ApiError::AlreadyQueued { order_id });
+    }
+    if let Some(key) = key
+        && let Some(existing) = find_by_key(state, user_id, key).await?
+    {
+        return Ok(replay(existing, asked).err().unwrap_or(ApiError::Unavailable));
+    }
+    Ok(ApiError::Unavailable)
 }
 
 /// What an order would cost, without buying: the same checks as `POST /orders`.
@@ -327,7 +385,7 @@ pub async fn quote(
 ) -> Result<Json<Quote>, ApiError> {
     let priced = purchase::check(&state, &Purchase::parse(&req)?).await?;
     let unit_price = priced.unit_price();
-    let Priced { event, lines, quantity, total, discount, promo_code } = priced;
+    let Priced { event, lines, quantity, total, discount, promo_code, .. } = priced;
     Ok(Json(Quote {
         event_id: req.event_id,
         quantity,
@@ -370,7 +428,9 @@ async fn find_by_key(state: &AppState, user_id: Uuid, key: &IdempotencyKey) -> R
                   o.promo_code, o.discount, o.status AS "status: OrderStatus", o.reason, o.reason_ticket_type_id,
                   o.created_at, o.updated_at, o.expires_at, o.queue_number,
                   queue_position(o.status, o.queue_number, e.queue_decided) AS queue_position,
-                  queue_wait_secs(o.status, o.queue_number, e.queue_decided, e.queue_rate) AS estimated_wait_secs
+                  queue_wait_secs(o.status, o.queue_number, e.queue_decided, e.queue_rate) AS estimated_wait_secs,
+                  o.presale_entry AND o.queue_number IS NULL AS "presale_entry!",
+                  CASE WHEN o.presale_entry AND o.queue_number IS NULL THEN e.sales_start END AS sales_start
            FROM orders o JOIN events e ON e.id = o.event_id WHERE o.user_id = $1 AND o.idempotency_key = $2"#,
         user_id,
         key.as_str()
@@ -413,7 +473,9 @@ pub async fn list_orders(
                   o.promo_code, o.discount, o.status AS "status: OrderStatus", o.reason, o.reason_ticket_type_id,
                   o.created_at, o.updated_at, o.expires_at, o.queue_number,
                   queue_position(o.status, o.queue_number, e.queue_decided) AS queue_position,
-                  queue_wait_secs(o.status, o.queue_number, e.queue_decided, e.queue_rate) AS estimated_wait_secs
+                  queue_wait_secs(o.status, o.queue_number, e.queue_decided, e.queue_rate) AS estimated_wait_secs,
+                  o.presale_entry AND o.queue_number IS NULL AS "presale_entry!",
+                  CASE WHEN o.presale_entry AND o.queue_number IS NULL THEN e.sales_start END AS sales_start
            FROM orders o JOIN events e ON e.id = o.event_id
            WHERE o.user_id = $1 AND ($2::uuid IS NULL OR o.id < $2)
            ORDER BY o.id DESC
@@ -498,15 +560,16 @@ async fn detail(state: &AppState, order: Order) -> Result<OrderDetail, ApiError>
 }
 
 /// Cancel a `PENDING` order (its owner only): its tickets are released at once for other
-/// buyers. Cancelling a cancelled order again answers 200 as well.
+/// buyers. A pre-sale entry can be cancelled (withdrawn from the draw) until the draw.
+/// Cancelling a cancelled order again answers 200 as well.
 #[utoipa::path(post, path = "/orders/{id}/cancel", tag = "orders", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "Order id")),
     responses(
         (status = 200, description = "The order, `CANCELLED`", body = OrderDetail),
         (status = 401, description = "Missing or invalid token", body = ErrorBody),
         (status = 404, description = "No such order, or not the caller's", body = ErrorBody),
-        (status = 409, description = "Not `PENDING`: still `QUEUED`, or already final (`invalid_transition`, \
-            with `current_status`)", body = ErrorBody),
+        (status = 409, description = "Not `PENDING` (nor a pre-sale entry before its draw): `QUEUED`, or already \
+            final (`invalid_transition`, with `current_status`)", body = ErrorBody),
         (status = 503, description = "Database unavailable; nothing changed, retry", body = ErrorBody),
     ))]
 pub async fn cancel_order(
@@ -517,7 +580,11 @@ pub async fn cancel_order(
     let mut tx = state.db.begin().await?;
     let mut locked = changes::lock(&mut tx, id, Some(user.id)).await?.ok_or(ApiError::NotFound("order"))?;
     let offer_ttl = state.config.waitlist.offer_ttl();
-    let transition = changes::apply(&mut locked, OrderTrigger::CancelledByOwner, None, offer_ttl).await?;
+    let transition = if locked.order.status == OrderStatus::Queued {
+        sales::draw::withdraw_entry(&mut locked).await?
+    } else {
+        changes::apply(&mut locked, OrderTrigger::CancelledByOwner, None, offer_ttl).await?
+    };
     let current = locked.order.status;
     // Committed whatever the outcome: a hold found over was expired on the way.
     tx.commit().await?;
@@ -536,7 +603,9 @@ async fn load_visible(state: &AppState, user: AuthUser, id: Uuid) -> Result<Orde
                   o.promo_code, o.discount, o.status AS "status: OrderStatus", o.reason, o.reason_ticket_type_id,
                   o.created_at, o.updated_at, o.expires_at, o.queue_number,
                   queue_position(o.status, o.queue_number, e.queue_decided) AS queue_position,
-                  queue_wait_secs(o.status, o.queue_number, e.queue_decided, e.queue_rate) AS estimated_wait_secs
+                  queue_wait_secs(o.status, o.queue_number, e.queue_decided, e.queue_rate) AS estimated_wait_secs,
+                  o.presale_entry AND o.queue_number IS NULL AS "presale_entry!",
+                  CASE WHEN o.presale_entry AND o.queue_number IS NULL THEN e.sales_start END AS sales_start
            FROM orders o JOIN events e ON e.id = o.event_id WHERE o.id = $1 AND (o.user_id = $2 OR $3)"#,
         id,
         user.id,

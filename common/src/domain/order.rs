@@ -60,13 +60,15 @@ pub enum OrderTrigger {
     CancelledByOwner,
     /// Its event was deleted (withdrawn from sale) before the order was paid.
     EventWithdrawn,
+    /// Its owner withdrew it from its event's pre-sale queue before the draw.
+    EntryWithdrawn,
     /// A paid order's money went back (the payment provider reported it, an admin asked for
     /// it, or its event was deleted with refunds).
     Refunded,
 }
 
 impl OrderTrigger {
-    pub const ALL: [OrderTrigger; 9] = [
+    pub const ALL: [OrderTrigger; 10] = [
         Self::Allocated,
         Self::AllocatedFree,
         Self::AllocationRejected,
@@ -75,6 +77,7 @@ impl OrderTrigger {
         Self::HoldExpired,
         Self::CancelledByOwner,
         Self::EventWithdrawn,
+        Self::EntryWithdrawn,
         Self::Refunded,
     ];
 
@@ -85,7 +88,7 @@ impl OrderTrigger {
             Self::AllocationRejected | Self::PaymentFailed | Self::EventWithdrawn => OrderStatus::Rejected,
             Self::PaymentSucceeded | Self::AllocatedFree => OrderStatus::Paid,
             Self::HoldExpired => OrderStatus::Expired,
-            Self::CancelledByOwner => OrderStatus::Cancelled,
+            Self::CancelledByOwner | Self::EntryWithdrawn => OrderStatus::Cancelled,
             Self::Refunded => OrderStatus::Refunded,
         }
     }
@@ -109,7 +112,7 @@ impl OrderStatus {
         [Self::Queued, Self::Pending, Self::Paid, Self::Rejected, Self::Expired, Self::Cancelled, Self::Refunded];
 
     /// The state machine: `QUEUED → PENDING → PAID`; `QUEUED → PAID` (free orders);
-    /// `QUEUED → REJECTED`;
+    /// `QUEUED → REJECTED`; `QUEUED → CANCELLED` (a pre-sale entry withdrawn before its draw);
     /// `PENDING → REJECTED | EXPIRED | CANCELLED`; `PAID → REFUNDED`; other final states
     /// never change. An event's deletion rejects its unpaid orders (`QUEUED` or `PENDING`).
     /// Only `PENDING` and `PAID` hold tickets, so leaving them for anything but `PAID`
@@ -119,12 +122,13 @@ impl OrderStatus {
         use OrderTrigger as T;
         let allowed = matches!(
             (self, trigger),
-            (S::Queued, T::Allocated | T::AllocatedFree | T::AllocationRejected | T::EventWithdrawn)
-                | (
-                    S::Pending,
-                    T::PaymentSucceeded | T::PaymentFailed | T::HoldExpired | T::CancelledByOwner | T::EventWithdrawn
-                )
-                | (S::Paid, T::Refunded)
+            (
+                S::Queued,
+                T::Allocated | T::AllocatedFree | T::AllocationRejected | T::EventWithdrawn | T::EntryWithdrawn
+            ) | (
+                S::Pending,
+                T::PaymentSucceeded | T::PaymentFailed | T::HoldExpired | T::CancelledByOwner | T::EventWithdrawn
+            ) | (S::Paid, T::Refunded)
         );
         if allowed {
             let to = trigger.target();
@@ -193,14 +197,14 @@ mod tests {
         let no = Transition::Impossible;
         #[rustfmt::skip]
         let table = [
-            // event:            Allocated              AllocatedFree          AllocationRejected      PaymentSucceeded   PaymentFailed            HoldExpired              CancelledByOwner          EventWithdrawn            Refunded
-            (S::Queued,    [moves(S::Pending, false), moves(S::Paid, false), moves(S::Rejected, false), no,                no,                      no,                      no,                       moves(S::Rejected, false), no]),
-            (S::Pending,   [same,                     no,                    no,                        moves(S::Paid, false), moves(S::Rejected, true), moves(S::Expired, true), moves(S::Cancelled, true), moves(S::Rejected, true), no]),
-            (S::Paid,      [no,                       same,                  no,                        same,              no,                      no,                      no,                       no,                       moves(S::Refunded, true)]),
-            (S::Rejected,  [no,                       no,                    same,                      no,                same,                    no,                      no,                       same,                     no]),
-            (S::Expired,   [no,                       no,                    no,                        no,                no,                      same,                    no,                       no,                       no]),
-            (S::Cancelled, [no,                       no,                    no,                        no,                no,                      no,                      same,                     no,                       no]),
-            (S::Refunded,  [no,                       no,                    no,                        no,                no,                      no,                      no,                       no,                       same]),
+            // event:            Allocated              AllocatedFree          AllocationRejected      PaymentSucceeded   PaymentFailed            HoldExpired              CancelledByOwner          EventWithdrawn            EntryWithdrawn              Refunded
+            (S::Queued,    [moves(S::Pending, false), moves(S::Paid, false), moves(S::Rejected, false), no,                no,                      no,                      no,                       moves(S::Rejected, false), moves(S::Cancelled, false), no]),
+            (S::Pending,   [same,                     no,                    no,                        moves(S::Paid, false), moves(S::Rejected, true), moves(S::Expired, true), moves(S::Cancelled, true), moves(S::Rejected, true), no,                         no]),
+            (S::Paid,      [no,                       same,                  no,                        same,              no,                      no,                      no,                       no,                       no,                         moves(S::Refunded, true)]),
+            (S::Rejected,  [no,                       no,                    same,                      no,                same,                    no,                      no,                       same,                     no,                         no]),
+            (S::Expired,   [no,                       no,                    no,                        no,                no,                      same,                    no,                       no,                       no,                         no]),
+            (S::Cancelled, [no,                       no,                    no,                        no,                no,                      no,                      same,                     no,                       same,                       no]),
+            (S::Refunded,  [no,                       no,                    no,                        no,                no,                      no,                      no,                       no,                       no,                         same]),
         ];
         assert_eq!(table.len(), OrderStatus::ALL.len());
         for (status, outcomes) in table {

@@ -109,6 +109,17 @@ async fn move_order(
     Ok(transition)
 }
 
+/// Applies a trigger that releases nothing (a pre-sale entry's withdrawal) to a locked order.
+pub(super) async fn move_locked(locked: &mut LockedOrder<'_>, trigger: OrderTrigger) -> sqlx::Result<Transition> {
+    let order = &mut locked.order;
+    let transition =
+        move_orders(&mut locked.lock, order.event_id, order.status, &[order.id], trigger, None, None).await?;
+    if let Transition::Moves { to, .. } = transition {
+        order.status = to;
+    }
+    Ok(transition)
+}
+
 /// Applies `trigger` to orders of one locked event that are all in status `from`, their
 /// rows locked by the caller: writes the new status, settles the waiting-list entries whose
 /// offers these orders were, releases the tickets when the transition says so (offering

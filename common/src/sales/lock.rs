@@ -13,6 +13,8 @@ pub struct LockedEvent {
     /// Being deleted with refunds (`refunding_since`), not finished yet.
     pub refunding: bool,
     pub currency: String,
+    /// It has (or had) a pre-sale queue: its drawn entries are decided first.
+    pub presale: bool,
 }
 
 /// Proof that the transaction on this connection holds these events' row locks (`FOR NO
@@ -44,6 +46,11 @@ impl<'c> EventLock<'c> {
     /// One of the locked events, as the lock read it.
     pub fn event(&self, event_id: Uuid) -> Option<&LockedEvent> {
         self.events.binary_search_by_key(&event_id, |e| e.id).ok().map(|i| &self.events[i])
+    }
+
+    /// The locked events, in id order.
+    pub fn events(&self) -> &[LockedEvent] {
+        &self.events
     }
 
     /// The ids of the locked events, in id order.
@@ -81,7 +88,8 @@ pub async fn lock_events<'c>(conn: &'c mut PgConnection, event_ids: &[Uuid]) -> 
     ids.dedup();
     let events = sqlx::query_as!(
         LockedEvent,
-        r#"SELECT id, deleted_at IS NOT NULL AS "deleted!", refunding_since IS NOT NULL AS "refunding!", currency
+        r#"SELECT id, deleted_at IS NOT NULL AS "deleted!", refunding_since IS NOT NULL AS "refunding!", currency,
+                  prequeue_opens_at IS NOT NULL AS "presale!"
            FROM events WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE"#,
         &ids
     )

@@ -18,6 +18,7 @@
 //! [`OrderStatus::apply`]: crate::domain::OrderStatus::apply
 
 pub mod changes;
+pub mod draw;
 mod lock;
 pub mod stock;
 pub mod tickets;

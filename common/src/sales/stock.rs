@@ -126,6 +126,9 @@ pub struct EventStock {
     pub open: bool,
     /// `capacity - sold`: the venue cap over all types.
     pub venue_left: i64,
+    /// The event's `sales_start`: no type sells before it, so an order (a pre-sale entry)
+    /// placed before it is judged as if placed at it.
+    pub sales_start: Option<DateTime<Utc>>,
     pub max_per_buyer: Option<i64>,
     pub types: HashMap<Uuid, TypeStock>,
     /// Tickets each buyer holds of the event (`(user, None)`) and of each type
@@ -165,7 +168,7 @@ impl EventStock {
     }
 
     /// Why the order cannot have its tickets, if it cannot: the event is closed; a line's
-    /// type is not on sale at the order's arrival, or is sold only under a promo code and
+    /// type is not on sale at the order's arrival (at `sales_start` for a pre-sale entry), or is sold only under a promo code and
     /// the line is not under one; the buyer would pass a cap; the buyer
     /// would pass the promo code's per-buyer limit; the code has too few uses left; a type
     /// is out of stock; the venue is full. In that order.
@@ -173,8 +176,9 @@ impl EventStock {
         if !self.open {
             return Some((reason::EVENT_UNAVAILABLE, None));
         }
+        let placed = self.sales_start.map_or(order.created_at, |start| order.created_at.max(start));
         for (type_id, _) in &order.lines {
-            if !self.types.get(type_id).is_some_and(|t| t.on_sale_at(order.created_at)) {
+            if !self.types.get(type_id).is_some_and(|t| t.on_sale_at(placed)) {
                 return Some((reason::NOT_ON_SALE, Some(*type_id)));
             }
         }
@@ -264,7 +268,7 @@ pub async fn load(lock: &mut EventLock<'_>) -> sqlx::Result<HashMap<Uuid, EventS
     let rows = sqlx::query!(
         r#"SELECT e.id AS "id!", e.capacity - e.sold AS "venue_left!",
                   coalesce(e.deleted_at IS NULL AND e.starts_at > now(), false) AS "open!",
-                  e.max_per_buyer AS event_cap, t.id AS "type_id?", t.capacity - t.sold AS "left",
+                  e.sales_start AS "event_sales_start?", e.max_per_buyer AS event_cap, t.id AS "type_id?", t.capacity - t.sold AS "left",
                   t.deleted_at IS NOT NULL AS "withdrawn?", t.sales_start AS "sales_start?",
                   t.sales_end AS "sales_end?", t.max_per_buyer AS "type_cap?",
                   t.requires_promo_code AS "requires_promo_code?"
@@ -279,6 +283,7 @@ pub async fn load(lock: &mut EventLock<'_>) -> sqlx::Result<HashMap<Uuid, EventS
         let event = events.entry(row.id).or_insert_with(|| EventStock {
             open: row.open,
             venue_left: i64::from(row.venue_left).max(0),
+            sales_start: row.event_sales_start,
             max_per_buyer: row.event_cap.map(i64::from),
             ..Default::default()
         });

@@ -11,6 +11,7 @@ mod operations;
 mod orders;
 mod organizers;
 mod payments;
+mod presale;
 mod promo_codes;
 mod queue;
 mod ticket_types;

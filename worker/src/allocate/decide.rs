@@ -97,6 +97,12 @@ async fn allocate_batches(
     let mut tx = db.begin().await?;
     let event_ids: Vec<Uuid> = batches.iter().flat_map(|(_, groups)| groups.iter().map(|(event, _)| *event)).collect();
     let mut lock = sales::lock_events(&mut tx, &event_ids).await?;
+    let presale: Vec<Uuid> = lock.events().iter().filter(|e| e.presale).map(|e| e.id).collect();
+    let drawn = if presale.is_empty() { Vec::new() } else { sales::draw::drawn_entries(&mut lock, &presale).await? };
+    let with_drawn = (!drawn.is_empty()).then(|| drawn_first(batches, &drawn));
+    let with_drawn: Vec<(u16, &Groups)> =
+        with_drawn.iter().flatten().map(|(partition, groups)| (*partition, groups)).collect();
+    let batches = if with_drawn.is_empty() { batches } else { &with_drawn };
     let (mut events, queued) = load(&mut lock, batches).await?;
     let plan = plan(batches, &mut events, &queued);
     if !plan.decided.is_empty() {
@@ -105,6 +111,32 @@ async fn allocate_batches(
     }
     tx.commit().await?;
     Ok(plan.outcomes)
+}
+
+/// The batches with their events' drawn pre-sale entries (still `QUEUED`, in number order)
+/// put first: ahead of the first batch's orders of that event, and out of every later place
+/// they are named (their own messages, sent by the draw, may come later or earlier).
+fn drawn_first(batches: &[(u16, &Groups)], drawn: &[(Uuid, Uuid)]) -> Vec<(u16, Groups)> {
+    let mut ahead: HashMap<Uuid, Vec<Uuid>> = HashMap::new();
+    for (event_id, order_id) in drawn {
+        ahead.entry(*event_id).or_default().push(*order_id);
+    }
+    let entries: std::collections::HashSet<Uuid> = drawn.iter().map(|(_, order_id)| *order_id).collect();
+    batches
+        .iter()
+        .map(|(partition, groups)| {
+            let groups = groups
+                .iter()
+                .map(|(event_id, orders)| {
+                    let rest = orders.iter().filter(|id| !entries.contains(id)).copied();
+                    let orders: Vec<Uuid> =
+                        ahead.remove(event_id).unwrap_or_default().into_iter().chain(rest).collect();
+                    (*event_id, orders)
+                })
+                .collect();
+            (*partition, groups)
+        })
+        .collect()
 }
 
 /// The `QUEUED` orders the batches name, by id, with the event each was placed for.
@@ -236,6 +268,21 @@ async fn record_progress(tx: &mut sqlx::PgConnection, progress: &HashMap<u16, Da
 mod tests {
     use super::*;
     use common::domain::OrderStatus;
+
+    /// Drawn entries (4, 5 of event 1) go ahead of the first batch's orders of their event,
+    /// and out of the later places their own messages put them; other events are untouched.
+    #[test]
+    fn drawn_entries_come_first_and_once() {
+        let o = |n: u128| Uuid::from_u128(100 + n);
+        let (event, other) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        let first: Groups = vec![(other, vec![o(9)]), (event, vec![o(1), o(5), o(2)])];
+        let second: Groups = vec![(event, vec![o(4), o(3)])];
+        let batches = drawn_first(&[(0, &first), (0, &second)], &[(event, o(4)), (event, o(5))]);
+        assert_eq!(
+            batches,
+            [(0, vec![(other, vec![o(9)]), (event, vec![o(4), o(5), o(1), o(2)])]), (0, vec![(event, vec![o(3)])])]
+        );
+    }
 
     #[test]
     fn a_plan_decides_in_order_counts_the_tickets_and_skips_what_is_not_queued() {

@@ -71,6 +71,17 @@ pub struct CreateEventRequest {
     #[schema(value_type = Option<f64>, minimum = 1, maximum = 10000, example = 3)]
     #[serde(default, deserialize_with = "given")]
     pub queue_demand_factor: Option<Option<f64>>,
+    /// When the sale opens: no ticket type sells before it (types keep their own windows
+    /// inside it). Before the event's date.
+    #[schema(value_type = Option<DateTime<Utc>>)]
+    #[serde(default, deserialize_with = "given")]
+    pub sales_start: Option<Option<DateTime<Utc>>>,
+    /// When the pre-sale queue opens, before `sales_start` (which it requires): orders from
+    /// then on are pre-sale entries, placed in line by one random draw at `sales_start`.
+    /// Neither time can change once the pre-sale queue has opened.
+    #[schema(value_type = Option<DateTime<Utc>>)]
+    #[serde(default, deserialize_with = "given")]
+    pub prequeue_opens_at: Option<Option<DateTime<Utc>>>,
 }
 
 /// A [`CreateEventRequest`] that passed every rule.
@@ -89,6 +100,8 @@ struct NewEvent {
     max_per_buyer: Option<Option<i32>>,
     image_url: Option<String>,
     queue_demand_factor: Option<f64>,
+    sales_start: Option<DateTime<Utc>>,
+    prequeue_opens_at: Option<DateTime<Utc>>,
 }
 
 impl CreateEventRequest {
@@ -129,6 +142,17 @@ impl CreateEventRequest {
         if queue_demand_factor.is_some_and(|factor| !(1.0..=10_000.0).contains(&factor)) {
             return Err(invalid("queue_demand_factor must be between 1 and 10000, or null for the deployment's"));
         }
+        let (sales_start, prequeue_opens_at) = (self.sales_start.flatten(), self.prequeue_opens_at.flatten());
+        match (sales_start, prequeue_opens_at) {
+            (Some(start), _) if start >= self.date => {
+                return Err(invalid("sales_start must be before the event's date"));
+            }
+            (None, Some(_)) => return Err(invalid("prequeue_opens_at needs a sales_start")),
+            (Some(start), Some(opens)) if opens >= start => {
+                return Err(invalid("prequeue_opens_at must be before sales_start"));
+            }
+            _ => {}
+        }
         let image_url = optional_text("image_url", self.image_url.as_deref(), 2048)?;
         if let Some(url) = &image_url
             && !(url.starts_with("https://") || url.starts_with("http://"))
@@ -157,6 +181,8 @@ impl CreateEventRequest {
             max_per_buyer,
             image_url,
             queue_demand_factor,
+            sales_start,
+            prequeue_opens_at,
         })
     }
 }
@@ -177,6 +203,8 @@ impl From<&Event> for CreateEventRequest {
             max_per_buyer: Some(event.max_per_buyer.map(i64::from)),
             image_url: event.image_url.clone(),
             queue_demand_factor: Some(event.queue_demand_factor),
+            sales_start: Some(event.sales_start),
+            prequeue_opens_at: Some(event.prequeue_opens_at),
         }
     }
 }
@@ -203,8 +231,9 @@ pub async fn create_event(
     let id = Uuid::now_v7();
     sqlx::query!(
         "INSERT INTO events (id, name, description, location, organization, rating, starts_at, capacity, price,
-                             currency, max_per_order, image_url, created_by, max_per_buyer, queue_demand_factor)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+                             currency, max_per_order, image_url, created_by, max_per_buyer, queue_demand_factor,
+                             sales_start, prequeue_opens_at, draw_seed)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
         id,
         &new.name,
         &new.description,
@@ -219,7 +248,10 @@ pub async fn create_event(
         new.image_url,
         admin.id,
         max_per_buyer,
-        new.queue_demand_factor
+        new.queue_demand_factor,
+        new.sales_start,
+        new.prequeue_opens_at,
+        new.prequeue_opens_at.map(|_| draw_seed())
     )
     .execute(&state.db)
     .await?;
@@ -227,6 +259,11 @@ pub async fn create_event(
     tracing::info!(event_id = %event.id, capacity = event.capacity, "event created");
     let location = crate::routes::location(&format!("/api/v1/events/{}", event.id));
     Ok((StatusCode::CREATED, location, Json(EventDetail::of(&state.db, event, true, None).await?)))
+}
+
+/// A pre-sale draw's seed: 32 random bytes, made when the pre-sale is set (before it opens).
+fn draw_seed() -> Vec<u8> {
+    rand::random::<[u8; 32]>().to_vec()
 }
 
 /// The buyer cap of an event created without one: `DEFAULT_MAX_PER_BUYER`, or the event's
@@ -253,7 +290,8 @@ fn default_max_per_buyer(state: &AppState, max_per_order: i32) -> i32 {
         (status = 401, description = "Missing or invalid token", body = ErrorBody),
         (status = 403, description = "Caller is not an admin", body = ErrorBody),
         (status = 404, description = "No such event (or deleted)", body = ErrorBody),
-        (status = 409, description = "Capacity below the tickets sold or held (`capacity_below_sold`)", body = ErrorBody),
+        (status = 409, description = "Capacity below the tickets sold or held (`capacity_below_sold`); `sales_start` \
+            or `prequeue_opens_at` changed after the pre-sale queue opened (`presale_started`)", body = ErrorBody),
         (status = 422, description = "A field breaks a rule (`validation_failed`) or is unknown (`invalid_body`); a new \
             currency cannot express the price of other ticket types (`invalid_price_for_currency`, naming them)",
             body = ErrorBody),
@@ -281,10 +319,13 @@ pub async fn update_event(
             format!("{sold} tickets are sold or held; capacity cannot go below that"),
         ));
     }
+    presale_unchanged(&current, &edited, Utc::now())?;
     sqlx::query!(
         "UPDATE events SET name = $2, description = $3, location = $4, organization = $5, rating = $6,
                   starts_at = $7, capacity = $8, price = $9, currency = $10, max_per_order = $11, image_url = $12,
-                  max_per_buyer = $13, queue_demand_factor = $14, updated_at = now()
+                  max_per_buyer = $13, queue_demand_factor = $14, sales_start = $15, prequeue_opens_at = $16,
+                  draw_seed = CASE WHEN $16::timestamptz IS NULL THEN NULL ELSE coalesce(draw_seed, $17) END,
+                  updated_at = now()
            WHERE id = $1",
         id,
         &edited.name,
@@ -300,7 +341,18 @@ pub async fn update_event(
         edited.image_url,
         // The current cap is part of the merged request: always given.
         edited.max_per_buyer.flatten(),
-        edited.queue_demand_factor
+        edited.queue_demand_factor,
+        edited.sales_start,
+        edited.prequeue_opens_at,
+        draw_seed()
+    )
+    .execute(lock.conn())
+    .await?;
+    // A pre-sale set (or removed) before it opened: its entries wait for the draw (or none will).
+    sqlx::query!(
+        "UPDATE event_queues SET draw_pending = $2 WHERE event_id = $1 AND draw_pending <> $2",
+        id,
+        edited.prequeue_opens_at.is_some()
     )
     .execute(lock.conn())
     .await?;
@@ -313,6 +365,22 @@ pub async fn update_event(
     state.catalog.forget(id);
     tracing::info!(event_id = %id, admin_id = %admin.id, fields = ?patch.keys().collect::<Vec<_>>(), "event edited");
     Ok(Json(EventDetail::of(&state.db, event, true, None).await?))
+}
+
+/// `409 presale_started`: once an event's pre-sale queue has opened, its times (and so its
+/// draw) are fixed.
+fn presale_unchanged(current: &Event, edited: &NewEvent, now: DateTime<Utc>) -> Result<(), ApiError> {
+    let changed = current.sales_start != edited.sales_start || current.prequeue_opens_at != edited.prequeue_opens_at;
+    match current.prequeue_opens_at {
+        Some(opened) if changed && opened <= now => Err(ApiError::conflict(
+            "presale_started",
+            format!(
+                "the pre-sale queue opened at {}; sales_start and prequeue_opens_at can no longer change",
+                opened.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            ),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// 422 `invalid_price_for_currency`, naming them, when live ticket types of the event other
@@ -465,7 +533,25 @@ mod tests {
             max_per_buyer: None,
             image_url: None,
             queue_demand_factor: None,
+            sales_start: None,
+            prequeue_opens_at: None,
         }
+    }
+
+    #[test]
+    fn a_pre_sale_queue_opens_before_sales_start_which_comes_before_the_event() {
+        let now = Utc::now();
+        let hours = |h| Some(now + chrono::Duration::hours(h));
+        let with = |start, opens| CreateEventRequest {
+            sales_start: Some(start),
+            prequeue_opens_at: Some(opens),
+            ..request("1", 5)
+        };
+        assert!(with(hours(2), hours(1)).validate(now).is_ok());
+        assert!(with(hours(2), None).validate(now).is_ok(), "a sales_start without a pre-sale");
+        assert!(with(None, hours(1)).validate(now).is_err(), "a pre-sale needs a sales_start");
+        assert!(with(hours(2), hours(2)).validate(now).is_err(), "the queue opens before the sale");
+        assert!(with(hours(48), None).validate(now).is_err(), "the sale opens before the event (in 24 h)");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! model and the reads; [`edit`] creates, edits and deletes, [`image`] uploads and serves
 //! an event's image.
 
+mod draw;
 mod edit;
 mod image;
 
@@ -28,6 +29,7 @@ pub fn router(image_max_bytes: u64) -> OpenApiRouter<AppState> {
         .routes(routes!(list_events, edit::create_event))
         .routes(routes!(get_event, edit::update_event, edit::delete_event))
         .routes(routes!(image::get_image))
+        .routes(routes!(draw::get_draw))
         .merge(image::upload_router(image_max_bytes))
 }
 
@@ -68,6 +70,19 @@ pub struct Event {
     /// queued orders ask for would pass this many times what is left; `null`: the
     /// deployment's `QUEUE_DEMAND_FACTOR`.
     pub queue_demand_factor: Option<f64>,
+    /// When the sale opens (`null`: on sale from creation): no ticket type sells before it.
+    pub sales_start: Option<DateTime<Utc>>,
+    /// When its pre-sale queue opens (`null`: none): orders from then until `sales_start`
+    /// are placed in line by one random draw at `sales_start`.
+    pub prequeue_opens_at: Option<DateTime<Utc>>,
+    /// With a pre-sale: the SHA-256 of the draw's seed (hex), shown from the start, so the
+    /// seed cannot be changed after entries came in.
+    pub draw_seed_sha256: Option<String>,
+    /// With a pre-sale, from `sales_start`: the draw's seed (hex, 32 bytes). The order of the
+    /// draw is the entries sorted by SHA-256(seed ‖ order id's 16 bytes).
+    pub draw_seed: Option<String>,
+    /// When the draw happened.
+    pub drawn_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     /// When the event was last edited (sales, which change `tickets_available`, are not edits).
     pub updated_at: DateTime<Utc>,
@@ -184,7 +199,10 @@ pub(crate) async fn events_by_id<'c>(
         r#"SELECT e.id, e.name, e.description, e.location, e.organization, e.rating, e.starts_at AS date,
                   e.capacity, e.capacity - e.sold AS "tickets_available!", e.price, e.currency,
                   e.max_per_order, e.max_per_buyer, e.default_ticket_type_id, e.image_url, e.queue_demand_factor,
-                  e.created_at,
+                  e.sales_start, e.prequeue_opens_at, encode(sha256(e.draw_seed), 'hex') AS draw_seed_sha256,
+                  CASE WHEN e.sales_start <= now() OR e.drawn_at IS NOT NULL THEN encode(e.draw_seed, 'hex') END
+                      AS draw_seed,
+                  e.drawn_at, e.created_at,
                   e.updated_at, e.deleted_at
            FROM events e WHERE e.id = ANY($1) AND (e.deleted_at IS NULL OR $2)
            ORDER BY e.starts_at, e.id"#,
@@ -208,7 +226,10 @@ pub(crate) async fn page_of_events(
         r#"SELECT e.id, e.name, e.description, e.location, e.organization, e.rating, e.starts_at AS date,
                   e.capacity, e.capacity - e.sold AS "tickets_available!", e.price, e.currency,
                   e.max_per_order, e.max_per_buyer, e.default_ticket_type_id, e.image_url, e.queue_demand_factor,
-                  e.created_at,
+                  e.sales_start, e.prequeue_opens_at, encode(sha256(e.draw_seed), 'hex') AS draw_seed_sha256,
+                  CASE WHEN e.sales_start <= now() OR e.drawn_at IS NOT NULL THEN encode(e.draw_seed, 'hex') END
+                      AS draw_seed,
+                  e.drawn_at, e.created_at,
                   e.updated_at, e.deleted_at
            FROM events e
            WHERE e.deleted_at IS NULL AND ($1::uuid IS NULL OR e.created_by = $1)
