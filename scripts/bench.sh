@@ -9,7 +9,9 @@
 # Settings (environment or make variables):
 #   SCENARIOS     scenarios to run, in this order, RUNS times over (default "baseline hot");
 #                 hot, spread, tiers (hot's shape on three ticket types, orders of one to
-#                 three lines), rate, backlog, baseline (shaped like hot), baseline-spread
+#                 three lines), rate, backlog, prequeue (hot's shape as pre-sale entries, one
+#                 per buyer, then the opening: the draw's time and the decisions after it;
+#                 the worker looks for due draws every 100 ms), baseline (shaped like hot), baseline-spread
 #                 (shaped like spread), ceiling (the api's fixed work alone: POST
 #                 /api/v1/orders/quote, no database or broker)
 #   RUNS          runs of each scenario (default 3)
@@ -121,6 +123,7 @@ defaults_for() {
     spread | baseline-spread) echo "--events 10000 --capacity 1 --demand 10" ;;
     rate) echo "--events 1 --capacity 20000 --demand 1 --rate 1000" ;;
     backlog) echo "--events 1 --capacity 100000 --demand 10" ;;
+    prequeue) echo "--events 1 --capacity 2000 --demand 5" ;;
     *) echo "[bench] unknown scenario $1" >&2; exit 2 ;;
   esac
 }
@@ -142,6 +145,11 @@ for run in $(seq 1 "$runs"); do
         start_api
         "$bin/loadgen" "${args[@]}" --scenario backlog --api "http://$addr" --api-pid "$api_pid" \
           --worker "$sut/worker" "${extra[@]}" ;;
+      prequeue)
+        start_api
+        EXPIRY_INTERVAL_MS=100 start_worker
+        "$bin/loadgen" "${args[@]}" --scenario prequeue --api "http://$addr" --api-pid "$api_pid" \
+          --worker-pid "$worker_pid" "${extra[@]}" ;;
       *)
         start_api
         start_worker

@@ -85,6 +85,7 @@ pub async fn run(args: &crate::RunArgs, db: &PgPool, events: &[Uuid]) -> anyhow:
         api_peak_rss_mib: None,
         worker_peak_rss_mib: None,
         drain: None,
+        draw: None,
         cost: Some(cost),
         timeline: Some(Timeline {
             accepted_per_sec: Timeline::per_second(started_at, done_at.iter().copied()),

@@ -1,4 +1,5 @@
-//! The scenarios that go through the api: `hot`, `spread`, `tiers`, `rate`, `backlog` and `ceiling`.
+//! The scenarios that go through the api: `hot`, `spread`, `tiers`, `rate`, `backlog`,
+//! `prequeue` and `ceiling`.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -14,7 +15,7 @@ use uuid::Uuid;
 
 use crate::cost::Sampler;
 use crate::prepare;
-use crate::report::{Drain, Percentiles, Report, Timeline};
+use crate::report::{Drain, DrawRun, Percentiles, Report, Timeline};
 use crate::{RunArgs, Scenario};
 
 /// How long a run waits for accepted orders to be decided before it counts them lost.
@@ -77,6 +78,7 @@ pub async fn run(args: &RunArgs, db: &PgPool, events: &[Uuid], types: &[[Uuid; 3
         }
         _ => (None, None),
     };
+    let opened = if args.scenario == Scenario::Prequeue { Some(prepare::open_sale(db, events).await?) } else { None };
     let lost = prepare::wait_until_decided(db, events, DECIDE_TIMEOUT).await?;
     let decided_count: i64 = sqlx::query_scalar!(
         r#"SELECT count(*) AS "count!" FROM orders WHERE event_id = ANY($1) AND status <> 'QUEUED'"#,
@@ -95,15 +97,12 @@ pub async fn run(args: &RunArgs, db: &PgPool, events: &[Uuid], types: &[[Uuid; 3
         last_decision = last_decision.max(*decided);
     }
     let span = (last_decision - started_at).to_std().unwrap_or_default().as_secs_f64().max(f64::EPSILON);
-    let accepted_at = answers.iter().filter(|a| matches!(a.status, 200 | 202)).map(|a| a.answered_at);
-    let decided_at =
-        decided.iter().map(|(_, at)| *at).chain(answers.iter().filter(|a| a.status == 409).map(|a| a.answered_at));
-    let timeline = Timeline {
-        accepted_per_sec: Timeline::per_second(started_at, accepted_at),
-        decided_per_sec: if ceiling { Vec::new() } else { Timeline::per_second(started_at, decided_at) },
-        accept_latency_ms: Timeline::latency_curve(&latency),
-    };
+    let timeline = timeline(started_at, &answers, &decided, &latency, ceiling);
     let (sold, oversold) = prepare::sold_and_oversold(db, events, typed).await?;
+    let draw = match opened {
+        Some(opened) => Some(draw_run(db, events, opened, &decided).await?),
+        None => None,
+    };
     let peak = |pid: Option<u32>| pid.and_then(prepare::memory_mib).map(|(_, peak)| peak);
     Ok(Report {
         scenario: args.scenario,
@@ -131,8 +130,52 @@ pub async fn run(args: &RunArgs, db: &PgPool, events: &[Uuid], types: &[[Uuid; 3
         api_peak_rss_mib: peak(args.api_pid),
         worker_peak_rss_mib: worker_peak.or_else(|| peak(args.worker_pid)),
         drain,
+        draw,
         cost: Some(cost),
         timeline: Some(timeline),
+    })
+}
+
+/// The run's picture: accepted and decided per second, and the accept-latency curve.
+fn timeline(
+    started_at: DateTime<Utc>,
+    answers: &[Answer],
+    decided: &[(DateTime<Utc>, DateTime<Utc>)],
+    latency: &Histogram<u64>,
+    ceiling: bool,
+) -> Timeline {
+    let accepted_at = answers.iter().filter(|a| matches!(a.status, 200 | 202)).map(|a| a.answered_at);
+    let decided_at =
+        decided.iter().map(|(_, at)| *at).chain(answers.iter().filter(|a| a.status == 409).map(|a| a.answered_at));
+    Timeline {
+        accepted_per_sec: Timeline::per_second(started_at, accepted_at),
+        decided_per_sec: if ceiling { Vec::new() } else { Timeline::per_second(started_at, decided_at) },
+        accept_latency_ms: Timeline::latency_curve(latency),
+    }
+}
+
+/// `prequeue`: from the opening to the draw, and the entries decided per second after it
+/// (to the last decision).
+async fn draw_run(
+    db: &PgPool,
+    events: &[Uuid],
+    opened: DateTime<Utc>,
+    decided: &[(DateTime<Utc>, DateTime<Utc>)],
+) -> anyhow::Result<DrawRun> {
+    let row = sqlx::query!(
+        r#"SELECT max(drawn_at) AS drawn_at, coalesce(sum(draw_entries), 0)::int8 AS "entries!"
+           FROM events WHERE id = ANY($1)"#,
+        events
+    )
+    .fetch_one(db)
+    .await?;
+    let drawn = row.drawn_at.context("the sale opened but no draw happened")?;
+    let last = decided.iter().map(|(_, at)| *at).max().unwrap_or(drawn);
+    let seconds = |from: DateTime<Utc>, to: DateTime<Utc>| (to - from).to_std().unwrap_or_default().as_secs_f64();
+    Ok(DrawRun {
+        entries: u64::try_from(row.entries).unwrap_or(0),
+        draw_ms: seconds(opened, drawn) * 1000.0,
+        decided_per_sec: row.entries as f64 / seconds(drawn, last).max(f64::EPSILON),
     })
 }
 

@@ -16,6 +16,9 @@
 //!   request was due, so a slow server cannot hide its queue);
 //! - `backlog`: orders accepted while no worker runs, then a worker started (`--worker`),
 //!   timing the drain and sampling api and worker memory throughout;
+//! - `prequeue`: `hot`'s orders sent in the event's pre-sale window (one entry per buyer:
+//!   as many buyers as orders), then the sale opened: the time from the opening to the
+//!   draw, and the entries decided per second after it;
 //! - `baseline`: the seed's design straight against PostgreSQL, per order BEGIN; lock the
 //!   event row; count its sold tickets; insert the order and its tickets; COMMIT;
 //! - `ceiling`: the cheapest request with the purchase path's fixed work, `POST
@@ -74,6 +77,7 @@ pub enum Scenario {
     Tiers,
     Rate,
     Backlog,
+    Prequeue,
     Baseline,
     Ceiling,
 }
@@ -170,6 +174,11 @@ async fn run(mut args: RunArgs) -> anyhow::Result<()> {
         if args.scenario == Scenario::Tiers { prepare::tiers(&db, &events, args.capacity).await? } else { Vec::new() };
     if args.promo_code {
         prepare::promo_codes(&db, &events, args.capacity).await?;
+    }
+    if args.scenario == Scenario::Prequeue {
+        prepare::presale(&db, &events).await?;
+        // One open entry per buyer and event.
+        args.users = args.users.max(u32::try_from(args.orders()).unwrap_or(u32::MAX));
     }
     let report = match args.scenario {
         Scenario::Baseline => baseline::run(&args, &db, &events).await?,

@@ -2,6 +2,7 @@
 
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use chrono::Utc;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -61,6 +62,35 @@ pub async fn tiers(db: &PgPool, events: &[Uuid], capacity: u32) -> anyhow::Resul
 pub const PROMO_CODE: &str = "BENCH10";
 
 /// A promo code for each event: 10% off every type, at most `capacity` uses, 10 per buyer.
+/// `prequeue`: the events' pre-sale queue open (since a second ago) and their sale a day
+/// away, with a seed, so the orders sent are pre-sale entries; [`open_sale`] opens it.
+pub async fn presale(db: &PgPool, events: &[Uuid]) -> anyhow::Result<()> {
+    sqlx::query!(
+        "UPDATE events SET prequeue_opens_at = now() - interval '1 second', sales_start = now() + interval '1 day',
+                           draw_seed = sha256(uuid_send(gen_random_uuid()) || uuid_send(gen_random_uuid()))
+         WHERE id = ANY($1)",
+        events
+    )
+    .execute(db)
+    .await?;
+    sqlx::query!("UPDATE event_queues SET draw_pending = true WHERE event_id = ANY($1)", events).execute(db).await?;
+    Ok(())
+}
+
+/// `prequeue`: the sale opens now (the worker's draw loop draws within its interval);
+/// returns the opening.
+pub async fn open_sale(db: &PgPool, events: &[Uuid]) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
+    sqlx::query_scalar!(
+        r#"UPDATE events SET sales_start = clock_timestamp() WHERE id = ANY($1) RETURNING sales_start AS "at!""#,
+        events
+    )
+    .fetch_all(db)
+    .await?
+    .into_iter()
+    .max()
+    .context("no event to open")
+}
+
 pub async fn promo_codes(db: &PgPool, events: &[Uuid], capacity: u32) -> anyhow::Result<()> {
     for chunk in events.chunks(10_000) {
         let ids: Vec<Uuid> = chunk.iter().map(|_| Uuid::now_v7()).collect();

@@ -46,6 +46,9 @@ pub struct Report {
     pub api_peak_rss_mib: Option<f64>,
     pub worker_peak_rss_mib: Option<f64>,
     pub drain: Option<Drain>,
+    /// `prequeue`: the draw at the opening, and the decisions after it.
+    #[serde(default)]
+    pub draw: Option<DrawRun>,
     /// What the run cost: CPU per process, statements, rows written and broker messages.
     #[serde(default)]
     pub cost: Option<Cost>,
@@ -122,6 +125,18 @@ pub struct Drain {
     pub worker_rss_mib: Vec<f64>,
 }
 
+/// `prequeue`: the opening of a pre-sale.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DrawRun {
+    /// Entries numbered by the draw.
+    pub entries: u64,
+    /// From the opening (`sales_start`) to the draw's end: the worker loop's wait (at most
+    /// `EXPIRY_INTERVAL_MS`), the locks, and the numbering.
+    pub draw_ms: f64,
+    /// Entries decided per second, from the draw to the last decision.
+    pub decided_per_sec: f64,
+}
+
 fn range(samples: &[f64]) -> String {
     match (samples.first(), samples.last()) {
         (Some(first), Some(last)) => {
@@ -159,6 +174,12 @@ impl Report {
             println!("drain               {} orders in {:.1} s = {:.0}/s", drain.orders, drain.seconds, drain.per_sec);
             println!("  api RSS           {}", range(&drain.api_rss_mib));
             println!("  worker RSS        {}", range(&drain.worker_rss_mib));
+        }
+        if let Some(draw) = &self.draw {
+            println!(
+                "draw                {} entries drawn {:.0} ms after the opening; then {:.0} decided/s",
+                draw.entries, draw.draw_ms, draw.decided_per_sec
+            );
         }
         if let Some(cost) = &self.cost {
             let per_order = |seconds: f64| seconds * 1e6 / cost.decided_orders.max(1) as f64;
@@ -225,6 +246,31 @@ fn cost_row(name: &str, events: u32, runs: &[Report]) -> String {
     )
 }
 
+/// The rows under a scenario's: each `backlog` run's drain, and `prequeue`'s draw.
+fn extra_rows(table: &mut String, runs: &[Report]) {
+    for drain in runs.iter().filter_map(|r| r.drain.as_ref()) {
+        let _ = writeln!(
+            table,
+            "|   drain | | | {:.0} orders/s ({} orders in {:.0} s) | | | | | | api {}; worker {} | |",
+            drain.per_sec,
+            drain.orders,
+            drain.seconds,
+            range(&drain.api_rss_mib),
+            range(&drain.worker_rss_mib)
+        );
+    }
+    let draws: Vec<&DrawRun> = runs.iter().filter_map(|r| r.draw.as_ref()).collect();
+    if !draws.is_empty() {
+        let _ = writeln!(
+            table,
+            "|   draw | | | {:.0} entries decided/s after it | | | | | | drawn {:.0} ms after the opening ({:.0} entries) | |",
+            median(draws.iter().map(|d| d.decided_per_sec).collect()).unwrap_or(0.0),
+            median(draws.iter().map(|d| d.draw_ms).collect()).unwrap_or(0.0),
+            median(draws.iter().map(|d| d.entries as f64).collect()).unwrap_or(0.0),
+        );
+    }
+}
+
 /// Medians per (scenario, events, label) over every `*.json` in `dir`, with the ratio of
 /// each pipeline scenario to the baseline over the same number of events.
 pub fn summary(dir: &Path, markdown: Option<&Path>) -> anyhow::Result<()> {
@@ -262,7 +308,9 @@ pub fn summary(dir: &Path, markdown: Option<&Path>) -> anyhow::Result<()> {
         let fmt = |v: Option<f64>, digits: usize| v.map_or("-".to_owned(), |v| format!("{v:.digits$}"));
         let end_to_end = med(&|r| Some(r.end_to_end_per_sec));
         let ratio = match (scenario, end_to_end, baseline.get(&(*events, durable(label)))) {
-            (Scenario::Baseline | Scenario::Backlog | Scenario::Rate | Scenario::Ceiling, ..) => "-".to_owned(),
+            (Scenario::Baseline | Scenario::Backlog | Scenario::Rate | Scenario::Prequeue | Scenario::Ceiling, ..) => {
+                "-".to_owned()
+            }
             (_, Some(e2e), Some(base)) => format!("{:.2}", e2e / base),
             _ => "-".to_owned(),
         };
@@ -288,17 +336,7 @@ pub fn summary(dir: &Path, markdown: Option<&Path>) -> anyhow::Result<()> {
             worst(&|r| r.oversold),
             worst(&|r| r.lost),
         );
-        for drain in runs.iter().filter_map(|r| r.drain.as_ref()) {
-            let _ = writeln!(
-                table,
-                "|   drain | | | {:.0} orders/s ({} orders in {:.0} s) | | | | | | api {}; worker {} | |",
-                drain.per_sec,
-                drain.orders,
-                drain.seconds,
-                range(&drain.api_rss_mib),
-                range(&drain.worker_rss_mib)
-            );
-        }
+        extra_rows(&mut table, runs);
         if runs.iter().any(|r| r.cost.is_some()) {
             costs.push_str(&cost_row(&name, *events, runs));
         }

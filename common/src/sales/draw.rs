@@ -84,7 +84,8 @@ async fn number_entries(lock: &mut EventLock<'_>, event_id: Uuid, seed: &[u8]) -
                WHERE event_id = $1
            ),
            event AS (
-               UPDATE events SET drawn_at = now(), draw_entries = (SELECT count(*) FROM numbered) WHERE id = $1
+               UPDATE events SET drawn_at = clock_timestamp(), draw_entries = (SELECT count(*) FROM numbered)
+               WHERE id = $1
            )
            SELECT id, traceparent FROM numbered ORDER BY queue_number"#,
         event_id,
