@@ -48,3 +48,28 @@ BEGIN
     INSERT INTO event_queues (event_id, draw_pending) VALUES (NEW.id, NEW.prequeue_opens_at IS NOT NULL);
     RETURN NULL;
 END $$;
+
+-- The history trigger's statement is planned once per session, with the transition tables'
+-- sizes of its first run: a join of new and old rows planned for one row became a nested
+-- loop that took seconds on the 10,000 rows of a draw's decisions. A hashed NOT IN is
+-- linear at every size.
+CREATE OR REPLACE FUNCTION order_history_on_update() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO order_history (order_id, status, reason)
+    SELECT n.id, n.status, n.reason FROM new_rows n
+    WHERE (n.id, n.status) NOT IN (SELECT o.id, o.status FROM old_rows o);
+    RETURN NULL;
+END $$;
+
+-- The api's catalogue reads an event's sale window too: a change of it is announced.
+DROP TRIGGER events_announce_change ON events;
+CREATE TRIGGER events_announce_change
+    AFTER UPDATE OF name, starts_at, price, max_per_order, deleted_at, max_per_buyer, default_ticket_type_id,
+                    currency, sales_start, prequeue_opens_at ON events
+    FOR EACH ROW
+    WHEN ((OLD.name, OLD.starts_at, OLD.price, OLD.max_per_order, OLD.deleted_at, OLD.max_per_buyer,
+           OLD.default_ticket_type_id, OLD.currency, OLD.sales_start, OLD.prequeue_opens_at)
+          IS DISTINCT FROM (NEW.name, NEW.starts_at, NEW.price, NEW.max_per_order, NEW.deleted_at,
+                            NEW.max_per_buyer, NEW.default_ticket_type_id, NEW.currency, NEW.sales_start,
+                            NEW.prequeue_opens_at))
+    EXECUTE FUNCTION announce_event_change();

@@ -80,6 +80,8 @@ pub async fn run(args: &RunArgs, db: &PgPool, events: &[Uuid], types: &[[Uuid; 3
     };
     let opened = if args.scenario == Scenario::Prequeue { Some(prepare::open_sale(db, events).await?) } else { None };
     let lost = prepare::wait_until_decided(db, events, DECIDE_TIMEOUT).await?;
+    // Decisions are stamped with their transaction's start; the clock says when they were done.
+    let settled = Utc::now();
     let decided_count: i64 = sqlx::query_scalar!(
         r#"SELECT count(*) AS "count!" FROM orders WHERE event_id = ANY($1) AND status <> 'QUEUED'"#,
         events
@@ -100,7 +102,7 @@ pub async fn run(args: &RunArgs, db: &PgPool, events: &[Uuid], types: &[[Uuid; 3
     let timeline = timeline(started_at, &answers, &decided, &latency, ceiling);
     let (sold, oversold) = prepare::sold_and_oversold(db, events, typed).await?;
     let draw = match opened {
-        Some(opened) => Some(draw_run(db, events, opened, &decided).await?),
+        Some(opened) => Some(draw_run(db, events, opened, settled).await?),
         None => None,
     };
     let peak = |pid: Option<u32>| pid.and_then(prepare::memory_mib).map(|(_, peak)| peak);
@@ -155,12 +157,12 @@ fn timeline(
 }
 
 /// `prequeue`: from the opening to the draw, and the entries decided per second after it
-/// (to the last decision).
+/// (until every order was seen decided, `settled`; polled every 20 ms).
 async fn draw_run(
     db: &PgPool,
     events: &[Uuid],
     opened: DateTime<Utc>,
-    decided: &[(DateTime<Utc>, DateTime<Utc>)],
+    settled: DateTime<Utc>,
 ) -> anyhow::Result<DrawRun> {
     let row = sqlx::query!(
         r#"SELECT max(drawn_at) AS drawn_at, coalesce(sum(draw_entries), 0)::int8 AS "entries!"
@@ -170,12 +172,11 @@ async fn draw_run(
     .fetch_one(db)
     .await?;
     let drawn = row.drawn_at.context("the sale opened but no draw happened")?;
-    let last = decided.iter().map(|(_, at)| *at).max().unwrap_or(drawn);
     let seconds = |from: DateTime<Utc>, to: DateTime<Utc>| (to - from).to_std().unwrap_or_default().as_secs_f64();
     Ok(DrawRun {
         entries: u64::try_from(row.entries).unwrap_or(0),
         draw_ms: seconds(opened, drawn) * 1000.0,
-        decided_per_sec: row.entries as f64 / seconds(drawn, last).max(f64::EPSILON),
+        decided_per_sec: row.entries as f64 / seconds(drawn, settled).max(f64::EPSILON),
     })
 }
 

@@ -133,7 +133,8 @@ pub struct DrawRun {
     /// From the opening (`sales_start`) to the draw's end: the worker loop's wait (at most
     /// `EXPIRY_INTERVAL_MS`), the locks, and the numbering.
     pub draw_ms: f64,
-    /// Entries decided per second, from the draw to the last decision.
+    /// Entries decided per second, from the draw until all were seen decided (polled every
+    /// 20 ms).
     pub decided_per_sec: f64,
 }
 

@@ -219,15 +219,16 @@ pub struct Placed {
 /// Inserts the orders in one statement, each numbered in its event's queue in the order
 /// given; returns what became of each. The statement:
 ///
-/// - `u`: leaves out an order whose `Idempotency-Key` its user already used: it is answered
-///   as a replay (as is one whose key an order earlier in the batch took, skipped on insert);
+/// - `given`: leaves out an order whose `Idempotency-Key` its user already used: it is
+///   answered as a replay (as is one whose key an order earlier in the batch took, skipped
+///   on insert);
 /// - `queues`: locks the rows of the batch's events in `event_queues` (in event order, so two
 ///   statements never wait for each other in a cycle) until it commits, so the counting and
 ///   the refusals below are exact under concurrency;
-/// - `admitted`: queue full, leaves out an order that would make its event's queue ask for
+/// - `judged`: queue full, refuses an order that would make its event's queue ask for
 ///   more than `factor` times what is left (`QUEUE_DEMAND_FACTOR`, 0 for none, unless the
 ///   event has its own); never while nothing is left, which is the sold-out answers' case;
-/// - `admitted`, pre-sale: while the event's draw is pending, only entries are stored, and
+/// - `judged`, pre-sale: while the event's draw is pending, only entries are stored, and
 ///   without a number (the draw numbers them); an order that is not an entry waits for the
 ///   draw ([`Stored::DrawPending`]);
 /// - `stored`, `counted`: inserts the others, numbered after the last number given, and
@@ -251,25 +252,22 @@ async fn insert_orders(
                                   $13::text[], $14::numeric[], $15::int4[], $16::bool[]) WITH ORDINALITY
                   AS g(id, user_id, event_id, quantity, unit_price, total, currency, idempotency_key, partition,
                        traceparent, lines, promo_code_id, promo_code, discount, promo_uses, entry, arrival)
-         ),
-         u AS (
-             SELECT * FROM given g WHERE g.idempotency_key IS NULL
+             WHERE g.idempotency_key IS NULL
                 OR NOT EXISTS (SELECT FROM orders o WHERE o.user_id = g.user_id AND o.idempotency_key = g.idempotency_key)
          ),
          queues AS MATERIALIZED (
-             SELECT q.* FROM event_queues q WHERE q.event_id IN (SELECT event_id FROM u)
+             SELECT q.* FROM event_queues q WHERE q.event_id IN (SELECT event_id FROM given)
              ORDER BY q.event_id FOR NO KEY UPDATE
          ),
-         ranked AS (
-             SELECT u.*, q.issued, q.draw_pending, greatest(q.tickets - e.queue_tickets_decided, 0) AS queued,
-                    (e.capacity - e.sold)::int8 AS left_, coalesce(e.queue_demand_factor, $17) AS factor,
-                    sum(u.quantity) OVER (PARTITION BY u.event_id ORDER BY u.arrival) AS asked
-             FROM u JOIN queues q USING (event_id) JOIN events e ON e.id = u.event_id
-         ),
-         admitted AS (
-             SELECT * FROM ranked r
-             WHERE CASE WHEN r.draw_pending THEN r.entry
-                        ELSE r.factor IS NULL OR r.left_ <= 0 OR r.queued + r.asked <= r.factor * r.left_ END
+         judged AS (
+             SELECT g.*, q.issued, q.draw_pending, e.queue_decided, e.queue_rate, (e.capacity - e.sold)::int8 AS left_,
+                    greatest(q.tickets - e.queue_tickets_decided, 0) AS queued,
+                    CASE WHEN q.draw_pending THEN g.entry
+                         ELSE coalesce(e.queue_demand_factor, $17) IS NULL OR e.capacity <= e.sold
+                              OR greatest(q.tickets - e.queue_tickets_decided, 0) + sum(g.quantity) OVER w
+                                 <= coalesce(e.queue_demand_factor, $17) * (e.capacity - e.sold) END AS ok
+             FROM given g JOIN queues q USING (event_id) JOIN events e ON e.id = g.event_id
+             WINDOW w AS (PARTITION BY g.event_id ORDER BY g.arrival)
          ),
          stored AS (
              INSERT INTO orders (id, user_id, event_id, quantity, unit_price, total, currency, idempotency_key,
@@ -279,7 +277,7 @@ async fn insert_orders(
                     traceparent, lines::json, promo_code_id, promo_code, discount, promo_uses,
                     CASE WHEN NOT draw_pending THEN issued + row_number() OVER (PARTITION BY event_id ORDER BY arrival) END,
                     draw_pending
-             FROM admitted ORDER BY arrival
+             FROM judged WHERE ok ORDER BY arrival
              ON CONFLICT DO NOTHING
              RETURNING id, event_id, quantity, created_at, updated_at, queue_number
          ),
@@ -289,15 +287,13 @@ async fn insert_orders(
                    FROM stored WHERE queue_number IS NOT NULL GROUP BY event_id) c
              WHERE q.event_id = c.event_id
          )
-         SELECT r.id AS "id!", s.created_at AS "created_at?", s.updated_at AS "updated_at?", s.queue_number,
-                queue_position('QUEUED', s.queue_number, e.queue_decided) AS queue_position,
-                queue_wait_secs('QUEUED', s.queue_number, e.queue_decided, e.queue_rate) AS estimated_wait_secs,
-                r.queued + coalesce(t.tickets, 0) AS "queued!", r.left_ AS "left!", a.id IS NOT NULL AS "admitted!",
-                r.draw_pending AS "draw_pending!", r.entry AS "entry!"
-         FROM ranked r JOIN events e ON e.id = r.event_id LEFT JOIN stored s ON s.id = r.id
-              LEFT JOIN admitted a ON a.id = r.id LEFT JOIN (
-                  SELECT event_id, sum(quantity) AS tickets FROM admitted WHERE NOT draw_pending GROUP BY 1
-              ) t ON t.event_id = r.event_id"#,
+         SELECT j.id AS "id!", s.created_at AS "created_at?", s.updated_at AS "updated_at?", s.queue_number,
+                queue_position('QUEUED', s.queue_number, j.queue_decided) AS queue_position,
+                queue_wait_secs('QUEUED', s.queue_number, j.queue_decided, j.queue_rate) AS estimated_wait_secs,
+                j.queued + coalesce(sum(j.quantity) FILTER (WHERE j.ok AND NOT j.draw_pending)
+                                        OVER (PARTITION BY j.event_id), 0) AS "queued!",
+                j.left_ AS "left!", j.ok AS "admitted!", j.draw_pending AS "draw_pending!", j.entry AS "entry!"
+         FROM judged j LEFT JOIN stored s ON s.id = j.id"#,
         &c.ids,
         &c.user_ids,
         &c.event_ids,

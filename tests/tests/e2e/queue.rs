@@ -36,23 +36,23 @@ async fn place(app: &TestApp, buyers: &[(Uuid, String)], event: Uuid, one_by_one
     responses
 }
 
-/// 100 orders of one event queued while no worker runs have places 1..100, in the order
+/// 200 orders of one event queued while no worker runs have places 1..200, in the order
 /// they arrived; once the worker has decided them they have none, and the next 100 are
-/// numbered 101..200 at places 1..100 (behind a serving counter of 100); once the worker
+/// numbered 201..300 at places 1..100 (behind a serving counter of 200); once the worker
 /// has decided twice within 30 s the event's rate is known, and so is a new order's wait.
 #[tokio::test]
 async fn queued_orders_know_their_place_and_it_falls_as_the_worker_decides() {
     let app = TestApp::spawn().await;
     let admin = app.admin().await;
     let event = app.event_with(&admin, 1_000, 4).await;
-    let buyers = app.buyers(201).await;
+    let buyers = app.buyers(301).await;
     let with_tokens = |responses: &[Response], from: usize| -> Vec<(Uuid, String)> {
         responses.iter().enumerate().map(|(i, res)| (id(res), buyers[from + i].1.clone())).collect()
     };
 
-    // 20 one by one (numbers 1..20 in that order), then 80 at once.
-    let first = place(&app, &buyers[..100], event, 20).await;
-    for (n, res) in first.iter().enumerate().take(20) {
+    // 40 one by one (numbers 1..40 in that order), then 160 at once.
+    let first = place(&app, &buyers[..200], event, 40).await;
+    for (n, res) in first.iter().enumerate().take(40) {
         assert_eq!(res.json["queue_number"], json!(n + 1), "{}", res.body);
     }
     for res in &first {
@@ -64,9 +64,9 @@ async fn queued_orders_know_their_place_and_it_falls_as_the_worker_decides() {
     assert!(before.iter().all(|(n, p)| n == p), "place = number while nothing is decided: {before:?}");
     let mut numbers: Vec<i64> = before.iter().map(|(n, _)| n.expect("a number")).collect();
     numbers.sort_unstable();
-    assert_eq!(numbers, (1..=100).collect::<Vec<_>>(), "numbered 1..100 without gaps or repeats");
+    assert_eq!(numbers, (1..=200).collect::<Vec<_>>(), "numbered 1..200 without gaps or repeats");
     let queue = app.get(&format!("/api/v1/events/{event}"), Some(&admin)).await.json["queue"].clone();
-    assert_eq!(queue, json!({"orders": 100, "tickets": 100, "decided_per_sec": null}));
+    assert_eq!(queue, json!({"orders": 200, "tickets": 200, "decided_per_sec": null}));
     let public = app.get(&format!("/api/v1/events/{event}"), Some(&buyers[0].1)).await;
     assert!(public.json.get("queue").is_none(), "the queue is shown to admins only: {}", public.body);
 
@@ -76,21 +76,21 @@ async fn queued_orders_know_their_place_and_it_falls_as_the_worker_decides() {
     let after = places(&app, &first).await;
     assert!(after.iter().all(|(n, p)| n.is_some() && p.is_none()), "decided orders have no place: {after:?}");
 
-    let second = place(&app, &buyers[100..200], event, 100).await;
+    let second = place(&app, &buyers[200..300], event, 100).await;
     for (n, res) in second.iter().enumerate() {
-        assert_eq!(res.json["queue_number"], json!(101 + n), "{}", res.body);
-        assert_eq!(res.json["queue_position"], json!(1 + n), "100 decided, so number 101 is next: {}", res.body);
+        assert_eq!(res.json["queue_number"], json!(201 + n), "{}", res.body);
+        assert_eq!(res.json["queue_position"], json!(1 + n), "200 decided, so number 201 is next: {}", res.body);
     }
-    let second = with_tokens(&second, 100);
+    let second = with_tokens(&second, 200);
     let read: Vec<Option<i64>> = places(&app, &second).await.into_iter().map(|(_, p)| p).collect();
     assert_eq!(read, (1..=100).map(Some).collect::<Vec<_>>());
 
     let mut worker = app.worker().await;
     app.wait_until_final(SETTLE).await;
     drop(worker.stop().await);
-    let late = app.order(&buyers[200].1, event, 1, None).await;
+    let late = app.order(&buyers[300].1, event, 1, None).await;
     assert_eq!(late.status, 202, "{}", late.body);
-    assert_eq!((late.json["queue_number"].clone(), late.json["queue_position"].clone()), (json!(201), json!(1)));
+    assert_eq!((late.json["queue_number"].clone(), late.json["queue_position"].clone()), (json!(301), json!(1)));
     let wait = late.json["estimated_wait_secs"].as_i64();
     assert!(wait.is_some_and(|secs| secs >= 1), "two decisions within 30 s give a rate: {}", late.body);
     let queue = app.get(&format!("/api/v1/events/{event}"), Some(&admin)).await.json["queue"].clone();
