@@ -39,6 +39,8 @@ pub struct OrderRow {
     /// `PENDING` and past `expires_at`: the hold is over even if the expiry loop has not
     /// got to it yet.
     pub hold_over: bool,
+    /// A pre-sale entry not drawn yet (its owner may still withdraw it).
+    pub open_entry: bool,
 }
 
 /// Locks the order (event row first, then the order row) inside the transaction on `conn`.
@@ -64,7 +66,8 @@ pub async fn lock(
     let order = sqlx::query_as!(
         OrderRow,
         r#"SELECT id, user_id, event_id, status AS "status: OrderStatus", quantity, total, currency,
-                  coalesce(status = 'PENDING' AND expires_at <= now(), false) AS "hold_over!"
+                  coalesce(status = 'PENDING' AND expires_at <= now(), false) AS "hold_over!",
+                  presale_entry AND queue_number IS NULL AS "open_entry!"
            FROM orders WHERE id = $1 FOR UPDATE"#,
         order_id
     )

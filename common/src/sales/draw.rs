@@ -142,13 +142,7 @@ pub async fn drawn_entries(lock: &mut EventLock<'_>, event_ids: &[Uuid]) -> sqlx
 /// the transition (`Impossible` for any other order).
 pub async fn withdraw_entry(locked: &mut super::changes::LockedOrder<'_>) -> sqlx::Result<Transition> {
     let order = &locked.order;
-    let open_entry: bool = sqlx::query_scalar!(
-        r#"SELECT presale_entry AND queue_number IS NULL AS "open!" FROM orders WHERE id = $1"#,
-        order.id
-    )
-    .fetch_one(locked.lock.conn())
-    .await?;
-    if order.status != OrderStatus::Queued || !open_entry {
+    if order.status != OrderStatus::Queued || !order.open_entry {
         return Ok(match order.status.apply(OrderTrigger::EntryWithdrawn) {
             Transition::AlreadyThere => Transition::AlreadyThere,
             _ => Transition::Impossible,
