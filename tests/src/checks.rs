@@ -144,6 +144,22 @@ impl TestApp {
             miscounted.is_empty(),
             "orders whose promo_uses differ from their tickets under the code: {miscounted:?}"
         );
+        // The event's queue: its tickets are exactly those of its numbered orders (a number
+        // may be skipped, a ticket never counted for an order that was not stored), and no
+        // number was given twice.
+        let (counted, numbered, given, highest, distinct): (i64, i64, i64, Option<i64>, i64) = sqlx::query_as(
+            "SELECT q.tickets, coalesce(sum(o.quantity), 0)::int8, q.issued, max(o.queue_number),
+                    count(DISTINCT o.queue_number) - count(o.queue_number)
+             FROM event_queues q LEFT JOIN orders o ON o.event_id = q.event_id AND o.queue_number IS NOT NULL
+             WHERE q.event_id = $1 GROUP BY q.event_id",
+        )
+        .bind(event)
+        .fetch_one(&self.db.pool)
+        .await
+        .expect("compare the queue's counters with its orders");
+        assert_eq!(counted, numbered, "the queue's tickets differ from its numbered orders'");
+        assert!(highest.unwrap_or(0) <= given, "an order numbered past the queue's last number");
+        assert_eq!(distinct, 0, "a queue number given twice");
         (i64::from(capacity), i64::from(sold))
     }
 }

@@ -3,7 +3,7 @@
 //! stampede costs the database one statement (one commit, one history trigger) and the broker
 //! one message per partition per batch instead of one per request.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -56,6 +56,13 @@ pub struct Settings {
     pub partitions: u16,
     /// `QUEUE_DEMAND_FACTOR` (0: no queue-full refusals, unless an event sets its own).
     pub demand_factor: f64,
+}
+
+impl Settings {
+    /// The deployment's queue-full factor as the statements take it (`NULL`: none).
+    fn factor(self) -> Option<f64> {
+        (self.demand_factor > 0.0).then_some(self.demand_factor)
+    }
 }
 
 /// What became of one [`NewOrder`].
@@ -216,8 +223,118 @@ pub struct Placed {
     pub presale_entry: bool,
 }
 
-/// Inserts the orders in one statement, each numbered in its event's queue in the order
-/// given; returns what became of each. The statement:
+/// Stores the orders, each numbered in its event's queue in the order given; returns what
+/// became of each. Most batches take one statement, [`insert_numbered`]; the orders it leaves
+/// out (an event whose draw is pending, or whose queue the batch would fill) are judged one
+/// by one by [`insert_judged`]. Should an order's `Idempotency-Key` turn out to be taken (a
+/// concurrent request with the same key: the route looks for the key first), the first
+/// statement fails as a whole and the second judges the whole batch.
+async fn insert_orders(
+    db: &PgPool,
+    orders: &[&NewOrder],
+    settings: Settings,
+) -> Result<HashMap<Uuid, Stored>, sqlx::Error> {
+    let mut stored = match insert_numbered(db, orders, settings).await {
+        Ok(stored) => stored,
+        Err(sqlx::Error::Database(err)) if err.is_unique_violation() => HashMap::new(),
+        Err(err) => return Err(err),
+    };
+    let rest: Vec<&NewOrder> = orders.iter().filter(|order| !stored.contains_key(&order.id)).copied().collect();
+    if !rest.is_empty() {
+        stored.extend(insert_judged(db, &rest, settings).await?);
+    }
+    Ok(stored)
+}
+
+/// The common case in one statement: for each event of the batch whose draw is not pending
+/// and whose queue the batch's orders keep within queue full, raises the queue's last number
+/// and tickets by the batch's, and inserts that event's orders numbered after the last
+/// number it had. The `UPDATE` takes the queue rows' locks as its plan walks `n`, which is
+/// sorted by event, so two api processes take them in one order (should a plan ever
+/// deadlock, PostgreSQL fails one statement and its orders are stored one by one), and one
+/// that waited judges queue full on the row's newest version. The orders of the other events are left out, for
+/// [`insert_judged`]. A taken key fails the statement (no `ON CONFLICT`): what it raised
+/// would otherwise count orders that were not stored.
+async fn insert_numbered(
+    db: &PgPool,
+    orders: &[&NewOrder],
+    settings: Settings,
+) -> Result<HashMap<Uuid, Stored>, sqlx::Error> {
+    let c = Columns::of(orders, settings.partitions)?;
+    let queues = Queues::of(orders);
+    let rows = sqlx::query!(
+        r#"WITH n AS (
+             SELECT * FROM UNNEST($17::uuid[], $18::int8[], $19::int8[]) AS n(event_id, orders, tickets)
+         ),
+         q AS (
+             UPDATE event_queues q SET issued = q.issued + n.orders, tickets = q.tickets + n.tickets
+             FROM n JOIN events e ON e.id = n.event_id
+             WHERE q.event_id = n.event_id AND NOT q.draw_pending
+               AND (coalesce(e.queue_demand_factor, $20) IS NULL OR e.capacity <= e.sold
+                    OR greatest(q.tickets - e.queue_tickets_decided, 0) + n.tickets
+                       <= coalesce(e.queue_demand_factor, $20) * (e.capacity - e.sold))
+             RETURNING q.event_id, q.issued - n.orders AS base, e.queue_decided, e.queue_rate
+         ),
+         stored AS (
+             INSERT INTO orders (id, user_id, event_id, quantity, unit_price, total, currency, idempotency_key,
+                                 partition, traceparent, lines, promo_code_id, promo_code, discount, promo_uses,
+                                 queue_number)
+             SELECT u.id, u.user_id, u.event_id, u.quantity, u.unit_price, u.total, u.currency, u.idempotency_key,
+                    u.partition, u.traceparent, u.lines::json, u.promo_code_id, u.promo_code, u.discount,
+                    u.promo_uses, q.base + u.rank
+             FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::int4[], $5::numeric[], $6::numeric[],
+                         $7::text[], $8::text[], $9::int2[], $10::text[], $11::text[], $12::uuid[],
+                         $13::text[], $14::numeric[], $15::int4[], $16::int8[])
+                  AS u(id, user_id, event_id, quantity, unit_price, total, currency, idempotency_key, partition,
+                       traceparent, lines, promo_code_id, promo_code, discount, promo_uses, rank)
+             JOIN q ON q.event_id = u.event_id
+             RETURNING id, event_id, created_at, updated_at, queue_number
+         )
+         SELECT s.id, s.created_at, s.updated_at, s.queue_number,
+                queue_position('QUEUED', s.queue_number, q.queue_decided) AS queue_position,
+                queue_wait_secs('QUEUED', s.queue_number, q.queue_decided, q.queue_rate) AS estimated_wait_secs
+         FROM stored s JOIN q ON q.event_id = s.event_id"#,
+        &c.ids,
+        &c.user_ids,
+        &c.event_ids,
+        &c.quantities,
+        &c.unit_prices as &[Option<Decimal>],
+        &c.totals,
+        &c.currencies as &[&str],
+        &c.keys as &[Option<&str>],
+        &c.partitions,
+        &c.traceparents as &[Option<&str>],
+        &c.lines,
+        &c.code_ids as &[Option<Uuid>],
+        &c.codes as &[Option<&str>],
+        &c.discounts,
+        &c.promo_uses,
+        &queues.ranks,
+        &queues.events,
+        &queues.orders,
+        &queues.tickets,
+        settings.factor()
+    )
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|row| {
+            let placed = Placed {
+                created_at: row.created_at,
+                updated_at: row.updated_at,
+                queue_number: row.queue_number,
+                queue_position: row.queue_position,
+                estimated_wait_secs: row.estimated_wait_secs,
+                presale_entry: false,
+            };
+            (row.id, Stored::Inserted(placed))
+        })
+        .collect())
+}
+
+/// Stores the orders in one statement that judges each on its own, numbered in its event's
+/// queue in the order given; returns what became of each. The statement:
 ///
 /// - `given`: leaves out an order whose `Idempotency-Key` its user already used: it is
 ///   answered as a replay (as is one whose key an order earlier in the batch took, skipped
@@ -238,7 +355,7 @@ pub struct Placed {
 /// Should a key be taken between the check and the insert (earlier in the batch, or by a
 /// concurrent statement), that order's number is left unused: places are counted from the worker's highest decided number, so
 /// the gap closes once the worker passes it.
-async fn insert_orders(
+async fn insert_judged(
     db: &PgPool,
     orders: &[&NewOrder],
     settings: Settings,
@@ -310,14 +427,14 @@ async fn insert_orders(
         &c.discounts,
         &c.promo_uses,
         &c.entries,
-        (settings.demand_factor > 0.0).then_some(settings.demand_factor)
+        settings.factor()
     )
     .fetch_all(db)
     .await?;
     Ok(rows.into_iter().map(Row::outcome).collect())
 }
 
-/// A batch of orders as [`insert_orders`]'s statement takes them: an array per column.
+/// A batch of orders as the insert statements take them: an array per column.
 struct Columns<'a> {
     ids: Vec<Uuid>,
     user_ids: Vec<Uuid>,
@@ -363,7 +480,39 @@ impl<'a> Columns<'a> {
     }
 }
 
-/// One order as [`insert_orders`]'s statement answers for it.
+/// A batch's orders per event, as [`insert_numbered`] takes them: each order's rank among its
+/// event's orders in the batch (1 for the first), and each event's orders and tickets, in
+/// event order (the order in which the statement locks the queue rows).
+struct Queues {
+    ranks: Vec<i64>,
+    events: Vec<Uuid>,
+    orders: Vec<i64>,
+    tickets: Vec<i64>,
+}
+
+impl Queues {
+    fn of(orders: &[&NewOrder]) -> Self {
+        let mut per_event: BTreeMap<Uuid, (i64, i64)> = BTreeMap::new();
+        let ranks = orders
+            .iter()
+            .map(|order| {
+                let (count, tickets) = per_event.entry(order.event_id).or_default();
+                *count += 1;
+                *tickets += i64::from(order.quantity);
+                *count
+            })
+            .collect();
+        let mut queues = Self { ranks, events: Vec::new(), orders: Vec::new(), tickets: Vec::new() };
+        for (event, (count, tickets)) in per_event {
+            queues.events.push(event);
+            queues.orders.push(count);
+            queues.tickets.push(tickets);
+        }
+        queues
+    }
+}
+
+/// One order as [`insert_judged`]'s statement answers for it.
 struct Row {
     id: Uuid,
     created_at: Option<DateTime<Utc>>,
