@@ -151,16 +151,20 @@ async fn load(
     let mut events = stock::load(lock).await?;
     let order_ids: Vec<Uuid> =
         batches.iter().flat_map(|(_, groups)| groups.iter().flat_map(|(_, orders)| orders.iter().copied())).collect();
+    // By id alone, the status checked here: with `status = 'QUEUED'` in the statement, a plan
+    // may AND the primary key's bitmap with `orders_queued`'s, which reads every entry of
+    // that index, live or dead: the whole backlog, on each batch.
     let rows = sqlx::query!(
         r#"SELECT id, event_id, user_id, total = 0 AS "free!", created_at, promo_code_id,
-                  lines AS "lines: sqlx::types::Json<Vec<LineRef>>"
-           FROM orders WHERE id = ANY($1) AND status = 'QUEUED'"#,
+                  lines AS "lines: sqlx::types::Json<Vec<LineRef>>", status = 'QUEUED' AS "queued!"
+           FROM orders WHERE id = ANY($1)"#,
         &order_ids
     )
     .fetch_all(lock.conn())
     .await?;
     let queued: Queued = rows
         .into_iter()
+        .filter(|row| row.queued)
         .map(|row| {
             let promo_code = row.promo_code_id.map(|code| PromoUse {
                 code,
