@@ -1,9 +1,16 @@
 //! The order events relay: `order_history` is the outbox of status changes. Each change is
 //! published to the `orders.events` topic exchange (persistent, with publisher confirms)
 //! and turned into one webhook delivery per enabled endpoint of the order's owner, and only
-//! then marked relayed, all in one transaction. A broker blip after a status change
-//! therefore delays its event but never loses it; a crash between publish and commit
-//! publishes it again (consumers drop duplicates by `id`).
+//! then the relay's cursor (`relay_cursor`) moved past it, all in one transaction. A broker
+//! blip after a status change therefore delays its event but never loses it; a crash
+//! between publish and commit publishes it again (consumers drop duplicates by `id`).
+//!
+//! The cursor runs over the changes in the order of (the id of the transaction that made
+//! the change, the change's id), and the relay reads only changes of transactions older
+//! than every one still running, which are final: none can appear behind the cursor later
+//! (migration `0021_relay_cursor.sql` says why an id alone would not do). So a write
+//! transaction left open anywhere in the database cluster holds the relay back until it
+//! ends.
 //!
 //! One relay runs at a time across all workers (a transaction-scoped advisory lock), which
 //! keeps each order's events in the order of its changes.
@@ -41,6 +48,8 @@ const RELAY_LOCK: i64 = 0x7475_726e_7374_696c;
 
 struct Change {
     history_id: i64,
+    /// The transaction that made the change (`xid8`, as text).
+    xid: String,
     at: DateTime<Utc>,
     order: OrderSnapshot,
 }
@@ -88,6 +97,9 @@ impl Relay {
         if !leader {
             return Ok(0);
         }
+        // Read apart, so the changes' statement finds its place in the index from parameters.
+        let cursor =
+            sqlx::query!(r#"SELECT xid::text AS "xid!", history_id FROM relay_cursor"#).fetch_one(&mut *tx).await?;
         let changes: Vec<Change> = sqlx::query!(
             r#"SELECT h.id AS history_id, h.at, o.id, o.user_id, o.event_id, o.quantity, o.unit_price, o.total,
                     o.currency, o.lines AS "items: Json<Box<RawValue>>", o.promo_code, o.discount,
@@ -96,15 +108,20 @@ impl Relay {
                     o.created_at,
                     -- The hold's end belongs to the PENDING event; the QUEUED one predates it.
                     CASE WHEN h.status <> 'QUEUED' THEN o.expires_at END AS expires_at, o.queue_number
+                    , h.xid::text AS "xid!"
              FROM order_history h JOIN orders o ON o.id = h.order_id
-             WHERE h.relayed_at IS NULL ORDER BY h.id LIMIT $1"#,
-            BATCH
+             WHERE (h.xid, h.id) > ($2::text::xid8, $3) AND h.xid < pg_snapshot_xmin(pg_current_snapshot())
+             ORDER BY h.xid, h.id LIMIT $1"#,
+            BATCH,
+            cursor.xid,
+            cursor.history_id
         )
         .fetch_all(&mut *tx)
         .await?
         .into_iter()
         .map(|row| Change {
             history_id: row.history_id,
+            xid: row.xid,
             at: row.at,
             order: OrderSnapshot {
                 id: row.id,
@@ -132,7 +149,7 @@ impl Relay {
         if changes.is_empty() {
             return Ok(0);
         }
-        let history_ids: Vec<i64> = changes.iter().map(|c| c.history_id).collect();
+        let last = changes.last().map(|c| (c.xid.clone(), c.history_id));
         let notifications: Vec<OrderNotification> =
             changes.into_iter().map(|c| OrderNotification::new(c.history_id, c.at, c.order)).collect();
         let payloads: Vec<String> =
@@ -140,9 +157,11 @@ impl Relay {
 
         self.publish(&notifications, &payloads).await?;
         create_deliveries(&mut tx, &notifications, &payloads).await?;
-        sqlx::query!("UPDATE order_history SET relayed_at = now() WHERE id = ANY($1)", &history_ids)
-            .execute(&mut *tx)
-            .await?;
+        if let Some((xid, history_id)) = last {
+            sqlx::query!("UPDATE relay_cursor SET xid = $1::text::xid8, history_id = $2", xid, history_id)
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
         metrics::counter!("turnstile_order_events_published_total").increment(notifications.len() as u64);
         Ok(notifications.len())

@@ -504,3 +504,64 @@ async fn two_workers_send_each_delivery_once() {
     assert_eq!(per_id.len(), 30, "30 distinct deliveries");
     assert!(per_id.values().all(|n| *n == 1), "a delivery was sent twice: {per_id:?}");
 }
+
+/// The relay's cursor is not fooled by commit order: a change written first, by a
+/// transaction that took its id later and commits last, is relayed after a change written
+/// later that committed first (a cursor over change ids alone would have moved past it).
+#[tokio::test]
+async fn a_change_that_commits_after_a_later_one_is_still_relayed() {
+    let app = TestApp::spawn().await;
+    let _worker = app.worker().await;
+    let admin = app.admin().await;
+    let event = app.event_with(&admin, 10, 4).await;
+    let buyers = app.buyers(2).await;
+    let first = app.pending_order(&buyers[0].1, event, 1).await;
+    let second = app.pending_order(&buyers[1].1, event, 1).await;
+    let connection = app.broker.connect().await;
+    let mut consumer = tests::bind_order_events(&connection, "order.cancelled").await;
+    let cancel = "UPDATE orders SET status = 'CANCELLED', updated_at = now() WHERE id = $1";
+    let xid = "SELECT pg_current_xact_id()::text";
+    // `early` takes its transaction id first; `late` writes its change first (the lower
+    // history id) and commits last.
+    let mut early = app.db.pool.begin().await.unwrap();
+    let early_xid: String = sqlx::query_scalar(xid).fetch_one(&mut *early).await.unwrap();
+    let mut late = app.db.pool.begin().await.unwrap();
+    let late_xid: String = sqlx::query_scalar(xid).fetch_one(&mut *late).await.unwrap();
+    assert!(early_xid.parse::<u64>().unwrap() < late_xid.parse::<u64>().unwrap());
+    sqlx::query(cancel).bind(second).execute(&mut *late).await.unwrap();
+    sqlx::query(cancel).bind(first).execute(&mut *early).await.unwrap();
+    early.commit().await.unwrap();
+    assert_eq!(cancelled_events(&mut consumer, 1).await, [first], "the committed change, while the other is open");
+    late.commit().await.unwrap();
+    assert_eq!(cancelled_events(&mut consumer, 1).await, [second], "the change that committed last");
+    let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM order_history WHERE status = 'CANCELLED' ORDER BY id")
+        .fetch_all(&app.db.pool)
+        .await
+        .unwrap();
+    let of_second: i64 =
+        sqlx::query_scalar("SELECT id FROM order_history WHERE status = 'CANCELLED' AND order_id = $1")
+            .bind(second)
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(ids.first(), Some(&of_second), "the change relayed last has the lower id");
+}
+
+/// The orders of the next `n` `order.cancelled` events, as they arrive.
+async fn cancelled_events(consumer: &mut lapin::Consumer, n: usize) -> Vec<Uuid> {
+    let mut orders = Vec::new();
+    while orders.len() < n {
+        let delivery = tokio::time::timeout(Duration::from_secs(30), consumer.next())
+            .await
+            .expect("an order.cancelled event within 30 s")
+            .unwrap()
+            .unwrap();
+        let body: Value = serde_json::from_slice(&delivery.data).unwrap();
+        let events = body["events"].as_array().cloned().unwrap_or_else(|| vec![body.clone()]);
+        for event in events {
+            orders.push(event["data"]["id"].as_str().unwrap().parse().unwrap());
+        }
+        delivery.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    orders
+}
