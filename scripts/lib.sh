@@ -11,20 +11,29 @@ services_running() {
 
 # fresh_state NAME: an empty database NAME beside the services' own, and an empty RabbitMQ
 # virtual host NAME the services' user may use. Needs the services' env file sourced.
+# The database is dropped as the superuser where there is one: `WITH (FORCE)` must end
+# every session on it, and the database's owner may not end another role's (such as a
+# superuser's still reading statistics); it is then made by the services' user, its owner.
 fresh_state() {
   local name="$1" user="${RABBITMQ_MANAGEMENT_URL#*://}"
   user="${user%%:*}"
-  psql -q "${DATABASE_URL%/*}/postgres" -c "DROP DATABASE IF EXISTS $name WITH (FORCE)" \
-    -c "CREATE DATABASE $name" >/dev/null
+  drop_database "$name"
+  psql -q -v ON_ERROR_STOP=1 "${DATABASE_URL%/*}/postgres" -c "CREATE DATABASE $name" >/dev/null
   curl -fsS -o /dev/null -X DELETE "$RABBITMQ_MANAGEMENT_URL/api/vhosts/$name" 2>/dev/null || true
   curl -fsS -o /dev/null -X PUT "$RABBITMQ_MANAGEMENT_URL/api/vhosts/$name"
   curl -fsS -o /dev/null -X PUT -H 'content-type: application/json' \
     -d '{"configure":".*","write":".*","read":".*"}' "$RABBITMQ_MANAGEMENT_URL/api/permissions/$name/$user"
 }
 
+# drop_database NAME: drops it, ending every session on it (as the superuser, if known).
+drop_database() {
+  PGOPTIONS='-c client_min_messages=warning' psql -q -v ON_ERROR_STOP=1 \
+    "${TURNSTILE_PG_SUPERUSER_URL:-${DATABASE_URL%/*}/postgres}" -c "DROP DATABASE IF EXISTS $1 WITH (FORCE)" >/dev/null
+}
+
 # drop_state NAME: removes what fresh_state made.
 drop_state() {
-  psql -q "${DATABASE_URL%/*}/postgres" -c "DROP DATABASE IF EXISTS $1 WITH (FORCE)" >/dev/null 2>&1 || true
+  drop_database "$1" 2>/dev/null || true
   curl -fsS -o /dev/null -X DELETE "$RABBITMQ_MANAGEMENT_URL/api/vhosts/$1" 2>/dev/null || true
 }
 
