@@ -15,9 +15,10 @@ use crate::http::progress;
 use crate::prepare;
 use crate::report::{Percentiles, Report, Timeline};
 
-pub async fn run(args: &crate::RunArgs, db: &PgPool, events: &[Uuid]) -> anyhow::Result<Report> {
+/// `users`: the buyers, made before the run.
+pub async fn run(args: &crate::RunArgs, db: &PgPool, events: &[Uuid], users: &[Uuid]) -> anyhow::Result<Report> {
     let orders = args.orders();
-    let users: Arc<[Uuid]> = prepare::users(db, u64::from(args.users.max(1)).min(orders)).await?.into();
+    let users: Arc<[Uuid]> = users.into();
     let events_list: Arc<[Uuid]> = events.into();
     let bar = progress(orders, "baseline");
     let database = db.connect_options().get_database().unwrap_or("turnstile_bench").to_owned();

@@ -55,8 +55,15 @@ struct Answer {
     answered_at: DateTime<Utc>,
 }
 
-/// `types`: the `tiers` scenario's ticket types per event (empty otherwise).
-pub async fn run(args: &RunArgs, db: &PgPool, events: &[Uuid], types: &[[Uuid; 3]]) -> anyhow::Result<Report> {
+/// `types`: the `tiers` scenario's ticket types per event (empty otherwise); `users`: the
+/// buyers, made before the run.
+pub async fn run(
+    args: &RunArgs,
+    db: &PgPool,
+    events: &[Uuid],
+    types: &[[Uuid; 3]],
+    users: &[Uuid],
+) -> anyhow::Result<Report> {
     let orders = args.orders();
     let typed = !types.is_empty();
     let http = reqwest::Client::builder()
@@ -67,7 +74,7 @@ pub async fn run(args: &RunArgs, db: &PgPool, events: &[Uuid], types: &[[Uuid; 3
     let sampler = Sampler::start(&args.cost, args.api_pid, args.worker_pid, &database).await?;
     let started_at = Utc::now();
     let started = Instant::now();
-    let answers = send_all(args, db, &http, events, types, started).await?;
+    let answers = send_all(args, &http, events, types, users, started).await?;
     let send_elapsed = started.elapsed().as_secs_f64();
     let Tally { latency, accepted, refused, errors, mut last_decision } = tally(args, &answers, started_at)?;
     let (drain, worker_peak) = match args.scenario {
@@ -184,15 +191,14 @@ async fn draw_run(
 /// returns every answer.
 async fn send_all(
     args: &RunArgs,
-    db: &PgPool,
     http: &reqwest::Client,
     events: &[Uuid],
     types: &[[Uuid; 3]],
+    users: &[Uuid],
     started: Instant,
 ) -> anyhow::Result<Vec<Answer>> {
     let orders = args.orders();
-    let users = prepare::users(db, u64::from(args.users.max(1)).min(orders)).await?;
-    let tokens: Arc<[String]> = prepare::tokens(&users, &args.jwt_secret, args.jwt_ttl_secs)?.into();
+    let tokens: Arc<[String]> = prepare::tokens(users, &args.jwt_secret, args.jwt_ttl_secs)?.into();
     let route = if args.scenario == Scenario::Ceiling { "/api/v1/orders/quote" } else { "/api/v1/orders" };
     let url: Arc<str> = format!("{}{route}", args.api.trim_end_matches('/')).into();
     let events_list: Arc<[Uuid]> = events.into();

@@ -164,25 +164,35 @@ async fn run(mut args: RunArgs) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join(", ");
     }
-    let db = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(u32::try_from(args.concurrency).unwrap_or(64).clamp(4, 90))
-        .connect(&args.database_url)
-        .await
-        .context("connecting to PostgreSQL")?;
-    let events = prepare::events(&db, args.events, args.capacity).await?;
-    let types =
-        if args.scenario == Scenario::Tiers { prepare::tiers(&db, &events, args.capacity).await? } else { Vec::new() };
+    let pool = || {
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(u32::try_from(args.concurrency).unwrap_or(64).clamp(4, 90))
+            .connect(&args.database_url)
+    };
+    // The run's data is made by connections of its own, closed before the run: a session
+    // that ends reports its row counts at once, so the run's cost (rows written) holds
+    // none of them.
+    let setup = pool().await.context("connecting to PostgreSQL")?;
+    let events = prepare::events(&setup, args.events, args.capacity).await?;
+    let types = if args.scenario == Scenario::Tiers {
+        prepare::tiers(&setup, &events, args.capacity).await?
+    } else {
+        Vec::new()
+    };
     if args.promo_code {
-        prepare::promo_codes(&db, &events, args.capacity).await?;
+        prepare::promo_codes(&setup, &events, args.capacity).await?;
     }
     if args.scenario == Scenario::Prequeue {
-        prepare::presale(&db, &events).await?;
+        prepare::presale(&setup, &events).await?;
         // One open entry per buyer and event.
         args.users = args.users.max(u32::try_from(args.orders()).unwrap_or(u32::MAX));
     }
+    let users = prepare::users(&setup, u64::from(args.users.max(1)).min(args.orders())).await?;
+    setup.close().await;
+    let db = pool().await.context("connecting to PostgreSQL")?;
     let report = match args.scenario {
-        Scenario::Baseline => baseline::run(&args, &db, &events).await?,
-        _ => http::run(&args, &db, &events, &types).await?,
+        Scenario::Baseline => baseline::run(&args, &db, &events, &users).await?,
+        _ => http::run(&args, &db, &events, &types, &users).await?,
     };
     report.print();
     std::fs::create_dir_all(&args.out)?;
