@@ -304,7 +304,6 @@ fn clock_ticks_per_second() -> f64 {
         .unwrap_or(100.0)
 }
 
-/// Whether a statement writes rows.
 /// How long after a run its sessions' row counts have all reached `pg_stat_database`.
 const STATS_SETTLE: Duration = Duration::from_secs(11);
 
