@@ -41,6 +41,9 @@ use crate::state::AppState;
 use crate::throttle::Throttle;
 use crate::ticket_codes::TicketCodes;
 
+/// How long start-up waits to open the purchase channel before it serves without it.
+const WARM_UP: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// The api, built: listening, its tasks started. [`Application::run_until_stopped`] waits
 /// for them.
 pub struct Application {
@@ -75,7 +78,19 @@ impl Application {
             common::metrics::serve(config.metrics_addr, common::metrics::router(metrics, scrape), shutdown.clone())
                 .await?;
         tasks.spawn("metrics server", serving);
-        let state = app_state(config, db.clone(), amqp.clone(), &mut tasks, &shutdown)?;
+        // Ready before the first buyer: the pool's first connections are open (`connect`)
+        // and have run the purchase path's statements, and the purchase channel is open. A
+        // broker that does not answer yet is no reason not to start (orders wait in the
+        // database for the re-publisher).
+        let inserters = purchase::warm_up(&db, order_inserter::Settings::of(&config))
+            .await
+            .context("running the purchase statements once")?;
+        let state = app_state(config, db.clone(), amqp.clone(), inserters, &mut tasks, &shutdown)?;
+        match tokio::time::timeout(WARM_UP, state.publisher.open()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => tracing::warn!(error = %err, "purchase channel not opened at start-up"),
+            Err(_) => tracing::warn!("purchase channel not opened at start-up within {WARM_UP:?}"),
+        }
         tracing::info!(%addr, docs = %format!("http://{addr}/docs"), "listening");
         let limits = serve::ConnectionLimits {
             header_timeout: state.config.http_header_timeout(),
@@ -109,6 +124,7 @@ fn app_state(
     config: ApiConfig,
     db: sqlx::PgPool,
     amqp: common::amqp::Pool,
+    inserters: sqlx::pool::PoolConnection<sqlx::Postgres>,
     tasks: &mut Tasks,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<AppState> {
@@ -136,9 +152,8 @@ fn app_state(
     };
     let publisher = Arc::new(Publisher::new(amqp.clone(), config.broker.partitions));
     // The inserter's task ends once the HTTP server (which holds the inserter) has.
-    let settings =
-        order_inserter::Settings { partitions: config.broker.partitions, demand_factor: config.queue_demand_factor };
-    let (orders, inserter) = order_inserter::OrderInserter::new(db.clone(), publisher.clone(), settings);
+    let settings = order_inserter::Settings::of(&config);
+    let (orders, inserter) = order_inserter::OrderInserter::new(db.clone(), inserters, publisher.clone(), settings);
     tasks.spawn("order inserter", inserter);
     Ok(AppState {
         db,

@@ -65,6 +65,12 @@ pub struct DatabaseConfig {
     #[arg(id = "database_max_connections", long = "database-max-connections", value_name = "N", env = "DATABASE_MAX_CONNECTIONS", default_value_t = 20,
           value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub max_connections: u32,
+    /// Pooled database connections opened at start-up and kept open while idle (at most
+    /// `DATABASE_MAX_CONNECTIONS`), so that the first requests after a start do not wait for
+    /// new connections (a server process each).
+    #[arg(id = "database_min_connections", long = "database-min-connections", value_name = "N", env = "DATABASE_MIN_CONNECTIONS", default_value_t = 4,
+          value_parser = clap::value_parser!(u32).range(0..=1000))]
+    pub min_connections: u32,
 }
 
 /// Connection to RabbitMQ and the shape of the purchase topology.

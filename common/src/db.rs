@@ -16,7 +16,8 @@ pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
 const CONNECT_PATIENCE: Duration = Duration::from_secs(30);
 
 /// Connects the pool, retrying for a while so that a process started together with its
-/// database does not fail on the first attempt.
+/// database does not fail on the first attempt. Returns once `DATABASE_MIN_CONNECTIONS` are
+/// open (sqlx keeps that many open from then on).
 ///
 /// Every connection the pool hands out is on a primary: a new one is refused if its server
 /// is a standby, and an idle one is checked before it is lent (instead of sqlx's ping, in
@@ -27,6 +28,7 @@ const CONNECT_PATIENCE: Duration = Duration::from_secs(30);
 pub async fn connect(config: &DatabaseConfig) -> Result<PgPool, sqlx::Error> {
     let options = PgPoolOptions::new()
         .max_connections(config.max_connections)
+        .min_connections(config.min_connections.min(config.max_connections))
         .acquire_timeout(Duration::from_secs(5))
         .test_before_acquire(false)
         .after_connect(|conn, _| Box::pin(async move { on_a_primary(conn).await }))

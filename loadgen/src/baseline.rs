@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::bail;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use hdrhistogram::Histogram;
 use sqlx::PgPool;
@@ -46,11 +46,9 @@ pub async fn run(args: &crate::RunArgs, db: &PgPool, events: &[Uuid], users: &[U
     let cost = sampler.finish(orders, &http).await?;
     let mut latency = Histogram::<u64>::new(3)?;
     let (mut accepted, mut refused, mut errors) = (0, 0, 0);
-    let mut done_at = Vec::with_capacity(results.len());
     for result in &results {
         match result {
-            Ok((sold, micros, at)) => {
-                done_at.push(*at);
+            Ok((sold, micros, _)) => {
                 latency.record(*micros)?;
                 if *sold { accepted += 1 } else { refused += 1 }
             }
@@ -88,11 +86,27 @@ pub async fn run(args: &crate::RunArgs, db: &PgPool, events: &[Uuid], users: &[U
         drain: None,
         draw: None,
         cost: Some(cost),
-        timeline: Some(Timeline {
-            accepted_per_sec: Timeline::per_second(started_at, done_at.iter().copied()),
-            decided_per_sec: Timeline::per_second(started_at, done_at.iter().copied()),
-            accept_latency_ms: Timeline::latency_curve(&latency),
-        }),
+        timeline: Some(timeline(started_at, &results, &latency)?),
+    })
+}
+
+/// The run's picture: each transaction is accepted and decided at once.
+fn timeline(
+    started_at: DateTime<Utc>,
+    results: &[anyhow::Result<(bool, u64, DateTime<Utc>)>],
+    latency: &Histogram<u64>,
+) -> anyhow::Result<Timeline> {
+    let done = || results.iter().filter_map(|result| result.as_ref().ok());
+    let began =
+        |at: DateTime<Utc>, micros: u64| at - chrono::Duration::microseconds(i64::try_from(micros).unwrap_or(0));
+    Ok(Timeline {
+        accepted_per_sec: Timeline::per_second(started_at, done().map(|(_, _, at)| *at)),
+        decided_per_sec: Timeline::per_second(started_at, done().map(|(_, _, at)| *at)),
+        accept_latency_ms: Timeline::latency_curve(latency),
+        accept_p50_p99_ms_per_sec: Timeline::latency_per_second(
+            started_at,
+            done().map(|(_, micros, at)| (began(*at, *micros), *micros)),
+        )?,
     })
 }
 

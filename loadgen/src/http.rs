@@ -106,7 +106,7 @@ pub async fn run(
         last_decision = last_decision.max(*decided);
     }
     let span = (last_decision - started_at).to_std().unwrap_or_default().as_secs_f64().max(f64::EPSILON);
-    let timeline = timeline(started_at, &answers, &decided, &latency, ceiling);
+    let timeline = timeline(started_at, &answers, &decided, &latency, ceiling)?;
     let (sold, oversold) = prepare::sold_and_oversold(db, events, typed).await?;
     let draw = match opened {
         Some(opened) => Some(draw_run(db, events, opened, settled).await?),
@@ -145,22 +145,25 @@ pub async fn run(
     })
 }
 
-/// The run's picture: accepted and decided per second, and the accept-latency curve.
+/// The run's picture: accepted and decided per second, the accept-latency curve, and the
+/// accept latency's p50 and p99 in each second.
 fn timeline(
     started_at: DateTime<Utc>,
     answers: &[Answer],
     decided: &[(DateTime<Utc>, DateTime<Utc>)],
     latency: &Histogram<u64>,
     ceiling: bool,
-) -> Timeline {
-    let accepted_at = answers.iter().filter(|a| matches!(a.status, 200 | 202)).map(|a| a.answered_at);
+) -> anyhow::Result<Timeline> {
+    let accepted = || answers.iter().filter(|a| matches!(a.status, 200 | 202));
     let decided_at =
         decided.iter().map(|(_, at)| *at).chain(answers.iter().filter(|a| a.status == 409).map(|a| a.answered_at));
-    Timeline {
-        accepted_per_sec: Timeline::per_second(started_at, accepted_at),
+    let began = |a: &Answer| a.answered_at - chrono::Duration::microseconds(i64::try_from(a.micros).unwrap_or(0));
+    Ok(Timeline {
+        accepted_per_sec: Timeline::per_second(started_at, accepted().map(|a| a.answered_at)),
         decided_per_sec: if ceiling { Vec::new() } else { Timeline::per_second(started_at, decided_at) },
         accept_latency_ms: Timeline::latency_curve(latency),
-    }
+        accept_p50_p99_ms_per_sec: Timeline::latency_per_second(started_at, accepted().map(|a| (began(a), a.micros)))?,
+    })
 }
 
 /// `prequeue`: from the opening to the draw, and the entries decided per second after it
@@ -235,16 +238,34 @@ async fn send_all(
             Answer { status, micros, answered_at: Utc::now() }
         }
     };
-    Ok(if args.scenario == Scenario::Rate {
-        let gap = Duration::from_secs_f64(1.0 / f64::from(args.rate.max(1)));
-        futures_util::stream::iter(0..orders)
-            .map(|i| send(i, Some(started + gap.mul_f64(i as f64))))
-            .buffer_unordered(RATE_MAX_OUTSTANDING)
+    if args.scenario != Scenario::Rate {
+        return Ok(futures_util::stream::iter(0..orders)
+            .map(|i| send(i, None))
+            .buffer_unordered(args.concurrency)
             .collect()
-            .await
-    } else {
-        futures_util::stream::iter(0..orders).map(|i| send(i, None)).buffer_unordered(args.concurrency).collect().await
-    })
+            .await);
+    }
+    // Open loop: each request is started when due (not made ahead of time: thousands of
+    // requests set up at once would delay the first ones), at most RATE_MAX_OUTSTANDING at once.
+    let gap = Duration::from_secs_f64(1.0 / f64::from(args.rate.max(1)));
+    let outstanding = Arc::new(tokio::sync::Semaphore::new(RATE_MAX_OUTSTANDING));
+    let mut requests = Vec::with_capacity(usize::try_from(orders).unwrap_or(0));
+    for i in 0..orders {
+        let due = started + gap.mul_f64(i as f64);
+        tokio::time::sleep_until(due.into()).await;
+        let permit = outstanding.clone().acquire_owned().await?;
+        let request = send(i, Some(due));
+        requests.push(tokio::spawn(async move {
+            let answer = request.await;
+            drop(permit);
+            answer
+        }));
+    }
+    let mut answers = Vec::with_capacity(requests.len());
+    for request in requests {
+        answers.push(request.await?);
+    }
+    Ok(answers)
 }
 
 /// The answers counted: accepted (with their latencies), refused, errors, and the last

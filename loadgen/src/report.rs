@@ -66,6 +66,11 @@ pub struct Timeline {
     pub decided_per_sec: Vec<u64>,
     /// `(percentile, milliseconds)` of the accept latency, 0 to 100.
     pub accept_latency_ms: Vec<(f64, f64)>,
+    /// The accept latency's `(p50, p99)` in milliseconds of the requests sent (closed loop)
+    /// or due (open loop) in each second since the start, so that a slow first second cannot
+    /// hide in the run's percentiles; `None` for a second without an accepted request.
+    #[serde(default)]
+    pub accept_p50_p99_ms_per_sec: Vec<Option<(f64, f64)>>,
 }
 
 impl Timeline {
@@ -80,6 +85,23 @@ impl Timeline {
             counts[second] += 1;
         }
         counts
+    }
+
+    /// `(p50, p99)` in milliseconds of latencies in microseconds, grouped by the whole second
+    /// after `start` at which each began.
+    pub fn latency_per_second(
+        start: DateTime<Utc>,
+        latencies: impl IntoIterator<Item = (DateTime<Utc>, u64)>,
+    ) -> anyhow::Result<Vec<Option<(f64, f64)>>> {
+        let mut seconds: Vec<Histogram<u64>> = Vec::new();
+        for (began, micros) in latencies {
+            let second = usize::try_from((began - start).num_milliseconds().max(0) / 1000).unwrap_or(0);
+            while seconds.len() <= second {
+                seconds.push(Histogram::new(3)?);
+            }
+            seconds[second].record(micros)?;
+        }
+        Ok(seconds.iter().map(|h| Percentiles::of(h).map(|p| (p.p50, p.p99))).collect())
     }
 
     /// The latency at every percentile of a histogram of microseconds, in milliseconds.
@@ -167,6 +189,13 @@ impl Report {
         println!("end-to-end orders/s {:.0}", self.end_to_end_per_sec);
         println!("accept latency      {}", pct(&self.accept_ms));
         println!("accept → final      {}", pct(&self.accept_to_final_ms));
+        if let Some(seconds) = self.timeline.as_ref().map(|t| &t.accept_p50_p99_ms_per_sec).filter(|s| !s.is_empty()) {
+            let p99 = |s: &Option<(f64, f64)>| s.map_or("-".to_owned(), |(_, p99)| format!("{p99:.1}"));
+            let worst =
+                seconds.iter().enumerate().filter_map(|(i, s)| s.map(|s| (i, s.1))).max_by(|a, b| a.1.total_cmp(&b.1));
+            let worst = worst.map_or("-".to_owned(), |(i, ms)| format!("{ms:.1} ms in second {i}"));
+            println!("accept p99 by second first {} ms, worst {worst}", p99(&seconds[0]));
+        }
         println!("sold / capacity     {} / {}", self.sold, u64::from(self.events) * u64::from(self.capacity));
         println!("oversold            {}", self.oversold);
         println!("lost                {}", self.lost);

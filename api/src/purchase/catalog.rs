@@ -11,8 +11,8 @@
 //! request had arrived a moment earlier or later.
 
 use std::collections::HashMap;
-use std::sync::RwLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -130,39 +130,54 @@ pub struct EventCatalog {
     generation: AtomicU64,
     /// Whether notifications are being received (set by the listener).
     synced: AtomicBool,
+    /// The reads under way, by event: one at a time per event.
+    reading: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// The right to read one event: held by one lookup at a time; released (and forgotten once
+/// nobody else waits for it) when dropped, also by a request that was cancelled.
+struct ReadTurn<'a> {
+    catalog: &'a EventCatalog,
+    id: Uuid,
+    gate: Arc<tokio::sync::Mutex<()>>,
+    held: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl<'a> ReadTurn<'a> {
+    async fn take(catalog: &'a EventCatalog, id: Uuid) -> Self {
+        let gate = catalog.reading.lock().unwrap_or_else(|e| e.into_inner()).entry(id).or_default().clone();
+        let held = Some(gate.clone().lock_owned().await);
+        Self { catalog, id, gate, held }
+    }
+}
+
+impl Drop for ReadTurn<'_> {
+    fn drop(&mut self) {
+        drop(self.held.take());
+        let mut reading = self.catalog.reading.lock().unwrap_or_else(|e| e.into_inner());
+        // Held by the map and by this turn only: nobody waits for it.
+        if Arc::strong_count(&self.gate) == 2 {
+            reading.remove(&self.id);
+        }
+    }
 }
 
 impl EventCatalog {
-    /// The live (not deleted) event, from memory when possible.
+    /// The live (not deleted) event, from memory when possible. Concurrent misses of one
+    /// event (an on-sale's first second: every buyer at once) wait for a single read, which
+    /// they then find in memory; while notifications are not received, nothing is kept, and
+    /// each lookup reads.
     pub async fn get(&self, db: &PgPool, id: Uuid) -> Result<Option<EventForSale>, sqlx::Error> {
-        let synced = self.synced.load(Ordering::Acquire);
-        if synced && let Some(event) = self.events.read().unwrap_or_else(|e| e.into_inner()).get(&id) {
-            return Ok(Some(event.clone()));
+        if let Some(event) = self.kept(id) {
+            return Ok(Some(event));
         }
+        let _turn = if self.synced.load(Ordering::Acquire) { Some(ReadTurn::take(self, id).await) } else { None };
+        if let Some(event) = self.kept(id) {
+            return Ok(Some(event));
+        }
+        let synced = self.synced.load(Ordering::Acquire);
         let generation = self.generation.load(Ordering::Acquire);
-        // One statement for the event and its types: a day of many events reads each once.
-        let event = sqlx::query_as!(
-            EventForSale,
-            r#"SELECT e.name, e.starts_at, e.sales_start, e.prequeue_opens_at, e.currency, e.max_per_order, e.max_per_buyer, e.default_ticket_type_id,
-                    coalesce((SELECT json_agg(json_build_object(
-                                  'id', t.id, 'name', t.name, 'price', t.price::text,
-                                  'max_per_order', t.max_per_order, 'max_per_buyer', t.max_per_buyer,
-                                  'sales_start', t.sales_start, 'sales_end', t.sales_end,
-                                  'requires_promo_code', t.requires_promo_code)
-                                  ORDER BY t.sort_order, t.id)
-                              FROM ticket_types t WHERE t.event_id = e.id AND t.deleted_at IS NULL), '[]')
-                        AS "types!: sqlx::types::Json<Vec<TypeForSale>>",
-                    coalesce((SELECT json_agg(json_build_object(
-                                  'id', c.id, 'code', c.code, 'percent_off', c.percent_off::text,
-                                  'amount_off', c.amount_off::text, 'ticket_type_ids', c.ticket_type_ids,
-                                  'valid_from', c.valid_from, 'valid_until', c.valid_until))
-                              FROM promo_codes c WHERE c.event_id = e.id AND c.withdrawn_at IS NULL), '[]')
-                        AS "codes!: sqlx::types::Json<Vec<CodeForSale>>"
-             FROM events e WHERE e.id = $1 AND e.deleted_at IS NULL"#,
-            id
-        )
-        .fetch_optional(db)
-        .await?;
+        let event = read(db, id).await?;
         if let Some(event) = &event
             && synced
         {
@@ -176,6 +191,14 @@ impl EventCatalog {
             }
         }
         Ok(event)
+    }
+
+    /// The event as remembered, if notifications are being received.
+    fn kept(&self, id: Uuid) -> Option<EventForSale> {
+        if !self.synced.load(Ordering::Acquire) {
+            return None;
+        }
+        self.events.read().unwrap_or_else(|e| e.into_inner()).get(&id).cloned()
     }
 
     /// The event changed: read it again next time.
@@ -206,4 +229,31 @@ impl EventCatalog {
         self.synced.store(false, Ordering::Release);
         self.generation.fetch_add(1, Ordering::AcqRel);
     }
+}
+
+/// The live event, read from the database in one statement with its types and codes (a
+/// day of many events reads each once).
+pub async fn read(db: impl sqlx::PgExecutor<'_>, id: Uuid) -> Result<Option<EventForSale>, sqlx::Error> {
+    sqlx::query_as!(
+        EventForSale,
+        r#"SELECT e.name, e.starts_at, e.sales_start, e.prequeue_opens_at, e.currency, e.max_per_order, e.max_per_buyer, e.default_ticket_type_id,
+                coalesce((SELECT json_agg(json_build_object(
+                              'id', t.id, 'name', t.name, 'price', t.price::text,
+                              'max_per_order', t.max_per_order, 'max_per_buyer', t.max_per_buyer,
+                              'sales_start', t.sales_start, 'sales_end', t.sales_end,
+                              'requires_promo_code', t.requires_promo_code)
+                              ORDER BY t.sort_order, t.id)
+                          FROM ticket_types t WHERE t.event_id = e.id AND t.deleted_at IS NULL), '[]')
+                    AS "types!: sqlx::types::Json<Vec<TypeForSale>>",
+                coalesce((SELECT json_agg(json_build_object(
+                              'id', c.id, 'code', c.code, 'percent_off', c.percent_off::text,
+                              'amount_off', c.amount_off::text, 'ticket_type_ids', c.ticket_type_ids,
+                              'valid_from', c.valid_from, 'valid_until', c.valid_until))
+                          FROM promo_codes c WHERE c.event_id = e.id AND c.withdrawn_at IS NULL), '[]')
+                    AS "codes!: sqlx::types::Json<Vec<CodeForSale>>"
+         FROM events e WHERE e.id = $1 AND e.deleted_at IS NULL"#,
+        id
+    )
+    .fetch_optional(db)
+    .await
 }

@@ -18,6 +18,29 @@ pub use rules::{CreateOrderRequest, OrderItem, Priced, Purchase};
 use crate::error::ApiError;
 use crate::state::AppState;
 
+/// Readies the database side of the purchase path before the first buyer, and returns the
+/// connection the order inserter is to keep. A new server process's first run of a
+/// statement costs it milliseconds of catalogue reads and planning, which the first buyers
+/// would otherwise wait for: each of the pool's idle connections (those
+/// `DATABASE_MIN_CONNECTIONS` opened) runs the catalogue's read once, and the inserter's
+/// also runs its statements, on nothing.
+pub async fn warm_up(
+    db: &sqlx::PgPool,
+    settings: order_inserter::Settings,
+) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, sqlx::Error> {
+    // All held at once, so that each is a different connection.
+    let mut connections = Vec::new();
+    for _ in 0..db.num_idle().max(1) {
+        connections.push(db.acquire().await?);
+    }
+    for conn in &mut connections {
+        catalog::read(&mut **conn, Uuid::nil()).await?;
+    }
+    let mut inserters = connections.swap_remove(0);
+    order_inserter::warm(&mut inserters, settings).await?;
+    Ok(inserters)
+}
+
 /// [`rules::price`] against the event as the catalogue has it now: 404 when there is no
 /// such event (or it was deleted). A promo code the catalogue does not know is looked up to
 /// say whether it was withdrawn.

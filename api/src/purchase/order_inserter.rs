@@ -10,7 +10,8 @@ use chrono::{DateTime, Utc};
 use common::amqp::{Publisher, PurchaseMessage, partition_of};
 use common::domain::{IdempotencyKey, OrderLine};
 use rust_decimal::Decimal;
-use sqlx::PgPool;
+use sqlx::pool::PoolConnection;
+use sqlx::{PgPool, Postgres};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
@@ -59,6 +60,10 @@ pub struct Settings {
 }
 
 impl Settings {
+    pub fn of(config: &common::config::ApiConfig) -> Self {
+        Self { partitions: config.broker.partitions, demand_factor: config.queue_demand_factor }
+    }
+
     /// The deployment's queue-full factor as the statements take it (`NULL`: none).
     fn factor(self) -> Option<f64> {
         (self.demand_factor > 0.0).then_some(self.demand_factor)
@@ -101,16 +106,19 @@ pub struct OrderInserter {
 
 impl OrderInserter {
     /// The inserter, and its task, which ends once every clone of the inserter is gone.
+    /// `connection`: the one to keep, [`warm`]ed.
     pub fn new(
         db: PgPool,
+        connection: PoolConnection<Postgres>,
         publisher: Arc<Publisher>,
         settings: Settings,
     ) -> (Self, impl std::future::Future<Output = ()> + Send + 'static) {
         let (queue, mut rx) = mpsc::channel::<(NewOrder, Reply)>(INSERT_BATCH * 4);
         let task = async move {
+            let mut held = Held { db, connection: Some(connection) };
             let mut batch = Vec::with_capacity(INSERT_BATCH);
             while rx.recv_many(&mut batch, INSERT_BATCH).await > 0 {
-                store(&db, &publisher, settings, std::mem::take(&mut batch)).await;
+                store(&mut held, &publisher, settings, std::mem::take(&mut batch)).await;
             }
         };
         (Self { queue }, task)
@@ -124,15 +132,49 @@ impl OrderInserter {
     }
 }
 
+/// The inserter's connection, kept from batch to batch: one task runs one statement at a
+/// time, so taking a connection from the pool for each batch would only add sqlx's check
+/// that the server is still a primary (a round trip per batch) and spread the statements'
+/// planning over every connection. After an error it goes back to the pool, and the next
+/// batch takes one that passed that check.
+struct Held {
+    db: PgPool,
+    connection: Option<PoolConnection<Postgres>>,
+}
+
+impl Held {
+    /// Stores the batch on the held connection ([`insert_orders`]).
+    async fn insert(&mut self, orders: &[&NewOrder], settings: Settings) -> Result<HashMap<Uuid, Stored>, sqlx::Error> {
+        if self.connection.is_none() {
+            self.connection = Some(self.db.acquire().await?);
+        }
+        let conn = self.connection.as_deref_mut().ok_or(sqlx::Error::PoolClosed)?;
+        let result = insert_orders(conn, orders, settings).await;
+        if result.is_err() {
+            self.connection = None;
+        }
+        result
+    }
+}
+
+/// Runs both insert statements on an empty batch (no effect) on this connection, so that a
+/// new server process has read the catalogue entries they need and the connection has them
+/// prepared before the first order comes.
+pub async fn warm(conn: &mut sqlx::PgConnection, settings: Settings) -> Result<(), sqlx::Error> {
+    insert_numbered(&mut *conn, &[], settings).await?;
+    insert_judged(&mut *conn, &[], settings).await?;
+    Ok(())
+}
+
 /// One batch: a single `INSERT` (should it fail, every order is tried on its own, so one bad
 /// row cannot fail the requests that happened to share its statement), then one message per
 /// partition. The answers wait for the messages to be sent but not for the broker's
 /// confirms: the stored order is the promise (the orders table is the outbox), and an order
 /// whose confirm never comes is sent again by the worker's re-publisher.
-async fn store(db: &PgPool, publisher: &Publisher, settings: Settings, batch: Vec<(NewOrder, Reply)>) {
+async fn store(held: &mut Held, publisher: &Publisher, settings: Settings, batch: Vec<(NewOrder, Reply)>) {
     metrics::histogram!("turnstile_accept_batch_orders").record(batch.len() as f64);
     let orders: Vec<&NewOrder> = batch.iter().map(|(order, _)| order).collect();
-    let outcomes: Vec<Result<Stored, sqlx::Error>> = match insert_orders(db, &orders, settings).await {
+    let outcomes: Vec<Result<Stored, sqlx::Error>> = match held.insert(&orders, settings).await {
         Ok(mut stored) => orders.iter().map(|order| Ok(outcome(&mut stored, order.id))).collect(),
         Err(err) => {
             if batch.len() > 1 {
@@ -140,7 +182,7 @@ async fn store(db: &PgPool, publisher: &Publisher, settings: Settings, batch: Ve
             }
             let mut outcomes = Vec::with_capacity(orders.len());
             for order in &orders {
-                outcomes.push(store_one(db, order, settings).await);
+                outcomes.push(store_one(&held.db, order, settings).await);
             }
             outcomes
         }
@@ -200,7 +242,8 @@ async fn store_one(db: &PgPool, order: &NewOrder, settings: Settings) -> Result<
             presale_entry: row.entry,
         }));
     }
-    insert_orders(db, &[order], settings).await.map(|mut stored| outcome(&mut stored, order.id))
+    let mut conn = db.acquire().await?;
+    insert_orders(&mut conn, &[order], settings).await.map(|mut stored| outcome(&mut stored, order.id))
 }
 
 /// One order's outcome; an order the statement did not look at had a key its user had used.
@@ -230,18 +273,18 @@ pub struct Placed {
 /// concurrent request with the same key: the route looks for the key first), the first
 /// statement fails as a whole and the second judges the whole batch.
 async fn insert_orders(
-    db: &PgPool,
+    conn: &mut sqlx::PgConnection,
     orders: &[&NewOrder],
     settings: Settings,
 ) -> Result<HashMap<Uuid, Stored>, sqlx::Error> {
-    let mut stored = match insert_numbered(db, orders, settings).await {
+    let mut stored = match insert_numbered(&mut *conn, orders, settings).await {
         Ok(stored) => stored,
         Err(sqlx::Error::Database(err)) if err.is_unique_violation() => HashMap::new(),
         Err(err) => return Err(err),
     };
     let rest: Vec<&NewOrder> = orders.iter().filter(|order| !stored.contains_key(&order.id)).copied().collect();
     if !rest.is_empty() {
-        stored.extend(insert_judged(db, &rest, settings).await?);
+        stored.extend(insert_judged(&mut *conn, &rest, settings).await?);
     }
     Ok(stored)
 }
@@ -256,7 +299,7 @@ async fn insert_orders(
 /// [`insert_judged`]. A taken key fails the statement (no `ON CONFLICT`): what it raised
 /// would otherwise count orders that were not stored.
 async fn insert_numbered(
-    db: &PgPool,
+    db: impl sqlx::PgExecutor<'_>,
     orders: &[&NewOrder],
     settings: Settings,
 ) -> Result<HashMap<Uuid, Stored>, sqlx::Error> {
@@ -356,7 +399,7 @@ async fn insert_numbered(
 /// concurrent statement), that order's number is left unused: places are counted from the worker's highest decided number, so
 /// the gap closes once the worker passes it.
 async fn insert_judged(
-    db: &PgPool,
+    db: impl sqlx::PgExecutor<'_>,
     orders: &[&NewOrder],
     settings: Settings,
 ) -> Result<HashMap<Uuid, Stored>, sqlx::Error> {

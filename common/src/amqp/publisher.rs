@@ -131,6 +131,12 @@ impl Publisher {
         Self { partitions, state: Arc::new(state) }
     }
 
+    /// Opens the channel (declaring the topology) if it is not open: done at start-up, so that
+    /// the first purchases do not wait for it.
+    pub async fn open(&self) -> Result<(), PublishError> {
+        self.state.channel.get().await.map(drop)
+    }
+
     /// Publishes these orders (one message per partition) and waits for the broker to
     /// confirm them all (or for [`CONFIRM_TIMEOUT`]).
     pub async fn publish_purchases(&self, orders: &[PurchaseMessage]) -> Result<(), PublishError> {

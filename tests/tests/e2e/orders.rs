@@ -281,6 +281,53 @@ async fn purchase_input_is_validated() {
 /// `POST /orders/quote`: the purchase's checks and price, nothing stored. Its answers come
 /// from the api's memory of the event, which follows every change: at once in the process
 /// that made it, through PostgreSQL's NOTIFY in any other (and for an operator's SQL).
+/// The first second of an on-sale: every buyer asks for an event the api has not read yet.
+/// They wait for one read of it (held here behind a lock on `ticket_types`), instead of each
+/// taking a pooled connection (opened then and there) to read it again.
+#[tokio::test]
+async fn concurrent_purchases_of_an_unread_event_read_it_once() {
+    let app = TestApp::spawn().await;
+    let admin = app.admin().await;
+    let event = app.event_with(&admin, 100, 4).await;
+    let buyers = app.buyers(30).await;
+    let mut blocker = app.db.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE ticket_types IN ACCESS EXCLUSIVE MODE").execute(&mut *blocker).await.unwrap();
+
+    let waiting_reads = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event_type = 'Lock' AND query LIKE 'SELECT e.name, e.starts_at%'",
+        )
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap()
+    };
+    let watch = async {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while waiting_reads().await == 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the event's read waits for the lock");
+        // Every request has had time to reach the catalog (where each request read for
+        // itself, all the pool's connections were waiting by now).
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let waiting = waiting_reads().await;
+        blocker.rollback().await.unwrap();
+        waiting
+    };
+    let (responses, waiting) = tokio::join!(stampede(&app, &buyers, event, |_| 1), watch);
+    assert_eq!(waiting, 1, "one read for all the buyers");
+    assert!(responses.iter().all(|res| res.status == 202), "every buyer's order is accepted");
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE event_id = $1")
+        .bind(event)
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, 30);
+}
+
 #[tokio::test]
 async fn quotes_price_a_purchase_and_follow_event_changes() {
     let app = TestApp::spawn().await;
