@@ -215,6 +215,21 @@ pub struct ApiConfig {
     #[arg(long = "queue-demand-factor", env = "QUEUE_DEMAND_FACTOR", default_value_t = 3.0,
           value_parser = parse_demand_factor)]
     pub queue_demand_factor: f64,
+    /// The least time, in milliseconds, from the start of one shared `INSERT` of new orders
+    /// to the next. Orders arriving one by one then share a statement (and a commit) instead
+    /// of each taking one, at the cost of waiting up to this long when they come in steadily;
+    /// a stampede's statements take longer than this anyway, and a lone order is stored at
+    /// once. 0: each statement starts as soon as the previous one ended.
+    #[arg(long = "order-insert-interval-ms", env = "ORDER_INSERT_INTERVAL_MS", default_value_t = 2,
+          value_parser = clap::value_parser!(u64).range(0..=1000))]
+    pub order_insert_interval_ms: u64,
+    /// The least time, in milliseconds, from one sending of purchase messages to the next: the
+    /// orders stored meanwhile go out together, one message per partition. Answers do not
+    /// wait for it (a stored order is the promise: one whose message never reaches the
+    /// broker is the re-publisher's); decisions do. 0: sent as soon as stored.
+    #[arg(long = "purchase-send-interval-ms", env = "PURCHASE_SEND_INTERVAL_MS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(0..=1000))]
+    pub purchase_send_interval_ms: u64,
     /// How long the fast path trusts an event's tickets-left count read from the database,
     /// in milliseconds, before reading it again. During that time a sold-out event costs
     /// the database nothing, and tickets released meanwhile may be refused; 0 reads on every

@@ -13,10 +13,13 @@ use rust_decimal::Decimal;
 use sqlx::pool::PoolConnection;
 use sqlx::{PgPool, Postgres};
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::{Duration, Instant};
 use uuid::Uuid;
 
 /// Most orders one `INSERT` (and one message per partition) carries.
 const INSERT_BATCH: usize = 1_000;
+/// Stored batches waiting for the sender; beyond that, storing waits (the broker is slow).
+const STORED_WAITING: usize = 64;
 
 /// A purchase request's order, validated and priced, to be stored `QUEUED`.
 #[derive(Clone)]
@@ -57,11 +60,20 @@ pub struct Settings {
     pub partitions: u16,
     /// `QUEUE_DEMAND_FACTOR` (0: no queue-full refusals, unless an event sets its own).
     pub demand_factor: f64,
+    /// `ORDER_INSERT_INTERVAL_MS`: the least time from one batch's start to the next's.
+    pub insert_interval: Duration,
+    /// `PURCHASE_SEND_INTERVAL_MS`: the least time from one sending to the next.
+    pub send_interval: Duration,
 }
 
 impl Settings {
     pub fn of(config: &common::config::ApiConfig) -> Self {
-        Self { partitions: config.broker.partitions, demand_factor: config.queue_demand_factor }
+        Self {
+            partitions: config.broker.partitions,
+            demand_factor: config.queue_demand_factor,
+            insert_interval: Duration::from_millis(config.order_insert_interval_ms),
+            send_interval: Duration::from_millis(config.purchase_send_interval_ms),
+        }
     }
 
     /// The deployment's queue-full factor as the statements take it (`NULL`: none).
@@ -105,8 +117,8 @@ pub struct OrderInserter {
 }
 
 impl OrderInserter {
-    /// The inserter, and its task, which ends once every clone of the inserter is gone.
-    /// `connection`: the one to keep, [`warm`]ed.
+    /// The inserter, and its task, which ends once every clone of the inserter is gone (and
+    /// every stored order's message was sent). `connection`: the one to keep, [`warm`]ed.
     pub fn new(
         db: PgPool,
         connection: PoolConnection<Postgres>,
@@ -114,12 +126,21 @@ impl OrderInserter {
         settings: Settings,
     ) -> (Self, impl std::future::Future<Output = ()> + Send + 'static) {
         let (queue, mut rx) = mpsc::channel::<(NewOrder, Reply)>(INSERT_BATCH * 4);
-        let task = async move {
+        let (stored, to_send) = mpsc::channel::<Vec<PurchaseMessage>>(STORED_WAITING);
+        let storing = async move {
             let mut held = Held { db, connection: Some(connection) };
             let mut batch = Vec::with_capacity(INSERT_BATCH);
             while rx.recv_many(&mut batch, INSERT_BATCH).await > 0 {
-                store(&mut held, &publisher, settings, std::mem::take(&mut batch)).await;
+                let started = Instant::now();
+                let sent = store(&mut held, settings, std::mem::take(&mut batch)).await;
+                if !sent.is_empty() && stored.send(sent).await.is_err() {
+                    tracing::warn!("the purchase sender stopped; the re-publisher will send the orders");
+                }
+                tokio::time::sleep_until(started + settings.insert_interval).await;
             }
+        };
+        let task = async move {
+            tokio::join!(storing, send_stored(publisher, to_send, settings.send_interval));
         };
         (Self { queue }, task)
     }
@@ -167,11 +188,12 @@ pub async fn warm(conn: &mut sqlx::PgConnection, settings: Settings) -> Result<(
 }
 
 /// One batch: a single `INSERT` (should it fail, every order is tried on its own, so one bad
-/// row cannot fail the requests that happened to share its statement), then one message per
-/// partition. The answers wait for the messages to be sent but not for the broker's
-/// confirms: the stored order is the promise (the orders table is the outbox), and an order
-/// whose confirm never comes is sent again by the worker's re-publisher.
-async fn store(held: &mut Held, publisher: &Publisher, settings: Settings, batch: Vec<(NewOrder, Reply)>) {
+/// row cannot fail the requests that happened to share its statement); each request is
+/// answered once it is committed. Returns the messages of the orders stored, to be sent: the
+/// answers do not wait for them, for the stored order is the promise (the orders table is
+/// the outbox), and an order whose message never reaches a queue is sent again by the
+/// worker's re-publisher.
+async fn store(held: &mut Held, settings: Settings, batch: Vec<(NewOrder, Reply)>) -> Vec<PurchaseMessage> {
     metrics::histogram!("turnstile_accept_batch_orders").record(batch.len() as f64);
     let orders: Vec<&NewOrder> = batch.iter().map(|(order, _)| order).collect();
     let outcomes: Vec<Result<Stored, sqlx::Error>> = match held.insert(&orders, settings).await {
@@ -197,24 +219,51 @@ async fn store(held: &mut Held, publisher: &Publisher, settings: Settings, batch
             traceparent: order.traceparent.clone(),
         })
         .collect();
-    if !sent.is_empty() {
-        let not_confirmed = move |orders: usize, err: common::amqp::PublishError| {
-            tracing::warn!(orders, error = %err, "purchase messages not confirmed; the re-publisher will send them");
-        };
-        match publisher.send_purchases(&sent).await {
-            Ok(confirmed) => {
-                let count = sent.len();
-                tokio::spawn(async move {
-                    if let Err(err) = confirmed.await {
-                        not_confirmed(count, err);
-                    }
-                });
-            }
-            Err(err) => not_confirmed(sent.len(), err),
-        }
-    }
     for ((_, reply), outcome) in batch.into_iter().zip(outcomes) {
         let _ = reply.send(outcome);
+    }
+    sent
+}
+
+/// Sends the stored orders' messages in the order they were stored, at most once per
+/// `interval`: what was stored meanwhile goes out together, one message per partition (of at
+/// most [`INSERT_BATCH`] orders), so orders arriving one by one cost the broker a message
+/// per interval, not one each. Waits for the sending (and, beyond the publisher's window,
+/// for confirms) but not for each confirm.
+async fn send_stored(publisher: Arc<Publisher>, mut stored: mpsc::Receiver<Vec<PurchaseMessage>>, interval: Duration) {
+    let mut batches = Vec::new();
+    let mut last_sent: Option<Instant> = None;
+    while stored.recv_many(&mut batches, STORED_WAITING).await > 0 {
+        if let Some(last) = last_sent {
+            tokio::time::sleep_until(last + interval).await;
+            while let Ok(more) = stored.try_recv() {
+                batches.push(more);
+            }
+        }
+        last_sent = Some(Instant::now());
+        let messages: Vec<PurchaseMessage> = batches.drain(..).flatten().collect();
+        for chunk in messages.chunks(INSERT_BATCH) {
+            send(&publisher, chunk).await;
+        }
+    }
+}
+
+/// Sends these orders; a failure, or a confirm that does not come, is logged and left to the
+/// re-publisher.
+async fn send(publisher: &Publisher, orders: &[PurchaseMessage]) {
+    let not_confirmed = move |orders: usize, err: common::amqp::PublishError| {
+        tracing::warn!(orders, error = %err, "purchase messages not confirmed; the re-publisher will send them");
+    };
+    match publisher.send_purchases(orders).await {
+        Ok(confirmed) => {
+            let count = orders.len();
+            tokio::spawn(async move {
+                if let Err(err) = confirmed.await {
+                    not_confirmed(count, err);
+                }
+            });
+        }
+        Err(err) => not_confirmed(orders.len(), err),
     }
 }
 

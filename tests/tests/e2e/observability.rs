@@ -41,14 +41,20 @@ async fn metrics_count_exactly_the_orders_placed() {
     let api_before = Exposition::scrape(&api_metrics).await;
     let worker_before = Exposition::scrape(&worker_metrics).await;
 
-    // Six orders of one ticket, one after another (so one stored batch and one message
-    // each), the last with an Idempotency-Key and then replayed; one refused quantity.
+    // Six orders of one ticket, one after another, each once the previous one's message was
+    // confirmed (so one stored batch and one message each: orders stored within
+    // PURCHASE_SEND_INTERVAL_MS of each other would share one), the last with an
+    // Idempotency-Key and then replayed; one refused quantity.
     let mut orders = Vec::new();
     for (i, (_, token)) in buyers.iter().enumerate() {
         let key = (i == 5).then_some("observability-key");
         let res = app.order(token, event, 1, key).await;
         assert_eq!(res.status, 202, "{}", res.body);
         orders.push(res.json["id"].as_str().expect("order id").to_owned());
+        scrape_until(&api_metrics, "the order's message confirmed", |now| {
+            delta(&api_before, now, "turnstile_purchase_publishes_total", &[("outcome", "confirmed")]) > i as f64
+        })
+        .await;
     }
     let replay = app.order(&buyers[5].1, event, 1, Some("observability-key")).await;
     assert_eq!(replay.header("idempotent-replayed"), Some("true"));

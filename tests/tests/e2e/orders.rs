@@ -548,6 +548,86 @@ async fn publish_raw(connection: &Connection, app: &TestApp, body: &[u8], routin
     assert!(confirm.is_ack() && confirm.take_message().is_none(), "message not routed in {}", app.broker.url);
 }
 
+/// How many statements stored these orders: each order's `created_at` is its statement's
+/// transaction start.
+async fn statements_storing(app: &TestApp, event: Uuid) -> i64 {
+    sqlx::query_scalar("SELECT count(DISTINCT created_at) FROM orders WHERE event_id = $1")
+        .bind(event)
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap()
+}
+
+/// The purchase messages in the event's partition queue, once there are `expected` of them
+/// (consumed): the orders each carries.
+async fn purchase_messages(app: &TestApp, event: Uuid, expected: u32) -> Vec<usize> {
+    use futures_util::StreamExt;
+    let queue = format!("orders.purchase.{}", common::amqp::partition_of(event, 8));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while app.broker.queue_depth(&queue).await < expected && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(app.broker.queue_depth(&queue).await, expected);
+    let connection = app.broker.connect().await;
+    let channel = connection.create_channel().await.unwrap();
+    let options = lapin::options::BasicConsumeOptions { no_ack: true, ..Default::default() };
+    let consumer = channel
+        .basic_consume(queue.as_str().into(), "test".into(), options, lapin::types::FieldTable::default())
+        .await
+        .unwrap();
+    let deliveries = consumer.take(expected as usize).collect::<Vec<_>>();
+    let deliveries = tokio::time::timeout(Duration::from_secs(10), deliveries).await.expect("the messages delivered");
+    deliveries
+        .into_iter()
+        .map(|delivery| {
+            let body: Value = serde_json::from_slice(&delivery.unwrap().data).unwrap();
+            body["orders"].as_array().expect("a purchase message's orders").len()
+        })
+        .collect()
+}
+
+/// `ORDER_INSERT_INTERVAL_MS`: orders that come less than this after the last shared
+/// `INSERT` started wait for the next one, and share it; a lone order is stored at once.
+#[tokio::test]
+async fn orders_that_come_within_the_insert_interval_share_a_statement() {
+    let app = TestApp::spawn_with(&[
+        ("ORDER_INSERT_INTERVAL_MS", "1000".to_owned()),
+        ("PURCHASE_SEND_INTERVAL_MS", "0".to_owned()),
+    ])
+    .await;
+    let admin = app.admin().await;
+    let event = app.event_with(&admin, 100, 4).await;
+    let buyers = app.buyers(11).await;
+
+    let started = std::time::Instant::now();
+    assert_eq!(app.order(&buyers[0].1, event, 1, None).await.status, 202);
+    assert!(started.elapsed() < Duration::from_millis(800), "a lone order is stored at once");
+    let rest = stampede(&app, &buyers[1..], event, |_| 1).await;
+    assert!(rest.iter().all(|res| res.status == 202));
+    assert_eq!(statements_storing(&app, event).await, 2, "the first alone, then the ten together");
+    assert_eq!(purchase_messages(&app, event, 2).await, [1, 10]);
+}
+
+/// `PURCHASE_SEND_INTERVAL_MS`: the messages of orders stored less than this after the last
+/// sending go out together, one message for their partition; the first goes at once.
+#[tokio::test]
+async fn orders_stored_within_the_send_interval_share_a_message() {
+    let app = TestApp::spawn_with(&[
+        ("ORDER_INSERT_INTERVAL_MS", "0".to_owned()),
+        ("PURCHASE_SEND_INTERVAL_MS", "1000".to_owned()),
+    ])
+    .await;
+    let admin = app.admin().await;
+    let event = app.event_with(&admin, 100, 4).await;
+    let buyers = app.buyers(6).await;
+
+    for (_, token) in &buyers {
+        assert_eq!(app.order(token, event, 1, None).await.status, 202);
+    }
+    assert_eq!(statements_storing(&app, event).await, 6, "one after another: a statement each");
+    assert_eq!(purchase_messages(&app, event, 2).await, [1, 5]);
+}
+
 #[tokio::test]
 async fn a_redelivered_message_issues_tickets_once() {
     let app = TestApp::spawn().await;
@@ -562,7 +642,13 @@ async fn a_redelivered_message_issues_tickets_once() {
     let partition = common::amqp::partition_of(event, 8);
     let body = serde_json::to_vec(&json!({"order_id": order_id, "event_id": event})).unwrap();
     publish_raw(&connection, &app, &body, &partition.to_string()).await;
-    assert_eq!(app.broker.queue_depth(&format!("orders.purchase.{partition}")).await, 2);
+    // The api's own message goes out once the order is stored, not before the answer.
+    let queue = format!("orders.purchase.{partition}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while app.broker.queue_depth(&queue).await < 2 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(app.broker.queue_depth(&queue).await, 2);
 
     let worker = app.spawn_worker(&[("BATCH_SIZE", "1".to_owned())]);
     app.wait_until_final(SETTLE).await;
