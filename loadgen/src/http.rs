@@ -346,7 +346,10 @@ async fn drain(
             worker_rss.push(rss);
             worker_peak = Some(peak);
         }
-        let left = u64::try_from(prepare::queued(db, events).await?).unwrap_or(0);
+        let mut left = u64::try_from(prepare::queued_by_counters(db, events).await?).unwrap_or(0);
+        if left == 0 {
+            left = u64::try_from(prepare::queued(db, events).await?).unwrap_or(0);
+        }
         bar.set_position(accepted.saturating_sub(left));
         if left == 0 || started.elapsed() > DECIDE_TIMEOUT {
             break;

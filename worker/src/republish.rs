@@ -9,8 +9,10 @@
 //! - its partition's consumer has decided orders created `REPUBLISH_AFTER_SECS` later than
 //!   it (`partition_progress`: queues are first in, first out, so its message, sent when it
 //!   was stored, would have come first), or
-//! - its partition's queue holds no message ready for delivery (nothing is waiting that
-//!   could be it), or
+//! - its partition's queue has held no message ready for delivery, and its consumer has
+//!   decided nothing, since the previous round (nothing is waiting or being worked through
+//!   that could be it: a consumer holds the last messages of a drained backlog, prefetched,
+//!   while the queue shows none ready), or
 //! - it has waited `REPUBLISH_STALE_SECS` whatever the queue says.
 //!
 //! A backlog (orders waiting behind each other in a long queue) is therefore left alone,
@@ -18,8 +20,10 @@
 //! records when an order was last re-published, so that it is not sent again before the
 //! same wait has passed.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use common::amqp::{Publisher, PurchaseMessage};
 use common::config::WorkerConfig;
 use sqlx::PgPool;
@@ -44,6 +48,7 @@ pub async fn run(
         publisher,
         after: Duration::from_secs(config.republish_after_secs),
         stale: Duration::from_secs(config.republish_stale_secs),
+        idle_before: HashMap::new(),
     };
     let interval = Duration::from_millis(config.republish_interval_ms);
     crate::poll::every("re-publisher", interval, &shutdown, &mut republisher, steps).await
@@ -55,15 +60,46 @@ pub struct Republisher {
     pub publisher: Publisher,
     pub after: Duration,
     pub stale: Duration,
+    /// The partitions whose queue had nothing ready at the previous round, with when their
+    /// consumer last recorded progress then.
+    pub idle_before: HashMap<i16, Option<DateTime<Utc>>>,
 }
 
 impl Round for Republisher {
     async fn round(&mut self) -> anyhow::Result<Next> {
-        let (claimed, published) = round(&self.db, &self.publisher, self.after, self.stale).await?;
+        let idle = self.idle_partitions().await?;
+        let (claimed, published) = round(&self.db, &self.publisher, self.after, self.stale, &idle).await?;
         if claimed > 0 {
             tracing::info!(claimed, published, "re-published queued orders");
         }
         Ok(if claimed == ROUND as usize && published == claimed { Next::Again } else { Next::Wait })
+    }
+}
+
+impl Republisher {
+    /// The partitions idle since the previous round: nothing ready in their queue then and
+    /// now, and no progress recorded by their consumer in between. Unknown depths (broker
+    /// down) count as not idle.
+    async fn idle_partitions(&mut self) -> sqlx::Result<Vec<i16>> {
+        let ready_none: Vec<i16> = match self.publisher.ready_messages().await {
+            Ok(depths) => depths.into_iter().filter(|(_, ready)| *ready == 0).map(|(p, _)| p as i16).collect(),
+            Err(err) => {
+                tracing::debug!(error = %err, "cannot read the partition queues' depths");
+                Vec::new()
+            }
+        };
+        let progress: HashMap<i16, DateTime<Utc>> =
+            sqlx::query!("SELECT partition, updated_at FROM partition_progress WHERE partition = ANY($1)", &ready_none)
+                .fetch_all(&self.db)
+                .await?
+                .into_iter()
+                .map(|row| (row.partition, row.updated_at))
+                .collect();
+        let now: HashMap<i16, Option<DateTime<Utc>>> =
+            ready_none.iter().map(|p| (*p, progress.get(p).copied())).collect();
+        let idle = now.iter().filter(|(p, at)| self.idle_before.get(p) == Some(at)).map(|(p, _)| *p).collect();
+        self.idle_before = now;
+        Ok(idle)
     }
 }
 
@@ -72,15 +108,13 @@ impl Round for Republisher {
 /// workers claim disjoint rounds), publishes them, and un-stamps them if the broker did not
 /// confirm, so the next round retries them.
 #[tracing::instrument(skip_all, err(level = "warn"))]
-async fn round(db: &PgPool, publisher: &Publisher, after: Duration, stale: Duration) -> sqlx::Result<(usize, usize)> {
-    // Partitions whose queue holds nothing ready; unknown (broker down) counts as not idle.
-    let idle: Vec<i16> = match publisher.ready_messages().await {
-        Ok(depths) => depths.into_iter().filter(|(_, ready)| *ready == 0).map(|(p, _)| p as i16).collect(),
-        Err(err) => {
-            tracing::debug!(error = %err, "cannot read the partition queues' depths");
-            Vec::new()
-        }
-    };
+async fn round(
+    db: &PgPool,
+    publisher: &Publisher,
+    after: Duration,
+    stale: Duration,
+    idle: &[i16],
+) -> sqlx::Result<(usize, usize)> {
     let claimed = sqlx::query!(
         "UPDATE orders SET published_at = now()
          WHERE id IN (
@@ -100,7 +134,7 @@ async fn round(db: &PgPool, publisher: &Publisher, after: Duration, stale: Durat
          RETURNING id, event_id, traceparent",
         after.as_secs_f64(),
         stale.as_secs_f64(),
-        &idle,
+        idle,
         ROUND
     )
     .fetch_all(db)
