@@ -1,7 +1,7 @@
 //! Stores new `QUEUED` orders for concurrent purchase requests in shared multi-row
 //! `INSERT`s, then sends the stored orders to the broker as one message per partition, so a
-//! stampede costs the database one statement (one commit, one history trigger) and the broker
-//! one message per partition per batch instead of one per request.
+//! stampede costs the database one statement (one commit, one history trigger) per batch and
+//! the broker one message per partition per sending, instead of one of each per request.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -104,13 +104,14 @@ type Reply = oneshot::Sender<Result<Stored, sqlx::Error>>;
 
 /// Hands orders to a background task that stores them in batches and publishes them. Each
 /// request still learns its own outcome, and nothing is answered before its row is
-/// committed and its message's send was tried: the committed row is the promise, and a
-/// message that could not be sent is sent by the worker's re-publisher.
+/// committed: the committed row is the promise, and a message that was not sent (the broker
+/// down, the process stopped first) is sent by the worker's re-publisher.
 ///
-/// One batch at a time: while one is stored and sent, the next gathers every request that
-/// arrives, so batches grow with the load (a stampede's are hundreds of orders) and stay
-/// single orders when it is quiet. One at a time also keeps the messages in the order the
-/// batches were stored, so each partition receives its orders in the order they arrived.
+/// One batch at a time, at most one per `ORDER_INSERT_INTERVAL_MS`: while one is stored,
+/// the next gathers every request that arrives, so batches grow with the load (a
+/// stampede's are hundreds of orders), a steady trickle shares statements, and a lone order
+/// is stored at once. One sender, fed in the order the batches were stored, keeps each
+/// partition's messages in the order its orders arrived.
 #[derive(Clone)]
 pub struct OrderInserter {
     queue: mpsc::Sender<(NewOrder, Reply)>,
