@@ -97,15 +97,13 @@ fn timeline(
     latency: &Histogram<u64>,
 ) -> anyhow::Result<Timeline> {
     let done = || results.iter().filter_map(|result| result.as_ref().ok());
-    let began =
-        |at: DateTime<Utc>, micros: u64| at - chrono::Duration::microseconds(i64::try_from(micros).unwrap_or(0));
     Ok(Timeline {
         accepted_per_sec: Timeline::per_second(started_at, done().map(|(_, _, at)| *at)),
         decided_per_sec: Timeline::per_second(started_at, done().map(|(_, _, at)| *at)),
         accept_latency_ms: Timeline::latency_curve(latency),
         accept_p50_p99_ms_per_sec: Timeline::latency_per_second(
             started_at,
-            done().map(|(_, micros, at)| (began(*at, *micros), *micros)),
+            done().map(|(_, micros, at)| (*at, *micros)),
         )?,
     })
 }

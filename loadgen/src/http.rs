@@ -157,12 +157,14 @@ fn timeline(
     let accepted = || answers.iter().filter(|a| matches!(a.status, 200 | 202));
     let decided_at =
         decided.iter().map(|(_, at)| *at).chain(answers.iter().filter(|a| a.status == 409).map(|a| a.answered_at));
-    let began = |a: &Answer| a.answered_at - chrono::Duration::microseconds(i64::try_from(a.micros).unwrap_or(0));
     Ok(Timeline {
         accepted_per_sec: Timeline::per_second(started_at, accepted().map(|a| a.answered_at)),
         decided_per_sec: if ceiling { Vec::new() } else { Timeline::per_second(started_at, decided_at) },
         accept_latency_ms: Timeline::latency_curve(latency),
-        accept_p50_p99_ms_per_sec: Timeline::latency_per_second(started_at, accepted().map(|a| (began(a), a.micros)))?,
+        accept_p50_p99_ms_per_sec: Timeline::latency_per_second(
+            started_at,
+            accepted().map(|a| (a.answered_at, a.micros)),
+        )?,
     })
 }
 

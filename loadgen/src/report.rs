@@ -87,14 +87,15 @@ impl Timeline {
         counts
     }
 
-    /// `(p50, p99)` in milliseconds of latencies in microseconds, grouped by the whole second
-    /// after `start` at which each began.
+    /// `(p50, p99)` in milliseconds of latencies in microseconds, each given with when it
+    /// ended, grouped by the whole second after `start` at which each began.
     pub fn latency_per_second(
         start: DateTime<Utc>,
         latencies: impl IntoIterator<Item = (DateTime<Utc>, u64)>,
     ) -> anyhow::Result<Vec<Option<(f64, f64)>>> {
         let mut seconds: Vec<Histogram<u64>> = Vec::new();
-        for (began, micros) in latencies {
+        for (ended, micros) in latencies {
+            let began = ended - chrono::Duration::microseconds(i64::try_from(micros).unwrap_or(0));
             let second = usize::try_from((began - start).num_milliseconds().max(0) / 1000).unwrap_or(0);
             while seconds.len() <= second {
                 seconds.push(Histogram::new(3)?);
