@@ -9,7 +9,8 @@
 # Settings (environment or make variables):
 #   SCENARIOS     scenarios to run, in this order, RUNS times over (default "baseline hot");
 #                 hot, spread, tiers (hot's shape on three ticket types, orders of one to
-#                 three lines), rate, backlog, prequeue (hot's shape as pre-sale entries, one
+#                 three lines), rate, steady (a normal day: rate's open loop at 1,000
+#                 orders/s over 1,000 events of 20 tickets each), backlog, prequeue (hot's shape as pre-sale entries, one
 #                 per buyer, then the opening: the draw's time and the decisions after it;
 #                 the worker looks for due draws every 100 ms), baseline (shaped like hot), baseline-spread
 #                 (shaped like spread), ceiling (the api's fixed work alone: POST
@@ -122,6 +123,7 @@ defaults_for() {
     hot | tiers | baseline | ceiling) echo "--events 1 --capacity 2000 --demand 10" ;;
     spread | baseline-spread) echo "--events 10000 --capacity 1 --demand 10" ;;
     rate) echo "--events 1 --capacity 20000 --demand 1 --rate 1000" ;;
+    steady) echo "--events 1000 --capacity 20 --demand 1 --rate 1000" ;;
     backlog) echo "--events 1 --capacity 100000 --demand 10" ;;
     prequeue) echo "--events 1 --capacity 2000 --demand 5" ;;
     *) echo "[bench] unknown scenario $1" >&2; exit 2 ;;
@@ -153,7 +155,9 @@ for run in $(seq 1 "$runs"); do
       *)
         start_api
         start_worker
-        "$bin/loadgen" "${args[@]}" --scenario "$scenario" --api "http://$addr" --api-pid "$api_pid" \
+        loadgen_scenario="$scenario"
+        [ "$scenario" = steady ] && loadgen_scenario=rate
+        "$bin/loadgen" "${args[@]}" --scenario "$loadgen_scenario" --api "http://$addr" --api-pid "$api_pid" \
           --worker-pid "$worker_pid" "${extra[@]}" ;;
     esac
     stop_processes

@@ -230,6 +230,20 @@ pub struct ApiConfig {
     #[arg(long = "purchase-send-interval-ms", env = "PURCHASE_SEND_INTERVAL_MS", default_value_t = 10,
           value_parser = clap::value_parser!(u64).range(0..=1000))]
     pub purchase_send_interval_ms: u64,
+    /// How many orders fill a partition's purchase message: a partition's stored orders are
+    /// sent once there are this many, or once `PURCHASE_SEND_MAX_WAIT_MS` has passed since its
+    /// last message, whichever comes first.
+    #[arg(long = "purchase-message-orders", env = "PURCHASE_MESSAGE_ORDERS", default_value_t = 32,
+          value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub purchase_message_orders: u64,
+    /// The longest, in milliseconds, a partition's stored orders wait for more to fill its
+    /// message (`PURCHASE_MESSAGE_ORDERS`), counted from its last message: when orders of many
+    /// events spread over the partitions, each message then carries several instead of one
+    /// or two. A partition quiet for this long sends its next order at once. 0: every
+    /// partition at every sending.
+    #[arg(long = "purchase-send-max-wait-ms", env = "PURCHASE_SEND_MAX_WAIT_MS", default_value_t = 40,
+          value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    pub purchase_send_max_wait_ms: u64,
     /// How long the fast path trusts an event's tickets-left count read from the database,
     /// in milliseconds, before reading it again. During that time a sold-out event costs
     /// the database nothing, and tickets released meanwhile may be refused; 0 reads on every

@@ -64,6 +64,11 @@ pub struct Settings {
     pub insert_interval: Duration,
     /// `PURCHASE_SEND_INTERVAL_MS`: the least time from one sending to the next.
     pub send_interval: Duration,
+    /// `PURCHASE_MESSAGE_ORDERS`: the orders that fill a partition's message.
+    pub message_orders: usize,
+    /// `PURCHASE_SEND_MAX_WAIT_MS`: the longest a partition's orders wait to fill a message,
+    /// from its last message.
+    pub send_max_wait: Duration,
 }
 
 impl Settings {
@@ -73,6 +78,8 @@ impl Settings {
             demand_factor: config.queue_demand_factor,
             insert_interval: Duration::from_millis(config.order_insert_interval_ms),
             send_interval: Duration::from_millis(config.purchase_send_interval_ms),
+            message_orders: usize::try_from(config.purchase_message_orders).unwrap_or(usize::MAX),
+            send_max_wait: Duration::from_millis(config.purchase_send_max_wait_ms),
         }
     }
 
@@ -141,7 +148,7 @@ impl OrderInserter {
             }
         };
         let task = async move {
-            tokio::join!(storing, send_stored(publisher, to_send, settings.send_interval));
+            tokio::join!(storing, send_stored(publisher, to_send, settings));
         };
         (Self { queue }, task)
     }
@@ -226,26 +233,119 @@ async fn store(held: &mut Held, settings: Settings, batch: Vec<(NewOrder, Reply)
     sent
 }
 
-/// Sends the stored orders' messages in the order they were stored, at most once per
-/// `interval`: what was stored meanwhile goes out together, one message per partition (of at
-/// most [`INSERT_BATCH`] orders), so orders arriving one by one cost the broker a message
-/// per interval, not one each. Waits for the sending (and, beyond the publisher's window,
-/// for confirms) but not for each confirm.
-async fn send_stored(publisher: Arc<Publisher>, mut stored: mpsc::Receiver<Vec<PurchaseMessage>>, interval: Duration) {
+/// Sends the stored orders' messages, each partition's in the order they were stored, at
+/// most once per `PURCHASE_SEND_INTERVAL_MS`: a sending takes the partitions whose orders fill
+/// a message (`PURCHASE_MESSAGE_ORDERS`) or whose last message went `PURCHASE_SEND_MAX_WAIT_MS`
+/// ago, one message each (of at most [`INSERT_BATCH`] orders). So orders arriving one by one
+/// cost the broker a message per interval, not one each, and orders spread over many events
+/// (so over every partition) fill messages of several orders instead of one or two. A
+/// partition quiet for the longest wait sends its next order at once; whatever waits is sent
+/// when the api stops. Waits for the sending (and, beyond the publisher's window, for
+/// confirms) but not for each confirm.
+async fn send_stored(publisher: Arc<Publisher>, mut stored: mpsc::Receiver<Vec<PurchaseMessage>>, settings: Settings) {
+    let mut unsent = Unsent::new(settings, Instant::now());
     let mut batches = Vec::new();
-    let mut last_sent: Option<Instant> = None;
-    while stored.recv_many(&mut batches, STORED_WAITING).await > 0 {
-        if let Some(last) = last_sent {
-            tokio::time::sleep_until(last + interval).await;
-            while let Ok(more) = stored.try_recv() {
-                batches.push(more);
+    let mut last_sending: Option<Instant> = None;
+    loop {
+        let due = unsent.next_due(Instant::now());
+        let open = tokio::select! {
+            received = stored.recv_many(&mut batches, STORED_WAITING) => received > 0,
+            () = async {
+                match due {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => true,
+        };
+        if !open {
+            break;
+        }
+        if let Some(last) = last_sending {
+            tokio::time::sleep_until(last + settings.send_interval).await;
+        }
+        while let Ok(more) = stored.try_recv() {
+            batches.push(more);
+        }
+        batches.drain(..).for_each(|batch| unsent.add(batch));
+        let now = Instant::now();
+        let messages = unsent.take_due(now);
+        if !messages.is_empty() {
+            last_sending = Some(now);
+            for chunk in messages.chunks(INSERT_BATCH) {
+                send(&publisher, chunk).await;
             }
         }
-        last_sent = Some(Instant::now());
-        let messages: Vec<PurchaseMessage> = batches.drain(..).flatten().collect();
-        for chunk in messages.chunks(INSERT_BATCH) {
-            send(&publisher, chunk).await;
+    }
+    for chunk in unsent.take_all().chunks(INSERT_BATCH) {
+        send(&publisher, chunk).await;
+    }
+}
+
+/// The stored orders not sent yet, by partition, and when each partition's last message went.
+///
+/// A partition whose orders do not fill a message sends them at the first point after its
+/// last message on a grid of `PURCHASE_SEND_MAX_WAIT_MS` steps, common to every partition:
+/// at most that long after its last message, and at the same time as the other partitions
+/// that wait, so that the worker gets their messages together and decides them in one
+/// transaction rather than one each. A partition quiet for a whole step is due at once.
+struct Unsent {
+    settings: Settings,
+    /// The grid's origin.
+    origin: Instant,
+    orders: Vec<Vec<PurchaseMessage>>,
+    last_sent: Vec<Option<Instant>>,
+}
+
+impl Unsent {
+    /// Nothing waiting, and every partition quiet (its next order goes at once).
+    fn new(settings: Settings, origin: Instant) -> Self {
+        let partitions = usize::from(settings.partitions.max(1));
+        Self { settings, origin, orders: vec![Vec::new(); partitions], last_sent: vec![None; partitions] }
+    }
+
+    fn add(&mut self, orders: Vec<PurchaseMessage>) {
+        for order in orders {
+            let partition = usize::from(partition_of(order.event_id, self.settings.partitions));
+            self.orders[partition].push(order);
         }
+    }
+
+    /// When this partition's waiting orders are to be sent (`None`: none wait).
+    fn due_at(&self, partition: usize, now: Instant) -> Option<Instant> {
+        let waiting = self.orders[partition].len();
+        let step = self.settings.send_max_wait;
+        if waiting == 0 {
+            return None;
+        }
+        let Some(last) = self.last_sent[partition] else { return Some(now) };
+        if waiting >= self.settings.message_orders || step.is_zero() {
+            return Some(now);
+        }
+        // The first point of the grid after `last`.
+        let step = step.as_nanos();
+        let next = (last.saturating_duration_since(self.origin).as_nanos() / step + 1) * step;
+        Some(self.origin + Duration::from_nanos(u64::try_from(next).unwrap_or(u64::MAX)))
+    }
+
+    /// When the first partition is due.
+    fn next_due(&self, now: Instant) -> Option<Instant> {
+        (0..self.orders.len()).filter_map(|partition| self.due_at(partition, now)).min()
+    }
+
+    /// The orders of every partition due by `now`, each partition's in stored order.
+    fn take_due(&mut self, now: Instant) -> Vec<PurchaseMessage> {
+        let mut due = Vec::new();
+        for partition in 0..self.orders.len() {
+            if self.due_at(partition, now).is_some_and(|at| at <= now) {
+                due.append(&mut self.orders[partition]);
+                self.last_sent[partition] = Some(now);
+            }
+        }
+        due
+    }
+
+    fn take_all(&mut self) -> Vec<PurchaseMessage> {
+        self.orders.iter_mut().flat_map(std::mem::take).collect()
     }
 }
 
@@ -342,11 +442,13 @@ async fn insert_orders(
 /// The common case in one statement: for each event of the batch whose draw is not pending
 /// and whose queue the batch's orders keep within queue full, raises the queue's last number
 /// and tickets by the batch's, and inserts that event's orders numbered after the last
-/// number it had. The `UPDATE` takes the queue rows' locks as its plan walks `n`, which is
-/// sorted by event, so two api processes take them in one order (should a plan ever
+/// number it had. Each event is read by its key whatever the statistics say (a lateral
+/// lookup the planner cannot turn into a join): a plan made while the tables looked small
+/// read all of `events` for each batch. The `UPDATE` takes the queue rows' locks as its plan
+/// walks `n`, which is sorted by event, so two api processes take them in one order (should a plan ever
 /// deadlock, PostgreSQL fails one statement and its orders are stored one by one), and one
-/// that waited judges queue full on the row's newest version. The orders of the other events are left out, for
-/// [`insert_judged`]. A taken key fails the statement (no `ON CONFLICT`): what it raised
+/// that waited judges queue full on the row's newest version. The orders of the other
+/// events are left out, for [`insert_judged`]. A taken key fails the statement (no `ON CONFLICT`): what it raised
 /// would otherwise count orders that were not stored.
 async fn insert_numbered(
     db: impl sqlx::PgExecutor<'_>,
@@ -361,7 +463,7 @@ async fn insert_numbered(
          ),
          q AS (
              UPDATE event_queues q SET issued = q.issued + n.orders, tickets = q.tickets + n.tickets
-             FROM n JOIN events e ON e.id = n.event_id
+             FROM n CROSS JOIN LATERAL (SELECT * FROM events e WHERE e.id = n.event_id OFFSET 0) e
              WHERE q.event_id = n.event_id AND NOT q.draw_pending
                AND (coalesce(e.queue_demand_factor, $20) IS NULL OR e.capacity <= e.sold
                     OR greatest(q.tickets - e.queue_tickets_decided, 0) + n.tickets
@@ -648,4 +750,97 @@ impl Row {
 /// An order's lines as stored (`orders.lines`).
 fn lines_json(lines: &[OrderLine]) -> Result<String, sqlx::Error> {
     serde_json::to_string(lines).map_err(|err| sqlx::Error::Encode(err.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(message_orders: usize, max_wait_ms: u64) -> Settings {
+        Settings {
+            partitions: 8,
+            demand_factor: 0.0,
+            insert_interval: Duration::ZERO,
+            send_interval: Duration::from_millis(10),
+            message_orders,
+            send_max_wait: Duration::from_millis(max_wait_ms),
+        }
+    }
+
+    /// `count` orders of one event, so of one partition.
+    fn orders_of(event_id: Uuid, count: usize) -> Vec<PurchaseMessage> {
+        (0..count).map(|_| PurchaseMessage { order_id: Uuid::new_v4(), event_id, traceparent: None }).collect()
+    }
+
+    /// Two events of different partitions.
+    fn two_partitions() -> (Uuid, Uuid) {
+        loop {
+            let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+            if partition_of(a, 8) != partition_of(b, 8) {
+                return (a, b);
+            }
+        }
+    }
+
+    #[test]
+    fn a_quiet_partition_sends_at_once_then_waits_to_fill_its_message() {
+        let start = Instant::now();
+        let mut unsent = Unsent::new(settings(4, 40), start);
+        let event = Uuid::new_v4();
+        unsent.add(orders_of(event, 1));
+        assert_eq!(unsent.take_due(start).len(), 1, "quiet: at once");
+        unsent.add(orders_of(event, 3));
+        let later = start + Duration::from_millis(10);
+        assert!(unsent.take_due(later).is_empty(), "three of four wait");
+        assert_eq!(unsent.next_due(later), Some(start + Duration::from_millis(40)));
+        unsent.add(orders_of(event, 1));
+        assert_eq!(unsent.take_due(later).len(), 4, "four fill the message");
+        unsent.add(orders_of(event, 2));
+        let ms = |ms| start + Duration::from_millis(ms);
+        assert!(unsent.take_due(ms(39)).is_empty());
+        assert_eq!(unsent.take_due(ms(40)).len(), 2, "at the grid's next point");
+        assert_eq!(unsent.next_due(ms(40)), None);
+        unsent.add(orders_of(event, 1));
+        assert_eq!(unsent.next_due(ms(41)), Some(ms(80)), "at most one step after the last message");
+        assert_eq!(unsent.take_due(ms(121)).len(), 1);
+        unsent.add(orders_of(event, 1));
+        assert_eq!(unsent.take_due(ms(170)).len(), 1, "quiet for a whole step: at once");
+    }
+
+    #[test]
+    fn partitions_that_wait_are_sent_together() {
+        let start = Instant::now();
+        let ms = |ms| start + Duration::from_millis(ms);
+        let (a, b) = two_partitions();
+        let mut unsent = Unsent::new(settings(32, 40), start);
+        unsent.add(orders_of(a, 1));
+        assert_eq!(unsent.take_due(ms(3)).len(), 1);
+        unsent.add(orders_of(b, 1));
+        assert_eq!(unsent.take_due(ms(25)).len(), 1);
+        unsent.add(orders_of(a, 2));
+        unsent.add(orders_of(b, 3));
+        assert_eq!(unsent.next_due(ms(30)), Some(ms(40)));
+        assert_eq!(unsent.take_due(ms(40)).len(), 5, "both at the same point");
+    }
+
+    #[test]
+    fn partitions_wait_each_on_its_own_and_no_wait_sends_everything() {
+        let start = Instant::now();
+        let (a, b) = two_partitions();
+        let mut unsent = Unsent::new(settings(4, 40), start);
+        unsent.add(orders_of(a, 1));
+        assert_eq!(unsent.take_due(start).len(), 1);
+        unsent.add(orders_of(a, 1));
+        unsent.add(orders_of(b, 1));
+        let due = unsent.take_due(start + Duration::from_millis(5));
+        assert_eq!(due.iter().map(|o| o.event_id).collect::<Vec<_>>(), [b], "b was quiet, a sent just now");
+        assert_eq!(unsent.take_all().len(), 1, "a's order still waits, and goes when the api stops");
+
+        let mut unsent = Unsent::new(settings(4, 0), start);
+        unsent.add(orders_of(a, 1));
+        assert_eq!(unsent.take_due(start).len(), 1);
+        unsent.add(orders_of(a, 1));
+        unsent.add(orders_of(b, 2));
+        assert_eq!(unsent.take_due(start).len(), 3, "no wait: every partition at every sending");
+    }
 }

@@ -628,6 +628,37 @@ async fn orders_stored_within_the_send_interval_share_a_message() {
     assert_eq!(purchase_messages(&app, event, 2).await, [1, 5]);
 }
 
+/// `PURCHASE_MESSAGE_ORDERS` and `PURCHASE_SEND_MAX_WAIT_MS`: a partition's orders wait,
+/// from its last message, until they fill a message or the longest wait has passed; a quiet
+/// partition's first order goes at once.
+#[tokio::test]
+async fn a_partition_s_orders_wait_to_fill_a_message() {
+    let app = TestApp::spawn_with(&[
+        ("ORDER_INSERT_INTERVAL_MS", "0".to_owned()),
+        ("PURCHASE_SEND_INTERVAL_MS", "0".to_owned()),
+        ("PURCHASE_MESSAGE_ORDERS", "3".to_owned()),
+        ("PURCHASE_SEND_MAX_WAIT_MS", "1500".to_owned()),
+    ])
+    .await;
+    let admin = app.admin().await;
+    let event = app.event_with(&admin, 100, 4).await;
+    let buyers = app.buyers(5).await;
+    let queue = format!("orders.purchase.{}", common::amqp::partition_of(event, 8));
+
+    for (_, token) in &buyers[..4] {
+        assert_eq!(app.order(token, event, 1, None).await.status, 202);
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    while app.broker.queue_depth(&queue).await < 2 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(app.broker.queue_depth(&queue).await, 2, "the first at once, then three that fill a message");
+    assert_eq!(app.order(&buyers[4].1, event, 1, None).await.status, 202);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(app.broker.queue_depth(&queue).await, 2, "the fifth waits for more, up to 1.5 s");
+    assert_eq!(purchase_messages(&app, event, 3).await, [1, 3, 1]);
+}
+
 #[tokio::test]
 async fn a_redelivered_message_issues_tickets_once() {
     let app = TestApp::spawn().await;
