@@ -442,14 +442,16 @@ async fn insert_orders(
 /// The common case in one statement: for each event of the batch whose draw is not pending
 /// and whose queue the batch's orders keep within queue full, raises the queue's last number
 /// and tickets by the batch's, and inserts that event's orders numbered after the last
-/// number it had. Each event is read by its key whatever the statistics say (a lateral
-/// lookup the planner cannot turn into a join): a plan made while the tables looked small
-/// read all of `events` for each batch. The `UPDATE` takes the queue rows' locks as its plan
-/// walks `n`, which is sorted by event, so two api processes take them in one order (should a plan ever
+/// number it had. The `UPDATE` takes the queue rows' locks as its plan walks `n`, which is
+/// sorted by event, so two api processes take them in one order (should a plan ever
 /// deadlock, PostgreSQL fails one statement and its orders are stored one by one), and one
 /// that waited judges queue full on the row's newest version. The orders of the other
-/// events are left out, for [`insert_judged`]. A taken key fails the statement (no `ON CONFLICT`): what it raised
-/// would otherwise count orders that were not stored.
+/// events are left out, for [`insert_judged`]. A taken key fails the statement (no `ON
+/// CONFLICT`): what it raised would otherwise count orders that were not stored.
+///
+/// (Looking each event up by its key with a lateral subquery, so that no plan reads all of
+/// `events`, stored a batch over 1,000 events in 0.31 ms instead of 0.47, but cost one event's
+/// steady rate 18 µs of PostgreSQL per order: it is not in.)
 async fn insert_numbered(
     db: impl sqlx::PgExecutor<'_>,
     orders: &[&NewOrder],
@@ -463,7 +465,7 @@ async fn insert_numbered(
          ),
          q AS (
              UPDATE event_queues q SET issued = q.issued + n.orders, tickets = q.tickets + n.tickets
-             FROM n CROSS JOIN LATERAL (SELECT * FROM events e WHERE e.id = n.event_id OFFSET 0) e
+             FROM n JOIN events e ON e.id = n.event_id
              WHERE q.event_id = n.event_id AND NOT q.draw_pending
                AND (coalesce(e.queue_demand_factor, $20) IS NULL OR e.capacity <= e.sold
                     OR greatest(q.tickets - e.queue_tickets_decided, 0) + n.tickets
