@@ -238,9 +238,9 @@ async fn store(held: &mut Held, settings: Settings, batch: Vec<(NewOrder, Reply)
 /// a message (`PURCHASE_MESSAGE_ORDERS`) or whose last message went `PURCHASE_SEND_MAX_WAIT_MS`
 /// ago, one message each (of at most [`INSERT_BATCH`] orders). So orders arriving one by one
 /// cost the broker a message per interval, not one each, and orders spread over many events
-/// (so over every partition) fill messages of several orders instead of one or two. A
-/// partition quiet for the longest wait sends its next order at once; whatever waits is sent
-/// when the api stops. Waits for the sending (and, beyond the publisher's window, for
+/// (so over every partition) fill messages of several orders instead of one or two (see
+/// [`Unsent`] for when a partition that waits is sent). Whatever waits is sent when the api
+/// stops. Waits for the sending (and, beyond the publisher's window, for
 /// confirms) but not for each confirm.
 async fn send_stored(publisher: Arc<Publisher>, mut stored: mpsc::Receiver<Vec<PurchaseMessage>>, settings: Settings) {
     let mut unsent = Unsent::new(settings, Instant::now());
