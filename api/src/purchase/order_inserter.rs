@@ -243,7 +243,7 @@ async fn store(held: &mut Held, settings: Settings, batch: Vec<(NewOrder, Reply)
 /// stops. Waits for the sending (and, beyond the publisher's window, for
 /// confirms) but not for each confirm.
 async fn send_stored(publisher: Arc<Publisher>, mut stored: mpsc::Receiver<Vec<PurchaseMessage>>, settings: Settings) {
-    let mut unsent = Unsent::new(settings, Instant::now());
+    let mut unsent = Unsent::new(settings);
     let mut batches = Vec::new();
     let mut last_sending: Option<Instant> = None;
     loop {
@@ -284,23 +284,24 @@ async fn send_stored(publisher: Arc<Publisher>, mut stored: mpsc::Receiver<Vec<P
 /// The stored orders not sent yet, by partition, and when each partition's last message went.
 ///
 /// A partition whose orders do not fill a message sends them at the first point after its
-/// last message on a grid of `PURCHASE_SEND_MAX_WAIT_MS` steps, common to every partition:
-/// at most that long after its last message, and at the same time as the other partitions
-/// that wait, so that the worker gets their messages together and decides them in one
-/// transaction rather than one each. A partition quiet for a whole step is due at once.
+/// last message on a grid of `PURCHASE_SEND_MAX_WAIT_MS` steps from the first sending,
+/// common to every partition: at most that long after its last message, and at the same
+/// time as the other partitions that wait, so that the worker gets their messages together
+/// and decides them in one transaction rather than one each. A partition that has not sent
+/// anything yet, or quiet for a whole step, is due at once.
 struct Unsent {
     settings: Settings,
-    /// The grid's origin.
-    origin: Instant,
+    /// The grid's origin: the first sending.
+    origin: Option<Instant>,
     orders: Vec<Vec<PurchaseMessage>>,
     last_sent: Vec<Option<Instant>>,
 }
 
 impl Unsent {
     /// Nothing waiting, and every partition quiet (its next order goes at once).
-    fn new(settings: Settings, origin: Instant) -> Self {
+    fn new(settings: Settings) -> Self {
         let partitions = usize::from(settings.partitions.max(1));
-        Self { settings, origin, orders: vec![Vec::new(); partitions], last_sent: vec![None; partitions] }
+        Self { settings, origin: None, orders: vec![Vec::new(); partitions], last_sent: vec![None; partitions] }
     }
 
     fn add(&mut self, orders: Vec<PurchaseMessage>) {
@@ -317,14 +318,14 @@ impl Unsent {
         if waiting == 0 {
             return None;
         }
-        let Some(last) = self.last_sent[partition] else { return Some(now) };
+        let (Some(last), Some(origin)) = (self.last_sent[partition], self.origin) else { return Some(now) };
         if waiting >= self.settings.message_orders || step.is_zero() {
             return Some(now);
         }
         // The first point of the grid after `last`.
         let step = step.as_nanos();
-        let next = (last.saturating_duration_since(self.origin).as_nanos() / step + 1) * step;
-        Some(self.origin + Duration::from_nanos(u64::try_from(next).unwrap_or(u64::MAX)))
+        let next = (last.saturating_duration_since(origin).as_nanos() / step + 1) * step;
+        Some(origin + Duration::from_nanos(u64::try_from(next).unwrap_or(u64::MAX)))
     }
 
     /// When the first partition is due.
@@ -340,6 +341,9 @@ impl Unsent {
                 due.append(&mut self.orders[partition]);
                 self.last_sent[partition] = Some(now);
             }
+        }
+        if !due.is_empty() {
+            self.origin.get_or_insert(now);
         }
         due
     }
@@ -787,7 +791,7 @@ mod tests {
     #[test]
     fn a_quiet_partition_sends_at_once_then_waits_to_fill_its_message() {
         let start = Instant::now();
-        let mut unsent = Unsent::new(settings(4, 40), start);
+        let mut unsent = Unsent::new(settings(4, 40));
         let event = Uuid::new_v4();
         unsent.add(orders_of(event, 1));
         assert_eq!(unsent.take_due(start).len(), 1, "quiet: at once");
@@ -814,22 +818,23 @@ mod tests {
         let start = Instant::now();
         let ms = |ms| start + Duration::from_millis(ms);
         let (a, b) = two_partitions();
-        let mut unsent = Unsent::new(settings(32, 40), start);
+        let mut unsent = Unsent::new(settings(32, 40));
         unsent.add(orders_of(a, 1));
-        assert_eq!(unsent.take_due(ms(3)).len(), 1);
+        assert_eq!(unsent.take_due(ms(3)).len(), 1, "the first sending: the grid's origin");
         unsent.add(orders_of(b, 1));
         assert_eq!(unsent.take_due(ms(25)).len(), 1);
         unsent.add(orders_of(a, 2));
         unsent.add(orders_of(b, 3));
-        assert_eq!(unsent.next_due(ms(30)), Some(ms(40)));
-        assert_eq!(unsent.take_due(ms(40)).len(), 5, "both at the same point");
+        assert_eq!(unsent.next_due(ms(30)), Some(ms(43)));
+        assert!(unsent.take_due(ms(42)).is_empty());
+        assert_eq!(unsent.take_due(ms(43)).len(), 5, "both at the same point");
     }
 
     #[test]
     fn partitions_wait_each_on_its_own_and_no_wait_sends_everything() {
         let start = Instant::now();
         let (a, b) = two_partitions();
-        let mut unsent = Unsent::new(settings(4, 40), start);
+        let mut unsent = Unsent::new(settings(4, 40));
         unsent.add(orders_of(a, 1));
         assert_eq!(unsent.take_due(start).len(), 1);
         unsent.add(orders_of(a, 1));
@@ -838,7 +843,7 @@ mod tests {
         assert_eq!(due.iter().map(|o| o.event_id).collect::<Vec<_>>(), [b], "b was quiet, a sent just now");
         assert_eq!(unsent.take_all().len(), 1, "a's order still waits, and goes when the api stops");
 
-        let mut unsent = Unsent::new(settings(4, 0), start);
+        let mut unsent = Unsent::new(settings(4, 0));
         unsent.add(orders_of(a, 1));
         assert_eq!(unsent.take_due(start).len(), 1);
         unsent.add(orders_of(a, 1));
