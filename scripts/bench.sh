@@ -10,11 +10,12 @@
 #   SCENARIOS     scenarios to run, in this order, RUNS times over (default "baseline hot");
 #                 hot, spread, tiers (hot's shape on three ticket types, orders of one to
 #                 three lines), rate, steady (a normal day: rate's open loop at 1,000
-#                 orders/s over 1,000 events of 20 tickets each), backlog, prequeue (hot's shape as pre-sale entries, one
-#                 per buyer, then the opening: the draw's time and the decisions after it;
-#                 the worker looks for due draws every 100 ms), baseline (shaped like hot), baseline-spread
-#                 (shaped like spread), ceiling (the api's fixed work alone: POST
-#                 /api/v1/orders/quote, no database or broker)
+#                 orders/s over 1,000 events of 20 tickets each), backlog, prequeue (hot's
+#                 shape as pre-sale entries, one per buyer, then the opening: the draw's time
+#                 and the decisions after it; the worker looks for due draws every 100 ms),
+#                 baseline (shaped like hot), baseline-spread (shaped like spread), ceiling
+#                 (the api's fixed work alone: POST /api/v1/orders/quote, no database or
+#                 broker)
 #   RUNS          runs of each scenario (default 3)
 #   LOADGEN_ARGS  extra `loadgen run` arguments, after the scenario's defaults, e.g.
 #                 "--capacity 1000 --concurrency 32"

@@ -240,12 +240,11 @@ async fn store(held: &mut Held, settings: Settings, batch: Vec<(NewOrder, Reply)
 /// cost the broker a message per interval, not one each, and orders spread over many events
 /// (so over every partition) fill messages of several orders instead of one or two (see
 /// [`Unsent`] for when a partition that waits is sent). Whatever waits is sent when the api
-/// stops. Waits for the sending (and, beyond the publisher's window, for
-/// confirms) but not for each confirm.
+/// stops. Waits for the sending (and, beyond the publisher's window, for confirms) but not
+/// for each confirm.
 async fn send_stored(publisher: Arc<Publisher>, mut stored: mpsc::Receiver<Vec<PurchaseMessage>>, settings: Settings) {
     let mut unsent = Unsent::new(settings);
     let mut batches = Vec::new();
-    let mut last_sending: Option<Instant> = None;
     loop {
         let due = unsent.next_due(Instant::now());
         let open = tokio::select! {
@@ -260,20 +259,15 @@ async fn send_stored(publisher: Arc<Publisher>, mut stored: mpsc::Receiver<Vec<P
         if !open {
             break;
         }
-        if let Some(last) = last_sending {
+        if let Some(last) = unsent.last_sending() {
             tokio::time::sleep_until(last + settings.send_interval).await;
         }
         while let Ok(more) = stored.try_recv() {
             batches.push(more);
         }
         batches.drain(..).for_each(|batch| unsent.add(batch));
-        let now = Instant::now();
-        let messages = unsent.take_due(now);
-        if !messages.is_empty() {
-            last_sending = Some(now);
-            for chunk in messages.chunks(INSERT_BATCH) {
-                send(&publisher, chunk).await;
-            }
+        for chunk in unsent.take_due(Instant::now()).chunks(INSERT_BATCH) {
+            send(&publisher, chunk).await;
         }
     }
     for chunk in unsent.take_all().chunks(INSERT_BATCH) {
@@ -326,6 +320,11 @@ impl Unsent {
         let step = step.as_nanos();
         let next = (last.saturating_duration_since(origin).as_nanos() / step + 1) * step;
         Some(origin + Duration::from_nanos(u64::try_from(next).unwrap_or(u64::MAX)))
+    }
+
+    /// When the last sending was.
+    fn last_sending(&self) -> Option<Instant> {
+        self.last_sent.iter().flatten().max().copied()
     }
 
     /// When the first partition is due.

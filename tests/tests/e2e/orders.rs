@@ -558,16 +558,26 @@ async fn statements_storing(app: &TestApp, event: Uuid) -> i64 {
         .unwrap()
 }
 
+/// The event's purchase queue (of its partition).
+fn purchase_queue(event: Uuid) -> String {
+    format!("orders.purchase.{}", common::amqp::partition_of(event, 8))
+}
+
+/// The queue's depth once it has `expected` messages, or when `within` has passed.
+async fn depth_once(app: &TestApp, queue: &str, expected: u32, within: Duration) -> u32 {
+    let deadline = tokio::time::Instant::now() + within;
+    while app.broker.queue_depth(queue).await < expected && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    app.broker.queue_depth(queue).await
+}
+
 /// The purchase messages in the event's partition queue, once there are `expected` of them
 /// (consumed): the orders each carries.
 async fn purchase_messages(app: &TestApp, event: Uuid, expected: u32) -> Vec<usize> {
     use futures_util::StreamExt;
-    let queue = format!("orders.purchase.{}", common::amqp::partition_of(event, 8));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while app.broker.queue_depth(&queue).await < expected && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(app.broker.queue_depth(&queue).await, expected);
+    let queue = purchase_queue(event);
+    assert_eq!(depth_once(app, &queue, expected, Duration::from_secs(10)).await, expected);
     let connection = app.broker.connect().await;
     let channel = connection.create_channel().await.unwrap();
     let options = lapin::options::BasicConsumeOptions { no_ack: true, ..Default::default() };
@@ -644,16 +654,16 @@ async fn a_partition_s_orders_wait_to_fill_a_message() {
     let admin = app.admin().await;
     let event = app.event_with(&admin, 100, 4).await;
     let buyers = app.buyers(5).await;
-    let queue = format!("orders.purchase.{}", common::amqp::partition_of(event, 8));
+    let queue = purchase_queue(event);
 
     for (_, token) in &buyers[..4] {
         assert_eq!(app.order(token, event, 1, None).await.status, 202);
     }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
-    while app.broker.queue_depth(&queue).await < 2 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(app.broker.queue_depth(&queue).await, 2, "the first at once, then three that fill a message");
+    assert_eq!(
+        depth_once(&app, &queue, 2, Duration::from_secs(1)).await,
+        2,
+        "the first at once, then three that fill a message"
+    );
     assert_eq!(app.order(&buyers[4].1, event, 1, None).await.status, 202);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(app.broker.queue_depth(&queue).await, 2, "the fifth waits for more, until 4 s after the first");
@@ -695,7 +705,7 @@ async fn a_redelivered_message_issues_tickets_once() {
         .await
         .unwrap();
     assert_eq!(tickets, 2);
-    assert_eq!(app.broker.queue_depth(&format!("orders.purchase.{partition}")).await, 0, "both copies acked");
+    assert_eq!(app.broker.queue_depth(&purchase_queue(event)).await, 0, "both copies acked");
 }
 
 #[tokio::test]
