@@ -77,6 +77,7 @@ pub async fn run(args: &crate::RunArgs, db: &PgPool, events: &[Uuid], users: &[U
         answered_per_sec: orders as f64 / elapsed,
         end_to_end_per_sec: orders as f64 / elapsed,
         accept_ms: Percentiles::of(&latency),
+        started_late_ms: None,
         accept_to_final_ms: Percentiles::of(&latency),
         sold,
         oversold,

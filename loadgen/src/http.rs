@@ -52,6 +52,9 @@ struct Answer {
     status: u16,
     /// From when it was sent (closed loop) or due (open loop) to its answer.
     micros: u64,
+    /// Open loop: how late the load generator itself started the request, after it was due
+    /// (counted in `micros`: an open loop's latency runs from when a request was due).
+    late_micros: Option<u64>,
     answered_at: DateTime<Utc>,
 }
 
@@ -76,7 +79,7 @@ pub async fn run(
     let started = Instant::now();
     let answers = send_all(args, &http, events, types, users, started).await?;
     let send_elapsed = started.elapsed().as_secs_f64();
-    let Tally { latency, accepted, refused, errors, mut last_decision } = tally(args, &answers, started_at)?;
+    let Tally { latency, late, accepted, refused, errors, mut last_decision } = tally(args, &answers, started_at)?;
     let (drain, worker_peak) = match args.scenario {
         Scenario::Backlog => {
             let worker = args.worker.as_deref().context("--scenario backlog needs --worker PATH")?;
@@ -132,6 +135,7 @@ pub async fn run(
             (decided.len() as u64 + refused) as f64 / span
         },
         accept_ms: Percentiles::of(&latency),
+        started_late_ms: Percentiles::of(&late),
         accept_to_final_ms: Percentiles::of(&to_final),
         sold,
         oversold,
@@ -214,10 +218,9 @@ async fn send_all(
         let (client, url, tokens, events, types, bar) =
             (http.clone(), url.clone(), tokens.clone(), events_list.clone(), types.clone(), bar.clone());
         async move {
-            if let Some(due) = due {
-                tokio::time::sleep_until(due.into()).await;
-            }
-            let sent = due.unwrap_or_else(Instant::now);
+            let now = Instant::now();
+            let late_micros = due.map(|due| micros(now.saturating_duration_since(due)));
+            let sent = due.unwrap_or(now);
             let token = &tokens[(i % tokens.len() as u64) as usize];
             let index = (i % events.len() as u64) as usize;
             let event = events[index];
@@ -236,8 +239,7 @@ async fn send_all(
                 .await
                 .map_or(0, |response| response.status().as_u16());
             bar.inc(1);
-            let micros = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX);
-            Answer { status, micros, answered_at: Utc::now() }
+            Answer { status, micros: micros(sent.elapsed()), late_micros, answered_at: Utc::now() }
         }
     };
     if args.scenario != Scenario::Rate {
@@ -249,6 +251,10 @@ async fn send_all(
     }
     // Open loop: each request is started when due (not made ahead of time: thousands of
     // requests set up at once would delay the first ones), at most RATE_MAX_OUTSTANDING at once.
+    // tokio's timer has millisecond ticks, so requests start up to about a millisecond after
+    // they were due, in small bursts; that lateness counts in the accept latency (which runs
+    // from when a request was due) and is reported on its own. (Each request's task also
+    // slept until it was due, which tokio may end only at its next tick: no longer.)
     let gap = Duration::from_secs_f64(1.0 / f64::from(args.rate.max(1)));
     let outstanding = Arc::new(tokio::sync::Semaphore::new(RATE_MAX_OUTSTANDING));
     let mut requests = Vec::with_capacity(usize::try_from(orders).unwrap_or(0));
@@ -270,10 +276,16 @@ async fn send_all(
     Ok(answers)
 }
 
+fn micros(duration: Duration) -> u64 {
+    u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
+}
+
 /// The answers counted: accepted (with their latencies), refused, errors, and the last
 /// refusal (a refusal is a decision).
 struct Tally {
     latency: Histogram<u64>,
+    /// Open loop: how late the requests were started (see [`Answer::late_micros`]).
+    late: Histogram<u64>,
     accepted: u64,
     refused: u64,
     errors: u64,
@@ -281,9 +293,18 @@ struct Tally {
 }
 
 fn tally(args: &RunArgs, answers: &[Answer], started_at: DateTime<Utc>) -> anyhow::Result<Tally> {
-    let mut tally =
-        Tally { latency: Histogram::<u64>::new(3)?, accepted: 0, refused: 0, errors: 0, last_decision: started_at };
+    let mut tally = Tally {
+        latency: Histogram::<u64>::new(3)?,
+        late: Histogram::<u64>::new(3)?,
+        accepted: 0,
+        refused: 0,
+        errors: 0,
+        last_decision: started_at,
+    };
     for answer in answers {
+        if let Some(late) = answer.late_micros {
+            tally.late.record(late)?;
+        }
         match answer.status {
             202 => {
                 tally.accepted += 1;

@@ -38,6 +38,10 @@ pub struct Report {
     /// answer, or an accepted order reaching its first state after `QUEUED`).
     pub end_to_end_per_sec: f64,
     pub accept_ms: Option<Percentiles>,
+    /// Open loop: how late the load generator started its requests, after they were due (a
+    /// part of `accept_ms`, the load generator's own).
+    #[serde(default)]
+    pub started_late_ms: Option<Percentiles>,
     pub accept_to_final_ms: Option<Percentiles>,
     pub sold: i64,
     pub oversold: i64,
@@ -189,6 +193,9 @@ impl Report {
         println!("answered/s          {:.0}", self.answered_per_sec);
         println!("end-to-end orders/s {:.0}", self.end_to_end_per_sec);
         println!("accept latency      {}", pct(&self.accept_ms));
+        if self.started_late_ms.is_some() {
+            println!("  of which sent late {}", pct(&self.started_late_ms));
+        }
         println!("accept → final      {}", pct(&self.accept_to_final_ms));
         if let Some(seconds) = self.timeline.as_ref().map(|t| &t.accept_p50_p99_ms_per_sec).filter(|s| !s.is_empty()) {
             let p99 = |s: &Option<(f64, f64)>| s.map_or("-".to_owned(), |(_, p99)| format!("{p99:.1}"));
