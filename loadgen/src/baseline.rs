@@ -34,7 +34,7 @@ pub async fn run(args: &crate::RunArgs, db: &PgPool, events: &[Uuid], users: &[U
                 let sent = Instant::now();
                 let sold = synchronous_purchase(&db, event, user).await?;
                 bar.inc(1);
-                Ok((sold, u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX), Utc::now()))
+                Ok((sold, crate::http::micros(sent.elapsed()), Utc::now()))
             }
         })
         .buffer_unordered(args.concurrency)

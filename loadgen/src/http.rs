@@ -276,7 +276,8 @@ async fn send_all(
     Ok(answers)
 }
 
-fn micros(duration: Duration) -> u64 {
+/// A latency in whole microseconds, as the histograms record it.
+pub fn micros(duration: Duration) -> u64 {
     u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
 }
 
