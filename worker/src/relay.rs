@@ -97,52 +97,7 @@ impl Relay {
         if !leader {
             return Ok(0);
         }
-        // Read apart, so the changes' statement finds its place in the index from parameters.
-        let cursor =
-            sqlx::query!(r#"SELECT xid::text AS "xid!", history_id FROM relay_cursor"#).fetch_one(&mut *tx).await?;
-        let changes: Vec<Change> = sqlx::query!(
-            r#"SELECT h.id AS history_id, h.at, o.id, o.user_id, o.event_id, o.quantity, o.unit_price, o.total,
-                    o.currency, o.lines AS "items: Json<Box<RawValue>>", o.promo_code, o.discount,
-                    h.status AS "status: OrderStatus", h.reason,
-                    CASE WHEN h.status = 'REJECTED' THEN o.reason_ticket_type_id END AS reason_ticket_type_id,
-                    o.created_at,
-                    -- The hold's end belongs to the PENDING event; the QUEUED one predates it.
-                    CASE WHEN h.status <> 'QUEUED' THEN o.expires_at END AS expires_at, o.queue_number
-                    , h.xid::text AS "xid!"
-             FROM order_history h JOIN orders o ON o.id = h.order_id
-             WHERE (h.xid, h.id) > ($2::text::xid8, $3) AND h.xid < pg_snapshot_xmin(pg_current_snapshot())
-             ORDER BY h.xid, h.id LIMIT $1"#,
-            BATCH,
-            cursor.xid,
-            cursor.history_id
-        )
-        .fetch_all(&mut *tx)
-        .await?
-        .into_iter()
-        .map(|row| Change {
-            history_id: row.history_id,
-            xid: row.xid,
-            at: row.at,
-            order: OrderSnapshot {
-                id: row.id,
-                user_id: row.user_id,
-                event_id: row.event_id,
-                quantity: row.quantity,
-                unit_price: row.unit_price,
-                total: row.total,
-                currency: row.currency,
-                items: row.items.0,
-                promo_code: row.promo_code,
-                discount: row.discount,
-                status: row.status,
-                reason: row.reason,
-                reason_ticket_type_id: row.reason_ticket_type_id,
-                created_at: row.created_at,
-                expires_at: row.expires_at,
-                queue_number: row.queue_number,
-            },
-        })
-        .collect();
+        let changes = changes(&mut tx).await?;
         // How far behind the relay is: the age of the oldest change not yet relayed.
         let lag = changes.first().map_or(0.0, |c| (Utc::now() - c.at).to_std().unwrap_or_default().as_secs_f64());
         metrics::gauge!("turnstile_relay_lag_seconds").set(lag);
@@ -219,6 +174,70 @@ impl Relay {
         }
         Ok(self.channel.get().await?)
     }
+}
+
+/// The changes past the cursor, oldest first, at most [`BATCH`]: the orders' own `QUEUED`
+/// changes (migration 0022) and the history's, merged in the cursor's order.
+async fn changes(conn: &mut sqlx::PgConnection) -> sqlx::Result<Vec<Change>> {
+    // Read apart, so the changes' statement finds its place in the index from parameters.
+    let cursor =
+        sqlx::query!(r#"SELECT xid::text AS "xid!", history_id FROM relay_cursor"#).fetch_one(&mut *conn).await?;
+    let changes = sqlx::query!(
+        r#"SELECT h.id AS "history_id!", h.at AS "at!", o.id, o.user_id, o.event_id, o.quantity, o.unit_price, o.total,
+                o.currency, o.lines AS "items: Json<Box<RawValue>>", o.promo_code, o.discount,
+                h.status AS "status!: OrderStatus", h.reason,
+                CASE WHEN h.status = 'REJECTED' THEN o.reason_ticket_type_id END AS reason_ticket_type_id,
+                o.created_at,
+                -- The hold's end belongs to the PENDING event; the QUEUED one predates it.
+                CASE WHEN h.status <> 'QUEUED' THEN o.expires_at END AS expires_at, o.queue_number
+                , h.xid::text AS "xid!"
+         FROM (
+             -- An order the api accepted is its own QUEUED change (migration 0022).
+             (SELECT q.queued_event_id AS id, q.id AS order_id, 'QUEUED' AS status, NULL::text AS reason,
+                     q.created_at AS at, q.queued_xid AS xid
+              FROM orders q
+              WHERE q.queued_event_id IS NOT NULL AND (q.queued_xid, q.queued_event_id) > ($2::text::xid8, $3)
+                AND q.queued_xid < pg_snapshot_xmin(pg_current_snapshot())
+              ORDER BY q.queued_xid, q.queued_event_id LIMIT $1)
+             UNION ALL
+             (SELECT h.id, h.order_id, h.status, h.reason, h.at, h.xid
+              FROM order_history h
+              WHERE (h.xid, h.id) > ($2::text::xid8, $3) AND h.xid < pg_snapshot_xmin(pg_current_snapshot())
+              ORDER BY h.xid, h.id LIMIT $1)
+         ) h JOIN orders o ON o.id = h.order_id
+         ORDER BY h.xid, h.id LIMIT $1"#,
+        BATCH,
+        cursor.xid,
+        cursor.history_id
+    )
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .map(|row| Change {
+        history_id: row.history_id,
+        xid: row.xid,
+        at: row.at,
+        order: OrderSnapshot {
+            id: row.id,
+            user_id: row.user_id,
+            event_id: row.event_id,
+            quantity: row.quantity,
+            unit_price: row.unit_price,
+            total: row.total,
+            currency: row.currency,
+            items: row.items.0,
+            promo_code: row.promo_code,
+            discount: row.discount,
+            status: row.status,
+            reason: row.reason,
+            reason_ticket_type_id: row.reason_ticket_type_id,
+            created_at: row.created_at,
+            expires_at: row.expires_at,
+            queue_number: row.queue_number,
+        },
+    })
+    .collect();
+    Ok(changes)
 }
 
 /// One message for `orders.events`: its first event gives its routing key and properties.

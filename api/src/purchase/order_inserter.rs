@@ -1,7 +1,8 @@
 //! Stores new `QUEUED` orders for concurrent purchase requests in shared multi-row
 //! `INSERT`s, then sends the stored orders to the broker as one message per partition, so a
-//! stampede costs the database one statement (one commit, one history trigger) per batch and
-//! the broker one message per partition per sending, instead of one of each per request.
+//! stampede costs the database one statement (one commit) per batch and the broker one
+//! message per partition per sending, instead of one of each per request. Each order row is
+//! also its own `QUEUED` change (`queued_event_id`, see migration 0022): no history row.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -478,10 +479,10 @@ async fn insert_numbered(
          stored AS (
              INSERT INTO orders (id, user_id, event_id, quantity, unit_price, total, currency, idempotency_key,
                                  partition, traceparent, lines, promo_code_id, promo_code, discount, promo_uses,
-                                 queue_number)
+                                 queue_number, queued_xid, queued_event_id)
              SELECT u.id, u.user_id, u.event_id, u.quantity, u.unit_price, u.total, u.currency, u.idempotency_key,
                     u.partition, u.traceparent, u.lines::json, u.promo_code_id, u.promo_code, u.discount,
-                    u.promo_uses, q.base + u.rank
+                    u.promo_uses, q.base + u.rank, pg_current_xact_id(), nextval('order_history_id_seq')
              FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::int4[], $5::numeric[], $6::numeric[],
                          $7::text[], $8::text[], $9::int2[], $10::text[], $11::text[], $12::uuid[],
                          $13::text[], $14::numeric[], $15::int4[], $16::int8[])
@@ -589,11 +590,11 @@ async fn insert_judged(
          stored AS (
              INSERT INTO orders (id, user_id, event_id, quantity, unit_price, total, currency, idempotency_key,
                                  partition, traceparent, lines, promo_code_id, promo_code, discount, promo_uses,
-                                 queue_number, presale_entry)
+                                 queue_number, presale_entry, queued_xid, queued_event_id)
              SELECT id, user_id, event_id, quantity, unit_price, total, currency, idempotency_key, partition,
                     traceparent, lines::json, promo_code_id, promo_code, discount, promo_uses,
                     CASE WHEN NOT draw_pending THEN issued + row_number() OVER (PARTITION BY event_id ORDER BY arrival) END,
-                    draw_pending
+                    draw_pending, pg_current_xact_id(), nextval('order_history_id_seq')
              FROM judged WHERE ok ORDER BY arrival
              ON CONFLICT DO NOTHING
              RETURNING id, event_id, quantity, created_at, updated_at, queue_number

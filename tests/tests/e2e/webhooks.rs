@@ -537,6 +537,92 @@ async fn a_change_that_commits_after_a_later_one_is_still_relayed() {
     assert_eq!(lower, second, "the change relayed last has the lower id");
 }
 
+/// An order the api accepts is its own `QUEUED` change: no history row is written for it,
+/// yet `GET /orders/{id}` and consumers see it first, under an id of the same sequence as
+/// the history's. The relay reads both kinds in one cursor order: a queued change made by
+/// a transaction that took its id first, and drew its change id last, is relayed while a
+/// later history change is still open, and that change (lower id, later transaction)
+/// is relayed after it commits.
+#[tokio::test]
+async fn queued_changes_of_order_rows_and_history_changes_are_relayed_in_one_order() {
+    let app = TestApp::spawn().await;
+    let _worker = app.worker().await;
+    let admin = app.admin().await;
+    let event = app.event_with(&admin, 10, 4).await;
+    let buyers = app.buyers(2).await;
+    let connection = app.broker.connect().await;
+    let mut consumer = tests::bind_order_events(&connection, "order.#").await;
+    let accepted = app.pending_order(&buyers[0].1, event, 1).await;
+    let pool = &app.db.pool;
+    let (queued_rows, queued_id): (i64, Option<i64>) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM order_history WHERE order_id = $1 AND status = 'QUEUED'),
+                (SELECT queued_event_id FROM orders WHERE id = $1)",
+    )
+    .bind(accepted)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(queued_rows, 0, "no history row for the accepted order's QUEUED change");
+    let queued_id = queued_id.expect("the accepted order carries its QUEUED change");
+    let detail = app.get(&format!("/api/v1/orders/{accepted}"), Some(&buyers[0].1)).await;
+    let statuses: Vec<&str> =
+        detail.json["history"].as_array().unwrap().iter().map(|c| c["status"].as_str().unwrap()).collect();
+    assert_eq!(statuses, ["QUEUED", "PENDING"]);
+    let events = order_events(&mut consumer, accepted, 2).await;
+    assert_eq!(events[0], ("order.queued".to_owned(), queued_id));
+    assert_eq!(events[1].0, "order.pending");
+    assert!(events[1].1 > events[0].1, "ids of one sequence, the queued change's first: {events:?}");
+
+    // `early` takes its transaction id first and inserts an order as the api does, drawing
+    // its change id after `late` wrote a history change (cancelling the accepted order).
+    let xid = "SELECT pg_current_xact_id()::text";
+    let mut early = pool.begin().await.unwrap();
+    let early_xid: String = sqlx::query_scalar(xid).fetch_one(&mut *early).await.unwrap();
+    let mut late = pool.begin().await.unwrap();
+    let late_xid: String = sqlx::query_scalar(xid).fetch_one(&mut *late).await.unwrap();
+    assert!(early_xid.parse::<u64>().unwrap() < late_xid.parse::<u64>().unwrap());
+    sqlx::query("UPDATE orders SET status = 'CANCELLED', updated_at = now() WHERE id = $1")
+        .bind(accepted)
+        .execute(&mut *late)
+        .await
+        .unwrap();
+    let inserted = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO orders (id, user_id, event_id, quantity, total, lines, partition, published_at,
+                             queued_xid, queued_event_id)
+         VALUES ($1, $2, $3, 1, 0, '[]', 0, now(), pg_current_xact_id(), nextval('order_history_id_seq'))",
+    )
+    .bind(inserted)
+    .bind(buyers[1].0)
+    .bind(event)
+    .execute(&mut *early)
+    .await
+    .unwrap();
+    early.commit().await.unwrap();
+    let queued = order_events(&mut consumer, inserted, 1).await;
+    assert_eq!(queued[0].0, "order.queued", "the committed queued change, while the other is open");
+    late.commit().await.unwrap();
+    let cancelled = order_events(&mut consumer, accepted, 1).await;
+    assert_eq!(cancelled[0].0, "order.cancelled", "the change that committed last");
+    assert!(cancelled[0].1 < queued[0].1, "relayed last with the lower id: {cancelled:?} {queued:?}");
+}
+
+/// The `(type, n)` of the next `n` events (`evt_<n>`) of `order` on the consumer's queue, in order.
+async fn order_events(consumer: &mut lapin::Consumer, order: Uuid, n: usize) -> Vec<(String, i64)> {
+    let mut events = Vec::new();
+    while events.len() < n {
+        let (delivery, body) = next_message(consumer, "an order event").await;
+        for event in body["events"].as_array().cloned().unwrap_or_else(|| vec![body.clone()]) {
+            if event["data"]["id"].as_str() == Some(order.to_string().as_str()) {
+                let id = event["id"].as_str().and_then(|id| id.strip_prefix("evt_")).expect("an evt_<n> id");
+                events.push((event["type"].as_str().unwrap().to_owned(), id.parse().unwrap()));
+            }
+        }
+        delivery.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    events
+}
+
 /// The orders of the next `n` `order.cancelled` events, as they arrive.
 async fn cancelled_events(consumer: &mut lapin::Consumer, n: usize) -> Vec<Uuid> {
     let mut orders = Vec::new();
