@@ -1,4 +1,6 @@
-//! The order events relay: `order_history` is the outbox of status changes. Each change is
+//! The order events relay: the status changes are the outbox of order events (an accepted
+//! order's own `QUEUED` change on its row, every later one in `order_history`; migration
+//! `0022_queued_event_in_order.sql`). Each change is
 //! published to the `orders.events` topic exchange (persistent, with publisher confirms)
 //! and turned into one webhook delivery per enabled endpoint of the order's owner, and only
 //! then the relay's cursor (`relay_cursor`) moved past it, all in one transaction. A broker
@@ -183,29 +185,33 @@ async fn changes(conn: &mut sqlx::PgConnection) -> sqlx::Result<Vec<Change>> {
     let cursor =
         sqlx::query!(r#"SELECT xid::text AS "xid!", history_id FROM relay_cursor"#).fetch_one(&mut *conn).await?;
     let changes = sqlx::query!(
-        r#"SELECT h.id AS "history_id!", h.at AS "at!", o.id, o.user_id, o.event_id, o.quantity, o.unit_price, o.total,
-                o.currency, o.lines AS "items: Json<Box<RawValue>>", o.promo_code, o.discount,
-                h.status AS "status!: OrderStatus", h.reason,
-                CASE WHEN h.status = 'REJECTED' THEN o.reason_ticket_type_id END AS reason_ticket_type_id,
-                o.created_at,
-                -- The hold's end belongs to the PENDING event; the QUEUED one predates it.
-                CASE WHEN h.status <> 'QUEUED' THEN o.expires_at END AS expires_at, o.queue_number
-                , h.xid::text AS "xid!"
+        r#"SELECT c.history_id AS "history_id!", c.at AS "at!", c.id AS "id!", c.user_id AS "user_id!",
+                c.event_id AS "event_id!", c.quantity AS "quantity!", c.unit_price, c.total AS "total!",
+                c.currency AS "currency!", c.lines AS "items!: Json<Box<RawValue>>", c.promo_code,
+                c.discount AS "discount!", c.status AS "status!: OrderStatus", c.reason, c.reason_ticket_type_id,
+                c.created_at AS "created_at!", c.expires_at, c.queue_number, c.xid::text AS "xid!"
          FROM (
-             -- An order the api accepted is its own QUEUED change (migration 0022).
-             (SELECT q.queued_event_id AS id, q.id AS order_id, 'QUEUED' AS status, NULL::text AS reason,
-                     q.created_at AS at, q.queued_xid AS xid
+             -- An order the api accepted is its own QUEUED change (migration 0022): read from
+             -- its row alone.
+             (SELECT q.queued_event_id AS history_id, q.created_at AS at, q.id, q.user_id, q.event_id, q.quantity,
+                     q.unit_price, q.total, q.currency, q.lines, q.promo_code, q.discount, 'QUEUED' AS status,
+                     NULL::text AS reason, NULL::uuid AS reason_ticket_type_id, q.created_at,
+                     NULL::timestamptz AS expires_at, q.queue_number, q.queued_xid AS xid
               FROM orders q
               WHERE q.queued_event_id IS NOT NULL AND (q.queued_xid, q.queued_event_id) > ($2::text::xid8, $3)
                 AND q.queued_xid < pg_snapshot_xmin(pg_current_snapshot())
               ORDER BY q.queued_xid, q.queued_event_id LIMIT $1)
              UNION ALL
-             (SELECT h.id, h.order_id, h.status, h.reason, h.at, h.xid
-              FROM order_history h
+             (SELECT h.id, h.at, o.id, o.user_id, o.event_id, o.quantity, o.unit_price, o.total, o.currency, o.lines,
+                     o.promo_code, o.discount, h.status, h.reason,
+                     CASE WHEN h.status = 'REJECTED' THEN o.reason_ticket_type_id END, o.created_at,
+                     -- The hold's end belongs to the PENDING event; a QUEUED one predates it.
+                     CASE WHEN h.status <> 'QUEUED' THEN o.expires_at END, o.queue_number, h.xid
+              FROM order_history h JOIN orders o ON o.id = h.order_id
               WHERE (h.xid, h.id) > ($2::text::xid8, $3) AND h.xid < pg_snapshot_xmin(pg_current_snapshot())
               ORDER BY h.xid, h.id LIMIT $1)
-         ) h JOIN orders o ON o.id = h.order_id
-         ORDER BY h.xid, h.id LIMIT $1"#,
+         ) c
+         ORDER BY c.xid, c.history_id LIMIT $1"#,
         BATCH,
         cursor.xid,
         cursor.history_id
