@@ -48,6 +48,7 @@ pub async fn run(
         publisher,
         after: Duration::from_secs(config.republish_after_secs),
         stale: Duration::from_secs(config.republish_stale_secs),
+        partitions: config.broker.partitions,
         idle_before: HashMap::new(),
     };
     let interval = Duration::from_millis(config.republish_interval_ms);
@@ -60,6 +61,8 @@ pub struct Republisher {
     pub publisher: Publisher,
     pub after: Duration,
     pub stale: Duration,
+    /// `PARTITIONS`: the partitions a consumer reads.
+    pub partitions: u16,
     /// The partitions whose queue had nothing ready at the previous round, with when their
     /// consumer last recorded progress then.
     pub idle_before: HashMap<i16, Option<DateTime<Utc>>>,
@@ -68,7 +71,8 @@ pub struct Republisher {
 impl Round for Republisher {
     async fn round(&mut self) -> anyhow::Result<Next> {
         let idle = self.idle_partitions().await?;
-        let (claimed, published) = round(&self.db, &self.publisher, self.after, self.stale, &idle).await?;
+        let (claimed, published) =
+            round(&self.db, &self.publisher, self.after, self.stale, &idle, self.partitions).await?;
         if claimed > 0 {
             tracing::info!(claimed, published, "re-published queued orders");
         }
@@ -114,31 +118,61 @@ async fn round(
     after: Duration,
     stale: Duration,
     idle: &[i16],
+    partitions: u16,
 ) -> sqlx::Result<(usize, usize)> {
+    // Partition by partition (`orders_queued_by_partition`), each search ending at its own
+    // bound: the conditions above, as "created before" a time. Orders of no partition (or
+    // of one beyond `PARTITIONS`, which no consumer reads) have no consumer to wait for.
+    // Planned for the round's values each time: a generic plan, made for any number of
+    // partitions, searched those orders by age alone, walking every queued order of a
+    // backlog (0.2-1.5 s a round under a million of them, against 0.3 ms).
+    let mut tx = db.begin().await?;
+    sqlx::query!("SET LOCAL plan_cache_mode = force_custom_plan").execute(&mut *tx).await?;
     let claimed = sqlx::query!(
         "UPDATE orders SET published_at = now()
          WHERE id IN (
-             SELECT o.id FROM orders o LEFT JOIN partition_progress p ON p.partition = o.partition
-             WHERE o.status = 'QUEUED'
-               -- A pre-sale entry has no message until its draw (which sends it).
-               AND NOT (o.presale_entry AND o.queue_number IS NULL)
-               AND o.created_at < now() - make_interval(secs => $1)
-               AND (o.published_at IS NULL OR o.published_at < now() - make_interval(secs => $1))
-               AND (o.created_at < now() - make_interval(secs => $2)
-                    OR o.partition IS NULL
-                    OR o.partition = ANY($3)
-                    OR o.created_at < p.seen_through - make_interval(secs => $1))
-             ORDER BY o.created_at
-             LIMIT $4
-             FOR UPDATE OF o SKIP LOCKED)
+             SELECT c.id FROM (
+                 SELECT m.id, m.created_at
+                 FROM generate_series(0, $5::int2 - 1) AS p(partition)
+                 LEFT JOIN partition_progress pp ON pp.partition = p.partition
+                 CROSS JOIN LATERAL (
+                     SELECT o.id, o.created_at FROM orders o
+                     WHERE o.status = 'QUEUED' AND o.partition = p.partition
+                       AND o.created_at < CASE WHEN p.partition = ANY($3::int2[]) THEN now() - make_interval(secs => $1)
+                           ELSE least(now() - make_interval(secs => $1),
+                                      greatest(now() - make_interval(secs => $2),
+                                               pp.seen_through - make_interval(secs => $1))) END
+                       -- A pre-sale entry has no message until its draw (which sends it).
+                       AND NOT (o.presale_entry AND o.queue_number IS NULL)
+                       AND (o.published_at IS NULL OR o.published_at < now() - make_interval(secs => $1))
+                     ORDER BY o.created_at
+                     LIMIT $4
+                     FOR UPDATE OF o SKIP LOCKED
+                 ) m
+                 UNION ALL
+                 SELECT * FROM (
+                     SELECT o.id, o.created_at FROM orders o
+                     WHERE o.status = 'QUEUED' AND (o.partition IS NULL OR o.partition >= $5::int2)
+                       AND o.created_at < now() - make_interval(secs => $1)
+                       AND NOT (o.presale_entry AND o.queue_number IS NULL)
+                       AND (o.published_at IS NULL OR o.published_at < now() - make_interval(secs => $1))
+                     ORDER BY o.created_at
+                     LIMIT $4
+                     FOR UPDATE OF o SKIP LOCKED
+                 ) unread
+             ) c
+             ORDER BY c.created_at
+             LIMIT $4)
          RETURNING id, event_id, traceparent",
         after.as_secs_f64(),
         stale.as_secs_f64(),
         idle,
-        ROUND
+        ROUND,
+        i16::try_from(partitions).unwrap_or(i16::MAX)
     )
-    .fetch_all(db)
+    .fetch_all(&mut *tx)
     .await?;
+    tx.commit().await?;
     if claimed.is_empty() {
         return Ok((0, 0));
     }

@@ -758,6 +758,90 @@ async fn orders_whose_message_never_reached_the_broker_are_republished() {
     assert!(!worker.logs("re-published queued orders").is_empty());
 }
 
+/// The re-publisher's search, condition by condition, in one round: an order is sent again
+/// once its partition's consumer has passed it, once it is stale, or at once when no consumer
+/// reads its partition; not while it is young or was just sent again.
+#[tokio::test]
+async fn the_re_publisher_claims_exactly_the_orders_whose_message_may_be_missing() {
+    let app = TestApp::spawn().await;
+    let worker = app
+        .worker_with(|c| {
+            c.republish_interval_ms = 3_600_000;
+            c.republish_stale_secs = 60;
+        })
+        .await;
+    let admin = app.admin().await;
+    let event = app.event_with(&admin, 100, 4).await;
+    let (_, buyer) = app.user("Buyer").await;
+    // A decided order: its partition's consumer has recorded its progress, and its row is the
+    // pattern of the orders below, whose messages were lost.
+    let res = app.order(&buyer, event, 1, None).await;
+    assert_eq!(res.status, 202, "{}", res.body);
+    let pattern: Uuid = res.json["id"].as_str().unwrap().parse().unwrap();
+    app.wait_until_final(SETTLE).await;
+    let partition = i16::try_from(common::amqp::partition_of(event, 8)).unwrap();
+    let other = (partition + 1) % 8;
+    let lost = |partition: Option<i16>, age_secs: i64, republished_secs_ago: Option<i64>| {
+        let db = app.db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, Uuid>(
+                "INSERT INTO orders (id, user_id, event_id, quantity, unit_price, total, currency, lines, partition,
+                                     created_at, published_at)
+                 SELECT gen_random_uuid(), user_id, event_id, quantity, unit_price, total, currency, lines, $2,
+                        now() - make_interval(secs => $3), now() - make_interval(secs => $4)
+                 FROM orders WHERE id = $1 RETURNING id",
+            )
+            .bind(pattern)
+            .bind(partition)
+            .bind(age_secs as f64)
+            .bind(republished_secs_ago.map(|secs| secs as f64))
+            .fetch_one(&db)
+            .await
+            .unwrap()
+        }
+    };
+    let passed = lost(Some(partition), 10, None).await;
+    let young = lost(Some(partition), 0, None).await;
+    let just_sent = lost(Some(partition), 10, Some(0)).await;
+    let sent_long_ago = lost(Some(partition), 10, Some(10)).await;
+    let stale = lost(Some(other), 120, None).await;
+    let no_partition = lost(None, 10, None).await;
+    let beyond_partitions = lost(Some(200), 10, None).await;
+    // Its partition's consumer is behind it (has decided nothing created after it), and the
+    // partition is not idle: its consumer's progress changed since the worker's last round.
+    sqlx::query(
+        "INSERT INTO partition_progress (partition, seen_through) VALUES ($1, now() - interval '60 seconds')
+         ON CONFLICT (partition) DO UPDATE SET seen_through = excluded.seen_through",
+    )
+    .bind(other)
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    let behind = lost(Some(other), 10, None).await;
+    let before: HashMap<Uuid, Option<chrono::DateTime<chrono::Utc>>> = published(&app, &[just_sent]).await;
+
+    assert!(worker.steps().republish().await);
+    let claimed: HashSet<Uuid> = [passed, sent_long_ago, stale, no_partition, beyond_partitions].into();
+    let all = [passed, young, just_sent, sent_long_ago, stale, no_partition, beyond_partitions, behind];
+    let now = published(&app, &all).await;
+    for id in all {
+        let was_claimed = now[&id].is_some() && now[&id] != before.get(&id).copied().flatten();
+        assert_eq!(was_claimed, claimed.contains(&id), "order {id}: {now:?}");
+    }
+}
+
+async fn published(app: &TestApp, ids: &[Uuid]) -> HashMap<Uuid, Option<chrono::DateTime<chrono::Utc>>> {
+    sqlx::query_as::<_, (Uuid, Option<chrono::DateTime<chrono::Utc>>)>(
+        "SELECT id, published_at FROM orders WHERE id = ANY($1)",
+    )
+    .bind(ids)
+    .fetch_all(&app.db.pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .collect()
+}
+
 #[tokio::test]
 async fn undecodable_messages_are_dead_lettered_without_blocking_the_partition() {
     let app = TestApp::spawn().await;

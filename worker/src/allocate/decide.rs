@@ -152,8 +152,8 @@ async fn load(
     let order_ids: Vec<Uuid> =
         batches.iter().flat_map(|(_, groups)| groups.iter().flat_map(|(_, orders)| orders.iter().copied())).collect();
     // By id alone, the status checked here: with `status = 'QUEUED'` in the statement, a plan
-    // may AND the primary key's bitmap with `orders_queued`'s, which reads every entry of
-    // that index, live or dead: the whole backlog, on each batch.
+    // may AND the primary key's bitmap with `orders_queued_by_partition`'s, which reads every
+    // entry of that index, live or dead: the whole backlog, on each batch.
     let rows = sqlx::query!(
         r#"SELECT id, event_id, user_id, total = 0 AS "free!", created_at, promo_code_id,
                   lines AS "lines: sqlx::types::Json<Vec<LineRef>>", status = 'QUEUED' AS "queued!"
