@@ -6,7 +6,7 @@
 --
 -- Every change is still recorded: the insert trigger writes a history row for any order
 -- inserted without a queued change (the waiting list's orders, an operator's SQL), and
--- `order_changes` shows both together, oldest first, as `order_history` alone did.
+-- `order_status_changes` shows both together, oldest first, as `order_history` alone did.
 -- Only an order inserted `QUEUED` may carry one (the api's two inserts set both columns).
 ALTER TABLE orders ADD COLUMN queued_xid xid8,
                    ADD COLUMN queued_event_id BIGINT,
@@ -23,7 +23,7 @@ BEGIN
 END $$;
 
 -- Every status an order has had, oldest first (by `id`).
-CREATE VIEW order_changes AS
+CREATE VIEW order_status_changes AS
     SELECT queued_event_id AS id, id AS order_id, 'QUEUED'::text AS status, NULL::text AS reason,
            created_at AS at, queued_xid AS xid
     FROM orders WHERE queued_event_id IS NOT NULL

@@ -551,7 +551,7 @@ async fn detail(state: &AppState, order: Order) -> Result<OrderDetail, ApiError>
     }
     let history = sqlx::query_as!(
         StatusChange,
-        r#"SELECT status AS "status!: OrderStatus", reason, at AS "at!" FROM order_changes WHERE order_id = $1 ORDER BY id"#,
+        r#"SELECT status AS "status!: OrderStatus", reason, at AS "at!" FROM order_status_changes WHERE order_id = $1 ORDER BY id"#,
         order.id
     )
     .fetch_all(&state.db)

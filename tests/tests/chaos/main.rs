@@ -314,7 +314,7 @@ impl Verdict {
         let duplicates: i64 = sqlx::query_scalar(
             "SELECT (SELECT count(*) FROM (SELECT order_id FROM tickets WHERE status = 'ACTIVE'
                                            GROUP BY order_id HAVING count(*) > 1) t)
-                  + (SELECT count(*) FROM (SELECT order_id, status FROM order_changes
+                  + (SELECT count(*) FROM (SELECT order_id, status FROM order_status_changes
                                            GROUP BY order_id, status HAVING count(*) > 1) h)",
         )
         .fetch_one(pool)

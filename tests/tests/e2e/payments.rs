@@ -36,7 +36,7 @@ async fn order_json(app: &TestApp, token: &str, id: Uuid) -> Value {
 }
 
 async fn history(app: &TestApp, order: Uuid) -> Vec<String> {
-    sqlx::query_scalar("SELECT status FROM order_changes WHERE order_id = $1 ORDER BY id")
+    sqlx::query_scalar("SELECT status FROM order_status_changes WHERE order_id = $1 ORDER BY id")
         .bind(order)
         .fetch_all(&app.db.pool)
         .await
