@@ -184,6 +184,9 @@ async fn changes(conn: &mut sqlx::PgConnection) -> sqlx::Result<Vec<Change>> {
     // Read apart, so the changes' statement finds its place in the index from parameters.
     let cursor =
         sqlx::query!(r#"SELECT xid::text AS "xid!", history_id FROM relay_cursor"#).fetch_one(&mut *conn).await?;
+    // The same changes as the view `order_status_changes` (migration 0022), written out:
+    // through the view's `UNION ALL` the planner reads the orders' branch by a sequential
+    // scan and a sort, not in the index's order (0.9 s against 1 ms under a million orders).
     let changes = sqlx::query!(
         r#"SELECT c.history_id AS "history_id!", c.at AS "at!", c.id AS "id!", c.user_id AS "user_id!",
                 c.event_id AS "event_id!", c.quantity AS "quantity!", c.unit_price, c.total AS "total!",
