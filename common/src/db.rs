@@ -110,12 +110,17 @@ pub fn is_unavailable(err: &sqlx::Error) -> bool {
 pub const ORDER_CHANGES_CHANNEL: &str = "order_changes";
 
 /// Announces, on commit of the surrounding transaction, that these orders changed. The ids
-/// travel comma-separated in as few notifications as the 8000-byte payload limit allows.
+/// travel comma-separated in as few notifications as the 8000-byte payload limit allows, all
+/// sent by one statement.
 pub async fn notify_order_changes(conn: &mut sqlx::PgConnection, ids: &[uuid::Uuid]) -> Result<(), sqlx::Error> {
-    // 36 characters and a comma per id.
-    for chunk in ids.chunks(200) {
-        let payload = chunk.iter().map(uuid::Uuid::to_string).collect::<Vec<_>>().join(",");
-        sqlx::query!("SELECT pg_notify($1, $2)", ORDER_CHANGES_CHANNEL, payload).execute(&mut *conn).await?;
+    if ids.is_empty() {
+        return Ok(());
     }
+    // 36 characters and a comma per id.
+    let payloads: Vec<String> =
+        ids.chunks(200).map(|chunk| chunk.iter().map(uuid::Uuid::to_string).collect::<Vec<_>>().join(",")).collect();
+    sqlx::query!("SELECT pg_notify($1, p) FROM UNNEST($2::text[]) AS p", ORDER_CHANGES_CHANNEL, &payloads)
+        .execute(&mut *conn)
+        .await?;
     Ok(())
 }
