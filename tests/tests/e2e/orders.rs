@@ -157,6 +157,80 @@ async fn one_events_orders_are_decided_in_arrival_order() {
     assert_eq!(statuses, expected);
 }
 
+/// A batch whose transaction fails is retried before the next batch of its partition is
+/// decided, although the next one is gathered (and would be ready) meanwhile: the first order's
+/// decision fails twice, and the tickets still go to the first orders to arrive.
+#[tokio::test]
+async fn a_failed_batch_is_decided_again_before_the_next() {
+    let app = TestApp::spawn_with(&worker_decides()).await;
+    let admin = app.admin().await;
+    let event = app.event_with(&admin, 8, 1).await;
+    let buyers = app.buyers(20).await;
+    let mut accepted = Vec::new();
+    for (_, token) in &buyers {
+        let res = app.order(token, event, 1, None).await;
+        assert_eq!(res.status, 202, "{}", res.body);
+        accepted.push(res.json["id"].as_str().unwrap().parse::<Uuid>().unwrap());
+    }
+    // A sequence is not rolled back with the transaction that draws from it.
+    for statement in [
+        "CREATE SEQUENCE failed_decisions".to_owned(),
+        format!(
+            "CREATE FUNCTION fail_first_decision() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 IF OLD.id = '{}' AND NEW.status <> 'QUEUED' AND nextval('failed_decisions') <= 2 THEN
+                     RAISE EXCEPTION 'injected failure';
+                 END IF;
+                 RETURN NEW;
+             END $$",
+            accepted[0]
+        ),
+        "CREATE TRIGGER fail_first_decision BEFORE UPDATE ON orders FOR EACH ROW
+         EXECUTE FUNCTION fail_first_decision()"
+            .to_owned(),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(statement)).execute(&app.db.pool).await.unwrap();
+    }
+    let _worker = app.worker_with(|c| c.batch_size = 3).await;
+    app.wait_until_final(SETTLE).await;
+    let attempts: i64 =
+        sqlx::query_scalar("SELECT last_value FROM failed_decisions").fetch_one(&app.db.pool).await.unwrap();
+    assert_eq!(attempts, 3, "two failed transactions, then the one that committed");
+    let statuses: Vec<String> = sqlx::query_scalar(
+        "SELECT status FROM orders JOIN UNNEST($1::uuid[]) WITH ORDINALITY AS a(id, n) USING (id)
+                            ORDER BY a.n",
+    )
+    .bind(&accepted)
+    .fetch_all(&app.db.pool)
+    .await
+    .unwrap();
+    let expected: Vec<&str> = (0..20).map(|i| if i < 8 { "PENDING" } else { "REJECTED" }).collect();
+    assert_eq!(statuses, expected);
+}
+
+/// The ids of a transaction's changed orders are announced on commit, however many: more
+/// than one notification's worth (200 ids each), all sent by one statement.
+#[tokio::test]
+async fn every_changed_order_is_announced_on_commit() {
+    let app = TestApp::spawn().await;
+    let mut listener = sqlx::postgres::PgListener::connect_with(&app.db.pool).await.unwrap();
+    listener.listen(common::db::ORDER_CHANGES_CHANNEL).await.unwrap();
+    let ids: Vec<Uuid> = (0..450).map(|_| Uuid::now_v7()).collect();
+    let mut tx = app.db.pool.begin().await.unwrap();
+    common::db::notify_order_changes(&mut tx, &ids).await.unwrap();
+    common::db::notify_order_changes(&mut tx, &[]).await.unwrap();
+    tx.commit().await.unwrap();
+    let mut announced = Vec::new();
+    let mut notifications = 0;
+    while announced.len() < ids.len() {
+        let notification = tokio::time::timeout(Duration::from_secs(10), listener.recv()).await.unwrap().unwrap();
+        notifications += 1;
+        announced.extend(notification.payload().split(',').map(|id| id.parse::<Uuid>().unwrap()));
+    }
+    assert_eq!(announced, ids, "each id once, in order");
+    assert_eq!(notifications, 3, "200 ids a notification");
+}
+
 #[tokio::test]
 async fn an_accepted_order_can_be_followed_to_its_outcome() {
     let app = TestApp::spawn().await;

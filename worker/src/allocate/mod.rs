@@ -1,16 +1,19 @@
 //! The partition consumers (this module) and the batch allocator ([`decide`]).
 //!
 //! One task per partition queue consumes with a bounded prefetch and takes a batch
-//! (messages until they name about `BATCH_SIZE` orders, or what arrived within
-//! `BATCH_WAIT_MS` of the first; a message names the orders the api stored together). The
-//! batch goes to the decider, which decides every batch waiting at that moment in one
-//! transaction: lock their event rows ([`common::sales::lock_events`]), read their ticket
-//! types and still-`QUEUED` orders (and, for events with a buyer cap, what those buyers
-//! hold), decide each event's orders in arrival order, all lines or nothing, against each
-//! type's stock and the venue cap (`capacity - sold`), write the outcomes with their tickets
-//! and `sold` ([`common::sales::allocate`]) and how far each partition has got, commit.
+//! (messages until they name `BATCH_SIZE` orders, or what arrived within `BATCH_WAIT_MS` of
+//! the first, and more while the batch before it is being decided; a message names the
+//! orders the api stored together). The batch goes to the decider, which decides every batch
+//! waiting at that moment in one transaction: lock their event rows
+//! ([`common::sales::lock_events`]), read their ticket types and still-`QUEUED` orders (and,
+//! for events with a buyer cap, what those buyers hold), decide each event's orders in
+//! arrival order, all lines or nothing, against each type's stock and the venue cap
+//! (`capacity - sold`), write the outcomes with their tickets and `sold`
+//! ([`common::sales::allocate`]) and how far each partition has got, commit.
 //! Only then is the batch acked, so a crash at any point leads to redelivery, and
-//! redelivery is harmless because an order that is no longer `QUEUED` is skipped.
+//! redelivery is harmless because an order that is no longer `QUEUED` is skipped. A
+//! partition's next batch goes to the decider only once the one before it has committed, so
+//! its batches are decided in their order, a failed one retried before the next.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -37,8 +40,8 @@ mod decide;
 
 pub use decide::{BatchOutcome, Job, decider};
 
-/// A batch takes messages already delivered, without waiting, up to this many times
-/// `BATCH_SIZE` orders.
+/// A batch takes the messages that arrive while the batch before it is being decided, and
+/// those already delivered, up to this many times `BATCH_SIZE` orders.
 const BACKLOG_BATCH_FACTOR: usize = 4;
 
 /// What one partition consumer needs; shared by all of them.
@@ -130,6 +133,11 @@ impl Allocator {
         ended
     }
 
+    /// Takes batches and has them decided, one partition's batches in their order: a batch
+    /// is handed to the decider only once the one before it has been decided (committed). While
+    /// one is being decided, the next is gathered (its messages decoded as they arrive), so that
+    /// it goes to the decider as soon as the one before it is done, and the decided one is
+    /// acked and recorded after that.
     async fn consume_batches(
         &self,
         partition: u16,
@@ -139,99 +147,239 @@ impl Allocator {
     ) -> anyhow::Result<Ended> {
         let mut rebalance = tokio::time::interval(self.config.heartbeat());
         rebalance.tick().await;
-        loop {
+        let mut deciding: Option<Submitted> = None;
+        let ended = loop {
             let first = tokio::select! {
-                _ = shutdown.cancelled() => return Ok(Ended::Shutdown),
+                _ = shutdown.cancelled() => break Ended::Shutdown,
                 _ = rebalance.tick() => {
                     if self.assignment.borrow().prefers(partition) {
                         continue;
                     }
-                    return Ok(Ended::SteppedBack);
+                    break Ended::SteppedBack;
                 }
-                delivery = consumer.next() => delivery,
-            };
-            let mut batch = vec![next_delivery(first)?];
-            // Counted in orders, roughly: a message carries a batch of the api's orders.
-            let mut orders = orders_in(&batch[0]);
-            let deadline = tokio::time::Instant::now() + self.config.batch_wait();
-            while orders < usize::from(self.config.batch_size) {
-                match tokio::time::timeout_at(deadline, consumer.next()).await {
-                    Ok(delivery) => {
-                        let delivery = next_delivery(delivery)?;
-                        orders += orders_in(&delivery);
-                        batch.push(delivery);
+                result = outcome_of(&mut deciding) => {
+                    let Some(submitted) = deciding.take() else { unreachable!("an outcome of no batch") };
+                    if !self.settle(partition, channel, submitted.batch, result, shutdown).await? {
+                        return Ok(Ended::Shutdown);
                     }
-                    Err(_) => break,
+                    continue;
                 }
+                delivery = consumer.next() => next_delivery(delivery)?,
+            };
+            let (gathered, decided) = self.gather(partition, consumer, first, &mut deciding).await?;
+            let batch = Batch::of(partition, gathered);
+            let previous = match deciding.take() {
+                Some(submitted) => {
+                    let result = match decided {
+                        Some(result) => result,
+                        None => received(submitted.outcome).await,
+                    };
+                    match self.resolve(partition, submitted.batch, result, shutdown).await {
+                        Some(previous) => Some(previous),
+                        None => return Ok(Ended::Shutdown),
+                    }
+                }
+                None => None,
+            };
+            let outcome = self.submit(partition, &batch.groups).await;
+            deciding = Some(Submitted { batch, outcome });
+            if let Some((batch, outcome)) = previous {
+                self.finish(partition, channel, batch, outcome).await?;
             }
-            // A backlog: messages already delivered (prefetched) join the batch without
-            // waiting, up to BACKLOG_BATCH_FACTOR × BATCH_SIZE orders, so batches grow with
-            // the queue and a long queue costs fewer transactions per order.
-            let most = usize::from(self.config.batch_size) * BACKLOG_BATCH_FACTOR;
-            while orders < most {
-                let Some(delivery) = consumer.next().now_or_never() else { break };
-                let delivery = next_delivery(delivery)?;
-                orders += orders_in(&delivery);
-                batch.push(delivery);
-            }
-            if !self.process(partition, channel, batch, shutdown).await? {
+        };
+        if let Some(submitted) = deciding.take() {
+            let result = received(submitted.outcome).await;
+            if !self.settle(partition, channel, submitted.batch, result, shutdown).await? {
                 return Ok(Ended::Shutdown);
             }
         }
+        Ok(ended)
     }
 
-    /// Allocates one batch and acks it. `Ok(false)`: shutdown began while the database was
-    /// failing; the batch is left unacked (the channel's closing requeues it).
-    ///
-    /// The batch has a span of its own, linked to the trace of every order in it (exported
-    /// with the spans when OTLP is on); each order's decision is logged with the order's
-    /// own `trace_id`, the one the api logged when it accepted the order.
-    async fn process(
+    /// Gathers a batch from its first message: messages until they name `BATCH_SIZE`
+    /// orders or `BATCH_WAIT_MS` has passed; then, while the batch before it is still being
+    /// decided, the messages that arrive, and last those already delivered (prefetched),
+    /// without waiting, up to `BACKLOG_BATCH_FACTOR` × `BATCH_SIZE` orders, so that batches grow
+    /// with the queue and a long queue costs fewer transactions per order. Returns the batch,
+    /// and the outcome of the batch being decided if it came meanwhile.
+    async fn gather(
         &self,
         partition: u16,
-        channel: &Channel,
-        batch: Vec<Delivery>,
-        shutdown: &CancellationToken,
-    ) -> anyhow::Result<bool> {
-        let span = tracing::info_span!("batch", partition, messages = batch.len());
-        self.process_in_span(partition, channel, batch, shutdown, &span).instrument(span.clone()).await
+        consumer: &mut Consumer,
+        first: Delivery,
+        deciding: &mut Option<Submitted>,
+    ) -> anyhow::Result<(Gathering, Option<Result<BatchOutcome, String>>)> {
+        let size = usize::from(self.config.batch_size);
+        let most = size * BACKLOG_BATCH_FACTOR;
+        let mut batch = Gathering::default();
+        batch.push(partition, first).await?;
+        let mut decided = None;
+        let deadline = tokio::time::Instant::now() + self.config.batch_wait();
+        loop {
+            // Open: neither full nor past its wait. Waiting: the batch before it is still
+            // being decided, so it may take more.
+            let open = batch.orders.len() < size && tokio::time::Instant::now() < deadline;
+            let waiting = deciding.is_some() && decided.is_none();
+            if !(open || waiting && batch.orders.len() < most) {
+                break;
+            }
+            tokio::select! {
+                result = outcome_of(deciding), if waiting => decided = Some(result),
+                _ = tokio::time::sleep_until(deadline), if open => {}
+                delivery = consumer.next() => batch.push(partition, next_delivery(delivery)?).await?,
+            }
+        }
+        while batch.orders.len() < most {
+            let Some(delivery) = consumer.next().now_or_never() else { break };
+            batch.push(partition, next_delivery(delivery)?).await?;
+        }
+        Ok((batch, decided))
     }
 
-    async fn process_in_span(
+    /// Hands a batch's orders to the decider; the receiver gives its outcome (an error if the
+    /// decider has stopped).
+    async fn submit(&self, partition: u16, groups: &Groups) -> oneshot::Receiver<Result<BatchOutcome, String>> {
+        let (done, outcome) = oneshot::channel();
+        // If the decider has stopped, the job (and `done`) is dropped and `outcome` says so.
+        let _ = self.jobs.send(Job { partition, groups: groups.clone(), done }).await;
+        outcome
+    }
+
+    /// A batch's outcome, the batch submitted again (after a back-off) for as long as its
+    /// transaction fails. `None`: shutdown began while the database was failing; the batch is
+    /// left unacked (the channel's closing requeues it).
+    async fn resolve(
         &self,
         partition: u16,
-        channel: &Channel,
-        batch: Vec<Delivery>,
+        batch: Batch,
+        mut result: Result<BatchOutcome, String>,
         shutdown: &CancellationToken,
-        span: &tracing::Span,
-    ) -> anyhow::Result<bool> {
-        let started = Instant::now();
-        let received = batch.len();
-        metrics::counter!("turnstile_purchase_messages_consumed_total").increment(received as u64);
-        let mut messages = Vec::with_capacity(batch.len());
-        let mut last_tag = None;
-        for delivery in batch {
-            match decode_purchase(&delivery.data) {
-                Ok(orders) => {
-                    messages.extend(orders);
-                    last_tag = Some(delivery.delivery_tag);
-                }
+    ) -> Option<(Batch, BatchOutcome)> {
+        let mut backoff = Backoff::default();
+        loop {
+            match result {
+                Ok(outcome) => return Some((batch, outcome)),
                 Err(err) => {
-                    tracing::error!(
-                        partition,
-                        error = %err,
-                        bytes = delivery.data.len(),
-                        "undecodable purchase message; sending it to the dead-letter queue"
-                    );
-                    metrics::counter!("turnstile_purchase_messages_dead_lettered_total").increment(1);
-                    delivery.acker.reject(BasicRejectOptions { requeue: false }).await?;
+                    tracing::warn!(partition, events = batch.groups.len(), error = %err, "allocation failed; retrying");
+                    if !backoff.wait(shutdown).await {
+                        return None;
+                    }
+                    result = received(self.submit(partition, &batch.groups).await).await;
                 }
             }
         }
-        // Each order's trace id, for its `order decided` line. (Not skipped when that line is
-        // not logged: `tracing::enabled!` confuses the per-layer filters of the subscriber,
-        // and the log lines that follow it lose their span.)
-        let traces: HashMap<Uuid, String> = messages
+    }
+
+    /// [`Self::resolve`], then [`Self::finish`]. `Ok(false)`: shutdown began while the
+    /// database was failing.
+    async fn settle(
+        &self,
+        partition: u16,
+        channel: &Channel,
+        batch: Batch,
+        result: Result<BatchOutcome, String>,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<bool> {
+        let Some((batch, outcome)) = self.resolve(partition, batch, result, shutdown).await else { return Ok(false) };
+        self.finish(partition, channel, batch, outcome).await?;
+        Ok(true)
+    }
+
+    /// Acks a decided batch and records its decisions, in the batch's span. The batch has a
+    /// span of its own, linked to the trace of every order in it (exported with the spans
+    /// when OTLP is on); each order's decision is logged with the order's own `trace_id`, the
+    /// one the api logged when it accepted the order.
+    async fn finish(
+        &self,
+        partition: u16,
+        channel: &Channel,
+        batch: Batch,
+        totals: BatchOutcome,
+    ) -> anyhow::Result<()> {
+        let span = batch.span.clone();
+        async move {
+            if let Some(tag) = batch.last_tag {
+                channel.basic_ack(tag, BasicAckOptions { multiple: true }).await?;
+            }
+            record_decisions(&totals, &batch.traces);
+            metrics::histogram!("turnstile_allocation_batch_orders").record(batch.orders as f64);
+            metrics::histogram!("turnstile_allocation_batch_duration_seconds")
+                .record(batch.started.elapsed().as_secs_f64());
+            tracing::info!(
+                partition,
+                worker_id = %self.worker_id,
+                messages = batch.received,
+                accepted = totals.accepted,
+                rejected = totals.rejected,
+                skipped = totals.skipped,
+                elapsed_ms = batch.started.elapsed().as_millis() as u64,
+                "batch committed"
+            );
+            Ok(())
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+/// A batch's messages, decoded as they arrive.
+struct Gathering {
+    started: Instant,
+    received: usize,
+    orders: Vec<PurchaseMessage>,
+    last_tag: Option<u64>,
+}
+
+impl Default for Gathering {
+    fn default() -> Self {
+        Self { started: Instant::now(), received: 0, orders: Vec::new(), last_tag: None }
+    }
+}
+
+impl Gathering {
+    /// Adds a delivery's orders; an undecodable delivery goes to the dead-letter queue.
+    async fn push(&mut self, partition: u16, delivery: Delivery) -> anyhow::Result<()> {
+        self.received += 1;
+        match decode_purchase(&delivery.data) {
+            Ok(orders) => {
+                self.orders.extend(orders);
+                self.last_tag = Some(delivery.delivery_tag);
+            }
+            Err(err) => {
+                tracing::error!(
+                    partition,
+                    error = %err,
+                    bytes = delivery.data.len(),
+                    "undecodable purchase message; sending it to the dead-letter queue"
+                );
+                metrics::counter!("turnstile_purchase_messages_dead_lettered_total").increment(1);
+                delivery.acker.reject(BasicRejectOptions { requeue: false }).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A gathered batch, its orders grouped by event for the decider.
+struct Batch {
+    span: tracing::Span,
+    started: Instant,
+    received: usize,
+    orders: usize,
+    last_tag: Option<u64>,
+    /// Each order's trace id, for its `order decided` line. (Not skipped when that line is
+    /// not logged: `tracing::enabled!` confuses the per-layer filters of the subscriber, and
+    /// the log lines that follow it lose their span.)
+    traces: HashMap<Uuid, String>,
+    groups: Groups,
+}
+
+impl Batch {
+    fn of(partition: u16, gathered: Gathering) -> Self {
+        let span = tracing::info_span!("batch", partition, messages = gathered.received);
+        metrics::counter!("turnstile_purchase_messages_consumed_total").increment(gathered.received as u64);
+        let messages = gathered.orders;
+        let traces = messages
             .iter()
             .filter_map(|m| Some((m.order_id, common::telemetry::trace_id_of(m.traceparent.as_deref()?)?)))
             .collect();
@@ -240,43 +388,36 @@ impl Allocator {
                 span.add_link(context);
             }
         }
-        let groups = group_by_event(&messages);
-        let mut backoff = Backoff::default();
-        let totals = loop {
-            let (done, outcome) = oneshot::channel();
-            let job = Job { partition, groups: groups.clone(), done };
-            let result = match self.jobs.send(job).await {
-                Ok(()) => outcome.await.unwrap_or_else(|_| Err("the decider stopped".to_owned())),
-                Err(_) => Err("the decider stopped".to_owned()),
-            };
-            match result {
-                Ok(outcome) => break outcome,
-                Err(err) => {
-                    tracing::warn!(partition, events = groups.len(), error = %err, "allocation failed; retrying");
-                    if !backoff.wait(shutdown).await {
-                        return Ok(false);
-                    }
-                }
-            }
-        };
-        if let Some(tag) = last_tag {
-            channel.basic_ack(tag, BasicAckOptions { multiple: true }).await?;
+        Self {
+            span,
+            started: gathered.started,
+            received: gathered.received,
+            orders: messages.len(),
+            last_tag: gathered.last_tag,
+            traces,
+            groups: group_by_event(&messages),
         }
-        record_decisions(&totals, &traces);
-        metrics::histogram!("turnstile_allocation_batch_orders").record(messages.len() as f64);
-        metrics::histogram!("turnstile_allocation_batch_duration_seconds").record(started.elapsed().as_secs_f64());
-        tracing::info!(
-            partition,
-            worker_id = %self.worker_id,
-            messages = received,
-            accepted = totals.accepted,
-            rejected = totals.rejected,
-            skipped = totals.skipped,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "batch committed"
-        );
-        Ok(true)
     }
+}
+
+/// A batch the decider has.
+struct Submitted {
+    batch: Batch,
+    outcome: oneshot::Receiver<Result<BatchOutcome, String>>,
+}
+
+/// The outcome of the batch being decided; never, if there is none.
+async fn outcome_of(deciding: &mut Option<Submitted>) -> Result<BatchOutcome, String> {
+    match deciding {
+        Some(submitted) => received(&mut submitted.outcome).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn received(
+    outcome: impl Future<Output = Result<Result<BatchOutcome, String>, oneshot::error::RecvError>>,
+) -> Result<BatchOutcome, String> {
+    outcome.await.unwrap_or_else(|_| Err("the decider stopped".to_owned()))
 }
 
 /// The decisions of a committed batch: counted by status and reason, their latency from
@@ -305,12 +446,6 @@ fn record_decisions(outcome: &BatchOutcome, traces: &HashMap<Uuid, String>) {
     for (&kind, &uses) in &outcome.promo_uses {
         metrics::counter!("turnstile_promo_code_uses_total", "outcome" => kind).increment(uses);
     }
-}
-
-/// About how many orders a message names (its JSON objects with an `order_id`), without
-/// decoding it: enough to size a batch.
-fn orders_in(delivery: &Delivery) -> usize {
-    delivery.data.windows(10).filter(|w| *w == b"\"order_id\"").count().max(1)
 }
 
 fn next_delivery(delivery: Option<lapin::Result<Delivery>>) -> anyhow::Result<Delivery> {
