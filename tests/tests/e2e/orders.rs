@@ -133,26 +133,35 @@ async fn random_quantities_sell_out_exactly() {
 #[tokio::test]
 async fn one_events_orders_are_decided_in_arrival_order() {
     let app = TestApp::spawn_with(&worker_decides()).await;
+    let accepted = twenty_orders_for_eight_tickets(&app).await;
+    let _worker = app.worker_with(|c| c.batch_size = 3).await;
+    app.wait_until_final(SETTLE).await;
+    assert_first_eight_hold_tickets(&app, &accepted).await;
+}
+
+/// Twenty orders of one ticket each, one per buyer, accepted in turn for an event of eight
+/// tickets (with no worker running, so they queue); their ids in arrival order.
+async fn twenty_orders_for_eight_tickets(app: &TestApp) -> Vec<Uuid> {
     let admin = app.admin().await;
     let event = app.event_with(&admin, 8, 1).await;
-    let buyers = app.buyers(20).await;
     let mut accepted = Vec::new();
-    for (_, token) in &buyers {
+    for (_, token) in &app.buyers(20).await {
         let res = app.order(token, event, 1, None).await;
         assert_eq!(res.status, 202, "{}", res.body);
         accepted.push(res.json["id"].as_str().unwrap().parse::<Uuid>().unwrap());
     }
-    let _worker = app.worker_with(|c| c.batch_size = 3).await;
-    app.wait_until_final(SETTLE).await;
-    let mut statuses = Vec::new();
-    for id in &accepted {
-        let status: String = sqlx::query_scalar("SELECT status FROM orders WHERE id = $1")
-            .bind(id)
-            .fetch_one(&app.db.pool)
-            .await
-            .unwrap();
-        statuses.push(status);
-    }
+    accepted
+}
+
+/// The first eight orders to arrive hold the tickets; the other twelve were rejected.
+async fn assert_first_eight_hold_tickets(app: &TestApp, accepted: &[Uuid]) {
+    let statuses: Vec<String> = sqlx::query_scalar(
+        "SELECT status FROM orders JOIN UNNEST($1::uuid[]) WITH ORDINALITY AS a(id, n) USING (id) ORDER BY a.n",
+    )
+    .bind(accepted)
+    .fetch_all(&app.db.pool)
+    .await
+    .unwrap();
     let expected: Vec<&str> = (0..20).map(|i| if i < 8 { "PENDING" } else { "REJECTED" }).collect();
     assert_eq!(statuses, expected);
 }
@@ -163,15 +172,7 @@ async fn one_events_orders_are_decided_in_arrival_order() {
 #[tokio::test]
 async fn a_failed_batch_is_decided_again_before_the_next() {
     let app = TestApp::spawn_with(&worker_decides()).await;
-    let admin = app.admin().await;
-    let event = app.event_with(&admin, 8, 1).await;
-    let buyers = app.buyers(20).await;
-    let mut accepted = Vec::new();
-    for (_, token) in &buyers {
-        let res = app.order(token, event, 1, None).await;
-        assert_eq!(res.status, 202, "{}", res.body);
-        accepted.push(res.json["id"].as_str().unwrap().parse::<Uuid>().unwrap());
-    }
+    let accepted = twenty_orders_for_eight_tickets(&app).await;
     // A sequence is not rolled back with the transaction that draws from it.
     for statement in [
         "CREATE SEQUENCE failed_decisions".to_owned(),
@@ -196,16 +197,7 @@ async fn a_failed_batch_is_decided_again_before_the_next() {
     let attempts: i64 =
         sqlx::query_scalar("SELECT last_value FROM failed_decisions").fetch_one(&app.db.pool).await.unwrap();
     assert_eq!(attempts, 3, "two failed transactions, then the one that committed");
-    let statuses: Vec<String> = sqlx::query_scalar(
-        "SELECT status FROM orders JOIN UNNEST($1::uuid[]) WITH ORDINALITY AS a(id, n) USING (id)
-                            ORDER BY a.n",
-    )
-    .bind(&accepted)
-    .fetch_all(&app.db.pool)
-    .await
-    .unwrap();
-    let expected: Vec<&str> = (0..20).map(|i| if i < 8 { "PENDING" } else { "REJECTED" }).collect();
-    assert_eq!(statuses, expected);
+    assert_first_eight_hold_tickets(&app, &accepted).await;
 }
 
 /// The ids of a transaction's changed orders are announced on commit, however many: more
