@@ -174,10 +174,10 @@ impl Allocator {
                         Some(result) => result,
                         None => received(submitted.outcome).await,
                     };
-                    match self.resolve(partition, submitted.batch, result, shutdown).await {
-                        Some(previous) => Some(previous),
-                        None => return Ok(Ended::Shutdown),
-                    }
+                    let Some(previous) = self.resolve(partition, submitted.batch, result, shutdown).await else {
+                        return Ok(Ended::Shutdown);
+                    };
+                    Some(previous)
                 }
                 None => None,
             };
