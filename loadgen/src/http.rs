@@ -329,11 +329,12 @@ fn tally(args: &RunArgs, answers: &[Answer], started_at: DateTime<Utc>) -> anyho
     Ok(tally)
 }
 
-/// Each decided order's acceptance and first decision, from its own history.
+/// Each decided order's acceptance and first decision, from its own status changes (the
+/// view, which a build kept aside for comparison has as well, whichever row holds them).
 async fn accept_to_decision(db: &PgPool, events: &[Uuid]) -> sqlx::Result<Vec<(DateTime<Utc>, DateTime<Utc>)>> {
     let rows = sqlx::query!(
-        r#"SELECT o.created_at, min(h.at) AS "decided!" FROM orders o
-           JOIN order_history h ON h.order_id = o.id AND h.status <> 'QUEUED'
+        r#"SELECT o.created_at, min(c.at) AS "decided!" FROM orders o
+           JOIN order_status_changes c ON c.order_id = o.id AND c.status <> 'QUEUED'
            WHERE o.event_id = ANY($1) GROUP BY o.id"#,
         events
     )

@@ -1,6 +1,7 @@
 //! The order events relay: the status changes are the outbox of order events (an accepted
-//! order's own `QUEUED` change on its row, every later one in `order_history`; migration
-//! `0022_queued_event_in_order.sql`). Each change is
+//! order's own `QUEUED` change and the worker's decision on its row, every later one in
+//! `order_history`; migrations `0022_queued_event_in_order.sql` and
+//! `0026_decision_in_order.sql`). Each change is
 //! published to the `orders.events` topic exchange (persistent, with publisher confirms)
 //! and turned into one webhook delivery per enabled endpoint of the order's owner, and only
 //! then the relay's cursor (`relay_cursor`) moved past it, all in one transaction. A broker
@@ -179,12 +180,13 @@ impl Relay {
 }
 
 /// The changes past the cursor, oldest first, at most [`BATCH`]: the orders' own `QUEUED`
-/// changes (migration 0022) and the history's, merged in the cursor's order.
+/// changes (migration 0022) and decisions (0026) and the history's, merged in the cursor's
+/// order.
 async fn changes(conn: &mut sqlx::PgConnection) -> sqlx::Result<Vec<Change>> {
     // Read apart, so the changes' statement finds its place in the index from parameters.
     let cursor =
         sqlx::query!(r#"SELECT xid::text AS "xid!", history_id FROM relay_cursor"#).fetch_one(&mut *conn).await?;
-    // The same changes as the view `order_status_changes` (migration 0022), written out:
+    // The same changes as the view `order_status_changes` (migration 0026), written out:
     // through the view's `UNION ALL` the planner reads the orders' branch by a sequential
     // scan and a sort, not in the index's order (0.9 s against 1 ms under a million orders).
     let changes = sqlx::query!(
@@ -204,6 +206,16 @@ async fn changes(conn: &mut sqlx::PgConnection) -> sqlx::Result<Vec<Change>> {
               WHERE q.queued_event_id IS NOT NULL AND (q.queued_xid, q.queued_event_id) > ($2::text::xid8, $3)
                 AND q.queued_xid < pg_snapshot_xmin(pg_current_snapshot())
               ORDER BY q.queued_xid, q.queued_event_id LIMIT $1)
+             UNION ALL
+             -- The worker's decision is carried on the row too (migration 0026).
+             (SELECT d.decided_event_id, d.decided_at, d.id, d.user_id, d.event_id, d.quantity, d.unit_price,
+                     d.total, d.currency, d.lines, d.promo_code, d.discount, d.decided_status, d.decided_reason,
+                     CASE WHEN d.decided_status = 'REJECTED' THEN d.reason_ticket_type_id END, d.created_at,
+                     d.expires_at, d.queue_number, d.decided_xid
+              FROM orders d
+              WHERE d.decided_event_id IS NOT NULL AND (d.decided_xid, d.decided_event_id) > ($2::text::xid8, $3)
+                AND d.decided_xid < pg_snapshot_xmin(pg_current_snapshot())
+              ORDER BY d.decided_xid, d.decided_event_id LIMIT $1)
              UNION ALL
              (SELECT h.id, h.at, o.id, o.user_id, o.event_id, o.quantity, o.unit_price, o.total, o.currency, o.lines,
                      o.promo_code, o.discount, h.status, h.reason,

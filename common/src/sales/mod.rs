@@ -57,6 +57,8 @@ pub async fn allocate(
         reasons.push(decision.reason);
         reason_types.push(decision.reason_type);
     }
+    // Each order carries its decision as a status change (its id, transaction, time,
+    // status and reason; migration 0026), which the history trigger leaves out.
     // The events' `sold` rises here, with their serving counters (the highest queue number
     // decided), the tickets their decided orders asked for (what the queue asks for is what
     // was numbered less what was decided), and their decision rates (smoothed; unknown again
@@ -66,7 +68,9 @@ pub async fn allocate(
         "WITH moved AS (
              UPDATE orders o
              SET status = d.status, reason = d.reason, reason_ticket_type_id = d.reason_type, updated_at = now(),
-                 expires_at = CASE WHEN d.status = 'PENDING' THEN now() + make_interval(secs => $5) END
+                 expires_at = CASE WHEN d.status = 'PENDING' THEN now() + make_interval(secs => $5) END,
+                 decided_xid = pg_current_xact_id(), decided_event_id = nextval('order_history_id_seq'),
+                 decided_at = now(), decided_status = d.status, decided_reason = d.reason
              FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::uuid[]) AS d(id, status, reason, reason_type)
              WHERE o.id = d.id
              RETURNING o.event_id, o.queue_number, o.quantity

@@ -167,7 +167,7 @@ async fn connect_when_up(url: &str) -> sqlx::PgConnection {
     }
 }
 
-/// Counts and a checksum of the orders, tickets and order history of the test's database,
+/// Counts and a checksum of the orders, tickets and status changes of the test's database,
 /// read from each member directly once it has replayed everything the leader has written;
 /// every member must give the same.
 async fn members_agree(chaos: &Chaos, members: &[Member]) -> String {
@@ -181,7 +181,7 @@ async fn members_agree(chaos: &Chaos, members: &[Member]) -> String {
         .expect("the leader's position");
     let digest = "SELECT (SELECT count(*) FROM orders) || ' orders ' || (SELECT md5(coalesce(string_agg(id::text || status, ',' ORDER BY id), '')) FROM orders)
                   || ', ' || (SELECT count(*) FROM tickets) || ' tickets ' || (SELECT md5(coalesce(string_agg(id::text || status || order_id::text, ',' ORDER BY id), '')) FROM tickets)
-                  || ', ' || (SELECT count(*) FROM order_history) || ' changes ' || (SELECT md5(coalesce(string_agg(id::text || order_id::text || status, ',' ORDER BY id), '')) FROM order_history)";
+                  || ', ' || (SELECT count(*) FROM order_status_changes) || ' changes ' || (SELECT md5(coalesce(string_agg(id::text || order_id::text || status, ',' ORDER BY id), '')) FROM order_status_changes)";
     let mut digests = Vec::new();
     for member in members {
         let mut conn = connect_when_up(&url(member.port)).await;

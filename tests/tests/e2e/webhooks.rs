@@ -537,12 +537,12 @@ async fn a_change_that_commits_after_a_later_one_is_still_relayed() {
     assert_eq!(lower, second, "the change relayed last has the lower id");
 }
 
-/// An order the api accepts is its own `QUEUED` change: no history row is written for it,
-/// yet `GET /orders/{id}` and consumers see it first, under an id of the same sequence as
-/// the history's. The relay reads both kinds in one cursor order: a queued change made by
-/// a transaction that took its id first, and drew its change id last, is relayed while a
-/// later history change is still open, and that change (lower id, later transaction)
-/// is relayed after it commits.
+/// An order the api accepts is its own `QUEUED` change, and the worker's decision its
+/// second: no history row is written for either, yet `GET /orders/{id}` and consumers see
+/// them first, under ids of the same sequence as the history's. The relay reads every kind
+/// in one cursor order: a queued change made by a transaction that took its id first, and
+/// drew its change id last, is relayed while a later history change is still open, and
+/// that change (lower id, later transaction) is relayed after it commits.
 #[tokio::test]
 async fn queued_changes_of_order_rows_and_history_changes_are_relayed_in_one_order() {
     let app = TestApp::spawn().await;
@@ -572,6 +572,16 @@ async fn queued_changes_of_order_rows_and_history_changes_are_relayed_in_one_ord
     assert_eq!(events[0], ("order.queued".to_owned(), queued_id));
     assert_eq!(events[1].0, "order.pending");
     assert!(events[1].1 > events[0].1, "ids of one sequence, the queued change's first: {events:?}");
+    // The worker's decision is carried on the row as well (migration 0026).
+    let (history_rows, decided_id): (i64, Option<i64>) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM order_history WHERE order_id = $1),
+                (SELECT decided_event_id FROM orders WHERE id = $1)",
+    )
+    .bind(accepted)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!((history_rows, decided_id), (0, Some(events[1].1)), "the decision is the row's own change");
 
     // `early` takes its transaction id first and inserts an order as the api does, drawing
     // its change id after `late` wrote a history change (cancelling the accepted order).
