@@ -2,8 +2,10 @@
 -- as the api's QUEUED change is (0022): the row holds the change's id (drawn from the
 -- history's sequence), its transaction, time, status and reason, and the update trigger
 -- writes no history row for it. Before, each decision wrote a history row and three index
--- entries more, through a trigger that joined the statement's old and new rows: in a
--- drain of a million queued orders, about a third of the decision statement's time.
+-- entries more, through a trigger that joined the statement's old and new rows: deciding
+-- 1,082 of a million queued orders in psql, the trigger took 6.7 of the statement's 28 ms;
+-- it now takes 2.6 (it still captures and joins the rows, and finds none to write), and
+-- the new index below costs about 1.
 --
 -- A decision is made once per order: the worker decides only orders still QUEUED, under
 -- their event's lock (common::sales). Every later change (payment, expiry, cancellation,
