@@ -232,8 +232,10 @@ pub struct ApiConfig {
     pub purchase_send_interval_ms: u64,
     /// How many orders fill a partition's purchase message: a partition's stored orders are
     /// sent once there are this many, or once `PURCHASE_SEND_MAX_WAIT_MS` has passed since its
-    /// last message, whichever comes first.
-    #[arg(long = "purchase-message-orders", env = "PURCHASE_MESSAGE_ORDERS", default_value_t = 32,
+    /// last message, whichever comes first. 128: one event selling 4,000 orders a second fills
+    /// a message in 32 ms, inside the 40 ms wait, so its worker gets a message and a decision
+    /// transaction per 128 orders instead of per 32.
+    #[arg(long = "purchase-message-orders", env = "PURCHASE_MESSAGE_ORDERS", default_value_t = 128,
           value_parser = clap::value_parser!(u64).range(1..=1000))]
     pub purchase_message_orders: u64,
     /// The longest, in milliseconds, a partition's stored orders wait for more to fill its
