@@ -136,6 +136,7 @@ fn app_state(
     let listened =
         listener::Listened { orders: order_watch.clone(), revocations: revocations.clone(), catalog: catalog.clone() };
     tasks.spawn("notification listener", listener::listen(db.clone(), listened, shutdown.clone()));
+    tasks.spawn("event catalog", catalog.clone().keep_warm(db.clone(), shutdown.clone()));
     let mut throttle = |name: &'static str, per_minute: u32| {
         let throttle = Arc::new(Throttle::per_minute(name, NonZeroU32::new(per_minute).unwrap_or(NonZeroU32::MIN)));
         tasks.spawn(format!("{name} rate-limit clean-up"), throttle.clone().clean_up(db.clone(), shutdown.clone()));

@@ -44,7 +44,16 @@ pub fn describe() {
         "turnstile_http_connections_closed_total",
         "Client connections the api closed to stay within HTTP_MAX_CONNECTIONS, by reason: idle_at_limit (the connection idle the longest, to make room), limit (a new one, every connection having a request in flight)."
     );
+    describe_counter!(
+        "turnstile_catalog_reads_total",
+        "Events read into the api's memory of events on sale, by what read them: announcement (an event created or changed, read before anyone asks for it) or lookup (a request for an event not in memory)."
+    );
+    describe_gauge!("turnstile_catalog_events", "Events in the api's memory of events on sale.");
     metrics::counter!("turnstile_waitlist_offers_total").increment(0);
+    for by in ["announcement", "lookup"] {
+        metrics::counter!("turnstile_catalog_reads_total", "by" => by).increment(0);
+    }
+    metrics::gauge!("turnstile_catalog_events").set(0.0);
     metrics::gauge!("turnstile_http_connections").set(0.0);
     for reason in ["idle_at_limit", "limit"] {
         metrics::counter!("turnstile_http_connections_closed_total", "reason" => reason).increment(0);

@@ -17,6 +17,20 @@ impl Exposition {
         Exposition { text: response.text().await.expect("metrics body") }
     }
 
+    /// Scrapes `base` until `done` holds (counters recorded after a commit may trail it), for
+    /// up to 15 s.
+    pub async fn scrape_until(base: &str, what: &str, done: impl Fn(&Exposition) -> bool) -> Exposition {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
+        loop {
+            let exposition = Exposition::scrape(base).await;
+            if done(&exposition) {
+                return exposition;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{what}: not reached; last scrape:\n{}", exposition.text);
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
     /// The sum of the samples named `name` whose labels include every `(label, value)` of
     /// `labels`; 0 when there is none.
     pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {

@@ -78,9 +78,21 @@ impl TestApp {
 
     /// `POST /api/v1/orders` with an optional Idempotency-Key.
     pub async fn order(&self, token: &str, event_id: Uuid, quantity: i64, key: Option<&str>) -> Response {
+        self.order_at(&self.base, token, event_id, quantity, key).await
+    }
+
+    /// [`Self::order`] to the api at `base` (another process of this test's).
+    pub async fn order_at(
+        &self,
+        base: &str,
+        token: &str,
+        event_id: Uuid,
+        quantity: i64,
+        key: Option<&str>,
+    ) -> Response {
         let mut request = self
             .client
-            .post(self.url("/api/v1/orders"))
+            .post(format!("{base}/api/v1/orders"))
             .bearer_auth(token)
             .json(&json!({"event_id": event_id, "quantity": quantity}));
         if let Some(key) = key {

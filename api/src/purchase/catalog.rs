@@ -1,8 +1,13 @@
 //! What the purchase path needs to know of an event (its name, date, price, currency, limits,
 //! ticket types and promo codes, and that it is not deleted), kept in memory so that accepting an order costs the
-//! database no read. An event is read once; the `event_changes` notification (triggers on
-//! `events`, `ticket_types` and `promo_codes`, for any change but `sold`, `capacity` and `uses`) drops it again, in every api process, within
-//! milliseconds of the commit. While the listener is disconnected (notifications may be
+//! database no read. The `event_changes` notification (triggers on `events`, `ticket_types`
+//! and `promo_codes`, for any change but `sold`, `capacity` and `uses`, and for a new ticket
+//! type, so for every new event) drops the event, in every api process, within milliseconds of
+//! the commit, and [`EventCatalog::keep_warm`] reads it again, with whatever else was announced
+//! in the same moment, in one statement: an event is in memory before its first buyer, and an
+//! on-sale's first second (or a day of many events' first orders) reads nothing. An event not
+//! read that way (the api started after it was announced, a read failed, the catalog was full)
+//! is read by its first lookup. While the listener is disconnected (notifications may be
 //! missed), every lookup reads the database, as before.
 //!
 //! Not the authority: the worker decides under the event row's lock, and rejects orders
@@ -10,23 +15,34 @@
 //! changed in the same few milliseconds as a purchase may apply to it or not, as if the
 //! request had arrived a moment earlier or later.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 /// The `NOTIFY` channel of changed event ids (migration 0007).
 pub const CHANNEL: &str = "event_changes";
 
-/// Above this many remembered events, the catalog starts over (a bound on memory).
+/// Above this many remembered events, the catalog starts over (a bound on memory); reading
+/// announced events never makes it start over, and stops adding at this bound.
 const KEPT: usize = 100_000;
+
+/// How long announcements gather before they are read (an organizer's import, an operator's
+/// SQL over many events, a reconnected listener announce many at once).
+const GATHER: Duration = Duration::from_millis(20);
+
+/// Most announced events read by one statement.
+const READ_AT_ONCE: usize = 1_000;
 
 #[derive(Clone, Debug)]
 pub struct EventForSale {
+    pub id: Uuid,
     pub name: String,
     pub starts_at: DateTime<Utc>,
     /// No ticket type sells before it.
@@ -132,6 +148,14 @@ pub struct EventCatalog {
     synced: AtomicBool,
     /// The reads under way, by event: one at a time per event.
     reading: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
+    /// Events forgotten and not read again yet, for [`Self::keep_warm`]; one announced again
+    /// while its read was under way is here again, and that read is not kept.
+    announced: Mutex<HashSet<Uuid>>,
+    /// Wakes [`Self::keep_warm`].
+    announcement: tokio::sync::Notify,
+    /// Raised when notifications start or stop being received: a read of announced events
+    /// that started before is not kept.
+    epoch: AtomicU64,
 }
 
 /// The right to read one event: held by one lookup at a time; released (and forgotten once
@@ -178,6 +202,7 @@ impl EventCatalog {
         let synced = self.synced.load(Ordering::Acquire);
         let generation = self.generation.load(Ordering::Acquire);
         let event = read(db, id).await?;
+        metrics::counter!("turnstile_catalog_reads_total", "by" => "lookup").increment(1);
         if let Some(event) = &event
             && synced
         {
@@ -188,6 +213,7 @@ impl EventCatalog {
                     events.clear();
                 }
                 events.insert(id, event.clone());
+                metrics::gauge!("turnstile_catalog_events").set(events.len() as f64);
             }
         }
         Ok(event)
@@ -201,11 +227,25 @@ impl EventCatalog {
         self.events.read().unwrap_or_else(|e| e.into_inner()).get(&id).cloned()
     }
 
-    /// The event changed: read it again next time.
+    /// The event changed: read it again, by [`Self::keep_warm`] or the next lookup.
     pub fn forget(&self, id: Uuid) {
         let mut events = self.events.write().unwrap_or_else(|e| e.into_inner());
         self.generation.fetch_add(1, Ordering::AcqRel);
         events.remove(&id);
+        self.announce([id]);
+    }
+
+    /// Hands events to [`Self::keep_warm`] (called with the events' lock held, so that a read
+    /// of them kept afterwards was not under way before).
+    fn announce(&self, ids: impl IntoIterator<Item = Uuid>) {
+        let mut announced = self.announced.lock().unwrap_or_else(|e| e.into_inner());
+        for id in ids {
+            if announced.len() >= KEPT {
+                break;
+            }
+            announced.insert(id);
+        }
+        self.announcement.notify_one();
     }
 
     /// Applies a notification's payload, an event id.
@@ -216,11 +256,14 @@ impl EventCatalog {
         }
     }
 
-    /// Notifications are (again) being received: start from an empty catalog.
+    /// Notifications are (again) being received: start from an empty catalog, and read again
+    /// what it held (changes while the listener was away were not announced).
     pub fn synced(&self) {
         let mut events = self.events.write().unwrap_or_else(|e| e.into_inner());
         self.generation.fetch_add(1, Ordering::AcqRel);
-        events.clear();
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.announce(events.drain().map(|(id, _)| id));
+        metrics::gauge!("turnstile_catalog_events").set(0.0);
         self.synced.store(true, Ordering::Release);
     }
 
@@ -228,15 +271,80 @@ impl EventCatalog {
     pub fn lost(&self) {
         self.synced.store(false, Ordering::Release);
         self.generation.fetch_add(1, Ordering::AcqRel);
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Reads announced events back into the catalog until shutdown: once announcements have
+    /// gathered for [`GATHER`], up to [`READ_AT_ONCE`] events a statement. A failed read is
+    /// logged and its events left to their first lookups.
+    pub async fn keep_warm(self: Arc<Self>, db: PgPool, shutdown: CancellationToken) -> anyhow::Result<()> {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = self.announcement.notified() => {}
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(GATHER) => {}
+            }
+            loop {
+                let ids: Vec<Uuid> = {
+                    let mut announced = self.announced.lock().unwrap_or_else(|e| e.into_inner());
+                    let ids: Vec<Uuid> = announced.iter().take(READ_AT_ONCE).copied().collect();
+                    for id in &ids {
+                        announced.remove(id);
+                    }
+                    ids
+                };
+                if ids.is_empty() {
+                    break;
+                }
+                let epoch = self.epoch.load(Ordering::Acquire);
+                match read_many(&db, &ids).await {
+                    Ok(read) => self.keep_announced(epoch, read),
+                    Err(err) => {
+                        tracing::warn!(error = %err, events = ids.len(), "reading announced events failed; their first lookups will");
+                        break;
+                    }
+                }
+                metrics::counter!("turnstile_catalog_reads_total", "by" => "announcement").increment(ids.len() as u64);
+            }
+        }
+    }
+
+    /// Keeps what [`Self::keep_warm`] read, but not an event announced again meanwhile (it is
+    /// read again), nor anything if notifications stopped or restarted meanwhile, nor more
+    /// than [`KEPT`] events, nor an event that has started.
+    fn keep_announced(&self, epoch: u64, read: Vec<EventForSale>) {
+        let mut events = self.events.write().unwrap_or_else(|e| e.into_inner());
+        if self.epoch.load(Ordering::Acquire) != epoch || !self.synced.load(Ordering::Acquire) {
+            return;
+        }
+        let announced = self.announced.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Utc::now();
+        for event in read {
+            if events.len() >= KEPT {
+                break;
+            }
+            if event.on_sale(now) && !announced.contains(&event.id) {
+                events.insert(event.id, event);
+            }
+        }
+        metrics::gauge!("turnstile_catalog_events").set(events.len() as f64);
     }
 }
 
-/// The live event, read from the database in one statement with its types and codes (a
-/// day of many events reads each once).
+/// The live event, read from the database in one statement with its types and codes.
 pub async fn read(db: impl sqlx::PgExecutor<'_>, id: Uuid) -> Result<Option<EventForSale>, sqlx::Error> {
+    Ok(read_many(db, &[id]).await?.pop())
+}
+
+/// The live ones of these events (in no particular order), each with its types and codes, in
+/// one statement.
+pub async fn read_many(db: impl sqlx::PgExecutor<'_>, ids: &[Uuid]) -> Result<Vec<EventForSale>, sqlx::Error> {
     sqlx::query_as!(
         EventForSale,
-        r#"SELECT e.name, e.starts_at, e.sales_start, e.prequeue_opens_at, e.currency, e.max_per_order, e.max_per_buyer, e.default_ticket_type_id,
+        r#"SELECT e.id, e.name, e.starts_at, e.sales_start, e.prequeue_opens_at, e.currency, e.max_per_order, e.max_per_buyer, e.default_ticket_type_id,
                 coalesce((SELECT json_agg(json_build_object(
                               'id', t.id, 'name', t.name, 'price', t.price::text,
                               'max_per_order', t.max_per_order, 'max_per_buyer', t.max_per_buyer,
@@ -251,9 +359,9 @@ pub async fn read(db: impl sqlx::PgExecutor<'_>, id: Uuid) -> Result<Option<Even
                               'valid_from', c.valid_from, 'valid_until', c.valid_until))
                           FROM promo_codes c WHERE c.event_id = e.id AND c.withdrawn_at IS NULL), '[]')
                     AS "codes!: sqlx::types::Json<Vec<CodeForSale>>"
-         FROM events e WHERE e.id = $1 AND e.deleted_at IS NULL"#,
-        id
+         FROM events e WHERE e.id = ANY($1) AND e.deleted_at IS NULL"#,
+        ids
     )
-    .fetch_optional(db)
+    .fetch_all(db)
     .await
 }

@@ -376,6 +376,7 @@ mod tests {
             ..kind(VIP, "VIP", money("99.50"))
         };
         EventForSale {
+            id: EVENT,
             name: "Concert".to_owned(),
             starts_at: at(20),
             sales_start: None,

@@ -16,19 +16,6 @@ fn delta(before: &Exposition, after: &Exposition, name: &str, labels: &[(&str, &
     after.value(name, labels) - before.value(name, labels)
 }
 
-/// Scrapes `base` until `done` holds (counters recorded after a commit may trail it).
-async fn scrape_until(base: &str, what: &str, done: impl Fn(&Exposition) -> bool) -> Exposition {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let exposition = Exposition::scrape(base).await;
-        if done(&exposition) {
-            return exposition;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{what}: not reached; last scrape:\n{}", exposition.text);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test]
 async fn metrics_count_exactly_the_orders_placed() {
     // The fast path off: every well-formed purchase is accepted and decided by the worker.
@@ -51,7 +38,7 @@ async fn metrics_count_exactly_the_orders_placed() {
         let res = app.order(token, event, 1, key).await;
         assert_eq!(res.status, 202, "{}", res.body);
         orders.push(res.json["id"].as_str().expect("order id").to_owned());
-        scrape_until(&api_metrics, "the order's message confirmed", |now| {
+        Exposition::scrape_until(&api_metrics, "the order's message confirmed", |now| {
             delta(&api_before, now, "turnstile_purchase_publishes_total", &[("outcome", "confirmed")]) > i as f64
         })
         .await;
@@ -65,7 +52,7 @@ async fn metrics_count_exactly_the_orders_placed() {
     app.wait_until_final(Duration::from_secs(30)).await;
 
     // The api: purchases by outcome, requests by route template and status, batches, confirms.
-    let api_after = scrape_until(&api_metrics, "six confirmed purchase messages", |now| {
+    let api_after = Exposition::scrape_until(&api_metrics, "six confirmed purchase messages", |now| {
         delta(&api_before, now, "turnstile_purchase_publishes_total", &[("outcome", "confirmed")]) >= 6.0
     })
     .await;
@@ -92,7 +79,7 @@ async fn metrics_count_exactly_the_orders_placed() {
     assert!(api_after.value("db_client_connections_max", &[]) >= 1.0);
 
     // The worker: messages, batches and decisions, by outcome.
-    let worker_after = scrape_until(&worker_metrics, "six decisions", |now| {
+    let worker_after = Exposition::scrape_until(&worker_metrics, "six decisions", |now| {
         delta(&worker_before, now, "turnstile_order_decision_latency_seconds_count", &[]) >= 6.0
     })
     .await;
@@ -109,7 +96,7 @@ async fn metrics_count_exactly_the_orders_placed() {
     assert_eq!(worker_after.value("turnstile_partitions", &[]), 8.0);
     assert_eq!(worker_after.value("turnstile_build_info", &[("service", "worker")]), 1.0);
     // Every status change relayed: 6 QUEUED, then 3 PENDING and 3 REJECTED.
-    let relayed = scrape_until(&worker_metrics, "twelve order events relayed", |now| {
+    let relayed = Exposition::scrape_until(&worker_metrics, "twelve order events relayed", |now| {
         delta(&worker_before, now, "turnstile_order_events_published_total", &[]) >= 12.0
     })
     .await;
@@ -149,7 +136,7 @@ async fn the_worker_counts_promo_code_uses_by_outcome() {
         let order: Uuid = placed.json["id"].as_str().unwrap().parse().unwrap();
         assert_eq!(app.outcome(token, order).await["status"], status);
     }
-    let after = scrape_until(&worker.metrics_base(), "three uses taken", |now| {
+    let after = Exposition::scrape_until(&worker.metrics_base(), "three uses taken", |now| {
         delta(&before, now, "turnstile_promo_code_uses_total", &[("outcome", "taken")]) >= 3.0
     })
     .await;

@@ -9,7 +9,7 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Connection};
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
-use tests::{Response, TestApp, mint_token, worker_decides};
+use tests::{Exposition, Response, TestApp, mint_token, worker_decides};
 use uuid::Uuid;
 
 const SETTLE: Duration = Duration::from_secs(60);
@@ -347,14 +347,16 @@ async fn purchase_input_is_validated() {
 /// `POST /orders/quote`: the purchase's checks and price, nothing stored. Its answers come
 /// from the api's memory of the event, which follows every change: at once in the process
 /// that made it, through PostgreSQL's NOTIFY in any other (and for an operator's SQL).
-/// The first second of an on-sale: every buyer asks for an event the api has not read yet.
-/// They wait for one read of it (held here behind a lock on `ticket_types`), instead of each
-/// taking a pooled connection (opened then and there) to read it again.
+/// Every buyer asks at once for an event the api has not read (here an api started after the
+/// event was announced: one restarted during an on-sale). They wait for one read of it (held
+/// here behind a lock on `ticket_types`), instead of each taking a pooled connection (opened
+/// then and there) to read it again.
 #[tokio::test]
 async fn concurrent_purchases_of_an_unread_event_read_it_once() {
     let app = TestApp::spawn().await;
     let admin = app.admin().await;
     let event = app.event_with(&admin, 100, 4).await;
+    let (_fresh, fresh) = app.spawn_another_api();
     let buyers = app.buyers(30).await;
     let mut blocker = app.db.pool.begin().await.unwrap();
     sqlx::query("LOCK TABLE ticket_types IN ACCESS EXCLUSIVE MODE").execute(&mut *blocker).await.unwrap();
@@ -362,7 +364,7 @@ async fn concurrent_purchases_of_an_unread_event_read_it_once() {
     let waiting_reads = || async {
         sqlx::query_scalar::<_, i64>(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-             AND wait_event_type = 'Lock' AND query LIKE 'SELECT e.name, e.starts_at%'",
+             AND wait_event_type = 'Lock' AND query LIKE 'SELECT e.id, e.name, e.starts_at%'",
         )
         .fetch_one(&app.db.pool)
         .await
@@ -383,7 +385,8 @@ async fn concurrent_purchases_of_an_unread_event_read_it_once() {
         blocker.rollback().await.unwrap();
         waiting
     };
-    let (responses, waiting) = tokio::join!(stampede(&app, &buyers, event, |_| 1), watch);
+    let stampede = join_all(buyers.iter().map(|(_, token)| app.order_at(&fresh, token, event, 1, None)));
+    let (responses, waiting) = tokio::join!(stampede, watch);
     assert_eq!(waiting, 1, "one read for all the buyers");
     assert!(responses.iter().all(|res| res.status == 202), "every buyer's order is accepted");
     let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE event_id = $1")
@@ -392,6 +395,55 @@ async fn concurrent_purchases_of_an_unread_event_read_it_once() {
         .await
         .unwrap();
     assert_eq!(stored, 30);
+}
+
+/// An event is read into every api's memory when it is created or changed, before anyone
+/// asks for it: while its reads would wait behind a lock, another api quotes it from memory,
+/// at its new price after a change, and no request of it ever read it.
+#[tokio::test]
+async fn announced_events_are_read_before_their_first_buyer() {
+    let app = TestApp::spawn().await;
+    let (other, other_base) = app.spawn_another_api();
+    let metrics = other.metrics_base();
+    let admin = app.admin().await;
+    let (_, buyer) = app.user("Buyer").await;
+    let reads = |by: &'static str| {
+        move |exposition: &Exposition| exposition.value("turnstile_catalog_reads_total", &[("by", by)])
+    };
+    let quote_behind_a_lock = |event: Uuid| {
+        let (app, buyer, base) = (&app, buyer.clone(), other_base.clone());
+        async move {
+            let mut blocker = app.db.pool.begin().await.unwrap();
+            sqlx::query("LOCK TABLE ticket_types IN ACCESS EXCLUSIVE MODE").execute(&mut *blocker).await.unwrap();
+            let request = app
+                .client
+                .post(format!("{base}/api/v1/orders/quote"))
+                .bearer_auth(&buyer)
+                .json(&json!({"event_id": event, "quantity": 1}))
+                .send();
+            let res = tokio::time::timeout(Duration::from_secs(5), request)
+                .await
+                .expect("answered from memory, without a read waiting for the lock")
+                .unwrap();
+            blocker.rollback().await.unwrap();
+            Response::from(res).await
+        }
+    };
+
+    let event = app.event_with(&admin, 10, 4).await;
+    Exposition::scrape_until(&metrics, "the new event read", |e| reads("announcement")(e) == 1.0).await;
+    let res = quote_behind_a_lock(event).await;
+    assert_eq!((res.status, res.json["unit_price"].as_str()), (200, Some("49.90")), "{}", res.body);
+
+    let res = app.patch(&format!("/api/v1/events/{event}"), &json!({"price": "10"}), Some(&admin)).await;
+    assert_eq!(res.status, 200, "{}", res.body);
+    Exposition::scrape_until(&metrics, "the changed event read", |e| reads("announcement")(e) == 2.0).await;
+    let res = quote_behind_a_lock(event).await;
+    assert_eq!((res.status, res.json["unit_price"].as_str()), (200, Some("10.00")), "{}", res.body);
+
+    let after = Exposition::scrape(&metrics).await;
+    assert_eq!(reads("lookup")(&after), 0.0, "no request had to read the event");
+    assert_eq!(after.value("turnstile_catalog_events", &[]), 1.0);
 }
 
 #[tokio::test]
