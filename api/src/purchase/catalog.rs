@@ -288,18 +288,10 @@ impl EventCatalog {
                 _ = tokio::time::sleep(GATHER) => {}
             }
             loop {
-                let ids: Vec<Uuid> = {
-                    let mut announced = self.announced.lock().unwrap_or_else(|e| e.into_inner());
-                    let ids: Vec<Uuid> = announced.iter().take(READ_AT_ONCE).copied().collect();
-                    for id in &ids {
-                        announced.remove(id);
-                    }
-                    ids
-                };
+                let (ids, epoch) = self.take_announced();
                 if ids.is_empty() {
                     break;
                 }
-                let epoch = self.epoch.load(Ordering::Acquire);
                 match read_many(&db, &ids).await {
                     Ok(read) => self.keep_announced(epoch, read),
                     Err(err) => {
@@ -310,6 +302,16 @@ impl EventCatalog {
                 metrics::counter!("turnstile_catalog_reads_total", "by" => "announcement").increment(ids.len() as u64);
             }
         }
+    }
+
+    /// Up to [`READ_AT_ONCE`] announced events to read, and the epoch their read starts in.
+    fn take_announced(&self) -> (Vec<Uuid>, u64) {
+        let mut announced = self.announced.lock().unwrap_or_else(|e| e.into_inner());
+        let ids: Vec<Uuid> = announced.iter().take(READ_AT_ONCE).copied().collect();
+        for id in &ids {
+            announced.remove(id);
+        }
+        (ids, self.epoch.load(Ordering::Acquire))
     }
 
     /// Keeps what [`Self::keep_warm`] read, but not an event announced again meanwhile (it is
@@ -364,4 +366,100 @@ pub async fn read_many(db: impl sqlx::PgExecutor<'_>, ids: &[Uuid]) -> Result<Ve
     )
     .fetch_all(db)
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(id: Uuid, starts_in: chrono::Duration) -> EventForSale {
+        EventForSale {
+            id,
+            name: "Concert".to_owned(),
+            starts_at: Utc::now() + starts_in,
+            sales_start: None,
+            prequeue_opens_at: None,
+            currency: "EUR".to_owned(),
+            max_per_order: 4,
+            max_per_buyer: None,
+            default_ticket_type_id: None,
+            types: sqlx::types::Json(vec![]),
+            codes: sqlx::types::Json(vec![]),
+        }
+    }
+
+    fn synced_catalog() -> EventCatalog {
+        let catalog = EventCatalog::default();
+        catalog.synced();
+        catalog
+    }
+
+    #[test]
+    fn announced_events_are_kept_once_read() {
+        let catalog = synced_catalog();
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        catalog.forget(a);
+        catalog.forget(b);
+        let (mut ids, epoch) = catalog.take_announced();
+        ids.sort();
+        assert_eq!(ids, vec![a, b]);
+        assert!(catalog.take_announced().0.is_empty(), "each announcement is read once");
+        catalog.keep_announced(epoch, vec![event(a, chrono::Duration::days(1)), event(b, chrono::Duration::days(1))]);
+        assert_eq!(catalog.kept(a).map(|e| e.id), Some(a));
+        assert_eq!(catalog.kept(b).map(|e| e.id), Some(b));
+    }
+
+    #[test]
+    fn an_event_announced_again_while_it_was_read_is_read_again() {
+        let catalog = synced_catalog();
+        let (changed, unchanged) = (Uuid::now_v7(), Uuid::now_v7());
+        catalog.forget(changed);
+        catalog.forget(unchanged);
+        let (_, epoch) = catalog.take_announced();
+        // A change commits while the read is under way: what was read may predate it.
+        catalog.forget(changed);
+        catalog.keep_announced(
+            epoch,
+            vec![event(changed, chrono::Duration::days(1)), event(unchanged, chrono::Duration::days(1))],
+        );
+        assert!(catalog.kept(changed).is_none(), "the read may predate the change");
+        assert!(catalog.kept(unchanged).is_some());
+        assert_eq!(catalog.take_announced().0, vec![changed], "read again");
+    }
+
+    #[test]
+    fn a_read_from_before_the_listener_reconnected_is_not_kept() {
+        let catalog = synced_catalog();
+        let id = Uuid::now_v7();
+        catalog.forget(id);
+        let (_, epoch) = catalog.take_announced();
+        catalog.lost();
+        catalog.keep_announced(epoch, vec![event(id, chrono::Duration::days(1))]);
+        assert!(catalog.kept(id).is_none(), "nothing is kept while notifications are not received");
+        catalog.synced();
+        catalog.keep_announced(epoch, vec![event(id, chrono::Duration::days(1))]);
+        assert!(catalog.kept(id).is_none(), "changes while the listener was away were not announced");
+        catalog.forget(id);
+        let (_, epoch) = catalog.take_announced();
+        catalog.keep_announced(epoch, vec![event(id, chrono::Duration::days(1))]);
+        assert!(catalog.kept(id).is_some());
+    }
+
+    #[test]
+    fn a_reconnected_listener_reads_again_what_was_kept_and_started_events_are_not_kept() {
+        let catalog = synced_catalog();
+        let (kept, started) = (Uuid::now_v7(), Uuid::now_v7());
+        catalog.forget(kept);
+        catalog.forget(started);
+        let (_, epoch) = catalog.take_announced();
+        catalog.keep_announced(
+            epoch,
+            vec![event(kept, chrono::Duration::days(1)), event(started, -chrono::Duration::minutes(1))],
+        );
+        assert!(catalog.kept(started).is_none(), "an event that has started sells nothing");
+        catalog.lost();
+        catalog.synced();
+        assert!(catalog.kept(kept).is_none(), "dropped at the reconnection");
+        assert_eq!(catalog.take_announced().0, vec![kept], "and read again");
+    }
 }
