@@ -1,9 +1,9 @@
 //! The api's one `LISTEN` connection: order changes wake long-polls (`OrderWatch`), token
 //! revocations keep `Revocations` current, event changes drop events from the
-//! `EventCatalog` (which reads them again). A lost connection is reconnected after a second; meanwhile long-polls
-//! fall back on their once-a-second re-read, and token checks and event lookups read the
-//! database, so a missed notification only delays a wake-up and never lets a revoked token
-//! in or keeps a stale event.
+//! `EventCatalog` (which reads them again). A lost connection is reconnected after a second;
+//! meanwhile long-polls fall back on their once-a-second re-read, and token checks and event
+//! lookups read the database, so a missed notification only delays a wake-up and never lets
+//! a revoked token in or keeps a stale event.
 
 use std::sync::Arc;
 use std::time::Duration;
