@@ -101,6 +101,16 @@ impl TestApp {
         Response::from(request.send().await.expect("request sent")).await
     }
 
+    /// `POST /api/v1/orders/quote` of `quantity` tickets to the api at `base`.
+    pub async fn quote_at(&self, base: &str, token: &str, event_id: Uuid, quantity: i64) -> Response {
+        let request = self
+            .client
+            .post(format!("{base}/api/v1/orders/quote"))
+            .bearer_auth(token)
+            .json(&json!({"event_id": event_id, "quantity": quantity}));
+        Response::from(request.send().await.expect("request sent")).await
+    }
+
     /// Creates an event with `capacity` and `max_per_order`, without a buyer cap (lifted on
     /// purpose: the stampedes that use it let few buyers place many orders), and returns its
     /// id. [`TestApp::create_event`] leaves the cap to its default.

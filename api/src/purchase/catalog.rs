@@ -213,7 +213,7 @@ impl EventCatalog {
                     events.clear();
                 }
                 events.insert(id, event.clone());
-                metrics::gauge!("turnstile_catalog_events").set(events.len() as f64);
+                record_size(&events);
             }
         }
         Ok(event)
@@ -232,6 +232,7 @@ impl EventCatalog {
         let mut events = self.events.write().unwrap_or_else(|e| e.into_inner());
         self.generation.fetch_add(1, Ordering::AcqRel);
         events.remove(&id);
+        record_size(&events);
         self.announce([id]);
     }
 
@@ -263,7 +264,7 @@ impl EventCatalog {
         self.generation.fetch_add(1, Ordering::AcqRel);
         self.epoch.fetch_add(1, Ordering::AcqRel);
         self.announce(events.drain().map(|(id, _)| id));
-        metrics::gauge!("turnstile_catalog_events").set(0.0);
+        record_size(&events);
         self.synced.store(true, Ordering::Release);
     }
 
@@ -332,8 +333,13 @@ impl EventCatalog {
                 events.insert(event.id, event);
             }
         }
-        metrics::gauge!("turnstile_catalog_events").set(events.len() as f64);
+        record_size(&events);
     }
+}
+
+/// `turnstile_catalog_events`, after any change to the catalog's events.
+fn record_size(events: &HashMap<Uuid, EventForSale>) {
+    metrics::gauge!("turnstile_catalog_events").set(events.len() as f64);
 }
 
 /// The live event, read from the database in one statement with its types and codes.
@@ -388,6 +394,11 @@ mod tests {
         }
     }
 
+    /// An event that starts tomorrow.
+    fn upcoming(id: Uuid) -> EventForSale {
+        event(id, chrono::Duration::days(1))
+    }
+
     fn synced_catalog() -> EventCatalog {
         let catalog = EventCatalog::default();
         catalog.synced();
@@ -404,7 +415,7 @@ mod tests {
         ids.sort();
         assert_eq!(ids, vec![a, b]);
         assert!(catalog.take_announced().0.is_empty(), "each announcement is read once");
-        catalog.keep_announced(epoch, vec![event(a, chrono::Duration::days(1)), event(b, chrono::Duration::days(1))]);
+        catalog.keep_announced(epoch, vec![upcoming(a), upcoming(b)]);
         assert_eq!(catalog.kept(a).map(|e| e.id), Some(a));
         assert_eq!(catalog.kept(b).map(|e| e.id), Some(b));
     }
@@ -418,10 +429,7 @@ mod tests {
         let (_, epoch) = catalog.take_announced();
         // A change commits while the read is under way: what was read may predate it.
         catalog.forget(changed);
-        catalog.keep_announced(
-            epoch,
-            vec![event(changed, chrono::Duration::days(1)), event(unchanged, chrono::Duration::days(1))],
-        );
+        catalog.keep_announced(epoch, vec![upcoming(changed), upcoming(unchanged)]);
         assert!(catalog.kept(changed).is_none(), "the read may predate the change");
         assert!(catalog.kept(unchanged).is_some());
         assert_eq!(catalog.take_announced().0, vec![changed], "read again");
@@ -434,14 +442,14 @@ mod tests {
         catalog.forget(id);
         let (_, epoch) = catalog.take_announced();
         catalog.lost();
-        catalog.keep_announced(epoch, vec![event(id, chrono::Duration::days(1))]);
+        catalog.keep_announced(epoch, vec![upcoming(id)]);
         assert!(catalog.kept(id).is_none(), "nothing is kept while notifications are not received");
         catalog.synced();
-        catalog.keep_announced(epoch, vec![event(id, chrono::Duration::days(1))]);
+        catalog.keep_announced(epoch, vec![upcoming(id)]);
         assert!(catalog.kept(id).is_none(), "changes while the listener was away were not announced");
         catalog.forget(id);
         let (_, epoch) = catalog.take_announced();
-        catalog.keep_announced(epoch, vec![event(id, chrono::Duration::days(1))]);
+        catalog.keep_announced(epoch, vec![upcoming(id)]);
         assert!(catalog.kept(id).is_some());
     }
 
@@ -452,10 +460,7 @@ mod tests {
         catalog.forget(kept);
         catalog.forget(started);
         let (_, epoch) = catalog.take_announced();
-        catalog.keep_announced(
-            epoch,
-            vec![event(kept, chrono::Duration::days(1)), event(started, -chrono::Duration::minutes(1))],
-        );
+        catalog.keep_announced(epoch, vec![upcoming(kept), event(started, -chrono::Duration::minutes(1))]);
         assert!(catalog.kept(started).is_none(), "an event that has started sells nothing");
         catalog.lost();
         catalog.synced();

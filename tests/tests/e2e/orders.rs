@@ -344,9 +344,6 @@ async fn purchase_input_is_validated() {
     assert_eq!(orders, 0, "refused requests must not leave orders behind");
 }
 
-/// `POST /orders/quote`: the purchase's checks and price, nothing stored. Its answers come
-/// from the api's memory of the event, which follows every change: at once in the process
-/// that made it, through PostgreSQL's NOTIFY in any other (and for an operator's SQL).
 /// Every buyer asks at once for an event the api has not read (here an api started after the
 /// event was announced: one restarted during an on-sale). They wait for one read of it (held
 /// here behind a lock on `ticket_types`), instead of each taking a pooled connection (opened
@@ -415,18 +412,11 @@ async fn announced_events_are_read_before_their_first_buyer() {
         async move {
             let mut blocker = app.db.pool.begin().await.unwrap();
             sqlx::query("LOCK TABLE ticket_types IN ACCESS EXCLUSIVE MODE").execute(&mut *blocker).await.unwrap();
-            let request = app
-                .client
-                .post(format!("{base}/api/v1/orders/quote"))
-                .bearer_auth(&buyer)
-                .json(&json!({"event_id": event, "quantity": 1}))
-                .send();
-            let res = tokio::time::timeout(Duration::from_secs(5), request)
+            let res = tokio::time::timeout(Duration::from_secs(5), app.quote_at(&base, &buyer, event, 1))
                 .await
-                .expect("answered from memory, without a read waiting for the lock")
-                .unwrap();
+                .expect("answered from memory, without a read waiting for the lock");
             blocker.rollback().await.unwrap();
-            Response::from(res).await
+            res
         }
     };
 
@@ -446,6 +436,9 @@ async fn announced_events_are_read_before_their_first_buyer() {
     assert_eq!(after.value("turnstile_catalog_events", &[]), 1.0);
 }
 
+/// `POST /orders/quote`: the purchase's checks and price, nothing stored. Its answers come
+/// from the api's memory of the event, which follows every change: at once in the process
+/// that made it, through PostgreSQL's NOTIFY in any other (and for an operator's SQL).
 #[tokio::test]
 async fn quotes_price_a_purchase_and_follow_event_changes() {
     let app = TestApp::spawn().await;
@@ -455,17 +448,7 @@ async fn quotes_price_a_purchase_and_follow_event_changes() {
     let (_, buyer) = app.user("Buyer").await;
     let quote = |base: String, quantity: i64| {
         let (app, buyer) = (&app, buyer.clone());
-        async move {
-            let res = app
-                .client
-                .post(format!("{base}/api/v1/orders/quote"))
-                .bearer_auth(&buyer)
-                .json(&json!({"event_id": event, "quantity": quantity}))
-                .send()
-                .await
-                .unwrap();
-            Response::from(res).await
-        }
+        async move { app.quote_at(&base, &buyer, event, quantity).await }
     };
     let res = quote(app.base.clone(), 2).await;
     assert_eq!(res.status, 200, "{}", res.body);
