@@ -27,6 +27,11 @@ pub fn describe() {
         "turnstile_accept_batch_orders",
         "Orders stored by one INSERT of the order inserter (and sent in one message per partition)."
     );
+    describe_histogram!(
+        "turnstile_accept_batch_duration_seconds",
+        metrics::Unit::Seconds,
+        "How long the order inserter took to store one batch and answer its requests (its statements and their commit)."
+    );
     describe_gauge!(
         "turnstile_long_polls_waiting",
         "GET /orders/{id}?wait=N requests waiting for their order to change."

@@ -203,6 +203,7 @@ pub async fn warm(conn: &mut sqlx::PgConnection, settings: Settings) -> Result<(
 /// the outbox), and an order whose message never reaches a queue is sent again by the
 /// worker's re-publisher.
 async fn store(held: &mut Held, settings: Settings, batch: Vec<(NewOrder, Reply)>) -> Vec<PurchaseMessage> {
+    let started = Instant::now();
     metrics::histogram!("turnstile_accept_batch_orders").record(batch.len() as f64);
     let orders: Vec<&NewOrder> = batch.iter().map(|(order, _)| order).collect();
     let outcomes: Vec<Result<Stored, sqlx::Error>> = match held.insert(&orders, settings).await {
@@ -231,6 +232,7 @@ async fn store(held: &mut Held, settings: Settings, batch: Vec<(NewOrder, Reply)
     for ((_, reply), outcome) in batch.into_iter().zip(outcomes) {
         let _ = reply.send(outcome);
     }
+    metrics::histogram!("turnstile_accept_batch_duration_seconds").record(started.elapsed().as_secs_f64());
     sent
 }
 

@@ -73,6 +73,8 @@ async fn metrics_count_exactly_the_orders_placed() {
     assert!(!api_after.text.contains(&orders[0]), "a raw path (with an order id) became a label");
     assert_eq!(api("turnstile_accept_batch_orders_sum", &[]), 6.0);
     assert_eq!(api("turnstile_accept_batch_orders_count", &[]), 6.0);
+    assert_eq!(api("turnstile_accept_batch_duration_seconds_count", &[]), 6.0);
+    assert!(api("turnstile_accept_batch_duration_seconds_sum", &[]) > 0.0);
     assert_eq!(api("turnstile_purchase_publishes_total", &[("outcome", "confirmed")]), 6.0);
     assert_eq!(api_after.value("turnstile_long_polls_waiting", &[]), 0.0);
     assert_eq!(api_after.value("turnstile_build_info", &[("service", "api")]), 1.0);
